@@ -1,0 +1,28 @@
+# Every target sets itself up: a fresh machine needs only python3 and make.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch that lies on this project's CPU machines; the GPU machine brings its own.
+TORCH_SPEC ?= torch==2.13.0
+PROMPT ?= The mixture of experts
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[compiler,test]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/moe-compile recipes/tiny-mixtral.yaml
+	$(VENV)/bin/moe-runtime generate artifacts/tiny-mixtral --prompt "$(PROMPT)" --max-tokens 32
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf artifacts/ .pytest_cache
