@@ -1,0 +1,68 @@
+"""What `moe-runtime inspect` prints: an artifact at a glance, as text or as JSON."""
+
+from __future__ import annotations
+
+from moec.artifact.manifest import Manifest
+from moec.artifact.reader import Artifact
+
+_MAX_FILES = 20  # a sharded artifact may hold hundreds of files; the JSON lists them all
+
+
+def human_bytes(n: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _manifest(obj: Artifact | Manifest) -> Manifest:
+    return obj.manifest if isinstance(obj, Artifact) else obj
+
+
+def render_summary(artifact_or_manifest: Artifact | Manifest) -> str:
+    """A short plain-text description of an artifact for people."""
+    m = _manifest(artifact_or_manifest)
+    cfg, step = m.hf_config, m.step
+    first = m.moe_regions[0] if m.moe_regions else None
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts") or (first.num_experts if first else "?")
+    top_k = cfg.get("num_experts_per_tok") or (first.top_k if first else "?")
+    device = m.device + (f" (compute capability {m.compute_capability})" if m.compute_capability else "")
+    lines = [
+        f"{m.name}  (moec artifact, format {m.format_version})",
+        f"  built       {m.created_at} with moec {m.moec_version}, torch {m.torch_version}"
+        + (f", triton {m.triton_version}" if m.triton_version else "") + f", python {m.python_version}",
+        f"  device      {device}, dtype {m.dtype}",
+        f"  model       {m.architecture}: {step.num_layers} layer{'' if step.num_layers == 1 else 's'}, "
+        f"hidden {cfg.get('hidden_size', '?')}, {experts} experts, top-{top_k}, vocab {step.vocab_size}",
+        f"  step        max batch {step.max_batch}, max seq len {step.max_seq_len}, "
+        f"max tokens/step {step.max_tokens_per_step}, KV block size {step.kv_block_size} ({step.kv_dtype})",
+        f"  MoE regions {len(m.moe_regions)}",
+    ]
+    for r in m.moe_regions:
+        lines.append(f"    layer {r.layer:>3}  {r.num_experts} experts, top-{r.top_k}, "
+                     f"{r.hidden_size}×{r.intermediate_size}, {r.activation}  ({r.path})")
+    if m.kernels:
+        lines.append("  kernels")
+        for key, choice in m.kernels.items():
+            lines.append(f"    {key}: {choice}")
+    for label, plan in (("parallel", m.parallel), ("offload", m.offload)):
+        if plan:
+            lines.append(f"  {label:<11} " + ", ".join(f"{k}={v}" for k, v in plan.items()))
+    lines.append(f"  files       {len(m.files)}, {human_bytes(m.total_bytes)} in all")
+    for rel, entry in sorted(m.files.items(), key=lambda kv: -kv[1].size)[:_MAX_FILES]:
+        lines.append(f"    {human_bytes(entry.size):>10}  {rel}")
+    if len(m.files) > _MAX_FILES:
+        lines.append(f"    … and {len(m.files) - _MAX_FILES} more (see --json)")
+    if m.contains_native_code:
+        lines.append("  warning     this artifact contains native code that runs when it is loaded: "
+                     "only run artifacts you trust")
+    return "\n".join(lines)
+
+
+def summary_dict(artifact_or_manifest: Artifact | Manifest) -> dict:
+    """The manifest as JSON-ready data, plus `total_bytes`, for `inspect --json`."""
+    m = _manifest(artifact_or_manifest)
+    return {**m.model_dump(mode="json"), "total_bytes": m.total_bytes}
