@@ -1,0 +1,5 @@
+import sys
+
+from moec.compiler.cli import main
+
+sys.exit(main())

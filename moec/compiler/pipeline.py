@@ -1,0 +1,127 @@
+"""The compiler: recipe → load → export → passes → lower → package, each stage timed and shown."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from moec.artifact import ArtifactWriter
+from moec.artifact.manifest import environment_fields
+from moec.compiler.export import export_step
+from moec.compiler.load import load_model, read_hf_config
+from moec.compiler.lower import compile_graph, save_weights
+from moec.compiler.passes import lower_moe
+from moec.compiler.recipe import Recipe
+from moec.compiler.step import PagedStep
+from moec.errors import RecipeError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+class Stages:
+    """Prints each compile stage with a spinner while it runs and its time when done."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str, detail: str = ""):
+        start = time.perf_counter()
+        with self.console.status(f"[bold]{name}[/] {detail}"):
+            yield
+        self.times[name] = time.perf_counter() - start
+        self.console.print(f"[green]✓[/] {name:<8} {self.times[name]:6.1f}s  {detail}")
+
+
+def _region_table(regions: list[dict]) -> str:
+    lines = [f"  {'layer':>5}  {'block':<24} {'experts':>7} {'top-k':>5}  hidden×inter  act"]
+    for r in regions:
+        lines.append(
+            f"  {r['layer']:>5}  {r['path']:<24} {r['num_experts']:>7} {r['top_k']:>5}  "
+            f"{r['hidden_size']}×{r['intermediate_size']:<7} {r['activation']}"
+        )
+    return "\n".join(lines)
+
+
+@contextmanager
+def _model_source(recipe: Recipe):
+    """The HF directory to load: the recipe's path, or a synthetic model written to a temp dir."""
+    if recipe.model.path is not None:
+        yield Path(recipe.model.path)
+        return
+    from moec.compiler.synthetic import write_synthetic_model
+
+    syn = recipe.model.synthetic
+    with tempfile.TemporaryDirectory(prefix="moec-synthetic-") as tmp:
+        yield write_synthetic_model(syn.architecture, syn.config, syn.seed, Path(tmp))
+
+
+def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console: Console | None = None) -> Path | None:
+    console = console or Console(stderr=True)
+    stages = Stages(console)
+    dtype = getattr(torch, recipe.dtype)
+    if recipe.device == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("device: cuda, but this machine has no CUDA GPU; set device: cpu or compile on the GPU machine")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+    with _model_source(recipe) as model_dir:
+        with stages.stage("load", str(model_dir) if recipe.model.path else f"synthetic {recipe.model.synthetic.architecture}"):
+            hf_config = read_hf_config(model_dir)
+            model = load_model(model_dir, dtype).to(recipe.device)
+            step = PagedStep(model)
+        with stages.stage("export", f"tokens ≤ {recipe.max_tokens_per_step}, batch ≤ {recipe.max_batch}"):
+            ep = export_step(step, dtype, recipe.kv_block_size, recipe.max_tokens_per_step, recipe.max_batch,
+                             recipe.max_seq_len, device=recipe.device)
+        with stages.stage("passes", "MoE regions → moec ops, each checked on random inputs"):
+            ep, regions = lower_moe(ep, step, model.config)
+        console.print(f"  {len(regions)} MoE regions lowered:\n{_region_table(regions)}")
+        if explain:
+            return None
+
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        with ArtifactWriter(out_dir) as writer:
+            with stages.stage("lower", f"AOTInductor for {recipe.device}"):
+                compile_graph(ep, writer.tmp / "model.pt2")
+            with stages.stage("package", str(out_dir)):
+                save_weights(ep, writer.tmp / "model.pt2", writer.tmp / "weights.safetensors")
+                tok_dir = writer.tmp / "tokenizer"
+                tok_dir.mkdir()
+                for name in TOKENIZER_FILES:
+                    if (model_dir / name).is_file():
+                        shutil.copy2(model_dir / name, tok_dir / name)
+                writer.commit({
+                    **environment_fields(recipe.device),
+                    "name": recipe.name,
+                    "dtype": recipe.dtype,
+                    "device": recipe.device,
+                    "architecture": hf_config["architectures"][0],
+                    "hf_config": hf_config,
+                    "recipe": recipe.model_dump(mode="json"),
+                    "step": {
+                        "graph": "model.pt2",
+                        "weights": "weights.safetensors",
+                        "max_batch": recipe.max_batch,
+                        "max_seq_len": recipe.max_seq_len,
+                        "max_tokens_per_step": recipe.max_tokens_per_step,
+                        "kv_block_size": recipe.kv_block_size,
+                        "num_layers": config.num_hidden_layers,
+                        "num_kv_heads": config.num_key_value_heads,
+                        "head_dim": head_dim,
+                        "vocab_size": config.vocab_size,
+                        "kv_dtype": recipe.dtype,
+                    },
+                    "moe_regions": [{k: v for k, v in r.items() if k != "check_error_ratio"} for r in regions],
+                })
+    total = sum(stages.times.values())
+    console.print(f"[bold green]compiled[/] {recipe.name} → {out_dir} in {total:.1f}s")
+    return out_dir

@@ -1,0 +1,119 @@
+"""The recipe: what `moe-compile` builds. Validated strictly, so a typo is an error, not a default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from moec.errors import RecipeError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class SyntheticSource(Strict):
+    """A real HF architecture with seeded random weights: no download, ever."""
+
+    architecture: str
+    config: dict[str, Any] = Field(default_factory=dict)
+    seed: int = 0
+
+
+class ModelSource(Strict):
+    """Exactly one of `path` (a Hugging Face model directory) or `synthetic`."""
+
+    path: str | None = None
+    synthetic: SyntheticSource | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.synthetic is None):
+            raise ValueError("give exactly one of model.path (an HF directory) or model.synthetic")
+        return self
+
+
+class QuantizationPlan(Strict):
+    """Expert-weight quantization (a later issue); today only `none`."""
+
+    method: Literal["none"] = "none"
+
+
+class ParallelPlan(Strict):
+    """Expert parallelism (a later issue); today only one rank."""
+
+    ep: Literal[1] = 1
+
+
+class OffloadPlan(Strict):
+    """Expert offload to host memory (a later issue); today off."""
+
+    enabled: Literal[False] = False
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    model: ModelSource
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    device: Literal["cpu", "cuda"] = "cuda"
+    max_batch: int = Field(default=8, ge=1, le=4096)
+    max_seq_len: int = Field(default=2048, ge=16)
+    max_tokens_per_step: int | None = Field(default=None, ge=1)
+    kv_block_size: int = Field(default=16, ge=1, le=1024)
+    output_dir: str | None = None
+    quantization: QuantizationPlan = Field(default_factory=QuantizationPlan)
+    parallel: ParallelPlan = Field(default_factory=ParallelPlan)
+    offload: OffloadPlan = Field(default_factory=OffloadPlan)
+
+    @model_validator(mode="after")
+    def _limits(self):
+        if self.max_tokens_per_step is None:
+            self.max_tokens_per_step = max(self.max_seq_len, self.max_batch)
+        if self.max_tokens_per_step < self.max_batch:
+            raise ValueError("max_tokens_per_step must be at least max_batch (one decode token per sequence)")
+        return self
+
+    def resolved_output_dir(self, base: Path) -> Path:
+        return Path(self.output_dir) if self.output_dir else base / "artifacts" / self.name
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "recipe"
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        return f"unknown key '{where}': remove it or check its spelling"
+    if kind == "missing":
+        return f"missing required key '{where}'"
+    msg = first["msg"].removeprefix("Value error, ")
+    got = first.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"'{where}': {msg}{shown}"
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a YAML mapping of keys (name, model, dtype, ...), not {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(f"{source}: {_describe(e)}") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path} (pass the path of a .yaml recipe, e.g. recipes/tiny-mixtral.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise RecipeError(f"{path}: YAML syntax error{where}: {problem}") from None
+    return parse_recipe(data, str(path))

@@ -1,0 +1,61 @@
+"""The function an artifact exports: one step of a Hugging Face causal LM over a paged KV cache.
+
+    step(input_ids[T], positions[T], seq_ids[T], block_tables[B, W], kv_cache, logits_indices[N])
+        -> logits f32[N, vocab]            (kv_cache updated in place)
+
+Tokens of all sequences are flattened, so one graph serves prefill, decode and mixed batches.
+The model's own modules run unchanged; only its attention function is swapped, through the
+`AttentionInterface` transformers provides for exactly this, for one that reads and writes the
+paged cache (`moec.ops.paged_attention`). The paged-cache tensors reach it as forward kwargs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moec.ops.paged_attention import paged_attention_ref, write_kv
+
+ATTN_IMPLEMENTATION = "moec_paged"
+STEP_INPUTS = ("input_ids", "positions", "seq_ids", "block_tables", "kv_cache", "logits_indices")
+
+
+def paged_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention interface: query [1, H, T, D], key/value [1, Hkv, T, D] → [1, T, H, D]."""
+    kv_cache = kwargs["moec_kv_cache"]
+    block_tables, seq_ids, positions = kwargs["moec_block_tables"], kwargs["moec_seq_ids"], kwargs["moec_positions"]
+    layer = module.layer_idx
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    write_kv(kv_cache, layer, k, v, block_tables, seq_ids, positions)
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    out = paged_attention_ref(q, kv_cache, layer, block_tables, seq_ids, positions, scale, kwargs.get("sliding_window"))
+    return out.unsqueeze(0), None
+
+
+def register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
+
+
+class PagedStep(nn.Module):
+    """Wraps a `*ForCausalLM`; parameter names stay those of the HF checkpoint."""
+
+    def __init__(self, causal_lm: nn.Module):
+        super().__init__()
+        self.model = causal_lm.model
+        self.lm_head = causal_lm.lm_head
+        self.config = causal_lm.config
+
+    def forward(self, input_ids, positions, seq_ids, block_tables, kv_cache, logits_indices):
+        out = self.model(
+            input_ids=input_ids.unsqueeze(0),
+            position_ids=positions.unsqueeze(0),
+            use_cache=False,
+            moec_kv_cache=kv_cache,
+            moec_block_tables=block_tables,
+            moec_seq_ids=seq_ids,
+            moec_positions=positions,
+        )
+        hidden = out.last_hidden_state[0].index_select(0, logits_indices)
+        return self.lm_head(hidden).float()

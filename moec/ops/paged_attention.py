@@ -1,0 +1,46 @@
+"""Attention over a paged KV cache, for prefill, decode and mixed batches in one call.
+
+Tokens of every sequence in a step are flattened: token t belongs to row `seq_ids[t]` of
+`block_tables` and sits at `positions[t]` of its sequence. The new K/V are written into the
+cache first, so a prefill chunk attends to itself and to everything cached before it.
+
+Cache layout: [layers, 2 (K, V), blocks, block_size, kv_heads, head_dim].
+This plain-PyTorch version is traced into the graph (Inductor compiles it on CPU); a GPU
+kernel replaces it for CUDA targets.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def write_kv(kv_cache, layer: int, key, value, block_tables, seq_ids, positions) -> None:
+    """Store each token's key [T, Hkv, D] and value at its slot, in place."""
+    num_layers, _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
+    block = block_tables[seq_ids, torch.div(positions, block_size, rounding_mode="floor")]
+    slot = block * block_size + positions % block_size
+    flat = kv_cache.view(num_layers * 2 * num_blocks * block_size, kv_heads, head_dim)
+    per_kind = num_blocks * block_size
+    flat.index_copy_(0, slot + (2 * layer) * per_kind, key.to(kv_cache.dtype))
+    flat.index_copy_(0, slot + (2 * layer + 1) * per_kind, value.to(kv_cache.dtype))
+
+
+def paged_attention_ref(
+    query, kv_cache, layer: int, block_tables, seq_ids, positions, scale: float, sliding_window: int | None = None
+):
+    """query [T, H, D] → [T, H, D]; keys/values come from the cache (already written)."""
+    num_tokens, num_heads, head_dim = query.shape
+    _, _, _, block_size, kv_heads, _ = kv_cache.shape
+    table = block_tables[seq_ids]  # [T, W]
+    keys = kv_cache[layer, 0][table].flatten(1, 2)  # [T, W*block_size, Hkv, D]
+    values = kv_cache[layer, 1][table].flatten(1, 2)
+    key_pos = torch.arange(keys.shape[1], device=query.device)
+    visible = key_pos[None, :] <= positions[:, None]
+    if sliding_window is not None:
+        visible = visible & (key_pos[None, :] > positions[:, None] - sliding_window)
+    q = query.view(num_tokens, kv_heads, num_heads // kv_heads, head_dim)
+    scores = torch.einsum("thgd,tshd->thgs", q, keys.to(q.dtype)).float() * scale
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(query.dtype)
+    out = torch.einsum("thgs,tshd->thgd", probs, values.to(query.dtype))
+    return out.reshape(num_tokens, num_heads, head_dim)

@@ -1,0 +1,77 @@
+"""`moe-runtime`: run a compiled artifact. `generate` and `inspect` today; `serve` and `bench` next."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from moec.errors import run_cli
+
+
+def _generate(args) -> int:
+    from moec.runtime.engine import Engine
+
+    start = time.perf_counter()
+    engine = Engine.load(args.artifact, verify=not args.no_verify)
+    load_s = time.perf_counter() - start
+    results = engine.generate(
+        args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, seed=args.seed, stop=args.stop,
+    )
+    for prompt, result in zip(args.prompt, results):
+        print(f"{prompt}{result.text}")
+        if len(args.prompt) > 1:
+            print("---")
+    s = engine.stats
+    print(
+        f"[{s.generated_tokens} tokens from {len(results)} prompt(s) in {s.elapsed_s:.3f}s: "
+        f"{s.tokens_per_s:.1f} tokens/s, time to first token {s.time_to_first_token_s * 1000:.1f} ms, "
+        f"load {load_s:.2f}s]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _inspect(args) -> int:
+    from moec.artifact import open_artifact, read_manifest, render_summary, summary_dict
+
+    if args.no_verify:
+        manifest = read_manifest(args.artifact)
+    else:
+        manifest = open_artifact(args.artifact, verify=True).manifest
+    print(json.dumps(summary_dict(manifest), indent=2) if args.json else render_summary(manifest))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moe-runtime", description="Run a compiled moec artifact.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete prompts and print the text")
+    gen.add_argument("artifact")
+    gen.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
+    gen.add_argument("--no-verify", action="store_true", help="skip sha256 checks (large, trusted artifacts)")
+    gen.set_defaults(func=_generate)
+
+    ins = sub.add_parser("inspect", help="summarise an artifact")
+    ins.add_argument("artifact")
+    ins.add_argument("--json", action="store_true", help="machine-readable output")
+    ins.add_argument("--no-verify", action="store_true", help="skip sha256 checks")
+    ins.set_defaults(func=_inspect)
+
+    for p in (gen, ins):
+        p.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
+    return run_cli(lambda: args.func(args), args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

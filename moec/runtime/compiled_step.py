@@ -1,0 +1,30 @@
+"""The artifact's compiled step, loaded with its weights: the only model code the runtime runs."""
+
+from __future__ import annotations
+
+import torch
+
+import moec.ops  # noqa: F401  (the compiled graph calls torch.ops.moec.*)
+from moec.artifact import Artifact, open_weights
+from moec.errors import ArtifactError
+
+
+class CompiledStep:
+    """`step(input_ids, positions, seq_ids, block_tables, kv_cache, logits_indices) -> logits`."""
+
+    def __init__(self, artifact: Artifact):
+        try:
+            self.model = torch._inductor.aoti_load_package(str(artifact.graph_path))
+        except Exception as e:  # a damaged or foreign .pt2 fails deep inside torch
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ArtifactError(f"{artifact.graph_path}: cannot load the compiled graph ({first}); recompile it") from None
+        # user_managed: the compiled model uses these tensors in place (memory-mapped, no copy)
+        self.weights = open_weights(artifact)
+        try:
+            self.model.load_constants(self.weights, check_full_update=True, user_managed=True)
+        except RuntimeError as e:
+            first = (str(e).strip().splitlines() or ["mismatch"])[0][:200]
+            raise ArtifactError(f"{artifact.weights_path}: weights do not match the compiled graph ({first})") from None
+
+    def __call__(self, input_ids, positions, seq_ids, block_tables, kv_cache, logits_indices) -> torch.Tensor:
+        return self.model(input_ids, positions, seq_ids, block_tables, kv_cache, logits_indices)

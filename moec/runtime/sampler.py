@@ -1,0 +1,116 @@
+"""Sampling: logits → next token ids, one row per sequence, each with its own parameters.
+
+A seeded request draws from its own `torch.Generator`, and every row is computed on its own
+(no batch-wide choice of code path), so a seeded request gives the same tokens whatever else
+shares its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from moec.errors import RequestError
+
+MAX_STOP_STRINGS = 16
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 64
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose probability sums to >= top_p
+    top_k: int = 0  # keep the k most likely tokens; 0 = off
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def validate(self) -> None:
+        if self.max_tokens < 1:
+            raise RequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise RequestError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise RequestError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise RequestError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        if any(not s for s in self.stop):
+            raise RequestError("stop strings must not be empty")
+
+
+def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    """A generator on the device the logits live on (multinomial requires they match)."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+class Sampler:
+    def sample(
+        self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    ) -> torch.Tensor:
+        """logits f32[N, V] → token ids i64[N]."""
+        n = logits.shape[0]
+        if not len(params) == len(generators) == n:
+            raise ValueError(f"{n} logits rows, {len(params)} params, {len(generators)} generators")
+        out = torch.empty(n, dtype=torch.int64, device=logits.device)
+        if n == 0:
+            return out
+        logits = logits.float()
+        greedy = [i for i, p in enumerate(params) if p.greedy]
+        if greedy:
+            rows = torch.tensor(greedy, device=logits.device)
+            out[rows] = logits[rows].argmax(dim=-1)
+        # Two paths, chosen per row: rows that filter sample over sorted probabilities.
+        plain = [i for i, p in enumerate(params) if not p.greedy and p.top_k == 0 and p.top_p >= 1]
+        filtered = [i for i, p in enumerate(params) if not p.greedy and (p.top_k > 0 or p.top_p < 1)]
+        if plain:
+            rows = torch.tensor(plain, device=logits.device)
+            probs = torch.softmax(logits[rows] / _column([params[i].temperature for i in plain], logits), dim=-1)
+            out[rows] = _multinomial(probs, [generators[i] for i in plain])
+        if filtered:
+            rows = torch.tensor(filtered, device=logits.device)
+            probs, order = _filtered_sorted_probs(logits[rows], [params[i] for i in filtered])
+            picked = _multinomial(probs, [generators[i] for i in filtered])
+            out[rows] = order.gather(1, picked[:, None]).squeeze(1)
+        return out
+
+
+def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None]
+
+
+def _filtered_sorted_probs(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities in descending order after temperature, top-k and top-p, and the order (sorted → vocab id)."""
+    scaled = logits / _column([p.temperature for p in params], logits)
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    rank = torch.arange(vocab, device=logits.device)[None, :]
+    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=logits.device)[:, None]
+    sorted_logits = sorted_logits.masked_fill(rank >= top_k, float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    # Drop a token once the tokens before it already reach top_p; the first always stays.
+    # Rows with top_p = 1 skip this, so rounding in the cumsum never trims their tail.
+    top_p = _column([p.top_p for p in params], probs)
+    before = probs.cumsum(dim=-1) - probs
+    drop = (before >= top_p) & (top_p < 1) & (rank > 0)
+    probs = probs.masked_fill(drop, 0.0)
+    return probs / probs.sum(dim=-1, keepdim=True), order
+
+
+def _multinomial(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One draw per row: rows with a generator draw alone from it; the rest share the global RNG."""
+    out = torch.empty(probs.shape[0], dtype=torch.int64, device=probs.device)
+    shared = [i for i, g in enumerate(generators) if g is None]
+    if shared:
+        rows = torch.tensor(shared, device=probs.device)
+        out[rows] = torch.multinomial(probs[rows], 1).squeeze(1)
+    for i, g in enumerate(generators):
+        if g is not None:
+            out[i] = torch.multinomial(probs[i], 1, generator=g)[0]
+    return out

@@ -1,0 +1,60 @@
+"""The user-facing commands on the tiny artifact, and the runtime's light dependencies."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import run_cli
+
+
+def test_generate_prints_text_and_speed(tiny_artifact):
+    proc = run_cli("moec.runtime", "generate", str(tiny_artifact), "--prompt", "The mixture of experts",
+                   "--max-tokens", "12")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("The mixture of experts")
+    assert len(proc.stdout.strip()) > len("The mixture of experts")
+    assert "tokens/s" in proc.stderr and "time to first token" in proc.stderr
+
+
+def test_generate_batch_of_prompts(tiny_artifact):
+    proc = run_cli("moec.runtime", "generate", str(tiny_artifact), "--prompt", "Rain", "--prompt",
+                   "Once upon a time", "--max-tokens", "6", "--temperature", "0.8", "--seed", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("---") == 2
+
+
+def test_inspect_human_and_json(tiny_artifact):
+    proc = run_cli("moec.runtime", "inspect", str(tiny_artifact))
+    assert proc.returncode == 0, proc.stderr
+    assert "MixtralForCausalLM" in proc.stdout and "native code" in proc.stdout
+    proc = run_cli("moec.runtime", "inspect", str(tiny_artifact), "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["format_version"] == 1
+    assert len(data["moe_regions"]) == 2
+    assert data["contains_native_code"] is True
+    assert set(data["files"]) >= {"model.pt2", "weights.safetensors", "tokenizer/tokenizer.json"}
+
+
+def test_runtime_does_not_import_compiler_or_transformers(tiny_artifact):
+    code = (
+        "import sys, moec.runtime\n"
+        f"e = moec.runtime.Engine.load({str(tiny_artifact)!r})\n"
+        "e.generate('hi', max_tokens=2)\n"
+        "bad = [m for m in sys.modules if m == 'transformers' or m.startswith(('transformers.', 'moec.compiler'))]\n"
+        "assert not bad, bad\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_no_pickle_in_artifact(tiny_artifact):
+    """Nothing in an artifact is loaded with torch.load or pickle: no pickle files at all."""
+    import zipfile
+
+    for path in tiny_artifact.rglob("*"):
+        assert path.suffix not in {".pt", ".pth", ".pkl", ".bin"}, path
+    with zipfile.ZipFile(tiny_artifact / "model.pt2") as z:
+        assert not [n for n in z.namelist() if n.endswith((".pkl", "data.pkl"))]

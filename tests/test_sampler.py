@@ -1,0 +1,111 @@
+"""The sampler: greedy, top-k, top-p, seeds, and the distribution it draws from."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moec.errors import RequestError
+from moec.runtime.sampler import Sampler, SamplingParams, make_generator
+
+V = 50
+
+
+def random_logits(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, V, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def sample(logits, params, generators=None):
+    if isinstance(params, SamplingParams):
+        params = [params] * logits.shape[0]
+    return Sampler().sample(logits, params, generators or [None] * logits.shape[0])
+
+
+def test_greedy_is_argmax():
+    logits = random_logits(8)
+    out = sample(logits, SamplingParams(temperature=0))
+    assert out.dtype == torch.int64 and out.tolist() == logits.argmax(-1).tolist()
+
+
+def test_top_k_1_is_argmax():
+    logits = random_logits(8)
+    torch.manual_seed(0)
+    assert sample(logits, SamplingParams(top_k=1, temperature=1.5)).tolist() == logits.argmax(-1).tolist()
+
+
+def test_tiny_top_p_is_argmax():
+    logits = random_logits(8)
+    torch.manual_seed(0)
+    assert sample(logits, SamplingParams(top_p=1e-6)).tolist() == logits.argmax(-1).tolist()
+
+
+def test_same_seed_same_samples_different_seed_different():
+    logits = random_logits(1).expand(64, V).contiguous()
+    params = SamplingParams(seed=0)
+
+    def draws(seed):
+        return sample(logits, params, [make_generator(seed, "cpu")] + [None] * 63)[0].item()
+
+    def run(seed):  # one generator across many steps, as a request sees it
+        g = make_generator(seed, "cpu")
+        return [sample(logits[:1], params, [g]).item() for _ in range(100)]
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+    assert draws(7) == draws(7)
+
+
+def test_seeded_row_does_not_depend_on_its_batch():
+    logits = random_logits(5, seed=3)
+    mine = SamplingParams(seed=11, top_k=10, top_p=0.9, temperature=0.8)
+    alone = sample(logits[2:3], [mine], [make_generator(11, "cpu")])
+    others = [SamplingParams(temperature=0), SamplingParams(), SamplingParams(top_p=0.5), SamplingParams(seed=4)]
+    params = others[:2] + [mine] + others[2:]
+    gens = [None, None, make_generator(11, "cpu"), None, make_generator(4, "cpu")]
+    torch.manual_seed(123)
+    assert sample(logits, params, gens)[2].item() == alone.item()
+
+
+def empirical(counts_of: torch.Tensor) -> torch.Tensor:
+    return torch.bincount(counts_of, minlength=V).float() / counts_of.numel()
+
+
+def test_distribution_matches_softmax():
+    row = random_logits(1, seed=5)[0] / 3
+    torch.manual_seed(0)
+    got = empirical(sample(row.expand(20000, V), SamplingParams(temperature=1.0)))
+    assert (got - torch.softmax(row, -1)).abs().max().item() < 0.02
+    got = empirical(sample(row.expand(20000, V), SamplingParams(temperature=0.5)))
+    assert (got - torch.softmax(row / 0.5, -1)).abs().max().item() < 0.02
+
+
+def test_top_k_and_top_p_renormalise_over_their_support():
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.1] + [0.0] * (V - 4)) + 1e-9
+    logits = probs.log()[None].expand(20000, V)
+    torch.manual_seed(0)
+    got = empirical(sample(logits, SamplingParams(top_k=3)))
+    assert (got[:3] - torch.tensor([4, 3, 2]) / 9).abs().max() < 0.02 and got[3:].sum() == 0
+    got = empirical(sample(logits, SamplingParams(top_p=0.65)))  # 0.4 + 0.3 >= 0.65: keep two
+    assert (got[:2] - torch.tensor([4, 3]) / 7).abs().max() < 0.02 and got[2:].sum() == 0
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"temperature": -0.1}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -1}, "top_k"),
+    ({"stop": ["x"] * 17}, "stop"),
+    ({"stop": ["ok", ""]}, "stop"),
+])
+def test_validate_rejects(kwargs, needle):
+    with pytest.raises(RequestError, match=needle) as e:
+        SamplingParams(**kwargs).validate()
+    assert "\n" not in str(e.value)
+
+
+def test_validate_accepts_defaults_and_greedy():
+    SamplingParams().validate()
+    p = SamplingParams(temperature=0, top_p=1.0, stop=["\n\n"], seed=3)
+    p.validate()
+    assert p.greedy and not SamplingParams().greedy
