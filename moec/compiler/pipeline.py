@@ -41,6 +41,10 @@ class Stages:
         self.console.print(f"[green]✓[/] {name:<8} {self.times[name]:6.1f}s  {detail}")
 
 
+def hf_name(model_dir: Path) -> str:
+    return "synthetic model" if model_dir.name == "model" and "moec-synthetic-" in str(model_dir) else str(model_dir)
+
+
 def _region_table(regions: list[dict]) -> str:
     lines = [f"  {'layer':>5}  {'block':<24} {'experts':>7} {'top-k':>5}  hidden×inter  act"]
     for r in regions:
@@ -52,7 +56,7 @@ def _region_table(regions: list[dict]) -> str:
 
 
 @contextmanager
-def _model_source(recipe: Recipe):
+def _model_source(recipe: Recipe, stages: Stages):
     """The HF directory to load: the recipe's path, or a synthetic model written to a temp dir."""
     if recipe.model.path is not None:
         yield Path(recipe.model.path)
@@ -61,7 +65,9 @@ def _model_source(recipe: Recipe):
 
     syn = recipe.model.synthetic
     with tempfile.TemporaryDirectory(prefix="moec-synthetic-") as tmp:
-        yield write_synthetic_model(syn.architecture, syn.config, syn.seed, Path(tmp))
+        with stages.stage("source", f"synthetic {syn.architecture}, seed {syn.seed}, as an HF directory"):
+            model_dir = write_synthetic_model(syn.architecture, syn.config, syn.seed, Path(tmp) / "model")
+        yield model_dir
 
 
 def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console: Console | None = None) -> Path | None:
@@ -73,8 +79,8 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
 
-    with _model_source(recipe) as model_dir:
-        with stages.stage("load", str(model_dir) if recipe.model.path else f"synthetic {recipe.model.synthetic.architecture}"):
+    with _model_source(recipe, stages) as model_dir:
+        with stages.stage("load", f"{hf_name(model_dir)} from safetensors ({recipe.dtype})"):
             hf_config = read_hf_config(model_dir)
             model = load_model(model_dir, dtype).to(recipe.device)
             step = PagedStep(model)

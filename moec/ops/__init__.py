@@ -1,10 +1,15 @@
 """moec's custom ops. Importing this package registers them with `torch.library`, which the
 runtime must do before it loads a compiled graph that calls them."""
 
-from moec.ops.moe_combine import moe_combine, moe_combine_ref
-from moec.ops.moe_experts import ACTIVATIONS, moe_experts, moe_experts_ref
-from moec.ops.moe_router import moe_router, moe_router_ref
-from moec.ops.paged_attention import paged_attention_ref, write_kv
+import logging
+
+# triton_op warns on every registration when Triton is absent (CPU machines); the CPU path needs none.
+logging.getLogger("torch._library.triton").setLevel(logging.ERROR)
+
+from moec.ops.moe_combine import moe_combine, moe_combine_ref  # noqa: E402
+from moec.ops.moe_experts import ACTIVATIONS, moe_experts, moe_experts_ref  # noqa: E402
+from moec.ops.moe_router import moe_router, moe_router_ref  # noqa: E402
+from moec.ops.paged_attention import paged_attention_ref, write_kv  # noqa: E402
 
 __all__ = [
     "ACTIVATIONS",
