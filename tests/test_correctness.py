@@ -71,13 +71,25 @@ def test_greedy_tokens_identical_to_transformers_generate(engine, hf_model):
 def test_chunked_prefill_equals_one_shot(engine):
     """Prompts fed in small chunks (tight step budget) give the same tokens as one-shot prefill."""
     want = [r.token_ids for r in engine.generate(PROMPTS, max_tokens=8)]
-    budget = engine.spec.max_tokens_per_step
-    engine.spec.max_tokens_per_step = 5
+    budget = engine.scheduler.max_tokens_per_step
+    engine.scheduler.max_tokens_per_step = 5
     try:
         got = [r.token_ids for r in engine.generate(PROMPTS, max_tokens=8)]
+        assert engine.stats.steps > 8 + max(len(engine.encode(p)) for p in PROMPTS) // 5
     finally:
-        engine.spec.max_tokens_per_step = budget
+        engine.scheduler.max_tokens_per_step = budget
     assert got == want
+
+
+def test_preemption_under_a_small_cache_recomputes_exactly(tiny_artifact, engine):
+    """Four sequences share 6 blocks of 16 positions: the scheduler must preempt and recompute,
+    and the tokens must not change."""
+    want = [r.token_ids for r in engine.generate(PROMPTS, max_tokens=30, ignore_eos=True)]
+    small = Engine.load(tiny_artifact, num_blocks=6)
+    got = [r.token_ids for r in small.generate(PROMPTS, max_tokens=30, ignore_eos=True)]
+    assert small.scheduler.num_preemptions > 0
+    assert got == want
+    assert small.allocator.num_used == 0
 
 
 def test_sampled_generation_is_reproducible_with_seed(engine):

@@ -1,8 +1,9 @@
-"""The engine: an artifact's compiled step, its paged KV cache, and the loop that feeds them.
+"""The engine: an artifact's compiled step, its paged KV cache, and the step that feeds them.
 
-Every step flattens the work of all running sequences into one call: prompt chunks (prefill)
-and one token per decoding sequence, bounded by the artifact's `max_tokens_per_step`. The
-Python API and `moe-runtime generate` use it the same way:
+Each step flattens the work the scheduler picked — prompt chunks and one token per decoding
+sequence — into one call of the compiled graph, then samples the sequences whose chunk
+reached their last token. `generate` drives it to completion for a batch of prompts; the
+server's `EngineLoop` drives it forever, admitting requests between steps:
 
     Engine.load("artifacts/tiny-mixtral").generate(["Hello", "Once upon"], max_tokens=32)
 """
@@ -11,8 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,8 +22,10 @@ from moec.artifact import Artifact, open_artifact
 from moec.errors import ArtifactError, RequestError
 from moec.runtime.compiled_step import CompiledStep
 from moec.runtime.detokenizer import IncrementalDetokenizer
-from moec.runtime.kv_cache import BlockAllocator, SequenceBlocks, allocate_kv_cache, build_step_inputs
+from moec.runtime.kv_cache import BlockAllocator, allocate_kv_cache, blocks_needed, build_step_inputs
 from moec.runtime.sampler import Sampler, SamplingParams, make_generator
+from moec.runtime.scheduler import Scheduler
+from moec.runtime.sequence import Sequence
 
 
 @dataclass
@@ -34,29 +36,6 @@ class Completion:
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     time_to_first_token_s: float
     logits: list[torch.Tensor] | None = None
-
-
-@dataclass
-class Sequence:
-    prompt_ids: list[int]
-    params: SamplingParams
-    detok: IncrementalDetokenizer
-    generator: torch.Generator | None
-    blocks: SequenceBlocks = field(default_factory=SequenceBlocks)
-    output_ids: list[int] = field(default_factory=list)
-    num_cached: int = 0  # tokens whose K/V are in the cache
-    finish_reason: str | None = None
-    arrived: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-    logits: list[torch.Tensor] | None = None
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
-
-    def pending(self) -> list[int]:
-        """Tokens to feed next: the uncached rest of the prompt, or the last generated token."""
-        return self.tokens[self.num_cached:]
 
 
 @dataclass
@@ -79,15 +58,16 @@ class Engine:
         self.device = torch.device(artifact.manifest.device)
         self.step_fn = CompiledStep(artifact)
         self.tokenizer, self.bos_id, self.eos_id = _load_tokenizer(artifact.tokenizer_path)
-        blocks_per_seq = -(-spec.max_seq_len // spec.kv_block_size)
-        self.num_blocks = num_blocks or spec.max_batch * blocks_per_seq
+        self.num_blocks = num_blocks or spec.max_batch * blocks_needed(spec.max_seq_len, spec.kv_block_size)
         self.allocator = BlockAllocator(self.num_blocks)
         self.kv_cache = allocate_kv_cache(
             spec.num_layers, self.num_blocks, spec.kv_block_size, spec.num_kv_heads, spec.head_dim,
             getattr(torch, spec.kv_dtype), self.device,
         )
+        self.scheduler = Scheduler(self.allocator, spec.kv_block_size, spec.max_batch, spec.max_tokens_per_step)
         self.sampler = Sampler()
         self.stats = GenerationStats()
+        self.record_logits = False
 
     @classmethod
     def load(cls, path: str | Path, verify: bool = True, num_blocks: int | None = None) -> Engine:
@@ -99,7 +79,8 @@ class Engine:
         ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
         return ([self.bos_id] if self.bos_id is not None else []) + ids
 
-    def new_sequence(self, prompt: str | list[int], params: SamplingParams) -> Sequence:
+    def new_sequence(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
+        """Validate a request and make its sequence (nothing is allocated until it is scheduled)."""
         params.validate()
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
@@ -110,62 +91,70 @@ class Engine:
                 f"prompt of {len(ids)} tokens plus max_tokens {params.max_tokens} exceeds the compiled max_seq_len "
                 f"{limit}; shorten the prompt, lower max_tokens, or recompile with a larger max_seq_len"
             )
+        if blocks_needed(len(ids) + params.max_tokens, self.spec.kv_block_size) > self.num_blocks:
+            raise RequestError(f"request needs more KV blocks than the cache holds ({self.num_blocks}); lower max_tokens")
         if max(ids) >= self.spec.vocab_size or min(ids) < 0:
             raise RequestError(f"prompt token ids must lie in [0, {self.spec.vocab_size})")
         detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop)
         generator = make_generator(params.seed, self.device) if params.seed is not None else None
-        return Sequence(ids, params, detok, generator)
+        seq = Sequence(ids, params, detok, generator)
+        if request_id is not None:
+            seq.request_id = request_id
+        return seq
 
-    # --- the loop -------------------------------------------------------------------------
+    # --- one step ---------------------------------------------------------------------------
 
-    def step(self, running: list[Sequence], record_logits: bool = False) -> list[Sequence]:
-        """Run one step over `running`; return the sequences that finished in it."""
-        budget = self.spec.max_tokens_per_step
-        chunks, scheduled = [], []
-        for seq in running:
-            todo = seq.pending()
-            take = min(len(todo), budget)
-            if take == 0:
-                break
-            seq.blocks.ensure_capacity(self.allocator, seq.num_cached + take, self.spec.kv_block_size)
-            wants_logits = seq.num_cached + take == len(seq.tokens)
-            chunks.append((seq.blocks.blocks, todo[:take], seq.num_cached, wants_logits))
-            scheduled.append((seq, take, wants_logits))
-            budget -= take
-        inputs = build_step_inputs(chunks, device=self.device)
+    def step(self) -> tuple[list[tuple[Sequence, str]], list[Sequence]]:
+        """Run the scheduler's next step. Returns (sequence, new text) for every sequence that got
+        a token, and the sequences that finished (their blocks are already free)."""
+        plan = self.scheduler.schedule()
+        if not plan:
+            return [], []
+        now = time.perf_counter()
+        chunks = []
+        for seq, take in plan:
+            seq.first_scheduled = seq.first_scheduled or now
+            start = seq.num_cached
+            wants_logits = start + take == seq.num_tokens
+            chunks.append((seq.blocks.blocks, seq.tokens[start : start + take], start, wants_logits))
+        inputs = build_step_inputs(chunks, device=self.device, block_size=self.spec.kv_block_size)
         logits = self.step_fn(
             inputs["input_ids"], inputs["positions"], inputs["seq_ids"], inputs["block_tables"],
             self.kv_cache, inputs["logits_indices"],
         )
         self.stats.steps += 1
-        sampling = [(seq, take) for seq, take, wants in scheduled if wants]
-        for seq, take, _ in scheduled:
+        for seq, take in plan:
             seq.num_cached += take
-        if not sampling:
-            return []
-        seqs = [s for s, _ in sampling]
-        next_ids = self.sampler.sample(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
-        finished, now = [], time.perf_counter()
-        for row, (seq, token) in enumerate(zip(seqs, next_ids)):
-            if record_logits:
+        sampled = [seq for seq, _ in plan if seq.num_cached == seq.num_tokens]
+        if not sampled:
+            return [], []
+        next_ids = self.sampler.sample(logits, [s.params for s in sampled], [s.generator for s in sampled]).tolist()
+        now = time.perf_counter()
+        emitted, finished = [], []
+        for row, (seq, token) in enumerate(zip(sampled, next_ids)):
+            if self.record_logits:
                 seq.logits = (seq.logits or []) + [logits[row].detach().clone()]
             seq.first_token_at = seq.first_token_at or now
             seq.output_ids.append(token)
-            seq.detok.push(token)
-            if token == self.eos_id and not seq.params.ignore_eos:
-                seq.finish_reason = "stop"
-            elif seq.detok.stopped:
+            text = seq.detok.push(token)
+            if (token == self.eos_id and not seq.params.ignore_eos) or seq.detok.stopped:
                 seq.finish_reason = "stop"
             elif len(seq.output_ids) >= seq.params.max_tokens:
                 seq.finish_reason = "length"
-            if seq.finish_reason:
-                self.release(seq)
+            if seq.finished:
+                text += seq.detok.finish()
+                self.scheduler.finish(seq)
                 finished.append(seq)
-        return finished
+            emitted.append((seq, text))
+        return emitted, finished
 
-    def release(self, seq: Sequence) -> None:
-        self.allocator.free(seq.blocks.blocks)
-        seq.blocks.blocks = []
+    def abort(self, seq: Sequence) -> None:
+        """Stop a sequence now and free its KV blocks."""
+        if not seq.finished:
+            seq.finish_reason = "abort"
+            self.scheduler.finish(seq)
+
+    # --- batch API ----------------------------------------------------------------------------
 
     def generate(self, prompts: list[str | list[int]] | str, max_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
@@ -180,6 +169,8 @@ class Engine:
                 f"{len(prompts)} prompts exceed the compiled max_batch {self.spec.max_batch}; "
                 "send fewer at once or recompile with a larger max_batch"
             )
+        if self.scheduler.has_work():
+            raise RuntimeError("generate() cannot run while the engine is serving other requests")
         seqs = []
         for i, prompt in enumerate(prompts):
             params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -187,23 +178,30 @@ class Engine:
                                     ignore_eos=ignore_eos)
             seqs.append(self.new_sequence(prompt, params))
         start = time.perf_counter()
-        running = deque(seqs)
-        while running:
-            for seq in self.step(list(running), record_logits=record_logits):
-                running.remove(seq)
+        steps_before = self.stats.steps
+        self.record_logits = record_logits
+        try:
+            for seq in seqs:
+                self.scheduler.add(seq)
+            while self.scheduler.has_work():
+                self.step()
+        finally:
+            self.record_logits = False
+            for seq in seqs:
+                self.abort(seq)
         elapsed = time.perf_counter() - start
-        results = []
-        for seq in seqs:
-            seq.detok.finish()
-            results.append(Completion(
+        results = [
+            Completion(
                 text=seq.detok.text, token_ids=list(seq.output_ids), prompt_tokens=len(seq.prompt_ids),
-                finish_reason=seq.finish_reason or "length",
-                time_to_first_token_s=(seq.first_token_at or start) - start, logits=seq.logits,
-            ))
+                finish_reason=seq.finish_reason, time_to_first_token_s=(seq.first_token_at or start) - start,
+                logits=seq.logits,
+            )
+            for seq in seqs
+        ]
         self.stats = GenerationStats(
             prompt_tokens=sum(r.prompt_tokens for r in results),
             generated_tokens=sum(len(r.token_ids) for r in results),
-            steps=self.stats.steps, elapsed_s=elapsed,
+            steps=self.stats.steps - steps_before, elapsed_s=elapsed,
             time_to_first_token_s=max(r.time_to_first_token_s for r in results),
         )
         return results

@@ -1,0 +1,51 @@
+"""One request's state inside the engine: its tokens, its KV blocks, its sampling and text."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from moec.runtime.detokenizer import IncrementalDetokenizer
+from moec.runtime.kv_cache import SequenceBlocks
+from moec.runtime.sampler import SamplingParams
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    detok: IncrementalDetokenizer
+    generator: torch.Generator | None
+    request_id: str = field(default_factory=lambda: f"seq-{next(_ids)}")
+    blocks: SequenceBlocks = field(default_factory=SequenceBlocks)
+    output_ids: list[int] = field(default_factory=list)
+    num_cached: int = 0  # tokens whose K/V are in the cache
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    arrived: float = field(default_factory=time.perf_counter)
+    first_scheduled: float | None = None
+    first_token_at: float | None = None
+    num_preemptions: int = 0
+    logits: list[torch.Tensor] | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens to feed next: the uncached rest of the prompt (or of everything, after a
+        preemption), else the last generated token."""
+        return self.num_tokens - self.num_cached
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
