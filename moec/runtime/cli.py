@@ -1,9 +1,10 @@
-"""`moe-runtime`: run a compiled artifact. `generate` and `inspect` today; `serve` and `bench` next."""
+"""`moe-runtime`: run a compiled artifact: `generate`, `serve`, `inspect`."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -45,6 +46,14 @@ def _inspect(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from moec.runtime.server import serve
+
+    return serve(args.artifact, host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
+                 request_timeout_s=args.request_timeout, verify=not args.no_verify,
+                 shutdown_timeout_s=args.shutdown_timeout)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moe-runtime", description="Run a compiled moec artifact.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,7 +76,20 @@ def main(argv: list[str] | None = None) -> int:
     ins.add_argument("--no-verify", action="store_true", help="skip sha256 checks")
     ins.set_defaults(func=_inspect)
 
-    for p in (gen, ins):
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    srv.add_argument("artifact")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=os.environ.get("MOEC_API_KEY"),
+                     help="require 'Authorization: Bearer KEY' (default: $MOEC_API_KEY; /health and /metrics stay open)")
+    srv.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429 Too Many Requests")
+    srv.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request, queue time included")
+    srv.add_argument("--shutdown-timeout", type=float, default=30.0,
+                     help="on SIGTERM, seconds to let running requests finish before cancelling them")
+    srv.add_argument("--no-verify", action="store_true", help="skip sha256 checks (large, trusted artifacts)")
+    srv.set_defaults(func=_serve)
+
+    for p in (gen, ins, srv):
         p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     return run_cli(lambda: args.func(args), args.debug)

@@ -1,0 +1,334 @@
+"""The OpenAI-compatible wire format of `moe-runtime serve`: requests, responses, stream chunks, errors.
+
+Requests are validated strictly (wrong types are errors, not coerced: `"max_tokens": "5"` or
+`"temperature": NaN` is a 400 that names the parameter) and unknown fields are ignored, as vLLM
+does, so clients that send fields moec does not know keep working. Fields that would change the
+output in a way moec cannot honour (logprobs, penalties, logit_bias, tools, non-text response
+formats, image content) are refused with a 400 rather than silently ignored.
+
+Extensions beyond OpenAI's API, as in vLLM: `top_k` (0 or -1 = off) and `ignore_eos`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, model_serializer
+
+MAX_N = 16  # choices per request
+MAX_STOP = 16  # stop strings per request (SamplingParams allows the same)
+MAX_PROMPTS = 16  # prompts in one /v1/completions request
+MAX_CHOICES = 64  # prompts x n
+_INT64 = 2**63
+
+Temperature = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+StopString = Annotated[StrictStr, Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
+
+
+class _Request(BaseModel):
+    # strict: no "5" → 5 or true → 1; JSON numbers still validate as floats. extra: ignored.
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class StreamOptions(_Request):
+    include_usage: StrictBool = False
+
+
+class _SamplingFields(_Request):
+    """Fields both endpoints share."""
+
+    model: StrictStr | None = None
+    temperature: Temperature | None = None  # None = 1.0 (OpenAI's default)
+    top_p: TopP | None = None
+    top_k: Annotated[StrictInt, Field(ge=-1)] | None = None  # extension: 0 or -1 = off
+    seed: Annotated[StrictInt, Field(ge=-_INT64, lt=_INT64)] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    user: StrictStr | None = None
+    ignore_eos: StrictBool = False  # extension
+    # Accepted only at values that change nothing (clients often send the defaults).
+    presence_penalty: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    frequency_penalty: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    logit_bias: dict[str, Any] | None = None
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(parameter, message) for a field set to something moec cannot do, else None."""
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                return name, f"{name} is not supported by this server; leave it unset or 0"
+        if self.logit_bias:
+            return "logit_bias", "logit_bias is not supported by this server"
+        return None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None  # None = 16 (OpenAI's default), cut to fit
+    echo: StrictBool = False
+    suffix: StrictStr | None = None
+    logprobs: StrictInt | None = None
+    best_of: StrictInt | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts: strings, or token-id lists. Raises ValueError for an empty one."""
+        p = self.prompt
+        if isinstance(p, str):
+            prompts: list[str | list[int]] = [p]
+        elif p and all(isinstance(x, int) for x in p):
+            prompts = [list(p)]  # type: ignore[arg-type]
+        else:
+            prompts = list(p)  # type: ignore[arg-type]
+        if not prompts:
+            raise ValueError("prompt must not be empty")
+        if len(prompts) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}")
+        if any(isinstance(x, str) and not x for x in prompts):
+            raise ValueError("prompt must not be empty: give at least one character of text")
+        if len(prompts) * self.n > MAX_CHOICES:
+            raise ValueError(f"{len(prompts)} prompts x n={self.n} exceeds {MAX_CHOICES} choices per request")
+        return prompts
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.logprobs:
+            return "logprobs", "logprobs is not supported by this server"
+        if self.suffix:
+            return "suffix", "suffix is not supported by this server"
+        if self.best_of is not None and self.best_of != self.n:
+            return "best_of", "best_of is not supported by this server (leave it unset or equal to n)"
+        return super().unsupported()
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: StrictStr | list[TextPart] | None = None
+    name: StrictStr | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ResponseFormat(_Request):
+    type: StrictStr
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None  # deprecated by OpenAI, still sent
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None  # wins over max_tokens
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: ResponseFormat | None = None
+    add_generation_prompt: StrictBool = True  # extension (vLLM)
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.logprobs or self.top_logprobs:
+            return "logprobs", "logprobs is not supported by this server"
+        if self.tools:
+            return "tools", "tools (function calling) are not supported by this server"
+        if self.tool_choice not in (None, "none", "auto"):
+            return "tool_choice", "tool_choice is not supported by this server"
+        if self.response_format is not None and self.response_format.type != "text":
+            return "response_format", f"response_format {self.response_format.type!r} is not supported; only 'text'"
+        return super().unsupported()
+
+
+# --- responses -------------------------------------------------------------------------------
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Usage(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class CompletionChoice(_Response):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None  # "stop" | "length" | "abort" (timed out or cancelled; as vLLM)
+
+
+class CompletionResponse(_Response):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionStreamResponse(_Response):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(_Response):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Response):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(_Response):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class DeltaMessage(_Response):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer
+    def _drop_unset(self) -> dict[str, Any]:
+        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+
+
+class ChatChunkChoice(_Response):
+    index: int
+    delta: DeltaMessage
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(_Response):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "moec"
+    max_model_len: int | None = None  # extension (vLLM): the compiled max_seq_len
+
+
+class ModelList(_Response):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(_Response):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Response):
+    error: ErrorInfo
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code)).model_dump()
+
+
+# --- validation errors -> one line naming the parameter ---------------------------------------
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "function-after", "function-before",
+              "function-wrap", "function-plain", "constrained-str", "constrained-int", "constrained-float"}
+
+
+def param_of(loc: tuple[Any, ...]) -> str | None:
+    """`("messages", 0, "content", "list[TextPart]", 0, "type")` → `messages[0].content[0].type`.
+
+    Pydantic tags errors inside a union with the member's name ("str", "list[...]"); those are dropped.
+    """
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and part.isidentifier() and part not in _TYPE_TAGS:
+            out += f".{part}" if out else part
+    return out or None
+
+
+def describe_validation_error(err: ValidationError) -> tuple[str, str | None]:
+    """A one-line message and the parameter it is about, from pydantic's errors."""
+    errors = err.errors(include_url=False)
+    if not errors:
+        return "invalid request body", None
+    first = errors[0]
+    if first["type"] == "json_invalid":
+        return f"the request body is not valid JSON ({first.get('ctx', {}).get('error', first['msg'])})", None
+    if first["type"] == "model_type" and not first["loc"]:
+        return "the request body must be a JSON object", None
+    if first["type"] == "missing":
+        param = param_of(tuple(first["loc"]))
+        return f"missing required parameter: {param!r}", param
+    # A union reports one error per member: the deepest is usually the member the client meant.
+    depth = max(len(e["loc"]) for e in errors)
+    best = next(e for e in errors if len(e["loc"]) == depth)
+    param = param_of(tuple(best["loc"]))
+    same = [e for e in errors if len(e["loc"]) == depth and param_of(tuple(e["loc"])) == param]
+    msg = "; ".join(dict.fromkeys(e["msg"] for e in same))
+    if len(msg) > 300:
+        msg = msg[:300] + "..."
+    got = best.get("input")
+    shown = repr(got) if isinstance(got, (int, float, str, bool)) or got is None else type(got).__name__
+    if len(shown) > 60:
+        shown = shown[:60] + "..."
+    return f"invalid value for {param or 'the request'} ({shown}): {msg}", param

@@ -1,0 +1,285 @@
+"""`moe-runtime serve` for real: a server process on 127.0.0.1, driven by the openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from conftest import ROOT, run_cli
+
+API_KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, artifact: Path, *extra: str):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moec.runtime", "serve", str(artifact), "--host", "127.0.0.1",
+             "--port", str(self.port), *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env,
+        )
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.proc.stdout.read()}")
+            try:
+                if httpx.get(f"{self.base}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError("server did not become healthy in 120 s")
+
+    def stop(self, sig=signal.SIGTERM, timeout=60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def metrics(self) -> dict[str, float]:
+        text = httpx.get(f"{self.base}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
+        values = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                values[name] = float(value)
+        return values
+
+    def metric(self, name: str) -> float:
+        return sum(v for k, v in self.metrics().items() if k.split("{")[0] == name)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_artifact):
+    srv = Server(tiny_artifact, "--api-key", API_KEY)
+    yield srv
+    assert srv.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def client(server) -> OpenAI:
+    return OpenAI(base_url=f"{server.base}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model_name(client) -> str:
+    models = client.models.list().data
+    assert len(models) == 1
+    return models[0].id
+
+
+def test_completion_and_usage(client, model_name):
+    r = client.completions.create(model=model_name, prompt="The mixture of experts", max_tokens=12, temperature=0)
+    assert r.object == "text_completion" and len(r.choices) == 1
+    assert r.usage.completion_tokens == 12 or r.choices[0].finish_reason == "stop"
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.choices[0].text
+
+
+def test_greedy_equals_moe_runtime_generate(client, model_name, tiny_artifact):
+    prompt = "Once upon a time, in a kitchen far away, a baker"
+    r = client.completions.create(model=model_name, prompt=prompt, max_tokens=20, temperature=0)
+    proc = run_cli("moec.runtime", "generate", str(tiny_artifact), "--prompt", prompt, "--max-tokens", "20")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.rstrip("\n") == prompt + r.choices[0].text
+
+
+def test_chat_completion(client, model_name):
+    r = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "Hello there"}],
+                                       max_tokens=8, temperature=0)
+    assert r.choices[0].message.role == "assistant"
+    assert isinstance(r.choices[0].message.content, str)
+    assert r.usage.completion_tokens <= 8
+
+
+def test_streaming_with_usage(client, model_name):
+    full = client.completions.create(model=model_name, prompt="Rain fell", max_tokens=16, temperature=0)
+    chunks = list(client.completions.create(model=model_name, prompt="Rain fell", max_tokens=16, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == full.choices[0].text
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    chat = list(client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=6, stream=True, temperature=0))
+    assert chat[0].choices[0].delta.role == "assistant"
+    assert chat[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_n_and_seed(client, model_name):
+    r = client.completions.create(model=model_name, prompt="Compilers", max_tokens=10, n=3, temperature=1.0,
+                                  seed=11)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2]
+    again = client.completions.create(model=model_name, prompt="Compilers", max_tokens=10, n=3, temperature=1.0,
+                                      seed=11)
+    assert [c.text for c in r.choices] == [c.text for c in again.choices]
+
+
+def test_stop_strings(client, model_name):
+    full = client.completions.create(model=model_name, prompt="The history of bread", max_tokens=24, temperature=0)
+    text = full.choices[0].text
+    assert len(text) > 6
+    stop = text[3:6]
+    cut = client.completions.create(model=model_name, prompt="The history of bread", max_tokens=24,
+                                    temperature=0, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert stop not in cut.choices[0].text and text.startswith(cut.choices[0].text)
+
+
+def test_64_concurrent_streams_then_all_blocks_free(server, model_name):
+    words = "the weather over the old printing house changed every hour while bread baked".split()
+
+    async def one(client: httpx.AsyncClient, i: int) -> tuple[int, int]:
+        prompt = " ".join(words[j % len(words)] for j in range(1 + (i * 7) % 60))
+        want = 4 + i % 13
+        body = {"model": model_name, "prompt": prompt, "max_tokens": want, "temperature": 0.7, "seed": i,
+                "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+        pieces, usage = 0, None
+        async with client.stream("POST", "/v1/completions", json=body) as resp:
+            assert resp.status_code == 200, await resp.aread()
+            async for line in resp.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+                    pieces += 1
+        return want, usage["completion_tokens"]
+
+    async def all_of_them():
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        async with httpx.AsyncClient(base_url=server.base, headers=headers, timeout=300) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(64)))
+
+    results = asyncio.run(all_of_them())
+    assert all(want == got for want, got in results), results
+    assert server.metric("moec:kv_cache_usage_perc") == 0
+    assert server.metric("moec:num_requests_running") == 0
+    assert server.metric("moec:num_requests_waiting") == 0
+    assert server.metric("moec:request_success_total") >= 64
+    assert server.metric("moec:time_to_first_token_seconds_count") >= 64
+
+
+def error_of(resp: httpx.Response, status: int) -> dict:
+    assert resp.status_code == status, (resp.status_code, resp.text)
+    body = resp.json()
+    assert set(body) == {"error"}, body
+    assert {"message", "type", "code"} <= set(body["error"]), body
+    assert body["error"]["message"] and "\n" not in body["error"]["message"]
+    return body["error"]
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    ({"prompt": "hi", "max_tokens": 4, "temperature": -1}, 400, "temperature"),
+    ({"prompt": "hi", "max_tokens": 4, "temperature": float("nan")}, 400, "temperature"),
+    ({"prompt": "hi", "max_tokens": 4, "top_p": 1.5}, 400, "top_p"),
+    ({"prompt": "hi", "max_tokens": 4, "top_p": 0}, 400, "top_p"),
+    ({"prompt": "hi", "max_tokens": 4, "n": 100000}, 400, "n"),
+    ({"prompt": "", "max_tokens": 4}, 400, "prompt"),
+    ({"max_tokens": 4}, 400, "prompt"),
+    ({"prompt": 12, "max_tokens": 4}, 400, "prompt"),
+    ({"prompt": "hi", "max_tokens": "four"}, 400, "max_tokens"),
+    ({"prompt": "word " * 600, "max_tokens": 4}, 400, "max_seq_len"),
+    ({"prompt": "hi", "max_tokens": 100000}, 400, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": 4, "model": "gpt-9"}, 404, "gpt-9"),
+])
+def test_bad_requests(server, model_name, body, status, needle):
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    payload = json.dumps({"model": model_name, **body}, allow_nan=True)
+    err = error_of(httpx.post(f"{server.base}/v1/completions", content=payload, headers=headers), status)
+    assert needle.lower() in (err["message"] + str(err.get("param"))).lower(), err
+    assert httpx.get(f"{server.base}/health").status_code == 200
+
+
+def test_invalid_json_and_huge_body(server):
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    error_of(httpx.post(f"{server.base}/v1/completions", content=b"{not json", headers=headers), 400)
+    big = b'{"prompt": "' + b"a" * (10 * 1024 * 1024) + b'"}'
+    error_of(httpx.post(f"{server.base}/v1/completions", content=big, headers=headers, timeout=60), 413)
+    assert httpx.get(f"{server.base}/health").status_code == 200
+
+
+def test_api_key(server, model_name):
+    body = {"model": model_name, "prompt": "hi", "max_tokens": 2}
+    error_of(httpx.post(f"{server.base}/v1/completions", json=body), 401)
+    error_of(httpx.post(f"{server.base}/v1/completions", json=body, headers={"Authorization": "Bearer nope"}), 401)
+    error_of(httpx.get(f"{server.base}/v1/models"), 401)
+    assert httpx.get(f"{server.base}/health").status_code == 200
+
+
+def test_client_disconnect_frees_blocks(server, model_name):
+    body = {"model": model_name, "prompt": "A storm crossed the valley and", "max_tokens": 400,
+            "stream": True, "ignore_eos": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.stream("POST", f"{server.base}/v1/completions", json=body, headers=headers, timeout=60) as resp:
+        lines = resp.iter_lines()  # kept alive: abandoning the iterator would close the stream
+        for _ in range(6):
+            next(lines)
+        assert server.metric("moec:kv_cache_usage_perc") > 0
+        assert server.metric("moec:num_requests_running") == 1
+    deadline = time.time() + 30
+    while server.metric("moec:kv_cache_usage_perc") > 0 and time.time() < deadline:
+        time.sleep(0.2)
+    assert server.metric("moec:kv_cache_usage_perc") == 0
+    assert server.metric("moec:num_requests_running") == 0
+    assert server.metrics()['moec:request_success_total{finished_reason="abort",model_name="tiny-mixtral"}'] >= 1
+    assert httpx.get(f"{server.base}/health").status_code == 200
+
+
+def test_queue_full_is_429_with_retry_after(tiny_artifact):
+    srv = Server(tiny_artifact, "--max-queue", "1")
+    try:
+        body = {"prompt": "The weather", "max_tokens": 300, "ignore_eos": True}
+
+        async def flood():
+            async with httpx.AsyncClient(base_url=srv.base, timeout=120) as c:
+                return await asyncio.gather(*(c.post("/v1/completions", json=body) for _ in range(20)))
+
+        responses = asyncio.run(flood())
+        statuses = [r.status_code for r in responses]
+        assert 429 in statuses and 200 in statuses, statuses
+        limited = next(r for r in responses if r.status_code == 429)
+        error_of(limited, 429)
+        assert int(limited.headers["Retry-After"]) >= 1
+    finally:
+        assert srv.stop() == 0
+
+
+def test_sigterm_finishes_running_requests_and_exits_zero(tiny_artifact):
+    srv = Server(tiny_artifact)
+    body = {"prompt": "The weather", "max_tokens": 200, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    usage, signalled = None, False
+    with httpx.stream("POST", f"{srv.base}/v1/completions", json=body, timeout=120) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if not signalled and line.startswith("data: "):
+                srv.proc.send_signal(signal.SIGTERM)  # mid-stream: the request must still finish
+                signalled = True
+            if line.startswith("data: {"):
+                usage = json.loads(line[6:]).get("usage") or usage
+    assert usage is not None and usage["completion_tokens"] == 200
+    assert srv.proc.wait(timeout=60) == 0
+    out = srv.proc.stdout.read()
+    assert "127.0.0.1" in out and "load" in out.lower()
