@@ -1,0 +1,194 @@
+"""Token sort/align: the T*K (token, expert) assignments, grouped by expert, each expert's group
+padded to a multiple of BLOCK_M, so that every BLOCK_M-row block of the grouped GEMMs reads one
+expert's weights (the layout of vLLM's `moe_align_block_size`).
+
+Outputs, for `topk_ids` [T, K] (assignment a = t*K + k):
+  sorted_ids [EM] int32   assignment indices, expert-major; padding entries hold T*K
+  expert_ids [EM/BLOCK_M] int32   the expert of each block
+  num_post [1] int32      used length of sorted_ids (a multiple of BLOCK_M)
+Only the first num_post entries of sorted_ids (num_post/BLOCK_M of expert_ids) are written; the
+GEMMs stop there. EM = T*K + min(T*K, E)*(BLOCK_M-1) bounds num_post for any routing (only
+experts that received a token are padded), and depends on shapes only: no host sync.
+
+Three launches, all sized from shapes, none data-dependent:
+  count    one program per CHUNK assignments: that chunk's per-expert histogram
+  scan     per expert, the exclusive prefix of the histograms over chunks, and the totals
+  scatter  per chunk: each assignment's slot = padded start of its expert + earlier
+           assignments of that expert in earlier chunks + its rank within the chunk; the
+           padding slots, num_post and expert_ids are written here too
+The ranks come from a cumulative sum over a one-hot [SUB, E] tile rather than atomics, so the
+order within an expert is the assignment order: deterministic, like a stable sort.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+CHUNK = 256  # assignments per program in the count and scatter kernels
+
+
+@triton.jit
+def _one_hot(e, E_PAD: tl.constexpr):
+    return (e[:, None] == tl.arange(0, E_PAD)[None, :]).to(tl.int32)
+
+
+@triton.jit
+def _align_count_kernel(
+    ids_ptr, counts_ptr, num_assign, CHUNK: tl.constexpr, SUB: tl.constexpr, E_PAD: tl.constexpr
+):
+    pid = tl.program_id(0)
+    hist = tl.zeros((E_PAD,), dtype=tl.int32)
+    for s in range(0, CHUNK, SUB):
+        offs = pid * CHUNK + s + tl.arange(0, SUB)
+        e = tl.load(ids_ptr + offs, mask=offs < num_assign, other=-1)
+        hist += tl.sum(_one_hot(e, E_PAD), axis=0)
+    tl.store(counts_ptr + pid * E_PAD + tl.arange(0, E_PAD), hist)
+
+
+@triton.jit
+def _align_scan_kernel(
+    counts_ptr,
+    offsets_ptr,
+    totals_ptr,
+    num_chunks,
+    E_PAD: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_E + tl.arange(0, BLOCK_E)
+    run = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for p0 in range(0, num_chunks, BLOCK_P):
+        rows = p0 + tl.arange(0, BLOCK_P)
+        ok = rows[:, None] < num_chunks
+        off = rows[:, None] * E_PAD + cols[None, :]
+        c = tl.load(counts_ptr + off, mask=ok, other=0)
+        tl.store(offsets_ptr + off, tl.cumsum(c, axis=0) - c + run[None, :], mask=ok)
+        run += tl.sum(c, axis=0)
+    tl.store(totals_ptr + cols, run)
+
+
+@triton.jit
+def _align_scatter_kernel(
+    ids_ptr,
+    offsets_ptr,
+    totals_ptr,
+    sorted_ptr,
+    expert_ids_ptr,
+    num_post_ptr,
+    num_assign,
+    num_chunks,
+    CHUNK: tl.constexpr,
+    SUB: tl.constexpr,
+    E_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, E_PAD)
+    total = tl.load(totals_ptr + cols)
+    padded = (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    pend = tl.cumsum(padded, axis=0)
+    pstart = pend - padded
+
+    # this chunk's assignments → their slots
+    run = pstart + tl.load(offsets_ptr + pid * E_PAD + cols)
+    for s in range(0, CHUNK, SUB):
+        offs = pid * CHUNK + s + tl.arange(0, SUB)
+        e = tl.load(ids_ptr + offs, mask=offs < num_assign, other=-1)
+        oh = _one_hot(e, E_PAD)
+        incl = tl.cumsum(oh, axis=0)
+        pos = tl.sum((incl - 1 + run[None, :]) * oh, axis=1)
+        known = tl.sum(oh, axis=1) > 0  # masked lanes (and out-of-range ids) match no expert
+        tl.store(sorted_ptr + pos, offs, mask=known)
+        run += tl.sum(oh, axis=0)
+
+    num_post = tl.sum(padded, axis=0)
+    if pid == 0:
+        tl.store(num_post_ptr, num_post)
+        # padding slots of each expert's last block: [pstart + total, pend)
+        sentinel = tl.zeros((E_PAD, BLOCK_J), dtype=tl.int32) + num_assign
+        for j0 in range(0, BLOCK_M, BLOCK_J):
+            pad = (pstart + total)[:, None] + j0 + tl.arange(0, BLOCK_J)[None, :]
+            tl.store(sorted_ptr + pad, sentinel, mask=pad < pend[:, None])
+
+    # expert of block b = number of experts whose padded range ends at or before b*BLOCK_M
+    # (experts past the last one with tokens end at num_post, beyond every block)
+    num_blocks = num_post // BLOCK_M
+    for b0 in range(pid * BLOCK_B, num_blocks, num_chunks * BLOCK_B):
+        bs = b0 + tl.arange(0, BLOCK_B)
+        ex = tl.sum((pend[None, :] <= bs[:, None] * BLOCK_M).to(tl.int32), axis=1)
+        tl.store(expert_ids_ptr + bs, ex, mask=bs < num_blocks)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _sym_min(a, b):
+    if isinstance(a, int) and isinstance(b, int):
+        return min(a, b)
+    return torch.sym_min(a, b)
+
+
+def max_padded_assignments(num_assign, num_experts: int, block_m: int):
+    """EM: the most slots sorted_ids can need (each expert that got a token pads < BLOCK_M)."""
+    return num_assign + _sym_min(num_assign, num_experts) * (block_m - 1)
+
+
+def moe_align_block_size(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """topk_ids [T, K] (any int dtype, values in [0, E)) → (sorted_ids, expert_ids, num_post)."""
+    if block_m < 1 or block_m & (block_m - 1):
+        raise ValueError(f"moe_align_block_size: BLOCK_M must be a power of two, got {block_m}")
+    if not 1 <= num_experts <= 1024:
+        raise ValueError(f"moe_align_block_size: {num_experts} experts; supported 1..1024")
+    ids = topk_ids.reshape(-1)
+    if not ids.is_contiguous():
+        ids = ids.contiguous()
+    num_assign = ids.shape[0]
+    device = ids.device
+    em = max_padded_assignments(num_assign, num_experts, block_m)
+    sorted_ids = torch.empty(em, dtype=torch.int32, device=device)
+    expert_ids = torch.empty(triton.cdiv(em, block_m), dtype=torch.int32, device=device)
+    num_post = torch.empty(1, dtype=torch.int32, device=device)
+
+    e_pad = max(_next_pow2(num_experts), 2)
+    num_chunks = triton.cdiv(num_assign, CHUNK)
+    # [num_chunks, E_PAD] row-major, kept 1-D: a 2-D buffer with a symbolic leading dim that can
+    # be 1 makes export guard on it (contiguity check) and specialise the token count
+    counts = torch.empty(num_chunks * e_pad, dtype=torch.int32, device=device)
+    offsets = torch.empty(num_chunks * e_pad, dtype=torch.int32, device=device)
+    totals = torch.empty(e_pad, dtype=torch.int32, device=device)
+    sub = min(CHUNK, max(16, 4096 // e_pad))
+    block_e = min(e_pad, 32)
+
+    wrap_triton(_align_count_kernel)[(num_chunks,)](
+        ids, counts, num_assign, CHUNK=CHUNK, SUB=sub, E_PAD=e_pad, num_warps=4
+    )
+    wrap_triton(_align_scan_kernel)[(e_pad // block_e,)](
+        counts, offsets, totals, num_chunks, E_PAD=e_pad, BLOCK_E=block_e, BLOCK_P=4096 // block_e, num_warps=4
+    )
+    wrap_triton(_align_scatter_kernel)[(num_chunks,)](
+        ids,
+        offsets,
+        totals,
+        sorted_ids,
+        expert_ids,
+        num_post,
+        num_assign,
+        num_chunks,
+        CHUNK=CHUNK,
+        SUB=sub,
+        E_PAD=e_pad,
+        BLOCK_M=block_m,
+        BLOCK_B=max(16, 4096 // e_pad),
+        BLOCK_J=min(block_m, max(1, 2048 // e_pad)),
+        num_warps=4,
+    )
+    return sorted_ids, expert_ids, num_post
