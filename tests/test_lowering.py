@@ -44,8 +44,7 @@ def test_lowering_replaces_every_region(exported):
     lowered, described = lower_moe(ep, step, config)
     targets = _targets(lowered)
     assert targets.count("moec.moe_router.default") == config.num_hidden_layers
-    assert targets.count("moec.moe_experts.default") == config.num_hidden_layers
-    assert targets.count("moec.moe_combine.default") == config.num_hidden_layers
+    assert targets.count("moec.fused_moe.default") == config.num_hidden_layers
     assert not [t for t in targets if t.startswith("transformers.")]
     assert any(t.startswith("transformers.") for t in _targets(ep)), "the pass must not edit its input"
     assert [d["layer"] for d in described] == list(range(config.num_hidden_layers))
@@ -64,10 +63,10 @@ def _swapped_build(region, out_shape):
     """Another: the routing weights of the two chosen experts swapped."""
     g = replacement_graph(region, out_shape)
     for node in g.nodes:
-        if node.target == torch.ops.moec.moe_combine.default:
+        if node.target == torch.ops.moec.fused_moe.default:
             with g.inserting_before(node):
-                flipped = g.call_function(torch.ops.aten.flip.default, (node.args[1], [1]))
-            node.args = (node.args[0], flipped)
+                flipped = g.call_function(torch.ops.aten.flip.default, (node.args[3], [1]))
+            node.args = (*node.args[:3], flipped, *node.args[4:])
     return g
 
 

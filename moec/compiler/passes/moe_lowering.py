@@ -1,4 +1,4 @@
-"""Replace each MoE region with moec ops: router → experts → weighted combine.
+"""Replace each MoE region with moec ops: `moe_router` → `fused_moe` (experts + weighted combine).
 
 The replacement is built as a small graph of its own, checked numerically against the block it
 replaces (the module export traced it from) on random inputs, and only then inlined. A
@@ -33,8 +33,7 @@ def replacement_graph(region: MoeRegion, out_shape: list[int]) -> fx.Graph:
     routed = g.call_function(moec_ops.moe_router.default, (flat, router_w, region.top_k, region.renormalize))
     weights = g.call_function(operator.getitem, (routed, 0))
     ids = g.call_function(operator.getitem, (routed, 1))
-    expert_out = g.call_function(moec_ops.moe_experts.default, (flat, w13, w2, ids, region.activation))
-    combined = g.call_function(moec_ops.moe_combine.default, (expert_out, weights))
+    combined = g.call_function(moec_ops.fused_moe.default, (flat, w13, w2, weights, ids, region.activation))
     g.output(g.call_function(aten.reshape.default, (combined, out_shape)))
     return g
 
