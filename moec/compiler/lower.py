@@ -19,20 +19,18 @@ def compile_graph(ep: torch.export.ExportedProgram, package_path: Path) -> Path:
     return package_path
 
 
-def save_weights(ep: torch.export.ExportedProgram, package_path: Path, weights_path: Path) -> list[str]:
-    """Write exactly the constants the compiled graph asks for, by the names it asks for them."""
-    compiled = torch._inductor.aoti_load_package(str(package_path))
-    wanted = compiled.get_constant_fqns()
-    available = {**ep.state_dict, **ep.constants}
-    missing = [name for name in wanted if name not in available]
-    if missing:
-        raise RuntimeError(f"compiled graph needs constants the program does not hold: {missing[:5]}")
+def save_weights(ep: torch.export.ExportedProgram, weights_path: Path) -> list[str]:
+    """Write the program's parameters, buffers and lifted constants under their FQNs, the names the
+    compiled graph asks `load_constants` for. Inductor may fold a few small constants (RoPE
+    frequencies) into the library; the runtime passes only what the graph still asks for."""
     tensors, seen = {}, set()
-    for name in wanted:
-        t = available[name].detach()
+    for name, value in {**ep.state_dict, **ep.constants}.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        t = value.detach()
         if t.data_ptr() in seen or not t.is_contiguous():  # tied or strided: safetensors wants its own copy
             t = t.contiguous().clone()
         seen.add(t.data_ptr())
         tensors[name] = t.to("cpu")
     save_file(tensors, str(weights_path), metadata={"format": "pt", "producer": "moec"})
-    return list(wanted)
+    return list(tensors)

@@ -97,9 +97,10 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         with ArtifactWriter(out_dir) as writer:
             with stages.stage("lower", f"AOTInductor for {recipe.device}"):
+                # weights first: AOTInductor's decomposition run may drop the program's constants
+                save_weights(ep, writer.tmp / "weights.safetensors")
                 compile_graph(ep, writer.tmp / "model.pt2")
             with stages.stage("package", str(out_dir)):
-                save_weights(ep, writer.tmp / "model.pt2", writer.tmp / "weights.safetensors")
                 tok_dir = writer.tmp / "tokenizer"
                 tok_dir.mkdir()
                 for name in TOKENIZER_FILES:

@@ -18,8 +18,15 @@ class CompiledStep:
         except Exception as e:  # a damaged or foreign .pt2 fails deep inside torch
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise ArtifactError(f"{artifact.graph_path}: cannot load the compiled graph ({first}); recompile it") from None
-        # user_managed: the compiled model uses these tensors in place (memory-mapped, no copy)
-        self.weights = open_weights(artifact)
+        # user_managed: the compiled model uses these tensors in place (no copy). Inductor may have
+        # folded some constants into the library: hand over exactly the ones it still asks for.
+        weights = open_weights(artifact)
+        wanted = self.model.get_constant_fqns()
+        missing = [name for name in wanted if name not in weights]
+        if missing:
+            raise ArtifactError(f"{artifact.weights_path}: lacks {len(missing)} tensors the graph needs "
+                                f"(first: {missing[0]}); recompile")
+        self.weights = {name: weights[name] for name in wanted}
         try:
             self.model.load_constants(self.weights, check_full_update=True, user_managed=True)
         except RuntimeError as e:

@@ -61,7 +61,7 @@ def check_region(region: MoeRegion, graph: fx.Graph, model: torch.nn.Module, see
     worst = 0.0
     with torch.no_grad():
         for tokens in (1, 7, 64):
-            x = torch.randn(1, tokens, region.hidden_size, generator=gen).to(dtype)
+            x = torch.randn(1, tokens, region.hidden_size, generator=gen).to(device=weights[1].device, dtype=dtype)
             want = block(x)
             got = replacement(x, *weights)
             err = (got.float() - want.float()).abs().max().item()
