@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
+
 import torch
 
 import moec.ops  # noqa: F401  (the compiled graph calls torch.ops.moec.*)
@@ -9,10 +13,32 @@ from moec.artifact import Artifact, open_weights
 from moec.errors import ArtifactError
 
 
+def share_process_libstdcxx() -> None:
+    """Put the libstdc++ this process already runs into the global symbol scope.
+
+    A compiler that links parts of libstdc++ into the library it builds (the GPU machine's
+    `/opt/gcc` does) gives an AOTInductor `.so` its own copy of the locale machinery. Loaded beside
+    the process's libstdc++, which torch pulled in privately, the two copies number their facets
+    differently and the library's first `std::regex` (its device-string parser) crashes. With the
+    process's copy global, the library binds to it, as it would under `LD_PRELOAD`."""
+    if sys.platform != "linux" or not hasattr(os, "RTLD_NOLOAD"):
+        return
+    try:
+        maps = open("/proc/self/maps").read()
+    except OSError:
+        return
+    for path in {line.split()[-1] for line in maps.splitlines() if "/libstdc++.so" in line}:
+        try:
+            ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL)
+        except OSError:
+            pass
+
+
 class CompiledStep:
     """`step(input_ids, positions, seq_ids, block_tables, kv_cache, logits_indices) -> logits`."""
 
     def __init__(self, artifact: Artifact):
+        share_process_libstdcxx()
         try:
             self.model = torch._inductor.aoti_load_package(str(artifact.graph_path))
         except Exception as e:  # a damaged or foreign .pt2 fails deep inside torch
