@@ -41,7 +41,7 @@ def mixtral_dir(tmp_path_factory) -> Path:
 # --- tokenizer ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size", [259, 512, 1024, 4096])
+@pytest.mark.parametrize("size", [259, 512, 1024, 4096, 32000])
 def test_tokenizer_has_exact_vocab_size_and_special_ids(size):
     tok = build_tokenizer(size)
     assert tok.get_vocab_size(with_added_tokens=True) == size
@@ -60,10 +60,22 @@ def test_tokenizer_is_deterministic_within_and_across_processes():
 
 
 def test_tokenizer_size_limits_are_clear_errors():
-    with pytest.raises(ValueError, match="corpus is too small"):
-        build_tokenizer(100_000)
+    with pytest.raises(ValueError, match="at most 262144"):
+        build_tokenizer(300_000)
     with pytest.raises(ValueError, match="at least 259"):
         build_tokenizer(100)
+
+
+def test_vocab_past_the_corpus_is_reserved_tokens_text_never_reaches():
+    big, base = build_tokenizer(32000), build_tokenizer(4096)
+    trained = max(i for tok, i in big.get_vocab().items() if not tok.startswith("<reserved_"))
+    assert 3000 < trained < 32000 - 1
+    for text in TEXTS + ["<reserved_5> and <reserved_31000>"]:
+        ids = big.encode(text).ids
+        assert max(ids, default=0) <= trained
+        assert big.decode(ids) == text
+    assert big.decode([31999]) == f"<reserved_{31999 - trained - 1}>"
+    assert base.encode(TEXTS[1]).ids != [] and big.get_vocab_size() == 32000
 
 
 @pytest.mark.parametrize("text", TEXTS)
@@ -210,9 +222,9 @@ def test_unknown_architecture_is_a_recipe_error(tmp_path):
     [
         ({"hiden_size": 64}, ["hiden_size", "did you mean 'hidden_size'"]),
         ({"hidden_size": "big"}, ["hidden_size", "expected int"]),
-        ({"vocab_size": 100_000}, ["vocab_size", "too large"]),
+        ({"vocab_size": 300_000}, ["vocab_size", "too large"]),
         ({"num_experts_per_tok": 9}, ["num_experts_per_tok", "4"]),
-        ({"dtype": "bfloat16"}, ["dtype", "recipe's dtype"]),
+        ({"dtype": "bfloat16"}, ["dtype", "model.synthetic.dtype"]),
         ({"eos_token_id": 7}, ["eos_token_id", "2"]),
         ({"hidden_act": "nope"}, ["nope"]),
     ],
@@ -236,3 +248,17 @@ def test_synthetic_dir_name_is_short_and_stable():
     # vocab_size defaults to 512 for both the model and the name
     no_vocab = {k: v for k, v in TINY_MIXTRAL.items() if k != "vocab_size"}
     assert synthetic_dir_name("MixtralForCausalLM", no_vocab, 0) == name
+
+
+def test_bfloat16_checkpoint_is_written_and_named_apart(tmp_path):
+    from safetensors import safe_open
+
+    out = write_synthetic_model("MixtralForCausalLM", TINY_MIXTRAL, 0, tmp_path / "bf16", dtype="bfloat16")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes == {"BF16"}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert synthetic_dir_name("MixtralForCausalLM", TINY_MIXTRAL, 0, "bfloat16") != \
+        synthetic_dir_name("MixtralForCausalLM", TINY_MIXTRAL, 0)
+    with pytest.raises(RecipeError, match="model.synthetic.dtype"):
+        write_synthetic_model("MixtralForCausalLM", TINY_MIXTRAL, 0, tmp_path / "x", dtype="int8")

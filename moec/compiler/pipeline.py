@@ -66,7 +66,8 @@ def _model_source(recipe: Recipe, stages: Stages):
     syn = recipe.model.synthetic
     with tempfile.TemporaryDirectory(prefix="moec-synthetic-") as tmp:
         with stages.stage("source", f"synthetic {syn.architecture}, seed {syn.seed}, as an HF directory"):
-            model_dir = write_synthetic_model(syn.architecture, syn.config, syn.seed, Path(tmp) / "model")
+            model_dir = write_synthetic_model(syn.architecture, syn.config, syn.seed, Path(tmp) / "model",
+                                              dtype=syn.dtype)
         yield model_dir
 
 

@@ -23,6 +23,8 @@ class SyntheticSource(Strict):
     architecture: str
     config: dict[str, Any] = Field(default_factory=dict)
     seed: int = 0
+    # the checkpoint's dtype: float32 by default; bfloat16 halves what a large model writes to disk
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
 class ModelSource(Strict):

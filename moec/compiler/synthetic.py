@@ -38,8 +38,8 @@ SYNTHETIC_FORMAT = 1
 _RESERVED = {
     "architectures": "it is the recipe's model.synthetic.architecture",
     "model_type": "it follows from model.synthetic.architecture",
-    "dtype": "synthetic weights are always written in float32; set the recipe's dtype to compile in another one",
-    "torch_dtype": "synthetic weights are always written in float32; set the recipe's dtype to compile in another one",
+    "dtype": "it is model.synthetic.dtype (the checkpoint's dtype); the recipe's dtype is what is compiled",
+    "torch_dtype": "it is model.synthetic.dtype (the checkpoint's dtype); the recipe's dtype is what is compiled",
 }
 
 Progress = Callable[[str], None]
@@ -91,7 +91,8 @@ def _names_read_by(model_cls) -> frozenset[str]:
     return frozenset(names)
 
 
-def _build_config(architecture: str, config: dict[str, Any], vocab_size: int, bos_id: int, eos_id: int):
+def _build_config(architecture: str, config: dict[str, Any], vocab_size: int, bos_id: int, eos_id: int,
+                  dtype: str = "float32"):
     config_cls, model_cls = _classes(architecture)
     where = "model.synthetic.config"
     for key, why in _RESERVED.items():
@@ -102,7 +103,7 @@ def _build_config(architecture: str, config: dict[str, Any], vocab_size: int, bo
             raise RecipeError(f"{where}.{key} must be {tid} (the synthetic tokenizer's id) or left out; got {config[key]!r}")
 
     # a deep copy: transformers edits nested dicts (rope_scaling) in place, and `config` is the caller's
-    kwargs = {**copy.deepcopy(config), "vocab_size": vocab_size, "bos_token_id": bos_id, "eos_token_id": eos_id, "dtype": "float32"}
+    kwargs = {**copy.deepcopy(config), "vocab_size": vocab_size, "bos_token_id": bos_id, "eos_token_id": eos_id, "dtype": dtype}
     try:
         hf_config = config_cls(**kwargs)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds; all mean "bad config value"
@@ -129,10 +130,11 @@ def write_synthetic_model(
     seed: int,
     out_dir: Path,
     progress: Progress | None = None,
+    dtype: str = "float32",
 ) -> Path:
     """Write `architecture` with `config` and weights drawn from `seed` as a Hugging Face directory.
 
-    The directory holds config.json, model.safetensors (float32, transformers' own initialisation
+    The directory holds config.json, model.safetensors (`dtype`, transformers' own initialisation
     with the config's `initializer_range`), generation_config.json, tokenizer.json,
     tokenizer_config.json and special_tokens_map.json. The tokenizer is a byte-level BPE with
     exactly `config["vocab_size"]` tokens (default 512); BOS/EOS ids come from it. Same arguments,
@@ -156,12 +158,14 @@ def write_synthetic_model(
         tok = build_tokenizer(vocab_size)
     except ValueError as e:
         raise RecipeError(f"model.synthetic.config.vocab_size: {e}") from None
-    hf_config = _build_config(architecture, config, vocab_size, tok.token_to_id(BOS), tok.token_to_id(EOS))
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise RecipeError(f"model.synthetic.dtype must be float32, bfloat16 or float16; got {dtype!r}")
+    hf_config = _build_config(architecture, config, vocab_size, tok.token_to_id(BOS), tok.token_to_id(EOS), dtype)
 
     say(f"initialising {architecture} with seed {seed}")
     previous_dtype = torch.get_default_dtype()
     try:
-        torch.set_default_dtype(torch.float32)
+        torch.set_default_dtype(getattr(torch, dtype))  # drawn in the checkpoint's dtype: no float32 copy
         with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left as it was
             torch.manual_seed(seed)
             model = model_cls(hf_config)
@@ -198,7 +202,7 @@ def _corpus_digest() -> str:
     return hashlib.sha256(corpus_text().encode("utf-8")).hexdigest()
 
 
-def synthetic_dir_name(architecture: str, config: dict[str, Any], seed: int) -> str:
+def synthetic_dir_name(architecture: str, config: dict[str, Any], seed: int, dtype: str = "float32") -> str:
     """A short, stable directory name for caching the model these arguments write.
 
     E.g. "mixtral-s0-1f3a9c0b2d4e6f70". The hash covers the arguments (vocab_size defaulted),
@@ -213,6 +217,7 @@ def synthetic_dir_name(architecture: str, config: dict[str, Any], seed: int) -> 
         "architecture": architecture,
         "config": config,
         "seed": seed,
+        **({} if dtype == "float32" else {"dtype": dtype}),  # float32 names stay what they were
         "corpus": _corpus_digest(),
         "torch": torch.__version__.split("+")[0],
         "transformers": transformers.__version__,

@@ -31,6 +31,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 SPECIAL_TOKENS = (UNK, BOS, EOS)  # ids 0, 1, 2
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256  # the specials plus one token per byte
+MAX_VOCAB_SIZE = 262_144  # Qwen3's 151,936 fits; past this the tokenizer.json alone runs to megabytes
+RESERVED = "<reserved_{}>"  # fills the vocab past what the corpus has merges for
 HF_UNBOUNDED_LENGTH = int(1e30)  # what transformers writes for "no limit" (VERY_LARGE_INTEGER)
 
 # The chat format, one line per message:  <s>[role]\ncontent</s>
@@ -68,7 +70,14 @@ def _train_json(vocab_size: int) -> str:
     tok.train_from_iterator(corpus_text().splitlines(keepends=True), trainer=trainer)
     # Adds nothing: BOS is the caller's decision (see add_bos_token in tokenizer_config.json).
     tok.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1", special_tokens=[])
-    return tok.to_str()
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    # The corpus has merges for a few thousand tokens; real vocabularies (Mixtral's 32,000) are
+    # larger. Reserved entries fill the rest: no merge produces them, so text never encodes to
+    # them, and they decode to their own name if a model emits one.
+    for i in range(vocab_size - len(vocab)):
+        vocab[RESERVED.format(i)] = len(vocab)
+    return json.dumps(data, ensure_ascii=False)
 
 
 _TRAINED: dict[int, str] = {}
@@ -87,14 +96,13 @@ def build_tokenizer(vocab_size: int) -> Tokenizer:
             f"vocab_size {vocab_size} is too small for a byte-level tokenizer: it needs at least {MIN_VOCAB_SIZE} "
             f"({len(SPECIAL_TOKENS)} special tokens + 256 bytes)"
         )
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise ValueError(f"vocab_size {vocab_size} is too large for a synthetic tokenizer (at most {MAX_VOCAB_SIZE})")
     if vocab_size not in _TRAINED:
         data = _train_json(vocab_size)
         got = Tokenizer.from_str(data).get_vocab_size(with_added_tokens=True)
         if got != vocab_size:
-            raise ValueError(
-                f"vocab_size {vocab_size} is too large for moec's tokenizer corpus: training stops at {got} tokens "
-                f"(the corpus is too small for that vocab size; use vocab_size <= {got})"
-            )
+            raise ValueError(f"the trained tokenizer has {got} tokens, not the vocab_size {vocab_size} asked for")
         _TRAINED[vocab_size] = data
     # A fresh object each call: a Tokenizer is mutable (padding, truncation), the cache is not.
     return Tokenizer.from_str(_TRAINED[vocab_size])

@@ -21,6 +21,7 @@ from tokenizers import Tokenizer
 from moec.artifact import Artifact, open_artifact
 from moec.errors import ArtifactError, RequestError
 from moec.runtime.compiled_step import CompiledStep
+from moec.runtime.decode_graphs import DecodeGraphs
 from moec.runtime.detokenizer import IncrementalDetokenizer
 from moec.runtime.kv_cache import BlockAllocator, allocate_kv_cache, blocks_needed, build_step_inputs
 from moec.runtime.sampler import Sampler, SamplingParams, make_generator
@@ -52,7 +53,7 @@ class GenerationStats:
 
 
 class Engine:
-    def __init__(self, artifact: Artifact, num_blocks: int | None = None):
+    def __init__(self, artifact: Artifact, num_blocks: int | None = None, cuda_graphs: bool = True):
         self.artifact = artifact
         spec = self.spec = artifact.manifest.step
         self.device = torch.device(artifact.manifest.device)
@@ -60,18 +61,28 @@ class Engine:
         self.tokenizer, self.bos_id, self.eos_id = _load_tokenizer(artifact.tokenizer_path)
         self.num_blocks = num_blocks or spec.max_batch * blocks_needed(spec.max_seq_len, spec.kv_block_size)
         self.allocator = BlockAllocator(self.num_blocks)
+        # one block beyond the allocator's: padded decode rows write their K/V there
+        self.scratch_block = self.num_blocks
         self.kv_cache = allocate_kv_cache(
-            spec.num_layers, self.num_blocks, spec.kv_block_size, spec.num_kv_heads, spec.head_dim,
+            spec.num_layers, self.num_blocks + 1, spec.kv_block_size, spec.num_kv_heads, spec.head_dim,
             getattr(torch, spec.kv_dtype), self.device,
         )
         self.scheduler = Scheduler(self.allocator, spec.kv_block_size, spec.max_batch, spec.max_tokens_per_step)
         self.sampler = Sampler()
         self.stats = GenerationStats()
         self.record_logits = False
+        self.decode_graphs = None
+        if cuda_graphs and self.device.type == "cuda":
+            self.decode_graphs = DecodeGraphs(
+                self.step_fn, self.kv_cache, spec.max_batch, blocks_needed(spec.max_seq_len, spec.kv_block_size),
+                self.scratch_block,
+            )
 
     @classmethod
-    def load(cls, path: str | Path, verify: bool = True, num_blocks: int | None = None) -> Engine:
-        return cls(open_artifact(path, verify=verify), num_blocks=num_blocks)
+    def load(cls, path: str | Path, verify: bool = True, num_blocks: int | None = None,
+             cuda_graphs: bool = True) -> Engine:
+        """`cuda_graphs`: replay decode steps as CUDA graphs (captured here) when on a GPU."""
+        return cls(open_artifact(path, verify=verify), num_blocks=num_blocks, cuda_graphs=cuda_graphs)
 
     # --- requests -------------------------------------------------------------------------
 
@@ -117,11 +128,14 @@ class Engine:
             start = seq.num_cached
             wants_logits = start + take == seq.num_tokens
             chunks.append((seq.blocks.blocks, seq.tokens[start : start + take], start, wants_logits))
-        inputs = build_step_inputs(chunks, device=self.device, block_size=self.spec.kv_block_size)
-        logits = self.step_fn(
-            inputs["input_ids"], inputs["positions"], inputs["seq_ids"], inputs["block_tables"],
-            self.kv_cache, inputs["logits_indices"],
-        )
+        if self.decode_graphs is not None and self.decode_graphs.fits(chunks):
+            logits = self.decode_graphs.run(chunks)
+        else:
+            inputs = build_step_inputs(chunks, device=self.device, block_size=self.spec.kv_block_size)
+            logits = self.step_fn(
+                inputs["input_ids"], inputs["positions"], inputs["seq_ids"], inputs["block_tables"],
+                self.kv_cache, inputs["logits_indices"],
+            )
         self.stats.steps += 1
         for seq, take in plan:
             seq.num_cached += take
