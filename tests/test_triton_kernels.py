@@ -104,11 +104,12 @@ def close(got: torch.Tensor, want: torch.Tensor, dtype) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@outer_only
-def test_kernels_under_interpreter():
+def run_interpreted(test_file: str) -> None:
+    """Run `test_file`'s `interpreted` tests in a subprocess with TRITON_INTERPRET=1; fail with
+    its output if any fails (tests/test_paged_attention.py uses this too)."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-x"],
+        [sys.executable, "-m", "pytest", test_file, "-q", "-p", "no:cacheprovider", "-x"],
         cwd=Path(__file__).resolve().parents[1],
         env=env,
         capture_output=True,
@@ -117,6 +118,11 @@ def test_kernels_under_interpreter():
     )
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-4000:]
+
+
+@outer_only
+def test_kernels_under_interpreter():
+    run_interpreted(__file__)
 
 
 @outer_only
@@ -183,10 +189,13 @@ def test_triton_path_traces_with_symbolic_tokens(top_k):
 H100_SMEM = 232448  # bytes of shared memory one block may use on sm_90
 
 
-def compile_for_sm90(kernel, pointers: dict, constexprs: dict, num_warps: int, num_stages: int):
+def compile_for_sm90(
+    kernel, pointers: dict, constexprs: dict, num_warps: int, num_stages: int, scalars: dict | None = None
+):
     """Compile a kernel to cubin for H100 without a GPU (Triton ships ptxas), specialised as a
     launch on real shapes would be: pointers and N/K/row strides 16-divisible (H, I multiples
-    of 16). Without that Triton cannot vectorise and pipeline the loads."""
+    of 16). Without that Triton cannot vectorise and pipeline the loads. Other scalars are i32
+    unless `scalars` names their type (e.g. {"scale": "fp32"})."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -199,6 +208,8 @@ def compile_for_sm90(kernel, pointers: dict, constexprs: dict, num_warps: int, n
         elif name in pointers:
             signature[name] = pointers[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif scalars and name in scalars:
+            signature[name] = scalars[name]
         else:
             signature[name] = "i32"
             if name in ("N", "K") or name.startswith("stride_"):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moec.ops.paged_attention import paged_attention_ref, write_kv
+from moec.ops.paged_attention import paged_attention, write_kv
 
 ATTN_IMPLEMENTATION = "moec_paged"
 STEP_INPUTS = ("input_ids", "positions", "seq_ids", "block_tables", "kv_cache", "logits_indices")
@@ -28,7 +28,7 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
     write_kv(kv_cache, layer, k, v, block_tables, seq_ids, positions)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    out = paged_attention_ref(q, kv_cache, layer, block_tables, seq_ids, positions, scale, kwargs.get("sliding_window"))
+    out = paged_attention(q, kv_cache, layer, block_tables, seq_ids, positions, scale, kwargs.get("sliding_window"))
     return out.unsqueeze(0), None
 
 

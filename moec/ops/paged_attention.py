@@ -5,13 +5,27 @@ Tokens of every sequence in a step are flattened: token t belongs to row `seq_id
 cache first, so a prefill chunk attends to itself and to everything cached before it.
 
 Cache layout: [layers, 2 (K, V), blocks, block_size, kv_heads, head_dim].
-This plain-PyTorch version is traced into the graph (Inductor compiles it on CPU); a GPU
-kernel replaces it for CUDA targets.
+
+`moec::paged_attention` is a `triton_op`: export keeps it as one node and Inductor/AOTInductor
+trace its body. On CUDA tensors the body launches the Triton kernel of
+`moec.ops.triton.paged_attention` through `wrap_triton` (compiled into the `.pt2` as cubin);
+elsewhere it is `paged_attention_ref`, plain torch ops that Inductor compiles for CPU. The
+reference gathers each token's whole sequence of K/V ([T, W*block_size, Hkv, D]): fine for a
+tiny CPU model and as the test oracle, far too large for a long prefill on a GPU.
 """
 
 from __future__ import annotations
 
+import importlib.util
+from typing import Optional
+
 import torch
+from torch.library import triton_op
+
+if importlib.util.find_spec("triton") is not None:
+    from moec.ops.triton.paged_attention import paged_attention as paged_attention_triton
+else:  # CPU-only install: the reference path needs no Triton
+    paged_attention_triton = None
 
 
 def write_kv(kv_cache, layer: int, key, value, block_tables, seq_ids, positions) -> None:
@@ -44,3 +58,21 @@ def paged_attention_ref(
     probs = torch.softmax(scores, dim=-1).to(query.dtype)
     out = torch.einsum("thgs,tshd->thgd", probs, values.to(query.dtype))
     return out.reshape(num_tokens, num_heads, head_dim)
+
+
+@triton_op("moec::paged_attention", mutates_args=())
+def paged_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layer: int,
+    block_tables: torch.Tensor,
+    seq_ids: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float,
+    sliding_window: Optional[int] = None,
+) -> torch.Tensor:
+    """`paged_attention_ref`'s contract. The CUDA kernel also needs each sequence's tokens
+    contiguous in the flattened batch (chunk order, as `build_step_inputs` makes them)."""
+    if query.is_cuda and paged_attention_triton is not None:
+        return paged_attention_triton(query, kv_cache, layer, block_tables, seq_ids, positions, scale, sliding_window)
+    return paged_attention_ref(query, kv_cache, layer, block_tables, seq_ids, positions, scale, sliding_window)

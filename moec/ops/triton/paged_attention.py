@@ -1,0 +1,361 @@
+"""Attention over the paged KV cache: one Triton kernel for prefill, decode and mixed batches.
+
+Same contract as `moec.ops.paged_attention.paged_attention_ref` (the oracle): query [T, H, D],
+kv_cache [L, 2, NB, BS, Hkv, D] already holding this step's K/V, token t of row seq_ids[t] of
+block_tables [B, W] at positions[t] attends causally to its sequence's keys 0..positions[t]
+(and, with a sliding window w, only to keys > positions[t] - w). Softmax in fp32; output in
+query's dtype.
+
+Work split (flash-attention style, with the paging of vLLM): one program owns up to BLOCK_M
+consecutive query tokens of ONE sequence and one KV head, with all H/Hkv query heads of that
+head's group in the same tile, so each K/V element is read once per tile, not once per query
+head. The tile's rows are (token, head-in-group) pairs, so a decode token (1 query token) still
+gives tl.dot an M dimension of BLOCK_M * GROUP_PAD >= 16. The program walks its sequence's keys
+BLOCK_N at a time, looking up each key's physical block in block_tables, keeps a running max and
+sum (online softmax, in base 2), and stops after the tile's last position (causal). Key tiles
+that every row of the tile sees entirely skip the mask arithmetic.
+
+Mapping programs to tiles without a host sync (the step runs inside a CUDA graph and is compiled
+ahead of time with a symbolic token count): a few torch ops count each sequence's query tokens
+and the running totals of tokens and tiles; the grid has the static upper bound
+cdiv(T, BLOCK_M) + B programs on the tile axis (each sequence wastes less than one tile), each
+program finds its sequence by counting the cumulative tile ends below its index, and programs
+past the last real tile return at once.
+
+Relies on chunk order: each sequence's tokens are contiguous in the flattened batch (seq_ids
+non-decreasing), which `moec.runtime.kv_cache.build_step_inputs` guarantees. Positions within a
+sequence need not be consecutive: every row masks by its own position. Keys come from real cache
+slots only (padded table entries point at block 0); masked keys get probability 0, so the cache
+must hold finite values everywhere (it is allocated zeroed), as for the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.library import wrap_triton
+
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+SEARCH_BLOCK = 128  # cumulative tile ends compared per step of the sequence search
+LOG2E = 1.4426950408889634
+
+# A config: rows of the score tile (query tokens x padded GQA group; BLOCK_M = ROWS // GROUP_PAD
+# tokens), keys per inner step, and the launch parameters. Untuned starting points for H100.
+DECODE_CONFIG = {"ROWS": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+PREFILL_CONFIG = {"ROWS": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+# Used when the token count is symbolic (the exported step): one kernel serves decode and
+# prefill. 64 rows is one Hopper warpgroup MMA; decode pays MMA work on padding rows, which is
+# cheap next to streaming the keys.
+DYNAMIC_CONFIG = {"ROWS": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+_CONFIG_KEYS = ("ROWS", "BLOCK_N", "num_warps", "num_stages")
+
+
+def fit_to_head_dim(cfg: dict, head_dim: int) -> dict:
+    """A copy of `cfg` for this head_dim: above 128, at most 64 rows and 32 keys per step, so the
+    fp32 accumulator stays in registers and the K/V tiles in shared memory."""
+    cfg = dict(cfg)
+    if head_dim > 128:
+        cfg["ROWS"] = min(cfg["ROWS"], 64)
+        cfg["BLOCK_N"] = min(cfg["BLOCK_N"], 32)
+    return cfg
+
+
+def select_config(num_tokens, num_seqs, head_dim: int) -> dict:
+    """DECODE_CONFIG when every sequence has one token, PREFILL_CONFIG for long steps, else (and
+    whenever a size is symbolic: choosing by it would guard on it) DYNAMIC_CONFIG."""
+    cfg = DYNAMIC_CONFIG
+    if isinstance(num_tokens, int) and isinstance(num_seqs, int):
+        if num_tokens <= num_seqs:
+            cfg = DECODE_CONFIG
+        elif num_tokens >= 2048:
+            cfg = PREFILL_CONFIG
+    return fit_to_head_dim(cfg, head_dim)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def _check_config(cfg: dict) -> None:
+    if set(cfg) != set(_CONFIG_KEYS):
+        raise ValueError(f"paged_attention config: want keys {sorted(_CONFIG_KEYS)}, got {sorted(cfg)}")
+    for key in ("ROWS", "BLOCK_N"):
+        value = cfg[key]
+        if not isinstance(value, int) or value < 16 or value & (value - 1):
+            raise ValueError(f"paged_attention config: {key} must be a power of two >= 16 (tl.dot), got {value!r}")
+
+
+def check_inputs(query, kv_cache, layer: int, block_tables, seq_ids, positions) -> None:
+    """Raise ValueError naming the problem for inputs the kernel does not support."""
+    if query.dim() != 3 or kv_cache.dim() != 6:
+        raise ValueError(
+            f"paged_attention: want query [T, H, D] and kv_cache [L, 2, NB, BS, Hkv, D]; got "
+            f"{tuple(query.shape)}, {tuple(kv_cache.shape)}"
+        )
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_layers, two, _, _, kv_heads, cache_dim = kv_cache.shape
+    if two != 2 or cache_dim != head_dim or num_heads % kv_heads:
+        raise ValueError(
+            f"paged_attention: query {tuple(query.shape)} does not fit kv_cache {tuple(kv_cache.shape)} "
+            "(need the same head_dim and H a multiple of Hkv)"
+        )
+    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+        raise ValueError(f"paged_attention: head_dim must be a power of two in [16, 256], got {head_dim}")
+    if not 0 <= layer < num_layers:
+        raise ValueError(f"paged_attention: layer {layer} out of range for {num_layers} layers")
+    if query.dtype not in SUPPORTED_DTYPES or kv_cache.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"paged_attention: query/kv_cache must be bf16/fp16/fp32; got {query.dtype}, {kv_cache.dtype}")
+    if block_tables.dim() != 2 or seq_ids.dim() != 1 or positions.dim() != 1:
+        raise ValueError(
+            f"paged_attention: want block_tables [B, W], seq_ids [T], positions [T]; got "
+            f"{tuple(block_tables.shape)}, {tuple(seq_ids.shape)}, {tuple(positions.shape)}"
+        )
+    for name, t in (("block_tables", block_tables), ("seq_ids", seq_ids), ("positions", positions)):
+        if t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"paged_attention: {name} must be int32 or int64, got {t.dtype}")
+
+
+@triton.jit
+def _attend_key_tile(
+    acc,
+    l_i,
+    m_i,
+    q,
+    start,
+    cache_ptr,
+    table_row_ptr,
+    block_size,
+    ctx_len,
+    stride_kind,
+    stride_block,
+    stride_slot,
+    offs_d,
+    row_pos,
+    qk_scale,
+    window,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """One online-softmax step over keys start..start+BLOCK_N-1. Unmasked tiles lie entirely in
+    every row's visible range (and inside the table); masked tiles apply the per-row mask."""
+    keys = start + tl.arange(0, BLOCK_N)
+    if MASKED:
+        # columns past the table read its first entry (a real block); their scores are masked
+        block = tl.load(table_row_ptr + keys // block_size, mask=keys < ctx_len, other=0).to(tl.int64)
+    else:
+        block = tl.load(table_row_ptr + keys // block_size).to(tl.int64)
+    slot = block * stride_block + (keys % block_size).to(tl.int64) * stride_slot
+    k = tl.load(cache_ptr + slot[None, :] + offs_d[:, None]).to(q.dtype)  # [D, BLOCK_N]
+    if IEEE:
+        s = tl.dot(q, k, input_precision="ieee")
+    else:
+        s = tl.dot(q, k)
+    s = s * qk_scale  # log2 domain
+    if MASKED:
+        visible = (keys[None, :] <= row_pos[:, None]) & (keys < ctx_len)[None, :]
+        if USE_WINDOW:
+            visible = visible & (keys[None, :] > row_pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # m_i starts finite: no -inf - -inf
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(cache_ptr + stride_kind + slot[:, None] + offs_d[None, :]).to(q.dtype)  # [BLOCK_N, D]
+    if IEEE:
+        acc = tl.dot(p.to(q.dtype), v, acc * alpha[:, None], input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(q.dtype), v, acc * alpha[:, None])
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr,
+    cache_ptr,  # kv_cache[layer]: [2, NB, BS, Hkv, D]
+    out_ptr,
+    table_ptr,
+    positions_ptr,
+    seq_info_ptr,  # [3, B] int32: first query row, query count, cumulative tile end
+    num_seqs,
+    table_width,
+    block_size,
+    group,
+    qk_scale,
+    window,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_table,
+    stride_kind,
+    stride_block,
+    stride_slot,
+    stride_head,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SEARCH_BLOCK: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    # Highest tile index first: a long prefill's last tiles carry the most keys, start them early.
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    kv_head = tl.program_id(1)
+
+    # sequence = number of sequences whose tiles all come before this one
+    seq = 0
+    for c in range(0, tl.cdiv(num_seqs, SEARCH_BLOCK)):
+        idx = c * SEARCH_BLOCK + tl.arange(0, SEARCH_BLOCK)
+        ends = tl.load(seq_info_ptr + 2 * num_seqs + idx, mask=idx < num_seqs, other=2147483647)
+        seq += tl.sum((ends <= tile).to(tl.int32), 0)
+    if seq >= num_seqs:
+        return  # past the last real tile
+    q_first = tl.load(seq_info_ptr + seq)
+    q_count = tl.load(seq_info_ptr + num_seqs + seq)
+    tile_end = tl.load(seq_info_ptr + 2 * num_seqs + seq)
+    tile_in_seq = tile - (tile_end - tl.cdiv(q_count, BLOCK_M))
+
+    # rows: (token, head in group) pairs, token-major
+    ROWS: tl.constexpr = BLOCK_M * GROUP_PAD
+    rows = tl.arange(0, ROWS)
+    tok_in_seq = tile_in_seq * BLOCK_M + rows // GROUP_PAD
+    head = kv_head * group + rows % GROUP_PAD
+    row_ok = (tok_in_seq < q_count) & (rows % GROUP_PAD < group)
+    token = (q_first + tok_in_seq).to(tl.int64)
+    row_pos = tl.load(positions_ptr + token, mask=row_ok, other=0).to(tl.int32)
+    pos_lo = tl.min(tl.where(row_ok, row_pos, 2147483647), 0)
+    pos_hi = tl.max(tl.where(row_ok, row_pos, -1), 0)
+
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_rows = token * stride_qt + head.to(tl.int64) * stride_qh
+    q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+
+    table_row_ptr = table_ptr + seq.to(tl.int64) * stride_table
+    head_cache_ptr = cache_ptr + kv_head.to(tl.int64) * stride_head
+    ctx_len = table_width * block_size  # keys the table can address; the reference sees no more
+
+    # Key ranges: [lo, mid_lo) masked, [mid_lo, mid_hi) seen by every row, [mid_hi, hi) masked.
+    hi = tl.minimum(pos_hi + 1, ctx_len)
+    full_end = (tl.minimum(pos_lo + 1, ctx_len) // BLOCK_N) * BLOCK_N
+    if USE_WINDOW:
+        lo = (tl.maximum(pos_lo - window + 1, 0) // BLOCK_N) * BLOCK_N
+        full_start = tl.cdiv(tl.maximum(pos_hi - window + 1, 0), BLOCK_N) * BLOCK_N
+    else:
+        lo = 0
+        full_start = 0
+    has_full = full_start < full_end
+    mid_lo = tl.where(has_full, full_start, hi)
+    mid_hi = tl.where(has_full, full_end, hi)
+
+    m_i = tl.full((ROWS,), -1.0e30, tl.float32)
+    l_i = tl.zeros((ROWS,), tl.float32)
+    acc = tl.zeros((ROWS, HEAD_DIM), tl.float32)
+    for start in range(lo, mid_lo, BLOCK_N):
+        acc, l_i, m_i = _attend_key_tile(
+            acc, l_i, m_i, q, start, head_cache_ptr, table_row_ptr, block_size, ctx_len, stride_kind,
+            stride_block, stride_slot, offs_d, row_pos, qk_scale, window, BLOCK_N, True, USE_WINDOW, IEEE,
+        )
+    for start in range(mid_lo, mid_hi, BLOCK_N):
+        acc, l_i, m_i = _attend_key_tile(
+            acc, l_i, m_i, q, start, head_cache_ptr, table_row_ptr, block_size, ctx_len, stride_kind,
+            stride_block, stride_slot, offs_d, row_pos, qk_scale, window, BLOCK_N, False, USE_WINDOW, IEEE,
+        )
+    for start in range(mid_hi, hi, BLOCK_N):
+        acc, l_i, m_i = _attend_key_tile(
+            acc, l_i, m_i, q, start, head_cache_ptr, table_row_ptr, block_size, ctx_len, stride_kind,
+            stride_block, stride_slot, offs_d, row_pos, qk_scale, window, BLOCK_N, True, USE_WINDOW, IEEE,
+        )
+
+    l_i = tl.where(l_i > 0.0, l_i, 1.0)  # padding rows only: every real row sees its own position
+    out = acc / l_i[:, None]
+    o_rows = token * stride_ot + head.to(tl.int64) * stride_oh
+    tl.store(out_ptr + o_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def sequence_tiles(seq_ids: torch.Tensor, num_seqs, block_m: int) -> torch.Tensor:
+    """[3, B] int32: per sequence its first query row, its query count and the cumulative number
+    of BLOCK_M-token tiles up to and including it. Static shapes, no host sync."""
+    ones = torch.ones_like(seq_ids, dtype=torch.int32)
+    counts = torch.zeros(num_seqs, dtype=torch.int32, device=seq_ids.device).index_add_(0, seq_ids, ones)
+    first = torch.cumsum(counts, 0, dtype=torch.int32) - counts
+    tile_end = torch.cumsum(torch.div(counts + (block_m - 1), block_m, rounding_mode="floor"), 0, dtype=torch.int32)
+    return torch.stack([first, counts, tile_end])
+
+
+def paged_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layer: int,
+    block_tables: torch.Tensor,
+    seq_ids: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """query [T, H, D] → [T, H, D] in query's dtype, from the (already written) paged cache.
+
+    `config`: {"ROWS", "BLOCK_N", "num_warps", "num_stages"}; None picks by `select_config`.
+    """
+    check_inputs(query, kv_cache, layer, block_tables, seq_ids, positions)
+    num_tokens, num_heads, head_dim = query.shape
+    kv_heads = kv_cache.shape[4]
+    num_seqs, table_width = block_tables.shape
+    group = num_heads // kv_heads
+    group_pad = _next_pow2(group)
+    cfg = dict(config) if config is not None else select_config(num_tokens, num_seqs, head_dim)
+    _check_config(cfg)
+    block_m = max(1, cfg["ROWS"] // group_pad)
+    out = torch.empty(num_tokens, num_heads, head_dim, dtype=query.dtype, device=query.device)
+    if statically_known_true(num_tokens == 0):
+        return out
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    if block_tables.stride(-1) != 1:
+        block_tables = block_tables.contiguous()
+    cache = kv_cache[layer]  # a view: the layer's offset travels in its data pointer
+    if cache.stride(-1) != 1:
+        raise ValueError("paged_attention: kv_cache must have unit stride along head_dim")
+    seq_info = sequence_tiles(seq_ids, num_seqs, block_m)
+    use_window = sliding_window is not None
+    if use_window and sliding_window < 1:
+        raise ValueError(f"paged_attention: sliding_window must be >= 1, got {sliding_window}")
+    grid = (triton.cdiv(num_tokens, block_m) + num_seqs, kv_heads)
+    wrap_triton(_paged_attention_kernel)[grid](
+        query,
+        cache,
+        out,
+        block_tables,
+        positions,
+        seq_info,
+        num_seqs,
+        table_width,
+        cache.shape[2],
+        group,
+        float(scale) * LOG2E,
+        int(sliding_window) if use_window else 0,
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        block_tables.stride(0),
+        cache.stride(0),
+        cache.stride(1),
+        cache.stride(2),
+        cache.stride(3),
+        HEAD_DIM=head_dim,
+        BLOCK_M=block_m,
+        GROUP_PAD=group_pad,
+        BLOCK_N=cfg["BLOCK_N"],
+        SEARCH_BLOCK=SEARCH_BLOCK,
+        USE_WINDOW=use_window,
+        IEEE=query.dtype == torch.float32,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+    return out

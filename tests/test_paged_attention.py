@@ -1,0 +1,241 @@
+"""`moec::paged_attention`: the Triton kernel against `paged_attention_ref`, and the op around it.
+
+The kernel tests (`interpreted`) run under `TRITON_INTERPRET=1` in a subprocess started by
+`test_kernel_under_interpreter`, through test_triton_kernels.py's runner (see that file and
+tests/conftest.py for why): fp32 and fp16 (the interpreter has no bf16), outputs poisoned with
+NaN so a token the kernel skips fails. Small shapes and small tiles (the interpreter runs one
+program at a time), so that tiles straddle cache blocks, sequences and the causal diagonal.
+
+In this process: the op on CPU is the reference, it exports as one node with symbolic T and B,
+the Triton launch code traces with symbolic sizes, and the kernel compiles for H100.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_triton_kernels import (
+    H100_SMEM, close, compile_for_sm90, interp_only, outer_only, poisoned_empty, run_interpreted,
+)
+
+SMALL = {"ROWS": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2}  # several key steps per tile
+WIDE_KEYS = {"ROWS": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}  # a key step spans blocks
+
+
+def paged_case(chunks, kv_heads: int, group: int, head_dim: int, block_size: int, dtype, seed: int = 0,
+               index_dtype=torch.int64):
+    """A step over `chunks` = [(start, num_tokens)], one per sequence, in chunk order: each
+    sequence owns shuffled physical blocks covering positions 0..start+num_tokens-1 (short rows
+    padded with block 0); the whole cache, unused blocks too, holds random values."""
+    g = torch.Generator().manual_seed(seed)
+    needed = [-(-(start + n) // block_size) for start, n in chunks]
+    num_blocks = sum(needed) + 3
+    physical = (torch.randperm(num_blocks - 1, generator=g) + 1).tolist()
+    width = max(needed)
+    tables, positions, seq_ids = [], [], []
+    for row, ((start, n), k) in enumerate(zip(chunks, needed)):
+        tables.append(physical[:k] + [0] * (width - k))
+        physical = physical[k:]
+        positions += range(start, start + n)
+        seq_ids += [row] * n
+    kv_cache = torch.randn(2, 2, num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    query = torch.randn(len(positions), kv_heads * group, head_dim, generator=g).to(dtype)
+    return {
+        "query": query,
+        "kv_cache": kv_cache,
+        "layer": 1,
+        "block_tables": torch.tensor(tables, dtype=index_dtype),
+        "seq_ids": torch.tensor(seq_ids, dtype=index_dtype),
+        "positions": torch.tensor(positions, dtype=index_dtype),
+        "scale": head_dim**-0.5,
+    }
+
+
+def reference(case: dict, sliding_window=None, dtype=None) -> torch.Tensor:
+    from moec.ops.paged_attention import paged_attention_ref
+
+    q, cache = case["query"], case["kv_cache"]
+    if dtype is not None:
+        q, cache = q.to(dtype), cache.to(dtype)
+    return paged_attention_ref(q, cache, case["layer"], case["block_tables"], case["seq_ids"].long(),
+                               case["positions"].long(), case["scale"], sliding_window)
+
+
+def args(case: dict) -> tuple:
+    return tuple(case[k] for k in ("query", "kv_cache", "layer", "block_tables", "seq_ids", "positions", "scale"))
+
+
+# ---------------------------------------------------------------------------------------------
+# In the parent process
+# ---------------------------------------------------------------------------------------------
+
+
+@outer_only
+def test_kernel_under_interpreter():
+    run_interpreted(__file__)
+
+
+@outer_only
+@pytest.mark.parametrize("sliding_window", [None, 5])
+def test_op_cpu_matches_reference(sliding_window):
+    import moec.ops  # noqa: F401  (registers the ops)
+
+    case = paged_case([(7, 1), (0, 9), (3, 1)], kv_heads=2, group=2, head_dim=16, block_size=4, dtype=torch.float32)
+    got = torch.ops.moec.paged_attention(*args(case), sliding_window)
+    torch.testing.assert_close(got, reference(case, sliding_window), atol=0, rtol=0)
+
+
+class _Attend(torch.nn.Module):
+    def __init__(self, fn, scale: float, sliding_window=None):
+        super().__init__()
+        self.fn, self.scale, self.sliding_window = fn, scale, sliding_window
+
+    def forward(self, query, kv_cache, block_tables, seq_ids, positions):
+        return self.fn(query, kv_cache, 1, block_tables, seq_ids, positions, self.scale, self.sliding_window)
+
+
+def _dynamic_shapes():
+    tokens = torch.export.Dim("tokens", min=1, max=16384)
+    seqs = torch.export.Dim("seqs", min=1, max=512)
+    width = torch.export.Dim("width", min=1, max=1024)
+    return ({0: tokens}, None, {0: seqs, 1: width}, {0: tokens}, {0: tokens})
+
+
+@outer_only
+def test_op_exports_as_one_node():
+    import moec.ops  # noqa: F401
+
+    case = paged_case([(5, 1), (0, 6)], kv_heads=2, group=2, head_dim=16, block_size=4, dtype=torch.float32)
+    model = _Attend(torch.ops.moec.paged_attention, case["scale"], 3)
+    inputs = tuple(case[k] for k in ("query", "kv_cache", "block_tables", "seq_ids", "positions"))
+    ep = torch.export.export(model, inputs, dynamic_shapes=_dynamic_shapes(), strict=False)
+    calls = [n.target for n in ep.graph.nodes if n.op == "call_function"]
+    assert calls == [torch.ops.moec.paged_attention.default], calls
+    other = paged_case([(0, 1), (12, 3), (2, 1)], kv_heads=2, group=2, head_dim=16, block_size=4,
+                       dtype=torch.float32, seed=1)
+    other["kv_cache"] = other["kv_cache"][:, :, : case["kv_cache"].shape[2]]  # the cache is static
+    other["block_tables"] = other["block_tables"] % case["kv_cache"].shape[2]
+    got = ep.module()(*(other[k] for k in ("query", "kv_cache", "block_tables", "seq_ids", "positions")))
+    torch.testing.assert_close(got, reference(other, 3))
+
+
+@outer_only
+@pytest.mark.parametrize("sliding_window", [None, 64])
+def test_triton_path_traces_with_symbolic_sizes(sliding_window):
+    """The CUDA body (launch code, not the kernel) under export with dynamic T, B and W: no guard
+    may specialise them, and the launch is one wrap_triton node."""
+    from moec.ops.triton.paged_attention import paged_attention
+
+    case = paged_case([(20, 1), (0, 6)], kv_heads=2, group=4, head_dim=64, block_size=16, dtype=torch.float32)
+    model = _Attend(paged_attention, case["scale"], sliding_window)
+    inputs = tuple(case[k] for k in ("query", "kv_cache", "block_tables", "seq_ids", "positions"))
+    ep = torch.export.export(model, inputs, dynamic_shapes=_dynamic_shapes(), strict=False)
+    ranges = sorted((vr.lower, vr.upper) for vr in ep.range_constraints.values())
+    assert ranges == [(1, 512), (1, 1024), (1, 16384)], ranges
+    launches = [n for n in ep.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+    assert len(launches) == 1
+
+
+@outer_only
+def test_kernel_compiles_for_h100():
+    """bf16, head_dim 64..256, GQA groups 1..8, every built-in config, with and without a window:
+    compiles for sm_90 and fits in its shared memory (what the interpreter cannot check). fp32
+    (IEEE dots, ~30 s to compile a tile) is left to the GPU machine."""
+    from moec.ops.triton import paged_attention as pa
+
+    dynamic = [pa.DYNAMIC_CONFIG]
+    for head_dim, group_pad, use_window, configs in (
+        (128, 4, False, [pa.DECODE_CONFIG, pa.DYNAMIC_CONFIG, pa.PREFILL_CONFIG]),
+        (128, 8, True, dynamic),
+        (64, 1, False, dynamic),
+        (256, 4, False, dynamic),
+    ):
+        for cfg in configs:
+            cfg = pa.fit_to_head_dim(cfg, head_dim)
+            ptrs = {"q_ptr": "*bf16", "cache_ptr": "*bf16", "out_ptr": "*bf16", "table_ptr": "*i64",
+                    "positions_ptr": "*i64", "seq_info_ptr": "*i32"}
+            consts = {
+                "HEAD_DIM": head_dim, "BLOCK_M": max(1, cfg["ROWS"] // group_pad), "GROUP_PAD": group_pad,
+                "BLOCK_N": cfg["BLOCK_N"], "SEARCH_BLOCK": pa.SEARCH_BLOCK, "USE_WINDOW": use_window, "IEEE": False,
+            }
+            compiled = compile_for_sm90(pa._paged_attention_kernel, ptrs, consts, cfg["num_warps"],
+                                        cfg["num_stages"], scalars={"qk_scale": "fp32"})
+            assert compiled.metadata.shared <= H100_SMEM, (head_dim, cfg, compiled.metadata.shared)
+
+
+@outer_only
+def test_rejects_unsupported_inputs():
+    from moec.ops.triton.paged_attention import paged_attention
+
+    case = paged_case([(0, 2)], kv_heads=1, group=1, head_dim=48, block_size=4, dtype=torch.float32)
+    with pytest.raises(ValueError, match="power of two"):
+        paged_attention(*args(case))
+    case = paged_case([(0, 2)], kv_heads=3, group=1, head_dim=16, block_size=4, dtype=torch.float32)
+    case["query"] = case["query"][:, :2]
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        paged_attention(*args(case))
+
+
+# ---------------------------------------------------------------------------------------------
+# Under TRITON_INTERPRET=1 (subprocess)
+# ---------------------------------------------------------------------------------------------
+
+DECODE = [(0, 1), (4, 1), (15, 1), (16, 1), (38, 1)]  # contexts 1, 5, 16, 17, 39: one token each
+
+
+@interp_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "name,chunks,kv_heads,group,head_dim,block_size,window,cfg",
+    [
+        ("decode", DECODE, 2, 1, 32, 8, None, SMALL),
+        ("decode_gqa4", DECODE, 2, 4, 32, 8, None, SMALL),
+        ("decode_gqa3", DECODE, 1, 3, 16, 8, None, WIDE_KEYS),  # group padded to 4
+        ("prefill_from_0", [(0, 37)], 2, 4, 32, 8, None, SMALL),
+        ("later_chunk_mid_block", [(13, 20)], 2, 1, 32, 8, None, SMALL),
+        ("mixed", [(8, 1), (0, 1), (5, 19), (29, 1)], 2, 4, 32, 8, None, SMALL),
+        ("mixed_two_chunks", [(3, 1), (0, 22), (11, 9), (40, 1)], 1, 1, 16, 8, None, WIDE_KEYS),
+        ("window", [(8, 1), (0, 1), (5, 19), (29, 1)], 2, 4, 32, 8, 7, SMALL),
+        ("window_wide", [(30, 1), (2, 33)], 2, 1, 32, 8, 20, SMALL),
+        ("head_dim_64_small_blocks", [(8, 1), (0, 1), (5, 30), (29, 1)], 1, 2, 64, 4, None, SMALL),
+        ("built_in_config", [(8, 1), (5, 30), (29, 1)], 1, 2, 64, 4, None, None),
+    ],
+)
+def test_interp_paged_attention(dtype, name, chunks, kv_heads, group, head_dim, block_size, window, cfg):
+    from moec.ops.triton.paged_attention import paged_attention
+
+    case = paged_case(chunks, kv_heads, group, head_dim, block_size, dtype)
+    with poisoned_empty():
+        got = paged_attention(*args(case), window, config=cfg)
+    assert got.shape == case["query"].shape and got.dtype == dtype
+    close(got, reference(case, window, dtype=torch.float32), dtype)
+    if dtype == torch.float32:  # and the reference in the op's own dtype
+        torch.testing.assert_close(got, reference(case, window), atol=1e-5, rtol=1e-4)
+
+
+@interp_only
+def test_interp_strided_query_int32_indices():
+    """The step hands a transposed query ([H, T, D] storage); int32 tables and ids work too."""
+    from moec.ops.triton.paged_attention import paged_attention
+
+    case = paged_case([(6, 1), (2, 11)], 2, 2, 32, 8, torch.float32, seed=3, index_dtype=torch.int32)
+    case["query"] = case["query"].transpose(0, 1).contiguous().transpose(0, 1)
+    assert not case["query"].is_contiguous()
+    with poisoned_empty():
+        got = paged_attention(*args(case), None, config=SMALL)
+    close(got, reference(case), torch.float32)
+
+
+@interp_only
+def test_interp_empty_sequence_rows():
+    """A block-table row with no tokens (a padded batch) owns no tile and shifts nothing."""
+    from moec.ops.triton.paged_attention import paged_attention
+
+    case = paged_case([(4, 1), (0, 1), (9, 5)], 1, 2, 16, 4, torch.float32, seed=4)
+    keep = case["seq_ids"] != 1  # drop sequence 1's only token; its table row stays
+    for k in ("query", "seq_ids", "positions"):
+        case[k] = case[k][keep]
+    with poisoned_empty():
+        got = paged_attention(*args(case), None, config=SMALL)
+    close(got, reference(case), torch.float32)
