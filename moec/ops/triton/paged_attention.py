@@ -12,8 +12,9 @@ head's group in the same tile, so each K/V element is read once per tile, not on
 head. The tile's rows are (token, head-in-group) pairs, so a decode token (1 query token) still
 gives tl.dot an M dimension of BLOCK_M * GROUP_PAD >= 16. The program walks its sequence's keys
 BLOCK_N at a time, looking up each key's physical block in block_tables, keeps a running max and
-sum (online softmax, in base 2), and stops after the tile's last position (causal). Key tiles
-that every row of the tile sees entirely skip the mask arithmetic.
+sum (online softmax, in base 2), and stops after the tile's last position (causal). One loop, no
+helper functions, and the whole cache with the layer's offset as an integer: the shapes of kernel
+AOTInductor has compiled into artifacts on the GPU machine (torch 2.11) since the MoE kernels.
 
 Mapping programs to tiles without a host sync (the step runs inside a CUDA graph and is compiled
 ahead of time with a symbolic token count): a few torch ops count each sequence's query tokens
@@ -118,64 +119,9 @@ def check_inputs(query, kv_cache, layer: int, block_tables, seq_ids, positions) 
 
 
 @triton.jit
-def _attend_key_tile(
-    acc,
-    l_i,
-    m_i,
-    q,
-    start,
-    cache_ptr,
-    table_row_ptr,
-    block_size,
-    ctx_len,
-    stride_kind,
-    stride_block,
-    stride_slot,
-    offs_d,
-    row_pos,
-    qk_scale,
-    window,
-    BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr,
-    USE_WINDOW: tl.constexpr,
-    IEEE: tl.constexpr,
-):
-    """One online-softmax step over keys start..start+BLOCK_N-1. Unmasked tiles lie entirely in
-    every row's visible range (and inside the table); masked tiles apply the per-row mask."""
-    keys = start + tl.arange(0, BLOCK_N)
-    if MASKED:
-        # columns past the table read its first entry (a real block); their scores are masked
-        block = tl.load(table_row_ptr + keys // block_size, mask=keys < ctx_len, other=0).to(tl.int64)
-    else:
-        block = tl.load(table_row_ptr + keys // block_size).to(tl.int64)
-    slot = block * stride_block + (keys % block_size).to(tl.int64) * stride_slot
-    k = tl.load(cache_ptr + slot[None, :] + offs_d[:, None]).to(q.dtype)  # [D, BLOCK_N]
-    if IEEE:
-        s = tl.dot(q, k, input_precision="ieee")
-    else:
-        s = tl.dot(q, k)
-    s = s * qk_scale  # log2 domain
-    if MASKED:
-        visible = (keys[None, :] <= row_pos[:, None]) & (keys < ctx_len)[None, :]
-        if USE_WINDOW:
-            visible = visible & (keys[None, :] > row_pos[:, None] - window)
-        s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))  # m_i starts finite: no -inf - -inf
-    p = tl.exp2(s - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(cache_ptr + stride_kind + slot[:, None] + offs_d[None, :]).to(q.dtype)  # [BLOCK_N, D]
-    if IEEE:
-        acc = tl.dot(p.to(q.dtype), v, acc * alpha[:, None], input_precision="ieee")
-    else:
-        acc = tl.dot(p.to(q.dtype), v, acc * alpha[:, None])
-    return acc, l_i, m_new
-
-
-@triton.jit
 def _paged_attention_kernel(
     q_ptr,
-    cache_ptr,  # kv_cache[layer]: [2, NB, BS, Hkv, D]
+    cache_ptr,  # the whole kv_cache [L, 2, NB, BS, Hkv, D]; layer_offset picks the layer
     out_ptr,
     table_ptr,
     positions_ptr,
@@ -186,6 +132,7 @@ def _paged_attention_kernel(
     group,
     qk_scale,
     window,
+    layer_offset,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -208,7 +155,7 @@ def _paged_attention_kernel(
     kv_head = tl.program_id(1)
 
     # sequence = number of sequences whose tiles all come before this one
-    seq = 0
+    seq = tl.program_id(0) * 0  # an i32 scalar from the start: the loop keeps its type
     for c in range(0, tl.cdiv(num_seqs, SEARCH_BLOCK)):
         idx = c * SEARCH_BLOCK + tl.arange(0, SEARCH_BLOCK)
         ends = tl.load(seq_info_ptr + 2 * num_seqs + idx, mask=idx < num_seqs, other=2147483647)
@@ -239,37 +186,42 @@ def _paged_attention_kernel(
     head_cache_ptr = cache_ptr + kv_head.to(tl.int64) * stride_head
     ctx_len = table_width * block_size  # keys the table can address; the reference sees no more
 
-    # Key ranges: [lo, mid_lo) masked, [mid_lo, mid_hi) seen by every row, [mid_hi, hi) masked.
+    # keys lo..hi-1: every key some row of the tile may see (causal, and the window)
     hi = tl.minimum(pos_hi + 1, ctx_len)
-    full_end = (tl.minimum(pos_lo + 1, ctx_len) // BLOCK_N) * BLOCK_N
     if USE_WINDOW:
         lo = (tl.maximum(pos_lo - window + 1, 0) // BLOCK_N) * BLOCK_N
-        full_start = tl.cdiv(tl.maximum(pos_hi - window + 1, 0), BLOCK_N) * BLOCK_N
     else:
         lo = 0
-        full_start = 0
-    has_full = full_start < full_end
-    mid_lo = tl.where(has_full, full_start, hi)
-    mid_hi = tl.where(has_full, full_end, hi)
+    layer_cache_ptr = head_cache_ptr + layer_offset
 
     m_i = tl.full((ROWS,), -1.0e30, tl.float32)
     l_i = tl.zeros((ROWS,), tl.float32)
     acc = tl.zeros((ROWS, HEAD_DIM), tl.float32)
-    for start in range(lo, mid_lo, BLOCK_N):
-        acc, l_i, m_i = _attend_key_tile(
-            acc, l_i, m_i, q, start, head_cache_ptr, table_row_ptr, block_size, ctx_len, stride_kind,
-            stride_block, stride_slot, offs_d, row_pos, qk_scale, window, BLOCK_N, True, USE_WINDOW, IEEE,
-        )
-    for start in range(mid_lo, mid_hi, BLOCK_N):
-        acc, l_i, m_i = _attend_key_tile(
-            acc, l_i, m_i, q, start, head_cache_ptr, table_row_ptr, block_size, ctx_len, stride_kind,
-            stride_block, stride_slot, offs_d, row_pos, qk_scale, window, BLOCK_N, False, USE_WINDOW, IEEE,
-        )
-    for start in range(mid_hi, hi, BLOCK_N):
-        acc, l_i, m_i = _attend_key_tile(
-            acc, l_i, m_i, q, start, head_cache_ptr, table_row_ptr, block_size, ctx_len, stride_kind,
-            stride_block, stride_slot, offs_d, row_pos, qk_scale, window, BLOCK_N, True, USE_WINDOW, IEEE,
-        )
+    for start in range(lo, hi, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        # columns past the table read its first entry (a real block); their scores are masked
+        block = tl.load(table_row_ptr + keys // block_size, mask=keys < ctx_len, other=0).to(tl.int64)
+        slot = block * stride_block + (keys % block_size).to(tl.int64) * stride_slot
+        k = tl.load(layer_cache_ptr + slot[None, :] + offs_d[:, None]).to(q.dtype)  # [D, BLOCK_N]
+        if IEEE:
+            s = tl.dot(q, k, input_precision="ieee")
+        else:
+            s = tl.dot(q, k)
+        s = s * qk_scale  # log2 domain
+        visible = (keys[None, :] <= row_pos[:, None]) & (keys < ctx_len)[None, :]
+        if USE_WINDOW:
+            visible = visible & (keys[None, :] > row_pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # m_i starts finite: no -inf - -inf
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(layer_cache_ptr + stride_kind + slot[:, None] + offs_d[None, :]).to(q.dtype)  # [BLOCK_N, D]
+        if IEEE:
+            acc = tl.dot(p.to(q.dtype), v, acc * alpha[:, None], input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(q.dtype), v, acc * alpha[:, None])
+        m_i = m_new
 
     l_i = tl.where(l_i > 0.0, l_i, 1.0)  # padding rows only: every real row sees its own position
     out = acc / l_i[:, None]
@@ -318,7 +270,7 @@ def paged_attention(
         query = query.contiguous()
     if block_tables.stride(-1) != 1:
         block_tables = block_tables.contiguous()
-    cache = kv_cache[layer]  # a view: the layer's offset travels in its data pointer
+    cache = kv_cache[layer]  # for its strides; the kernel gets the whole cache and the layer's offset
     if cache.stride(-1) != 1:
         raise ValueError("paged_attention: kv_cache must have unit stride along head_dim")
     seq_info = sequence_tiles(seq_ids, num_seqs, block_m)
@@ -328,7 +280,7 @@ def paged_attention(
     grid = (triton.cdiv(num_tokens, block_m) + num_seqs, kv_heads)
     wrap_triton(_paged_attention_kernel)[grid](
         query,
-        cache,
+        kv_cache,
         out,
         block_tables,
         positions,
@@ -339,6 +291,7 @@ def paged_attention(
         group,
         float(scale) * LOG2E,
         int(sliding_window) if use_window else 0,
+        layer * kv_cache.stride(0),
         query.stride(0),
         query.stride(1),
         out.stride(0),
