@@ -1,4 +1,4 @@
-"""`moe-runtime`: run a compiled artifact: `generate`, `serve`, `inspect`."""
+"""`moe-runtime`: run a compiled artifact: `generate`, `serve`, `inspect`, `bench`."""
 
 from __future__ import annotations
 
@@ -54,6 +54,12 @@ def _serve(args) -> int:
                  shutdown_timeout_s=args.shutdown_timeout)
 
 
+def _bench(args) -> int:
+    from moec.runtime.bench import main as bench_main
+
+    return bench_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moe-runtime", description="Run a compiled moec artifact.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,7 +95,23 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--no-verify", action="store_true", help="skip sha256 checks (large, trusted artifacts)")
     srv.set_defaults(func=_serve)
 
-    for p in (gen, ins, srv):
+    # Numbers are checked by moec.runtime.bench, not argparse, so a bad one is a one-line error.
+    bench = sub.add_parser("bench", help="prefill and decode speed, against the model's roofline")
+    bench.add_argument("artifact")
+    bench.add_argument("--batch-sizes", default="1,8,32,128",
+                       help="decode batch sizes, comma-separated; those above the compiled max_batch are skipped")
+    bench.add_argument("--context", default="512", help="prompt tokens of each decoding sequence")
+    bench.add_argument("--decode-tokens", default="64", help="tokens generated per sequence (>= 2)")
+    bench.add_argument("--prefill-tokens", default="4096",
+                       help="prompt length of the prefill measurement (clamped to what one step can take)")
+    bench.add_argument("--repeats", default="3", help="timed runs per measurement (the median is reported)")
+    bench.add_argument("--copy-bandwidth", help="copy bandwidth in GB/s (read + write), instead of measuring it")
+    bench.add_argument("--matmul-tflops", help="matmul rate in TFLOP/s, instead of measuring it")
+    bench.add_argument("--json", metavar="PATH", help="write every number here")
+    bench.add_argument("--no-verify", action="store_true", help="skip sha256 checks (large, trusted artifacts)")
+    bench.set_defaults(func=_bench)
+
+    for p in (gen, ins, srv, bench):
         p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     return run_cli(lambda: args.func(args), args.debug)

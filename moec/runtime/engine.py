@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,10 +74,15 @@ class Engine:
         self.record_logits = False
         self.decode_graphs = None
         if cuda_graphs and self.device.type == "cuda":
-            self.decode_graphs = DecodeGraphs(
-                self.step_fn, self.kv_cache, spec.max_batch, blocks_needed(spec.max_seq_len, spec.kv_block_size),
-                self.scratch_block,
-            )
+            try:
+                self.decode_graphs = DecodeGraphs(
+                    self.step_fn, self.kv_cache, spec.max_batch, blocks_needed(spec.max_seq_len, spec.kv_block_size),
+                    self.scratch_block,
+                )
+            except RuntimeError as e:  # the engine still works, only slower: say so, once
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                warnings.warn(f"CUDA-graph capture failed ({first}); decoding without graphs", stacklevel=2)
+                torch.cuda.synchronize()
 
     @classmethod
     def load(cls, path: str | Path, verify: bool = True, num_blocks: int | None = None,

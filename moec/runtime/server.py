@@ -138,8 +138,8 @@ def build_app(loop: Any, model_name: str, api_key: str | None, request_timeout_s
     state = _State(
         loop=loop, model_name=model_name, api_key=api_key.encode() if api_key else None,
         request_timeout_s=request_timeout_s if request_timeout_s and request_timeout_s > 0 else None,
-        max_body_bytes=max_body_bytes, metrics=ServerMetrics(model_name), max_seq_len=_max_seq_len(engine),
-        chat_template=_load_chat_template(engine),
+        max_body_bytes=max_body_bytes, metrics=ServerMetrics(model_name, gpu=_gpu_telemetry(engine)),
+        max_seq_len=_max_seq_len(engine), chat_template=_load_chat_template(engine),
     )
 
     @asynccontextmanager
@@ -239,6 +239,20 @@ def _max_seq_len(engine: Any) -> int | None:
     except (AttributeError, TypeError, ValueError):
         spec = getattr(engine, "spec", None)
         return getattr(spec, "max_seq_len", None)
+
+
+def _gpu_telemetry(engine: Any) -> Any | None:
+    """NVML readings of the engine's GPU for /metrics; None on CPU, where the GPU gauges are absent."""
+    device = getattr(engine, "device", None)
+    if getattr(device, "type", None) != "cuda":
+        return None
+    from moec.runtime.gpu_telemetry import GpuTelemetry
+
+    gpu = GpuTelemetry.for_device(device)
+    if not gpu.available:
+        log.warning(_json_line({"event": "gpu_telemetry_unavailable", "reason": gpu.reason}))
+        return None
+    return gpu
 
 
 def _load_chat_template(engine: Any) -> ChatTemplate | None:

@@ -13,6 +13,10 @@ prefix. Exposed (check with `curl /metrics`):
     moec:prompt_tokens_total              counter    prompt tokens, per choice (counted at its first event)
     moec:generation_tokens_total          counter    tokens generated
     moec:request_success_total            counter    finished choices, label finished_reason=stop|length|abort
+    moec:gpu_power_watts                  gauge      } the engine's GPU, read from NVML at scrape time;
+    moec:gpu_utilization_percent          gauge      } label gpu = NVML index. Only when the engine
+    moec:gpu_memory_used_bytes            gauge      } runs on CUDA and NVML answers: absent on CPU
+    moec:gpu_memory_total_bytes           gauge      } (moec.runtime.gpu_telemetry)
 
 Each choice of a request (n > 1, several prompts) is one engine sequence and counts as one.
 The metrics live in their own CollectorRegistry, so several apps in one process (tests) do not clash.
@@ -24,6 +28,7 @@ import time
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 PREFIX = "moec:"
 FINISH_REASONS = ("stop", "length", "abort")
@@ -39,7 +44,8 @@ QUEUE_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, registry: CollectorRegistry | None = None):
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None, gpu: Any | None = None):
+        """`gpu`: a GpuTelemetry of the engine's GPU, or None for no GPU gauges."""
         self.model_name = model_name
         self.registry = registry if registry is not None else CollectorRegistry()
         labels = ["model_name"]
@@ -71,6 +77,8 @@ class ServerMetrics:
                           ["model_name", "finished_reason"], registry=r)
         self.success = {reason: success.labels(model_name, reason) for reason in FINISH_REASONS}
         self._success = success
+        if gpu is not None and gpu.available:
+            r.register(GpuCollector(gpu, model_name))
 
     def refresh(self, stats: dict[str, Any]) -> None:
         """Set the gauges from `EngineLoop.stats()`."""
@@ -91,6 +99,33 @@ class ServerMetrics:
         if child is None:
             child = self.success[reason] = self._success.labels(self.model_name, reason)
         child.inc()
+
+
+class GpuCollector:
+    """The GPU gauges, read from NVML when Prometheus scrapes, so they are never staler than the scrape."""
+
+    GAUGES = (
+        ("gpu_power_watts", "power_w", "GPU power draw in watts."),
+        ("gpu_utilization_percent", "utilization_percent",
+         "Percent of the last NVML sample period during which a kernel ran on the GPU."),
+        ("gpu_memory_used_bytes", "memory_used_bytes", "GPU memory in use, all processes (bytes)."),
+        ("gpu_memory_total_bytes", "memory_total_bytes", "GPU memory in total (bytes)."),
+    )
+
+    def __init__(self, telemetry: Any, model_name: str):
+        self.telemetry = telemetry
+        self.labels = [model_name, str(telemetry.device_index)]
+
+    def collect(self) -> Any:
+        sample = self.telemetry.sample()
+        if sample is None:
+            return
+        for name, field, doc in self.GAUGES:
+            value = getattr(sample, field)
+            if value is not None:
+                family = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name", "gpu"])
+                family.add_metric(self.labels, value)
+                yield family
 
 
 class RequestTracker:

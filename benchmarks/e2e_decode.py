@@ -1,0 +1,359 @@
+"""The whole compiled Mixtral-shaped model on one GPU against transformers (issue 5), one device call.
+
+    python benchmarks/e2e_decode.py --out $OUT [--layers 8] [--budget-s 520]
+
+In order, each heavy part in its own process so GPU memory is returned between them:
+  1. write the synthetic model of recipes/mixtral-8x7b-shape.yaml (bf16 checkpoint) as an HF dir
+  2. `moe-compile` it for CUDA (timed: compile time)
+  3. `moe-runtime bench`: ceilings (copy bandwidth, matmul rate), load, prefill tokens/s, decode
+     tokens/s per batch with the roofline bound beside each number, NVML energy
+  4. check: load the artifact, first token (load → first token time), logits and greedy tokens
+     of several prompts; then transformers eager on the same weights: the same logits (relative
+     error ≤ 2e-2), greedy tokens, and its decode/prefill speed (the eager peer)
+  5. transformers with experts_implementation="grouped_mm", static cache and generate's own
+     torch.compile (mode "reduce-overhead"): decode speed per batch (the compiled peer),
+     smallest batch first, while the time budget lasts
+Writes e2e_decode.json and e2e_decode.png under --out; prints a table last. Parts that did not
+fit the budget are named in the JSON and the output, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+PROMPTS = [
+    "The mixture of experts",
+    "Once upon a time, in a kitchen far away, a baker",
+    "Printing presses changed how people shared ideas",
+    "Seven small boats left the harbour at dawn",
+]
+START = time.perf_counter()
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"  # cpu: only to test this script's logic
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def log(*args) -> None:
+    print(f"[{time.perf_counter() - START:6.1f}s]", *args, file=sys.stderr, flush=True)
+
+
+def run(cmd: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    log("$", " ".join(cmd))
+    return subprocess.run(cmd, timeout=max(timeout, 1), env={**os.environ, **(env or {})}, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+# ------------------------------------------------------------------------------- roles (subprocesses)
+def hf_decode_rate(model, batch: int, context: int, new_tokens: int, generator, **generate_kwargs) -> dict:
+    """Decode tokens/s of HF generate: (time for N tokens − time for 1 token) over (N − 1) steps."""
+    import torch
+
+    vocab = model.config.vocab_size
+    ids = torch.randint(3, vocab, (batch, context), generator=generator).to(device())
+    mask = torch.ones_like(ids)
+
+    def timed(n: int) -> float:
+        sync()
+        t = time.perf_counter()
+        model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                       pad_token_id=model.config.eos_token_id, **generate_kwargs)
+        sync()
+        return time.perf_counter() - t
+
+    timed(new_tokens)  # warm-up (and, for the compiled peer, compilation)
+    first = min(timed(1) for _ in range(2))
+    full = min(timed(new_tokens) for _ in range(2))
+    decode_s = max(full - first, 1e-9)
+    return {"batch": batch, "context": context, "decode_tokens": new_tokens, "prefill_s": first,
+            "decode_tokens_per_s": batch * (new_tokens - 1) / decode_s, "step_ms": decode_s / (new_tokens - 1) * 1e3}
+
+
+def hf_prefill_rate(model, tokens: int, generator) -> dict:
+    import torch
+
+    ids = torch.randint(3, model.config.vocab_size, (1, tokens), generator=generator).to(device())
+    with torch.no_grad():
+        model(ids, logits_to_keep=1)
+        sync()
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            model(ids, logits_to_keep=1)
+            sync()
+            times.append(time.perf_counter() - t)
+    best = sorted(times)[len(times) // 2]
+    return {"prompt_tokens": tokens, "prefill_s": best, "prompt_tokens_per_s": tokens / best}
+
+
+def role_check(args) -> int:
+    """moec's logits/tokens, then HF eager's on the same weights, then HF eager's speed."""
+    import torch
+
+    t0 = time.perf_counter()
+    from moec.runtime import Engine
+
+    engine = Engine.load(args.artifact)
+    load_s = time.perf_counter() - t0
+    first = engine.generate(PROMPTS[0], max_tokens=1)[0]
+    first_token_s = time.perf_counter() - t0
+    ids = [engine.encode(p) for p in PROMPTS]
+    results = engine.generate(ids, max_tokens=16, record_logits=True)
+    ours = [(r.token_ids, torch.stack(r.logits).float().cpu()) for r in results]
+    capture_s = engine.decode_graphs.capture_s if engine.decode_graphs else None
+    del engine, results, first
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, json.loads((Path(args.artifact) / "manifest.json").read_text())["dtype"])
+    hf = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=dtype, attn_implementation="eager")
+    hf = hf.to(device()).eval()
+    prompts = []
+    with torch.no_grad():
+        for p, prompt_ids, (tokens, logits) in zip(PROMPTS, ids, ours):
+            seq = torch.tensor([prompt_ids + tokens[:-1]], device=device())
+            want = hf(seq).logits[0, len(prompt_ids) - 1:].float().cpu()
+            per_token = ((logits - want).norm(dim=-1) / want.norm(dim=-1))
+            top = want.max(dim=-1).values
+            picked = want.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+            greedy = hf.generate(torch.tensor([prompt_ids], device=device()), max_new_tokens=16, do_sample=False,
+                                 attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=device()),
+                                 pad_token_id=hf.config.eos_token_id)[0, len(prompt_ids):].tolist()
+            prompts.append({
+                "prompt": p,
+                "logits_rel_error": ((logits - want).norm() / want.norm()).item(),
+                "per_token_rel_error_max": per_token.max().item(),
+                "tokens_over_2e-2": int((per_token > 2e-2).sum()),
+                "greedy_identical_16": tokens == greedy[: len(tokens)],
+                "first_divergence": next((i for i, (a, b) in enumerate(zip(tokens, greedy)) if a != b), None),
+                "every_pick_argmax_or_tie": bool((picked >= top - 2e-2 * top.abs()).all()),
+                "moec_tokens": tokens, "hf_tokens": greedy,
+            })
+    out = {"load_s": load_s, "load_to_first_token_s": first_token_s, "graph_capture_s": capture_s,
+           "prompts": prompts}
+    log("check:", json.dumps({k: v for k, v in out.items() if k != "prompts"}),
+        [(p["logits_rel_error"], p["greedy_identical_16"]) for p in prompts])
+    Path(args.result).write_text(json.dumps(out))
+    gen = torch.Generator().manual_seed(0)
+    eager = {"decode": [], "prefill": None}
+    deadline = time.perf_counter() + args.seconds
+    for batch in args.batch_sizes:
+        if time.perf_counter() > deadline:
+            eager.setdefault("skipped", []).append(f"batch {batch}: time budget")
+            continue
+        eager["decode"].append(hf_decode_rate(hf, batch, args.context, 16, gen))
+        log("hf eager", eager["decode"][-1])
+        out["hf_eager"] = eager
+        Path(args.result).write_text(json.dumps(out))
+    if time.perf_counter() < deadline:
+        eager["prefill"] = hf_prefill_rate(hf, args.prefill, gen)
+        log("hf eager prefill", eager["prefill"])
+    out["hf_eager"] = eager
+    Path(args.result).write_text(json.dumps(out))
+    return 0
+
+
+def role_hf_compile(args) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.bfloat16, experts_implementation="grouped_mm")
+    hf = hf.to(device()).eval()
+    gen = torch.Generator().manual_seed(1)
+    out = {"decode": [], "prefill": None, "skipped": []}
+    deadline = time.perf_counter() + args.seconds
+    for batch in args.batch_sizes:
+        if time.perf_counter() > deadline:
+            out["skipped"].append(f"batch {batch}: time budget")
+            continue
+        out["decode"].append(hf_decode_rate(hf, batch, args.context, 32, gen, cache_implementation="static"))
+        log("hf grouped_mm+compile", out["decode"][-1])
+        Path(args.result).write_text(json.dumps(out))
+    if time.perf_counter() < deadline:
+        out["prefill"] = hf_prefill_rate(hf, args.prefill, gen)
+    Path(args.result).write_text(json.dumps(out))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- main
+def write_model(recipe_path: Path, layers: int, hf_dir: Path) -> dict:
+    import yaml
+
+    from moec.compiler.synthetic import write_synthetic_model
+
+    recipe = yaml.safe_load(recipe_path.read_text())
+    syn = recipe["model"]["synthetic"]
+    syn["config"]["num_hidden_layers"] = layers
+    t = time.perf_counter()
+    write_synthetic_model(syn["architecture"], syn["config"], syn["seed"], hf_dir, progress=log,
+                          dtype=syn.get("dtype", "float32"))
+    log(f"wrote the {layers}-layer model in {time.perf_counter() - t:.0f} s")
+    recipe["model"] = {"path": str(hf_dir)}
+    recipe["name"] = f"{recipe['name']}-{layers}l"
+    return recipe
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    rows = result.get("moec", {}).get("decode", [])
+    if rows:
+        b = [r["batch"] for r in rows]
+        ax.plot(b, [r["bound_tokens_per_s"] for r in rows], "k--", label="roofline bound")
+        ax.plot(b, [r["decode_tokens_per_s"] for r in rows], "o-", label="moec")
+    for key, label in (("hf_eager", "transformers eager"), ("hf_compile", "transformers grouped_mm + compile")):
+        peer = (result.get(key) or {}).get("decode", [])
+        if peer:
+            ax.plot([r["batch"] for r in peer], [r["decode_tokens_per_s"] for r in peer], "s-", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch (sequences decoding together, 512-token context)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"{result.get('model')} on {result.get('device')}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def table(result: dict) -> str:
+    lines = [f"{result.get('model')} | {result.get('device')} | compile {result.get('compile_s', 0):.0f} s | "
+             f"load→first token {result.get('check', {}).get('load_to_first_token_s', float('nan')):.1f} s"]
+    peers = {k: {r["batch"]: r for r in (result.get(k) or {}).get("decode", [])} for k in ("hf_eager", "hf_compile")}
+    lines.append(f"{'batch':>5} {'moec tok/s':>11} {'bound':>9} {'% bound':>8} {'HF eager':>9} {'HF compile':>10}")
+    for r in result.get("moec", {}).get("decode", []):
+        e, c = peers["hf_eager"].get(r["batch"]), peers["hf_compile"].get(r["batch"])
+        lines.append(f"{r['batch']:>5} {r['decode_tokens_per_s']:>11.1f} {r['bound_tokens_per_s']:>9.1f} "
+                     f"{r['achieved_percent_of_bound']:>7.1f}% {e['decode_tokens_per_s'] if e else float('nan'):>9.1f} "
+                     f"{c['decode_tokens_per_s'] if c else float('nan'):>10.1f}")
+    p = result.get("moec", {}).get("prefill")
+    if p:
+        lines.append(f"prefill {p['prompt_tokens']} tokens: moec {p['prompt_tokens_per_s']:.0f} tok/s "
+                     f"({p.get('achieved_percent_of_bound', float('nan')):.1f}% of bound)")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--role", choices=["main", "check", "hf_compile"], default="main")
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--work", default="/tmp/moec-e2e")
+    parser.add_argument("--recipe", default=str(ROOT / "recipes" / "mixtral-8x7b-shape.yaml"))
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--budget-s", type=float, default=520)
+    parser.add_argument("--batch-sizes", default="1,8,32,128")
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--prefill", type=int, default=4096)
+    parser.add_argument("--artifact")
+    parser.add_argument("--hf-dir")
+    parser.add_argument("--result")
+    parser.add_argument("--seconds", type=float, default=60)
+    args = parser.parse_args()
+    args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",")]
+    if args.role == "check":
+        return role_check(args)
+    if args.role == "hf_compile":
+        return role_hf_compile(args)
+
+    import torch
+    import yaml
+
+    out, work = Path(args.out), Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    deadline = START + args.budget_s
+    result = {"benchmark": "e2e_decode", "model": f"{Path(args.recipe).stem}, {args.layers} layers",
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "versions": {"torch": torch.__version__}, "skipped": []}
+    try:
+        import transformers
+        import triton
+
+        result["versions"].update(transformers=transformers.__version__, triton=triton.__version__)
+    except ImportError:
+        pass
+    result["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    save = lambda: (out / "e2e_decode.json").write_text(json.dumps(result, indent=1))  # noqa: E731
+
+    recipe = write_model(Path(args.recipe), args.layers, work / "hf")
+    if device() == "cpu":
+        recipe.update(device="cpu", max_batch=max(*args.batch_sizes, len(PROMPTS)))
+    (work / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    t = time.perf_counter()
+    proc = run([sys.executable, "-m", "moec.compiler", str(work / "recipe.yaml"), "--output", str(work / "artifact")],
+               timeout=deadline - time.perf_counter())
+    result["compile_s"] = time.perf_counter() - t
+    print(proc.stdout[-3000:], file=sys.stderr)
+    if proc.returncode != 0:
+        result["error"] = "compile failed"
+        save()
+        return 1
+    save()
+
+    bench_json = work / "moec_bench.json"
+    proc = run([sys.executable, "-m", "moec.runtime", "bench", str(work / "artifact"), "--batch-sizes", ",".join(map(str, args.batch_sizes)),
+                "--context", str(args.context), "--decode-tokens", "64", "--prefill-tokens", str(args.prefill),
+                "--json", str(bench_json), "--no-verify"], timeout=deadline - time.perf_counter())
+    print(proc.stdout[-4000:], file=sys.stderr)
+    if bench_json.is_file():
+        result["moec"] = json.loads(bench_json.read_text())
+    save()
+
+    check_json = work / "check.json"
+    left = deadline - time.perf_counter()
+    proc = run([sys.executable, __file__, "--role", "check", "--artifact", str(work / "artifact"),
+                "--hf-dir", str(work / "hf"), "--result", str(check_json), "--seconds", str(max(left - 150, 20)),
+                "--batch-sizes", ",".join(map(str, args.batch_sizes)), "--context", str(args.context),
+                "--prefill", str(args.prefill)], timeout=left)
+    print(proc.stdout[-3000:], file=sys.stderr)
+    if check_json.is_file():
+        check = json.loads(check_json.read_text())
+        result["hf_eager"] = check.pop("hf_eager", None)
+        result["check"] = check
+    save()
+
+    left = deadline - time.perf_counter()
+    if left > 60:
+        compile_json = work / "hf_compile.json"
+        proc = run([sys.executable, __file__, "--role", "hf_compile", "--hf-dir", str(work / "hf"),
+                    "--result", str(compile_json), "--seconds", str(left - 50),
+                    "--batch-sizes", ",".join(map(str, args.batch_sizes)), "--context", str(args.context),
+                    "--prefill", str(args.prefill)], timeout=left)
+        print(proc.stdout[-3000:], file=sys.stderr)
+        if compile_json.is_file():
+            result["hf_compile"] = json.loads(compile_json.read_text())
+    else:
+        result["skipped"].append("hf grouped_mm + compile: time budget")
+    save()
+    plot(result, out / "e2e_decode.png")
+    print(table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""`moe-runtime bench ARTIFACT`: prefill and decode speed of a compiled model, against its roofline.
+
+One run measures, on the device the artifact was compiled for:
+
+- load: `Engine.load`, checksums included unless --no-verify.
+- ceilings: copy bandwidth and matmul rate of this device, measured first (moec.runtime.ceilings),
+  or the ones given with --copy-bandwidth / --matmul-tflops.
+- prefill: one prompt of --prefill-tokens random token ids, clamped to max_seq_len - 1 and to the
+  step's token budget so that it is one step, generating one token: time to first token and
+  prompt tokens/s.
+- decode, per batch size B (above the compiled max_batch: skipped, with a note): B prompts of
+  --context random ids each generate --decode-tokens N tokens (ignore_eos). Decode time is the
+  time from the batch's first token (the last sequence's, so the prefill is excluded) to the
+  last token: N - 1 steps, so ms/step = that / (N - 1) and decode tokens/s = B (N - 1) / that.
+  When B x C exceeds the step's token budget the prefill takes several steps, and sequences whose
+  prompt finished early decode a few tokens in them: the last steps then run fewer than B
+  sequences, which flatters tokens/s by up to (prefill steps - 1) / (N - 1); a note says so.
+- every timed number is the median of --repeats runs after one untimed warm-up run of the same
+  shape; on CUDA the device is synchronised before each clock reading.
+- roofline per row (moec.runtime.roofline): bytes and FLOPs of the step (decode: B tokens at the
+  mean context C + N/2; expert bytes under uniform routing), bound tokens/s = tokens per step /
+  max(bytes / copy bandwidth, FLOPs / matmul rate), and the achieved percentage of it.
+- memory: peak allocated per row on CUDA; the process's peak RSS on CPU.
+- energy (CUDA with NVML): over the timed runs, J per token (decode rows: the runs' energy, their
+  prefill included, per generated token, i.e. what a generated token costs end to end; prefill:
+  per prompt token), mean power and mean utilisation.
+
+The routing distribution is not observed: real, skewed routing touches fewer experts than the
+uniform routing the bound assumes, so a row may exceed 100% of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from moec.errors import MoecError
+from moec.runtime.ceilings import Ceilings, device_ceilings
+from moec.runtime.gpu_telemetry import GpuTelemetry
+from moec.runtime.roofline import ModelShape, StepCost, decode_step, prefill_step
+
+UNITS = {
+    "load_s": "s", "time_to_first_token_s": "s", "run_s": "s", "decode_s": "s", "step_ms": "ms", "bound_s": "s",
+    "tokens_per_s": "tokens/s", "prompt_tokens_per_s": "tokens/s", "decode_tokens_per_s": "tokens/s",
+    "bound_tokens_per_s": "tokens/s", "achieved_percent_of_bound": "%", "bytes": "bytes",
+    "weight_bytes": "bytes", "expert_bytes": "bytes", "kv_read_bytes": "bytes", "kv_write_bytes": "bytes",
+    "flops": "FLOP", "matmul_flops": "FLOP", "attention_flops": "FLOP", "copy_bytes_per_s": "bytes/s",
+    "matmul_flops_per_s": "FLOP/s", "peak_memory_bytes": "bytes", "energy_j": "J", "energy_j_per_token": "J/token",
+    "mean_power_w": "W", "mean_utilization_percent": "%", "experts_hit_per_layer": "experts",
+}
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    batch_sizes: tuple[int, ...] = (1, 8, 32, 128)
+    context: int = 512
+    decode_tokens: int = 64
+    prefill_tokens: int = 4096
+    repeats: int = 3
+    copy_gb_per_s: float | None = None
+    matmul_tflop_per_s: float | None = None
+
+
+def _number(flag: str, text: str, kind: type, minimum: float) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        what = "an integer" if kind is int else "a number"
+        raise MoecError(f"{flag}: {text!r} is not {what} >= {minimum:g}")
+    return value
+
+
+def settings_from_args(args: Any) -> BenchSettings:
+    """Check the flags before anything loads: a bad value is a one-line error."""
+    sizes = [part.strip() for part in str(args.batch_sizes).split(",") if part.strip()]
+    if not sizes:
+        raise MoecError("--batch-sizes: give at least one batch size, e.g. 1,8,32")
+    batch_sizes = tuple(dict.fromkeys(_number("--batch-sizes", s, int, 1) for s in sizes))
+    return BenchSettings(
+        batch_sizes=batch_sizes,
+        context=_number("--context", args.context, int, 1),
+        decode_tokens=_number("--decode-tokens", args.decode_tokens, int, 2),
+        prefill_tokens=_number("--prefill-tokens", args.prefill_tokens, int, 1),
+        repeats=_number("--repeats", args.repeats, int, 1),
+        copy_gb_per_s=_number("--copy-bandwidth", args.copy_bandwidth, float, 1e-9) if args.copy_bandwidth else None,
+        matmul_tflop_per_s=_number("--matmul-tflops", args.matmul_tflops, float, 1e-9) if args.matmul_tflops else None,
+    )
+
+
+class _Runner:
+    """Times `engine.generate` runs of random prompts, with the device synchronised around the clock."""
+
+    def __init__(self, engine: Any, gpu: GpuTelemetry, repeats: int):
+        self.engine = engine
+        self.gpu = gpu
+        self.repeats = repeats
+        self.cuda = engine.device.type == "cuda"
+        self.rng = torch.Generator().manual_seed(0)
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.engine.device)
+
+    def prompts(self, batch: int, length: int) -> list[list[int]]:
+        ids = torch.randint(0, self.engine.spec.vocab_size, (batch, length), generator=self.rng)
+        return ids.tolist()
+
+    def run(self, prompts: list[list[int]], max_tokens: int) -> tuple[float, float, float]:
+        """One generate: (wall seconds, the batch's time to first token, first token to last).
+        The engine's clock (stats) reads after each step's sampled tokens reached the host, so
+        the device has finished the step by then."""
+        self.sync()
+        start = time.perf_counter()
+        self.engine.generate(prompts, max_tokens=max_tokens, ignore_eos=True)
+        self.sync()
+        wall = time.perf_counter() - start
+        stats = self.engine.stats
+        return wall, stats.time_to_first_token_s, stats.elapsed_s - stats.time_to_first_token_s
+
+    def timed(self, prompts: list[list[int]], max_tokens: int) -> dict:
+        """One warm-up, then `repeats` runs under GPU telemetry: medians, and energy per run."""
+        self.run(prompts, max_tokens)
+        with self.gpu.measure() as telemetry:
+            runs = [self.run(prompts, max_tokens) for _ in range(self.repeats)]
+        return {
+            "run_s": statistics.median(r[0] for r in runs),
+            "time_to_first_token_s": statistics.median(r[1] for r in runs),
+            "first_to_last_token_s": statistics.median(r[2] for r in runs),
+            "energy_j": telemetry.energy_j / self.repeats if telemetry.energy_j is not None else None,
+            "mean_power_w": telemetry.mean_power_w,
+            "mean_utilization_percent": telemetry.mean_utilization_percent,
+            "energy_source": telemetry.energy_source,
+        }
+
+    def reset_peak_memory(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.engine.device)
+
+    def peak_memory_bytes(self) -> int | None:
+        return torch.cuda.max_memory_allocated(self.engine.device) if self.cuda else None
+
+
+def _roofline(cost: StepCost, ceilings: Ceilings, tokens_per_s: float | None) -> dict:
+    bound = cost.bound_s(ceilings.copy_bytes_per_s, ceilings.matmul_flops_per_s)
+    bound_tokens_per_s = cost.tokens / bound
+    return {
+        "roofline": cost.as_dict(),
+        "bound_s": bound,
+        "bound_by": "memory" if cost.bytes / ceilings.copy_bytes_per_s >= cost.flops / ceilings.matmul_flops_per_s
+        else "compute",
+        "bound_tokens_per_s": bound_tokens_per_s,
+        "achieved_percent_of_bound": 100.0 * tokens_per_s / bound_tokens_per_s if tokens_per_s else None,
+    }
+
+
+def _bench_prefill(runner: _Runner, shape: ModelShape, ceilings: Ceilings, tokens: int) -> dict:
+    runner.reset_peak_memory()
+    timing = runner.timed(runner.prompts(1, tokens), max_tokens=1)
+    del timing["first_to_last_token_s"]
+    ttft = timing["time_to_first_token_s"]
+    tokens_per_s = tokens / ttft if ttft > 0 else None
+    energy = timing.pop("energy_j")
+    return {
+        "prompt_tokens": tokens, **timing, "prompt_tokens_per_s": tokens_per_s,
+        "energy_j_per_token": energy / tokens if energy is not None else None,
+        **_roofline(prefill_step(shape, tokens), ceilings, tokens_per_s),
+        "peak_memory_bytes": runner.peak_memory_bytes(),
+    }
+
+
+def _bench_decode(runner: _Runner, shape: ModelShape, ceilings: Ceilings, batch: int, context: int,
+                  new_tokens: int) -> dict:
+    runner.reset_peak_memory()
+    timing = runner.timed(runner.prompts(batch, context), max_tokens=new_tokens)
+    decode_s = timing.pop("first_to_last_token_s")
+    decoded = batch * (new_tokens - 1)
+    tokens_per_s = decoded / decode_s if decode_s > 0 else None
+    energy = timing.pop("energy_j")
+    roofline_context = context + new_tokens // 2
+    return {
+        "batch": batch, "context": context, "decode_tokens": new_tokens,
+        "decode_tokens_per_s": tokens_per_s,
+        "step_ms": decode_s / (new_tokens - 1) * 1e3,
+        "decode_s": decode_s,
+        **timing,
+        "energy_j_per_token": energy / (batch * new_tokens) if energy is not None else None,
+        "roofline_context": roofline_context,
+        **_roofline(decode_step(shape, batch, roofline_context), ceilings, tokens_per_s),
+        "peak_memory_bytes": runner.peak_memory_bytes(),
+    }
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def _peak_rss_bytes() -> int | None:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+
+
+def run_bench(artifact: str | Path, settings: BenchSettings, verify: bool = True,
+              console: Console | None = None) -> dict:
+    """Load, measure, and return every number (the JSON document)."""
+    import moec
+    from moec.runtime.engine import Engine
+
+    console = console or Console(stderr=True)
+    start = time.perf_counter()
+    engine = Engine.load(artifact, verify=verify)
+    load_s = time.perf_counter() - start
+    device, spec, manifest = engine.device, engine.spec, engine.artifact.manifest
+    notes: list[str] = []
+    console.print(f"loaded {manifest.name} in {load_s:.2f}s on {_device_name(device)}; measuring ceilings ...")
+
+    ceilings = device_ceilings(device, settings.copy_gb_per_s, settings.matmul_tflop_per_s)
+    gpu = GpuTelemetry.for_device(device)
+    if device.type == "cuda" and not gpu.available:
+        notes.append(f"no GPU telemetry: {gpu.reason}")
+    shape = ModelShape.from_manifest(manifest)
+    runner = _Runner(engine, gpu, settings.repeats)
+
+    prefill_tokens = min(settings.prefill_tokens, spec.max_seq_len - 1, spec.max_tokens_per_step)
+    if prefill_tokens != settings.prefill_tokens:
+        notes.append(f"prefill clamped from {settings.prefill_tokens} to {prefill_tokens} tokens (compiled "
+                     f"max_seq_len {spec.max_seq_len} leaves room for 1 generated token; max_tokens_per_step "
+                     f"{spec.max_tokens_per_step})")
+    new_tokens = min(settings.decode_tokens, spec.max_seq_len - 1)
+    context = min(settings.context, spec.max_seq_len - new_tokens)
+    if new_tokens != settings.decode_tokens:
+        notes.append(f"decode tokens clamped from {settings.decode_tokens} to {new_tokens} "
+                     f"(max_seq_len {spec.max_seq_len})")
+    if context != settings.context:
+        notes.append(f"context clamped from {settings.context} to {context} tokens so that context + decode tokens "
+                     f"fits the compiled max_seq_len {spec.max_seq_len}")
+
+    # warm the engine once before anything is timed (each row warms its own shape again)
+    engine.generate([runner.prompts(1, 8)[0]], max_tokens=2, ignore_eos=True)
+    console.print(f"prefill of {prefill_tokens} tokens ...")
+    prefill = _bench_prefill(runner, shape, ceilings, prefill_tokens)
+    decode, skipped = [], []
+    for batch in settings.batch_sizes:
+        if batch > spec.max_batch:
+            reason = f"batch size {batch} skipped: above the compiled max_batch {spec.max_batch}"
+            skipped.append({"batch": batch, "reason": reason})
+            notes.append(reason)
+            continue
+        prefill_steps = -(-batch * context // spec.max_tokens_per_step)
+        if prefill_steps > 1:
+            flattery = 100 * (prefill_steps - 1) / (new_tokens - 1)
+            notes.append(f"decode batch {batch}: its prefill of {batch} x {context} tokens takes at least "
+                         f"{prefill_steps} steps (max_tokens_per_step {spec.max_tokens_per_step}); sequences "
+                         f"done early decode during them, so tokens/s may read up to {flattery:.0f}% high")
+        console.print(f"decode, batch {batch} at context {context} ...")
+        decode.append(_bench_decode(runner, shape, ceilings, batch, context, new_tokens))
+
+    cuda = device.type == "cuda"
+    result = {
+        "benchmark": "moe-runtime bench",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "artifact": {"path": str(artifact), "name": manifest.name, "architecture": manifest.architecture,
+                     "dtype": manifest.dtype, "device": manifest.device, "max_batch": spec.max_batch,
+                     "max_seq_len": spec.max_seq_len, "max_tokens_per_step": spec.max_tokens_per_step},
+        "device": {"type": device.type, "name": _device_name(device)},
+        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "moec": moec.__version__,
+                     "python": platform.python_version()},
+        "settings": {**asdict(settings), "verify": verify,
+                     "used": {"prefill_tokens": prefill_tokens, "context": context, "decode_tokens": new_tokens}},
+        "load_s": load_s,
+        "ceilings": ceilings.as_dict(),
+        "model_shape": asdict(shape),
+        "routing": "not observed; the roofline's expert bytes assume uniform routing: "
+                   "E * (1 - (1 - top_k/E) ** tokens) distinct experts per MoE layer",
+        "prefill": prefill,
+        "decode": decode,
+        "skipped": skipped,
+        "peak_memory": {"bytes": max(r["peak_memory_bytes"] for r in [prefill, *decode]) if cuda else _peak_rss_bytes(),
+                        "how": "the largest row's torch.cuda.max_memory_allocated (reset before each row)" if cuda
+                        else "the process's peak resident set size (ru_maxrss), model load included"},
+        "gpu_telemetry": {"available": gpu.available, "reason": gpu.reason, "name": gpu.name,
+                          "nvml_index": gpu.device_index if gpu.available else None},
+        "notes": notes,
+        "units": UNITS,
+    }
+    gpu.close()
+    return result
+
+
+# --- output ----------------------------------------------------------------------------------
+
+
+def _si(value: float | None, unit: str = "", digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.{digits}g} {prefix}{unit}".rstrip()
+    return f"{value:.{digits}g} {unit}".rstrip()
+
+
+def _fixed(value: float | None, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def render_table(result: dict) -> Table:
+    table = Table(title=f"{result['artifact']['name']} on {result['device']['name']}")
+    for name in ("phase", "batch", "context", "tokens/s", "ms/step", "TTFT ms", "bytes/step", "FLOPs/step",
+                 "bound tok/s", "% of bound", "J/token", "mean W", "util %", "peak mem"):
+        table.add_column(name, justify="left" if name == "phase" else "right")
+
+    def energy(row: dict) -> list[str]:
+        return [_fixed(row["energy_j_per_token"], ".3g"), _fixed(row["mean_power_w"], ".0f"),
+                _fixed(row["mean_utilization_percent"], ".0f"), _si(row["peak_memory_bytes"], "B")]
+
+    p = result["prefill"]
+    table.add_row("prefill", "1", str(p["prompt_tokens"]), _fixed(p["prompt_tokens_per_s"], ".1f"),
+                  _fixed(p["time_to_first_token_s"] * 1e3, ".2f"), _fixed(p["time_to_first_token_s"] * 1e3, ".2f"),
+                  _si(p["roofline"]["bytes"], "B"), _si(p["roofline"]["flops"]),
+                  _si(p["bound_tokens_per_s"]), _fixed(p["achieved_percent_of_bound"], ".3g"), *energy(p))
+    for row in result["decode"]:
+        table.add_row("decode", str(row["batch"]), str(row["context"]), _fixed(row["decode_tokens_per_s"], ".1f"),
+                      _fixed(row["step_ms"], ".2f"), _fixed(row["time_to_first_token_s"] * 1e3, ".2f"),
+                      _si(row["roofline"]["bytes"], "B"), _si(row["roofline"]["flops"]),
+                      _si(row["bound_tokens_per_s"]), _fixed(row["achieved_percent_of_bound"], ".3g"),
+                      *energy(row))
+    return table
+
+
+def main(args: Any) -> int:
+    """The `bench` subcommand."""
+    settings = settings_from_args(args)
+    console = Console(stderr=True)
+    result = run_bench(args.artifact, settings, verify=not args.no_verify, console=console)
+    out = Console(width=None if sys.stdout.isatty() else 200)
+    out.print(render_table(result))
+    c = result["ceilings"]
+    out.print(f"load {result['load_s']:.2f}s; ceilings: copy {c['copy_bytes_per_s'] / 1e9:.1f} GB/s "
+              f"({c['copy_source']}), matmul {c['matmul_flops_per_s'] / 1e12:.2f} TFLOP/s ({c['matmul_source']}); "
+              f"peak memory {_si(result['peak_memory']['bytes'], 'B')}; bound assumes uniform routing")
+    for note in result["notes"]:
+        out.print(f"note: {note}")
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        out.print(f"wrote {path}")
+    return 0

@@ -1,0 +1,258 @@
+"""`moe-runtime bench`, the roofline it divides by, and GPU telemetry (faked: CI has no GPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import assert_one_line_error, run_cli
+from moec.runtime.gpu_telemetry import GpuTelemetry
+from moec.runtime.roofline import (
+    ModelShape,
+    MoeLayerShape,
+    bound_s,
+    decode_step,
+    expected_distinct_experts,
+    prefill_step,
+)
+
+# recipes/tiny-mixtral.yaml: hidden 64, 2 layers, 4 heads (2 KV) of 16, vocab 512, 4 experts top-2 of 128, fp32
+TINY = ModelShape(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, vocab_size=512,
+                  weight_itemsize=4, kv_itemsize=4, moe_layers=(MoeLayerShape(4, 2, 128),) * 2,
+                  dense_intermediate_size=128)
+# By hand, in parameters:
+#   attention q,k,v,o per layer: 64*64 + 2*64*32 + 64*64 = 12288; norms 2*64 = 128; router 64*4 = 256
+#   non-expert, read whole every step: 2*(12288 + 128 + 256) + final norm 64 + lm_head 512*64 = 58176
+#   one expert: 3*64*128 = 24576; KV per token: 2 layers * 2 * 2 heads * 16 = 128 values = 512 bytes
+#   matmul weights per token (lm_head aside): 2*(12288 + 256 + 2*24576) = 123392
+
+
+def test_distinct_experts_formula():
+    assert expected_distinct_experts(8, 2, 1) == pytest.approx(2)  # one token: exactly its top_k
+    assert expected_distinct_experts(128, 8, 1) == pytest.approx(8)
+    assert expected_distinct_experts(8, 2, 2) == pytest.approx(8 * (1 - 0.75**2))  # 3.5
+    assert expected_distinct_experts(8, 2, 10_000) == pytest.approx(8)  # many tokens: every expert
+    assert expected_distinct_experts(128, 8, 4096) == pytest.approx(128)
+    assert expected_distinct_experts(8, 8, 1) == 8
+    assert expected_distinct_experts(8, 2, 0) == 0
+    hits = [expected_distinct_experts(64, 4, b) for b in (1, 2, 8, 32, 128)]
+    assert hits == sorted(hits) and all(h <= 64 for h in hits)
+
+
+def test_decode_roofline_by_hand():
+    cost = decode_step(TINY, batch=1, context=32)
+    assert cost.weight_bytes == (58176 + 64) * 4  # + the one embedding row gathered
+    assert cost.experts_hit_per_layer == pytest.approx(2)
+    assert cost.expert_bytes == pytest.approx(2 * 2 * 24576 * 4)  # 2 layers x top_k experts
+    assert cost.kv_read_bytes == 32 * 512 and cost.kv_write_bytes == 512
+    assert cost.bytes == pytest.approx(643072)
+    assert cost.matmul_flops == 2 * (123392 + 512 * 64)
+    assert cost.attention_flops == 4 * 32 * 4 * 16 * 2  # 4 C H D per layer
+    assert cost.flops == 328704
+
+    big = decode_step(TINY, batch=8, context=32)
+    assert big.experts_hit_per_layer == pytest.approx(4 * (1 - 0.5**8))
+    assert big.kv_read_bytes == 8 * 32 * 512
+    assert big.matmul_flops == 2 * 8 * (123392 + 512 * 64)
+
+
+def test_prefill_roofline_by_hand():
+    cost = prefill_step(TINY, tokens=4)
+    assert cost.weight_bytes == (58176 + 4 * 64) * 4
+    assert cost.expert_bytes == pytest.approx(2 * 3.75 * 24576 * 4)  # 4 (1 - 0.5^4) = 3.75 experts per layer
+    assert cost.kv_read_bytes == 4 * 512 and cost.kv_write_bytes == 4 * 512
+    assert cost.bytes == pytest.approx(975104)
+    assert cost.matmul_flops == 2 * (4 * 123392 + 512 * 64)  # lm_head only for the last token
+    assert cost.attention_flops == 4 * 4 * 16 * 2 * (1 + 2 + 3 + 4)  # causal
+    assert cost.flops == 1057792
+
+
+def test_bound_is_the_slower_of_memory_and_compute():
+    assert bound_s(1e9, 1e9, copy_bytes_per_s=1e12, matmul_flops_per_s=1e15) == pytest.approx(1e-3)
+    assert bound_s(1e6, 1e15, copy_bytes_per_s=1e12, matmul_flops_per_s=1e15) == pytest.approx(1.0)
+    cost = decode_step(TINY, 1, 32)
+    assert cost.bound_s(1e9, 1e12) == pytest.approx(cost.bytes / 1e9)
+
+
+def test_shape_from_manifest_matches_the_weights(tiny_artifact):
+    from safetensors import safe_open
+
+    from moec.artifact import read_manifest
+
+    shape = ModelShape.from_manifest(read_manifest(tiny_artifact))
+    assert shape == TINY
+    with safe_open(str(tiny_artifact / "weights.safetensors"), "pt") as f:
+        stored = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys() if "rotary_emb" not in k)
+    assert stored == shape.total_params
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# --- the command -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bench_run(tiny_artifact, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "out.json"
+    proc = run_cli("moec.runtime", "bench", str(tiny_artifact), "--batch-sizes", "1,2,16", "--context", "32",
+                   "--decode-tokens", "8", "--prefill-tokens", "64", "--repeats", "2", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return proc, json.loads(out.read_text())
+
+
+def test_bench_writes_sane_json(bench_run):
+    proc, data = bench_run
+    assert data["device"]["type"] == "cpu" and data["versions"]["torch"] == torch.__version__
+    assert data["date"] and data["load_s"] > 0 and data["units"]["decode_tokens_per_s"] == "tokens/s"
+    assert data["ceilings"]["copy_bytes_per_s"] > 0 and data["ceilings"]["matmul_flops_per_s"] > 0
+    prefill = data["prefill"]
+    assert prefill["prompt_tokens"] == 64
+    assert prefill["prompt_tokens_per_s"] > 0 and prefill["time_to_first_token_s"] > 0
+    assert prefill["roofline"]["bytes"] > 0 and prefill["bound_tokens_per_s"] > 0
+    assert [row["batch"] for row in data["decode"]] == [1, 2]
+    for row in data["decode"]:
+        assert row["context"] == 32 and row["decode_tokens"] == 8
+        assert row["decode_tokens_per_s"] > 0 and row["step_ms"] > 0
+        assert row["bound_s"] > 0 and row["bound_tokens_per_s"] > 0
+        assert row["achieved_percent_of_bound"] > 0
+        assert row["roofline"]["bytes"] > 0 and row["roofline"]["flops"] > 0
+        assert row["energy_j_per_token"] is None and row["mean_power_w"] is None  # no GPU
+    assert data["decode"][1]["roofline"]["flops"] > data["decode"][0]["roofline"]["flops"]
+    assert data["peak_memory"]["bytes"] > 0
+    assert data["gpu_telemetry"]["available"] is False
+    assert "tokens/s" in proc.stdout and "decode" in proc.stdout
+
+
+def test_bench_skips_batches_above_max_batch(bench_run):
+    proc, data = bench_run
+    assert data["skipped"] == [{"batch": 16, "reason": "batch size 16 skipped: above the compiled max_batch 8"}]
+    assert "batch size 16 skipped" in proc.stdout
+
+
+@pytest.mark.parametrize("flag, value, needle", [
+    ("--batch-sizes", "1,x", "'x'"),
+    ("--decode-tokens", "1", "--decode-tokens"),
+    ("--context", "-3", "--context"),
+])
+def test_bench_bad_flag_is_one_line_error(tmp_path, capsys, flag, value, needle):
+    """Flags are checked before anything loads (the artifact need not exist). In-process: a
+    subprocess would spend seconds importing torch."""
+    from moec.runtime.cli import main
+
+    argv = ["bench", str(tmp_path / "no-such-artifact"), flag, value]
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert_one_line_error(subprocess.CompletedProcess(argv, code, out, err), flag, needle)
+
+
+# --- GPU telemetry ----------------------------------------------------------------------------
+
+
+def test_telemetry_without_pynvml_is_unavailable(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # `import pynvml` raises ImportError
+    gpu = GpuTelemetry(0)
+    assert not gpu.available and "nvidia-ml-py" in gpu.reason
+    assert gpu.sample() is None and gpu.energy_j() is None
+    with gpu.measure() as run:
+        pass
+    assert run.energy_j is None and run.mean_power_w is None and run.mean_utilization_percent is None
+    gpu.close()
+
+
+def test_telemetry_when_nvml_fails_is_unavailable(monkeypatch):
+    class NVMLError(Exception):
+        pass
+
+    def fail():
+        raise NVMLError("Driver Not Loaded")
+
+    monkeypatch.setitem(sys.modules, "pynvml", SimpleNamespace(nvmlInit=fail, NVMLError=NVMLError))
+    gpu = GpuTelemetry(0)
+    assert not gpu.available and "Driver Not Loaded" in gpu.reason
+    assert gpu.sample() is None
+
+
+def test_telemetry_of_a_cpu_device_is_unavailable():
+    gpu = GpuTelemetry.for_device(torch.device("cpu"))
+    assert not gpu.available and gpu.sample() is None
+
+
+def fake_pynvml(power_mw=150_000, energy_step_mj=2_000):
+    energy = {"mj": 10_000}
+
+    def total_energy(handle):
+        energy["mj"] += energy_step_mj
+        return energy["mj"]
+
+    def no_power(handle):
+        raise RuntimeError("Not Supported")
+
+    return SimpleNamespace(
+        nvmlInit=lambda: None, nvmlShutdown=lambda: None,
+        nvmlDeviceGetHandleByIndex=lambda i: f"gpu{i}", nvmlDeviceGetName=lambda h: b"Fake H100",
+        nvmlDeviceGetPowerUsage=(lambda h: power_mw) if power_mw is not None else no_power,
+        nvmlDeviceGetUtilizationRates=lambda h: SimpleNamespace(gpu=87, memory=40),
+        nvmlDeviceGetMemoryInfo=lambda h: SimpleNamespace(used=3 << 30, total=80 << 30, free=77 << 30),
+        nvmlDeviceGetTotalEnergyConsumption=total_energy,
+    )
+
+
+def test_telemetry_reads_nvml_units(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml())
+    gpu = GpuTelemetry(1)
+    assert gpu.available and gpu.name == "Fake H100"
+    s = gpu.sample()
+    assert s.power_w == 150.0 and s.utilization_percent == 87.0
+    assert s.memory_used_bytes == 3 << 30 and s.memory_total_bytes == 80 << 30
+    with gpu.measure(interval_s=0.01) as run:
+        time.sleep(0.05)
+    # too short for the coarse energy counter: mean power x time
+    assert run.energy_source == "mean power x time" and run.energy_j == pytest.approx(150.0 * run.duration_s)
+    assert run.mean_power_w == 150.0 and run.mean_utilization_percent == 87.0
+    assert len(run.samples) >= 2
+    monkeypatch.setattr("moec.runtime.gpu_telemetry.COUNTER_MIN_S", 0.0)
+    with gpu.measure(interval_s=0.01) as run:
+        pass
+    assert run.energy_j == pytest.approx(2.0) and run.energy_source == "counter"  # one 2000 mJ step
+
+
+def test_telemetry_reading_that_fails_is_none(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(power_mw=None))
+    gpu = GpuTelemetry(0)
+    assert gpu.available
+    s = gpu.sample()
+    assert s.power_w is None and s.utilization_percent == 87.0
+
+
+def test_metrics_show_gpu_gauges_only_with_a_gpu(monkeypatch):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from moec.runtime.server import _gpu_telemetry
+    from moec.runtime.server_metrics import ServerMetrics
+
+    text = ServerMetrics("m").render()[0].decode()
+    assert "moec:gpu_" not in text
+    assert _gpu_telemetry(SimpleNamespace(device=torch.device("cpu"))) is None
+    assert _gpu_telemetry(SimpleNamespace()) is None  # an engine without a device (the unit tests' fake)
+
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml())
+    text = ServerMetrics("m", gpu=GpuTelemetry(0)).render()[0].decode()
+    gauges = {s.name: (s.value, s.labels) for family in text_string_to_metric_families(text)
+              for s in family.samples if s.name.startswith("moec:gpu_")}
+    assert gauges == {
+        "moec:gpu_power_watts": (150.0, {"model_name": "m", "gpu": "0"}),
+        "moec:gpu_utilization_percent": (87.0, {"model_name": "m", "gpu": "0"}),
+        "moec:gpu_memory_used_bytes": (3 << 30, {"model_name": "m", "gpu": "0"}),
+        "moec:gpu_memory_total_bytes": (80 << 30, {"model_name": "m", "gpu": "0"}),
+    }
