@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import yaml
 
-from conftest import assert_one_line_error, run_cli, tiny_recipe_dict
+from conftest import ROOT, assert_one_line_error, run_cli, tiny_recipe_dict
 
 
 def compile_cli(*args):
@@ -81,3 +82,109 @@ def test_cuda_target_without_gpu(tmp_path, hf_model_dir):
 def test_debug_shows_traceback(tmp_path):
     proc = compile_cli(str(tmp_path / "nope.yaml"), "--debug")
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# MoE blocks the kernels cannot run: rejected while compiling, naming the block
+# ---------------------------------------------------------------------------------------------
+
+
+def assert_compile_error(proc, *needles: str) -> str:
+    """Like `assert_one_line_error`, for errors raised after a stage has started: the stage lines
+    and the model loader's progress bar may come first; the error is one line, the last."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    err = proc.stderr.strip()
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error")]
+    assert errors == [lines[-1]], err
+    for needle in needles:
+        assert needle.lower() in lines[-1].lower(), (needle, lines[-1])
+    return lines[-1]
+
+
+def synthetic_recipe(tmp_path, **config) -> str:
+    data = yaml.safe_load((ROOT / "recipes" / "tiny-mixtral.yaml").read_text())
+    data["model"]["synthetic"]["config"].update(config)
+    data["output_dir"] = str(tmp_path / "artifact")
+    return write_recipe(tmp_path, data)
+
+
+def test_unsupported_activation_names_the_block(tmp_path):
+    path = synthetic_recipe(tmp_path, hidden_act="relu")
+    line = assert_compile_error(compile_cli(path, "--explain"), "model.layers.0.mlp", "'relu'", "silu", "gelu_tanh")
+    assert "not supported" in line
+
+
+def test_hf_activation_alias_lowers_to_the_kernel_activation(tmp_path):
+    """gelu_pytorch_tanh is the kernels' gelu_tanh under another name: lowered, and checked."""
+    proc = compile_cli(synthetic_recipe(tmp_path, hidden_act="gelu_pytorch_tanh"), "--explain")
+    assert proc.returncode == 0, proc.stderr
+    assert "gelu_tanh" in proc.stderr
+
+
+def test_top_k_above_experts_names_the_block(tmp_path, hf_model_dir):
+    """From a model directory (the synthetic source refuses this config itself): caught before
+    export, which would otherwise fail inside torch.topk with a traceback."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(hf_model_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["num_experts_per_tok"] = config["num_local_experts"] + 1
+    (model_dir / "config.json").write_text(json.dumps(config))
+    path = write_recipe(tmp_path, tiny_recipe_dict(model_dir, output_dir=str(tmp_path / "artifact")))
+    assert_compile_error(compile_cli(path, "--explain"), "model.layers.0.mlp", "top_k 5 with 4 experts",
+                         "between 1 and 4")
+    assert not (tmp_path / "artifact").exists()
+
+
+def test_unsupported_dtype_is_a_recipe_error(tmp_path, hf_model_dir):
+    path = write_recipe(tmp_path, tiny_recipe_dict(hf_model_dir, dtype="float64"))
+    assert_one_line_error(compile_cli(path), "dtype", "bfloat16", "float16", "float32")
+
+
+def test_cuda_limits():
+    """The limits of the CUDA kernels, by the function the pass calls for every block. (Through
+    moe-compile they need a GPU: without one, `device: cuda` is refused before loading.)"""
+    import torch
+
+    from moec.compiler.passes.moe_lowering import check_supported, unsupported
+    from moec.errors import LoweringError
+
+    def why(device, experts=8, top_k=2, hidden=4096, inter=14336, act="silu", dtype=torch.bfloat16, tokens=4096):
+        return unsupported(experts, top_k, hidden, inter, act, dtype, device, tokens)
+
+    for device in ("cpu", "cuda"):
+        assert why(device) is None
+        assert why(device, hidden=72, inter=100) is None  # any size: the kernels mask their tails
+        assert why(device, experts=128, top_k=8, hidden=2048, inter=768, tokens=32768) is None
+        assert "top_k must be between 1 and 8" in why(device, top_k=9)
+        assert "'quick_gelu' is not supported by the MoE kernels; supported: gelu, gelu_tanh, silu" in why(
+            device, act="quick_gelu")
+    assert "CUDA MoE kernels take bfloat16, float16, float32" in why("cuda", dtype=torch.float64)
+    assert why("cpu", dtype=torch.float64) is None  # the reference computes in any float type
+    assert "floating-point" in why("cpu", dtype=torch.int8)
+    assert why("cpu", experts=2048) is None  # the reference has no limit
+    assert "at most 1024 experts" in why("cuda", experts=2048)
+    assert "2 x intermediate x hidden" in why("cuda", hidden=32768, inter=32768)
+    assert why("cpu", hidden=32768, inter=32768) is None
+    assert "set max_tokens_per_step to at most" in why("cuda", top_k=8, tokens=2**28)
+    desc = {"num_experts": 2048, "top_k": 2, "hidden_size": 64, "intermediate_size": 128, "activation": "silu"}
+    with pytest.raises(LoweringError, match=r"^MoE block model\.layers\.3\.mlp: 2048 experts"):
+        check_supported("model.layers.3.mlp", desc, torch.bfloat16, "cuda")
+
+
+def test_lowering_checks_regions_for_the_target_device(hf_model_dir):
+    """The pass checks each region against the target's kernels, not the device it traced on."""
+    import torch
+
+    from moec.compiler.export import export_step
+    from moec.compiler.load import load_model
+    from moec.compiler.passes import lower_moe
+    from moec.compiler.step import PagedStep
+    from moec.errors import LoweringError
+
+    model = load_model(hf_model_dir, torch.float32)
+    step = PagedStep(model)
+    ep = export_step(step, torch.float32, 16, 64, 4, 128)
+    with pytest.raises(LoweringError, match=r"^MoE block model\.layers\.0\.mlp: .*max_tokens_per_step"):
+        lower_moe(ep, step, model.config, device="cuda", max_tokens=2**30)

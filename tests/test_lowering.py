@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 
 import pytest
 import torch
@@ -82,7 +83,7 @@ def test_broken_lowering_writes_no_artifact(hf_model_dir, tmp_path, monkeypatch)
 
     original = lm.lower_moe
     monkeypatch.setattr("moec.compiler.pipeline.lower_moe",
-                        lambda ep, step, config: original(ep, step, config, build=_broken_build))
+                        lambda ep, step, config, **kw: original(ep, step, config, build=_broken_build, **kw))
     out = tmp_path / "out" / "broken"
     with pytest.raises(LoweringError):
         compile_recipe(parse_recipe(tiny_recipe_dict(hf_model_dir)), out)
@@ -131,3 +132,147 @@ def test_qwen3_moe_lowers_and_matches(tmp_path):
         got = lowered.module()(ids[:3], positions[:3], seq, table, kv, torch.arange(3))
         want = hf(ids[:3].unsqueeze(0)).logits[0]
     assert (got - want).abs().max().item() <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile-time tuning: the choice, the manifest table, the graph's plan constants
+# ---------------------------------------------------------------------------------------------
+
+
+def _region(path, experts=8, top_k=2, hidden=4096, inter=14336):
+    return {"layer": int(path.split(".")[2]), "path": path, "num_experts": experts, "top_k": top_k,
+            "hidden_size": hidden, "intermediate_size": inter, "renormalize": True, "activation": "silu"}
+
+
+class FakeTimes:
+    """An injected measure: times from a formula per (shape, candidate, tokens), every call counted."""
+
+    def __init__(self, times):
+        self.times, self.calls = times, []
+
+    def __call__(self, shape, tokens, candidate):
+        from moec.compiler.passes.moe_tuning import Measurement
+
+        self.calls.append((shape.num_experts, tokens, candidate.name))
+        ms = self.times(shape, tokens, candidate.name)
+        return Measurement(error="OutOfResources: shared memory") if ms is None else Measurement(ms=ms)
+
+
+def test_tuner_keeps_the_fastest_and_records_the_table(tiny_artifact):
+    from moec.artifact import Manifest
+    from moec.artifact.summary import render_summary
+    from moec.compiler.passes.moe_tuning import Candidate, token_buckets, tune_moe
+
+    def cfg(bm):
+        return {"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}
+
+    candidates = [Candidate("triton small", "triton", cfg(16)), Candidate("triton big", "triton", cfg(128)),
+                  Candidate("triton broken", "triton", cfg(32)), Candidate("grouped_mm", "grouped_mm")]
+
+    def times(shape, tokens, name):
+        if name == "triton broken":
+            return None  # fails to compile: never chosen, never run again for this shape
+        if name == "triton big" and shape.num_experts == 128 and tokens == 64:
+            return None  # wrong at one token count: not trusted at any
+        if shape.num_experts == 128:  # the Qwen3-like shape: grouped_mm wins everywhere
+            return {"grouped_mm": 1.0}.get(name, 2.0)
+        small, big = 1.0 + tokens / 8, 2.0 + tokens / 64  # equal at 9.14 tokens
+        if tokens == 16:
+            small = big * 1.02  # within RANGE_TOLERANCE of the best: the range holds on
+        return {"triton small": small, "triton big": big, "grouped_mm": 3.0 + tokens / 8}[name]
+
+    regions = [_region("model.layers.0.mlp"), _region("model.layers.1.mlp"),
+               _region("model.layers.2.mlp", experts=128, top_k=8, hidden=2048, inter=768)]
+    measure = FakeTimes(times)
+    tuning = tune_moe(regions, None, torch.bfloat16, "cuda", 100, measure=measure, candidates=candidates)
+    assert token_buckets(100) == [1, 2, 4, 8, 16, 32, 64, 100] and token_buckets(64)[-1] == 64
+
+    mixtral, qwen = tuning.table["shapes"].values()
+    assert list(tuning.table["shapes"]) == ["E8 top-2 H4096 I14336 silu bfloat16",
+                                            "E128 top-8 H2048 I768 silu bfloat16"]
+    assert mixtral["layers"] == ["model.layers.0.mlp", "model.layers.1.mlp"] and mixtral["path"] == "triton"
+    assert mixtral["ranges"] == [{"max_tokens": 16, "config": "M16N64K64G1w4s3"},
+                                 {"max_tokens": None, "config": "M128N64K64G1w4s3"}]
+    rows = mixtral["buckets"]
+    assert list(rows) == ["1", "2", "4", "8", "16", "32", "64", "100"]
+    assert rows["1"]["runs"] == rows["1"]["fastest"] == "triton small" and rows["1"]["ms"] == round(1 + 1 / 8, 4)
+    assert rows["16"]["runs"] == "triton small" and rows["16"]["fastest"] == "triton big"  # held: within 3%
+    assert rows["32"]["runs"] == rows["32"]["fastest"] == "triton big"
+    assert rows["8"]["candidates"]["triton broken"].startswith("error: failed at 1 tokens: OutOfResources")
+    assert set(rows["8"]["candidates"]) == {c.name for c in candidates}
+    assert qwen["path"] == "grouped_mm" and qwen["ranges"] == []
+    assert all(row["runs"] == "grouped_mm" for row in qwen["buckets"].values())
+    assert all(row["candidates"]["triton big"] == "error: failed at 64 tokens: OutOfResources: shared memory"
+               for row in qwen["buckets"].values())
+    assert isinstance(qwen["buckets"]["64"]["candidates"]["triton small"], float)
+    assert sum(1 for e, _, name in measure.calls if name == "triton broken") == 2  # once per shape
+
+    from moec.ops.triton.configs import parse_plan
+
+    plans = {path: parse_plan(text) for path, text in tuning.plans.items()}
+    assert plans["model.layers.0.mlp"] == plans["model.layers.1.mlp"] == {
+        "path": "triton", "ranges": [(16, cfg(16)), (None, cfg(128))]}
+    assert plans["model.layers.2.mlp"] == {"path": "grouped_mm"}
+
+    # in the manifest, and in `moe-runtime inspect`
+    manifest = json.loads((tiny_artifact / "manifest.json").read_text())
+    manifest["kernels"] = {"moe": tuning.table}
+    text = render_summary(Manifest.model_validate(manifest))
+    assert "MoE: tuned on cuda at compile time; injected" in text
+    assert "E8 top-2 H4096 I14336 silu bfloat16  (model.layers.0.mlp, model.layers.1.mlp): " \
+           "triton, T≤16 M16N64K64G1w4s3, T>16 M128N64K64G1w4s3" in text
+    line_16 = next(line for line in text.splitlines() if line.strip().startswith("16  triton small"))
+    assert "triton big" in line_16  # the faster one, shown where it is not what runs
+    assert "E128 top-8 H2048 I768 silu bfloat16  (model.layers.2.mlp): grouped_mm" in text
+
+
+def test_tuner_refuses_a_shape_nothing_runs():
+    from moec.compiler.passes.moe_tuning import Candidate, tune_moe
+
+    candidates = [Candidate("grouped_mm", "grouped_mm")]
+    with pytest.raises(LoweringError,
+                       match=r"MoE block model\.layers\.0\.mlp .*no MoE kernel ran correctly at 1 tokens"):
+        tune_moe([_region("model.layers.0.mlp")], None, torch.float32, "cuda", 4,
+                 measure=FakeTimes(lambda *a: None), candidates=candidates)
+
+
+def test_plans_reach_the_fused_moe_calls(exported):
+    """apply_moe_plans puts each block's plan on its fused_moe call; the CPU reference ignores
+    it, so the program computes what it did."""
+    from moec.compiler.passes.moe_tuning import apply_moe_plans
+    from moec.compiler.export import example_inputs
+    from moec.ops.triton.configs import DYNAMIC_CONFIG, encode_plan
+
+    ep, step, config = exported
+    lowered, _ = lower_moe(ep, step, config)
+    plans = {"model.layers.0.mlp": encode_plan({"path": "grouped_mm"}),
+             "model.layers.1.mlp": encode_plan({"path": "triton", "ranges": [(None, DYNAMIC_CONFIG)]})}
+    planned = apply_moe_plans(lowered, step, plans)
+    calls = [n for n in planned.graph.nodes if n.target == torch.ops.moec.fused_moe.default]
+    assert [n.args[6:] for n in calls] == [(plans["model.layers.0.mlp"],), (plans["model.layers.1.mlp"],)]
+    assert all(len(n.args) == 6 for n in lowered.graph.nodes if n.target == torch.ops.moec.fused_moe.default)
+    args = example_inputs(config, torch.float32, 16)
+    kv = torch.zeros_like(args[4])
+    with torch.no_grad():
+        want = lowered.module()(*args[:4], kv.clone(), *args[5:])
+        got = planned.module()(*args[:4], kv.clone(), *args[5:])
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert apply_moe_plans(lowered, step, dict.fromkeys(plans, "")) is lowered
+    with pytest.raises(LoweringError, match=r"model\.layers\.5\.mlp, which is not an MoE block"):
+        apply_moe_plans(lowered, step, {"model.layers.0.mlp": plans["model.layers.0.mlp"],
+                                        "model.layers.5.mlp": plans["model.layers.0.mlp"]})
+    with pytest.raises(LoweringError, match=r"model\.layers\.0\.mlp\.experts\.gate_up_proj found no fused_moe"):
+        apply_moe_plans(ep, step, {"model.layers.0.mlp": plans["model.layers.0.mlp"]})  # not lowered
+
+
+def test_cpu_artifact_records_the_reference_path(tiny_artifact):
+    """Nothing is timed on CPU, and the manifest and `moe-runtime inspect` say so."""
+    moe = json.loads((tiny_artifact / "manifest.json").read_text())["kernels"]["moe"]
+    assert moe["device"] == "cpu" and moe["path"] == "reference" and "nothing was timed" in moe["note"]
+    assert moe["shapes"] == {"E4 top-2 H64 I128 silu float32": {
+        "layers": ["model.layers.0.mlp", "model.layers.1.mlp"], "path": "reference"}}
+    assert "ms" not in json.dumps(moe) and "timer" not in moe
+    proc = run_cli("moec.runtime", "inspect", str(tiny_artifact))
+    assert proc.returncode == 0, proc.stderr
+    assert "MoE: PyTorch reference on cpu (nothing to tune, nothing timed)" in proc.stdout
+    assert "E4 top-2 H64 I128 silu float32: reference  (model.layers.0.mlp, model.layers.1.mlp)" in proc.stdout

@@ -16,7 +16,9 @@ to compile it into the artifact without specialising T).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -183,7 +185,152 @@ def test_triton_path_traces_with_symbolic_tokens(top_k):
     (vr,) = ep.range_constraints.values()
     assert (vr.lower, vr.upper) == (1, 32768)
     launches = [n for n in ep.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
-    assert len(launches) == (5 if top_k == 1 else 6)  # 3 align + 2 GEMMs (+ K-way sum)
+    assert len(launches) == 5  # 3 align + 2 GEMMs: no K-way sum, the down GEMM accumulates
+
+
+# a config per token range: T <= 4, 4 < T <= 12, T > 12, each with its own BLOCK_M
+PLAN_RANGES = [(4, CFG_A), (12, CFG_B), (None, dict(CFG_A, BLOCK_M=64, BLOCK_K=16))]
+
+
+def _kernel_name(kwargs) -> str:
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    return kernel_side_table.get_kernel(kwargs["kernel_idx"]).fn.__name__
+
+
+@outer_only
+def test_plan_gates_each_range_by_token_count():
+    """A per-range plan under export with a symbolic T: every range's kernels are in the graph,
+    their grids are integer expressions of T (no guard: T keeps its whole range), and evaluated
+    for a concrete T exactly the range holding T launches; the histograms always do."""
+    from moec.ops.triton.configs import encode_plan, parse_plan
+    from moec.ops.triton.fused_moe import fused_moe
+
+    plan = parse_plan(encode_plan({"path": "triton", "ranges": PLAN_RANGES}))
+    w13, w2 = moe_weights(5, 72, 40, torch.float32)
+
+    class Block(torch.nn.Module):
+        def forward(self, x, weights, ids):
+            return fused_moe(x, w13, w2, weights, ids, "silu", plan=plan)
+
+    weights, ids = routing(7, 5, 2, "random")
+    tokens = torch.export.Dim("tokens", min=1, max=32768)
+    ep = torch.export.export(Block(), (torch.randn(7, 72), weights, ids), dynamic_shapes=({0: tokens},) * 3,
+                             strict=False)
+    (vr,) = ep.range_constraints.values()
+    assert (vr.lower, vr.upper) == (1, 32768)
+    names = [_kernel_name(n.kwargs) for n in ep.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+    assert names == ["_align_count_kernel", "_align_scan_kernel"] + ["_align_scatter_kernel", "_gate_up_kernel",
+                                                                     "_down_kernel"] * 3
+
+    class GridsOnly(torch.fx.Interpreter):
+        """Runs the graph's size arithmetic and records each launch's grid; launches nothing."""
+
+        def call_function(self, target, args, kwargs):
+            if "triton_kernel_wrapper" in str(target):
+                self.grids.append((_kernel_name(kwargs), kwargs["grid"][0][0]))
+                return None
+            return super().call_function(target, args, kwargs)
+
+    gm = ep.module()
+    for num_tokens, active in ((1, 0), (4, 0), (5, 1), (12, 1), (13, 2), (1000, 2), (32768, 2)):
+        run = GridsOnly(gm)
+        run.grids = []
+        w, i = routing(num_tokens, 5, 2, "random")
+        run.run(torch.randn(num_tokens, 72), w, i)
+        assert [g > 0 for _, g in run.grids[:2]] == [True, True]
+        per_range = [run.grids[2 + 3 * r: 5 + 3 * r] for r in range(3)]
+        assert [all(g > 0 for _, g in launches) for launches in per_range] == [r == active for r in range(3)]
+        assert all(g == 0 for r, launches in enumerate(per_range) if r != active for _, g in launches)
+
+
+@outer_only
+def test_inductor_sees_the_zeroing_and_the_accumulation(monkeypatch):
+    """Inductor orders and allocates user kernels by the tensors their TTIR writes: gate/up must
+    count as writing the output it zeroes, and down (atomics) as writing it too. The analysis
+    needs a GPU target only to build TTIR: an sm_90 target stands in for the device."""
+    import triton
+    from torch._higher_order_ops.triton_kernel_wrap import get_mutated_tensors
+    from triton.backends.compiler import GPUTarget
+
+    from moec.ops.triton.fused_moe import fused_moe
+
+    class Sm90:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_current_device(self):
+            return 0
+
+    w13, w2 = moe_weights(5, 72, 40, torch.float32)
+
+    class Block(torch.nn.Module):
+        def forward(self, x, weights, ids):
+            return fused_moe(x, w13, w2, weights, ids, "silu")
+
+    weights, ids = routing(7, 5, 2, "random")
+    tokens = torch.export.Dim("tokens", min=1, max=32768)
+    ep = torch.export.export(Block(), (torch.randn(7, 72), weights, ids), dynamic_shapes=({0: tokens},) * 3,
+                             strict=False)
+    monkeypatch.setattr(triton.runtime.driver, "_active", Sm90())
+    written = {}
+    for n in ep.graph.nodes:
+        if "triton_kernel_wrapper" in str(n.target):
+            kwargs = {k: v.meta["val"] if isinstance(v, torch.fx.Node) else v for k, v in n.kwargs["kwargs"].items()}
+            written[_kernel_name(n.kwargs)] = sorted(
+                get_mutated_tensors(n.kwargs["kernel_idx"], n.kwargs["constant_args_idx"], kwargs, {}))
+    assert written["_gate_up_kernel"] == ["out_ptr", "zero_ptr"]
+    assert written["_down_kernel"] == ["out_ptr"]
+    assert written["_align_scatter_kernel"] == ["expert_ids_ptr", "num_post_ptr", "sorted_ptr"]
+
+
+@outer_only
+def test_grouped_mm_path_matches_reference_and_traces_symbolically():
+    """The torch._grouped_mm path (what the tuner times against Triton) on CPU, and under export
+    with a dynamic token count: static shapes only, so T keeps its whole range."""
+    from moec.ops.fused_moe import fused_moe_grouped_mm
+
+    for dtype, top_k, case in ((torch.float32, 2, "empty"), (torch.float32, 1, "one"), (torch.bfloat16, 3, "random")):
+        w13, w2 = moe_weights(5, 72, 40, dtype)
+        x = torch.randn(9, 72).to(dtype)
+        weights, ids = routing(9, 5, top_k, case)
+        got = fused_moe_grouped_mm(x, w13, w2, weights, ids, "silu")
+        torch.testing.assert_close(got, reference(x, w13, w2, weights, ids), atol=0, rtol=0)
+
+    # bf16: torch._grouped_mm's shape function accepts nothing else (the CPU kernel does)
+    w13, w2 = moe_weights(5, 72, 40, torch.bfloat16)
+
+    class Block(torch.nn.Module):
+        def forward(self, x, weights, ids):
+            return fused_moe_grouped_mm(x, w13, w2, weights, ids, "gelu")
+
+    weights, ids = routing(7, 5, 2, "random")
+    tokens = torch.export.Dim("tokens", min=1, max=32768)
+    ep = torch.export.export(Block(), (torch.randn(7, 72, dtype=torch.bfloat16), weights, ids),
+                             dynamic_shapes=({0: tokens},) * 3, strict=False)
+    (vr,) = ep.range_constraints.values()
+    assert (vr.lower, vr.upper) == (1, 32768)
+    x2 = torch.randn(1, 72, dtype=torch.bfloat16)
+    w_2, ids_2 = routing(1, 5, 2, "one")
+    torch.testing.assert_close(ep.module()(x2, w_2, ids_2), reference(x2, w13, w2, w_2, ids_2, "gelu"))
+
+
+@outer_only
+def test_op_plan_argument():
+    """The op takes the plan as a string constant; on CPU it runs the reference whatever the
+    plan says, and a malformed plan is an error, not a silent default."""
+    import moec.ops  # noqa: F401
+    from moec.ops.triton.configs import encode_plan
+
+    w13, w2 = moe_weights(5, 72, 40, torch.float32)
+    x = torch.randn(9, 72)
+    weights, ids = routing(9, 5, 2, "random")
+    want = reference(x, w13, w2, weights, ids)
+    for plan in ("", encode_plan({"path": "grouped_mm"}), encode_plan({"path": "triton", "ranges": PLAN_RANGES})):
+        torch.testing.assert_close(torch.ops.moec.fused_moe(x, w13, w2, weights, ids, "silu", plan), want,
+                                   atol=0, rtol=0)
+    with pytest.raises(ValueError, match="MoE plan"):
+        torch.ops.moec.fused_moe(x, w13, w2, weights, ids, "silu", '{"path": "cublas"}')
 
 
 H100_SMEM = 232448  # bytes of shared memory one block may use on sm_90
@@ -220,23 +367,29 @@ def compile_for_sm90(
 
 @outer_only
 def test_kernels_compile_for_h100():
-    """Every kernel, in bf16 and with every config of the default table, compiles for sm_90 and
-    fits in its shared memory — what the interpreter cannot check."""
+    """Every kernel, with every config the tuner may time, compiles for sm_90 in bf16 and fits in
+    its shared memory — what the interpreter cannot check; the down GEMM's atomic add is native
+    (one `atom.global...add` per vector, no compare-and-swap loop) in bf16, fp16 and fp32."""
     from moec.ops.triton import align, grouped_gemm, router
-    from moec.ops.triton.configs import DEFAULT_CONFIGS, split_config
+    from moec.ops.triton.configs import DYNAMIC_CONFIG, candidate_configs, split_config
 
     bf16, i32 = "*bf16", "*i32"
     idx = {"sorted_ptr": i32, "expert_ids_ptr": i32, "num_post_ptr": i32}
     seen = set()
-    for cfg in DEFAULT_CONFIGS.values():
+    for cfg in candidate_configs():
         gate_up, down = split_config(cfg)
         for kernel, c, ptrs, extra in (
-            (grouped_gemm._gate_up_kernel, gate_up, {"x_ptr": bf16, "w_ptr": bf16, "out_ptr": bf16}, {"ACT": 0}),
+            (
+                grouped_gemm._gate_up_kernel,
+                gate_up,
+                {"x_ptr": bf16, "w_ptr": bf16, "out_ptr": bf16, "zero_ptr": bf16},
+                {"ACT": 0, "ZERO_OUT": True, "BLOCK_Z": 32},
+            ),
             (
                 grouped_gemm._down_kernel,
                 down,
                 {"a_ptr": bf16, "w_ptr": bf16, "out_ptr": bf16, "topk_weights_ptr": "*fp32"},
-                {"MUL_WEIGHT": True},
+                {"MUL_WEIGHT": True, "ACCUMULATE": True},
             ),
         ):
             key = (kernel.fn.__name__, tuple(sorted(c.items())))
@@ -250,8 +403,16 @@ def test_kernels_compile_for_h100():
             halves = 2 if kernel is grouped_gemm._gate_up_kernel else 1
             stage = 2 * c["BLOCK_K"] * (c["BLOCK_M"] + halves * c["BLOCK_N"])
             assert compiled.metadata.shared >= 2 * stage, (key, compiled.metadata.shared, stage)
+    _, down = split_config(DYNAMIC_CONFIG)
+    for dtype, ptx_type in (("bf16", "bf16"), ("fp16", "f16"), ("fp32", "f32")):
+        consts = {k: down[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+        consts |= {"MUL_WEIGHT": True, "ACCUMULATE": True, "IEEE": dtype == "fp32"}
+        ptrs = {"a_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "topk_weights_ptr": "*fp32"}
+        ptx = compile_for_sm90(grouped_gemm._down_kernel, ptrs | idx, consts, down["num_warps"], 3).asm["ptx"]
+        ops = set(re.findall(r"\b(?:atom|red)\.global\.[\w.]+", ptx))
+        # e.g. atom.global.gpu.relaxed.add.noftz.v8.bf16 (Triton 3.6), red.global... (later)
+        assert ops and all(".add." in op and op.endswith(f".{ptx_type}") for op in ops), (dtype, ops)
     small = [
-        (grouped_gemm._moe_sum_kernel, {"src_ptr": bf16, "out_ptr": bf16}, {"BLOCK_R": 2, "BLOCK_N": 1024}),
         (align._align_count_kernel, {"ids_ptr": "*i64", "counts_ptr": i32}, {"CHUNK": 256, "SUB": 16, "E_PAD": 256}),
         (
             align._align_scan_kernel,
@@ -288,6 +449,32 @@ def test_configs():
         split_config(dict(CFG_A, down={"BLOCK_M": 32}))
     with pytest.raises(ValueError, match="missing"):
         split_config({"BLOCK_M": 16})
+    with pytest.raises(ValueError, match="BLOCK_M must be <= 256"):
+        split_config(dict(CFG_A, BLOCK_M=512))
+
+
+@outer_only
+def test_plans_round_trip_and_validate():
+    from moec.ops.triton.configs import candidate_configs, config_name, encode_plan, parse_plan
+
+    assert parse_plan("") is None
+    plan = {"path": "triton", "ranges": PLAN_RANGES}
+    assert parse_plan(encode_plan(plan)) == {"path": "triton", "ranges": [(b, c) for b, c in PLAN_RANGES]}
+    assert parse_plan(encode_plan({"path": "grouped_mm"})) == {"path": "grouped_mm"}
+    names = [config_name(c) for c in candidate_configs()]
+    assert len(names) == len(set(names)) and names[0] == "M16N64K128G1w4s4"
+    assert config_name(CFG_B) == "M32N32K16G1w4s2|dN16K64G3"
+    bad = [
+        "not json",
+        '{"path": "triton"}',
+        '{"path": "triton", "ranges": [[16, %s]]}' % json.dumps(CFG_A),  # the last range must be open
+        '{"path": "triton", "ranges": [[16, %s], [8, %s], [null, %s]]}' % ((json.dumps(CFG_A),) * 3),
+        '{"path": "triton", "ranges": [[null, {"BLOCK_M": 16}]]}',
+        '{"path": "grouped_mm", "ranges": []}',
+    ]
+    for text in bad:
+        with pytest.raises(ValueError, match="MoE (plan|config)"):
+            parse_plan(text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,31 +572,36 @@ def ref_rows(x, w13, w2, weights, ids, activation="silu"):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(
     "num_tokens,top_k,case,cfg",
-    [(1, 2, "random", CFG_A), (23, 3, "empty", CFG_B), (17, 1, "one", CFG_A)],
+    [(1, 2, "random", CFG_A), (23, 3, "empty", CFG_B), (17, 1, "one", CFG_A), (40, 4, "random", CFG_B)],
 )
 def test_interp_grouped_gemms(dtype, num_tokens, top_k, case, cfg):
-    """Each GEMM on its own against the per-assignment reference, then the K-way sum."""
+    """Each GEMM on its own against the per-assignment reference: gate/up (zeroing the output
+    on the way when K > 1), then down accumulating every token's K rows into that output."""
     from moec.ops.triton.align import moe_align_block_size
     from moec.ops.triton.configs import split_config
-    from moec.ops.triton.grouped_gemm import down_grouped, gate_up_grouped, moe_sum
+    from moec.ops.triton.grouped_gemm import down_grouped, gate_up_grouped
 
     num_experts, hidden, inter = 5, 72, 40
     w13, w2 = moe_weights(num_experts, hidden, inter, dtype)
     x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(2)).to(dtype)
     weights, ids = routing(num_tokens, num_experts, top_k, case)
     want_inter, want_down = ref_rows(x, w13, w2, weights, ids)
+    want_out = want_down.view(num_tokens, top_k, hidden).sum(1)
     gate_up_cfg, down_cfg = split_config(cfg)
     with poisoned_empty():
         align = moe_align_block_size(ids, num_experts, gate_up_cfg["BLOCK_M"])
-        got_inter = gate_up_grouped(x, w13, *align, top_k, gate_up_cfg)
+        out = torch.empty(num_tokens, hidden, dtype=dtype)  # NaN: an element nobody zeroes fails
+        got_inter = gate_up_grouped(x, w13, *align, top_k, gate_up_cfg, zero_out=out if top_k > 1 else None)
     close(got_inter, want_inter, dtype)
+    if top_k > 1:
+        assert torch.equal(out, torch.zeros_like(out)), "gate/up must zero every element of the output"
     # down from the reference intermediate, so its error is its own
     with poisoned_empty():
-        got_down = down_grouped(want_inter.to(dtype), w2, weights, *align, down_cfg)
-    close(got_down, want_down, dtype)
-    with poisoned_empty():
-        got_sum = moe_sum(want_down.to(dtype), top_k)
-    close(got_sum, want_down.view(num_tokens, top_k, hidden).sum(1), dtype)
+        got_out = down_grouped(want_inter.to(dtype), w2, weights, *align, down_cfg, out=out)
+    assert got_out is out
+    close(got_out, want_out, dtype)
+    with poisoned_empty():  # without `out`, down allocates (and for K > 1 zeroes) its own
+        close(down_grouped(want_inter.to(dtype), w2, weights, *align, down_cfg), want_out, dtype)
 
 
 @interp_only
@@ -440,6 +632,23 @@ def test_interp_fused_moe(dtype, num_tokens, top_k, case, cfg, activation):
     close(got, want, dtype)
     if dtype == torch.float32:  # and the references composed in the op's own dtype
         torch.testing.assert_close(got, fused_moe_ref(x, w13, w2, weights, ids, activation), atol=1e-5, rtol=1e-4)
+
+
+@interp_only
+@pytest.mark.parametrize("num_tokens", [1, 4, 5, 12, 13, 30])
+def test_interp_fused_moe_plan(num_tokens):
+    """A per-range plan run for a T in each range and at each boundary: the range's own config
+    (its BLOCK_M, its zeroing) computes the right answer."""
+    from moec.ops.triton.configs import encode_plan, parse_plan
+    from moec.ops.triton.fused_moe import fused_moe, fused_moe_ref
+
+    plan = parse_plan(encode_plan({"path": "triton", "ranges": PLAN_RANGES}))
+    w13, w2 = moe_weights(5, 72, 40, torch.float16)
+    x = torch.randn(num_tokens, 72, generator=torch.Generator().manual_seed(num_tokens)).to(torch.float16)
+    weights, ids = routing(num_tokens, 5, 3, "random", seed=num_tokens)
+    with poisoned_empty():
+        got = fused_moe(x, w13, w2, weights, ids, "silu", plan=plan)
+    close(got, fused_moe_ref(x.float(), w13.float(), w2.float(), weights, ids, "silu"), torch.float16)
 
 
 @interp_only

@@ -18,6 +18,48 @@ def human_bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def _blocks(paths: list[str]) -> str:
+    if len(paths) <= 2:
+        return ", ".join(paths)
+    return f"{len(paths)} blocks, {paths[0]} … {paths[-1]}"
+
+
+def _ms(value) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else str(value)
+
+
+def moe_kernel_lines(table: dict) -> list[str]:
+    """The compile-time MoE tuning table (manifest kernels["moe"]): per shape, what the compiled
+    op runs for each token-count bucket, its time, and the fastest candidate where that differs."""
+    shapes = table.get("shapes") or {}
+    if table.get("path") == "reference":
+        lines = [f"MoE: PyTorch reference on {table.get('device', '?')} (nothing to tune, nothing timed)"]
+        lines += [f"  {key}: reference  ({_blocks(entry.get('layers', []))})" for key, entry in shapes.items()]
+        return lines
+    lines = [f"MoE: tuned on {table.get('device', '?')} at compile time; {table.get('timer', '')}"]
+    for key, entry in shapes.items():
+        ranges = entry.get("ranges") or []
+        if entry.get("path") == "triton" and ranges:
+            bounds, parts = 0, []
+            for r in ranges:
+                hi = r.get("max_tokens")
+                parts.append(f"T≤{hi} {r.get('config')}" if hi is not None else f"T>{bounds} {r.get('config')}")
+                bounds = hi if hi is not None else bounds
+            how = "triton, " + ", ".join(parts) if len(parts) > 1 else f"triton {ranges[0].get('config')}, every T"
+        else:
+            how = str(entry.get("path"))
+        lines.append(f"  {key}  ({_blocks(entry.get('layers', []))}): {how}")
+        buckets = entry.get("buckets") or {}
+        if buckets:
+            width = max(len(str(row.get("runs", ""))) for row in buckets.values())
+            lines.append(f"    {'tokens':>7}  {'runs':<{width}}  {'ms':>9}  fastest, where another")
+            for tokens, row in buckets.items():
+                runs = str(row.get("runs"))
+                other = "" if row.get("fastest") == runs else f"{row.get('fastest')} {_ms(row.get('fastest_ms'))}"
+                lines.append(f"    {tokens:>7}  {runs:<{width}}  {_ms(row.get('ms')):>9}  {other}".rstrip())
+    return lines
+
+
 def _manifest(obj: Artifact | Manifest) -> Manifest:
     return obj.manifest if isinstance(obj, Artifact) else obj
 
@@ -47,7 +89,10 @@ def render_summary(artifact_or_manifest: Artifact | Manifest) -> str:
     if m.kernels:
         lines.append("  kernels")
         for key, choice in m.kernels.items():
-            lines.append(f"    {key}: {choice}")
+            if key == "moe" and isinstance(choice, dict):
+                lines.extend("    " + line for line in moe_kernel_lines(choice))
+            else:
+                lines.append(f"    {key}: {choice}")
     for label, plan in (("parallel", m.parallel), ("offload", m.offload)):
         if plan:
             lines.append(f"  {label:<11} " + ", ".join(f"{k}={v}" for k, v in plan.items()))

@@ -14,10 +14,13 @@ from rich.console import Console
 
 from moec.artifact import ArtifactWriter
 from moec.artifact.manifest import environment_fields
+from moec.artifact.summary import moe_kernel_lines
 from moec.compiler.export import export_step
 from moec.compiler.load import load_model, read_hf_config
 from moec.compiler.lower import compile_graph, save_weights
 from moec.compiler.passes import lower_moe
+from moec.compiler.passes.moe_lowering import check_moe_blocks
+from moec.compiler.passes.moe_tuning import apply_moe_plans, tune_moe
 from moec.compiler.recipe import Recipe
 from moec.compiler.step import PagedStep
 from moec.errors import RecipeError
@@ -84,15 +87,25 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
         with stages.stage("load", f"{hf_name(model_dir)} from safetensors ({recipe.dtype})"):
             hf_config = read_hf_config(model_dir)
             model = load_model(model_dir, dtype).to(recipe.device)
+            # shapes the kernels cannot run stop here, naming the block, before export trips on them
+            check_moe_blocks(model, model.config, recipe.device, recipe.max_tokens_per_step)
             step = PagedStep(model)
         with stages.stage("export", f"tokens ≤ {recipe.max_tokens_per_step}, batch ≤ {recipe.max_batch}"):
             ep = export_step(step, dtype, recipe.kv_block_size, recipe.max_tokens_per_step, recipe.max_batch,
                              recipe.max_seq_len, device=recipe.device)
         with stages.stage("passes", "MoE regions → moec ops, each checked on random inputs"):
-            ep, regions = lower_moe(ep, step, model.config)
+            ep, regions = lower_moe(ep, step, model.config, device=recipe.device,
+                                    max_tokens=recipe.max_tokens_per_step)
         console.print(f"  {len(regions)} MoE regions lowered:\n{_region_table(regions)}")
         if explain:
             return None
+        tune_detail = ("each MoE shape × token bucket: Triton configs and torch._grouped_mm timed"
+                       if recipe.device == "cuda" else "cpu: the MoE op runs the PyTorch reference, nothing to time")
+        with stages.stage("tune", tune_detail):
+            tuning = tune_moe(regions, step, dtype, recipe.device, recipe.max_tokens_per_step)
+            ep = apply_moe_plans(ep, step, tuning.plans)
+        console.print("\n".join("  " + line for line in moe_kernel_lines(tuning.table)),
+                      soft_wrap=True, markup=False, highlight=False)
 
         config = model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -129,6 +142,7 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
                         "kv_dtype": recipe.dtype,
                     },
                     "moe_regions": [{k: v for k, v in r.items() if k != "check_error_ratio"} for r in regions],
+                    "kernels": {"moe": tuning.table},
                 })
     total = sum(stages.times.values())
     console.print(f"[bold green]compiled[/] {recipe.name} → {out_dir} in {total:.1f}s")

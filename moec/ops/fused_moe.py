@@ -5,6 +5,10 @@ what `moe_experts` followed by `moe_combine` computes, as one op, so that on CUD
 kernels of `moec.ops.triton` (align, gate/up GEMM with the activation fused, down GEMM with
 the routing weight and the scatter to token order fused) replace the pair.
 
+`plan` (a string constant in the graph, see `moec.ops.triton.configs.parse_plan`) is the
+compile-time tuner's choice for this call: Triton configs per token range, or the
+`torch._grouped_mm` path; "" is the untuned default. The runtime never chooses or tunes.
+
 A `triton_op`: export keeps it as one node; Inductor/AOTInductor trace its body. On CUDA tensors
 the body launches the kernels through `torch.library.wrap_triton`, which AOTInductor compiles
 into the `.pt2` as cubin (no Python, no Triton at run time). Elsewhere the body is the
@@ -20,11 +24,38 @@ from torch.library import triton_op
 
 from moec.ops.moe_combine import moe_combine_ref
 from moec.ops.moe_experts import ACTIVATIONS
+from moec.ops.triton.configs import parse_plan
 
 if importlib.util.find_spec("triton") is not None:
     from moec.ops.triton.fused_moe import fused_moe as fused_moe_triton
 else:  # CPU-only install: the reference path needs no Triton
     fused_moe_triton = None
+
+
+def fused_moe_grouped_mm(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: str,
+) -> torch.Tensor:
+    """The CUTLASS alternative the tuner times against the Triton kernels: assignments sorted by
+    expert (stable), `torch._grouped_mm` for gate/up and for down, the activation between, and
+    the weighted sum per token in fp32 (a fixed order: deterministic). Static shapes only: the
+    per-expert row ends come from a searchsorted, not a bincount."""
+    num_tokens, hidden_size = hidden.shape
+    top_k = topk_ids.shape[1]
+    num_experts, two_i, _ = w13.shape
+    sorted_experts, order = torch.sort(topk_ids.reshape(-1), stable=True)
+    experts = torch.arange(num_experts, device=hidden.device, dtype=sorted_experts.dtype)
+    offs = torch.searchsorted(sorted_experts, experts, right=True).to(torch.int32)
+    x = hidden.index_select(0, order // top_k)
+    gate_up = torch._grouped_mm(x, w13.transpose(-2, -1), offs=offs)  # [T*K, 2I], sorted rows
+    h = ACTIVATIONS[activation](gate_up[:, : two_i // 2]) * gate_up[:, two_i // 2 :]
+    y = torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs)  # [T*K, H], sorted rows
+    rows = y.new_empty(y.shape).index_copy(0, order, y)  # back to assignment order
+    return moe_combine_ref(rows.view(num_tokens, top_k, hidden_size), topk_weights)
 
 
 @triton_op("moec::fused_moe", mutates_args=())
@@ -35,10 +66,15 @@ def fused_moe(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     activation: str,
+    plan: str = "",
 ) -> torch.Tensor:
     if activation not in ACTIVATIONS:
         raise ValueError(f"fused_moe: unknown activation {activation!r}; one of {sorted(ACTIVATIONS)}")
-    if hidden.is_cuda and fused_moe_triton is not None:
-        return fused_moe_triton(hidden, w13, w2, topk_weights, topk_ids, activation)
+    parsed = parse_plan(plan)
+    if hidden.is_cuda:
+        if parsed is not None and parsed["path"] == "grouped_mm":
+            return fused_moe_grouped_mm(hidden, w13, w2, topk_weights, topk_ids, activation)
+        if fused_moe_triton is not None:
+            return fused_moe_triton(hidden, w13, w2, topk_weights, topk_ids, activation, plan=parsed)
     expert_out = torch.ops.moec.moe_experts(hidden, w13, w2, topk_ids, activation)
     return moe_combine_ref(expert_out, topk_weights)

@@ -1,5 +1,11 @@
 """Replace each MoE region with moec ops: `moe_router` → `fused_moe` (experts + weighted combine).
 
+Before anything is lowered, every block is checked against what the kernels for the target
+device handle (`unsupported`): a shape or dtype they cannot run stops the compile with one line
+naming the block, so it never reaches serving. `check_moe_blocks` runs the same check on the
+loaded model before export (a block that export itself would choke on, like top_k > experts,
+gets the same message); `lower_moe` runs it on each region found in the graph.
+
 The replacement is built as a small graph of its own, checked numerically against the block it
 replaces (the module export traced it from) on random inputs, and only then inlined. A
 mismatch beyond the dtype's tolerance stops the compile: no artifact is written.
@@ -15,14 +21,90 @@ from torch import fx
 from torch._guards import detect_fake_mode
 
 import moec.ops  # noqa: F401  (registers torch.ops.moec.*)
-from moec.compiler.passes.moe_region import MoeRegion, find_moe_regions
+from moec.compiler.passes.moe_region import MOE_BLOCKS, MoeRegion, find_moe_regions
 from moec.errors import LoweringError
+from moec.ops.moe_experts import ACTIVATIONS
+from moec.ops.triton.configs import CUDA_DTYPES, INT32_LIMIT, MAX_BLOCK_M, MAX_EXPERTS
 
 aten = torch.ops.aten
 moec_ops = torch.ops.moec
 
 # (rtol, atol) per dtype, against the block's own output magnitude
 TOLERANCE = {torch.float32: (1e-4, 1e-5), torch.float16: (5e-3, 5e-3), torch.bfloat16: (3e-2, 3e-2)}
+
+
+# Hugging Face `hidden_act` names that compute exactly one of the kernels' activations
+ACTIVATION_ALIASES = {
+    "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
+}
+
+
+def kernel_activation(hf_name: str) -> str:
+    return ACTIVATION_ALIASES.get(hf_name, hf_name)
+
+
+def unsupported(num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, activation: str,
+                dtype: torch.dtype, device: str, max_tokens: int | None = None) -> str | None:
+    """Why moec's MoE kernels for `device` cannot run a block of this shape, and what would work;
+    None if they can. CPU runs the PyTorch reference; CUDA runs the Triton kernels, whose limits
+    are stated in `moec.ops.triton.configs`."""
+    if activation not in ACTIVATIONS:
+        return (f"activation {activation!r} is not supported by the MoE kernels; "
+                f"supported: {', '.join(sorted(ACTIVATIONS))} "
+                f"(HF names {', '.join(sorted(ACTIVATION_ALIASES))} map to them)")
+    if not 1 <= top_k <= num_experts:
+        return f"top_k {top_k} with {num_experts} experts; top_k must be between 1 and {num_experts}"
+    dtype_name = str(dtype).removeprefix("torch.")
+    if device != "cuda":
+        if not dtype.is_floating_point:
+            return f"expert weights are {dtype_name}; the reference MoE op takes floating-point weights"
+        return None
+    if dtype_name not in CUDA_DTYPES:
+        return (f"expert weights are {dtype_name}; the CUDA MoE kernels take {', '.join(CUDA_DTYPES)} "
+                f"(set the recipe's dtype)")
+    if num_experts > MAX_EXPERTS:
+        return (f"{num_experts} experts; the CUDA kernels handle at most {MAX_EXPERTS} experts per block "
+                f"(device: cpu runs any count)")
+    w13_elems = 2 * intermediate_size * hidden_size
+    if w13_elems >= INT32_LIMIT:
+        return (f"hidden {hidden_size} x intermediate {intermediate_size}: one expert's gate/up weights "
+                f"({w13_elems} elements) exceed the CUDA kernels' 32-bit offsets; 2 x intermediate x hidden "
+                f"must be below {INT32_LIMIT}")
+    if max_tokens is not None:
+        slots = max_tokens * top_k + min(max_tokens * top_k, num_experts) * (MAX_BLOCK_M - 1)
+        if slots >= INT32_LIMIT:
+            fits = (INT32_LIMIT - 1 - num_experts * (MAX_BLOCK_M - 1)) // top_k
+            return (f"{max_tokens} tokens per step x top_k {top_k} overflow the CUDA kernels' 32-bit row "
+                    f"indices; set max_tokens_per_step to at most {fits}")
+    return None
+
+
+def check_supported(path: str, desc: dict, dtype: torch.dtype, device: str, max_tokens: int | None = None) -> None:
+    """Raise LoweringError naming the block if the kernels for `device` cannot run it."""
+    problem = unsupported(desc["num_experts"], desc["top_k"], desc["hidden_size"], desc["intermediate_size"],
+                          desc["activation"], dtype, device, max_tokens)
+    if problem:
+        raise LoweringError(f"MoE block {path}: {problem}")
+
+
+def check_moe_blocks(model: torch.nn.Module, config, device: str, max_tokens: int | None = None) -> int:
+    """`unsupported` on every MoE block of the loaded model, before export; returns how many."""
+    count = 0
+    for path, block in model.named_modules():
+        spec = MOE_BLOCKS.get(type(block).__name__)
+        if spec is None:
+            continue
+        w13 = block.get_parameter(spec.gate_up_proj)
+        desc = {
+            "num_experts": int(w13.shape[0]),
+            "top_k": int(config.num_experts_per_tok),
+            "hidden_size": int(w13.shape[2]),
+            "intermediate_size": int(w13.shape[1]) // 2,
+            "activation": kernel_activation(getattr(config, "hidden_act", "silu")),
+        }
+        check_supported(path, desc, w13.dtype, device, max_tokens)
+        count += 1
+    return count
 
 
 def replacement_graph(region: MoeRegion, out_shape: list[int]) -> fx.Graph:
@@ -99,13 +181,21 @@ def _inline(graph: fx.Graph, sub: fx.Graph, region: MoeRegion) -> fx.Node:
 
 
 def lower_moe(ep: torch.export.ExportedProgram, model: torch.nn.Module, config,
-              build=replacement_graph) -> tuple[torch.export.ExportedProgram, list[dict]]:
-    """A new program with every MoE region lowered to moec ops, and the regions described."""
+              build=replacement_graph, device: str | None = None,
+              max_tokens: int | None = None) -> tuple[torch.export.ExportedProgram, list[dict]]:
+    """A new program with every MoE region lowered to moec ops, and the regions described.
+
+    `device`: the target whose kernels must run the regions (default: where the weights are);
+    `max_tokens`: the most tokens one step may hold (bounds the kernels' index arithmetic)."""
     gm = copy.deepcopy(ep.graph_module)
     new_ep = ep._update(gm, ep.graph_signature)
     regions = find_moe_regions(new_ep, config)
     if not regions:
         raise LoweringError("no MoE block found in the exported graph: nothing for moec to compile")
+    for region in regions:  # all checked before any is lowered: the first problem stops the compile
+        region.activation = kernel_activation(region.activation)
+        w13 = region.weights["gate_up_proj"].meta["val"]
+        check_supported(region.path, region.describe(), w13.dtype, device or w13.device.type, max_tokens)
     graph = gm.graph
     described = []
     for region in regions:

@@ -10,7 +10,8 @@ Only the first num_post entries of sorted_ids (num_post/BLOCK_M of expert_ids) a
 GEMMs stop there. EM = T*K + min(T*K, E)*(BLOCK_M-1) bounds num_post for any routing (only
 experts that received a token are padded), and depends on shapes only: no host sync.
 
-Three launches, all sized from shapes, none data-dependent:
+Three launches, all sized from shapes, none data-dependent (`expert_histograms` runs the first
+two, which do not depend on BLOCK_M; `align_scatter` the third, per config `fused_moe` runs):
   count    one program per CHUNK assignments: that chunk's per-expert histogram
   scan     per expert, the exclusive prefix of the histograms over chunks, and the totals
   scatter  per chunk: each assignment's slot = padded start of its expert + earlier
@@ -22,10 +23,14 @@ order within an expert is the assignment order: deterministic, like a stable sor
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
+
+from moec.ops.triton.configs import MAX_EXPERTS
 
 CHUNK = 256  # assignments per program in the count and scatter kernels
 
@@ -140,24 +145,29 @@ def max_padded_assignments(num_assign, num_experts: int, block_m: int):
     return num_assign + _sym_min(num_assign, num_experts) * (block_m - 1)
 
 
-def moe_align_block_size(
-    topk_ids: torch.Tensor, num_experts: int, block_m: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """topk_ids [T, K] (any int dtype, values in [0, E)) → (sorted_ids, expert_ids, num_post)."""
-    if block_m < 1 or block_m & (block_m - 1):
-        raise ValueError(f"moe_align_block_size: BLOCK_M must be a power of two, got {block_m}")
-    if not 1 <= num_experts <= 1024:
-        raise ValueError(f"moe_align_block_size: {num_experts} experts; supported 1..1024")
+@dataclass
+class ExpertHistograms:
+    """The count and scan launches' results, which do not depend on BLOCK_M: one set serves every
+    config `fused_moe` compiles in (each with its own BLOCK_M scatter)."""
+
+    ids: torch.Tensor  # [T*K] flat topk_ids
+    offsets: torch.Tensor  # [num_chunks * E_PAD] per-chunk exclusive prefix per expert
+    totals: torch.Tensor  # [E_PAD] assignments per expert
+    num_experts: int
+    num_chunks: object  # int or SymInt
+    e_pad: int
+    sub: int
+
+
+def expert_histograms(topk_ids: torch.Tensor, num_experts: int) -> ExpertHistograms:
+    """topk_ids [T, K] (any int dtype, values in [0, E)) → per-chunk, per-expert counts, scanned."""
+    if not 1 <= num_experts <= MAX_EXPERTS:
+        raise ValueError(f"moe_align_block_size: {num_experts} experts; supported 1..{MAX_EXPERTS}")
     ids = topk_ids.reshape(-1)
     if not ids.is_contiguous():
         ids = ids.contiguous()
     num_assign = ids.shape[0]
     device = ids.device
-    em = max_padded_assignments(num_assign, num_experts, block_m)
-    sorted_ids = torch.empty(em, dtype=torch.int32, device=device)
-    expert_ids = torch.empty(triton.cdiv(em, block_m), dtype=torch.int32, device=device)
-    num_post = torch.empty(1, dtype=torch.int32, device=device)
-
     e_pad = max(_next_pow2(num_experts), 2)
     num_chunks = triton.cdiv(num_assign, CHUNK)
     # [num_chunks, E_PAD] row-major, kept 1-D: a 2-D buffer with a symbolic leading dim that can
@@ -174,17 +184,32 @@ def moe_align_block_size(
     wrap_triton(_align_scan_kernel)[(e_pad // block_e,)](
         counts, offsets, totals, num_chunks, E_PAD=e_pad, BLOCK_E=block_e, BLOCK_P=4096 // block_e, num_warps=4
     )
-    wrap_triton(_align_scatter_kernel)[(num_chunks,)](
-        ids,
-        offsets,
-        totals,
+    return ExpertHistograms(ids, offsets, totals, num_experts, num_chunks, e_pad, sub)
+
+
+def align_scatter(hist: ExpertHistograms, block_m: int, gate=1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The scatter launch for one BLOCK_M → (sorted_ids, expert_ids, num_post). `gate` (0 or 1,
+    maybe symbolic) multiplies the grid: gated to 0, nothing is launched or written."""
+    if block_m < 1 or block_m & (block_m - 1):
+        raise ValueError(f"moe_align_block_size: BLOCK_M must be a power of two, got {block_m}")
+    num_assign = hist.ids.shape[0]
+    device = hist.ids.device
+    em = max_padded_assignments(num_assign, hist.num_experts, block_m)
+    sorted_ids = torch.empty(em, dtype=torch.int32, device=device)
+    expert_ids = torch.empty(triton.cdiv(em, block_m), dtype=torch.int32, device=device)
+    num_post = torch.empty(1, dtype=torch.int32, device=device)
+    e_pad = hist.e_pad
+    wrap_triton(_align_scatter_kernel)[(hist.num_chunks * gate,)](
+        hist.ids,
+        hist.offsets,
+        hist.totals,
         sorted_ids,
         expert_ids,
         num_post,
         num_assign,
-        num_chunks,
+        hist.num_chunks,
         CHUNK=CHUNK,
-        SUB=sub,
+        SUB=hist.sub,
         E_PAD=e_pad,
         BLOCK_M=block_m,
         BLOCK_B=max(16, 4096 // e_pad),
@@ -192,3 +217,12 @@ def moe_align_block_size(
         num_warps=4,
     )
     return sorted_ids, expert_ids, num_post
+
+
+def moe_align_block_size(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """topk_ids [T, K] (any int dtype, values in [0, E)) → (sorted_ids, expert_ids, num_post)."""
+    if block_m < 1 or block_m & (block_m - 1):
+        raise ValueError(f"moe_align_block_size: BLOCK_M must be a power of two, got {block_m}")
+    return align_scatter(expert_histograms(topk_ids, num_experts), block_m)

@@ -19,8 +19,19 @@ replaces them per MoE shape and per token bucket, and records its choice in the 
 from __future__ import annotations
 
 import copy
+import json
 
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 32768)
+
+# What the CUDA kernels handle, stated here (no Triton import) so the compiler can reject a model
+# before it is exported. `align` keeps one histogram lane per expert in registers: at most
+# MAX_EXPERTS. Row indices (sorted_ids, slots) are int32 and every config's BLOCK_M is at most
+# MAX_BLOCK_M, so T*K + min(T*K, E)*(MAX_BLOCK_M - 1) must stay below INT32_LIMIT. Within one
+# expert the kernels offset weight pointers in int32: 2*I*H (w13) must stay below it too.
+CUDA_DTYPES = ("bfloat16", "float16", "float32")
+MAX_EXPERTS = 1024
+MAX_BLOCK_M = 256
+INT32_LIMIT = 2**31
 
 _SMALL = {
     "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4,
@@ -52,6 +63,47 @@ DEFAULT_CONFIGS: dict[int, dict] = {
 # (the weights are streamed once either way; only MMA work on padding rows grows) and is within
 # ~2x of the best tile at prefill. The tuner's per-bucket choice replaces this.
 DYNAMIC_CONFIG = _LARGE
+
+# What the compile-time tuner times besides the table's rows (untuned guesses; the tuner's
+# measurements decide): for decode, wider K tiles and more warps to stream the weights; for the
+# middle, wider N in the down GEMM; for prefill, larger M/N tiles with L2-friendly GROUP_M. A
+# config that does not compile for a shape and dtype (shared memory in fp32) fails in the tuner
+# and is not chosen. Every one compiles for sm_90 in bf16 (tests/test_triton_kernels.py).
+_VARIANTS = [
+    {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "GROUP_M": 1, "num_warps": 4, "num_stages": 4,
+     "down": {"BLOCK_N": 64, "BLOCK_K": 256}},
+    {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "GROUP_M": 1, "num_warps": 8, "num_stages": 3,
+     "down": {"BLOCK_N": 128, "BLOCK_K": 128}},
+    {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 8, "num_stages": 4,
+     "down": {"BLOCK_N": 128, "BLOCK_K": 128}},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3,
+     "down": {"BLOCK_N": 128, "BLOCK_K": 64}},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 16, "num_warps": 8, "num_stages": 3,
+     "down": {"BLOCK_N": 256, "BLOCK_K": 64}},
+]
+
+
+def candidate_configs() -> list[dict]:
+    """Every config the tuner times: the default table's rows, then the variants; distinct."""
+    out, seen = [], set()
+    for cfg in [*DEFAULT_CONFIGS.values(), *_VARIANTS]:
+        name = config_name(cfg)
+        if name not in seen:
+            seen.add(name)
+            out.append(copy.deepcopy(cfg))
+    return out
+
+
+def config_name(cfg: dict) -> str:
+    """A short label: 'M16N64K128G1w4s4' for the gate/up launch, '|d…' for the down overrides."""
+    gate_up, down = split_config(cfg)
+    name = "M{BLOCK_M}N{BLOCK_N}K{BLOCK_K}G{GROUP_M}w{num_warps}s{num_stages}".format(**gate_up)
+    diff = {k: v for k, v in down.items() if gate_up[k] != v}
+    if diff:
+        abbr = {"BLOCK_N": "N", "BLOCK_K": "K", "GROUP_M": "G", "num_warps": "w", "num_stages": "s"}
+        name += "|d" + "".join(f"{abbr[k]}{v}" for k, v in sorted(diff.items(), key=lambda kv: list(abbr).index(kv[0])))
+    return name
+
 
 _KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
 
@@ -92,9 +144,58 @@ def split_config(config: dict) -> tuple[dict, dict]:
     for cfg in (gate_up, down):
         for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
             _check_pow2(k, cfg[k], 16)  # tl.dot needs every tile side >= 16
+        if cfg["BLOCK_M"] > MAX_BLOCK_M:
+            raise ValueError(f"MoE config: BLOCK_M must be <= {MAX_BLOCK_M}, got {cfg['BLOCK_M']}")
         _check_pow2("num_warps", cfg["num_warps"], 1)
         if not isinstance(cfg["GROUP_M"], int) or cfg["GROUP_M"] < 1:
             raise ValueError(f"MoE config: GROUP_M must be a positive int, got {cfg['GROUP_M']!r}")
         if not isinstance(cfg["num_stages"], int) or cfg["num_stages"] < 1:
             raise ValueError(f"MoE config: num_stages must be a positive int, got {cfg['num_stages']!r}")
     return gate_up, down
+
+
+# A plan says what one `fused_moe` call runs; the tuner chooses it at compile time and the
+# lowering pass hands it to the op as a string constant (its `plan` argument), so the compiled
+# graph carries the choice and nothing is decided at run time but which token range T is in:
+#   {"path": "triton", "ranges": [[16, cfg], [256, cfg], [null, cfg]]}
+#       T <= 16 runs the first config, 16 < T <= 256 the second, larger T the last
+#   {"path": "grouped_mm"}
+#       sort + torch._grouped_mm (PyTorch's CUTLASS grouped GEMM) for every T
+# The empty string is the untuned default (the table above; DYNAMIC_CONFIG for a symbolic T).
+PLAN_PATHS = ("triton", "grouped_mm")
+
+
+def parse_plan(text: str) -> dict | None:
+    """The plan a `plan` string encodes, validated; None for the untuned default ("")."""
+    if not text:
+        return None
+    try:
+        plan = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"MoE plan: not JSON ({e})") from None
+    if not isinstance(plan, dict) or plan.get("path") not in PLAN_PATHS:
+        raise ValueError(f"MoE plan: want {{'path': one of {PLAN_PATHS}, ...}}, got {text[:80]!r}")
+    if plan["path"] == "grouped_mm":
+        if set(plan) != {"path"}:
+            raise ValueError(f"MoE plan: grouped_mm takes no settings, got {sorted(set(plan) - {'path'})}")
+        return plan
+    ranges = plan.get("ranges")
+    if set(plan) != {"path", "ranges"} or not isinstance(ranges, list) or not ranges:
+        raise ValueError("MoE plan: triton needs a non-empty 'ranges' list and nothing else")
+    bounds = [r[0] if isinstance(r, list) and len(r) == 2 else "bad" for r in ranges]
+    if bounds[-1] is not None or not all(isinstance(b, int) and b >= 1 for b in bounds[:-1]) \
+            or bounds[:-1] != sorted(set(bounds[:-1])):
+        raise ValueError(f"MoE plan: ranges must be [max_tokens, config] pairs with increasing "
+                         f"max_tokens and null last; got bounds {bounds}")
+    for _, cfg in ranges:
+        split_config(cfg)
+    return {"path": "triton", "ranges": [(b, copy.deepcopy(c)) for b, c in ranges]}
+
+
+def encode_plan(plan: dict) -> str:
+    """The op's `plan` string for a plan dict (checked by parsing it back)."""
+    text = json.dumps({"path": plan["path"], **({"ranges": [[b, c] for b, c in plan["ranges"]]}
+                                                 if plan["path"] == "triton" else {})},
+                      sort_keys=True, separators=(",", ":"))
+    parse_plan(text)
+    return text

@@ -1,9 +1,19 @@
-"""The routed-experts part of an MoE block from the Triton kernels: align → gate/up → down
-(→ K-way sum), and the plain-PyTorch composition of the existing references to compare with.
+"""The routed-experts part of an MoE block from the Triton kernels: align → gate/up → down,
+and the plain-PyTorch composition of the existing references to compare with.
 
 Launches, all sized from shapes (no host sync, no data-dependent shapes, so the sequence can be
-captured in a CUDA graph and traced with a symbolic token count): 3 for the sort/align, 1 per
-GEMM, 1 for the K-way sum (none when K == 1).
+captured in a CUDA graph and traced with a symbolic token count): 2 for the expert histograms,
+then per config a scatter (align), the gate/up GEMM (which also zeroes the output) and the down
+GEMM (which accumulates into it): 5 for one config.
+
+A tuned plan (`configs.parse_plan`) gives a config per token range. Every config of the plan is
+compiled in, and each of its launches has its grid multiplied by a gate: 1 when T is in the
+config's range, else 0. With a concrete T the other ranges are simply not launched. With a
+symbolic T (export, AOTInductor) the gate is an integer expression of T — floor divisions and
+min/max, no branch and so no guard — and a launch whose grid comes to 0 does not happen
+(AOTInductor's C++ launcher returns on a zero grid, as Triton's does). One compiled graph thus
+runs the decode config at decode and the prefill config at prefill. Each range allocates its own
+small align buffers; the [T*K, I] intermediate and the output are shared.
 """
 
 from __future__ import annotations
@@ -15,9 +25,9 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from moec.ops.moe_combine import moe_combine_ref
 from moec.ops.moe_experts import moe_experts_ref
-from moec.ops.triton.align import moe_align_block_size
+from moec.ops.triton.align import align_scatter, expert_histograms
 from moec.ops.triton.configs import DYNAMIC_CONFIG, default_config, split_config
-from moec.ops.triton.grouped_gemm import ACTIVATION_CODES, down_grouped, gate_up_grouped, moe_sum
+from moec.ops.triton.grouped_gemm import ACTIVATION_CODES, unit_last_stride, down_grouped, gate_up_grouped
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -28,6 +38,19 @@ def select_config(num_tokens, num_experts: int, top_k: int) -> dict:
     if isinstance(num_tokens, int):
         return default_config(num_tokens, num_experts, top_k)
     return copy.deepcopy(DYNAMIC_CONFIG)
+
+
+def token_range_gate(num_tokens, lo: int, hi: int | None):
+    """1 if lo < T <= hi (hi None: no upper bound) else 0: an int for a concrete T, an integer
+    expression of T (no guard) for a symbolic one."""
+    if isinstance(num_tokens, int):
+        return int(lo < num_tokens and (hi is None or num_tokens <= hi))
+    gate = 1
+    if lo > 0:
+        gate = torch.sym_min(num_tokens // (lo + 1), 1)
+    if hi is not None:
+        gate = gate * torch.sym_max(1 - num_tokens // (hi + 1), 0)
+    return gate
 
 
 def check_shapes(hidden, w13, w2, topk_weights, topk_ids, activation: str) -> None:
@@ -67,30 +90,45 @@ def fused_moe(
     topk_ids: torch.Tensor,
     activation: str = "silu",
     config: dict | None = None,
+    plan: dict | None = None,
 ) -> torch.Tensor:
     """hidden [T, H]; w13 [E, 2I, H] (gate rows, then up rows); w2 [E, H, I]; topk_weights
     [T, K] (f32); topk_ids [T, K] → [T, H] = sum_k w[t,k] * expert_{id[t,k]}(hidden[t]).
 
-    `config`: see `moec.ops.triton.configs`; None picks the default for this token count.
+    `config`: one config for every T (see `moec.ops.triton.configs`). `plan`: a parsed triton
+    plan, a config per token range. Neither: the default for this token count.
     """
     check_shapes(hidden, w13, w2, topk_weights, topk_ids, activation)
     num_tokens, hidden_size = hidden.shape
-    num_experts = w13.shape[0]
+    num_experts, two_i, _ = w13.shape
     top_k = topk_ids.shape[1]
-    if config is None:
-        config = select_config(num_tokens, num_experts, top_k)
-    gate_up_cfg, down_cfg = split_config(config)
+    if config is not None:
+        ranges = [(None, config)]
+    elif plan is not None:
+        if plan["path"] != "triton":
+            raise ValueError(f"fused_moe (Triton): plan path {plan['path']!r} is not a Triton plan")
+        ranges = plan["ranges"]
+    else:
+        ranges = [(None, select_config(num_tokens, num_experts, top_k))]
+    launches = [(hi, *split_config(cfg)) for hi, cfg in ranges]  # validated before anything runs
     if statically_known_true(num_tokens == 0):
         return hidden.new_empty(0, hidden_size)
 
-    sorted_ids, expert_ids, num_post = moe_align_block_size(topk_ids, num_experts, gate_up_cfg["BLOCK_M"])
-    inter = gate_up_grouped(hidden, w13, sorted_ids, expert_ids, num_post, top_k, gate_up_cfg, activation)
-    if top_k == 1:
-        out = torch.empty(num_tokens, hidden_size, dtype=hidden.dtype, device=hidden.device)
-        down_grouped(inter, w2, topk_weights, sorted_ids, expert_ids, num_post, down_cfg, out=out)
-        return out
-    rows = down_grouped(inter, w2, topk_weights, sorted_ids, expert_ids, num_post, down_cfg)
-    return moe_sum(rows, top_k)
+    hidden, w13, w2 = unit_last_stride(hidden), unit_last_stride(w13), unit_last_stride(w2)
+    out = torch.empty(num_tokens, hidden_size, dtype=hidden.dtype, device=hidden.device)
+    inter = torch.empty(num_tokens * top_k, two_i // 2, dtype=hidden.dtype, device=hidden.device)
+    hist = expert_histograms(topk_ids, num_experts)
+    lo = 0
+    for hi, gate_up_cfg, down_cfg in launches:
+        gate = token_range_gate(num_tokens, lo, hi)
+        lo = hi
+        if isinstance(gate, int) and gate == 0:
+            continue
+        align = align_scatter(hist, gate_up_cfg["BLOCK_M"], gate)
+        gate_up_grouped(hidden, w13, *align, top_k, gate_up_cfg, activation, out=inter,
+                        zero_out=out if top_k > 1 else None, gate=gate)
+        down_grouped(inter, w2, topk_weights, *align, down_cfg, out=out, gate=gate)
+    return out
 
 
 def fused_moe_ref(

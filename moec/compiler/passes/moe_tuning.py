@@ -1,0 +1,352 @@
+"""Compile-time tuning of the MoE kernels, recorded in the manifest and compiled into the graph.
+
+For each distinct MoE shape of the model (experts, top-k, hidden, intermediate, activation,
+dtype) and each token-count bucket (1, 2, 4, … up to max_tokens_per_step), every candidate runs
+on the target GPU with the real weights of the shape's first block and routing from its real
+router: the Triton configs of `moec.ops.triton.configs.candidate_configs` and the
+`torch._grouped_mm` path. Each is checked against the PyTorch reference, then timed; the
+fastest correct one is kept. Nothing is tuned at run time.
+
+How the choice reaches the compiled graph: as the `plan` string constant of each `fused_moe`
+call (`apply_moe_plans`). A Triton plan holds one config per token range and `fused_moe` gates
+each range's launches by T with integer arithmetic on the symbolic token count, so one
+AOTInductor graph runs the bucket's choice at decode and at prefill (see
+`moec.ops.triton.fused_moe`). Adjacent buckets keep the previous range's config while it is
+within RANGE_TOLERANCE of the bucket's fastest Triton config, so fewer kernels are compiled in.
+The `torch._grouped_mm` path is aten ops, not launches a grid can gate: it is chosen for a shape
+as a whole, when its mean time relative to each bucket's fastest beats the Triton plan's. The
+table records, per bucket, every candidate's time, the fastest, and what the artifact runs.
+
+On CPU there is nothing to time: `fused_moe` runs the PyTorch reference, and the table says so.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from moec.compiler.passes.moe_lowering import TOLERANCE
+from moec.compiler.passes.moe_region import MOE_BLOCKS
+from moec.errors import LoweringError
+from moec.ops.moe_combine import moe_combine_ref
+from moec.ops.moe_experts import moe_experts_ref
+from moec.ops.triton.configs import candidate_configs, config_name, encode_plan
+
+RANGE_TOLERANCE = 0.03  # keep the current range's config while within 3% of the bucket's best
+GROUPED_MM = "grouped_mm"
+CPU_NOTE = ("device cpu: fused_moe runs the PyTorch reference (moe_experts + weighted combine); "
+            "there are no kernels to choose between, and nothing was timed")
+
+
+@dataclass(frozen=True)
+class MoeShape:
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    intermediate_size: int
+    activation: str
+    dtype: str
+
+    @property
+    def key(self) -> str:
+        return (f"E{self.num_experts} top-{self.top_k} H{self.hidden_size} I{self.intermediate_size} "
+                f"{self.activation} {self.dtype}")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str  # "triton M16N64K128G1w4s4" or "grouped_mm"
+    path: str  # "triton" or "grouped_mm"
+    config: dict | None = None
+
+
+@dataclass
+class Measurement:
+    ms: float | None = None  # median time; None if the candidate failed
+    error: str | None = None
+
+
+# measure(shape, tokens, candidate) -> Measurement: run, check and time one candidate
+Measure = Callable[[MoeShape, int, Candidate], Measurement]
+
+
+@dataclass
+class MoeTuning:
+    table: dict  # the manifest's kernels["moe"]
+    plans: dict[str, str]  # block path -> the `plan` string of its fused_moe call
+
+
+def token_buckets(max_tokens: int) -> list[int]:
+    """1, 2, 4, … up to max_tokens (which closes the list when it is not a power of two)."""
+    out, t = [], 1
+    while t < max_tokens:
+        out.append(t)
+        t *= 2
+    return [*out, max_tokens]
+
+
+def default_candidates() -> list[Candidate]:
+    triton = [Candidate(f"triton {config_name(c)}", "triton", c) for c in candidate_configs()]
+    return [*triton, Candidate(GROUPED_MM, GROUPED_MM)]
+
+
+def region_shape(region: dict, dtype: torch.dtype) -> MoeShape:
+    return MoeShape(region["num_experts"], region["top_k"], region["hidden_size"], region["intermediate_size"],
+                    region["activation"], str(dtype).removeprefix("torch."))
+
+
+def block_weights(model: torch.nn.Module, path: str) -> dict[str, torch.Tensor]:
+    """router_weight, gate_up_proj, down_proj of the MoE block at `path`."""
+    block = model.get_submodule(path)
+    spec = MOE_BLOCKS[type(block).__name__]
+    return {role: block.get_parameter(getattr(spec, role)) for role in ("router_weight", "gate_up_proj", "down_proj")}
+
+
+def choose(buckets: list[int], results: dict[int, dict[str, Measurement]],
+           candidates: list[Candidate]) -> tuple[dict, dict]:
+    """From every candidate's measurement per bucket: (plan, table rows per bucket)."""
+    by_name = {c.name: c for c in candidates}
+    fastest, best_triton = {}, {}
+    for b in buckets:
+        ok = {n: m.ms for n, m in results[b].items() if m.ms is not None}
+        if not ok:
+            errors = "; ".join(f"{n}: {m.error}" for n, m in results[b].items())
+            raise LoweringError(f"no MoE kernel ran correctly at {b} tokens ({errors})")
+        fastest[b] = min(ok, key=ok.get)
+        triton = {n: ms for n, ms in ok.items() if by_name[n].path == "triton"}
+        best_triton[b] = min(triton, key=triton.get) if triton else None
+
+    def slowdown(name_of: Callable[[int], str]) -> float:
+        return statistics.fmean(results[b][name_of(b)].ms / results[b][fastest[b]].ms for b in buckets)
+
+    triton_ok = all(best_triton[b] is not None for b in buckets)
+    grouped_ok = all(results[b].get(GROUPED_MM, Measurement()).ms is not None for b in buckets)
+    runs: dict[int, str] = {}
+    if triton_ok:
+        current = None
+        for b in buckets:
+            best = best_triton[b]
+            held = results[b][current].ms if current else None
+            if held is None or held > results[b][best].ms * (1 + RANGE_TOLERANCE):
+                current = best
+            runs[b] = current
+    if grouped_ok and (not triton_ok or slowdown(lambda b: GROUPED_MM) < slowdown(runs.__getitem__)):
+        runs = dict.fromkeys(buckets, GROUPED_MM)
+    if not runs:
+        raise LoweringError("neither the Triton kernels nor torch._grouped_mm ran correctly at every token count: "
+                            + ", ".join(f"{b} tokens: fastest {fastest[b]}" for b in buckets))
+
+    if runs[buckets[0]] == GROUPED_MM:
+        plan = {"path": GROUPED_MM}
+    else:
+        ranges = []
+        for i, b in enumerate(buckets):
+            last = i == len(buckets) - 1
+            if last or runs[buckets[i + 1]] != runs[b]:
+                ranges.append((None if last else b, copy.deepcopy(by_name[runs[b]].config)))
+        plan = {"path": "triton", "ranges": ranges}
+    rows = {}
+    for b in buckets:
+        rows[str(b)] = {
+            "runs": runs[b],
+            "ms": round(results[b][runs[b]].ms, 4),
+            "fastest": fastest[b],
+            "fastest_ms": round(results[b][fastest[b]].ms, 4),
+            "candidates": {n: round(m.ms, 4) if m.ms is not None else f"error: {m.error}"
+                           for n, m in results[b].items()},
+        }
+    return plan, rows
+
+
+def tune_moe(regions: list[dict], model: torch.nn.Module, dtype: torch.dtype, device: str, max_tokens: int,
+             measure: Measure | None = None, candidates: list[Candidate] | None = None) -> MoeTuning:
+    """Tune every distinct MoE shape of `regions` (as `lower_moe` describes them) for `device`."""
+    shapes: dict[MoeShape, list[dict]] = {}
+    for region in regions:
+        shapes.setdefault(region_shape(region, dtype), []).append(region)
+    if device != "cuda":
+        table = {"device": device, "path": "reference", "note": CPU_NOTE,
+                 "shapes": {s.key: {"layers": [r["path"] for r in rs], "path": "reference"}
+                            for s, rs in shapes.items()}}
+        return MoeTuning(table, {r["path"]: "" for r in regions})
+
+    candidates = candidates or default_candidates()
+    buckets = token_buckets(max_tokens)
+    timer = None
+    if measure is None:
+        timer = CudaMeasure({s: block_weights(model, rs[0]["path"]) for s, rs in shapes.items()},
+                            {s: rs[0]["renormalize"] for s, rs in shapes.items()})
+        measure = timer
+    table = {"device": device, "buckets": buckets, "range_tolerance": RANGE_TOLERANCE,
+             "timer": timer.describe() if timer else "injected", "shapes": {}}
+    plans = {}
+    for shape, members in shapes.items():
+        results: dict[int, dict[str, Measurement]] = {}
+        failed: dict[str, str] = {}  # a candidate that fails once is not trusted for this shape at all
+        for b in buckets:
+            results[b] = {}
+            for c in candidates:
+                if c.name in failed:
+                    results[b][c.name] = Measurement(error=failed[c.name])
+                    continue
+                m = measure(shape, b, c)
+                if m.ms is None:
+                    failed[c.name] = f"failed at {b} tokens: {m.error}"
+                    m = Measurement(error=failed[c.name])
+                results[b][c.name] = m
+        for b in buckets:  # nor at the token counts it passed before failing
+            for name, why in failed.items():
+                if results[b][name].ms is not None:
+                    results[b][name] = Measurement(error=why)
+        try:
+            plan, rows = choose(buckets, results, candidates)
+        except LoweringError as e:
+            raise LoweringError(f"MoE block {members[0]['path']} ({shape.key}): {e}") from None
+        text = encode_plan(plan)
+        table["shapes"][shape.key] = {
+            "layers": [r["path"] for r in members],
+            "path": plan["path"],
+            "ranges": ([{"max_tokens": hi, "config": config_name(cfg)} for hi, cfg in plan["ranges"]]
+                       if plan["path"] == "triton" else []),
+            "buckets": rows,
+        }
+        plans.update({r["path"]: text for r in members})
+    if timer is not None:
+        timer.release()
+    return MoeTuning(table, plans)
+
+
+class CudaMeasure:
+    """Runs a candidate on the GPU, checks it against the reference, and times it as a CUDA
+    graph replay (as the runtime replays decode steps; for prefill it stands for AOTInductor's
+    C++ launches, which have no Python between kernels), the L2 cache flushed before each replay
+    outside the timed events (in a real model the other layers evict this one's weights), median
+    of at least MIN_REPLAYS."""
+
+    MIN_REPLAYS = 10
+    MAX_REPLAYS = 100
+    TARGET_MS = 200.0  # timed replays per candidate and bucket aim at about this much GPU time
+
+    def __init__(self, weights: dict[MoeShape, dict[str, torch.Tensor]], renormalize: dict[MoeShape, bool],
+                 seed: int = 0):
+        self.weights, self.renormalize, self.seed = weights, renormalize, seed
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        self.flush_buf = torch.empty(2 * props.L2_cache_size // 4 + 1, dtype=torch.float32, device="cuda")
+        self.inputs: dict = {}
+
+    def describe(self) -> str:
+        return (f"CUDA-graph replays (plain launches where capture fails), L2 flushed before each outside "
+                f"the events, median of {self.MIN_REPLAYS}-{self.MAX_REPLAYS}; each output checked against "
+                f"the PyTorch reference first")
+
+    def _inputs(self, shape: MoeShape, tokens: int):
+        key = (shape, tokens)
+        if key not in self.inputs:
+            self.inputs.clear()  # one bucket at a time: the buckets run in order
+            w = self.weights[shape]
+            g = torch.Generator(device="cuda").manual_seed(self.seed + tokens)
+            hidden = torch.randn(tokens, shape.hidden_size, generator=g, device="cuda").to(w["gate_up_proj"].dtype)
+            topk_w, topk_ids = torch.ops.moec.moe_router(hidden, w["router_weight"], shape.top_k,
+                                                         self.renormalize[shape])
+            args = (hidden, w["gate_up_proj"], w["down_proj"], topk_w, topk_ids, shape.activation)
+            want = moe_combine_ref(moe_experts_ref(hidden, w["gate_up_proj"], w["down_proj"], topk_ids,
+                                                   shape.activation), topk_w)
+            self.inputs[key] = (args, want)
+        return self.inputs[key]
+
+    def __call__(self, shape: MoeShape, tokens: int, candidate: Candidate) -> Measurement:
+        from moec.ops.fused_moe import fused_moe_grouped_mm
+        from moec.ops.triton.fused_moe import fused_moe as fused_moe_triton
+
+        args, want = self._inputs(shape, tokens)
+        if candidate.path == GROUPED_MM:
+            def run():
+                return fused_moe_grouped_mm(*args)
+        else:
+            def run():
+                return fused_moe_triton(*args, config=candidate.config)
+        try:
+            got = run()  # compiles a Triton config the first time
+            torch.cuda.synchronize()
+            rtol, atol = TOLERANCE.get(want.dtype, (1e-2, 1e-2))
+            err = (got.float() - want.float()).abs().max().item()
+            bound = atol + rtol * want.float().abs().max().item()
+            if not err <= bound:
+                return Measurement(error=f"wrong result: max abs error {err:.3g} > {bound:.3g}")
+            return Measurement(ms=self._time(run))
+        except Exception as e:  # noqa: BLE001 - a config that cannot compile or launch is not a candidate
+            torch.cuda.synchronize()
+            return Measurement(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+
+    def _time(self, run) -> float:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up off the default stream, as capture wants
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                run()
+            call = graph.replay
+        except RuntimeError:  # not capturable: time its launches as they are
+            torch.cuda.synchronize()
+            call = run
+        call()
+        torch.cuda.synchronize()
+        probe = [self._timed(call) for _ in range(3)]
+        torch.cuda.synchronize()
+        estimate = statistics.median(s.elapsed_time(e) for s, e in probe)
+        n = int(min(self.MAX_REPLAYS, max(self.MIN_REPLAYS, self.TARGET_MS / max(estimate, 1e-3))))
+        events = [self._timed(call) for _ in range(n)]
+        torch.cuda.synchronize()
+        return statistics.median(s.elapsed_time(e) for s, e in events)
+
+    def _timed(self, call) -> tuple:
+        self.flush_buf.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        return start, end
+
+    def release(self) -> None:
+        self.inputs.clear()
+        self.flush_buf = None
+        torch.cuda.empty_cache()
+
+
+def apply_moe_plans(ep: torch.export.ExportedProgram, model: torch.nn.Module,
+                    plans: dict[str, str]) -> torch.export.ExportedProgram:
+    """A new program whose `fused_moe` calls carry their block's plan (matched by the expert
+    weights they read); blocks whose plan is "" keep the default."""
+    if not any(plans.values()):
+        return ep
+    gm = copy.deepcopy(ep.graph_module)
+    new_ep = ep._update(gm, ep.graph_signature)
+    param_of = {**new_ep.graph_signature.inputs_to_parameters, **new_ep.graph_signature.inputs_to_buffers}
+    plan_of_w13 = {}
+    for path, plan in plans.items():
+        try:
+            spec = MOE_BLOCKS[type(model.get_submodule(path)).__name__]
+        except (AttributeError, KeyError):
+            raise LoweringError(f"a tuned plan names {path}, which is not an MoE block of the model") from None
+        plan_of_w13[f"{path}.{spec.gate_up_proj}"] = plan
+    applied = set()
+    for node in gm.graph.nodes:
+        if node.target is not torch.ops.moec.fused_moe.default:
+            continue
+        fqn = param_of.get(node.args[1].name)
+        if fqn in plan_of_w13:
+            node.args = (*node.args[:6], plan_of_w13[fqn])
+            applied.add(fqn)
+    missing = sorted(set(plan_of_w13) - applied)
+    if missing:
+        raise LoweringError(f"tuned plans for {', '.join(missing)} found no fused_moe call reading those weights")
+    gm.recompile()
+    return new_ep
