@@ -6,7 +6,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PROMPT ?= The mixture of experts
 
-.PHONY: setup demo test clean
+GATE_RESULT ?= artifacts/gates/cpu-result.json
+
+.PHONY: setup demo test gate gate-update clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +25,17 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+	$(MAKE) --no-print-directory gate
+
+# CPU performance gates: fails when a number leaves its tolerance in benchmarks/baselines/cpu.json
+gate: setup
+	$(PY) benchmarks/cpu_gates.py --out $(GATE_RESULT)
+	$(PY) benchmarks/gate.py $(GATE_RESULT) benchmarks/baselines/cpu.json
+
+# a change moved a gated number on purpose: accept the new values (and say why in the commit)
+gate-update: setup
+	$(PY) benchmarks/cpu_gates.py --out $(GATE_RESULT)
+	$(PY) benchmarks/gate.py $(GATE_RESULT) benchmarks/baselines/cpu.json --update
 
 clean:
 	rm -rf artifacts/ .pytest_cache

@@ -49,6 +49,7 @@ from rich.table import Table
 from moec.errors import MoecError
 from moec.runtime.ceilings import Ceilings, device_ceilings
 from moec.runtime.gpu_telemetry import GpuTelemetry
+from moec.runtime.regression_gate import RESULT_FORMAT, device_kind, git_commit, metric, run_gate
 from moec.runtime.roofline import ModelShape, StepCost, decode_step, prefill_step
 
 UNITS = {
@@ -277,8 +278,11 @@ def run_bench(artifact: str | Path, settings: BenchSettings, verify: bool = True
 
     cuda = device.type == "cuda"
     result = {
+        "format": RESULT_FORMAT,
         "benchmark": "moe-runtime bench",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "device_kind": device_kind(device.type, _device_name(device)),
         "artifact": {"path": str(artifact), "name": manifest.name, "architecture": manifest.architecture,
                      "dtype": manifest.dtype, "device": manifest.device, "max_batch": spec.max_batch,
                      "max_seq_len": spec.max_seq_len, "max_tokens_per_step": spec.max_tokens_per_step},
@@ -303,8 +307,35 @@ def run_bench(artifact: str | Path, settings: BenchSettings, verify: bool = True
         "notes": notes,
         "units": UNITS,
     }
+    result["metrics"] = bench_metrics(result)
     gpu.close()
     return result
+
+
+def bench_metrics(result: dict) -> list[dict]:
+    """The result's numbers as the common metric list (moec.runtime.regression_gate), each speed
+    with its roofline bound, from ceilings measured in the same run. Tolerances are advice for a
+    new baseline (`--compare B --update`): a GPU's medians move a few percent between runs."""
+    speed, slow = {"rel": 0.15}, {"rel": 0.5}
+    p = result["prefill"]
+    tag = f"prefill/T={p['prompt_tokens']}"
+    out = [metric("load_s", result["load_s"], "s", "lower", tolerance=slow),
+           metric(f"{tag}/prompt_tokens_per_s", p["prompt_tokens_per_s"], "tokens/s", "higher", tolerance=speed,
+                  roofline=p["bound_tokens_per_s"], bound_by=p["bound_by"]),
+           metric(f"{tag}/time_to_first_token_s", p["time_to_first_token_s"], "s", "lower", tolerance=speed),
+           metric(f"{tag}/energy_j_per_token", p["energy_j_per_token"], "J/token", "lower", tolerance=speed)]
+    for row in result["decode"]:
+        tag = f"decode/B={row['batch']}/C={row['context']}"
+        out += [metric(f"{tag}/decode_tokens_per_s", row["decode_tokens_per_s"], "tokens/s", "higher",
+                       tolerance=speed, roofline=row["bound_tokens_per_s"], bound_by=row["bound_by"]),
+                metric(f"{tag}/achieved_percent_of_bound", row["achieved_percent_of_bound"], "%", "higher",
+                       tolerance=speed, peer="roofline: max(bytes / copy bandwidth, FLOPs / matmul rate), "
+                                             "ceilings measured in this run"),
+                metric(f"{tag}/step_ms", row["step_ms"], "ms", "lower", tolerance=speed),
+                metric(f"{tag}/energy_j_per_token", row["energy_j_per_token"], "J/token", "lower", tolerance=speed)]
+    out.append(metric("peak_memory_bytes", result["peak_memory"]["bytes"], "bytes", "lower", tolerance={"rel": 0.1},
+                      how=result["peak_memory"]["how"]))
+    return [m for m in out if m["value"] is not None]  # energy: GPUs with NVML only
 
 
 # --- output ----------------------------------------------------------------------------------
@@ -350,6 +381,8 @@ def render_table(result: dict) -> Table:
 def main(args: Any) -> int:
     """The `bench` subcommand."""
     settings = settings_from_args(args)
+    if args.update and not args.compare:
+        raise MoecError("--update rewrites the baseline given with --compare; add --compare BASELINE")
     console = Console(stderr=True)
     result = run_bench(args.artifact, settings, verify=not args.no_verify, console=console)
     out = Console(width=None if sys.stdout.isatty() else 200)
@@ -365,4 +398,6 @@ def main(args: Any) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1) + "\n")
         out.print(f"wrote {path}")
+    if args.compare:
+        return run_gate(result, Path(args.compare), update=args.update, console=out)
     return 0

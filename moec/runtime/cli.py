@@ -108,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--copy-bandwidth", help="copy bandwidth in GB/s (read + write), instead of measuring it")
     bench.add_argument("--matmul-tflops", help="matmul rate in TFLOP/s, instead of measuring it")
     bench.add_argument("--json", metavar="PATH", help="write every number here")
+    bench.add_argument("--compare", metavar="BASELINE",
+                       help="compare with this baseline (benchmarks/baselines/*.json); exit 1 on a regression "
+                            "or an unexplained improvement beyond a metric's tolerance")
+    bench.add_argument("--update", action="store_true", help="with --compare: write this run's values into BASELINE")
     bench.add_argument("--no-verify", action="store_true", help="skip sha256 checks (large, trusted artifacts)")
     bench.set_defaults(func=_bench)
 

@@ -1,0 +1,344 @@
+"""The performance gates can fail: each injected regression turns them red, naming the metric.
+
+Injected into results (every gated kind of number, against the committed baselines and their
+tolerances) and through the real measurements (a sleep in the engine step, an extra host sync,
+an extra pass of the compiled step, an extra kernel in the compiled wrapper). The callgrind count
+itself is not rerun here (~45 s under valgrind): `make gate` runs it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import cpu_gates  # noqa: E402
+import gate  # noqa: E402
+import report  # noqa: E402
+import result_format  # noqa: E402
+
+from moec.runtime.regression_gate import BASELINE_FORMAT, check_result, run_gate, updated_baseline  # noqa: E402
+
+CPU_BASELINE = ROOT / "benchmarks" / "baselines" / "cpu.json"
+H100_BASELINE = ROOT / "benchmarks" / "baselines" / "h100.json"
+H100_MOE_LAYER = ROOT / "benchmarks" / "results" / "moe_layer-h100-2026-11-23.json"
+
+
+def accepted_result(baseline_path: Path, benchmark: str) -> dict:
+    """A result that measures exactly what the baseline accepted."""
+    baseline = json.loads(baseline_path.read_text())
+    section = baseline["benchmarks"][benchmark]
+    return {"format": "moec-result/1", "benchmark": benchmark, "date": "2026-11-23T00:00:00+00:00",
+            "git_commit": "test", "device": section["accepted"]["device"], "device_kind": baseline["device_kind"],
+            "versions": {}, "metrics": [{"name": name, **{k: e[k] for k in ("value", "unit", "direction")}}
+                                        for name, e in section["metrics"].items()]}
+
+
+def with_value(result: dict, name: str, change) -> dict:
+    out = copy.deepcopy(result)
+    (m,) = [m for m in out["metrics"] if m["name"] == name]
+    m["value"] = change(m["value"])
+    return out
+
+
+def gate_cli(capsys, tmp_path: Path, result: dict, baseline: Path, *flags: str) -> tuple[int, str]:
+    """benchmarks/gate.py RESULT BASELINE, in process (a subprocess would spend seconds importing torch)."""
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps(result))
+    code = gate.main([str(path), str(baseline), *flags])
+    out, err = capsys.readouterr()
+    return code, out + err
+
+
+# --- the comparison, on the committed CPU baseline ---------------------------------------------------
+
+
+def test_the_accepted_values_pass(capsys, tmp_path):
+    code, out = gate_cli(capsys, tmp_path, accepted_result(CPU_BASELINE, "cpu_gates"), CPU_BASELINE)
+    assert code == 0, out
+    assert "PASS" in out and "regression" not in out
+
+
+@pytest.mark.parametrize("name, change, verdict", [
+    ("aoti/generated_kernels_per_step", lambda v: v + 1, "REGRESSION"),  # one more kernel launched
+    ("aoti/extern_kernels_per_step", lambda v: v + 1, "REGRESSION"),
+    ("aoti/python_op_calls_per_step", lambda v: v + 1, "REGRESSION"),
+    ("graph/call_nodes", lambda v: v + 1, "REGRESSION"),  # a fusion the passes no longer make
+    ("graph/moec_op_nodes", lambda v: v - 2, "REGRESSION"),  # a MoE region left unlowered
+    ("decode_step/host_syncs", lambda v: v + 1, "REGRESSION"),  # an extra .item()
+    ("decode_step/aten_ops", lambda v: v + 1, "REGRESSION"),
+    ("decode_step/weight_bytes", lambda v: v + 4096, "REGRESSION"),
+    ("decode_step/instructions", lambda v: round(v * 1.05), "REGRESSION"),  # an extra pass over the data
+    ("speed/tokens_per_s_over_hf_eager", lambda v: v / 2, "REGRESSION"),  # twice as slow
+    ("speed/tokens_per_s_over_hf_eager", lambda v: v * 1.6, "UNEXPLAINED IMPROVEMENT"),
+    ("aoti/generated_kernels_per_step", lambda v: v - 1, "UNEXPLAINED IMPROVEMENT"),
+    ("decode_step/instructions", lambda v: round(v * 0.95), "UNEXPLAINED IMPROVEMENT"),
+])
+def test_an_injected_change_fails_naming_the_metric(capsys, tmp_path, name, change, verdict):
+    result = with_value(accepted_result(CPU_BASELINE, "cpu_gates"), name, change)
+    code, out = gate_cli(capsys, tmp_path, result, CPU_BASELINE)
+    assert code == 1, out
+    assert f"{verdict} {name}:" in out
+    assert f"FAIL 1 of" in out and out.rstrip().endswith(name)
+    if verdict.startswith("UNEXPLAINED"):
+        assert "--update if intended" in out
+
+
+@pytest.mark.parametrize("name, change", [
+    ("speed/tokens_per_s_over_hf_eager", lambda v: v * 0.8),  # what a loaded 2-core machine does
+    ("speed/tokens_per_s_over_hf_eager", lambda v: v * 1.2),
+    ("decode_step/instructions", lambda v: round(v * 1.01)),
+])
+def test_noise_stays_green(capsys, tmp_path, name, change):
+    code, out = gate_cli(capsys, tmp_path, with_value(accepted_result(CPU_BASELINE, "cpu_gates"), name, change),
+                         CPU_BASELINE)
+    assert code == 0, out
+
+
+def test_a_metric_that_stopped_being_measured_fails(capsys, tmp_path):
+    result = accepted_result(CPU_BASELINE, "cpu_gates")
+    result["metrics"] = [m for m in result["metrics"] if m["name"] != "decode_step/instructions"]
+    code, out = gate_cli(capsys, tmp_path, result, CPU_BASELINE)
+    assert code == 1 and "MISSING decode_step/instructions" in out
+
+
+def test_update_rewrites_the_baseline_on_purpose(capsys, tmp_path):
+    baseline = tmp_path / "cpu.json"
+    shutil.copy(CPU_BASELINE, baseline)
+    moved = with_value(accepted_result(CPU_BASELINE, "cpu_gates"), "aoti/generated_kernels_per_step", lambda v: v - 1)
+    moved["git_commit"] = "abc123"
+    assert gate_cli(capsys, tmp_path, moved, baseline)[0] == 1
+    code, out = gate_cli(capsys, tmp_path, moved, baseline, "--update")
+    assert code == 0 and "updated" in out
+    after = json.loads(baseline.read_text())["benchmarks"]["cpu_gates"]
+    before = json.loads(CPU_BASELINE.read_text())["benchmarks"]["cpu_gates"]
+    assert after["accepted"]["git_commit"] == "abc123"
+    assert after["metrics"]["aoti/generated_kernels_per_step"]["value"] == \
+        before["metrics"]["aoti/generated_kernels_per_step"]["value"] - 1
+    assert {k: v["tolerance"] for k, v in after["metrics"].items()} == \
+        {k: v["tolerance"] for k, v in before["metrics"].items()}  # tolerances are kept
+    assert gate_cli(capsys, tmp_path, moved, baseline)[0] == 0
+
+
+def test_a_result_from_another_device_is_a_one_line_error(capsys, tmp_path):
+    code, out = gate_cli(capsys, tmp_path, result_format.load_result(H100_MOE_LAYER), CPU_BASELINE)
+    assert code == 2
+    assert out.strip().count("\n") == 0 and "h100" in out and "cpu" in out
+
+
+def test_a_new_baseline_takes_the_producers_tolerances():
+    result = accepted_result(CPU_BASELINE, "cpu_gates")
+    result["metrics"].append({"name": "new/ungated", "value": 1, "unit": "x", "direction": "lower"})
+    result["metrics"].append({"name": "new/gated", "value": 1, "unit": "x", "direction": "lower",
+                              "tolerance": {"rel": 0.5}})
+    baseline = updated_baseline(result, None)
+    assert baseline["format"] == BASELINE_FORMAT and baseline["device_kind"] == "cpu"
+    metrics = baseline["benchmarks"]["cpu_gates"]["metrics"]
+    assert "new/ungated" not in metrics and metrics["new/gated"]["tolerance"] == {"rel": 0.5}
+
+
+# --- through the real measurements, on the session's tiny artifact ------------------------------------
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def baseline_file(tmp_path: Path, metrics: list[dict]) -> Path:
+    """A baseline that accepts `metrics` (measured just now, with their gate tolerances)."""
+    result = {"format": "moec-result/1", "benchmark": "cpu_gates", "date": "now", "git_commit": None,
+              "device": "this machine", "device_kind": "cpu", "versions": {}, "metrics": metrics}
+    path = tmp_path / "baseline.json"
+    path.write_text(json.dumps(updated_baseline(result, None)))
+    return path
+
+
+def gate_says(capsys, metrics: list[dict], baseline: Path) -> tuple[int, str]:
+    result = {"format": "moec-result/1", "benchmark": "cpu_gates", "date": "now", "git_commit": None,
+              "device": "this machine", "device_kind": "cpu", "versions": {}, "metrics": metrics}
+    code = run_gate(result, baseline)
+    return code, capsys.readouterr().out
+
+
+def test_a_sleep_in_the_engine_step_fails_the_speed_gate(tiny_artifact, hf_model, one_thread, capsys, tmp_path,
+                                                         monkeypatch):
+    from moec.runtime import Engine
+
+    engine = Engine.load(tiny_artifact)
+    baseline = baseline_file(tmp_path, cpu_gates.speed_metrics(engine, hf_model, {}, pairs=5))
+    real_step = Engine.step
+
+    def slow_step(self):
+        time.sleep(0.004)
+        return real_step(self)
+
+    monkeypatch.setattr(Engine, "step", slow_step)
+    code, out = gate_says(capsys, cpu_gates.speed_metrics(engine, hf_model, {}, pairs=5), baseline)
+    assert code == 1, out
+    assert "REGRESSION speed/tokens_per_s_over_hf_eager" in out
+
+
+def test_an_extra_sync_and_an_extra_pass_fail_the_step_gates(tiny_artifact, one_thread, capsys, tmp_path,
+                                                              monkeypatch):
+    from moec.runtime import Engine
+    from moec.runtime.sampler import Sampler
+
+    engine = Engine.load(tiny_artifact)
+    baseline = baseline_file(tmp_path, cpu_gates.step_metrics(engine, {}))
+    assert gate_says(capsys, cpu_gates.step_metrics(engine, {}), baseline)[0] == 0  # exact counts repeat
+
+    real_sample = Sampler.sample
+
+    def sample_with_sync(self, logits, params, generators):
+        if logits.abs().max().item() < 0:  # a host read the step does not need
+            raise AssertionError
+        return real_sample(self, logits, params, generators)
+
+    monkeypatch.setattr(Sampler, "sample", sample_with_sync)
+    code, out = gate_says(capsys, cpu_gates.step_metrics(engine, {}), baseline)
+    assert code == 1 and "REGRESSION decode_step/host_syncs" in out
+    monkeypatch.setattr(Sampler, "sample", real_sample)
+
+    real_step_fn = engine.step_fn
+
+    def twice(*args):  # the whole compiled step run again: an extra pass over every weight
+        real_step_fn(*args)
+        return real_step_fn(*args)
+
+    engine.step_fn = twice
+    code, out = gate_says(capsys, cpu_gates.step_metrics(engine, {}), baseline)
+    assert code == 1 and "REGRESSION decode_step/aten_ops" in out
+
+
+def test_an_extra_kernel_in_the_compiled_wrapper_fails_the_structure_gate(tiny_artifact, capsys, tmp_path):
+    graph = {"call_nodes": 1, "moec_op_nodes": 1}
+    baseline = baseline_file(tmp_path, cpu_gates.structure_metrics(tiny_artifact, graph, {}))
+    changed = tmp_path / "artifact"
+    changed.mkdir()
+    with zipfile.ZipFile(tiny_artifact / "model.pt2") as src, zipfile.ZipFile(changed / "model.pt2", "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith(".wrapper.cpp"):
+                text = data.decode()
+                body = text.index("void AOTInductorModel::run_impl(")
+                call = text.index("    cpp_fused_", body)
+                line = text[call:text.index("\n", call) + 1]
+                data = (text[:call] + line + text[call:]).encode()  # the first kernel launched twice
+            dst.writestr(item, data)
+    code, out = gate_says(capsys, cpu_gates.structure_metrics(changed, graph, {}), baseline)
+    assert code == 1 and "REGRESSION aoti/generated_kernels_per_step" in out
+
+
+# --- the GPU gate's comparison, on the committed H100 results -----------------------------------------
+
+
+def gpu_gate_compare(results: Path, *benches: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_gate.sh"), "--compare", str(results), *benches],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})
+
+
+def test_gpu_gate_passes_the_committed_h100_result_and_fails_a_slower_one(tmp_path):
+    proc = gpu_gate_compare(ROOT / "benchmarks" / "results", "moe_layer")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "PASS" in proc.stdout
+    doc = json.loads(H100_MOE_LAYER.read_text())
+    for m in doc["metrics"]:
+        if m["name"] == "qwen3-30b-a3b/T=16/moec_graph_ms":
+            m["value"] *= 1.3
+    (tmp_path / "moe_layer-h100-2026-12-01.json").write_text(json.dumps(doc))
+    shutil.copy(H100_MOE_LAYER, tmp_path)  # older: the newest result is the one compared
+    proc = gpu_gate_compare(tmp_path, "moe_layer", "e2e_decode")
+    assert proc.returncode == 1
+    assert "REGRESSION qwen3-30b-a3b/T=16/moec_graph_ms" in proc.stdout
+    assert "no e2e_decode result" in proc.stdout
+
+
+# --- the result format --------------------------------------------------------------------------------
+
+
+def test_every_committed_result_reads_in_the_common_format():
+    for path in sorted((ROOT / "benchmarks" / "results").glob("*.json")):
+        result = result_format.load_result(path)
+        assert result["metrics"], path
+    layer = result_format.load_result(H100_MOE_LAYER)
+    assert layer["device_kind"] == "h100" and layer["git_commit"].startswith("0eb3432")
+    graph = {m["name"]: m for m in layer["metrics"]}["mixtral-8x7b/T=1/moec_graph_ms"]
+    assert graph["roofline"] == pytest.approx(0.2345, rel=1e-3)  # the bound measured in the same run
+    assert not any(m["name"].endswith("roofline_ms") for m in layer["metrics"])
+
+
+def test_bench_json_carries_metrics_and_compare_gates_them(tiny_artifact, tmp_path, capsys):
+    """`moe-runtime bench --compare B --update` records a baseline; the same result passes it, a
+    slower one fails. Ceilings are given, so nothing but the engine is timed."""
+    from moec.runtime.cli import main
+
+    out, baseline = tmp_path / "bench.json", tmp_path / "baseline.json"
+    code = main(["bench", str(tiny_artifact), "--batch-sizes", "1,2", "--context", "8", "--decode-tokens", "4",
+                 "--prefill-tokens", "8", "--repeats", "1", "--copy-bandwidth", "10", "--matmul-tflops", "0.1",
+                 "--json", str(out), "--compare", str(baseline), "--update"])
+    assert code == 0, capsys.readouterr()
+    result = json.loads(out.read_text())
+    check_result(result)
+    assert result["device_kind"] == "cpu"
+    names = {m["name"]: m for m in result["metrics"]}
+    decode = names["decode/B=2/C=8/decode_tokens_per_s"]
+    assert decode["roofline"] == result["decode"][1]["bound_tokens_per_s"]
+    assert json.loads(baseline.read_text())["benchmarks"]["moe-runtime bench"]["metrics"]
+    capsys.readouterr()
+    assert run_gate(result, baseline) == 0
+    assert run_gate(with_value(result, "decode/B=2/C=8/decode_tokens_per_s", lambda v: v / 2), baseline) == 1
+    assert "REGRESSION decode/B=2/C=8/decode_tokens_per_s" in capsys.readouterr().out
+
+    # e2e_decode.py's output is its bench plus the checks and peers: converted to the same metrics
+    e2e = {"benchmark": "e2e_decode", "model": "tiny", "device": "cpu", "versions": {"torch": torch.__version__},
+           "date": result["date"], "compile_s": 30.0, "commit": "abc", "moec": result,
+           "check": {"load_to_first_token_s": 1.5, "prompts": [
+               {"logits_rel_error": 0.001, "greedy_identical_16": True},
+               {"logits_rel_error": 0.003, "greedy_identical_16": False}]},
+           "hf_eager": {"decode": [{"batch": 2, "decode_tokens_per_s": decode["value"] / 4}], "prefill": None}}
+    converted = {m["name"]: m for m in result_format.to_result(e2e)["metrics"]}
+    assert converted["decode/B=2/speedup_vs_hf_eager"]["value"] == pytest.approx(4)
+    assert converted["moec/decode/B=2/C=8/decode_tokens_per_s"]["value"] == decode["value"]
+    assert converted["greedy_16_identical_prompts"]["value"] == 1
+    assert converted["logits_rel_error_max"]["value"] == 0.003
+
+
+def test_update_needs_compare(tmp_path, capsys):
+    from moec.runtime.cli import main
+
+    assert main(["bench", str(tmp_path / "none"), "--update"]) == 2
+    assert "--compare" in capsys.readouterr().err
+
+
+def test_report_renders_history(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copy(H100_MOE_LAYER, results)
+    later = json.loads(H100_MOE_LAYER.read_text())
+    later.update(date="2026-12-01T00:00:00+00:00", commit="fedcba9876")
+    (results / "moe_layer-h100-2026-12-01.json").write_text(json.dumps(later))
+    (results / "unknown.json").write_text(json.dumps({"benchmark": "mystery"}))
+    out = tmp_path / "REPORT.md"
+    assert report.main(["--results", str(results), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "## moe_layer · h100" in text and "2026-11-23 0eb3432" in text and "2026-12-01 fedcba9" in text
+    assert "![moe_layer on h100, every run](report/moe-layer-h100.png)" in text
+    assert (tmp_path / "report" / "moe-layer-h100.png").stat().st_size > 10_000
+    assert "unknown.json" in text  # named under "Not shown", never silently dropped
