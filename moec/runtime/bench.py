@@ -222,14 +222,14 @@ def _peak_rss_bytes() -> int | None:
 
 
 def run_bench(artifact: str | Path, settings: BenchSettings, verify: bool = True,
-              console: Console | None = None) -> dict:
+              console: Console | None = None, cuda_graphs: bool = True) -> dict:
     """Load, measure, and return every number (the JSON document)."""
     import moec
     from moec.runtime.engine import Engine
 
     console = console or Console(stderr=True)
     start = time.perf_counter()
-    engine = Engine.load(artifact, verify=verify)
+    engine = Engine.load(artifact, verify=verify, cuda_graphs=cuda_graphs)
     load_s = time.perf_counter() - start
     device, spec, manifest = engine.device, engine.spec, engine.artifact.manifest
     notes: list[str] = []
@@ -292,6 +292,8 @@ def run_bench(artifact: str | Path, settings: BenchSettings, verify: bool = True
         "settings": {**asdict(settings), "verify": verify,
                      "used": {"prefill_tokens": prefill_tokens, "context": context, "decode_tokens": new_tokens}},
         "load_s": load_s,
+        "decode_graphs": ({"buckets": engine.decode_graphs.buckets, "capture_s": engine.decode_graphs.capture_s}
+                          if engine.decode_graphs is not None else None),
         "ceilings": ceilings.as_dict(),
         "model_shape": asdict(shape),
         "routing": "not observed; the roofline's expert bytes assume uniform routing: "
@@ -384,7 +386,8 @@ def main(args: Any) -> int:
     if args.update and not args.compare:
         raise MoecError("--update rewrites the baseline given with --compare; add --compare BASELINE")
     console = Console(stderr=True)
-    result = run_bench(args.artifact, settings, verify=not args.no_verify, console=console)
+    result = run_bench(args.artifact, settings, verify=not args.no_verify, console=console,
+                       cuda_graphs=not getattr(args, "no_cuda_graphs", False))
     out = Console(width=None if sys.stdout.isatty() else 200)
     out.print(render_table(result))
     c = result["ceilings"]

@@ -15,7 +15,7 @@ def _generate(args) -> int:
     from moec.runtime.engine import Engine
 
     start = time.perf_counter()
-    engine = Engine.load(args.artifact, verify=not args.no_verify)
+    engine = Engine.load(args.artifact, verify=not args.no_verify, cuda_graphs=not args.no_cuda_graphs)
     load_s = time.perf_counter() - start
     results = engine.generate(
         args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -51,7 +51,7 @@ def _serve(args) -> int:
 
     return serve(args.artifact, host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
                  request_timeout_s=args.request_timeout, verify=not args.no_verify,
-                 shutdown_timeout_s=args.shutdown_timeout)
+                 shutdown_timeout_s=args.shutdown_timeout, cuda_graphs=not args.no_cuda_graphs)
 
 
 def _bench(args) -> int:
@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
     gen.add_argument("--no-verify", action="store_true", help="skip sha256 checks (large, trusted artifacts)")
+    gen.add_argument("--no-cuda-graphs", action="store_true",
+                          help="on a GPU, run decode steps without CUDA graphs (slower; for debugging)")
     gen.set_defaults(func=_generate)
 
     ins = sub.add_parser("inspect", help="summarise an artifact")
@@ -93,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--shutdown-timeout", type=float, default=30.0,
                      help="on SIGTERM, seconds to let running requests finish before cancelling them")
     srv.add_argument("--no-verify", action="store_true", help="skip sha256 checks (large, trusted artifacts)")
+    srv.add_argument("--no-cuda-graphs", action="store_true",
+                          help="on a GPU, run decode steps without CUDA graphs (slower; for debugging)")
     srv.set_defaults(func=_serve)
 
     # Numbers are checked by moec.runtime.bench, not argparse, so a bad one is a one-line error.
@@ -113,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                             "or an unexplained improvement beyond a metric's tolerance")
     bench.add_argument("--update", action="store_true", help="with --compare: write this run's values into BASELINE")
     bench.add_argument("--no-verify", action="store_true", help="skip sha256 checks (large, trusted artifacts)")
+    bench.add_argument("--no-cuda-graphs", action="store_true",
+                            help="on a GPU, run decode steps without CUDA graphs (slower; for debugging)")
     bench.set_defaults(func=_bench)
 
     for p in (gen, ins, srv, bench):
