@@ -580,7 +580,7 @@ def _serve_child(tok_dir: Path, write_fd: int) -> None:
 
     class Engine:
         @staticmethod
-        def load(path, verify=True):
+        def load(path, verify=True, cuda_graphs=True):
             return FakeLoop(tok_dir).engine
 
     class EngineLoop(FakeLoop):
