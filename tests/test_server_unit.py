@@ -26,6 +26,7 @@ from moec.errors import RequestError
 from moec.runtime.chat_template import DEFAULT_CHAT_TEMPLATE, ChatTemplate
 from moec.runtime.sampler import SamplingParams
 from moec.runtime.server import build_app
+from moec.runtime.stream_event import StreamEvent
 
 MODEL = "tiny-fake"
 KEY = "sekret"
@@ -39,17 +40,6 @@ class QueueFull(RequestError):  # EngineLoop's are matched by class name
 
 class ShuttingDown(RequestError):
     pass
-
-
-@dataclass
-class Event:
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    queue_time_s: float | None = None
-    time: float = 0.0
 
 
 class FakeTokenizer:
@@ -90,12 +80,12 @@ class FakeStream:
             while True:
                 await asyncio.sleep(self.loop.delay)
                 if self.aborted:
-                    yield Event("", [], "abort", n_prompt, produced, time=time.perf_counter())
+                    yield StreamEvent("", [], "abort", n_prompt, produced, time=time.perf_counter())
                     return
                 word = WORDS[produced % len(WORDS)]
                 produced += 1
                 done = produced >= self.params.max_tokens
-                yield Event(word, [100 + produced], "length" if done else None, n_prompt, produced,
+                yield StreamEvent(word, [100 + produced], "length" if done else None, n_prompt, produced,
                             queue_time_s=0.001 if first else None, time=time.perf_counter())
                 first = False
                 if done:

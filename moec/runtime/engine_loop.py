@@ -19,6 +19,7 @@ from moec.errors import RequestError
 from moec.runtime.engine import Engine
 from moec.runtime.sampler import SamplingParams
 from moec.runtime.sequence import Sequence
+from moec.runtime.stream_event import StreamEvent
 
 log = logging.getLogger("moec.engine")
 
@@ -29,17 +30,6 @@ class QueueFull(RequestError):
 
 class ShuttingDown(RequestError):
     """The server is draining and takes no new requests (HTTP 503)."""
-
-
-@dataclass
-class StreamEvent:
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    queue_time_s: float | None = None
-    time: float = 0.0
 
 
 class RequestStream:

@@ -67,6 +67,7 @@ from moec.runtime import openai_protocol as proto
 from moec.runtime.chat_template import ChatTemplate
 from moec.runtime.sampler import SamplingParams
 from moec.runtime.server_metrics import ServerMetrics
+from moec.runtime.stream_event import StreamEvent
 
 log = logging.getLogger("moec.server")
 
@@ -416,19 +417,6 @@ def _safe_abort(stream: Any) -> None:
                     exc_info=True)
 
 
-@dataclass
-class _Event:
-    """A final event the server makes up when the engine never sent one (same fields as StreamEvent)."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    queue_time_s: float | None = None
-    time: float = 0.0
-
-
 class _Run:
     """The engine streams of one request (one per choice), merged into one sequence of (index, event).
 
@@ -477,9 +465,10 @@ class _Run:
                 self.aborted[i] = True
                 _safe_abort(s)
 
-    def _made_up_final(self, i: int) -> _Event:
+    def _made_up_final(self, i: int) -> StreamEvent:
+        """A final event for a stream the engine never finished."""
         tr = self.trackers[i]
-        return _Event("", [], "abort", tr.prompt_tokens, tr.completion_tokens, time=time.perf_counter())
+        return StreamEvent("", [], "abort", tr.prompt_tokens, tr.completion_tokens, time=time.perf_counter())
 
     async def events(self) -> AsyncIterator[tuple[int, Any]]:
         """(choice index, event) until every stream has sent its final event."""

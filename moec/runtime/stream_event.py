@@ -1,0 +1,19 @@
+"""One event of a request's stream: what the engine thread hands the HTTP side after a step.
+
+Its own module, free of torch and the engine, so the server can name it without loading either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class StreamEvent:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    queue_time_s: float | None = None
+    time: float = 0.0
