@@ -34,15 +34,6 @@ PROMPTS = [
 ]
 
 
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -57,6 +48,7 @@ def main() -> int:
     from moec.compiler.recipe import parse_recipe
     from moec.compiler.synthetic import write_synthetic_model
     from moec.runtime import Engine
+    from moec.runtime.ceilings import median_time_s
 
     recipe_data = yaml.safe_load((ROOT / "recipes" / "tiny-mixtral.yaml").read_text())
     syn = recipe_data["model"]["synthetic"]
@@ -104,8 +96,9 @@ def main() -> int:
             assert out.shape[1] == width + n
 
         run_moec(), run_hf()  # warm-up
-        t_moec = median_time(run_moec, args.repeats)
-        t_hf = median_time(run_hf, args.repeats)
+        cpu = torch.device("cpu")
+        t_moec = median_time_s(run_moec, cpu, warmup=0, iters=args.repeats)
+        t_hf = median_time_s(run_hf, cpu, warmup=0, iters=args.repeats)
         rows.append({
             "batch": batch,
             "new_tokens_per_seq": n,

@@ -73,15 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
-    gen.add_argument("--no-verify", action="store_true", help="skip sha256 checks (large, trusted artifacts)")
-    gen.add_argument("--no-cuda-graphs", action="store_true",
-                          help="on a GPU, run decode steps without CUDA graphs (slower; for debugging)")
     gen.set_defaults(func=_generate)
 
     ins = sub.add_parser("inspect", help="summarise an artifact")
     ins.add_argument("artifact")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
-    ins.add_argument("--no-verify", action="store_true", help="skip sha256 checks")
     ins.set_defaults(func=_inspect)
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
@@ -94,9 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request, queue time included")
     srv.add_argument("--shutdown-timeout", type=float, default=30.0,
                      help="on SIGTERM, seconds to let running requests finish before cancelling them")
-    srv.add_argument("--no-verify", action="store_true", help="skip sha256 checks (large, trusted artifacts)")
-    srv.add_argument("--no-cuda-graphs", action="store_true",
-                          help="on a GPU, run decode steps without CUDA graphs (slower; for debugging)")
     srv.set_defaults(func=_serve)
 
     # Numbers are checked by moec.runtime.bench, not argparse, so a bad one is a one-line error.
@@ -116,13 +109,14 @@ def main(argv: list[str] | None = None) -> int:
                        help="compare with this baseline (benchmarks/baselines/*.json); exit 1 on a regression "
                             "or an unexplained improvement beyond a metric's tolerance")
     bench.add_argument("--update", action="store_true", help="with --compare: write this run's values into BASELINE")
-    bench.add_argument("--no-verify", action="store_true", help="skip sha256 checks (large, trusted artifacts)")
-    bench.add_argument("--no-cuda-graphs", action="store_true",
-                            help="on a GPU, run decode steps without CUDA graphs (slower; for debugging)")
     bench.set_defaults(func=_bench)
 
     for p in (gen, ins, srv, bench):
+        p.add_argument("--no-verify", action="store_true", help="skip sha256 checks (large, trusted artifacts)")
         p.add_argument("--debug", action="store_true", help="show tracebacks")
+    for p in (gen, srv, bench):
+        p.add_argument("--no-cuda-graphs", action="store_true",
+                       help="on a GPU, run decode steps without CUDA graphs (slower; for debugging)")
     args = parser.parse_args(argv)
     return run_cli(lambda: args.func(args), args.debug)
 
