@@ -8,8 +8,10 @@ In order, each heavy part in its own process so GPU memory is returned between t
   3. `moe-runtime bench`: ceilings (copy bandwidth, matmul rate), load, prefill tokens/s, decode
      tokens/s per batch with the roofline bound beside each number, NVML energy
   4. check: load the artifact, first token (load → first token time), logits and greedy tokens
-     of several prompts; then transformers eager on the same weights: the same logits (relative
-     error ≤ 2e-2), greedy tokens, and its decode/prefill speed (the eager peer)
+     of several prompts; transformers eager in fp32 on the same weights (the exact answer: moec's
+     error against it next to transformers bf16's error tells rounding from a bug); transformers
+     eager in the checkpoint's dtype: the same logits (relative error ≤ 2e-2), greedy tokens, and
+     its decode/prefill speed (the eager peer)
   5. transformers with experts_implementation="grouped_mm", static cache and generate's own
      torch.compile (mode "reduce-overhead"): decode speed per batch (the compiled peer),
      smallest batch first, while the time budget lasts
@@ -57,10 +59,17 @@ def log(*args) -> None:
     print(f"[{time.perf_counter() - START:6.1f}s]", *args, file=sys.stderr, flush=True)
 
 
-def run(cmd: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+def run(cmd: list[str], timeout: float, env: dict | None = None, capture: bool = True) -> subprocess.CompletedProcess:
+    """Run a part; past `timeout` it is killed and returns code 124 with what it printed."""
     log("$", " ".join(cmd))
-    return subprocess.run(cmd, timeout=max(timeout, 1), env={**os.environ, **(env or {})}, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    pipe = subprocess.PIPE if capture else None
+    try:
+        return subprocess.run(cmd, timeout=max(timeout, 1), env={**os.environ, **(env or {})}, text=True,
+                              stdout=pipe, stderr=subprocess.STDOUT if capture else None)
+    except subprocess.TimeoutExpired as e:
+        log(f"timed out after {timeout:.0f} s")
+        printed = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        return subprocess.CompletedProcess(cmd, 124, printed + "\n[timed out]\n", None)
 
 
 # ------------------------------------------------------------------------------- roles (subprocesses)
@@ -126,14 +135,24 @@ def role_check(args) -> int:
 
     from transformers import AutoModelForCausalLM
 
+    # The same sequences through transformers in fp32 on the same (bf16) weights: the error both
+    # bf16 engines make against it says whether a gap between them is bf16 rounding or a bug.
+    sequences = [torch.tensor([prompt_ids + tokens[:-1]]) for prompt_ids, (tokens, _) in zip(ids, ours)]
+    hf = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32, attn_implementation="eager")
+    hf = hf.to(device()).eval()
+    with torch.no_grad():
+        exact = [hf(seq.to(device())).logits[0, len(p) - 1:].float().cpu() for seq, p in zip(sequences, ids)]
+    del hf
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
     dtype = getattr(torch, json.loads((Path(args.artifact) / "manifest.json").read_text())["dtype"])
     hf = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=dtype, attn_implementation="eager")
     hf = hf.to(device()).eval()
     prompts = []
     with torch.no_grad():
-        for p, prompt_ids, (tokens, logits) in zip(PROMPTS, ids, ours):
-            seq = torch.tensor([prompt_ids + tokens[:-1]], device=device())
-            want = hf(seq).logits[0, len(prompt_ids) - 1:].float().cpu()
+        for p, prompt_ids, (tokens, logits), seq, fp32 in zip(PROMPTS, ids, ours, sequences, exact):
+            want = hf(seq.to(device())).logits[0, len(prompt_ids) - 1:].float().cpu()
             per_token = ((logits - want).norm(dim=-1) / want.norm(dim=-1))
             top = want.max(dim=-1).values
             picked = want.gather(1, torch.tensor(tokens)[:, None])[:, 0]
@@ -143,6 +162,8 @@ def role_check(args) -> int:
             prompts.append({
                 "prompt": p,
                 "logits_rel_error": ((logits - want).norm() / want.norm()).item(),
+                "moec_vs_hf_fp32": ((logits - fp32).norm() / fp32.norm()).item(),
+                "hf_vs_hf_fp32": ((want - fp32).norm() / fp32.norm()).item(),
                 "per_token_rel_error_max": per_token.max().item(),
                 "tokens_over_2e-2": int((per_token > 2e-2).sum()),
                 "greedy_identical_16": tokens == greedy[: len(tokens)],
@@ -162,12 +183,20 @@ def role_check(args) -> int:
         if time.perf_counter() > deadline:
             eager.setdefault("skipped", []).append(f"batch {batch}: time budget")
             continue
-        eager["decode"].append(hf_decode_rate(hf, batch, args.context, 16, gen))
+        try:
+            eager["decode"].append(hf_decode_rate(hf, batch, args.context, 16, gen))
+        except torch.OutOfMemoryError:  # transformers' default experts path gathers weights per token
+            eager.setdefault("skipped", []).append(f"batch {batch}: out of GPU memory")
+            torch.cuda.empty_cache()
+            continue
         log("hf eager", eager["decode"][-1])
         out["hf_eager"] = eager
         Path(args.result).write_text(json.dumps(out))
     if time.perf_counter() < deadline:
-        eager["prefill"] = hf_prefill_rate(hf, args.prefill, gen)
+        try:
+            eager["prefill"] = hf_prefill_rate(hf, args.prefill, gen)
+        except torch.OutOfMemoryError:
+            eager.setdefault("skipped", []).append(f"prefill {args.prefill}: out of GPU memory")
         log("hf eager prefill", eager["prefill"])
     out["hf_eager"] = eager
     Path(args.result).write_text(json.dumps(out))
@@ -187,11 +216,19 @@ def role_hf_compile(args) -> int:
         if time.perf_counter() > deadline:
             out["skipped"].append(f"batch {batch}: time budget")
             continue
-        out["decode"].append(hf_decode_rate(hf, batch, args.context, 32, gen, cache_implementation="static"))
+        try:
+            out["decode"].append(hf_decode_rate(hf, batch, args.context, 32, gen, cache_implementation="static"))
+        except torch.OutOfMemoryError:
+            out["skipped"].append(f"batch {batch}: out of GPU memory")
+            torch.cuda.empty_cache()
+            continue
         log("hf grouped_mm+compile", out["decode"][-1])
         Path(args.result).write_text(json.dumps(out))
     if time.perf_counter() < deadline:
-        out["prefill"] = hf_prefill_rate(hf, args.prefill, gen)
+        try:
+            out["prefill"] = hf_prefill_rate(hf, args.prefill, gen)
+        except torch.OutOfMemoryError:
+            out["skipped"].append(f"prefill {args.prefill}: out of GPU memory")
     Path(args.result).write_text(json.dumps(out))
     return 0
 
@@ -207,7 +244,7 @@ def write_model(recipe_path: Path, layers: int, hf_dir: Path) -> dict:
     syn["config"]["num_hidden_layers"] = layers
     t = time.perf_counter()
     write_synthetic_model(syn["architecture"], syn["config"], syn["seed"], hf_dir, progress=log,
-                          dtype=syn.get("dtype", "float32"))
+                          dtype=syn.get("dtype", "float32"), init_device=device())
     log(f"wrote the {layers}-layer model in {time.perf_counter() - t:.0f} s")
     recipe["model"] = {"path": str(hf_dir)}
     recipe["name"] = f"{recipe['name']}-{layers}l"
@@ -251,6 +288,10 @@ def table(result: dict) -> str:
         lines.append(f"{r['batch']:>5} {r['decode_tokens_per_s']:>11.1f} {r['bound_tokens_per_s']:>9.1f} "
                      f"{r['achieved_percent_of_bound']:>7.1f}% {e['decode_tokens_per_s'] if e else float('nan'):>9.1f} "
                      f"{c['decode_tokens_per_s'] if c else float('nan'):>10.1f}")
+    for c in result.get("check", {}).get("prompts", []):
+        lines.append(f"{c['prompt'][:28]:<28} vs HF fp32: moec {c.get('moec_vs_hf_fp32', float('nan')):.4f}, "
+                     f"HF {c.get('hf_vs_hf_fp32', float('nan')):.4f} | moec vs HF {c['logits_rel_error']:.4f} | "
+                     f"greedy 16 same: {c['greedy_identical_16']}")
     p = result.get("moec", {}).get("prefill")
     if p:
         lines.append(f"prefill {p['prompt_tokens']} tokens: moec {p['prompt_tokens_per_s']:.0f} tok/s "
@@ -306,11 +347,10 @@ def main() -> int:
     (work / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     t = time.perf_counter()
     proc = run([sys.executable, "-m", "moec.compiler", str(work / "recipe.yaml"), "--output", str(work / "artifact")],
-               timeout=deadline - time.perf_counter())
+               timeout=deadline - time.perf_counter(), capture=False)  # its stage progress shows live
     result["compile_s"] = time.perf_counter() - t
-    print(proc.stdout[-3000:], file=sys.stderr)
     if proc.returncode != 0:
-        result["error"] = "compile failed"
+        result["error"] = "compile timed out" if proc.returncode == 124 else "compile failed"
         save()
         return 1
     save()

@@ -1,7 +1,7 @@
 """Every benchmark's output in the one result format of moec.runtime.regression_gate.
 
 New results (`cpu_gates.py`, `moe-runtime bench --json`) are written in it. The outputs the other
-scripts write (cpu_tiny, serve, moe_layer, cuda_tiny_check, e2e_decode) keep their own layout, the
+scripts write (cpu_tiny, serve, moe_layer, cuda_tiny_check, e2e_decode, gpu_op_check) keep their own layout, the
 record of everything a run saw; `load_result` converts them when read, so the gate and the report
 see one format. The committed files in results/ are left as they were written.
 
@@ -134,7 +134,23 @@ def _check_metrics(doc: dict) -> list[dict]:
                peer="transformers eager, same weights, same GPU", threshold=2e-2),
         metric("greedy_16_identical_prompts", sum(bool(p["greedy_identical_16"]) for p in prompts), "prompts",
                "higher", of=len(prompts), peer="transformers eager greedy"),
+        *([metric("fp32_error_over_hf_fp32_error_max",
+                  max(p["moec_vs_hf_fp32"] / max(p["hf_vs_hf_fp32"], 1e-12) for p in prompts), "x", "lower",
+                  peer="transformers eager in the checkpoint dtype, both measured against transformers fp32")]
+          if all("moec_vs_hf_fp32" in p for p in prompts) else []),
     ]
+
+
+def from_gpu_op_check(doc: dict) -> dict:
+    """Each op row's error against its fp32 reference (eager and through Inductor)."""
+    metrics = [metric("failed_rows", doc["failed"], "rows", "lower", of=len(doc["rows"]), threshold=0)]
+    for row in doc["rows"]:
+        if "rel_error" in row:
+            how = "inductor" if row["compiled"] else "eager"
+            metrics.append(metric(f"{row['op']}/{how}/{row['case']}/rel_error", row["rel_error"], "ratio", "lower",
+                                  peer="the op's reference in fp32 on the same bf16 inputs",
+                                  threshold=doc["tolerance"]))
+    return _converted(doc, "cuda", doc["device"], None, metrics)
 
 
 def from_cuda_tiny_check(doc: dict) -> dict:
@@ -191,7 +207,7 @@ def from_bench(doc: dict) -> dict:
 
 
 CONVERTERS = {"cpu_tiny": from_cpu_tiny, "serve": from_serve, "moe_layer": from_moe_layer,
-              "cuda_tiny_check": from_cuda_tiny_check, "e2e_decode": from_e2e_decode,
+              "cuda_tiny_check": from_cuda_tiny_check, "e2e_decode": from_e2e_decode, "gpu_op_check": from_gpu_op_check,
               "moe-runtime bench": from_bench}
 
 

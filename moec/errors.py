@@ -28,6 +28,10 @@ class LoweringError(MoecError):
     """A compiler pass produced a graph that does not compute what the model computes."""
 
 
+class CudaGraphError(MoecError):
+    """Decode CUDA graphs could not be captured on this GPU; loading without them works."""
+
+
 def run_cli(main: Callable[[], int | None], debug: bool) -> int:
     """Run a CLI body: MoecError becomes one line on stderr and exit 2, unless debugging."""
     try:

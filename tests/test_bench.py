@@ -256,3 +256,20 @@ def test_metrics_show_gpu_gauges_only_with_a_gpu(monkeypatch):
         "moec:gpu_memory_used_bytes": (3 << 30, {"model_name": "m", "gpu": "0"}),
         "moec:gpu_memory_total_bytes": (80 << 30, {"model_name": "m", "gpu": "0"}),
     }
+
+
+def test_engine_counts_only_whole_batch_decode_steps(tiny_artifact):
+    """The decode rate bench reports comes from steps where every sequence decodes: a prompt longer
+    than one step's token budget must not count, nor the step that samples a first token."""
+    from moec.runtime import Engine
+
+    engine = Engine.load(tiny_artifact)
+    engine.scheduler.max_tokens_per_step = 64  # as if compiled with a smaller step budget
+    long_prompt = [5 + i % 400 for i in range(100)]  # two steps of prompt
+    engine.generate([long_prompt, [7, 8, 9]], max_tokens=6, ignore_eos=True)
+    s = engine.stats
+    # step 1: 64 tokens of the long prompt fill the budget; step 2: its other 36 and the short
+    # prompt, both sample a first token; steps 3..7 decode both (tokens 2..6): 5 steps, 10 tokens
+    assert s.steps == 7
+    assert (s.decode_steps, s.decode_tokens) == (5, 10)
+    assert 0 < s.decode_s < s.elapsed_s

@@ -66,3 +66,17 @@ def test_decode_graphs_take_only_single_token_steps(tiny_artifact):
     assert not graphs.fits([([1], [5, 6], 3, True)])  # a prefill chunk
     assert not graphs.fits([([1], [5], 3, False)])  # a chunk that wants no logits
     assert not graphs.fits([([1], [5], 3, True)] * (engine.spec.max_batch + 1))
+
+
+def test_failed_capture_stops_the_load_and_names_the_way_out(tiny_artifact):
+    """A capture that fails (here: no CUDA at all) must not leave a half-working engine behind."""
+    import pytest
+
+    from moec.errors import CudaGraphError, MoecError
+
+    engine = Engine.load(tiny_artifact)
+    spec = engine.spec
+    with pytest.raises(CudaGraphError, match="--no-cuda-graphs") as info:
+        DecodeGraphs(engine.step_fn, engine.kv_cache, spec.max_batch,
+                     blocks_needed(spec.max_seq_len, spec.kv_block_size), engine.scratch_block)
+    assert isinstance(info.value, MoecError) and "\n" not in str(info.value)

@@ -131,6 +131,7 @@ def write_synthetic_model(
     out_dir: Path,
     progress: Progress | None = None,
     dtype: str = "float32",
+    init_device: str = "cpu",
 ) -> Path:
     """Write `architecture` with `config` and weights drawn from `seed` as a Hugging Face directory.
 
@@ -138,7 +139,9 @@ def write_synthetic_model(
     with the config's `initializer_range`), generation_config.json, tokenizer.json,
     tokenizer_config.json and special_tokens_map.json. The tokenizer is a byte-level BPE with
     exactly `config["vocab_size"]` tokens (default 512); BOS/EOS ids come from it. Same arguments,
-    byte-identical files. Returns `out_dir`.
+    byte-identical files. Returns `out_dir`. `init_device="cuda"` draws the weights on the GPU (a
+    Mixtral-sized model takes minutes on a CPU, seconds there): still seeded and repeatable on one
+    GPU type, but not the same weights as a CPU draw.
 
     Raises RecipeError for an unknown architecture, a config key the architecture does not have,
     a value transformers rejects, or a vocab size the tokenizer cannot reach.
@@ -163,10 +166,12 @@ def write_synthetic_model(
     hf_config = _build_config(architecture, config, vocab_size, tok.token_to_id(BOS), tok.token_to_id(EOS), dtype)
 
     say(f"initialising {architecture} with seed {seed}")
+    on_gpu = torch.device(init_device).type == "cuda"
+    rng_devices = [torch.device(init_device).index or 0] if on_gpu else []
     previous_dtype = torch.get_default_dtype()
     try:
         torch.set_default_dtype(getattr(torch, dtype))  # drawn in the checkpoint's dtype: no float32 copy
-        with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left as it was
+        with torch.random.fork_rng(devices=rng_devices), torch.device(init_device):  # caller's RNG state kept
             torch.manual_seed(seed)
             model = model_cls(hf_config)
     except (ValueError, TypeError, RuntimeError, AssertionError, ZeroDivisionError, IndexError, KeyError) as e:
@@ -191,6 +196,9 @@ def write_synthetic_model(
         if bar:
             hf_logging.enable_progress_bar()
 
+    del model
+    if on_gpu:
+        torch.cuda.empty_cache()  # the caller's later processes want this GPU memory back
     GenerationConfig(bos_token_id=hf_config.bos_token_id, eos_token_id=hf_config.eos_token_id).save_pretrained(out_dir)
     write_tokenizer_files(tok, out_dir, model_max_length=getattr(hf_config, "max_position_embeddings", None))
     return out_dir

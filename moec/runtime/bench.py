@@ -46,6 +46,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from moec.artifact import open_artifact
 from moec.errors import MoecError
 from moec.runtime.ceilings import Ceilings, device_ceilings
 from moec.runtime.gpu_telemetry import GpuTelemetry
@@ -120,17 +121,18 @@ class _Runner:
         ids = torch.randint(0, self.engine.spec.vocab_size, (batch, length), generator=self.rng)
         return ids.tolist()
 
-    def run(self, prompts: list[list[int]], max_tokens: int) -> tuple[float, float, float]:
-        """One generate: (wall seconds, the batch's time to first token, first token to last).
-        The engine's clock (stats) reads after each step's sampled tokens reached the host, so
-        the device has finished the step by then."""
+    def run(self, prompts: list[list[int]], max_tokens: int) -> tuple[float, float, float, int, int, float]:
+        """One generate: (wall seconds, the batch's time to first token, first token to last, and
+        the steps, tokens and seconds of its pure decode steps). The engine's clock (stats) reads
+        after each step's sampled tokens reached the host, so the device has finished the step."""
         self.sync()
         start = time.perf_counter()
         self.engine.generate(prompts, max_tokens=max_tokens, ignore_eos=True)
         self.sync()
         wall = time.perf_counter() - start
         stats = self.engine.stats
-        return wall, stats.time_to_first_token_s, stats.elapsed_s - stats.time_to_first_token_s
+        return (wall, stats.time_to_first_token_s, stats.elapsed_s - stats.time_to_first_token_s,
+                stats.decode_steps, stats.decode_tokens, stats.decode_s)
 
     def timed(self, prompts: list[list[int]], max_tokens: int) -> dict:
         """One warm-up, then `repeats` runs under GPU telemetry: medians, and energy per run."""
@@ -141,6 +143,9 @@ class _Runner:
             "run_s": statistics.median(r[0] for r in runs),
             "time_to_first_token_s": statistics.median(r[1] for r in runs),
             "first_to_last_token_s": statistics.median(r[2] for r in runs),
+            "pure_decode_steps": min(r[3] for r in runs),
+            "pure_decode_tokens_per_s": statistics.median(r[4] / r[5] for r in runs) if all(r[5] for r in runs) else None,
+            "pure_decode_step_s": statistics.median(r[5] / r[3] for r in runs) if all(r[3] for r in runs) else None,
             "energy_j": telemetry.energy_j / self.repeats if telemetry.energy_j is not None else None,
             "mean_power_w": telemetry.mean_power_w,
             "mean_utilization_percent": telemetry.mean_utilization_percent,
@@ -171,7 +176,8 @@ def _roofline(cost: StepCost, ceilings: Ceilings, tokens_per_s: float | None) ->
 def _bench_prefill(runner: _Runner, shape: ModelShape, ceilings: Ceilings, tokens: int) -> dict:
     runner.reset_peak_memory()
     timing = runner.timed(runner.prompts(1, tokens), max_tokens=1)
-    del timing["first_to_last_token_s"]
+    for key in ("first_to_last_token_s", "pure_decode_steps", "pure_decode_tokens_per_s", "pure_decode_step_s"):
+        del timing[key]
     ttft = timing["time_to_first_token_s"]
     tokens_per_s = tokens / ttft if ttft > 0 else None
     energy = timing.pop("energy_j")
@@ -186,17 +192,18 @@ def _bench_prefill(runner: _Runner, shape: ModelShape, ceilings: Ceilings, token
 def _bench_decode(runner: _Runner, shape: ModelShape, ceilings: Ceilings, batch: int, context: int,
                   new_tokens: int) -> dict:
     runner.reset_peak_memory()
+    """Decode speed over the steps in which every sequence decodes (a large batch's prompts take
+    several steps first, and sequences done early decode inside those: counting them would flatter)."""
     timing = runner.timed(runner.prompts(batch, context), max_tokens=new_tokens)
-    decode_s = timing.pop("first_to_last_token_s")
-    decoded = batch * (new_tokens - 1)
-    tokens_per_s = decoded / decode_s if decode_s > 0 else None
+    tokens_per_s = timing.pop("pure_decode_tokens_per_s")
+    step_s = timing.pop("pure_decode_step_s")
     energy = timing.pop("energy_j")
     roofline_context = context + new_tokens // 2
     return {
         "batch": batch, "context": context, "decode_tokens": new_tokens,
         "decode_tokens_per_s": tokens_per_s,
-        "step_ms": decode_s / (new_tokens - 1) * 1e3,
-        "decode_s": decode_s,
+        "step_ms": step_s * 1e3 if step_s is not None else None,
+        "decode_s": timing.pop("first_to_last_token_s"),
         **timing,
         "energy_j_per_token": energy / (batch * new_tokens) if energy is not None else None,
         "roofline_context": roofline_context,
@@ -228,14 +235,17 @@ def run_bench(artifact: str | Path, settings: BenchSettings, verify: bool = True
     from moec.runtime.engine import Engine
 
     console = console or Console(stderr=True)
+    # the ceilings first, on an idle device with all its memory free (the engine's KV cache and
+    # CUDA graphs come after)
+    device = torch.device(open_artifact(artifact, verify=False).manifest.device)
+    console.print(f"measuring the ceilings of {_device_name(device)} ...")
+    ceilings = device_ceilings(device, settings.copy_gb_per_s, settings.matmul_tflop_per_s)
     start = time.perf_counter()
     engine = Engine.load(artifact, verify=verify, cuda_graphs=cuda_graphs)
     load_s = time.perf_counter() - start
-    device, spec, manifest = engine.device, engine.spec, engine.artifact.manifest
+    spec, manifest = engine.spec, engine.artifact.manifest
     notes: list[str] = []
-    console.print(f"loaded {manifest.name} in {load_s:.2f}s on {_device_name(device)}; measuring ceilings ...")
-
-    ceilings = device_ceilings(device, settings.copy_gb_per_s, settings.matmul_tflop_per_s)
+    console.print(f"loaded {manifest.name} in {load_s:.2f}s")
     gpu = GpuTelemetry.for_device(device)
     if device.type == "cuda" and not gpu.available:
         notes.append(f"no GPU telemetry: {gpu.reason}")
@@ -267,14 +277,20 @@ def run_bench(artifact: str | Path, settings: BenchSettings, verify: bool = True
             skipped.append({"batch": batch, "reason": reason})
             notes.append(reason)
             continue
+        # the prompts take this many steps; only the steps after them decode the whole batch
         prefill_steps = -(-batch * context // spec.max_tokens_per_step)
-        if prefill_steps > 1:
-            flattery = 100 * (prefill_steps - 1) / (new_tokens - 1)
-            notes.append(f"decode batch {batch}: its prefill of {batch} x {context} tokens takes at least "
-                         f"{prefill_steps} steps (max_tokens_per_step {spec.max_tokens_per_step}); sequences "
-                         f"done early decode during them, so tokens/s may read up to {flattery:.0f}% high")
+        row_tokens = new_tokens
+        if new_tokens - prefill_steps < min(new_tokens - 1, 8):  # too few whole-batch decode steps
+            row_tokens = min(prefill_steps + 16, spec.max_seq_len - context)
+            notes.append(f"decode batch {batch}: its prompts take {prefill_steps} steps (max_tokens_per_step "
+                         f"{spec.max_tokens_per_step}), so it generates {row_tokens} tokens instead of {new_tokens} "
+                         "to time steps where every sequence decodes")
         console.print(f"decode, batch {batch} at context {context} ...")
-        decode.append(_bench_decode(runner, shape, ceilings, batch, context, new_tokens))
+        row = _bench_decode(runner, shape, ceilings, batch, context, row_tokens)
+        if row["decode_tokens_per_s"] is None:
+            notes.append(f"decode batch {batch}: no step decoded the whole batch (its {prefill_steps} prompt steps "
+                         f"leave none within max_seq_len {spec.max_seq_len}); use a shorter --context")
+        decode.append(row)
 
     cuda = device.type == "cuda"
     result = {

@@ -40,7 +40,10 @@ class CompiledStep:
     def __init__(self, artifact: Artifact):
         share_process_libstdcxx()
         try:
-            self.model = torch._inductor.aoti_load_package(str(artifact.graph_path))
+            # single-threaded: the runtime calls the step from one thread, and the container's
+            # multi-runner bookkeeping (events it records and queries around each run) is not
+            # allowed inside a CUDA-graph capture: "operation not permitted when stream is capturing"
+            self.model = torch._inductor.aoti_load_package(str(artifact.graph_path), run_single_threaded=True)
         except Exception as e:  # a damaged or foreign .pt2 fails deep inside torch
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise ArtifactError(f"{artifact.graph_path}: cannot load the compiled graph ({first}); recompile it") from None

@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from moec.errors import CudaGraphError
+
 
 def batch_buckets(max_batch: int) -> list[int]:
     """1, 2, 4, 8, then every 8 up to 64, then every 16: few graphs, little padding at large batch."""
@@ -40,7 +42,15 @@ class DecodeGraphs:
         self.outputs: dict[int, torch.Tensor] = {}
         self.capture_s = 0.0
         if capture:
-            self._capture()
+            try:
+                self._capture()
+            except (RuntimeError, AssertionError) as e:
+                # A failed capture leaves the process's CUDA state unusable (the RNG stays in
+                # capture mode; work queued in the broken capture never ran): going on without
+                # graphs would fail or go wrong later, so stop here and say how to go on.
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise CudaGraphError(f"CUDA-graph capture of the decode step failed ({first}); load again "
+                                     "without graphs (--no-cuda-graphs, or Engine.load(..., cuda_graphs=False))") from e
 
     def _call(self, b: int) -> torch.Tensor:
         return self.step_fn(self.input_ids[:b], self.positions[:b], self.seq_ids[:b], self.block_tables[:b],

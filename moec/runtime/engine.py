@@ -10,9 +10,9 @@ server's `EngineLoop` drives it forever, admitting requests between steps:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +47,11 @@ class GenerationStats:
     steps: int = 0
     elapsed_s: float = 0.0
     time_to_first_token_s: float = 0.0
+    # steps in which every scheduled sequence decoded one token (no prompt in the step): the
+    # steady-state decode rate, free of the prefill steps a large batch needs first
+    decode_steps: int = 0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -74,15 +79,10 @@ class Engine:
         self.record_logits = False
         self.decode_graphs = None
         if cuda_graphs and self.device.type == "cuda":
-            try:
-                self.decode_graphs = DecodeGraphs(
-                    self.step_fn, self.kv_cache, spec.max_batch, blocks_needed(spec.max_seq_len, spec.kv_block_size),
-                    self.scratch_block,
-                )
-            except RuntimeError as e:  # the engine still works, only slower: say so, once
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                warnings.warn(f"CUDA-graph capture failed ({first}); decoding without graphs", stacklevel=2)
-                torch.cuda.synchronize()
+            self.decode_graphs = DecodeGraphs(
+                self.step_fn, self.kv_cache, spec.max_batch, blocks_needed(spec.max_seq_len, spec.kv_block_size),
+                self.scratch_block,
+            )
 
     @classmethod
     def load(cls, path: str | Path, verify: bool = True, num_blocks: int | None = None,
@@ -124,9 +124,11 @@ class Engine:
     def step(self) -> tuple[list[tuple[Sequence, str]], list[Sequence]]:
         """Run the scheduler's next step. Returns (sequence, new text) for every sequence that got
         a token, and the sequences that finished (their blocks are already free)."""
+        step_start = time.perf_counter()
         plan = self.scheduler.schedule()
         if not plan:
             return [], []
+        decoding = all(take == 1 and seq.output_ids for seq, take in plan)
         now = time.perf_counter()
         chunks = []
         for seq, take in plan:
@@ -149,7 +151,11 @@ class Engine:
         if not sampled:
             return [], []
         next_ids = self.sampler.sample(logits, [s.params for s in sampled], [s.generator for s in sampled]).tolist()
-        now = time.perf_counter()
+        now = time.perf_counter()  # after .tolist(): the device has finished the step
+        if decoding:
+            self.stats.decode_steps += 1
+            self.stats.decode_tokens += len(plan)
+            self.stats.decode_s += now - step_start
         emitted, finished = [], []
         for row, (seq, token) in enumerate(zip(sampled, next_ids)):
             if self.record_logits:
@@ -198,7 +204,7 @@ class Engine:
                                     ignore_eos=ignore_eos)
             seqs.append(self.new_sequence(prompt, params))
         start = time.perf_counter()
-        steps_before = self.stats.steps
+        before = dataclasses.replace(self.stats)
         self.record_logits = record_logits
         try:
             for seq in seqs:
@@ -221,8 +227,11 @@ class Engine:
         self.stats = GenerationStats(
             prompt_tokens=sum(r.prompt_tokens for r in results),
             generated_tokens=sum(len(r.token_ids) for r in results),
-            steps=self.stats.steps - steps_before, elapsed_s=elapsed,
+            steps=self.stats.steps - before.steps, elapsed_s=elapsed,
             time_to_first_token_s=max(r.time_to_first_token_s for r in results),
+            decode_steps=self.stats.decode_steps - before.decode_steps,
+            decode_tokens=self.stats.decode_tokens - before.decode_tokens,
+            decode_s=self.stats.decode_s - before.decode_s,
         )
         return results
 

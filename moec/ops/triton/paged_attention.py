@@ -193,6 +193,9 @@ def _paged_attention_kernel(
     else:
         lo = 0
     layer_cache_ptr = head_cache_ptr + layer_offset
+    # Inductor may pass a Python float as fp64 (torch 2.11 does); fp64 here would turn the scores,
+    # the running max and the accumulator fp64, which tl.dot's fp32 accumulator rejects
+    scale_f32 = tl.cast(qk_scale, tl.float32)
 
     m_i = tl.full((ROWS,), -1.0e30, tl.float32)
     l_i = tl.zeros((ROWS,), tl.float32)
@@ -207,7 +210,7 @@ def _paged_attention_kernel(
             s = tl.dot(q, k, input_precision="ieee")
         else:
             s = tl.dot(q, k)
-        s = s * qk_scale  # log2 domain
+        s = s * scale_f32  # log2 domain
         visible = (keys[None, :] <= row_pos[:, None]) & (keys < ctx_len)[None, :]
         if USE_WINDOW:
             visible = visible & (keys[None, :] > row_pos[:, None] - window)

@@ -1,0 +1,136 @@
+"""The CUDA ops against their references at Mixtral-8x7B shapes, in bf16, eager and through Inductor.
+
+    python benchmarks/gpu_op_check.py --out $OUT
+
+Seconds, not minutes: run it before anything that compiles a whole model. Each row compares an op
+(the Triton paged attention; fused_moe with the default plan, every candidate config as a one-range
+plan, a two-range plan and the grouped_mm path) with the reference computed in fp32 on the same
+bf16 inputs, as max |a - b| / max |ref| per output. The same ops then run inside
+`torch.compile(dynamic=True)`, which hands scalars and token gates to the kernels the way
+AOTInductor does. Writes gpu_op_check.json; exits 1 if a row is over its tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TOLERANCE = 2e-2  # bf16 inputs, fp32 accumulation: a few bf16 ulps of the output's scale
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+
+
+def paged_case(chunks, kv_heads=8, group=4, head_dim=128, block_size=16, seed=0) -> dict:
+    """One step over `chunks` = [(start, num_tokens)], one per sequence, each owning shuffled
+    physical blocks; the whole cache holds random values (bf16, on the GPU)."""
+    g = torch.Generator().manual_seed(seed)
+    needed = [-(-(start + n) // block_size) for start, n in chunks]
+    num_blocks = sum(needed) + 3
+    physical = (torch.randperm(num_blocks - 1, generator=g) + 1).tolist()
+    tables, positions, seq_ids = [], [], []
+    for row, ((start, n), k) in enumerate(zip(chunks, needed)):
+        tables.append(physical[:k] + [0] * (max(needed) - k))
+        physical = physical[k:]
+        positions += range(start, start + n)
+        seq_ids += [row] * n
+    cache = torch.randn(2, 2, num_blocks, block_size, kv_heads, head_dim, generator=g).bfloat16().cuda()
+    query = torch.randn(len(positions), kv_heads * group, head_dim, generator=g).bfloat16().cuda()
+    index = lambda v: torch.tensor(v, dtype=torch.int64, device="cuda")  # noqa: E731
+    return {"query": query, "kv_cache": cache, "layer": 1, "block_tables": index(tables),
+            "seq_ids": index(seq_ids), "positions": index(positions), "scale": head_dim**-0.5}
+
+
+def attention_rows(compiled: bool) -> list[dict]:
+    from moec.ops.paged_attention import paged_attention_ref
+
+    op = torch.ops.moec.paged_attention
+    fn = torch.compile(lambda *a: op(*a), dynamic=True, fullgraph=True) if compiled else op
+    rows = []
+    cases = {
+        "prefill 4": [(0, 4)],
+        "prefill 11": [(0, 11)],
+        "prefill 300": [(0, 300)],
+        "decode 8x(ctx 512)": [(511, 1)] * 8,
+        "mixed": [(0, 37), (100, 1), (20, 5)],
+    }
+    for name, chunks in cases.items():
+        case = paged_case(chunks)
+        args = [case[k] for k in ("query", "kv_cache", "layer", "block_tables", "seq_ids", "positions", "scale")]
+        got = fn(*args)
+        ref = paged_attention_ref(case["query"].float(), case["kv_cache"].float(), *args[2:])
+        rows.append({"op": "paged_attention", "case": name, "compiled": compiled, "rel_error": rel(got, ref)})
+    return rows
+
+
+def moe_rows(compiled: bool) -> list[dict]:
+    from moec.ops.moe_combine import moe_combine_ref
+    from moec.ops.moe_experts import moe_experts_ref
+    from moec.ops.triton.configs import candidate_configs, config_name, encode_plan
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    E, H, I, K = 8, 4096, 14336, 2
+    w13 = (torch.randn(E, 2 * I, H, device="cuda", generator=g) * 0.02).bfloat16()
+    w2 = (torch.randn(E, H, I, device="cuda", generator=g) * 0.02).bfloat16()
+    plans = {"default": "", "grouped_mm": encode_plan({"path": "grouped_mm"})}
+    cands = candidate_configs()
+    plans["two ranges"] = encode_plan({"path": "triton", "ranges": [(16, cands[0]), (None, cands[-1])]})
+    if not compiled:
+        plans.update({config_name(c): encode_plan({"path": "triton", "ranges": [(None, c)]}) for c in cands})
+    op = torch.ops.moec.fused_moe
+    fn = torch.compile(lambda *a: op(*a), dynamic=True, fullgraph=True) if compiled else op
+    rows = []
+    for T in (1, 4, 33, 300):
+        hidden = torch.randn(T, H, device="cuda", generator=g).bfloat16()
+        logits = torch.randn(T, E, device="cuda", generator=g)
+        weights, ids = torch.softmax(logits, -1).topk(K, -1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        ref = moe_combine_ref(moe_experts_ref(hidden.float(), w13.float(), w2.float(), ids, "silu"), weights)
+        for name, plan in plans.items():
+            got = fn(hidden, w13, w2, weights, ids, "silu", plan)
+            rows.append({"op": "fused_moe", "case": f"T={T} {name}", "compiled": compiled, "rel_error": rel(got, ref)})
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args()
+    import triton
+
+    import moec.ops  # noqa: F401  registers moec::*
+
+    start = time.perf_counter()
+    rows = []
+    for compiled in (False, True):
+        for part in (attention_rows, moe_rows):
+            try:
+                rows += part(compiled)
+            except Exception as e:  # noqa: BLE001  a failing part is a result: record it, go on
+                rows.append({"op": part.__name__, "compiled": compiled, "error": f"{type(e).__name__}: {e}"[:2000]})
+    bad = [r for r in rows if "error" in r or r["rel_error"] > TOLERANCE]
+    result = {"benchmark": "gpu_op_check", "device": torch.cuda.get_device_name(),
+              "versions": {"torch": torch.__version__, "triton": triton.__version__},
+              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tolerance": TOLERANCE,
+              "seconds": time.perf_counter() - start, "rows": rows, "failed": len(bad)}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "gpu_op_check.json").write_text(json.dumps(result, indent=1))
+    for r in rows:
+        mark = "FAIL" if r in bad else "ok"
+        print(f"{mark:4} {'inductor' if r['compiled'] else 'eager':8} {r['op']:16} {r.get('case', ''):28} "
+              f"{r.get('rel_error', float('nan')):.2e} {r.get('error', '')[:300]}")
+    print(f"{len(rows) - len(bad)}/{len(rows)} ok in {result['seconds']:.0f} s")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
