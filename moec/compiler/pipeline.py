@@ -17,6 +17,7 @@ from moec.artifact.manifest import environment_fields
 from moec.artifact.summary import moe_kernel_lines
 from moec.compiler.export import export_step
 from moec.compiler.load import load_model, read_hf_config
+from moec.compiler.offload_policy import plan_offload
 from moec.compiler.lower import compile_graph, save_weights
 from moec.compiler.passes import lower_moe
 from moec.compiler.passes.moe_lowering import check_moe_blocks
@@ -24,6 +25,7 @@ from moec.compiler.passes.moe_tuning import apply_moe_plans, tune_moe
 from moec.compiler.recipe import Recipe
 from moec.compiler.step import PagedStep
 from moec.errors import RecipeError
+from moec.runtime.roofline import ModelShape
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
@@ -80,6 +82,9 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
     dtype = getattr(torch, recipe.dtype)
     if recipe.device == "cuda" and not torch.cuda.is_available():
         raise RecipeError("device: cuda, but this machine has no CUDA GPU; set device: cpu or compile on the GPU machine")
+    if recipe.offload is not None and not explain:
+        raise RecipeError("offload: the runtime cannot run offloaded artifacts yet (only the policy search exists); "
+                          "see the plan with `moe-compile --explain`, or remove the offload block to compile")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -97,6 +102,12 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
             ep, regions = lower_moe(ep, step, model.config, device=recipe.device,
                                     max_tokens=recipe.max_tokens_per_step)
         console.print(f"  {len(regions)} MoE regions lowered:\n{_region_table(regions)}")
+        if recipe.offload is not None:
+            with stages.stage("offload", "policy search over batch, micro-batches and placement (HRM)"):
+                shape = ModelShape.from_config(hf_config, regions, recipe.dtype)
+                offload = plan_offload(recipe.offload, shape, recipe.max_batch)
+            console.print("\n".join("  " + line for line in offload["summary"]), soft_wrap=True, markup=False,
+                          highlight=False)
         if explain:
             return None
         tune_detail = ("each MoE shape × token bucket: Triton configs and torch._grouped_mm timed"

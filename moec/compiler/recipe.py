@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from moec.errors import RecipeError
 
 DTYPES = ("float32", "bfloat16", "float16")
+_BYTES = TypeAdapter(ByteSize)
 
 
 class Strict(BaseModel):
@@ -52,10 +53,44 @@ class ParallelPlan(Strict):
     ep: Literal[1] = 1
 
 
-class OffloadPlan(Strict):
-    """Expert offload to host memory (a later issue); today off."""
+class OffloadWorkload(Strict):
+    """The requests the offload policy is planned for: prompt and generated tokens per sequence."""
 
-    enabled: Literal[False] = False
+    prompt_len: int = Field(default=512, ge=1)
+    gen_len: int = Field(default=128, ge=1)
+
+
+class OffloadPolicyChoice(Strict):
+    """Pins any part of the offload policy; the search chooses the rest."""
+
+    batch: int | None = Field(default=None, ge=1)
+    micro_batches: int | None = Field(default=None, ge=1)
+    placement: Literal["gpu", "gpu-kv-host", "cpu"] | None = None  # decode attention / KV cache
+    resident_expert_layers: int | None = Field(default=None, ge=0)
+    cache_experts: int | None = Field(default=None, ge=0)
+
+
+class OffloadPlan(Strict):
+    """Experts in host memory, streamed to the GPU (moec.compiler.offload_policy plans it)."""
+
+    gpu_memory: int | str  # bytes, or "24GiB"
+    host_memory: int | str | None = None  # default: this machine's memory
+    hardware: str = "h100-sxm"  # a named profile, or a JSON file from `moe-compile --profile-hardware`
+    workload: OffloadWorkload = Field(default_factory=OffloadWorkload)
+    policy: Literal["auto"] | OffloadPolicyChoice = "auto"
+
+    @field_validator("gpu_memory", "host_memory")
+    @classmethod
+    def _bytes(cls, value):
+        if value is None:
+            return None
+        try:
+            size = int(_BYTES.validate_python(value))
+        except ValidationError:
+            raise ValueError("want a size such as 24GiB, 512MB or a number of bytes") from None
+        if size <= 0:
+            raise ValueError("must be more than 0 bytes")
+        return size
 
 
 class Recipe(Strict):
@@ -70,7 +105,7 @@ class Recipe(Strict):
     output_dir: str | None = None
     quantization: QuantizationPlan = Field(default_factory=QuantizationPlan)
     parallel: ParallelPlan = Field(default_factory=ParallelPlan)
-    offload: OffloadPlan = Field(default_factory=OffloadPlan)
+    offload: OffloadPlan | None = None
 
     @model_validator(mode="after")
     def _limits(self):

@@ -29,6 +29,7 @@ one step: `prefill_step(shape, T)`. `bound_s` turns a step into its lower-bound 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 
 import torch
 
@@ -79,6 +80,18 @@ class ModelShape:
             qk_norm=cfg.get("model_type", "").startswith("qwen3"),
             attention_bias=bool(cfg.get("attention_bias", False)),
         )
+
+    @classmethod
+    def from_config(cls, cfg: dict, moe_regions: list[dict], dtype: str) -> ModelShape:
+        """The same from what the compiler has before a manifest exists: the HF config and the
+        MoE regions its passes found (KV cache in the model dtype, as compiled artifacts keep it)."""
+        heads = int(cfg["num_attention_heads"])
+        kv_heads = int(cfg.get("num_key_value_heads") or heads)
+        head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // heads)
+        step = SimpleNamespace(num_layers=int(cfg["num_hidden_layers"]), num_kv_heads=kv_heads, head_dim=head_dim,
+                               vocab_size=int(cfg["vocab_size"]), kv_dtype=dtype)
+        regions = [SimpleNamespace(**r) for r in moe_regions]
+        return cls.from_manifest(SimpleNamespace(hf_config=cfg, step=step, dtype=dtype, moe_regions=regions))
 
     # --- parameter counts ------------------------------------------------------------------
 

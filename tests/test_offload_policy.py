@@ -1,0 +1,169 @@
+"""The offload policy search (HRM): predictions checked by hand, optima on hand-made cases, memory
+limits, and the recipe/CLI around it. The offload executor itself is not built yet: compiling a
+recipe with `offload` stops with a one-line error, `--explain` shows the plan."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import yaml
+
+from conftest import assert_one_line_error, run_cli, tiny_recipe_dict
+from moec.compiler.hardware_profile import NAMED_PROFILES, HardwareProfile, load_profile, measure_profile
+from moec.compiler.offload_policy import (
+    GPU_RESERVE_FRACTION,
+    OffloadPolicy,
+    Workload,
+    memory_use,
+    predict,
+    search,
+)
+from moec.errors import RecipeError
+from moec.runtime.roofline import ModelShape, MoeLayerShape
+
+# the tiny Mixtral of recipes/tiny-mixtral.yaml: one expert is 3*64*128 fp32 = 98,304 bytes, a
+# layer's four experts 393,216 bytes
+TINY = ModelShape(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, vocab_size=512,
+                  weight_itemsize=4, kv_itemsize=4, moe_layers=(MoeLayerShape(4, 2, 128),) * 2,
+                  dense_intermediate_size=128)
+LAYER_EXPERTS = 4 * 3 * 64 * 128 * 4
+# a host link that moves one layer's experts in exactly 1 ms; everything else ~free
+LINK_BOUND = HardwareProfile(name="test", h2d_bytes_per_s=LAYER_EXPERTS * 1e3, d2h_bytes_per_s=LAYER_EXPERTS * 1e3,
+                             duplex_bytes_per_s=2 * LAYER_EXPERTS * 1e3, gpu_bytes_per_s=1e18, gpu_flops_per_s=1e21,
+                             cpu_bytes_per_s=1e18, cpu_flops_per_s=1e21, source="hand-made")
+MIXTRAL_8X7B = ModelShape(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+                          vocab_size=32000, weight_itemsize=2, kv_itemsize=2,
+                          moe_layers=(MoeLayerShape(8, 2, 14336),) * 32)
+
+
+def test_prediction_by_hand_when_the_link_bounds():
+    """Both layers streamed, batch 1, 32 tokens after 32: each layer of each step waits 1 ms for its
+    experts (prefill too, once), so 32 tokens take 2 ms + 32 x 2 ms: 32 / 0.066 = 484.8 tokens/s."""
+    wl = Workload(prompt_len=32, gen_len=32)
+    pred = predict(TINY, LINK_BOUND, wl, OffloadPolicy(batch=1, micro_batches=1, placement="gpu",
+                                                       resident_expert_layers=0))
+    assert pred.decode_step_s == pytest.approx(2e-3, rel=1e-6)
+    assert pred.prefill_s == pytest.approx(2e-3, rel=1e-6)
+    assert pred.tokens_per_s == pytest.approx(32 / 0.066, rel=1e-6)
+    assert pred.bottleneck == "host link"
+    # one layer resident: half the streaming; batch 4: the same step carries 4 tokens
+    half = predict(TINY, LINK_BOUND, wl, OffloadPolicy(1, 1, "gpu", 1))
+    assert half.decode_step_s == pytest.approx(1e-3, rel=1e-6)
+    four = predict(TINY, LINK_BOUND, wl, OffloadPolicy(4, 1, "gpu", 0))
+    assert four.tokens_per_s == pytest.approx(4 * pred.tokens_per_s, rel=1e-6)
+
+
+def test_cpu_attention_overlaps_only_across_micro_batches():
+    """With the CPU as slow as the link, one micro-batch pays GPU + CPU, two pay their max."""
+    slow_cpu = replace(LINK_BOUND, cpu_bytes_per_s=1e3, gpu_flops_per_s=1e6)
+    wl = Workload(32, 32)
+    one = predict(TINY, slow_cpu, wl, OffloadPolicy(2, 1, "cpu", 2))
+    two = predict(TINY, slow_cpu, wl, OffloadPolicy(2, 2, "cpu", 2))
+    assert one.busy["cpu"] > 0 and one.busy["gpu"] > 0
+    assert one.decode_step_s > two.decode_step_s
+
+
+def test_memory_use_by_hand():
+    """Streamed layers need a double buffer of two layers' experts on the GPU, and their experts on the host."""
+    wl = Workload(32, 32)
+    all_in, _ = memory_use(TINY, wl, OffloadPolicy(1, 1, "gpu", 2))
+    streamed_gpu, streamed_host = memory_use(TINY, wl, OffloadPolicy(1, 1, "gpu", 0))
+    assert all_in == streamed_gpu  # two layers: keeping both costs what their double buffer costs
+    assert streamed_host == 2 * LAYER_EXPERTS
+    kv_gpu, _ = memory_use(TINY, wl, OffloadPolicy(1, 1, "gpu", 0))
+    kv_host_gpu, kv_host = memory_use(TINY, wl, OffloadPolicy(1, 1, "cpu", 0))
+    kv = 64 * 2 * 2 * 2 * 16 * 4  # 64 tokens x 2 layers x (K, V) x 2 heads x 16 x fp32
+    assert kv_gpu - kv_host_gpu == kv and kv_host - streamed_host == kv
+
+
+def test_roomy_gpu_keeps_everything_and_takes_the_largest_batch():
+    """Documented optimum: when every weight and the whole batch's cache fit, nothing streams, the
+    batch is max_batch (weights read once per step for more tokens) in one micro-batch (more would
+    only re-read the weights)."""
+    hw = replace(NAMED_PROFILES["h100-sxm"], name="roomy")
+    policy, pred = search(TINY, hw, Workload(64, 32), gpu_memory=1 << 30, host_memory=1 << 30, max_batch=8)
+    assert (policy.batch, policy.micro_batches, policy.placement, policy.resident_expert_layers) == (8, 1, "gpu", 2)
+    assert pred.busy["h2d"] == 0 and pred.bottleneck == "GPU"
+
+
+def test_tight_gpu_streams_and_respects_both_budgets():
+    """Four MoE layers; GPU room for the resident weights, the double buffer (two layers' experts)
+    and half a layer more: experts stream, the link bounds, and the plan fits both budgets."""
+    wl = Workload(64, 32)
+    four = replace(TINY, num_layers=4, moe_layers=TINY.moe_layers * 2)
+    floor, _ = memory_use(four, wl, OffloadPolicy(1, 1, "cpu", 0))
+    gpu_memory = int((floor + LAYER_EXPERTS // 2) / (1 - GPU_RESERVE_FRACTION))
+    policy, pred = search(four, LINK_BOUND, wl, gpu_memory=gpu_memory, host_memory=1 << 30, max_batch=8)
+    assert policy.resident_expert_layers == 0
+    assert pred.bottleneck == "host link"
+    assert pred.gpu_bytes <= gpu_memory * (1 - GPU_RESERVE_FRACTION) and pred.host_bytes <= (1 << 30)
+    assert policy.batch == 8  # streaming costs the same for any batch: the largest amortises it best
+
+
+def test_pinned_fields_are_kept():
+    policy, _ = search(TINY, LINK_BOUND, Workload(64, 32), 1 << 30, 1 << 30, 8,
+                       fixed={"batch": 4, "micro_batches": 2, "placement": "gpu-kv-host"})
+    assert (policy.batch, policy.micro_batches, policy.placement) == (4, 2, "gpu-kv-host")
+
+
+def test_impossible_budget_is_one_line_naming_both_memories():
+    with pytest.raises(RecipeError, match="nothing fits") as info:
+        search(TINY, LINK_BOUND, Workload(64, 32), gpu_memory=1 << 16, host_memory=1 << 30, max_batch=8)
+    message = str(info.value)
+    assert "\n" not in message and "offload.gpu_memory" in message and "offload.host_memory" in message
+    with pytest.raises(RecipeError, match="nothing fits"):  # the host cannot hold the streamed experts
+        search(TINY, LINK_BOUND, Workload(64, 32), gpu_memory=1 << 20, host_memory=1 << 10, max_batch=8)
+
+
+def test_mixtral_on_a_24gib_h100_streams_most_experts():
+    """Mixtral-8x7B (94 GB of bf16) with 24 GiB of GPU: a few layers' experts resident at most,
+    the host link the bottleneck, a large batch; batch 1 bounded by copying the experts it misses."""
+    policy, pred = search(MIXTRAL_8X7B, NAMED_PROFILES["h100-sxm"], Workload(512, 128), 24 << 30, 200 << 30, 256)
+    assert policy.resident_expert_layers < 8 and pred.bottleneck == "host link"
+    assert policy.batch == 256 and pred.gpu_bytes <= (24 << 30) * (1 - GPU_RESERVE_FRACTION)
+    # streaming the other layers' experts once per step over 55 GB/s bounds a step from below
+    streamed = (32 - policy.resident_expert_layers) * 8 * 3 * 4096 * 14336 * 2
+    assert pred.decode_step_s >= streamed / 55e9
+    assert pred.batch1_tokens_per_s < pred.tokens_per_s / policy.batch * 50
+
+
+def test_hardware_profiles_named_measured_and_bad(tmp_path):
+    assert load_profile("h100-sxm").h2d_bytes_per_s == 55e9
+    measured = measure_profile()
+    assert measured.h2d_bytes_per_s > 0 and measured.cpu_flops_per_s > 0
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(measured.as_dict()))
+    assert load_profile(str(path)) == measured
+    path.write_text(json.dumps({**measured.as_dict(), "gpu_flops_per_s": -1}))
+    with pytest.raises(RecipeError, match="gpu_flops_per_s must be positive"):
+        load_profile(str(path))
+    with pytest.raises(RecipeError, match="profile-hardware"):
+        load_profile("a100-nonexistent")
+
+
+def test_explain_prints_the_plan_and_compile_refuses_offload(hf_model_dir, tmp_path):
+    recipe = tiny_recipe_dict(hf_model_dir, name="tiny-offload")
+    recipe["offload"] = {"gpu_memory": "2MiB", "host_memory": "1GiB", "workload": {"prompt_len": 64, "gen_len": 32}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    proc = run_cli("moec.compiler", str(path), "--explain")
+    assert proc.returncode == 0, proc.stderr
+    assert "offload" in proc.stderr and "predicted" in proc.stderr and "bound by" in proc.stderr
+    proc = run_cli("moec.compiler", str(path), "-o", str(tmp_path / "art"))
+    assert_one_line_error(proc, "offload", "--explain")
+    assert not (tmp_path / "art").exists()
+    recipe["offload"]["gpu_memory"] = "64KiB"
+    path.write_text(yaml.safe_dump(recipe))
+    proc = run_cli("moec.compiler", str(path), "--explain")  # after the stages it ran: the error, last
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: offload: nothing fits") and "offload.gpu_memory" in last
+
+
+def test_profile_hardware_cli_writes_a_loadable_profile(tmp_path):
+    out = tmp_path / "prof.json"
+    proc = run_cli("moec.compiler", "--profile-hardware", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert load_profile(str(out)).gpu_bytes_per_s > 0
