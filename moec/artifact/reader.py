@@ -149,16 +149,23 @@ def open_artifact(path: str | os.PathLike, verify: bool = True, device: str | No
     return Artifact(path=root, manifest=manifest)
 
 
-def open_weights(artifact: Artifact, device: str | None = None) -> dict[str, torch.Tensor]:
-    """The artifact's weights as tensors (safetensors, memory-mapped on cpu), on `device` or the artifact's."""
+def open_weights(artifact: Artifact, device: str | None = None, names=None) -> dict[str, torch.Tensor]:
+    """The artifact's weights as tensors (safetensors, memory-mapped on cpu), on `device` or the
+    artifact's; only `names` when given (an offloaded artifact's experts stay on the host)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = artifact.weights_path
     rel = artifact.manifest.step.weights
     if not path.is_file():
         raise ArtifactError(f"{artifact.path}: missing file {rel}; the artifact is incomplete — {_RECOMPILE}")
+    device = device or artifact.manifest.device
     try:
-        return load_file(path, device=device or artifact.manifest.device)
+        if names is None:
+            return load_file(path, device=device)
+        with safe_open(path, framework="pt", device=device) as f:
+            present = set(f.keys())
+            return {name: f.get_tensor(name) for name in names if name in present}
     except Exception as e:  # safetensors raises its own error types for bad headers and short files
         raise ArtifactError(f"{artifact.path}: {rel} is not a valid safetensors file ({_one_line(e)}); "
                             f"{_RECOMPILE}") from None

@@ -93,9 +93,10 @@ def render_summary(artifact_or_manifest: Artifact | Manifest) -> str:
                 lines.extend("    " + line for line in moe_kernel_lines(choice))
             else:
                 lines.append(f"    {key}: {choice}")
-    for label, plan in (("parallel", m.parallel), ("offload", m.offload)):
-        if plan:
-            lines.append(f"  {label:<11} " + ", ".join(f"{k}={v}" for k, v in plan.items()))
+    if m.parallel:
+        lines.append("  parallel    " + ", ".join(f"{k}={v}" for k, v in m.parallel.items()))
+    if m.offload:
+        lines.extend(offload_lines(m.offload))
     lines.append(f"  files       {len(m.files)}, {human_bytes(m.total_bytes)} in all")
     for rel, entry in sorted(m.files.items(), key=lambda kv: -kv[1].size)[:_MAX_FILES]:
         lines.append(f"    {human_bytes(entry.size):>10}  {rel}")
@@ -105,6 +106,21 @@ def render_summary(artifact_or_manifest: Artifact | Manifest) -> str:
         lines.append("  warning     this artifact contains native code that runs when it is loaded: "
                      "only run artifacts you trust")
     return "\n".join(lines)
+
+
+def offload_lines(offload: dict) -> list[str]:
+    """The offload plan as inspect shows it: the policy, its prediction and the budgets."""
+    pol, pred = offload.get("policy", {}), offload.get("prediction", {})
+    lines = [f"  offload     batch {pol.get('batch')} in {pol.get('micro_batches')} micro-batches, attention/KV "
+             f"{pol.get('placement')}, experts of {pol.get('resident_expert_layers')} of "
+             f"{len(offload.get('experts', []))} MoE layers resident, the rest streamed"]
+    if pred:
+        lines.append(f"              predicted {pred['tokens_per_s']:.1f} tokens/s, bound by the {pred['bottleneck']} "
+                     f"(hardware: {offload.get('hardware', {}).get('name')})")
+    if "gpu_memory" in offload:
+        lines.append(f"              budgets: GPU {human_bytes(offload['gpu_memory'])}, "
+                     f"host {human_bytes(offload.get('host_memory', 0))}")
+    return lines
 
 
 def summary_dict(artifact_or_manifest: Artifact | Manifest) -> dict:

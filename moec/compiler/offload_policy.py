@@ -31,6 +31,7 @@ from moec.errors import RecipeError
 from moec.runtime.roofline import ModelShape, expected_distinct_experts
 
 PLACEMENTS = ("gpu", "gpu-kv-host", "cpu")  # attention on GPU with its cache; on GPU, cache on host; both on CPU
+RUNTIME_PLACEMENTS = ("gpu",)  # what moec.runtime executes today: plan_offload chooses among these
 GPU_RESERVE_FRACTION = 0.10  # CUDA context, allocator slack, CUDA graphs, kernels' workspaces
 HOST_RESERVE_FRACTION = 0.10
 RESOURCES = ("h2d", "d2h", "gpu", "cpu")
@@ -315,6 +316,11 @@ def plan_offload(plan, shape: ModelShape, max_batch: int) -> dict:
     if fixed.get("resident_expert_layers", 0) > len(shape.moe_layers):
         raise RecipeError(f"offload.policy.resident_expert_layers {fixed['resident_expert_layers']} exceeds the "
                           f"model's {len(shape.moe_layers)} MoE layers")
+    placement = fixed.get("placement", RUNTIME_PLACEMENTS[0])
+    if placement not in RUNTIME_PLACEMENTS:
+        raise RecipeError(f"offload.policy.placement {placement!r}: the runtime runs only {', '.join(RUNTIME_PLACEMENTS)} "
+                          "today (attention on the CPU is not built yet)")
+    fixed["placement"] = placement
     policy, pred = search(shape, hw, workload, plan.gpu_memory, host, max_batch, fixed)
     return {"policy": policy.as_dict(), "prediction": pred.as_dict(), "hardware": hw.as_dict(),
             "workload": asdict(workload), "gpu_memory": plan.gpu_memory, "host_memory": host,

@@ -20,6 +20,7 @@ from moec.compiler.load import load_model, read_hf_config
 from moec.compiler.offload_policy import plan_offload
 from moec.compiler.lower import compile_graph, save_weights
 from moec.compiler.passes import lower_moe
+from moec.compiler.passes.expert_offload import offload_experts
 from moec.compiler.passes.moe_lowering import check_moe_blocks
 from moec.compiler.passes.moe_tuning import apply_moe_plans, tune_moe
 from moec.compiler.recipe import Recipe
@@ -82,9 +83,6 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
     dtype = getattr(torch, recipe.dtype)
     if recipe.device == "cuda" and not torch.cuda.is_available():
         raise RecipeError("device: cuda, but this machine has no CUDA GPU; set device: cpu or compile on the GPU machine")
-    if recipe.offload is not None and not explain:
-        raise RecipeError("offload: the runtime cannot run offloaded artifacts yet (only the policy search exists); "
-                          "see the plan with `moe-compile --explain`, or remove the offload block to compile")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -117,6 +115,9 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
             ep = apply_moe_plans(ep, step, tuning.plans)
         console.print("\n".join("  " + line for line in moe_kernel_lines(tuning.table)),
                       soft_wrap=True, markup=False, highlight=False)
+        if recipe.offload is not None:
+            ep, offload["experts"] = offload_experts(ep)
+            del offload["summary"]
 
         config = model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -154,6 +155,7 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
                     },
                     "moe_regions": [{k: v for k, v in r.items() if k != "check_error_ratio"} for r in regions],
                     "kernels": {"moe": tuning.table},
+                    "offload": offload if recipe.offload is not None else {},
                 })
     total = sum(stages.times.values())
     console.print(f"[bold green]compiled[/] {recipe.name} → {out_dir} in {total:.1f}s")

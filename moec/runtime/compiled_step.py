@@ -49,8 +49,8 @@ class CompiledStep:
             raise ArtifactError(f"{artifact.graph_path}: cannot load the compiled graph ({first}); recompile it") from None
         # user_managed: the compiled model uses these tensors in place (no copy). Inductor may have
         # folded some constants into the library: hand over exactly the ones it still asks for.
-        weights = open_weights(artifact)
         wanted = self.model.get_constant_fqns()
+        weights = open_weights(artifact, names=wanted)
         missing = [name for name in wanted if name not in weights]
         if missing:
             raise ArtifactError(f"{artifact.weights_path}: lacks {len(missing)} tensors the graph needs "

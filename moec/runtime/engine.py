@@ -24,6 +24,8 @@ from moec.errors import ArtifactError, RequestError
 from moec.runtime.compiled_step import CompiledStep
 from moec.runtime.decode_graphs import DecodeGraphs
 from moec.runtime.detokenizer import IncrementalDetokenizer
+from moec.ops.offloaded_moe import set_expert_source
+from moec.runtime.expert_pager import DeviceBudget, ExpertPager
 from moec.runtime.kv_cache import BlockAllocator, allocate_kv_cache, blocks_needed, build_step_inputs
 from moec.runtime.sampler import Sampler, SamplingParams, make_generator
 from moec.runtime.scheduler import Scheduler
@@ -65,6 +67,13 @@ class Engine:
         self.device = torch.device(artifact.manifest.device)
         self.step_fn = CompiledStep(artifact)
         self.tokenizer, self.bos_id, self.eos_id = _load_tokenizer(artifact.tokenizer_path)
+        offload = artifact.manifest.offload or None
+        max_batch = spec.max_batch
+        if offload:  # the plan's batch, and a cache for its workload (one longest sequence at least)
+            max_batch = min(max_batch, int(offload["policy"]["batch"]))
+            workload = offload["workload"]["prompt_len"] + offload["workload"]["gen_len"]
+            num_blocks = num_blocks or max(max_batch * blocks_needed(min(workload, spec.max_seq_len), spec.kv_block_size),
+                                           blocks_needed(spec.max_seq_len, spec.kv_block_size))
         self.num_blocks = num_blocks or spec.max_batch * blocks_needed(spec.max_seq_len, spec.kv_block_size)
         self.allocator = BlockAllocator(self.num_blocks)
         # one block beyond the allocator's: padded decode rows write their K/V there
@@ -73,7 +82,15 @@ class Engine:
             spec.num_layers, self.num_blocks + 1, spec.kv_block_size, spec.num_kv_heads, spec.head_dim,
             getattr(torch, spec.kv_dtype), self.device,
         )
-        self.scheduler = Scheduler(self.allocator, spec.kv_block_size, spec.max_batch, spec.max_tokens_per_step)
+        self.scheduler = Scheduler(self.allocator, spec.kv_block_size, max_batch, spec.max_tokens_per_step)
+        self.expert_pager = None
+        if offload:
+            budget = DeviceBudget(int(offload["gpu_memory"]))
+            budget.take(sum(t.numel() * t.element_size() for t in self.step_fn.weights.values()), "the compiled weights")
+            budget.take(self.kv_cache.numel() * self.kv_cache.element_size(), "the KV cache")
+            self.expert_pager = ExpertPager(artifact, self.device, budget)
+            set_expert_source(self.expert_pager)
+            cuda_graphs = False  # the pager runs between layers, which a replayed graph would skip
         self.sampler = Sampler()
         self.stats = GenerationStats()
         self.record_logits = False

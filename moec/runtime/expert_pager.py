@@ -1,0 +1,118 @@
+"""Expert weights in host memory, paged onto the compute device one layer ahead (CGOPipe's copies).
+
+An offloaded artifact's graph calls `moec::offloaded_moe(..., layer)`, which asks the pager for
+that layer's weights. The first `resident_expert_layers` MoE layers (the plan's choice) live on
+the device for good; every other layer goes through a double buffer of two layers' experts:
+while layer i computes from one slot, the next streamed layer copies into the other on a copy
+stream of its own, ordered by CUDA events (the copy waits until the compute stream has finished
+with the slot it overwrites; the compute waits until the copy has landed). After the last layer
+the first streamed layer of the next step is fetched, so steps chain without a bubble.
+
+Every byte the pager puts on the device goes through a `DeviceBudget` holding the plan's GPU
+budget (the compiled weights and the KV cache are charged first), so a plan that does not fit
+fails at load, not halfway through a request. On a machine without a GPU the same code runs
+with the "device" and the host both in CPU memory (copies are synchronous there): what CI runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moec.artifact import Artifact
+from moec.artifact.reader import open_weights
+from moec.errors import ArtifactError
+
+
+class DeviceBudget:
+    """Bytes placed on the compute device, against a limit: `take` refuses what would pass it."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used, self.peak = limit, 0, 0
+
+    def take(self, nbytes: int, what: str) -> None:
+        if self.used + nbytes > self.limit:
+            raise ArtifactError(f"offload: {what} ({nbytes / 2**20:.1f} MiB) would pass the GPU budget of "
+                                f"{self.limit / 2**20:.1f} MiB ({self.used / 2**20:.1f} MiB in use); recompile with "
+                                "a larger offload.gpu_memory or fewer resident expert layers")
+        self.used += nbytes
+        self.peak = max(self.peak, self.used)
+
+    def empty_like(self, t: torch.Tensor, device: torch.device, what: str) -> torch.Tensor:
+        self.take(t.numel() * t.element_size(), what)
+        return torch.empty(t.shape, dtype=t.dtype, device=device)
+
+
+class ExpertPager:
+    """`weights(layer)` for `moec::offloaded_moe`; see the module docstring."""
+
+    def __init__(self, artifact: Artifact, device: torch.device, budget: DeviceBudget):
+        plan = artifact.manifest.offload
+        self.device, self.budget = device, budget
+        self.cuda = device.type == "cuda"
+        layers = sorted(plan["experts"], key=lambda e: e["layer"])
+        names = [n for e in layers for n in (e["gate_up_proj"], e["down_proj"])]
+        host = open_weights(artifact, device="cpu", names=names)
+        missing = [n for n in names if n not in host]
+        if missing:
+            raise ArtifactError(f"{artifact.weights_path}: lacks the offloaded expert weight {missing[0]}; recompile")
+        if self.cuda:  # pinned: copies run asynchronously at the link's full rate
+            host = {name: t.pin_memory() for name, t in host.items()}
+        self.host = [(host[e["gate_up_proj"]], host[e["down_proj"]]) for e in layers]
+        num_resident = int(plan["policy"]["resident_expert_layers"])
+        self.resident: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer in range(min(num_resident, len(layers))):
+            w13, w2 = self.host[layer]
+            on_device = (budget.empty_like(w13, device, f"resident experts of MoE layer {layer}"),
+                         budget.empty_like(w2, device, f"resident experts of MoE layer {layer}"))
+            on_device[0].copy_(w13)
+            on_device[1].copy_(w2)
+            self.resident[layer] = on_device
+        self.streamed = [layer for layer in range(len(layers)) if layer not in self.resident]
+        self.slots: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if self.streamed:
+            w13, w2 = self.host[self.streamed[0]]
+            self.slots = [(budget.empty_like(w13, device, "the expert double buffer"),
+                           budget.empty_like(w2, device, "the expert double buffer")) for _ in range(2)]
+        self.slot_layer: list[int | None] = [None, None]
+        self.ready: list[torch.cuda.Event | None] = [None, None]  # copy into the slot done
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.bytes_copied = 0
+        self.copies = 0
+        self.waits = 0  # weights asked for before their prefetch was issued (a bubble)
+
+    def _copy(self, layer: int, slot: int) -> None:
+        """Copy `layer`'s experts into `slot`, after the compute stream is done with what is there."""
+        w13, w2 = self.host[layer]
+        dst13, dst2 = self.slots[slot]
+        if self.cuda:
+            freed = torch.cuda.current_stream(self.device).record_event()
+            with torch.cuda.stream(self.copy_stream):
+                self.copy_stream.wait_event(freed)
+                dst13.copy_(w13, non_blocking=True)
+                dst2.copy_(w2, non_blocking=True)
+                self.ready[slot] = self.copy_stream.record_event()
+        else:
+            dst13.copy_(w13)
+            dst2.copy_(w2)
+        self.slot_layer[slot] = layer
+        self.bytes_copied += w13.numel() * w13.element_size() + w2.numel() * w2.element_size()
+        self.copies += 1
+
+    def weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer in self.resident:
+            return self.resident[layer]
+        if layer not in self.slot_layer:  # nothing prefetched it (the first step): fetch now
+            self.waits += 1
+            self._copy(layer, 0 if self.slot_layer[0] is None or self.slot_layer[1] is not None else 1)
+        slot = self.slot_layer.index(layer)
+        if self.cuda and self.ready[slot] is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
+        following = self.streamed[(self.streamed.index(layer) + 1) % len(self.streamed)]
+        if following != layer and following not in self.slot_layer:
+            self._copy(following, 1 - slot)
+        return self.slots[slot]
+
+    def stats(self) -> dict:
+        return {"resident_layers": sorted(self.resident), "streamed_layers": self.streamed,
+                "bytes_copied": self.bytes_copied, "copies": self.copies, "unprefetched_fetches": self.waits,
+                "device_bytes_peak": self.budget.peak, "device_budget": self.budget.limit}
