@@ -33,7 +33,7 @@ def four_layer_artifacts(tmp_path_factory):
     plain = compile_recipe(parse_recipe(tiny_recipe_dict(model_dir, name="plain")), root / "plain", console=quiet)
     budget = 8 << 20
     offload = {"gpu_memory": budget, "host_memory": "1GiB", "workload": {"prompt_len": 64, "gen_len": 32},
-               "policy": {"resident_expert_layers": 1, "batch": 4}}
+               "policy": {"resident_expert_layers": 1, "batch": 4, "cache_experts": 6}}
     offloaded = compile_recipe(parse_recipe(tiny_recipe_dict(model_dir, name="offloaded", offload=offload)),
                                root / "offloaded", console=quiet)
     return plain, offloaded, budget
@@ -65,6 +65,26 @@ def test_offloaded_artifact_generates_what_the_plain_one_does(four_layer_artifac
     # the device side never held more than the budget: weights, KV cache, 1 resident layer, 2 slots
     assert stats["device_bytes_peak"] <= budget
     assert engine.expert_pager.budget.used >= 3 * LAYER_EXPERT_BYTES
+
+
+def test_batch_one_decodes_from_the_expert_cache(four_layer_artifacts):
+    """One sequence decoding picks 2 of 4 experts per layer (T*K < E): the pager copies only those,
+    into its 6-slot LRU cache over the 3 streamed layers, and the tokens do not change."""
+    plain, offloaded, budget = four_layer_artifacts
+    want = Engine.load(plain).generate(PROMPTS[1], max_tokens=16, record_logits=True)[0]
+    engine = Engine.load(offloaded)
+    got = engine.generate(PROMPTS[1], max_tokens=16, record_logits=True)[0]
+    assert got.token_ids == want.token_ids
+    assert max((x - y).abs().max().item() for x, y in zip(want.logits, got.logits)) <= 1e-4
+    stats = engine.expert_pager.stats()
+    assert stats["cache_experts"] == 6
+    # 15 decode steps x 3 streamed layers x 2 (distinct) experts each: every choice a hit or a miss
+    assert stats["cache_hits"] + stats["cache_misses"] == 15 * 3 * 2
+    assert stats["cache_hits"] > 0 and stats["cache_misses"] >= 2
+    # the prompt step (more tokens) streamed whole layers; decoding copied single experts only
+    expert = LAYER_EXPERT_BYTES // 4
+    assert stats["bytes_copied"] == stats["copies"] * LAYER_EXPERT_BYTES + stats["cache_misses"] * expert
+    assert stats["device_bytes_peak"] <= budget
 
 
 def test_budget_is_enforced_at_load(four_layer_artifacts):

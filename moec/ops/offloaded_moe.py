@@ -3,8 +3,8 @@
 For an artifact compiled with `offload`, the compiler replaces each `fused_moe(hidden, w13, w2,
 ...)` with this op and a layer number: the graph then holds no expert weights, and at run time
 the op asks the process's expert source (the runtime's `ExpertPager`) for that layer's weights —
-resident on the device, or copied from host memory one layer ahead — and runs `fused_moe` on
-them. Opaque to the compiler (its weights come from outside the graph), so AOTInductor calls it
+resident on the device, copied from host memory one layer ahead, or, for a few tokens, only the
+experts they chose, from a cache — and runs `fused_moe` on them. Opaque to the compiler (its weights come from outside the graph), so AOTInductor calls it
 through its proxy executor; the engine runs such artifacts without CUDA graphs.
 """
 
@@ -16,8 +16,10 @@ import torch
 
 
 class ExpertSource(Protocol):
-    def weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w13 [E, 2I, H], w2 [E, H, I]) of MoE layer `layer`, ready on the compute device."""
+    def experts(self, layer: int, topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w13 [E', 2I, H], w2 [E', H, I], ids [T, K]) for MoE layer `layer`, ready on the compute
+        device: the layer's experts and `topk_ids` as they are, or a cache of E' experts holding
+        every one the tokens chose and the ids mapped to its slots."""
 
 
 _source: ExpertSource | None = None
@@ -41,8 +43,8 @@ def offloaded_moe(
     if _source is None:
         raise RuntimeError("moec::offloaded_moe: no expert source is set; load offloaded artifacts with "
                            "moec.runtime.Engine, which pages the experts in")
-    w13, w2 = _source.weights(layer)
-    return torch.ops.moec.fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation, plan)
+    w13, w2, ids = _source.experts(layer, topk_ids)
+    return torch.ops.moec.fused_moe(hidden, w13, w2, topk_weights, ids, activation, plan)
 
 
 @offloaded_moe.register_fake

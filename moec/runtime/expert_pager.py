@@ -8,6 +8,11 @@ stream of its own, ordered by CUDA events (the copy waits until the compute stre
 with the slot it overwrites; the compute waits until the copy has landed). After the last layer
 the first streamed layer of the next step is fetched, so steps chain without a bubble.
 
+For a handful of tokens (interactive use at batch 1) streaming whole layers wastes the link: most
+experts go unused. When T*K < E the pager reads which experts the tokens chose (a host sync)
+and serves them from an LRU cache of (layer, expert) slots sized by the plan, copying only the
+missing ones, with the token's expert ids mapped to cache slots.
+
 Every byte the pager puts on the device goes through a `DeviceBudget` holding the plan's GPU
 budget (the compiled weights and the KV cache are charged first), so a plan that does not fit
 fails at load, not halfway through a request. On a machine without a GPU the same code runs
@@ -15,6 +20,8 @@ with the "device" and the host both in CPU memory (copies are synchronous there)
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 
@@ -73,6 +80,18 @@ class ExpertPager:
             w13, w2 = self.host[self.streamed[0]]
             self.slots = [(budget.empty_like(w13, device, "the expert double buffer"),
                            budget.empty_like(w2, device, "the expert double buffer")) for _ in range(2)]
+        # few tokens (T*K < E, so some experts surely go unused): only the chosen experts, through
+        # an LRU cache of (layer, expert) slots, when the plan gave it room for a token's top-k
+        self.num_experts = int(self.host[0][0].shape[0])
+        self.top_k = int(artifact.manifest.moe_regions[0].top_k)
+        cache_size = min(int(plan["policy"].get("cache_experts", 0)), len(self.streamed) * self.num_experts)
+        self.cache = None
+        if self.streamed and cache_size >= self.top_k:
+            w13, w2 = self.host[self.streamed[0]]
+            self.cache = tuple(budget.empty_like(t.new_empty((cache_size, *t.shape[1:]), device="meta"), device,
+                                                 "the expert cache") for t in (w13, w2))
+        self.cache_slots: OrderedDict[tuple[int, int], int] = OrderedDict()  # least recently used first
+        self.cache_hits = self.cache_misses = 0
         self.slot_layer: list[int | None] = [None, None]
         self.ready: list[torch.cuda.Event | None] = [None, None]  # copy into the slot done
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
@@ -98,6 +117,41 @@ class ExpertPager:
         self.bytes_copied += w13.numel() * w13.element_size() + w2.numel() * w2.element_size()
         self.copies += 1
 
+    def experts(self, layer: int, topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What `moec::offloaded_moe` runs on: see `moec.ops.offloaded_moe.ExpertSource`."""
+        if layer not in self.resident and self.cache is not None and topk_ids.numel() < self.num_experts:
+            needed = sorted(set(topk_ids.flatten().tolist()))  # a host sync: worth it for a few tokens
+            if len(needed) <= self.cache[0].shape[0]:
+                return self._from_cache(layer, needed, topk_ids)
+        w13, w2 = self.weights(layer)
+        return w13, w2, topk_ids
+
+    def _from_cache(self, layer: int, needed: list[int], topk_ids: torch.Tensor):
+        cache13, cache2 = self.cache
+        slots = []
+        for expert in needed:
+            key = (layer, expert)
+            if key in self.cache_slots:
+                self.cache_hits += 1
+                self.cache_slots.move_to_end(key)
+            else:
+                self.cache_misses += 1
+                if len(self.cache_slots) < cache13.shape[0]:
+                    slot = len(self.cache_slots)
+                else:  # evict the least recently used expert this call does not need
+                    victim = next(k for k in self.cache_slots if k[0] != layer or k[1] not in needed)
+                    slot = self.cache_slots.pop(victim)
+                w13, w2 = self.host[layer]
+                # on the compute stream: ordered after every kernel that read the slot before
+                cache13[slot].copy_(w13[expert], non_blocking=self.cuda)
+                cache2[slot].copy_(w2[expert], non_blocking=self.cuda)
+                self.bytes_copied += w13[expert].numel() * w13.element_size() + w2[expert].numel() * w2.element_size()
+                self.cache_slots[key] = slot
+            slots.append(self.cache_slots[key])
+        lookup = torch.zeros(self.num_experts, dtype=topk_ids.dtype)
+        lookup[needed] = torch.tensor(slots, dtype=topk_ids.dtype)
+        return cache13, cache2, lookup.to(topk_ids.device, non_blocking=True)[topk_ids]
+
     def weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         if layer in self.resident:
             return self.resident[layer]
@@ -115,4 +169,6 @@ class ExpertPager:
     def stats(self) -> dict:
         return {"resident_layers": sorted(self.resident), "streamed_layers": self.streamed,
                 "bytes_copied": self.bytes_copied, "copies": self.copies, "unprefetched_fetches": self.waits,
+                "cache_experts": self.cache[0].shape[0] if self.cache is not None else 0,
+                "cache_hits": self.cache_hits, "cache_misses": self.cache_misses,
                 "device_bytes_peak": self.budget.peak, "device_budget": self.budget.limit}
