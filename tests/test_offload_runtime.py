@@ -103,3 +103,22 @@ def test_generate_cli_runs_an_offloaded_artifact(four_layer_artifacts):
     proc = run_cli("moec.runtime", "generate", str(offloaded), "--prompt", "Rain", "--max-tokens", "8")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()
+
+
+def test_bench_reports_the_link_and_the_prediction(four_layer_artifacts, tmp_path):
+    import json
+
+    _, offloaded, _ = four_layer_artifacts
+    out = tmp_path / "bench.json"
+    proc = run_cli("moec.runtime", "bench", str(offloaded), "--batch-sizes", "1,4", "--context", "16",
+                   "--decode-tokens", "8", "--prefill-tokens", "16", "--repeats", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    summary = data["offload"]
+    assert summary["policy"]["batch"] == 4 and summary["h2d_bytes_per_s_measured"] > 0
+    assert summary["predicted_tokens_per_s"] > 0 and summary["achieved_decode_step_s"] > 0
+    one, four = data["decode"]
+    # batch 1 decodes from the expert cache (single experts), batch 4 streams whole layers
+    assert one["offload"]["cache_hit_rate"] is not None and four["offload"]["cache_hit_rate"] is None
+    assert four["offload"]["expert_bytes_per_step"] >= 3 * LAYER_EXPERT_BYTES * 0.9
+    assert 0 < four["offload"]["link_busy_fraction"] and four["offload"]["achieved_h2d_bytes_per_s"] > 0

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from moec.errors import RecipeError
-from moec.runtime.ceilings import measure_copy_bandwidth, measure_matmul_rate, median_time_s
+from moec.runtime.ceilings import measure_copy_bandwidth, measure_h2d_bandwidth, measure_matmul_rate, median_time_s
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def measure_profile(device: torch.device | None = None) -> HardwareProfile:
         host = host.pin_memory()
         host_out = torch.empty_like(host).pin_memory()
         gpu = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
-        h2d = _link_rate(host, torch.empty_like(gpu), device)
+        h2d = measure_h2d_bandwidth(device, nbytes)
         d2h = _link_rate(gpu, host_out, device)
         # both directions at once: two streams, timed together
         up, down = torch.cuda.Stream(device), torch.cuda.Stream(device)

@@ -48,7 +48,7 @@ from rich.table import Table
 
 from moec.artifact import open_artifact
 from moec.errors import MoecError
-from moec.runtime.ceilings import Ceilings, device_ceilings
+from moec.runtime.ceilings import Ceilings, device_ceilings, measure_h2d_bandwidth
 from moec.runtime.gpu_telemetry import GpuTelemetry
 from moec.runtime.regression_gate import RESULT_FORMAT, device_kind, git_commit, metric, run_gate
 from moec.runtime.roofline import ModelShape, StepCost, decode_step, prefill_step
@@ -212,6 +212,30 @@ def _bench_decode(runner: _Runner, shape: ModelShape, ceilings: Ceilings, batch:
     }
 
 
+def _offload_summary(plan: dict, decode: list[dict], h2d: float) -> dict:
+    """The plan, and its prediction next to what the row at the plan's batch achieved."""
+    at_plan = next((r for r in decode if r["batch"] == plan["policy"]["batch"]), None)
+    return {"policy": plan["policy"], "predicted_tokens_per_s": plan["prediction"]["tokens_per_s"],
+            "predicted_decode_step_s": plan["prediction"]["decode_step_s"],
+            "achieved_decode_step_s": at_plan["step_ms"] / 1e3 if at_plan and at_plan["step_ms"] else None,
+            "h2d_bytes_per_s_measured": h2d,
+            "note": "the prediction is for the plan's workload (prompt and generation lengths) and hardware "
+                    "profile; compare step times at the plan's batch"}
+
+
+def _offload_row(before: dict, after: dict, row: dict, h2d: float, runs: int, steps_per_run: int) -> dict:
+    """Expert bytes the pager copied per step over a row's runs, the rate that is over the step's
+    time, and the share of the step the link needed at its measured bandwidth (busy fraction)."""
+    steps = max(1, runs * steps_per_run)
+    per_step = (after["bytes_copied"] - before["bytes_copied"]) / steps
+    step_s = (row["step_ms"] or float("nan")) / 1e3
+    hits = after["cache_hits"] - before["cache_hits"]
+    misses = after["cache_misses"] - before["cache_misses"]
+    return {"expert_bytes_per_step": per_step, "achieved_h2d_bytes_per_s": per_step / step_s,
+            "link_busy_fraction": per_step / h2d / step_s,
+            "cache_hit_rate": hits / (hits + misses) if hits + misses else None}
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -266,6 +290,12 @@ def run_bench(artifact: str | Path, settings: BenchSettings, verify: bool = True
         notes.append(f"context clamped from {settings.context} to {context} tokens so that context + decode tokens "
                      f"fits the compiled max_seq_len {spec.max_seq_len}")
 
+    h2d = None
+    if engine.expert_pager is not None:  # offloaded: the host link is the ceiling that matters
+        h2d = measure_h2d_bandwidth(device)
+        notes.append(f"offloaded artifact: host-to-device {h2d / 1e9:.1f} GB/s measured; decode rows add the "
+                     "expert bytes copied per step and the share of the step the link needed at that rate")
+
     # warm the engine once before anything is timed (each row warms its own shape again)
     engine.generate([runner.prompts(1, 8)[0]], max_tokens=2, ignore_eos=True)
     console.print(f"prefill of {prefill_tokens} tokens ...")
@@ -286,7 +316,11 @@ def run_bench(artifact: str | Path, settings: BenchSettings, verify: bool = True
                          f"{spec.max_tokens_per_step}), so it generates {row_tokens} tokens instead of {new_tokens} "
                          "to time steps where every sequence decodes")
         console.print(f"decode, batch {batch} at context {context} ...")
+        before = engine.expert_pager.stats() if engine.expert_pager else None
         row = _bench_decode(runner, shape, ceilings, batch, context, row_tokens)
+        if before is not None:
+            row["offload"] = _offload_row(before, engine.expert_pager.stats(), row, h2d, settings.repeats + 1,
+                                          engine.stats.steps)
         if row["decode_tokens_per_s"] is None:
             notes.append(f"decode batch {batch}: no step decoded the whole batch (its {prefill_steps} prompt steps "
                          f"leave none within max_seq_len {spec.max_seq_len}); use a shorter --context")
@@ -310,6 +344,7 @@ def run_bench(artifact: str | Path, settings: BenchSettings, verify: bool = True
         "load_s": load_s,
         "decode_graphs": ({"buckets": engine.decode_graphs.buckets, "capture_s": engine.decode_graphs.capture_s}
                           if engine.decode_graphs is not None else None),
+        "offload": _offload_summary(manifest.offload, decode, h2d) if engine.expert_pager is not None else None,
         "ceilings": ceilings.as_dict(),
         "model_shape": asdict(shape),
         "routing": "not observed; the roofline's expert bytes assume uniform routing: "

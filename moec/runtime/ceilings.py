@@ -78,6 +78,18 @@ def measure_matmul_rate(device: torch.device, n: int | None = None, dtype: torch
     return 2.0 * n**3 / seconds
 
 
+def measure_h2d_bandwidth(device: torch.device, nbytes: int | None = None) -> float:
+    """Bytes/s from (pinned, on CUDA) host memory to `device`: the offload executor's link."""
+    cuda = device.type == "cuda"
+    nbytes = nbytes or ((512 << 20) if cuda else (64 << 20))
+    host = torch.empty(nbytes // 4, dtype=torch.float32).uniform_()
+    if cuda:
+        host = host.pin_memory()
+    dst = torch.empty_like(host, device=device)
+    seconds = median_time_s(lambda: dst.copy_(host, non_blocking=True), device)
+    return nbytes / seconds
+
+
 def device_ceilings(device: torch.device, copy_gb_per_s: float | None = None,
                     matmul_tflop_per_s: float | None = None) -> Ceilings:
     """The given ceilings where the caller has them (GB/s, TFLOP/s), the rest measured now."""
