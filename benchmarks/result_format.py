@@ -1,7 +1,7 @@
 """Every benchmark's output in the one result format of moec.runtime.regression_gate.
 
 New results (`cpu_gates.py`, `moe-runtime bench --json`) are written in it. The outputs the other
-scripts write (cpu_tiny, serve, moe_layer, cuda_tiny_check, e2e_decode, gpu_op_check) keep their own layout, the
+scripts write (cpu_tiny, serve, moe_layer, cuda_tiny_check, e2e_decode, gpu_op_check, offload) keep their own layout, the
 record of everything a run saw; `load_result` converts them when read, so the gate and the report
 see one format. The committed files in results/ are left as they were written.
 
@@ -153,6 +153,23 @@ def from_gpu_op_check(doc: dict) -> dict:
     return _converted(doc, "cuda", doc["device"], None, metrics)
 
 
+def from_offload(doc: dict) -> dict:
+    """Per batch: moec's decode rate against the host-link bound and the accelerate baseline."""
+    metrics = [metric("compile_s", doc.get("compile_s"), "s", "lower")]
+    for row in doc.get("rows", []):
+        tag = f"decode/B={row['batch']}"
+        metrics += [
+            metric(f"{tag}/decode_tokens_per_s", row.get("moec"), "tokens/s", "higher", roofline=row.get("bound")),
+            metric(f"{tag}/percent_of_link_bound", row.get("percent_of_bound"), "%", "higher",
+                   peer="expert bytes streamed per step / measured host-to-device bandwidth"),
+            metric(f"{tag}/speedup_vs_accelerate", row.get("speedup_vs_accelerate"), "x", "higher",
+                   peer="transformers + accelerate device_map=auto, same GPU budget", peer_value=row.get("accelerate")),
+            metric(f"{tag}/link_busy_fraction", row.get("link_busy_fraction"), "ratio", "higher"),
+        ]
+    metrics = [m for m in metrics if m["value"] is not None]
+    return _converted(doc, "cpu" if doc["device"] == "cpu" else "cuda", doc["device"], doc.get("commit"), metrics)
+
+
 def from_cuda_tiny_check(doc: dict) -> dict:
     prompts = [{"logits_rel_error": e, "greedy_identical_16": g}
                for e, g in zip(doc["logits_rel_error"], doc["greedy_16_identical"])]
@@ -208,6 +225,7 @@ def from_bench(doc: dict) -> dict:
 
 CONVERTERS = {"cpu_tiny": from_cpu_tiny, "serve": from_serve, "moe_layer": from_moe_layer,
               "cuda_tiny_check": from_cuda_tiny_check, "e2e_decode": from_e2e_decode, "gpu_op_check": from_gpu_op_check,
+              "offload": from_offload,
               "moe-runtime bench": from_bench}
 
 

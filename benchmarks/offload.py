@@ -1,0 +1,275 @@
+"""Offloaded Mixtral-8x7B-shaped model on a GPU capped below its size (issue 8), one device call.
+
+    python benchmarks/offload.py --out $OUT [--layers 16] [--gpu-memory 24GiB] [--budget-s 560]
+
+In order, each heavy part in its own process:
+  1. `moe-compile --profile-hardware`: this machine's host link, GPU and CPU figures
+  2. the synthetic model of recipes/mixtral-8x7b-shape.yaml with --layers layers (bf16)
+  3. `moe-compile` with `offload: {gpu_memory, hardware: the profile, workload: 512 + 128}`:
+     the plan (batch, resident layers, expert cache) and its predicted tokens/s
+  4. moec with the process capped at --gpu-memory (`set_per_process_memory_fraction`):
+     `moe-runtime bench` at batch 1 and at the plan's batch (512-token prompts, 128 generated):
+     decode tokens/s, expert bytes copied per step, the link's busy share; then one decode step
+     under the CUDA profiler, drawn as a timeline of the copy stream against the compute stream
+  5. transformers + accelerate `device_map="auto"` with the same GPU budget, at the same batches
+     (the offload a user has today), while the time budget lasts
+The bound at each batch: the expert bytes a step must stream over the measured host-to-device
+bandwidth. Writes offload.json, offload.png (tokens/s) and offload_timeline.png under --out;
+prints a table last. With --recipe recipes/tiny-mixtral.yaml it runs on CPU to test its logic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from e2e_decode import device, hf_decode_rate, log, run, write_model  # noqa: E402
+
+PROMPT, GEN = 512, 128
+
+
+def gib(text: str) -> int:
+    from pydantic import ByteSize, TypeAdapter
+
+    return int(TypeAdapter(ByteSize).validate_python(text))
+
+
+def cap_gpu(limit: int) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(min(1.0, limit / torch.cuda.get_device_properties(0).total_memory))
+
+
+# ------------------------------------------------------------------------------- roles (subprocesses)
+def role_moec(args) -> int:
+    import torch
+
+    from moec.runtime.bench import BenchSettings, run_bench
+    from moec.runtime.engine import Engine
+
+    cap_gpu(gib(args.gpu_memory))
+    plan = json.loads((Path(args.artifact) / "manifest.json").read_text())["offload"]
+    batches = sorted({1, int(plan["policy"]["batch"])})
+    settings = BenchSettings(batch_sizes=tuple(batches), context=args.context, decode_tokens=args.gen,
+                             prefill_tokens=args.context, repeats=1)
+    result = {"bench": run_bench(args.artifact, settings, verify=False, cuda_graphs=False)}
+    Path(args.result).write_text(json.dumps(result))
+    if torch.cuda.is_available():  # one decode step at the plan's batch, under the CUDA profiler
+        engine = Engine.load(args.artifact, verify=False)
+        prompts = torch.randint(3, engine.spec.vocab_size, (batches[-1], 16)).tolist()
+        engine.generate(prompts, max_tokens=3, ignore_eos=True)
+        trace = Path(args.result).with_suffix(".trace.json")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            engine.generate(prompts, max_tokens=3, ignore_eos=True)
+        prof.export_chrome_trace(str(trace))
+        result["trace"] = str(trace)
+        Path(args.result).write_text(json.dumps(result))
+    return 0
+
+
+def role_accelerate(args) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = {"decode": [], "skipped": []}
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        out["skipped"].append("accelerate is not installed here")
+        Path(args.result).write_text(json.dumps(out))
+        return 0
+    limit = gib(args.gpu_memory)
+    cap_gpu(limit)
+    max_memory = {0: limit, "cpu": 400 << 30} if torch.cuda.is_available() else None
+    model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.bfloat16, device_map="auto",
+                                                 max_memory=max_memory).eval()
+    resident = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "cuda")
+    out["resident_gpu_bytes"] = resident
+    gen = torch.Generator().manual_seed(0)
+    deadline = time.perf_counter() + args.seconds
+    for batch in args.batches:
+        if time.perf_counter() > deadline:
+            out["skipped"].append(f"batch {batch}: time budget")
+            continue
+        try:
+            out["decode"].append(hf_decode_rate(model, batch, args.context, 4, gen))
+        except torch.OutOfMemoryError:
+            out["skipped"].append(f"batch {batch}: out of GPU memory")
+        Path(args.result).write_text(json.dumps(out))
+    Path(args.result).write_text(json.dumps(out))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- main
+def timeline(trace_path: Path, png: Path) -> dict:
+    """Copy-stream and compute-stream activity of the traced steps, drawn; busy shares returned."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    events = [e for e in json.loads(trace_path.read_text()).get("traceEvents", [])
+              if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    if not events:
+        return {}
+    t0 = min(e["ts"] for e in events)
+    span = max(e["ts"] + e["dur"] for e in events) - t0
+    lanes: dict[str, list] = {}
+    for e in events:
+        kind = "copy (host→GPU)" if e["cat"] == "gpu_memcpy" else "compute"
+        lanes.setdefault(f"{kind}, stream {e.get('tid')}", []).append(((e["ts"] - t0) / 1e3, e["dur"] / 1e3))
+    fig, ax = plt.subplots(figsize=(10, 1 + 0.6 * len(lanes)))
+    for i, (name, bars) in enumerate(sorted(lanes.items())):
+        ax.broken_barh(bars, (i - 0.35, 0.7), color="tab:orange" if name.startswith("copy") else "tab:blue")
+    ax.set_yticks(range(len(lanes)), sorted(lanes))
+    ax.set_xlabel("ms")
+    ax.set_title("offloaded decode: copy stream vs compute stream")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    return {name: sum(d for _, d in bars) / (span / 1e3) for name, bars in lanes.items()}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result.get("rows", [])
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.25
+    for i, (key, label) in enumerate((("moec", "moec offload"), ("accelerate", "transformers + accelerate"),
+                                      ("bound", "host-link bound"))):
+        ax.bar([j + (i - 1) * width for j in range(len(rows))], [r.get(key) or 0 for r in rows], width, label=label)
+    ax.set_xticks(range(len(rows)), [f"batch {r['batch']}" for r in rows])
+    ax.set_yscale("log")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"{result['model']}, GPU capped at {result['gpu_memory']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--role", choices=["main", "moec", "accelerate"], default="main")
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--work", default="/tmp/moec-offload")
+    parser.add_argument("--recipe", default=str(ROOT / "recipes" / "mixtral-8x7b-shape.yaml"))
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--gpu-memory", default="24GiB")
+    parser.add_argument("--budget-s", type=float, default=560)
+    parser.add_argument("--context", type=int, default=PROMPT)
+    parser.add_argument("--gen", type=int, default=GEN)
+    parser.add_argument("--artifact")
+    parser.add_argument("--hf-dir")
+    parser.add_argument("--result")
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1])
+    args = parser.parse_args()
+    if args.role == "moec":
+        return role_moec(args)
+    if args.role == "accelerate":
+        return role_accelerate(args)
+
+    import torch
+    import yaml
+
+    deadline = time.perf_counter() + args.budget_s
+    out, work = Path(args.out), Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    result = {"benchmark": "offload", "model": f"{Path(args.recipe).stem}, {args.layers} layers",
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "gpu_memory": args.gpu_memory, "workload": {"prompt_len": args.context, "gen_len": args.gen},
+              "versions": {"torch": torch.__version__}, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "skipped": []}
+    save = lambda: (out / "offload.json").write_text(json.dumps(result, indent=1))  # noqa: E731
+
+    profile = work / "profile.json"
+    run([sys.executable, "-m", "moec.compiler", "--profile-hardware", "-o", str(profile)], timeout=120)
+    result["hardware"] = json.loads(profile.read_text())
+    recipe = write_model(Path(args.recipe), args.layers, work / "hf")
+    recipe.update(offload={"gpu_memory": args.gpu_memory, "hardware": str(profile),
+                           "workload": {"prompt_len": args.context, "gen_len": args.gen}},
+                  max_seq_len=max(recipe.get("max_seq_len", 0), args.context + args.gen + 16))
+    if device() == "cpu":
+        recipe.update(device="cpu")
+    (work / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    t = time.perf_counter()
+    proc = run([sys.executable, "-m", "moec.compiler", str(work / "recipe.yaml"), "--output", str(work / "artifact")],
+               timeout=deadline - time.perf_counter(), capture=False)
+    result["compile_s"] = time.perf_counter() - t
+    if proc.returncode != 0:
+        result["error"] = "compile failed"
+        save()
+        return 1
+    plan = json.loads((work / "artifact" / "manifest.json").read_text())["offload"]
+    result["plan"] = {k: plan[k] for k in ("policy", "prediction", "gpu_memory", "host_memory")}
+    save()
+
+    moec_json = work / "moec.json"
+    run([sys.executable, __file__, "--role", "moec", "--artifact", str(work / "artifact"), "--result", str(moec_json),
+         "--gpu-memory", args.gpu_memory, "--context", str(args.context), "--gen", str(args.gen)],
+        timeout=deadline - time.perf_counter() - 60)
+    moec = json.loads(moec_json.read_text()) if moec_json.is_file() else {}
+    bench = moec.get("bench") or {}
+    result["moec"] = {k: bench.get(k) for k in ("decode", "offload", "load_s", "notes")}
+    if moec.get("trace"):
+        result["timeline_busy_share"] = timeline(Path(moec["trace"]), out / "offload_timeline.png")
+    save()
+
+    batches = [r["batch"] for r in bench.get("decode", [])] or [1]
+    acc_json = work / "accelerate.json"
+    left = deadline - time.perf_counter()
+    if left > 60:
+        run([sys.executable, __file__, "--role", "accelerate", "--hf-dir", str(work / "hf"), "--result", str(acc_json),
+             "--gpu-memory", args.gpu_memory, "--context", str(args.context), "--seconds", str(left - 45),
+             "--batches", ",".join(map(str, batches))], timeout=left - 10)
+    else:
+        result["skipped"].append("accelerate baseline: time budget")
+    acc = json.loads(acc_json.read_text()) if acc_json.is_file() else {}
+    result["accelerate"] = acc
+    result["skipped"] += acc.get("skipped", [])
+
+    h2d = (bench.get("offload") or {}).get("h2d_bytes_per_s_measured")
+    theirs = {r["batch"]: r for r in acc.get("decode", [])}
+    result["rows"] = []
+    for r in bench.get("decode", []):
+        per_step = (r.get("offload") or {}).get("expert_bytes_per_step")
+        bound = r["batch"] * h2d / per_step if h2d and per_step else None
+        other = theirs.get(r["batch"], {}).get("decode_tokens_per_s")
+        mine = r.get("decode_tokens_per_s")
+        result["rows"].append({"batch": r["batch"], "moec": mine, "accelerate": other, "bound": bound,
+                               "percent_of_bound": 100 * mine / bound if mine and bound else None,
+                               "speedup_vs_accelerate": mine / other if mine and other else None,
+                               "link_busy_fraction": (r.get("offload") or {}).get("link_busy_fraction")})
+    save()
+    plot(result, out / "offload.png")
+    print(f"{result['model']} | {result['device']} | GPU {args.gpu_memory} | plan {result['plan']['policy']}")
+    print(f"predicted {result['plan']['prediction']['tokens_per_s']:.1f} tok/s over the workload, bound by the "
+          f"{result['plan']['prediction']['bottleneck']}")
+    print(f"{'batch':>5} {'moec':>9} {'accel.':>9} {'bound':>9} {'%bound':>7} {'x accel':>8} {'link busy':>9}")
+    for r in result["rows"]:
+        def f(v, spec):
+            return format(v, spec) if v is not None else "-"
+        print(f"{r['batch']:>5} {f(r['moec'], '9.1f')} {f(r['accelerate'], '9.2f')} {f(r['bound'], '9.1f')} "
+              f"{f(r['percent_of_bound'], '7.1f')} {f(r['speedup_vs_accelerate'], '8.1f')} "
+              f"{f(r['link_busy_fraction'], '9.2f')}")
+    if result["skipped"]:
+        print("skipped:", "; ".join(result["skipped"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
