@@ -20,7 +20,7 @@ from moec.compiler.load import load_model, read_hf_config
 from moec.compiler.offload_policy import plan_offload
 from moec.compiler.lower import compile_graph, save_weights
 from moec.compiler.passes import lower_moe
-from moec.compiler.passes.expert_offload import offload_experts
+from moec.compiler.passes.external_experts import externalize_experts
 from moec.compiler.passes.moe_lowering import check_moe_blocks
 from moec.compiler.passes.moe_tuning import apply_moe_plans, tune_moe
 from moec.compiler.recipe import Recipe
@@ -116,7 +116,7 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
         console.print("\n".join("  " + line for line in moe_kernel_lines(tuning.table)),
                       soft_wrap=True, markup=False, highlight=False)
         if recipe.offload is not None:
-            ep, offload["experts"] = offload_experts(ep)
+            ep, offload["experts"] = externalize_experts(ep)
             del offload["summary"]
 
         config = model.config

@@ -10,7 +10,7 @@ from moec.ops.fused_moe import fused_moe  # noqa: E402
 from moec.ops.moe_combine import moe_combine, moe_combine_ref  # noqa: E402
 from moec.ops.moe_experts import ACTIVATIONS, moe_experts, moe_experts_ref  # noqa: E402
 from moec.ops.moe_router import moe_router, moe_router_ref  # noqa: E402
-from moec.ops.offloaded_moe import offloaded_moe, set_expert_source  # noqa: E402
+from moec.ops.external_moe import external_moe, set_expert_executor  # noqa: E402
 from moec.ops.paged_attention import paged_attention_ref, write_kv  # noqa: E402
 
 __all__ = [
@@ -22,8 +22,8 @@ __all__ = [
     "moe_experts_ref",
     "moe_router",
     "moe_router_ref",
-    "offloaded_moe",
+    "external_moe",
     "paged_attention_ref",
-    "set_expert_source",
+    "set_expert_executor",
     "write_kv",
 ]

@@ -24,7 +24,7 @@ from moec.errors import ArtifactError, RequestError
 from moec.runtime.compiled_step import CompiledStep
 from moec.runtime.decode_graphs import DecodeGraphs
 from moec.runtime.detokenizer import IncrementalDetokenizer
-from moec.ops.offloaded_moe import set_expert_source
+from moec.ops.external_moe import set_expert_executor
 from moec.runtime.expert_pager import DeviceBudget, ExpertPager
 from moec.runtime.kv_cache import BlockAllocator, allocate_kv_cache, blocks_needed, build_step_inputs
 from moec.runtime.sampler import Sampler, SamplingParams, make_generator
@@ -89,7 +89,7 @@ class Engine:
             budget.take(sum(t.numel() * t.element_size() for t in self.step_fn.weights.values()), "the compiled weights")
             budget.take(self.kv_cache.numel() * self.kv_cache.element_size(), "the KV cache")
             self.expert_pager = ExpertPager(artifact, self.device, budget)
-            set_expert_source(self.expert_pager)
+            set_expert_executor(self.expert_pager)
             cuda_graphs = False  # the pager runs between layers, which a replayed graph would skip
         self.sampler = Sampler()
         self.stats = GenerationStats()

@@ -1,6 +1,6 @@
 """Expert weights in host memory, paged onto the compute device one layer ahead (CGOPipe's copies).
 
-An offloaded artifact's graph calls `moec::offloaded_moe(..., layer)`, which asks the pager for
+An offloaded artifact's graph calls `moec::external_moe(..., layer)`, which asks the pager for
 that layer's weights. The first `resident_expert_layers` MoE layers (the plan's choice) live on
 the device for good; every other layer goes through a double buffer of two layers' experts:
 while layer i computes from one slot, the next streamed layer copies into the other on a copy
@@ -50,7 +50,7 @@ class DeviceBudget:
 
 
 class ExpertPager:
-    """`weights(layer)` for `moec::offloaded_moe`; see the module docstring."""
+    """The expert executor of an offloaded artifact (`moec::external_moe`); see the module docstring."""
 
     def __init__(self, artifact: Artifact, device: torch.device, budget: DeviceBudget):
         plan = artifact.manifest.offload
@@ -117,8 +117,15 @@ class ExpertPager:
         self.bytes_copied += w13.numel() * w13.element_size() + w2.numel() * w2.element_size()
         self.copies += 1
 
+    def run(self, layer: int, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+            activation: str, plan: str) -> torch.Tensor:
+        """`moec::external_moe`'s body: `fused_moe` on the weights `experts` made ready."""
+        w13, w2, ids = self.experts(layer, topk_ids)
+        return torch.ops.moec.fused_moe(hidden, w13, w2, topk_weights, ids, activation, plan)
+
     def experts(self, layer: int, topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """What `moec::offloaded_moe` runs on: see `moec.ops.offloaded_moe.ExpertSource`."""
+        """(w13, w2, ids) ready on the device: the layer's experts and the ids as they are, or, for
+        a few tokens, a cache holding every expert they chose and the ids mapped to its slots."""
         if layer not in self.resident and self.cache is not None and topk_ids.numel() < self.num_experts:
             needed = sorted(set(topk_ids.flatten().tolist()))  # a host sync: worth it for a few tokens
             if len(needed) <= self.cache[0].shape[0]:

@@ -1,4 +1,4 @@
-"""Take the expert weights out of the graph: each `fused_moe` becomes `offloaded_moe` of a layer.
+"""Take the expert weights out of the graph: each `fused_moe` becomes `external_moe` of a layer.
 
 A pure function over the exported program. The MoE layers are numbered in graph order (the
 order a step runs them), and the result names, per layer, the two weights the runtime now pages
@@ -15,7 +15,7 @@ import torch
 from moec.errors import LoweringError
 
 
-def offload_experts(ep: torch.export.ExportedProgram) -> tuple[torch.export.ExportedProgram, list[dict]]:
+def externalize_experts(ep: torch.export.ExportedProgram) -> tuple[torch.export.ExportedProgram, list[dict]]:
     """(new program, [{"layer", "gate_up_proj", "down_proj"}]): weight FQNs per offloaded MoE layer."""
     gm = copy.deepcopy(ep.graph_module)
     new_ep = ep._update(gm, ep.graph_signature)
@@ -31,7 +31,7 @@ def offload_experts(ep: torch.export.ExportedProgram) -> tuple[torch.export.Expo
             raise LoweringError(f"offload: {node.name} reads expert weights that are not parameters of the model")
         layer = len(layers)
         with graph.inserting_before(node):
-            new = graph.call_function(torch.ops.moec.offloaded_moe.default,
+            new = graph.call_function(torch.ops.moec.external_moe.default,
                                       (hidden, weights, ids, layer, activation, rest[0] if rest else ""))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
