@@ -3,6 +3,7 @@ output equals what `fused_moe`'s reference gives its tokens with all experts on 
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 
@@ -37,7 +38,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from moec.ops.moe_experts import moe_experts_ref
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     g = torch.Generator().manual_seed(0)  # same weights on every rank
     w13 = torch.randn(E, 2 * I, H, generator=g) * 0.2
     w2 = torch.randn(E, H, I, generator=g) * 0.2

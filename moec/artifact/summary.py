@@ -94,7 +94,9 @@ def render_summary(artifact_or_manifest: Artifact | Manifest) -> str:
             else:
                 lines.append(f"    {key}: {choice}")
     if m.parallel:
-        lines.append("  parallel    " + ", ".join(f"{k}={v}" for k, v in m.parallel.items()))
+        owners = " | ".join(f"rank {r}: {e[0]}-{e[-1]}" for r, e in enumerate(m.parallel.get("placement", [])))
+        lines.append(f"  parallel    expert parallel over {m.parallel.get('ep')} ranks ({owners}), "
+                     f"{m.parallel.get('chunks', 1)} token chunks per MoE layer")
     if m.offload:
         lines.extend(offload_lines(m.offload))
     lines.append(f"  files       {len(m.files)}, {human_bytes(m.total_bytes)} in all")

@@ -26,6 +26,7 @@ from moec.compiler.passes.moe_tuning import apply_moe_plans, tune_moe
 from moec.compiler.recipe import Recipe
 from moec.compiler.step import PagedStep
 from moec.errors import RecipeError
+from moec.ops.expert_dispatch import expert_placement
 from moec.runtime.roofline import ModelShape
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
@@ -106,6 +107,10 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
                 offload = plan_offload(recipe.offload, shape, recipe.max_batch)
             console.print("\n".join("  " + line for line in offload["summary"]), soft_wrap=True, markup=False,
                           highlight=False)
+        expert_counts = sorted({r["num_experts"] for r in regions})
+        if recipe.parallel.ep > 1 and (len(expert_counts) != 1 or expert_counts[0] % recipe.parallel.ep):
+            raise RecipeError(f"parallel.ep {recipe.parallel.ep}: the MoE layers' {expert_counts} experts do not split "
+                              "evenly over the ranks; choose a divisor of the expert count")
         if explain:
             return None
         tune_detail = ("each MoE shape × token bucket: Triton configs and torch._grouped_mm timed"
@@ -118,6 +123,11 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
         if recipe.offload is not None:
             ep, offload["experts"] = externalize_experts(ep)
             del offload["summary"]
+        parallel = {}
+        if recipe.parallel.ep > 1:
+            ep, layers = externalize_experts(ep)
+            parallel = {"ep": recipe.parallel.ep, "chunks": recipe.parallel.chunks, "experts": layers,
+                        "placement": expert_placement(regions[0]["num_experts"], recipe.parallel.ep)}
 
         config = model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -156,6 +166,7 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
                     "moe_regions": [{k: v for k, v in r.items() if k != "check_error_ratio"} for r in regions],
                     "kernels": {"moe": tuning.table},
                     "offload": offload if recipe.offload is not None else {},
+                    "parallel": parallel,
                 })
     total = sum(stages.times.values())
     console.print(f"[bold green]compiled[/] {recipe.name} → {out_dir} in {total:.1f}s")

@@ -48,9 +48,10 @@ class QuantizationPlan(Strict):
 
 
 class ParallelPlan(Strict):
-    """Expert parallelism (a later issue); today only one rank."""
+    """Expert parallelism: the routed experts split over `ep` ranks (attention data-parallel)."""
 
-    ep: Literal[1] = 1
+    ep: int = Field(default=1, ge=1, le=1024)
+    chunks: int = Field(default=1, ge=1, le=64)  # token chunks per MoE layer: all-to-all overlaps compute (1 = off)
 
 
 class OffloadWorkload(Strict):
@@ -109,6 +110,8 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _limits(self):
+        if self.parallel.ep > 1 and self.offload is not None:
+            raise ValueError("parallel.ep > 1 with offload is not supported yet; use one of them")
         if self.max_tokens_per_step is None:
             self.max_tokens_per_step = max(self.max_seq_len, self.max_batch)
         if self.max_tokens_per_step < self.max_batch:

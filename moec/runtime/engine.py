@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tokenizers import Tokenizer
 
 from moec.artifact import Artifact, open_artifact
@@ -26,6 +27,7 @@ from moec.runtime.decode_graphs import DecodeGraphs
 from moec.runtime.detokenizer import IncrementalDetokenizer
 from moec.ops.external_moe import set_expert_executor
 from moec.runtime.expert_pager import DeviceBudget, ExpertPager
+from moec.runtime.expert_parallel import ExpertParallelExecutor, check_world
 from moec.runtime.kv_cache import BlockAllocator, allocate_kv_cache, blocks_needed, build_step_inputs
 from moec.runtime.sampler import Sampler, SamplingParams, make_generator
 from moec.runtime.scheduler import Scheduler
@@ -61,10 +63,17 @@ class GenerationStats:
 
 
 class Engine:
-    def __init__(self, artifact: Artifact, num_blocks: int | None = None, cuda_graphs: bool = True):
+    def __init__(self, artifact: Artifact, num_blocks: int | None = None, cuda_graphs: bool = True,
+                 ep_chunks: int | None = None):
         self.artifact = artifact
         spec = self.spec = artifact.manifest.step
         self.device = torch.device(artifact.manifest.device)
+        self.rank, self.world = 0, 1
+        if artifact.manifest.parallel:  # expert-parallel: one process per rank, each on its own GPU
+            self.rank, self.world = check_world(artifact)
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", self.rank % torch.cuda.device_count())
+                torch.cuda.set_device(self.device)
         self.step_fn = CompiledStep(artifact)
         self.tokenizer, self.bos_id, self.eos_id = _load_tokenizer(artifact.tokenizer_path)
         offload = artifact.manifest.offload or None
@@ -91,6 +100,9 @@ class Engine:
             self.expert_pager = ExpertPager(artifact, self.device, budget)
             set_expert_executor(self.expert_pager)
             cuda_graphs = False  # the pager runs between layers, which a replayed graph would skip
+        if self.world > 1:
+            set_expert_executor(ExpertParallelExecutor(artifact, self.device, self.rank, ep_chunks))
+            cuda_graphs = False  # the all-to-all sizes change with every step's routing
         self.sampler = Sampler()
         self.stats = GenerationStats()
         self.record_logits = False
@@ -103,9 +115,11 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | Path, verify: bool = True, num_blocks: int | None = None,
-             cuda_graphs: bool = True) -> Engine:
-        """`cuda_graphs`: replay decode steps as CUDA graphs (captured here) when on a GPU."""
-        return cls(open_artifact(path, verify=verify), num_blocks=num_blocks, cuda_graphs=cuda_graphs)
+             cuda_graphs: bool = True, ep_chunks: int | None = None) -> Engine:
+        """`cuda_graphs`: replay decode steps as CUDA graphs (captured here) when on a GPU.
+        `ep_chunks`: token chunks per MoE layer of an expert-parallel artifact (default: its manifest's)."""
+        return cls(open_artifact(path, verify=verify), num_blocks=num_blocks, cuda_graphs=cuda_graphs,
+                   ep_chunks=ep_chunks)
 
     # --- requests -------------------------------------------------------------------------
 
@@ -191,6 +205,24 @@ class Engine:
             emitted.append((seq, text))
         return emitted, finished
 
+    def _lockstep(self) -> None:
+        """Step until no rank has work; a rank with none runs a one-token step on the scratch block,
+        so that every MoE layer's all-to-all finds every rank."""
+        on_device = dist.get_backend() == "nccl"  # NCCL reduces GPU tensors only
+        busy = torch.zeros(1, dtype=torch.int64, device=self.device if on_device else "cpu")
+        while True:
+            busy.fill_(int(self.scheduler.has_work()))
+            dist.all_reduce(busy)
+            if not busy.item():
+                return
+            if self.scheduler.has_work():
+                self.step()
+            else:
+                inputs = build_step_inputs([([self.scratch_block], [0], 0, True)], device=self.device,
+                                           block_size=self.spec.kv_block_size)
+                self.step_fn(inputs["input_ids"], inputs["positions"], inputs["seq_ids"], inputs["block_tables"],
+                             self.kv_cache, inputs["logits_indices"])
+
     def abort(self, seq: Sequence) -> None:
         """Stop a sequence now and free its KV blocks."""
         if not seq.finished:
@@ -214,20 +246,25 @@ class Engine:
             )
         if self.scheduler.has_work():
             raise RuntimeError("generate() cannot run while the engine is serving other requests")
-        seqs = []
+        seqs, mine = [], []
         for i, prompt in enumerate(prompts):
             params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                     seed=None if seed is None else seed + i, stop=list(stop or []),
                                     ignore_eos=ignore_eos)
             seqs.append(self.new_sequence(prompt, params))
+            if i % self.world == self.rank:  # expert-parallel: each rank decodes its share
+                mine.append(seqs[-1])
         start = time.perf_counter()
         before = dataclasses.replace(self.stats)
         self.record_logits = record_logits
         try:
-            for seq in seqs:
+            for seq in mine:
                 self.scheduler.add(seq)
-            while self.scheduler.has_work():
-                self.step()
+            if self.world == 1:
+                while self.scheduler.has_work():
+                    self.step()
+            else:
+                self._lockstep()
         finally:
             self.record_logits = False
             for seq in seqs:
@@ -237,10 +274,16 @@ class Engine:
             Completion(
                 text=seq.detok.text, token_ids=list(seq.output_ids), prompt_tokens=len(seq.prompt_ids),
                 finish_reason=seq.finish_reason, time_to_first_token_s=(seq.first_token_at or start) - start,
-                logits=seq.logits,
+                logits=[t.cpu() for t in seq.logits] if seq.logits and self.world > 1 else seq.logits,
             )
             for seq in seqs
         ]
+        if self.world > 1:  # every rank returns every completion, each from the rank that decoded it
+            shares = [None] * self.world
+            dist.all_gather_object(shares, [(i, r) for i, r in enumerate(results) if i % self.world == self.rank])
+            for share in shares:
+                for i, r in share:
+                    results[i] = r
         self.stats = GenerationStats(
             prompt_tokens=sum(r.prompt_tokens for r in results),
             generated_tokens=sum(len(r.token_ids) for r in results),

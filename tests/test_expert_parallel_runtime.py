@@ -1,0 +1,94 @@
+"""An artifact compiled with `parallel: {ep: 2}` run as 2 gloo ranks: the same logits and greedy
+tokens as the ep: 1 artifact, chunked or not; a wrong number of ranks is a one-line error."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from rich.console import Console
+
+from conftest import assert_one_line_error, run_cli, tiny_recipe_dict
+
+PROMPTS = ["The mixture of experts", "Once upon a time, in a kitchen far away, a baker", "Rain",
+           "Printing presses changed how people shared ideas", "Seven"]
+
+
+@pytest.fixture(scope="module")
+def ep2_artifact(hf_model_dir, tmp_path_factory):
+    from moec.compiler.pipeline import compile_recipe
+    from moec.compiler.recipe import parse_recipe
+
+    out = tmp_path_factory.mktemp("ep") / "tiny-ep2"
+    recipe = parse_recipe(tiny_recipe_dict(hf_model_dir, name="tiny-ep2", parallel={"ep": 2}))
+    return compile_recipe(recipe, out, console=Console(stderr=True, quiet=True))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, world: int, port: int, artifact: str, out_dir: str) -> None:
+    from moec.runtime import Engine
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    results = {}
+    for chunks in (1, 3):
+        engine = Engine.load(artifact, ep_chunks=chunks)
+        done = engine.generate(PROMPTS, max_tokens=10, record_logits=True)
+        results[chunks] = [(c.token_ids, torch.stack(c.logits)) for c in done]
+        # one prompt: rank 1 has no sequence and steps idle through every MoE layer's exchange
+        one = engine.generate(PROMPTS[:1], max_tokens=6, record_logits=True)[0]
+        results[f"{chunks}-single"] = (one.token_ids, torch.stack(one.logits))
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_give_the_single_device_answer(ep2_artifact, tiny_artifact, tmp_path):
+    from moec.runtime import Engine
+
+    single = Engine.load(tiny_artifact)
+    want = [(c.token_ids, torch.stack(c.logits)) for c in single.generate(PROMPTS, max_tokens=10, record_logits=True)]
+    one = single.generate(PROMPTS[:1], max_tokens=6, record_logits=True)[0]
+    want_one = (one.token_ids, torch.stack(one.logits))
+
+    mp.spawn(_rank, args=(2, _free_port(), str(ep2_artifact), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for chunks in (1, 3):
+            for (tokens, logits), (want_tokens, want_logits) in zip(got[chunks], want):
+                assert tokens == want_tokens, (rank, chunks)
+                assert (logits - want_logits).abs().max().item() <= 1e-4, (rank, chunks)
+            tokens, logits = got[f"{chunks}-single"]
+            assert tokens == want_one[0] and (logits - want_one[1]).abs().max().item() <= 1e-4
+
+
+def test_manifest_records_the_placement(ep2_artifact):
+    from moec.artifact import open_artifact
+
+    par = open_artifact(ep2_artifact).manifest.parallel
+    assert par["ep"] == 2 and par["placement"] == [[0, 1], [2, 3]]
+    assert [e["layer"] for e in par["experts"]] == [0, 1]
+
+
+def test_wrong_number_of_ranks_is_one_line(ep2_artifact):
+    proc = run_cli("moec.runtime", "generate", str(ep2_artifact), "--prompt", "Rain", "--max-tokens", "4")
+    assert_one_line_error(proc, "2 ranks", "torchrun --nproc-per-node 2")
+
+
+def test_uneven_split_is_refused_at_compile(hf_model_dir, tmp_path):
+    import yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe_dict(hf_model_dir, name="tiny-ep3", parallel={"ep": 3})))
+    proc = run_cli("moec.compiler", str(path), "--explain")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "choose a divisor of the expert count" in proc.stderr.strip().splitlines()[-1]
