@@ -92,3 +92,42 @@ def test_uneven_split_is_refused_at_compile(hf_model_dir, tmp_path):
     proc = run_cli("moec.compiler", str(path), "--explain")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "choose a divisor of the expert count" in proc.stderr.strip().splitlines()[-1]
+
+
+def _rank_that_dies(rank: int, world: int, port: int, artifact: str, out_dir: str) -> None:
+    import time
+
+    from moec.errors import MoecError
+    from moec.runtime import Engine
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=20))
+    engine = Engine.load(artifact)
+    if rank == 1:
+        os._exit(3)  # a rank lost mid-service
+    start = time.perf_counter()
+    try:
+        engine.generate(PROMPTS, max_tokens=8)
+        outcome = "no error"
+    except MoecError as e:
+        outcome = str(e)
+    torch.save((outcome, time.perf_counter() - start), os.path.join(out_dir, "rank0.pt"))
+
+
+def test_a_dead_rank_stops_the_others_with_a_clear_error(ep2_artifact, tmp_path):
+    ctx = mp.spawn(_rank_that_dies, args=(2, _free_port(), str(ep2_artifact), str(tmp_path)), nprocs=2, join=False)
+    for p in ctx.processes:
+        p.join(timeout=120)
+    assert all(p.exitcode is not None for p in ctx.processes), "a rank hung"
+    outcome, seconds = torch.load(tmp_path / "rank0.pt")
+    assert "expert-parallel group failed" in outcome and "restart all 2 ranks" in outcome and "\n" not in outcome
+    assert seconds < 60
+
+
+def test_nproc_runs_the_ranks_and_prints_once(ep2_artifact, tiny_artifact):
+    want = run_cli("moec.runtime", "generate", str(tiny_artifact), "--prompt", "Rain", "--prompt", "Seven",
+                   "--max-tokens", "6")
+    got = run_cli("moec.runtime", "generate", str(ep2_artifact), "--nproc", "2", "--prompt", "Rain", "--prompt",
+                  "Seven", "--max-tokens", "6")
+    assert want.returncode == 0 and got.returncode == 0, got.stderr[-2000:]
+    assert got.stdout == want.stdout

@@ -21,6 +21,8 @@ def _generate(args) -> int:
         args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed, stop=args.stop,
     )
+    if engine.rank != 0:  # expert-parallel: rank 0 speaks for the group
+        return 0
     for prompt, result in zip(args.prompt, results):
         print(f"{prompt}{result.text}")
         if len(args.prompt) > 1:
@@ -46,9 +48,19 @@ def _inspect(args) -> int:
     return 0
 
 
+def _single_rank_only(artifact: str, command: str) -> None:
+    from moec.artifact import read_manifest
+    from moec.errors import ArtifactError
+
+    if read_manifest(artifact).parallel:
+        raise ArtifactError(f"{command} does not run expert-parallel artifacts yet; use `moe-runtime generate "
+                            "--nproc N` (or recompile without parallel.ep)")
+
+
 def _serve(args) -> int:
     from moec.runtime.server import serve
 
+    _single_rank_only(args.artifact, "serve")
     return serve(args.artifact, host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
                  request_timeout_s=args.request_timeout, verify=not args.no_verify,
                  shutdown_timeout_s=args.shutdown_timeout, cuda_graphs=not args.no_cuda_graphs)
@@ -57,6 +69,7 @@ def _serve(args) -> int:
 def _bench(args) -> int:
     from moec.runtime.bench import main as bench_main
 
+    _single_rank_only(args.artifact, "bench")
     return bench_main(args)
 
 
@@ -117,8 +130,19 @@ def main(argv: list[str] | None = None) -> int:
     for p in (gen, srv, bench):
         p.add_argument("--no-cuda-graphs", action="store_true",
                        help="on a GPU, run decode steps without CUDA graphs (slower; for debugging)")
+    gen.add_argument("--nproc", type=int, default=1,
+                     help="ranks to start here for an expert-parallel artifact (or launch with torchrun)")
     args = parser.parse_args(argv)
-    return run_cli(lambda: args.func(args), args.debug)
+
+    def body() -> int:
+        from moec.runtime.launch import join_group_from_env, run_ranks
+
+        if getattr(args, "nproc", 1) > 1 and "WORLD_SIZE" not in os.environ:
+            return run_ranks(args.nproc, list(sys.argv[1:] if argv is None else argv))
+        join_group_from_env()
+        return args.func(args)
+
+    return run_cli(body, args.debug)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from moec.runtime.detokenizer import IncrementalDetokenizer
 from moec.ops.external_moe import set_expert_executor
 from moec.runtime.expert_pager import DeviceBudget, ExpertPager
 from moec.runtime.expert_parallel import ExpertParallelExecutor, check_world
+from moec.runtime.launch import RankError
 from moec.runtime.kv_cache import BlockAllocator, allocate_kv_cache, blocks_needed, build_step_inputs
 from moec.runtime.sampler import Sampler, SamplingParams, make_generator
 from moec.runtime.scheduler import Scheduler
@@ -210,18 +211,23 @@ class Engine:
         so that every MoE layer's all-to-all finds every rank."""
         on_device = dist.get_backend() == "nccl"  # NCCL reduces GPU tensors only
         busy = torch.zeros(1, dtype=torch.int64, device=self.device if on_device else "cpu")
-        while True:
-            busy.fill_(int(self.scheduler.has_work()))
-            dist.all_reduce(busy)
-            if not busy.item():
-                return
-            if self.scheduler.has_work():
-                self.step()
-            else:
-                inputs = build_step_inputs([([self.scratch_block], [0], 0, True)], device=self.device,
-                                           block_size=self.spec.kv_block_size)
-                self.step_fn(inputs["input_ids"], inputs["positions"], inputs["seq_ids"], inputs["block_tables"],
-                             self.kv_cache, inputs["logits_indices"])
+        try:
+            while True:
+                busy.fill_(int(self.scheduler.has_work()))
+                dist.all_reduce(busy)
+                if not busy.item():
+                    return
+                if self.scheduler.has_work():
+                    self.step()
+                else:
+                    inputs = build_step_inputs([([self.scratch_block], [0], 0, True)], device=self.device,
+                                               block_size=self.spec.kv_block_size)
+                    self.step_fn(inputs["input_ids"], inputs["positions"], inputs["seq_ids"], inputs["block_tables"],
+                                 self.kv_cache, inputs["logits_indices"])
+        except (RuntimeError, dist.DistError) as e:  # a peer died or hung: say so, never hang
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise RankError(f"rank {self.rank} of {self.world}: the expert-parallel group failed ({first}); another "
+                            f"rank stopped or timed out — restart all {self.world} ranks") from e
 
     def abort(self, seq: Sequence) -> None:
         """Stop a sequence now and free its KV blocks."""

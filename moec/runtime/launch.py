@@ -1,0 +1,64 @@
+"""Starting the ranks of an expert-parallel artifact: `--nproc N`, or under `torchrun`.
+
+`moe-runtime generate|serve|bench ARTIFACT --nproc N` starts N local processes through
+torch.distributed's elastic launch API (what `torchrun` runs), each re-running the same command
+as one rank; `torchrun --nnodes ... --nproc-per-node ... -m moec.runtime ...` does the same across
+machines. Either way each process joins the group from the environment the launcher set
+(RANK, WORLD_SIZE, MASTER_ADDR, ...): NCCL on GPUs, gloo on CPU. Collectives time out after
+MOEC_COLLECTIVE_TIMEOUT_S (120 s): a rank that dies or hangs stops the others with an error
+instead of a hang.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import uuid
+
+import torch
+import torch.distributed as dist
+
+from moec.errors import MoecError
+
+
+class RankError(MoecError):
+    """A rank of an expert-parallel group failed, stopped or timed out."""
+
+
+def collective_timeout_s() -> float:
+    return float(os.environ.get("MOEC_COLLECTIVE_TIMEOUT_S", "120"))
+
+
+def join_group_from_env() -> None:
+    """Join the process group a launcher described in the environment (no-op for one process)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, timeout=dt.timedelta(seconds=collective_timeout_s()))
+
+
+def is_rank_zero() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _rank_main(argv: list[str]) -> int:
+    from moec.runtime.cli import main
+
+    return main(argv)
+
+
+def run_ranks(nproc: int, argv: list[str]) -> int:
+    """Run `moe-runtime argv` as `nproc` local ranks; 0 when all succeed, else a one-line error."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"moec-{uuid.uuid4().hex[:8]}",
+                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.2,
+                          start_method="spawn")
+    try:
+        codes = elastic_launch(config, _rank_main)(argv)
+    except ChildFailedError as e:
+        rank, failure = next(iter(e.failures.items()))
+        raise RankError(f"rank {rank} of {nproc} failed (exit code {failure.exitcode}); the other ranks were "
+                        "stopped — see its output above") from None
+    return max(codes.values() or [0])
