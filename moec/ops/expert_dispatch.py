@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+import moec.ops  # noqa: F401  registers moec::fused_moe
 from moec.ops.moe_combine import moe_combine_ref
-from moec.ops.moe_experts import ACTIVATIONS
 
 
 def expert_placement(num_experts: int, world_size: int) -> list[list[int]]:
@@ -37,15 +37,14 @@ def expert_placement(num_experts: int, world_size: int) -> list[list[int]]:
 
 def _local_experts(rows: torch.Tensor, local_ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                    activation: str) -> torch.Tensor:
-    """Each row through its (local) expert; rows with id -1 (padding) give zeros."""
-    out = torch.zeros_like(rows)
-    act = ACTIVATIONS[activation]
-    for expert in range(w13.shape[0]):
-        sel = (local_ids == expert).nonzero(as_tuple=True)[0]
-        if sel.numel():
-            gate, up = torch.nn.functional.linear(rows[sel], w13[expert]).chunk(2, dim=-1)
-            out[sel] = torch.nn.functional.linear(act(gate) * up, w2[expert])
-    return out
+    """Each row through its (local) expert, as `fused_moe` with top-1 and weight 1 (the Triton
+    kernels on a GPU); padding rows (id -1) go to expert 0 with weight 0 and come back as zeros."""
+    if rows.shape[0] == 0:
+        return rows.clone()
+    pad = local_ids < 0
+    ids = local_ids.masked_fill(pad, 0).unsqueeze(1)
+    weights = (~pad).to(torch.float32).unsqueeze(1)
+    return torch.ops.moec.fused_moe(rows, w13, w2, weights, ids, activation)
 
 
 class _Exchange:
