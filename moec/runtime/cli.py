@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 from moec.errors import run_cli
 
@@ -52,6 +53,8 @@ def _single_rank_only(artifact: str, command: str) -> None:
     from moec.artifact import read_manifest
     from moec.errors import ArtifactError
 
+    if not (Path(artifact) / "manifest.json").is_file():
+        return  # the command itself says what is wrong with the path, after checking its flags
     if read_manifest(artifact).parallel:
         raise ArtifactError(f"{command} does not run expert-parallel artifacts yet; use `moe-runtime generate "
                             "--nproc N` (or recompile without parallel.ep)")

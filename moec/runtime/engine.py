@@ -28,7 +28,7 @@ from moec.runtime.detokenizer import IncrementalDetokenizer
 from moec.ops.external_moe import set_expert_executor
 from moec.runtime.expert_pager import DeviceBudget, ExpertPager
 from moec.runtime.expert_parallel import ExpertParallelExecutor, check_world
-from moec.runtime.launch import RankError
+from moec.runtime.launch import group_failed
 from moec.runtime.kv_cache import BlockAllocator, allocate_kv_cache, blocks_needed, build_step_inputs
 from moec.runtime.sampler import Sampler, SamplingParams, make_generator
 from moec.runtime.scheduler import Scheduler
@@ -104,6 +104,7 @@ class Engine:
         if self.world > 1:
             set_expert_executor(ExpertParallelExecutor(artifact, self.device, self.rank, ep_chunks))
             cuda_graphs = False  # the all-to-all sizes change with every step's routing
+        self._busy = None  # lockstep_step's flag tensor
         self.sampler = Sampler()
         self.stats = GenerationStats()
         self.record_logits = False
@@ -207,27 +208,31 @@ class Engine:
         return emitted, finished
 
     def _lockstep(self) -> None:
-        """Step until no rank has work; a rank with none runs a one-token step on the scratch block,
-        so that every MoE layer's all-to-all finds every rank."""
-        on_device = dist.get_backend() == "nccl"  # NCCL reduces GPU tensors only
-        busy = torch.zeros(1, dtype=torch.int64, device=self.device if on_device else "cpu")
+        """Step until no rank has work (see `lockstep_step`)."""
+        while self.lockstep_step()[0]:
+            pass
+
+    def lockstep_step(self) -> tuple[bool, list[tuple[Sequence, str]]]:
+        """One step of an expert-parallel group: (did any rank have work, what this rank emitted).
+        Every rank calls it together; a rank without work runs a one-token step on the scratch
+        block, so that every MoE layer's all-to-all finds every rank there."""
+        if self._busy is None:
+            on_device = dist.get_backend() == "nccl"  # NCCL reduces GPU tensors only
+            self._busy = torch.zeros(1, dtype=torch.int64, device=self.device if on_device else "cpu")
         try:
-            while True:
-                busy.fill_(int(self.scheduler.has_work()))
-                dist.all_reduce(busy)
-                if not busy.item():
-                    return
-                if self.scheduler.has_work():
-                    self.step()
-                else:
-                    inputs = build_step_inputs([([self.scratch_block], [0], 0, True)], device=self.device,
-                                               block_size=self.spec.kv_block_size)
-                    self.step_fn(inputs["input_ids"], inputs["positions"], inputs["seq_ids"], inputs["block_tables"],
-                                 self.kv_cache, inputs["logits_indices"])
+            self._busy.fill_(int(self.scheduler.has_work()))
+            dist.all_reduce(self._busy)
+            if not self._busy.item():
+                return False, []
+            if self.scheduler.has_work():
+                return True, self.step()[0]
+            inputs = build_step_inputs([([self.scratch_block], [0], 0, True)], device=self.device,
+                                       block_size=self.spec.kv_block_size)
+            self.step_fn(inputs["input_ids"], inputs["positions"], inputs["seq_ids"], inputs["block_tables"],
+                         self.kv_cache, inputs["logits_indices"])
+            return True, []
         except (RuntimeError, dist.DistError) as e:  # a peer died or hung: say so, never hang
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise RankError(f"rank {self.rank} of {self.world}: the expert-parallel group failed ({first}); another "
-                            f"rank stopped or timed out — restart all {self.world} ranks") from e
+            raise group_failed(self.rank, self.world, e) from e
 
     def abort(self, seq: Sequence) -> None:
         """Stop a sequence now and free its KV blocks."""

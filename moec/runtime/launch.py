@@ -25,6 +25,13 @@ class RankError(MoecError):
     """A rank of an expert-parallel group failed, stopped or timed out."""
 
 
+def group_failed(rank: int, world: int, error: BaseException) -> RankError:
+    """The one-line error for a collective that failed because a peer died or hung."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    return RankError(f"rank {rank} of {world}: the expert-parallel group failed ({first}); another rank stopped "
+                     f"or timed out — restart all {world} ranks")
+
+
 def collective_timeout_s() -> float:
     return float(os.environ.get("MOEC_COLLECTIVE_TIMEOUT_S", "120"))
 
