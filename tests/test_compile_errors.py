@@ -41,8 +41,10 @@ def test_wrong_type(tmp_path, hf_model_dir):
 
 
 def test_later_plans_only_accept_their_default(tmp_path, hf_model_dir):
-    path = write_recipe(tmp_path, tiny_recipe_dict(hf_model_dir, parallel={"ep": 2}))
-    assert_one_line_error(compile_cli(path), "parallel.ep")
+    path = write_recipe(tmp_path, tiny_recipe_dict(hf_model_dir, quantization={"method": "int8"}))
+    assert_one_line_error(compile_cli(path), "quantization.method")
+    both = tiny_recipe_dict(hf_model_dir, parallel={"ep": 2}, offload={"gpu_memory": "1GiB"})
+    assert_one_line_error(compile_cli(write_recipe(tmp_path, both)), "parallel.ep", "offload")
 
 
 def test_unknown_synthetic_architecture(tmp_path):

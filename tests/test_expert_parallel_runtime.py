@@ -131,3 +131,83 @@ def test_nproc_runs_the_ranks_and_prints_once(ep2_artifact, tiny_artifact):
                   "Seven", "--max-tokens", "6")
     assert want.returncode == 0 and got.returncode == 0, got.stderr[-2000:]
     assert got.stdout == want.stdout
+
+
+def _start_group(artifact, port: int, timeout_s: int = 30):
+    """Two `moe-runtime serve` ranks, as torchrun would start them; returns (rank 0, rank 1)."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    master = _free_port()
+    procs = []
+    for rank in (1, 0):
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master),
+               "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "MOEC_COLLECTIVE_TIMEOUT_S": str(timeout_s)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "moec.runtime", "serve", str(artifact), "--port",
+                                       str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    follower, leader = procs
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        assert leader.poll() is None and follower.poll() is None, (leader.poll(), follower.poll())
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return leader, follower
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError("the rank-0 server did not become healthy")
+
+
+def test_serve_across_two_ranks_then_stop_cleanly(ep2_artifact, tiny_artifact):
+    import asyncio
+    import signal
+
+    import httpx
+
+    from moec.runtime import Engine
+
+    port = _free_port()
+    leader, follower = _start_group(ep2_artifact, port)
+    try:
+        async def ask(prompt: str) -> str:
+            async with httpx.AsyncClient(timeout=120) as client:
+                r = await client.post(f"http://127.0.0.1:{port}/v1/completions", json={
+                    "model": "tiny-ep2", "prompt": prompt, "max_tokens": 10, "temperature": 0})
+                r.raise_for_status()
+                return r.json()["choices"][0]["text"]
+
+        async def all_of_them():
+            return await asyncio.gather(*(ask(p) for p in PROMPTS))
+
+        texts = asyncio.run(all_of_them())
+        leader.send_signal(signal.SIGTERM)
+        assert leader.wait(timeout=60) == 0 and follower.wait(timeout=60) == 0
+    finally:
+        for p in (leader, follower):
+            if p.poll() is None:
+                p.kill()
+    want = Engine.load(tiny_artifact).generate(PROMPTS, max_tokens=10)
+    assert texts == [c.text for c in want]
+
+
+def test_serve_exits_nonzero_when_a_rank_dies(ep2_artifact):
+    """Rank 1 killed while idle: rank 0's next heartbeat fails, it stops serving and exits non-zero."""
+    import time
+
+    port = _free_port()
+    leader, follower = _start_group(ep2_artifact, port, timeout_s=15)
+    try:
+        follower.kill()
+        start = time.perf_counter()
+        code = leader.wait(timeout=90)
+        assert code not in (0, None) and time.perf_counter() - start < 60
+        assert "expert-parallel group failed" in leader.stdout.read()
+    finally:
+        for p in (leader, follower):
+            if p.poll() is None:
+                p.kill()

@@ -56,14 +56,13 @@ def _single_rank_only(artifact: str, command: str) -> None:
     if not (Path(artifact) / "manifest.json").is_file():
         return  # the command itself says what is wrong with the path, after checking its flags
     if read_manifest(artifact).parallel:
-        raise ArtifactError(f"{command} does not run expert-parallel artifacts yet; use `moe-runtime generate "
+        raise ArtifactError(f"{command} does not run expert-parallel artifacts yet; use `moe-runtime generate|serve "
                             "--nproc N` (or recompile without parallel.ep)")
 
 
 def _serve(args) -> int:
     from moec.runtime.server import serve
 
-    _single_rank_only(args.artifact, "serve")
     return serve(args.artifact, host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
                  request_timeout_s=args.request_timeout, verify=not args.no_verify,
                  shutdown_timeout_s=args.shutdown_timeout, cuda_graphs=not args.no_cuda_graphs)
@@ -133,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     for p in (gen, srv, bench):
         p.add_argument("--no-cuda-graphs", action="store_true",
                        help="on a GPU, run decode steps without CUDA graphs (slower; for debugging)")
-    gen.add_argument("--nproc", type=int, default=1,
-                     help="ranks to start here for an expert-parallel artifact (or launch with torchrun)")
+    for p in (gen, srv):
+        p.add_argument("--nproc", type=int, default=1,
+                       help="ranks to start here for an expert-parallel artifact (or launch with torchrun)")
     args = parser.parse_args(argv)
 
     def body() -> int:

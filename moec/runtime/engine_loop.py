@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from moec.errors import RequestError
 from moec.runtime.engine import Engine
+from moec.runtime.rank_loop import HEARTBEAT_S, Orders, RankSequences, exchange_orders, gather_emitted, params_dict
 from moec.runtime.sampler import SamplingParams
 from moec.runtime.sequence import Sequence
 from moec.runtime.stream_event import StreamEvent
@@ -74,6 +75,14 @@ class EngineLoop:
         self._stopping = False
         self._cancel_all = False
         self._thread = threading.Thread(target=self._run, name="moec-engine", daemon=True)
+        # expert-parallel group: this loop is rank 0's and gives the other ranks their orders
+        world = getattr(engine, "world", 1)
+        self.group = world > 1
+        self.on_failure = None  # called on the engine thread if it dies (the server exits then)
+        self._by_id: dict[str, RequestStream] = {}
+        self._rank_of: dict[str, int] = {}
+        self._load = [0] * world
+        self._share = RankSequences(engine) if self.group else None
 
     def start(self) -> None:
         self._thread.start()
@@ -156,8 +165,69 @@ class EngineLoop:
             elif kind == "abort":
                 self._abort(stream)
 
+    def _orders(self) -> tuple[Orders, dict[str, Sequence]]:
+        """The inbox as orders for the group: each new request to the rank with the fewest live ones."""
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+        orders, local = Orders(), {}
+        for kind, stream in inbox:
+            rid = stream.request_id
+            if kind == "add" and not stream.seq.finished:
+                rank = min(range(len(self._load)), key=self._load.__getitem__)
+                self._load[rank] += 1
+                self._rank_of[rid], self._by_id[rid] = rank, stream
+                orders.adds.append((rid, list(stream.seq.prompt_ids), params_dict(stream.seq.params), rank))
+                if rank == 0:
+                    local[rid] = stream.seq
+            elif kind == "abort" and rid in self._by_id:
+                orders.aborts.append(rid)
+        if self._cancel_all:
+            orders.aborts += [rid for rid in self._by_id if rid not in orders.aborts]
+        return orders, local
+
+    def _finish_remote(self, rid: str) -> None:
+        self._by_id.pop(rid, None)
+        self._load[self._rank_of.pop(rid)] -= 1
+
+    def _run_group(self) -> None:
+        world = self.engine.world
+        while True:
+            orders, local = self._orders()
+            orders.stop = self._stopping and not self._by_id and not orders.adds
+            exchange_orders(orders, 0, world)
+            if orders.stop:
+                return
+            self._share.apply(orders, local)
+            for rid in orders.aborts:  # the clients hear at once; the owning rank frees its blocks
+                stream = self._by_id.get(rid)
+                if stream is not None:
+                    seq = stream.seq
+                    seq.finish_reason = seq.finish_reason or "abort"
+                    self._event(seq, stream, seq.detok.finish(), [])
+                    self._finish_remote(rid)
+            busy, emitted = self._share.step()
+            if not busy:
+                self._wake.wait(timeout=HEARTBEAT_S)
+                self._wake.clear()
+                continue
+            for e in gather_emitted(emitted, 0, world):
+                stream = self._by_id.get(e.request_id)
+                if stream is None:
+                    continue
+                seq = stream.seq
+                if self._rank_of.get(e.request_id) != 0:  # rank 0's own sequences are up to date already
+                    seq.first_scheduled = seq.first_scheduled or time.perf_counter()
+                    seq.output_ids.append(e.token)
+                    seq.finish_reason = e.finish_reason
+                self._event(seq, stream, e.text, [e.token])
+                if e.finish_reason is not None:
+                    self._finish_remote(e.request_id)
+
     def _run(self) -> None:
         try:
+            if self.group:
+                self._run_group()
+                return
             while True:
                 self._drain_inbox()
                 if self._cancel_all:
@@ -180,7 +250,10 @@ class EngineLoop:
             log.exception("engine thread failed")
             self.healthy = False
             self._accepting = False
-            for stream in list(self._streams.values()):
+            for stream in [*self._streams.values(), *self._by_id.values()]:
                 stream.seq.finish_reason = stream.seq.finish_reason or "abort"
                 self._event(stream.seq, stream, "", [])
             self._streams.clear()
+            self._by_id.clear()
+            if self.on_failure is not None:
+                self.on_failure()

@@ -864,6 +864,10 @@ def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, api_key: str
     _configure_logging()
     t0 = time.perf_counter()
     engine = Engine.load(artifact, verify=verify, cuda_graphs=cuda_graphs)
+    if getattr(engine, "rank", 0) != 0:  # expert parallel: the other ranks follow rank 0's orders, no HTTP
+        from moec.runtime.rank_loop import FollowerLoop
+
+        return FollowerLoop(engine).run()
     loop = EngineLoop(engine, max_queue=max_queue)
     load_s = time.perf_counter() - t0
     name = model_name or engine.artifact.manifest.name
@@ -897,6 +901,15 @@ def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, api_key: str
                 captured.clear()
 
     server = Server(config)
+    failed = []
+
+    def engine_failed() -> None:  # a rank of the group is gone: nothing can be served any more
+        if getattr(loop, "group", False):
+            failed.append(True)
+            print("moec serve: the expert-parallel group failed; stopping (exit 1)", file=sys.stderr, flush=True)
+            server.should_exit = True
+
+    loop.on_failure = engine_failed
     try:
         server.run(sockets=[sock])
     except SystemExit as e:  # uvicorn exits 3 when the app's startup fails
@@ -907,4 +920,4 @@ def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, api_key: str
     finally:
         sock.close()
     print("moec serve: stopped", file=sys.stderr, flush=True)
-    return 0
+    return 1 if failed else 0
