@@ -211,3 +211,22 @@ def test_serve_exits_nonzero_when_a_rank_dies(ep2_artifact):
         for p in (leader, follower):
             if p.poll() is None:
                 p.kill()
+
+
+def test_bench_across_two_ranks_reports_expert_load(ep2_artifact, tmp_path):
+    import json
+
+    out = tmp_path / "bench.json"
+    proc = run_cli("moec.runtime", "bench", str(ep2_artifact), "--nproc", "2", "--batch-sizes", "1,4", "--context",
+                   "16", "--decode-tokens", "8", "--prefill-tokens", "16", "--repeats", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote") == 1  # rank 0 alone reports
+    data = json.loads(out.read_text())
+    load = data["expert_parallel"]["expert_load"]
+    assert data["expert_parallel"]["ranks"] == 2 and len(load["layers"]) == 2
+    for layer in load["layers"]:
+        assert sum(layer["tokens_per_rank"]) == sum(layer["tokens_per_expert"]) > 0
+        assert layer["tokens_per_rank"] == [sum(layer["tokens_per_expert"][:2]), sum(layer["tokens_per_expert"][2:])]
+        assert layer["rank_imbalance"] >= 1.0 and layer["expert_imbalance"] >= 1.0
+    # the group's decode rate counts both ranks' sequences
+    assert all(row["decode_tokens_per_s"] > 0 for row in data["decode"])

@@ -50,6 +50,7 @@ from moec.artifact import open_artifact
 from moec.errors import MoecError
 from moec.runtime.ceilings import Ceilings, device_ceilings, measure_h2d_bandwidth
 from moec.runtime.gpu_telemetry import GpuTelemetry
+from moec.runtime.launch import is_rank_zero
 from moec.runtime.regression_gate import RESULT_FORMAT, device_kind, git_commit, metric, run_gate
 from moec.runtime.roofline import ModelShape, StepCost, decode_step, prefill_step
 
@@ -345,6 +346,8 @@ def run_bench(artifact: str | Path, settings: BenchSettings, verify: bool = True
         "decode_graphs": ({"buckets": engine.decode_graphs.buckets, "capture_s": engine.decode_graphs.capture_s}
                           if engine.decode_graphs is not None else None),
         "offload": _offload_summary(manifest.offload, decode, h2d) if engine.expert_pager is not None else None,
+        "expert_parallel": ({"ranks": engine.world, "expert_load": engine.expert_load()}
+                            if engine.world > 1 else None),
         "ceilings": ceilings.as_dict(),
         "model_shape": asdict(shape),
         "routing": "not observed; the roofline's expert bytes assume uniform routing: "
@@ -436,9 +439,11 @@ def main(args: Any) -> int:
     settings = settings_from_args(args)
     if args.update and not args.compare:
         raise MoecError("--update rewrites the baseline given with --compare; add --compare BASELINE")
-    console = Console(stderr=True)
+    console = Console(stderr=True, quiet=not is_rank_zero())
     result = run_bench(args.artifact, settings, verify=not args.no_verify, console=console,
                        cuda_graphs=not getattr(args, "no_cuda_graphs", False))
+    if not is_rank_zero():  # expert-parallel: rank 0 reports for the group
+        return 0
     out = Console(width=None if sys.stdout.isatty() else 200)
     out.print(render_table(result))
     c = result["ceilings"]

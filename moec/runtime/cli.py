@@ -7,7 +7,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 from moec.errors import run_cli
 
@@ -49,17 +48,6 @@ def _inspect(args) -> int:
     return 0
 
 
-def _single_rank_only(artifact: str, command: str) -> None:
-    from moec.artifact import read_manifest
-    from moec.errors import ArtifactError
-
-    if not (Path(artifact) / "manifest.json").is_file():
-        return  # the command itself says what is wrong with the path, after checking its flags
-    if read_manifest(artifact).parallel:
-        raise ArtifactError(f"{command} does not run expert-parallel artifacts yet; use `moe-runtime generate|serve "
-                            "--nproc N` (or recompile without parallel.ep)")
-
-
 def _serve(args) -> int:
     from moec.runtime.server import serve
 
@@ -71,7 +59,6 @@ def _serve(args) -> int:
 def _bench(args) -> int:
     from moec.runtime.bench import main as bench_main
 
-    _single_rank_only(args.artifact, "bench")
     return bench_main(args)
 
 
@@ -132,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     for p in (gen, srv, bench):
         p.add_argument("--no-cuda-graphs", action="store_true",
                        help="on a GPU, run decode steps without CUDA graphs (slower; for debugging)")
-    for p in (gen, srv):
+    for p in (gen, srv, bench):
         p.add_argument("--nproc", type=int, default=1,
                        help="ranks to start here for an expert-parallel artifact (or launch with torchrun)")
     args = parser.parse_args(argv)

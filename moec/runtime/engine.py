@@ -101,8 +101,10 @@ class Engine:
             self.expert_pager = ExpertPager(artifact, self.device, budget)
             set_expert_executor(self.expert_pager)
             cuda_graphs = False  # the pager runs between layers, which a replayed graph would skip
+        self.expert_executor = None
         if self.world > 1:
-            set_expert_executor(ExpertParallelExecutor(artifact, self.device, self.rank, ep_chunks))
+            self.expert_executor = ExpertParallelExecutor(artifact, self.device, self.rank, ep_chunks)
+            set_expert_executor(self.expert_executor)
             cuda_graphs = False  # the all-to-all sizes change with every step's routing
         self._busy = None  # lockstep_step's flag tensor
         self.sampler = Sampler()
@@ -228,11 +230,20 @@ class Engine:
                 return True, self.step()[0]
             inputs = build_step_inputs([([self.scratch_block], [0], 0, True)], device=self.device,
                                        block_size=self.spec.kv_block_size)
-            self.step_fn(inputs["input_ids"], inputs["positions"], inputs["seq_ids"], inputs["block_tables"],
-                         self.kv_cache, inputs["logits_indices"])
+            self.expert_executor.counting = False  # a placeholder token: not load
+            try:
+                self.step_fn(inputs["input_ids"], inputs["positions"], inputs["seq_ids"], inputs["block_tables"],
+                             self.kv_cache, inputs["logits_indices"])
+            finally:
+                self.expert_executor.counting = True
             return True, []
         except (RuntimeError, dist.DistError) as e:  # a peer died or hung: say so, never hang
             raise group_failed(self.rank, self.world, e) from e
+
+    def expert_load(self) -> dict | None:
+        """Expert-parallel artifacts: tokens per expert and per rank for each MoE layer (every rank
+        calls it together); None otherwise."""
+        return self.expert_executor.expert_load() if self.expert_executor is not None else None
 
     def abort(self, seq: Sequence) -> None:
         """Stop a sequence now and free its KV blocks."""
@@ -295,14 +306,20 @@ class Engine:
             for share in shares:
                 for i, r in share:
                     results[i] = r
+        decode = [self.stats.decode_steps - before.decode_steps, self.stats.decode_tokens - before.decode_tokens,
+                  self.stats.decode_s - before.decode_s]
+        if self.world > 1:  # the group's decode: every rank's tokens, over the slowest rank's steps
+            tokens = torch.tensor([decode[1]], dtype=torch.int64, device=self._busy.device)
+            longest = torch.tensor([decode[0], decode[2]], dtype=torch.float64, device=self._busy.device)
+            dist.all_reduce(tokens)
+            dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+            decode = [int(longest[0]), int(tokens[0]), float(longest[1])]
         self.stats = GenerationStats(
             prompt_tokens=sum(r.prompt_tokens for r in results),
             generated_tokens=sum(len(r.token_ids) for r in results),
             steps=self.stats.steps - before.steps, elapsed_s=elapsed,
             time_to_first_token_s=max(r.time_to_first_token_s for r in results),
-            decode_steps=self.stats.decode_steps - before.decode_steps,
-            decode_tokens=self.stats.decode_tokens - before.decode_tokens,
-            decode_s=self.stats.decode_s - before.decode_s,
+            decode_steps=decode[0], decode_tokens=decode[1], decode_s=decode[2],
         )
         return results
 

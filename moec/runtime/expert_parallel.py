@@ -40,6 +40,9 @@ class ExpertParallelExecutor:
         lo, hi = mine[0], mine[-1] + 1
         self.num_experts = sum(len(p) for p in par["placement"])
         self.chunks = int(chunks or par.get("chunks", 1))
+        self.placement = par["placement"]
+        self.counting = True  # off for the idle steps an empty rank takes
+        self.counts = torch.zeros(len(par["experts"]), self.num_experts, dtype=torch.int64, device=device)
         self.local = []
         with safe_open(artifact.weights_path, framework="pt", device=str(device)) as f:
             for entry in sorted(par["experts"], key=lambda e: e["layer"]):
@@ -49,4 +52,22 @@ class ExpertParallelExecutor:
     def run(self, layer: int, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
             activation: str, plan: str) -> torch.Tensor:
         w13, w2 = self.local[layer]
+        if self.counting:  # on the device: no sync; read by expert_load
+            self.counts[layer] += torch.bincount(topk_ids.flatten(), minlength=self.num_experts)
         return ep_moe(hidden, topk_weights, topk_ids, w13, w2, self.num_experts, activation, chunks=self.chunks)
+
+    def expert_load(self) -> dict:
+        """Tokens routed to each expert of each MoE layer, summed over all ranks (a collective: every
+        rank calls it together), with what each rank received and the imbalance (max / mean)."""
+        counts = self.counts.clone()
+        dist.all_reduce(counts)
+        counts = counts.cpu()
+        layers = []
+        for layer, row in enumerate(counts.tolist()):
+            per_rank = [sum(row[e] for e in experts) for experts in self.placement]
+            mean_rank, mean_expert = sum(per_rank) / len(per_rank), sum(row) / len(row)
+            layers.append({"layer": layer, "tokens_per_expert": row, "tokens_per_rank": per_rank,
+                           "rank_imbalance": max(per_rank) / mean_rank if mean_rank else None,
+                           "expert_imbalance": max(row) / mean_expert if mean_expert else None})
+        return {"layers": layers, "placement": self.placement,
+                "how": "(token, choice) assignments since load, all ranks; imbalance = max / mean"}
