@@ -185,6 +185,14 @@ def test_serve_across_two_ranks_then_stop_cleanly(ep2_artifact, tiny_artifact):
             return await asyncio.gather(*(ask(p) for p in PROMPTS))
 
         texts = asyncio.run(all_of_them())
+        import time
+
+        time.sleep(2.5)  # the group sums its expert load every 2 s for /metrics
+        lines = httpx.get(f"http://127.0.0.1:{port}/metrics").text.splitlines()
+        tokens = [float(x.rsplit(" ", 1)[1]) for x in lines if x.startswith("moec:expert_tokens{")]
+        ranks = [float(x.rsplit(" ", 1)[1]) for x in lines if x.startswith("moec:expert_rank_tokens{")]
+        assert len(tokens) == 2 * 4 and sum(tokens) > 0 and sum(ranks) == sum(tokens)
+        assert any(x.startswith("moec:expert_rank_imbalance{") for x in lines)
         leader.send_signal(signal.SIGTERM)
         assert leader.wait(timeout=60) == 0 and follower.wait(timeout=60) == 0
     finally:

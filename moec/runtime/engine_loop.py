@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from moec.errors import RequestError
 from moec.runtime.engine import Engine
-from moec.runtime.rank_loop import HEARTBEAT_S, Orders, RankSequences, exchange_orders, gather_emitted, params_dict
+from moec.runtime.rank_loop import HEARTBEAT_S, LOAD_EVERY_S, Orders, RankSequences, exchange_orders, gather_emitted, params_dict
 from moec.runtime.sampler import SamplingParams
 from moec.runtime.sequence import Sequence
 from moec.runtime.stream_event import StreamEvent
@@ -83,6 +83,8 @@ class EngineLoop:
         self._rank_of: dict[str, int] = {}
         self._load = [0] * world
         self._share = RankSequences(engine) if self.group else None
+        self.expert_load: dict | None = None  # the group's, refreshed every LOAD_EVERY_S
+        self._load_at = 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -121,6 +123,7 @@ class EngineLoop:
             "kv_usage": allocator.usage,
             "kv_blocks_total": allocator.num_blocks,
             "kv_blocks_free": allocator.num_free,
+            "expert_load": self.expert_load,
         }
 
     async def shutdown(self, cancel_running: bool = False, timeout: float = 30.0) -> None:
@@ -194,9 +197,13 @@ class EngineLoop:
         while True:
             orders, local = self._orders()
             orders.stop = self._stopping and not self._by_id and not orders.adds
+            orders.report_load = time.perf_counter() - self._load_at >= LOAD_EVERY_S
             exchange_orders(orders, 0, world)
             if orders.stop:
                 return
+            if orders.report_load:
+                self.expert_load = self.engine.expert_load()
+                self._load_at = time.perf_counter()
             self._share.apply(orders, local)
             for rid in orders.aborts:  # the clients hear at once; the owning rank frees its blocks
                 stream = self._by_id.get(rid)

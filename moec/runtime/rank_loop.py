@@ -7,6 +7,7 @@ iteration, all ranks together:
   2. take one `Engine.lockstep_step` (a rank without work steps on its scratch block, so every
      MoE layer's all-to-all finds all ranks);
   3. send what they emitted to rank 0 (`gather_object`), which streams it to the clients.
+Every `LOAD_EVERY_S` the orders also ask all ranks to sum their expert load (for `/metrics`).
 When nothing is running rank 0 still sends (empty) orders every `HEARTBEAT_S`, so an idle group
 never trips the collective timeout, while a dead or hung rank does: then every rank raises
 `RankError` and exits non-zero.
@@ -24,6 +25,7 @@ from moec.runtime.sampler import SamplingParams
 from moec.runtime.sequence import Sequence
 
 HEARTBEAT_S = 0.5
+LOAD_EVERY_S = 2.0  # how often rank 0 collects the expert load for /metrics
 
 
 @dataclass
@@ -31,6 +33,7 @@ class Orders:
     adds: list[tuple[str, list[int], dict, int]] = field(default_factory=list)  # (request id, prompt ids, params, rank)
     aborts: list[str] = field(default_factory=list)
     stop: bool = False
+    report_load: bool = False  # all ranks sum their expert load now (for /metrics)
 
 
 @dataclass
@@ -109,6 +112,8 @@ class FollowerLoop:
             orders = exchange_orders(None, rank, world)
             if orders.stop:
                 return 0
+            if orders.report_load:
+                self.engine.expert_load()
             self.share.apply(orders)
             busy, emitted = self.share.step()
             if busy:

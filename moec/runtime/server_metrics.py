@@ -79,12 +79,28 @@ class ServerMetrics:
         self._success = success
         if gpu is not None and gpu.available:
             r.register(GpuCollector(gpu, model_name))
+        # expert-parallel serving: the group's expert load, per MoE layer
+        self.expert_tokens = Gauge(PREFIX + "expert_tokens", "(token, choice) assignments routed to each expert "
+                                   "since load, all ranks.", ["model_name", "layer", "expert"], registry=r)
+        self.rank_tokens = Gauge(PREFIX + "expert_rank_tokens", "Assignments each rank's experts received since "
+                                 "load.", ["model_name", "layer", "rank"], registry=r)
+        self.rank_imbalance = Gauge(PREFIX + "expert_rank_imbalance", "Max over mean of the ranks' assignments.",
+                                    ["model_name", "layer"], registry=r)
 
     def refresh(self, stats: dict[str, Any]) -> None:
         """Set the gauges from `EngineLoop.stats()`."""
         self.running.set(stats.get("num_running", 0))
         self.waiting.set(stats.get("num_waiting", 0))
         self.kv_usage.set(stats.get("kv_usage", 0.0))
+        load = stats.get("expert_load")
+        for layer in (load or {}).get("layers", []):
+            name = str(layer["layer"])
+            for expert, tokens in enumerate(layer["tokens_per_expert"]):
+                self.expert_tokens.labels(self.model_name, name, str(expert)).set(tokens)
+            for rank, tokens in enumerate(layer["tokens_per_rank"]):
+                self.rank_tokens.labels(self.model_name, name, str(rank)).set(tokens)
+            if layer["rank_imbalance"] is not None:
+                self.rank_imbalance.labels(self.model_name, name).set(layer["rank_imbalance"])
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
