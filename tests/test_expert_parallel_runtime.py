@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import torch.multiprocessing as mp
 from rich.console import Console
 
 from conftest import assert_one_line_error, run_cli, tiny_recipe_dict
+from test_server import free_port, greedy_texts
 
 PROMPTS = ["The mixture of experts", "Once upon a time, in a kitchen far away, a baker", "Rain",
            "Printing presses changed how people shared ideas", "Seven"]
@@ -27,12 +27,6 @@ def ep2_artifact(hf_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ep") / "tiny-ep2"
     recipe = parse_recipe(tiny_recipe_dict(hf_model_dir, name="tiny-ep2", parallel={"ep": 2}))
     return compile_recipe(recipe, out, console=Console(stderr=True, quiet=True))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank: int, world: int, port: int, artifact: str, out_dir: str) -> None:
@@ -60,7 +54,7 @@ def test_two_ranks_give_the_single_device_answer(ep2_artifact, tiny_artifact, tm
     one = single.generate(PROMPTS[:1], max_tokens=6, record_logits=True)[0]
     want_one = (one.token_ids, torch.stack(one.logits))
 
-    mp.spawn(_rank, args=(2, _free_port(), str(ep2_artifact), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, free_port(), str(ep2_artifact), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         for chunks in (1, 3):
@@ -115,7 +109,7 @@ def _rank_that_dies(rank: int, world: int, port: int, artifact: str, out_dir: st
 
 
 def test_a_dead_rank_stops_the_others_with_a_clear_error(ep2_artifact, tmp_path):
-    ctx = mp.spawn(_rank_that_dies, args=(2, _free_port(), str(ep2_artifact), str(tmp_path)), nprocs=2, join=False)
+    ctx = mp.spawn(_rank_that_dies, args=(2, free_port(), str(ep2_artifact), str(tmp_path)), nprocs=2, join=False)
     for p in ctx.processes:
         p.join(timeout=120)
     assert all(p.exitcode is not None for p in ctx.processes), "a rank hung"
@@ -141,7 +135,7 @@ def _start_group(artifact, port: int, timeout_s: int = 30):
 
     import httpx
 
-    master = _free_port()
+    master = free_port()
     procs = []
     for rank in (1, 0):
         env = {**os.environ, "PYTHONWARNINGS": "ignore", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master),
@@ -164,27 +158,16 @@ def _start_group(artifact, port: int, timeout_s: int = 30):
 
 
 def test_serve_across_two_ranks_then_stop_cleanly(ep2_artifact, tiny_artifact):
-    import asyncio
     import signal
 
     import httpx
 
     from moec.runtime import Engine
 
-    port = _free_port()
+    port = free_port()
     leader, follower = _start_group(ep2_artifact, port)
     try:
-        async def ask(prompt: str) -> str:
-            async with httpx.AsyncClient(timeout=120) as client:
-                r = await client.post(f"http://127.0.0.1:{port}/v1/completions", json={
-                    "model": "tiny-ep2", "prompt": prompt, "max_tokens": 10, "temperature": 0})
-                r.raise_for_status()
-                return r.json()["choices"][0]["text"]
-
-        async def all_of_them():
-            return await asyncio.gather(*(ask(p) for p in PROMPTS))
-
-        texts = asyncio.run(all_of_them())
+        texts = greedy_texts(f"http://127.0.0.1:{port}", "tiny-ep2", PROMPTS, max_tokens=10)
         import time
 
         time.sleep(2.5)  # the group sums its expert load every 2 s for /metrics
@@ -207,7 +190,7 @@ def test_serve_exits_nonzero_when_a_rank_dies(ep2_artifact):
     """Rank 1 killed while idle: rank 0's next heartbeat fails, it stops serving and exits non-zero."""
     import time
 
-    port = _free_port()
+    port = free_port()
     leader, follower = _start_group(ep2_artifact, port, timeout_s=15)
     try:
         follower.kill()

@@ -21,12 +21,10 @@ from moec.compiler.offload_policy import (
 )
 from moec.errors import RecipeError
 from moec.runtime.roofline import ModelShape, MoeLayerShape
+from test_bench import TINY
 
-# the tiny Mixtral of recipes/tiny-mixtral.yaml: one expert is 3*64*128 fp32 = 98,304 bytes, a
-# layer's four experts 393,216 bytes
-TINY = ModelShape(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, vocab_size=512,
-                  weight_itemsize=4, kv_itemsize=4, moe_layers=(MoeLayerShape(4, 2, 128),) * 2,
-                  dense_intermediate_size=128)
+# the tiny Mixtral of recipes/tiny-mixtral.yaml (test_bench.TINY): one expert is 3*64*128 fp32 =
+# 98,304 bytes, a layer's four experts 393,216 bytes
 LAYER_EXPERTS = 4 * 3 * 64 * 128 * 4
 # a host link that moves one layer's experts in exactly 1 ms; everything else ~free
 LINK_BOUND = HardwareProfile(name="test", h2d_bytes_per_s=LAYER_EXPERTS * 1e3, d2h_bytes_per_s=LAYER_EXPERTS * 1e3,

@@ -126,26 +126,12 @@ def test_bench_reports_the_link_and_the_prediction(four_layer_artifacts, tmp_pat
 
 def test_serve_runs_an_offloaded_artifact_unchanged(four_layer_artifacts):
     """The OpenAI server on an offloaded artifact: concurrent greedy completions equal `generate`."""
-    import asyncio
-
-    import httpx
-
-    from test_server import Server
+    from test_server import Server, greedy_texts
 
     plain, offloaded, _ = four_layer_artifacts
     srv = Server(offloaded)
     try:
-        async def ask(prompt: str) -> str:
-            async with httpx.AsyncClient(timeout=120) as client:
-                r = await client.post(f"{srv.base}/v1/completions", json={
-                    "model": "offloaded", "prompt": prompt, "max_tokens": 10, "temperature": 0})
-                r.raise_for_status()
-                return r.json()["choices"][0]["text"]
-
-        async def all_of_them():
-            return await asyncio.gather(*(ask(p) for p in PROMPTS))
-
-        texts = asyncio.run(all_of_them())
+        texts = greedy_texts(srv.base, "offloaded", PROMPTS, max_tokens=10)
     finally:
         assert srv.stop() == 0
     want = Engine.load(plain).generate(PROMPTS, max_tokens=10)

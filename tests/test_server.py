@@ -72,6 +72,23 @@ class Server:
         return sum(v for k, v in self.metrics().items() if k.split("{")[0] == name)
 
 
+def greedy_texts(base: str, model: str, prompts: list[str], max_tokens: int) -> list[str]:
+    """Greedy completions of `prompts`, all sent at once, in prompt order."""
+    import asyncio
+
+    async def ask(client: httpx.AsyncClient, prompt: str) -> str:
+        r = await client.post(f"{base}/v1/completions", json={
+            "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+        r.raise_for_status()
+        return r.json()["choices"][0]["text"]
+
+    async def all_of_them() -> list[str]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(ask(client, p) for p in prompts))
+
+    return asyncio.run(all_of_them())
+
+
 @pytest.fixture(scope="module")
 def server(tiny_artifact):
     srv = Server(tiny_artifact, "--api-key", API_KEY)
