@@ -14,6 +14,8 @@ Wall-clock speed on a shared 2-core machine drifts by tens of percent, so the ga
   (all the work outside the compiled kernels: step inputs, the CPU experts op, sampling), host
   synchronisations (tensor data read into Python, or ops whose output size depends on data: each
   one makes a GPU wait), and the weight bytes a decode step reads (moec.runtime.roofline, batch 1).
+- a decode step with a 64x larger KV cache over one with the default cache (a ratio in the same
+  run, ~1): a step that moves the whole cache — an in-place write traced into copies — scales.
 - instructions of a decode step under valgrind's callgrind, instrumentation switched on only
   around the step (one thread, fixed hash seed): they move by < 0.1% between runs.
 - speed only as a ratio: moec tokens/s over transformers eager tokens/s on the same weights, in
@@ -402,6 +404,46 @@ def instruction_metrics(artifact: Path, detail: dict) -> list[dict]:
                                                         f"mean of {len(counted['per_step'])} steps, 1 thread")]
 
 
+KV_GROWTH = 64  # the larger engine's KV cache, in multiples of the default one
+KV_TOLERANCE = {"rel": 0.5}  # unchanged: ~1.0; a step that copies the cache: > 10 (64x the bytes)
+
+
+def kv_cache_scaling(artifact: Path, steps: int = 15) -> dict:
+    """Median decode-step time with a KV cache KV_GROWTH x larger over the default cache's, steps
+    alternating between the two engines. A decode step must touch only the slots it reads and
+    writes, so the ratio is ~1; a step that moves the whole cache (a functionalised in-place
+    write that is never re-inplaced: the cache copied per layer) scales with it."""
+    from moec.runtime import Engine
+
+    small = Engine.load(artifact, verify=False)
+    large = Engine.load(artifact, verify=False, num_blocks=small.num_blocks * KV_GROWTH)
+    runs = {"small": [], "large": []}
+    engines = {"small": small, "large": large}
+    seqs = {name: start_decoding(engine) for name, engine in engines.items()}
+    try:
+        for i in range(steps):
+            for name in (("small", "large") if i % 2 else ("large", "small")):
+                start = time.perf_counter()
+                decode_step(engines[name], seqs[name])
+                runs[name].append(time.perf_counter() - start)
+    finally:
+        for name, engine in engines.items():
+            stop_decoding(engine, seqs[name])
+    small_s, large_s = statistics.median(runs["small"]), statistics.median(runs["large"])
+    return {"ratio": large_s / small_s, "small_ms": small_s * 1e3, "large_ms": large_s * 1e3,
+            "small_kv_bytes": small.kv_cache.numel() * small.kv_cache.element_size(),
+            "large_kv_bytes": large.kv_cache.numel() * large.kv_cache.element_size(), "steps": steps}
+
+
+def kv_cache_metrics(artifact: Path, detail: dict) -> list[dict]:
+    from moec.runtime.regression_gate import metric
+
+    scaling = detail["kv_cache_scaling"] = kv_cache_scaling(artifact)
+    return [metric("decode_step/time_large_kv_over_default", scaling["ratio"], "x", "lower", tolerance=KV_TOLERANCE,
+                   why=f"median decode step ({BATCH} sequences) with a {KV_GROWTH}x larger KV cache over the "
+                       f"default one: a step must not move the whole cache")]
+
+
 def speed_metrics(engine, hf_model, detail: dict, pairs: int = 21) -> list[dict]:
     from moec.runtime.regression_gate import metric
 
@@ -427,6 +469,7 @@ def measure(artifact: Path, hf_dir: Path, graph: dict, pairs: int = 21) -> dict:
     groups = {
         "structure": lambda: structure_metrics(artifact, graph, detail),
         "decode_step": lambda: step_metrics(engine, detail),
+        "kv_cache": lambda: kv_cache_metrics(artifact, detail),
         "instructions": lambda: instruction_metrics(artifact, detail),
         "speed": lambda: speed_metrics(engine, load_hf(hf_dir), detail, pairs),
     }

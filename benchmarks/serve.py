@@ -244,7 +244,13 @@ def prepare_model(args, work: Path | None) -> tuple[Path, Path | None, dict, flo
         elif "synthetic" in recipe_data["model"]:
             syn = recipe_data["model"]["synthetic"]
             print(f"writing the synthetic {syn['architecture']} of {args.recipe} …", file=sys.stderr)
-            hf_dir = write_synthetic_model(syn["architecture"], syn["config"], syn["seed"], work / "hf")
+            # the recipe's checkpoint dtype (bf16 halves a GPU-sized model on disk), drawn on the GPU
+            # when the recipe targets one (seconds instead of minutes for billions of parameters)
+            import torch
+
+            init_device = "cuda" if str(recipe_data.get("device", "cpu")).startswith("cuda") and torch.cuda.is_available() else "cpu"
+            hf_dir = write_synthetic_model(syn["architecture"], syn["config"], syn["seed"], work / "hf",
+                                           dtype=syn.get("dtype", "float32"), init_device=init_device)
         else:
             hf_dir = Path(recipe_data["model"]["path"])
         recipe_data["model"] = {"path": str(hf_dir)}

@@ -227,6 +227,22 @@ def test_an_extra_sync_and_an_extra_pass_fail_the_step_gates(tiny_artifact, one_
     assert code == 1 and "REGRESSION decode_step/aten_ops" in out
 
 
+def test_a_step_that_copies_the_kv_cache_fails_the_kv_gate(tiny_artifact, one_thread, capsys, tmp_path, monkeypatch):
+    """The regression the GPU found: the cache write traced into a copy of the whole cache per step."""
+    from moec.runtime import Engine
+
+    baseline = baseline_file(tmp_path, cpu_gates.kv_cache_metrics(tiny_artifact, {}))
+    real_step = Engine.step
+
+    def step_copying_the_cache(self):
+        self.kv_cache.copy_(self.kv_cache.clone())
+        return real_step(self)
+
+    monkeypatch.setattr(Engine, "step", step_copying_the_cache)
+    code, out = gate_says(capsys, cpu_gates.kv_cache_metrics(tiny_artifact, {}), baseline)
+    assert code == 1 and "REGRESSION decode_step/time_large_kv_over_default" in out
+
+
 def test_an_extra_kernel_in_the_compiled_wrapper_fails_the_structure_gate(tiny_artifact, capsys, tmp_path):
     graph = {"call_nodes": 1, "moec_op_nodes": 1}
     baseline = baseline_file(tmp_path, cpu_gates.structure_metrics(tiny_artifact, graph, {}))

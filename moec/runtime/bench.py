@@ -270,7 +270,8 @@ def run_bench(artifact: str | Path, settings: BenchSettings, verify: bool = True
     load_s = time.perf_counter() - start
     spec, manifest = engine.spec, engine.artifact.manifest
     notes: list[str] = []
-    console.print(f"loaded {manifest.name} in {load_s:.2f}s")
+    phases = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f}s" for k, v in engine.load_phases.items())
+    console.print(f"loaded {manifest.name} in {load_s:.2f}s ({phases})")
     gpu = GpuTelemetry.for_device(device)
     if device.type == "cuda" and not gpu.available:
         notes.append(f"no GPU telemetry: {gpu.reason}")
@@ -343,6 +344,7 @@ def run_bench(artifact: str | Path, settings: BenchSettings, verify: bool = True
         "settings": {**asdict(settings), "verify": verify,
                      "used": {"prefill_tokens": prefill_tokens, "context": context, "decode_tokens": new_tokens}},
         "load_s": load_s,
+        "load_phases": engine.load_phases,
         "decode_graphs": ({"buckets": engine.decode_graphs.buckets, "capture_s": engine.decode_graphs.capture_s}
                           if engine.decode_graphs is not None else None),
         "offload": _offload_summary(manifest.offload, decode, h2d) if engine.expert_pager is not None else None,

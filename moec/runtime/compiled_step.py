@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import time
 
 import torch
 
@@ -34,21 +35,43 @@ def share_process_libstdcxx() -> None:
             pass
 
 
+def load_package(path: str):
+    """AOTInductor's package loader, single-threaded, without `aoti_load_package`'s device check.
+
+    Single-threaded: the runtime calls the step from one thread, and the container's multi-runner
+    bookkeeping (events it records and queries around each run) is not allowed inside a CUDA-graph
+    capture ("operation not permitted when stream is capturing").
+
+    `aoti_load_package` first compares the package's build machine with this one
+    (`get_device_information`), and to name this machine's CPU vector ISA it compiles a test
+    program per ISA and loads each in a fresh Python process: 35 s of a 44 s load on the H200
+    machine, to log at most a warning. The artifact's own check (device, compute capability,
+    torch version: `moec.artifact`) has already run and is an error, so the loader is built
+    directly — what `aoti_load_package` itself falls back to. If this torch's loader has another
+    signature, `aoti_load_package` is used."""
+    try:
+        from torch._inductor.package.package import AOTICompiledModel
+
+        loader = torch._C._aoti.AOTIModelPackageLoader(path, "model", True, 1, -1)
+    except (ImportError, AttributeError, TypeError):
+        return torch._inductor.aoti_load_package(path, run_single_threaded=True)
+    return AOTICompiledModel(loader)
+
+
 class CompiledStep:
     """`step(input_ids, positions, seq_ids, block_tables, kv_cache, logits_indices) -> logits`."""
 
     def __init__(self, artifact: Artifact):
         share_process_libstdcxx()
+        start = time.perf_counter()
         try:
-            # single-threaded: the runtime calls the step from one thread, and the container's
-            # multi-runner bookkeeping (events it records and queries around each run) is not
-            # allowed inside a CUDA-graph capture: "operation not permitted when stream is capturing"
-            self.model = torch._inductor.aoti_load_package(str(artifact.graph_path), run_single_threaded=True)
+            self.model = load_package(str(artifact.graph_path))
         except Exception as e:  # a damaged or foreign .pt2 fails deep inside torch
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise ArtifactError(f"{artifact.graph_path}: cannot load the compiled graph ({first}); recompile it") from None
         # user_managed: the compiled model uses these tensors in place (no copy). Inductor may have
         # folded some constants into the library: hand over exactly the ones it still asks for.
+        graph_done = time.perf_counter()
         wanted = self.model.get_constant_fqns()
         weights = open_weights(artifact, names=wanted)
         missing = [name for name in wanted if name not in weights]
@@ -61,6 +84,8 @@ class CompiledStep:
         except RuntimeError as e:
             first = (str(e).strip().splitlines() or ["mismatch"])[0][:200]
             raise ArtifactError(f"{artifact.weights_path}: weights do not match the compiled graph ({first})") from None
+        # seconds spent loading the compiled library and reading the weights onto the device
+        self.load_phases = {"graph_s": graph_done - start, "weights_s": time.perf_counter() - graph_done}
 
     def __call__(self, input_ids, positions, seq_ids, block_tables, kv_cache, logits_indices) -> torch.Tensor:
         return self.model(input_ids, positions, seq_ids, block_tables, kv_cache, logits_indices)

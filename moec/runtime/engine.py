@@ -76,6 +76,9 @@ class Engine:
                 self.device = torch.device("cuda", self.rank % torch.cuda.device_count())
                 torch.cuda.set_device(self.device)
         self.step_fn = CompiledStep(artifact)
+        # where load time goes (graph, weights, KV cache, CUDA-graph capture): printed by bench/serve
+        self.load_phases = dict(getattr(self.step_fn, "load_phases", {}))
+        phase_start = time.perf_counter()
         self.tokenizer, self.bos_id, self.eos_id = _load_tokenizer(artifact.tokenizer_path)
         offload = artifact.manifest.offload or None
         max_batch = spec.max_batch
@@ -92,6 +95,9 @@ class Engine:
             spec.num_layers, self.num_blocks + 1, spec.kv_block_size, spec.num_kv_heads, spec.head_dim,
             getattr(torch, spec.kv_dtype), self.device,
         )
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.load_phases["kv_cache_s"] = time.perf_counter() - phase_start
         self.scheduler = Scheduler(self.allocator, spec.kv_block_size, max_batch, spec.max_tokens_per_step)
         self.expert_pager = None
         if offload:
@@ -116,6 +122,7 @@ class Engine:
                 self.step_fn, self.kv_cache, spec.max_batch, blocks_needed(spec.max_seq_len, spec.kv_block_size),
                 self.scratch_block,
             )
+            self.load_phases["cuda_graphs_s"] = self.decode_graphs.capture_s
 
     @classmethod
     def load(cls, path: str | Path, verify: bool = True, num_blocks: int | None = None,
