@@ -99,15 +99,19 @@ def from_cpu_tiny(doc: dict) -> dict:
 
 
 def from_serve(doc: dict) -> dict:
-    peer = doc["baseline"]["description"]
+    baseline = doc.get("baseline") or {}  # None: run with --no-baseline
+    peer = baseline.get("description")
     metrics = [{**m, "name": f"moec/{m['name']}"} for m in doc["moec"]["metrics"]]
-    metrics += [{**m, "name": f"hf_static_batches/{m['name']}"} for m in doc["baseline"]["metrics"]]
+    metrics += [{**m, "name": f"hf_static_batches/{m['name']}"} for m in baseline.get("metrics", [])]
     cmp = doc.get("comparison") or {}
     if "output_throughput_ratio" in cmp:
         metrics.append(metric("output_throughput_over_hf", cmp["output_throughput_ratio"], "x", "higher", peer=peer))
     if "ttft_p50_ratio" in cmp:
         metrics.append(metric("ttft_p50_hf_over_moec", cmp["ttft_p50_ratio"], "x", "higher", peer=peer))
-    return _converted(doc, "cpu", _cpu_name(doc["device"]), doc.get("git_commit"), metrics)
+    device = doc["device"]
+    if device.get("kind") == "cuda":
+        return _converted(doc, "cuda", device["name"], doc.get("git_commit"), metrics)
+    return _converted(doc, "cpu", _cpu_name(device), doc.get("git_commit"), metrics)
 
 
 def from_moe_layer(doc: dict) -> dict:
