@@ -53,6 +53,7 @@ from moec.runtime.gpu_telemetry import GpuTelemetry
 from moec.runtime.launch import is_rank_zero
 from moec.runtime.regression_gate import RESULT_FORMAT, device_kind, git_commit, metric, run_gate
 from moec.runtime.roofline import ModelShape, StepCost, decode_step, prefill_step
+from moec.runtime.step_profile import StepProfile, format_table, profile_decode
 
 UNITS = {
     "load_s": "s", "time_to_first_token_s": "s", "run_s": "s", "decode_s": "s", "step_ms": "ms", "bound_s": "s",
@@ -254,8 +255,9 @@ def _peak_rss_bytes() -> int | None:
 
 
 def run_bench(artifact: str | Path, settings: BenchSettings, verify: bool = True,
-              console: Console | None = None, cuda_graphs: bool = True) -> dict:
-    """Load, measure, and return every number (the JSON document)."""
+              console: Console | None = None, cuda_graphs: bool = True, profile_dir: str | Path | None = None) -> dict:
+    """Load, measure, and return every number (the JSON document). `profile_dir`: also profile a
+    few decode steps per batch size (`moec.runtime.step_profile`), traces and timelines there."""
     import moec
     from moec.runtime.engine import Engine
 
@@ -328,6 +330,16 @@ def run_bench(artifact: str | Path, settings: BenchSettings, verify: bool = True
                          f"leave none within max_seq_len {spec.max_seq_len}); use a shorter --context")
         decode.append(row)
 
+    profiles = []
+    if profile_dir is not None:
+        if engine.world > 1:
+            notes.append("--profile: not for an expert-parallel group; profile the ep: 1 artifact")
+        for batch in (b for b in settings.batch_sizes if b <= spec.max_batch and engine.world == 1):
+            console.print(f"profiling decode, batch {batch} ...")
+            profiles.append(profile_decode(engine, batch, context, steps=3,
+                                           out_dir=Path(profile_dir) / f"decode-b{batch}").as_dict())
+            profiles[-1]["ops"] = profiles[-1]["ops"][:40]
+
     cuda = device.type == "cuda"
     result = {
         "format": RESULT_FORMAT,
@@ -363,6 +375,7 @@ def run_bench(artifact: str | Path, settings: BenchSettings, verify: bool = True
         "gpu_telemetry": {"available": gpu.available, "reason": gpu.reason, "name": gpu.name,
                           "nvml_index": gpu.device_index if gpu.available else None},
         "notes": notes,
+        "profiles": profiles,
         "units": UNITS,
     }
     result["metrics"] = bench_metrics(result)
@@ -443,7 +456,7 @@ def main(args: Any) -> int:
         raise MoecError("--update rewrites the baseline given with --compare; add --compare BASELINE")
     console = Console(stderr=True, quiet=not is_rank_zero())
     result = run_bench(args.artifact, settings, verify=not args.no_verify, console=console,
-                       cuda_graphs=not getattr(args, "no_cuda_graphs", False))
+                       cuda_graphs=not getattr(args, "no_cuda_graphs", False), profile_dir=getattr(args, "profile", None))
     if not is_rank_zero():  # expert-parallel: rank 0 reports for the group
         return 0
     out = Console(width=None if sys.stdout.isatty() else 200)
@@ -452,6 +465,9 @@ def main(args: Any) -> int:
     out.print(f"load {result['load_s']:.2f}s; ceilings: copy {c['copy_bytes_per_s'] / 1e9:.1f} GB/s "
               f"({c['copy_source']}), matmul {c['matmul_flops_per_s'] / 1e12:.2f} TFLOP/s ({c['matmul_source']}); "
               f"peak memory {_si(result['peak_memory']['bytes'], 'B')}; bound assumes uniform routing")
+    for profile in result["profiles"]:
+        out.print(format_table(StepProfile(**profile)), highlight=False)
+        out.print(f"  trace {profile['trace']}; timeline {profile['timeline']}")
     for note in result["notes"]:
         out.print(f"note: {note}")
     if args.json:

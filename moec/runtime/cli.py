@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--copy-bandwidth", help="copy bandwidth in GB/s (read + write), instead of measuring it")
     bench.add_argument("--matmul-tflops", help="matmul rate in TFLOP/s, instead of measuring it")
     bench.add_argument("--json", metavar="PATH", help="write every number here")
+    bench.add_argument("--profile", metavar="DIR",
+                       help="also profile 3 decode steps per batch size: kernels by time, busy share per stream, "
+                            "a trace (Perfetto) and a timeline PNG per batch under DIR")
     bench.add_argument("--compare", metavar="BASELINE",
                        help="compare with this baseline (benchmarks/baselines/*.json); exit 1 on a regression "
                             "or an unexplained improvement beyond a metric's tolerance")

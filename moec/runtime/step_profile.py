@@ -1,0 +1,213 @@
+"""Where a decode step's time goes: kernels and copies per stream, from `torch.profiler`.
+
+`profile_decode` starts `batch` sequences, steps until each decodes, then profiles a few pure
+decode steps exactly as the engine runs them (CUDA-graph replays included: the profiler sees the
+kernels inside a replayed graph). From the trace it takes the device's work — kernels, copies and
+memsets on every stream — and reports, per step: wall time, the share of it each stream was busy
+(an offloaded artifact's weight-copy stream next to the compute stream), and the operations by
+time. It writes the trace (open in Perfetto or chrome://tracing) and a timeline of the last step,
+one row per stream. On a CPU the rows are the threads' top-level operators.
+
+    moe-runtime bench ARTIFACT --profile DIR        (one profile per batch size, after the timings)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from moec.runtime.sampler import SamplingParams
+
+DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+STEP_MARK = "moec_decode_step"
+
+
+@dataclass
+class StepProfile:
+    batch: int
+    context: int
+    steps: int
+    step_ms: float
+    busy_fraction: float  # share of the profiled steps' wall time any stream (thread on CPU) was busy
+    lanes: dict[str, float] = field(default_factory=dict)  # stream/thread -> busy share of the wall time
+    ops: list[dict] = field(default_factory=list)  # by time: name, kind, calls_per_step, us_per_step, share
+    trace: str | None = None
+    timeline: str | None = None
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def _union_us(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop <= end:
+            continue
+        total += stop - max(start, end)
+        end = stop
+    return total
+
+
+def _top_level(events: list[dict]) -> list[dict]:
+    """Per thread, the events not nested in an earlier one (CPU operators call operators)."""
+    out, by_lane = [], defaultdict(list)
+    for e in events:
+        by_lane[e["lane"]].append(e)
+    for lane_events in by_lane.values():
+        end = float("-inf")
+        for e in sorted(lane_events, key=lambda e: (e["ts"], -e["dur"])):
+            if e["ts"] >= end:
+                out.append(e)
+                end = e["ts"] + e["dur"]
+    return out
+
+
+def work_events(trace: dict) -> tuple[list[dict], list[tuple[float, float]]]:
+    """(the device's work — or, with none, the CPU's top-level operators — as events with a
+    lane, and the spans of the step marks) from a Chrome trace that torch.profiler exported."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
+    marks = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name", "").startswith(STEP_MARK))
+    device = [dict(e, lane=f"stream {e.get('args', {}).get('stream', e.get('tid'))}", kind=e["cat"])
+              for e in events if e.get("cat") in DEVICE_CATEGORIES]
+    if device:
+        return device, marks
+    cpu = [dict(e, lane=f"thread {e.get('tid')}", kind="cpu_op") for e in events if e.get("cat") == "cpu_op"]
+    return _top_level(cpu), marks
+
+
+def summarize(events: list[dict], marks: list[tuple[float, float]], steps: int, wall_s: float) -> dict:
+    """Busy shares and the operations by time, per step."""
+    wall_us = wall_s * 1e6
+    lanes = defaultdict(list)
+    for e in events:
+        lanes[e["lane"]].append((e["ts"], e["ts"] + e["dur"]))
+    by_name = defaultdict(lambda: [0, 0.0, ""])
+    for e in events:
+        entry = by_name[e["name"]]
+        entry[0] += 1
+        entry[1] += e["dur"]
+        entry[2] = e["kind"]
+    total_us = sum(v[1] for v in by_name.values()) or 1.0
+    ops = sorted(({"name": name, "kind": kind, "calls_per_step": calls / steps, "us_per_step": us / steps,
+                   "share": us / total_us} for name, (calls, us, kind) in by_name.items()),
+                 key=lambda o: -o["us_per_step"])
+    all_intervals = [iv for ivs in lanes.values() for iv in ivs]
+    return {"busy_fraction": min(_union_us(all_intervals) / wall_us, 1.0) if wall_us else 0.0,
+            "lanes": {lane: min(_union_us(ivs) / wall_us, 1.0) for lane, ivs in sorted(lanes.items())},
+            "ops": ops}
+
+
+def _start_decoding(engine, batch: int, context: int, steps: int) -> list:
+    generator = torch.Generator().manual_seed(0)
+    room = engine.spec.max_seq_len - context
+    if room < steps + 4:
+        raise ValueError(f"context {context} leaves {room} tokens of max_seq_len {engine.spec.max_seq_len}; "
+                         f"profiling needs {steps + 4}")
+    seqs = []
+    for _ in range(batch):
+        ids = torch.randint(0, engine.spec.vocab_size, (context,), generator=generator).tolist()
+        seq = engine.new_sequence(ids, SamplingParams(max_tokens=steps + 4, temperature=0.0, ignore_eos=True))
+        engine.scheduler.add(seq)
+        seqs.append(seq)
+    while not all(len(s.output_ids) >= 1 for s in seqs):  # the prompts (several steps at a large batch)
+        engine.step()
+    engine.step()  # one pure decode step before the profiled ones
+    return seqs
+
+
+def profile_decode(engine, batch: int, context: int, steps: int = 3, out_dir: str | Path | None = None) -> StepProfile:
+    """Profile `steps` decode steps of `batch` sequences at `context` tokens each."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    cuda = engine.device.type == "cuda"
+    seqs = _start_decoding(engine, batch, context, steps)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    try:
+        with profile(activities=activities) as prof:
+            if cuda:
+                torch.cuda.synchronize(engine.device)
+            start = time.perf_counter()
+            for i in range(steps):
+                with record_function(f"{STEP_MARK}_{i}"):
+                    engine.step()
+            if cuda:
+                torch.cuda.synchronize(engine.device)
+            wall_s = time.perf_counter() - start
+    finally:
+        for seq in seqs:
+            engine.abort(seq)
+    out = Path(out_dir) if out_dir is not None else None
+    trace_path = (out / "trace.json") if out is not None else Path(_tempfile())
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(trace_path))
+    trace = json.loads(trace_path.read_text())
+    events, marks = work_events(trace)
+    summary = summarize(events, marks, steps, wall_s)
+    result = StepProfile(batch=batch, context=context, steps=steps, step_ms=wall_s / steps * 1e3, **summary)
+    if out is not None:
+        result.trace = str(trace_path)
+        result.timeline = plot_timeline(events, marks, out / "timeline.png",
+                                        f"decode step, batch {batch}, context {context} ({engine.device.type})")
+    else:
+        trace_path.unlink(missing_ok=True)
+    return result
+
+
+def _tempfile() -> str:
+    handle, path = tempfile.mkstemp(suffix=".json")
+    os.close(handle)
+    return path
+
+
+def plot_timeline(events: list[dict], marks: list[tuple[float, float]], path: Path, title: str) -> str | None:
+    """The last profiled step's work, one row per stream (thread), coloured by kind."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    start = marks[-1][0] if marks else min((e["ts"] for e in events), default=0.0)
+    last = [e for e in events if e["ts"] >= start]
+    if not last:
+        return None
+    origin = min(e["ts"] for e in last)
+    lanes = sorted({e["lane"] for e in last})
+    colours = {"kernel": "tab:blue", "gpu_memcpy": "tab:orange", "gpu_memset": "tab:gray", "cpu_op": "tab:green"}
+    fig, ax = plt.subplots(figsize=(12, 1.2 + 0.6 * len(lanes)))
+    for row, lane in enumerate(lanes):
+        for kind, colour in colours.items():
+            spans = [((e["ts"] - origin) / 1e3, e["dur"] / 1e3) for e in last if e["lane"] == lane and e["kind"] == kind]
+            if spans:
+                ax.broken_barh(spans, (row - 0.35, 0.7), color=colour, label=kind)
+    handles = {h.get_label(): h for h in ax.collections}
+    ax.legend(handles.values(), handles.keys(), loc="upper right", fontsize=8)
+    ax.set_yticks(range(len(lanes)), lanes)
+    ax.set_xlabel("ms from the step's first operation")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def format_table(result: StepProfile, top: int = 12) -> str:
+    lanes = ", ".join(f"{lane} {share:.0%}" for lane, share in result.lanes.items())
+    lines = [f"decode step, batch {result.batch}, context {result.context}: {result.step_ms:.3f} ms/step; "
+             f"busy {result.busy_fraction:.0%} ({lanes})",
+             f"  {'us/step':>9} {'calls':>6} {'share':>6}  operation"]
+    for op in result.ops[:top]:
+        lines.append(f"  {op['us_per_step']:9.1f} {op['calls_per_step']:6.1f} {op['share']:6.1%}  {op['name'][:100]}")
+    if len(result.ops) > top:
+        rest = sum(o["us_per_step"] for o in result.ops[top:])
+        lines.append(f"  {rest:9.1f} {'':>6} {'':>6}  ({len(result.ops) - top} more)")
+    return "\n".join(lines)
