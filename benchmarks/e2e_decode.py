@@ -6,7 +6,8 @@ In order, each heavy part in its own process so GPU memory is returned between t
   1. write the synthetic model of recipes/mixtral-8x7b-shape.yaml (bf16 checkpoint) as an HF dir
   2. `moe-compile` it for CUDA (timed: compile time)
   3. `moe-runtime bench`: ceilings (copy bandwidth, matmul rate), load, prefill tokens/s, decode
-     tokens/s per batch with the roofline bound beside each number, NVML energy
+     tokens/s per batch with the roofline bound beside each number, NVML energy; and a profile of
+     three decode steps per batch (kernels by time, stream busy shares: OUT/profile/)
   4. check: load the artifact, first token (load → first token time), logits and greedy tokens
      of several prompts; transformers eager in fp32 on the same weights (the exact answer: moec's
      error against it next to transformers bf16's error tells rounding from a bug); transformers
@@ -358,7 +359,8 @@ def main() -> int:
     bench_json = work / "moec_bench.json"
     proc = run([sys.executable, "-m", "moec.runtime", "bench", str(work / "artifact"), "--batch-sizes", ",".join(map(str, args.batch_sizes)),
                 "--context", str(args.context), "--decode-tokens", "64", "--prefill-tokens", str(args.prefill),
-                "--json", str(bench_json), "--no-verify"], timeout=deadline - time.perf_counter())
+                "--json", str(bench_json), "--no-verify", "--profile", str(out / "profile")],
+               timeout=deadline - time.perf_counter())
     print(proc.stdout[-4000:], file=sys.stderr)
     if bench_json.is_file():
         result["moec"] = json.loads(bench_json.read_text())
