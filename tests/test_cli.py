@@ -25,6 +25,15 @@ def test_generate_batch_of_prompts(tiny_artifact):
     assert proc.stdout.count("---") == 2
 
 
+def test_ep_chunks_is_checked(tiny_artifact):
+    """--ep-chunks sets the overlap of an expert-parallel artifact (tests/test_expert_parallel_runtime.py
+    runs chunks 1 and 3 through Engine.load); anywhere else, and below 1, it is a one-line error."""
+    proc = run_cli("moec.runtime", "generate", str(tiny_artifact), "--prompt", "Rain", "--ep-chunks", "2")
+    assert proc.returncode != 0 and "not expert-parallel" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("moec.runtime", "generate", str(tiny_artifact), "--prompt", "Rain", "--ep-chunks", "0")
+    assert proc.returncode == 2 and "--ep-chunks: '0' is not an integer >= 1" in proc.stderr
+
+
 def test_inspect_human_and_json(tiny_artifact):
     proc = run_cli("moec.runtime", "inspect", str(tiny_artifact))
     assert proc.returncode == 0, proc.stderr

@@ -255,7 +255,8 @@ def _peak_rss_bytes() -> int | None:
 
 
 def run_bench(artifact: str | Path, settings: BenchSettings, verify: bool = True,
-              console: Console | None = None, cuda_graphs: bool = True, profile_dir: str | Path | None = None) -> dict:
+              console: Console | None = None, cuda_graphs: bool = True, profile_dir: str | Path | None = None,
+              ep_chunks: int | None = None) -> dict:
     """Load, measure, and return every number (the JSON document). `profile_dir`: also profile a
     few decode steps per batch size (`moec.runtime.step_profile`), traces and timelines there."""
     import moec
@@ -268,7 +269,7 @@ def run_bench(artifact: str | Path, settings: BenchSettings, verify: bool = True
     console.print(f"measuring the ceilings of {_device_name(device)} ...")
     ceilings = device_ceilings(device, settings.copy_gb_per_s, settings.matmul_tflop_per_s)
     start = time.perf_counter()
-    engine = Engine.load(artifact, verify=verify, cuda_graphs=cuda_graphs)
+    engine = Engine.load(artifact, verify=verify, cuda_graphs=cuda_graphs, ep_chunks=ep_chunks)
     load_s = time.perf_counter() - start
     spec, manifest = engine.spec, engine.artifact.manifest
     notes: list[str] = []
@@ -456,7 +457,8 @@ def main(args: Any) -> int:
         raise MoecError("--update rewrites the baseline given with --compare; add --compare BASELINE")
     console = Console(stderr=True, quiet=not is_rank_zero())
     result = run_bench(args.artifact, settings, verify=not args.no_verify, console=console,
-                       cuda_graphs=not getattr(args, "no_cuda_graphs", False), profile_dir=getattr(args, "profile", None))
+                       cuda_graphs=not getattr(args, "no_cuda_graphs", False), profile_dir=getattr(args, "profile", None),
+                       ep_chunks=getattr(args, "ep_chunks", None))
     if not is_rank_zero():  # expert-parallel: rank 0 reports for the group
         return 0
     out = Console(width=None if sys.stdout.isatty() else 200)

@@ -11,11 +11,18 @@ import time
 from moec.errors import run_cli
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return int(text)
+
+
 def _generate(args) -> int:
     from moec.runtime.engine import Engine
 
     start = time.perf_counter()
-    engine = Engine.load(args.artifact, verify=not args.no_verify, cuda_graphs=not args.no_cuda_graphs)
+    engine = Engine.load(args.artifact, verify=not args.no_verify, cuda_graphs=not args.no_cuda_graphs,
+                         ep_chunks=args.ep_chunks)
     load_s = time.perf_counter() - start
     results = engine.generate(
         args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -53,7 +60,8 @@ def _serve(args) -> int:
 
     return serve(args.artifact, host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
                  request_timeout_s=args.request_timeout, verify=not args.no_verify,
-                 shutdown_timeout_s=args.shutdown_timeout, cuda_graphs=not args.no_cuda_graphs)
+                 shutdown_timeout_s=args.shutdown_timeout, cuda_graphs=not args.no_cuda_graphs,
+                 ep_chunks=args.ep_chunks)
 
 
 def _bench(args) -> int:
@@ -125,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     for p in (gen, srv, bench):
         p.add_argument("--nproc", type=int, default=1,
                        help="ranks to start here for an expert-parallel artifact (or launch with torchrun)")
+        p.add_argument("--ep-chunks", type=_positive_int, default=None, metavar="N",
+                       help="expert-parallel artifacts: token chunks per MoE layer, each chunk's all-to-all "
+                            "overlapping another's experts (default: the compiled choice; 1 = no overlap)")
     args = parser.parse_args(argv)
 
     def body() -> int:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from tokenizers import Tokenizer
 
 from moec.artifact import Artifact, open_artifact
-from moec.errors import ArtifactError, RequestError
+from moec.errors import ArtifactError, MoecError, RequestError
 from moec.runtime.compiled_step import CompiledStep
 from moec.runtime.decode_graphs import DecodeGraphs
 from moec.runtime.detokenizer import IncrementalDetokenizer
@@ -75,6 +75,9 @@ class Engine:
             if self.device.type == "cuda":
                 self.device = torch.device("cuda", self.rank % torch.cuda.device_count())
                 torch.cuda.set_device(self.device)
+        if ep_chunks is not None and not artifact.manifest.parallel:
+            raise MoecError(f"--ep-chunks: {artifact.path} is not expert-parallel (compiled without parallel.ep); "
+                            "drop the flag")
         self.step_fn = CompiledStep(artifact)
         # where load time goes (graph, weights, KV cache, CUDA-graph capture): printed by bench/serve
         self.load_phases = dict(getattr(self.step_fn, "load_phases", {}))
