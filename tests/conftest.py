@@ -15,6 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_RECIPE = ROOT / "recipes" / "tiny-mixtral.yaml"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_verify_cache(tmp_path_factory):
+    """Artifacts the tests verify are remembered in a cache of this session, not the user's."""
+    os.environ["MOEC_CACHE_DIR"] = str(tmp_path_factory.mktemp("moec-cache"))
+
+
 def pytest_collection_modifyitems(config, items):
     """Kernel tests marked `interpreted` need TRITON_INTERPRET=1 set before Triton loads:
     test_triton_kernels.py runs them in a subprocess, and only them there."""

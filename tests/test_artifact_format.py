@@ -175,6 +175,34 @@ def test_flipped_byte_in_weights(fake):
     one_line_error(lambda: open_artifact(fake), "weights.safetensors", "sha256 mismatch")
 
 
+def test_a_verified_artifact_is_not_hashed_again_until_a_file_changes(fake, tmp_path, monkeypatch):
+    from moec.artifact import reader
+
+    monkeypatch.setenv("MOEC_CACHE_DIR", str(tmp_path / "cache"))
+    hashed = []
+    real = reader.sha256_file
+    monkeypatch.setattr(reader, "sha256_file", lambda p: hashed.append(p.name) or real(p))
+    open_artifact(fake)
+    first = len(hashed)
+    assert first >= 2  # every file, the first time
+    open_artifact(fake)
+    assert len(hashed) == first  # remembered: nothing hashed again
+    weights = fake / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))  # same size, new content: the record no longer matches
+    one_line_error(lambda: open_artifact(fake), "weights.safetensors", "sha256 mismatch")
+    assert len(hashed) > first
+
+
+def test_an_unwritable_cache_only_means_hashing_again(fake, tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache directory would go")
+    monkeypatch.setenv("MOEC_CACHE_DIR", str(blocker))
+    open_artifact(fake)
+    open_artifact(fake)
+
+
 def truncate(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 10])
