@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moec.errors import RequestError
-from moec.ops.paged_attention import write_kv
+from moec.ops.paged_attention import slot_mapping, write_kv
 from moec.runtime.kv_cache import (
     BlockAllocator,
     OutOfBlocks,
@@ -103,7 +103,7 @@ def test_mixed_batch_step_inputs():
     # The kernel's slot arithmetic puts each token where the tables say.
     kv = allocate_kv_cache(1, 8, 4, 1, 1, torch.float32, "cpu")
     marks = torch.arange(1, 7, dtype=torch.float32)[:, None, None]
-    write_kv(kv, 0, marks, -marks, inp["block_tables"], inp["seq_ids"], inp["positions"])
+    write_kv(kv, 0, marks, -marks, slot_mapping(inp["block_tables"], inp["seq_ids"], inp["positions"], 4))
     expected = {(3, 0): 1, (3, 1): 2, (3, 2): 3, (3, 3): 4, (7, 0): 5, (5, 1): 6}  # (block, slot) → mark
     for (block, slot), mark in expected.items():
         assert kv[0, 0, block, slot, 0, 0].item() == mark and kv[0, 1, block, slot, 0, 0].item() == -mark

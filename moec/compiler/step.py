@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moec.ops.paged_attention import paged_attention, write_kv
+from moec.ops.paged_attention import paged_attention, slot_mapping, write_kv
 
 ATTN_IMPLEMENTATION = "moec_paged"
 STEP_INPUTS = ("input_ids", "positions", "seq_ids", "block_tables", "kv_cache", "logits_indices")
@@ -26,7 +26,7 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     block_tables, seq_ids, positions = kwargs["moec_block_tables"], kwargs["moec_seq_ids"], kwargs["moec_positions"]
     layer = module.layer_idx
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-    write_kv(kv_cache, layer, k, v, block_tables, seq_ids, positions)
+    write_kv(kv_cache, layer, k, v, kwargs["moec_slots"])
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     out = paged_attention(q, kv_cache, layer, block_tables, seq_ids, positions, scale, kwargs.get("sliding_window"))
     return out.unsqueeze(0), None
@@ -56,6 +56,7 @@ class PagedStep(nn.Module):
             moec_block_tables=block_tables,
             moec_seq_ids=seq_ids,
             moec_positions=positions,
+            moec_slots=slot_mapping(block_tables, seq_ids, positions, kv_cache.shape[3]),
         )
         hidden = out.last_hidden_state[0].index_select(0, logits_indices)
         return self.lm_head(hidden).float()

@@ -28,33 +28,30 @@ else:  # CPU-only install: the reference path needs no Triton
     paged_attention_triton = None
 
 
+def slot_mapping(block_tables: torch.Tensor, seq_ids: torch.Tensor, positions: torch.Tensor,
+                 block_size: int) -> torch.Tensor:
+    """Each token's slot in a layer's K (or V) plane of the cache, block * block_size + offset:
+    computed once per step and shared by every layer's `write_kv`."""
+    block = block_tables[seq_ids, torch.div(positions, block_size, rounding_mode="floor")]
+    return block * block_size + positions % block_size
+
+
 @torch.library.custom_op("moec::write_kv", mutates_args=("kv_cache",))
-def write_kv(
-    kv_cache: torch.Tensor,
-    layer: int,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_ids: torch.Tensor,
-    positions: torch.Tensor,
-) -> None:
-    """Store each token's key [T, Hkv, D] and value at its slot, in place.
+def write_kv(kv_cache: torch.Tensor, layer: int, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store each token's key [T, Hkv, D] and value at its slot (`slot_mapping`), in place: one
+    stack and one `index_copy_` into the layer's [2, blocks * block_size, Hkv, D] planes.
 
     An opaque op that declares its mutation, not plain torch ops: traced, `index_copy_` on the
     cache (a graph input) is functionalised into "copy the whole cache, scatter, copy it back",
     and neither Inductor nor AOTInductor turns that back into an in-place write — every layer of
     every step then moved the entire KV cache (26 ms a decode step for a 38 GB cache on an H200).
-    A custom op with `mutates_args` is re-inplaced on the graph input: two `index_copy_`
-    launches of T rows. (A `triton_op` would not do: Inductor traces its body and the copy
-    returns.) Compiled graphs call it through the dispatcher; decode replays it in a CUDA graph.
+    A custom op with `mutates_args` is re-inplaced on the graph input. (A `triton_op` would not
+    do: Inductor traces its body and the copy returns.) Compiled graphs call it through the
+    dispatcher; decode replays it inside the step's CUDA graph.
     """
-    num_layers, _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
-    block = block_tables[seq_ids, torch.div(positions, block_size, rounding_mode="floor")]
-    slot = block * block_size + positions % block_size
-    flat = kv_cache.view(num_layers * 2 * num_blocks * block_size, kv_heads, head_dim)
-    per_kind = num_blocks * block_size
-    flat.index_copy_(0, slot + (2 * layer) * per_kind, key.to(kv_cache.dtype))
-    flat.index_copy_(0, slot + (2 * layer + 1) * per_kind, value.to(kv_cache.dtype))
+    _, _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
+    planes = kv_cache[layer].view(2, num_blocks * block_size, kv_heads, head_dim)
+    planes.index_copy_(1, slots, torch.stack((key, value)).to(kv_cache.dtype))
 
 
 def paged_attention_ref(
