@@ -8,7 +8,8 @@
 #                                                    (kind: $GPU_KIND, default h100; benches: moe_layer e2e_decode)
 #
 # As one device call: command `GIT_COMMIT=<sha> bash benchmarks/gpu_gate.sh`, timeout_s 600, and
-# carry [".whl"] where the machine lacks pydantic (its wheels are installed from .whl first). The
+# carry [".whl"] where the machine lacks pydantic (`bash benchmarks/device_wheels.sh` downloads the wheels
+# into .whl; they are installed from there first). The
 # whole run keeps inside GPU_GATE_BUDGET_S (570 s): moe_layer.py with the arguments of the
 # committed H100 run (sweeps budgeted at 60 s: ~180 s), then e2e_decode.py with what is left, on a
 # model of E2E_LAYERS (2) layers so that writing, compiling and benchmarking it fit.
