@@ -117,6 +117,8 @@ def test_bench_reports_the_link_and_the_prediction(four_layer_artifacts, tmp_pat
     summary = data["offload"]
     assert summary["policy"]["batch"] == 4 and summary["h2d_bytes_per_s_measured"] > 0
     assert summary["predicted_tokens_per_s"] > 0 and summary["achieved_decode_step_s"] > 0
+    # profiled at the plan's batch: the share of the step spent computing (operators on a CPU; no copy stream here)
+    assert 0 < summary["gpu_busy_fraction"] <= 1 and summary["copy_busy_fraction"] is None
     one, four = data["decode"]
     # batch 1 decodes from the expert cache (single experts), batch 4 streams whole layers
     assert one["offload"]["cache_hit_rate"] is not None and four["offload"]["cache_hit_rate"] is None

@@ -29,6 +29,7 @@ def test_device_work_per_stream_from_a_gpu_trace():
     s = summarize(events, marks, steps=1, wall_s=40e-6)
     assert s["lanes"] == {"stream 20": pytest.approx(30 / 40), "stream 7": pytest.approx(25 / 40)}
     assert s["busy_fraction"] == pytest.approx(30 / 40)  # the union over both streams: 0..30
+    assert s["compute_busy_fraction"] == pytest.approx(25 / 40) and s["copy_busy_fraction"] == pytest.approx(30 / 40)
     top = s["ops"][0]
     assert top["name"] == "Memcpy HtoD (Pinned -> Device)" and top["us_per_step"] == 30
     gemm_a = next(o for o in s["ops"] if o["name"] == "gemm_a")

@@ -331,6 +331,13 @@ def run_bench(artifact: str | Path, settings: BenchSettings, verify: bool = True
                          f"leave none within max_seq_len {spec.max_seq_len}); use a shorter --context")
         decode.append(row)
 
+    offload = _offload_summary(manifest.offload, decode, h2d) if engine.expert_pager is not None else None
+    if offload is not None and offload["policy"]["batch"] <= spec.max_batch:
+        # how busy the GPU is while the experts stream in: compute and copy shares of a step at the plan's batch
+        console.print(f"profiling decode at the plan's batch {offload['policy']['batch']} ...")
+        busy = profile_decode(engine, int(offload["policy"]["batch"]), context, steps=3)
+        offload.update(profiled_step_ms=busy.step_ms, gpu_busy_fraction=busy.compute_busy_fraction,
+                       copy_busy_fraction=busy.copy_busy_fraction)
     profiles = []
     if profile_dir is not None:
         if engine.world > 1:
@@ -360,7 +367,7 @@ def run_bench(artifact: str | Path, settings: BenchSettings, verify: bool = True
         "load_phases": engine.load_phases,
         "decode_graphs": ({"buckets": engine.decode_graphs.buckets, "capture_s": engine.decode_graphs.capture_s}
                           if engine.decode_graphs is not None else None),
-        "offload": _offload_summary(manifest.offload, decode, h2d) if engine.expert_pager is not None else None,
+        "offload": offload,
         "expert_parallel": ({"ranks": engine.world, "expert_load": engine.expert_load()}
                             if engine.world > 1 else None),
         "ceilings": ceilings.as_dict(),
@@ -467,6 +474,16 @@ def main(args: Any) -> int:
     out.print(f"load {result['load_s']:.2f}s; ceilings: copy {c['copy_bytes_per_s'] / 1e9:.1f} GB/s "
               f"({c['copy_source']}), matmul {c['matmul_flops_per_s'] / 1e12:.2f} TFLOP/s ({c['matmul_source']}); "
               f"peak memory {_si(result['peak_memory']['bytes'], 'B')}; bound assumes uniform routing")
+    off = result.get("offload")
+    if off:
+        pct = lambda v: f"{v:.0%}" if v is not None else "n/a"  # noqa: E731
+        achieved = off.get("achieved_decode_step_s")
+        measured = f"{achieved * 1e3:.2f} ms/step" if achieved else "not measured"
+        out.print(f"offload: plan batch {off['policy']['batch']}: predicted {off['predicted_decode_step_s'] * 1e3:.2f} "
+                  f"ms/step ({off['predicted_tokens_per_s']:.0f} tokens/s), achieved {measured}", highlight=False)
+        out.print(f"  host-to-device {off['h2d_bytes_per_s_measured'] / 1e9:.1f} GB/s measured; in a profiled step the GPU "
+                  f"computed {pct(off.get('gpu_busy_fraction'))} and copied {pct(off.get('copy_busy_fraction'))} of the time",
+                  highlight=False)
     for profile in result["profiles"]:
         out.print(format_table(StepProfile(**profile)), highlight=False)
         out.print(f"  trace {profile['trace']}; timeline {profile['timeline']}")

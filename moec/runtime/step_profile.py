@@ -36,6 +36,8 @@ class StepProfile:
     steps: int
     step_ms: float
     busy_fraction: float  # share of the profiled steps' wall time any stream (thread on CPU) was busy
+    compute_busy_fraction: float = 0.0  # ... running kernels (operators on a CPU), on any stream
+    copy_busy_fraction: float | None = None  # ... copying (GPU only): an offloaded artifact's weight stream
     lanes: dict[str, float] = field(default_factory=dict)  # stream/thread -> busy share of the wall time
     ops: list[dict] = field(default_factory=list)  # by time: name, kind, calls_per_step, us_per_step, share
     trace: str | None = None
@@ -99,7 +101,15 @@ def summarize(events: list[dict], marks: list[tuple[float, float]], steps: int, 
                    "share": us / total_us} for name, (calls, us, kind) in by_name.items()),
                  key=lambda o: -o["us_per_step"])
     all_intervals = [iv for ivs in lanes.values() for iv in ivs]
+
+    def share(kinds) -> float:
+        spans = [(e["ts"], e["ts"] + e["dur"]) for e in events if e["kind"] in kinds]
+        return min(_union_us(spans) / wall_us, 1.0) if wall_us else 0.0
+
+    device = any(e["kind"] in DEVICE_CATEGORIES for e in events)
     return {"busy_fraction": min(_union_us(all_intervals) / wall_us, 1.0) if wall_us else 0.0,
+            "compute_busy_fraction": share(("kernel", "cpu_op")),
+            "copy_busy_fraction": share(("gpu_memcpy",)) if device else None,
             "lanes": {lane: min(_union_us(ivs) / wall_us, 1.0) for lane, ivs in sorted(lanes.items())},
             "ops": ops}
 
@@ -202,8 +212,9 @@ def plot_timeline(events: list[dict], marks: list[tuple[float, float]], path: Pa
 
 def format_table(result: StepProfile, top: int = 12) -> str:
     lanes = ", ".join(f"{lane} {share:.0%}" for lane, share in result.lanes.items())
+    copying = f", copying {result.copy_busy_fraction:.0%}" if result.copy_busy_fraction is not None else ""
     lines = [f"decode step, batch {result.batch}, context {result.context}: {result.step_ms:.3f} ms/step; "
-             f"busy {result.busy_fraction:.0%} ({lanes})",
+             f"busy {result.busy_fraction:.0%} ({lanes}); computing {result.compute_busy_fraction:.0%}{copying}",
              f"  {'us/step':>9} {'calls':>6} {'share':>6}  operation"]
     for op in result.ops[:top]:
         lines.append(f"  {op['us_per_step']:9.1f} {op['calls_per_step']:6.1f} {op['share']:6.1%}  {op['name'][:100]}")
