@@ -26,7 +26,7 @@ def test_device_work_per_stream_from_a_gpu_trace():
     ]}
     events, marks = work_events(trace)
     assert marks == [(0, 40)] and {e["lane"] for e in events} == {"stream 7", "stream 20"}
-    s = summarize(events, marks, steps=1, wall_s=40e-6)
+    s = summarize(events, steps=1, wall_s=40e-6)
     assert s["lanes"] == {"stream 20": pytest.approx(30 / 40), "stream 7": pytest.approx(25 / 40)}
     assert s["busy_fraction"] == pytest.approx(30 / 40)  # the union over both streams: 0..30
     assert s["compute_busy_fraction"] == pytest.approx(25 / 40) and s["copy_busy_fraction"] == pytest.approx(30 / 40)
@@ -40,7 +40,7 @@ def test_cpu_operators_count_once_when_nested():
     trace = {"traceEvents": [_x("outer", "cpu_op", 0, 10), _x("inner", "cpu_op", 2, 3), _x("next", "cpu_op", 12, 4)]}
     events, _ = work_events(trace)
     assert [e["name"] for e in events] == ["outer", "next"]
-    assert summarize(events, [], steps=2, wall_s=20e-6)["busy_fraction"] == pytest.approx(14 / 20)
+    assert summarize(events, steps=2, wall_s=20e-6)["busy_fraction"] == pytest.approx(14 / 20)
 
 
 def test_profile_of_the_tiny_artifact(tiny_artifact, tmp_path):

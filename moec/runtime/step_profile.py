@@ -84,7 +84,7 @@ def work_events(trace: dict) -> tuple[list[dict], list[tuple[float, float]]]:
     return _top_level(cpu), marks
 
 
-def summarize(events: list[dict], marks: list[tuple[float, float]], steps: int, wall_s: float) -> dict:
+def summarize(events: list[dict], steps: int, wall_s: float) -> dict:
     """Busy shares and the operations by time, per step."""
     wall_us = wall_s * 1e6
     lanes = defaultdict(list)
@@ -160,7 +160,7 @@ def profile_decode(engine, batch: int, context: int, steps: int = 3, out_dir: st
     prof.export_chrome_trace(str(trace_path))
     trace = json.loads(trace_path.read_text())
     events, marks = work_events(trace)
-    summary = summarize(events, marks, steps, wall_s)
+    summary = summarize(events, steps, wall_s)
     result = StepProfile(batch=batch, context=context, steps=steps, step_ms=wall_s / steps * 1e3, **summary)
     if out is not None:
         result.trace = str(trace_path)
