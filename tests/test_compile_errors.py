@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 import yaml
 
 from conftest import ROOT, assert_one_line_error, run_cli, tiny_recipe_dict
@@ -190,3 +191,19 @@ def test_lowering_checks_regions_for_the_target_device(hf_model_dir):
     ep = export_step(step, torch.float32, 16, 64, 4, 128)
     with pytest.raises(LoweringError, match=r"^MoE block model\.layers\.0\.mlp: .*max_tokens_per_step"):
         lower_moe(ep, step, model.config, device="cuda", max_tokens=2**30)
+
+
+def test_a_model_larger_than_the_gpu_is_a_one_line_error():
+    """The compiler holds the whole model on the target device: too large is said up front (the
+    GPU's free memory is given here; the check asks CUDA for it on a GPU)."""
+    from moec.compiler.load import check_fits_device
+    from moec.errors import RecipeError
+
+    model = torch.nn.Linear(1024, 1024)  # 4 MiB of fp32 weights
+    check_fits_device(model, "cuda", free_bytes=8 << 20)
+    check_fits_device(model, "cpu", free_bytes=0)  # CPU compiles are not checked
+    with pytest.raises(RecipeError) as info:
+        check_fits_device(model, "cuda", free_bytes=2 << 20)
+    msg = str(info.value)
+    assert "\n" not in msg and "take 4 MiB and the GPU has 2 MiB free" in msg
+    assert "free" in msg and "compile it on a GPU that holds the model" in msg

@@ -52,3 +52,22 @@ def load_model(model_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RecipeError(f"{model_dir}: cannot load the model: {first}") from None
     return model.eval().requires_grad_(False)
+
+
+def check_fits_device(model: torch.nn.Module, device: str, free_bytes: int | None = None) -> None:
+    """The compiler holds the whole model on the target device (export, the MoE checks and the
+    tuner run it there). A model larger than the GPU's free memory is a one-line error here, not
+    an out-of-memory traceback halfway through loading. An offloaded artifact only needs the
+    plan's budget when it runs, but compiling it still needs a GPU that holds the whole model."""
+    if device != "cuda":
+        return
+    if free_bytes is None:
+        free_bytes, _ = torch.cuda.mem_get_info()
+    need = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    if need > free_bytes:
+        def size(n: int) -> str:
+            return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+        raise RecipeError(f"the model's weights take {size(need)} and the GPU has {size(free_bytes)} "
+                          "free; compiling needs the whole model on the GPU (an offloaded artifact runs within "
+                          "offload.gpu_memory, but compile it on a GPU that holds the model), or free the GPU")

@@ -16,7 +16,7 @@ from moec.artifact import ArtifactWriter
 from moec.artifact.manifest import environment_fields
 from moec.artifact.summary import moe_kernel_lines
 from moec.compiler.export import export_step
-from moec.compiler.load import load_model, read_hf_config
+from moec.compiler.load import check_fits_device, load_model, read_hf_config
 from moec.compiler.offload_policy import plan_offload
 from moec.compiler.lower import compile_graph, save_weights
 from moec.compiler.passes import lower_moe
@@ -90,7 +90,9 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
     with _model_source(recipe, stages) as model_dir:
         with stages.stage("load", f"{hf_name(model_dir)} from safetensors ({recipe.dtype})"):
             hf_config = read_hf_config(model_dir)
-            model = load_model(model_dir, dtype).to(recipe.device)
+            model = load_model(model_dir, dtype)
+            check_fits_device(model, recipe.device)
+            model = model.to(recipe.device)
             # shapes the kernels cannot run stop here, naming the block, before export trips on them
             check_moe_blocks(model, model.config, recipe.device, recipe.max_tokens_per_step)
             step = PagedStep(model)
