@@ -165,6 +165,11 @@ def role_check(args) -> int:
                 "logits_rel_error": ((logits - want).norm() / want.norm()).item(),
                 "moec_vs_hf_fp32": ((logits - fp32).norm() / fp32.norm()).item(),
                 "hf_vs_hf_fp32": ((want - fp32).norm() / fp32.norm()).item(),
+                # the issue's test is moec against HF in bf16 (<= 2e-2); where HF bf16 itself strays
+                # from fp32 by more than that (a random model whose routing near-ties flip), this says
+                # whether moec rounds any worse than transformers does: its error against fp32 within
+                # 1.25x of HF bf16's
+                "moec_no_worse_than_hf_bf16": ((logits - fp32).norm() <= 1.25 * (want - fp32).norm()).item(),
                 "per_token_rel_error_max": per_token.max().item(),
                 "tokens_over_2e-2": int((per_token > 2e-2).sum()),
                 "greedy_identical_16": tokens == greedy[: len(tokens)],
@@ -292,7 +297,8 @@ def table(result: dict) -> str:
     for c in result.get("check", {}).get("prompts", []):
         lines.append(f"{c['prompt'][:28]:<28} vs HF fp32: moec {c.get('moec_vs_hf_fp32', float('nan')):.4f}, "
                      f"HF {c.get('hf_vs_hf_fp32', float('nan')):.4f} | moec vs HF {c['logits_rel_error']:.4f} | "
-                     f"greedy 16 same: {c['greedy_identical_16']}")
+                     f"greedy 16 same: {c['greedy_identical_16']} | no worse than HF bf16: "
+                     f"{c.get('moec_no_worse_than_hf_bf16')}")
     p = result.get("moec", {}).get("prefill")
     if p:
         lines.append(f"prefill {p['prompt_tokens']} tokens: moec {p['prompt_tokens_per_s']:.0f} tok/s "
