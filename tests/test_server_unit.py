@@ -581,7 +581,9 @@ def _serve_child(tok_dir: Path, write_fd: int) -> None:
         async def shutdown(self, cancel_running=False, timeout=30.0):
             print(f"engine shutdown cancel_running={cancel_running}", file=sys.stderr, flush=True)
 
-    sys.modules["moec.runtime.engine"] = types.SimpleNamespace(Engine=Engine)
+    from moec.runtime.engine import describe_load_phases
+
+    sys.modules["moec.runtime.engine"] = types.SimpleNamespace(Engine=Engine, describe_load_phases=describe_load_phases)
     sys.modules["moec.runtime.engine_loop"] = types.SimpleNamespace(EngineLoop=EngineLoop)
     from moec.runtime.server import serve
 

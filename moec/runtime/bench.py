@@ -260,7 +260,7 @@ def run_bench(artifact: str | Path, settings: BenchSettings, verify: bool = True
     """Load, measure, and return every number (the JSON document). `profile_dir`: also profile a
     few decode steps per batch size (`moec.runtime.step_profile`), traces and timelines there."""
     import moec
-    from moec.runtime.engine import Engine
+    from moec.runtime.engine import Engine, describe_load_phases
 
     console = console or Console(stderr=True)
     # the ceilings first, on an idle device with all its memory free (the engine's KV cache and
@@ -273,8 +273,7 @@ def run_bench(artifact: str | Path, settings: BenchSettings, verify: bool = True
     load_s = time.perf_counter() - start
     spec, manifest = engine.spec, engine.artifact.manifest
     notes: list[str] = []
-    phases = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f}s" for k, v in engine.load_phases.items())
-    console.print(f"loaded {manifest.name} in {load_s:.2f}s ({phases})")
+    console.print(f"loaded {manifest.name} in {load_s:.2f}s ({describe_load_phases(engine.load_phases)})")
     gpu = GpuTelemetry.for_device(device)
     if device.type == "cuda" and not gpu.available:
         notes.append(f"no GPU telemetry: {gpu.reason}")

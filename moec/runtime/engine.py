@@ -63,6 +63,11 @@ class GenerationStats:
         return self.generated_tokens / self.elapsed_s if self.elapsed_s else 0.0
 
 
+def describe_load_phases(phases: dict[str, float]) -> str:
+    """`Engine.load_phases` as bench and serve print it: "graph 0.6s, weights 4.1s, ..."."""
+    return ", ".join(f"{name.removesuffix('_s').replace('_', ' ')} {seconds:.1f}s" for name, seconds in phases.items())
+
+
 class Engine:
     def __init__(self, artifact: Artifact, num_blocks: int | None = None, cuda_graphs: bool = True,
                  ep_chunks: int | None = None):
@@ -80,7 +85,7 @@ class Engine:
                             "drop the flag")
         self.step_fn = CompiledStep(artifact)
         # where load time goes (graph, weights, KV cache, CUDA-graph capture): printed by bench/serve
-        self.load_phases = dict(getattr(self.step_fn, "load_phases", {}))
+        self.load_phases = dict(self.step_fn.load_phases)
         phase_start = time.perf_counter()
         self.tokenizer, self.bos_id, self.eos_id = _load_tokenizer(artifact.tokenizer_path)
         offload = artifact.manifest.offload or None

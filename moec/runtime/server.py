@@ -858,7 +858,7 @@ def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, api_key: str
     """
     import uvicorn
 
-    from moec.runtime.engine import Engine
+    from moec.runtime.engine import Engine, describe_load_phases
     from moec.runtime.engine_loop import EngineLoop
 
     _configure_logging()
@@ -883,8 +883,7 @@ def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, api_key: str
             if self.started:
                 bound_host, bound_port = sock.getsockname()[:2]
                 shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-                phases = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f}s"
-                                   for k, v in getattr(engine, "load_phases", {}).items())
+                phases = describe_load_phases(getattr(engine, "load_phases", {}))  # test fakes have none
                 print(f"moec serve: model '{name}' loaded in {load_s:.2f}s ({phases}); listening on "
                       f"http://{shown}:{bound_port} (max_seq_len {state.max_seq_len}, max queue {max_queue}, "
                       f"request timeout {request_timeout_s or 'none'}s, "
