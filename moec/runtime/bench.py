@@ -343,9 +343,8 @@ def run_bench(artifact: str | Path, settings: BenchSettings, verify: bool = True
             notes.append("--profile: not for an expert-parallel group; profile the ep: 1 artifact")
         for batch in (b for b in settings.batch_sizes if b <= spec.max_batch and engine.world == 1):
             console.print(f"profiling decode, batch {batch} ...")
-            profiles.append(profile_decode(engine, batch, context, steps=3,
-                                           out_dir=Path(profile_dir) / f"decode-b{batch}").as_dict())
-            profiles[-1]["ops"] = profiles[-1]["ops"][:40]
+            profile = profile_decode(engine, batch, context, steps=3, out_dir=Path(profile_dir) / f"decode-b{batch}")
+            profiles.append({**profile.as_dict(), "ops": profile.ops[:40]})
 
     cuda = device.type == "cuda"
     result = {

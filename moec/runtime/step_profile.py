@@ -14,7 +14,6 @@ one row per stream. On a CPU the rows are the threads' top-level operators.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from collections import defaultdict
@@ -150,28 +149,18 @@ def profile_decode(engine, batch: int, context: int, steps: int = 3, out_dir: st
     finally:
         for seq in seqs:
             engine.abort(seq)
-    out = Path(out_dir) if out_dir is not None else None
-    trace_path = (out / "trace.json") if out is not None else Path(_tempfile())
-    if out is not None:
+    with tempfile.TemporaryDirectory() as scratch:  # the trace is read back even when not kept
+        out = Path(out_dir if out_dir is not None else scratch)
         out.mkdir(parents=True, exist_ok=True)
-    prof.export_chrome_trace(str(trace_path))
-    trace = json.loads(trace_path.read_text())
-    events, marks = work_events(trace)
-    summary = summarize(events, steps, wall_s)
-    result = StepProfile(batch=batch, context=context, steps=steps, step_ms=wall_s / steps * 1e3, **summary)
-    if out is not None:
-        result.trace = str(trace_path)
+        prof.export_chrome_trace(str(out / "trace.json"))
+        events, marks = work_events(json.loads((out / "trace.json").read_text()))
+    result = StepProfile(batch=batch, context=context, steps=steps, step_ms=wall_s / steps * 1e3,
+                         **summarize(events, steps, wall_s))
+    if out_dir is not None:
+        result.trace = str(out / "trace.json")
         result.timeline = plot_timeline(events, marks, out / "timeline.png",
                                         f"decode step, batch {batch}, context {context} ({engine.device.type})")
-    else:
-        trace_path.unlink(missing_ok=True)
     return result
-
-
-def _tempfile() -> str:
-    handle, path = tempfile.mkstemp(suffix=".json")
-    os.close(handle)
-    return path
 
 
 def plot_timeline(events: list[dict], marks: list[tuple[float, float]], path: Path, title: str) -> str | None:
