@@ -218,15 +218,9 @@ def rank_main(rank: int, world: int, port: int, args, result_path: str) -> None:
 # --- the whole run -----------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_world(world: int, args) -> dict:
+    from measure import free_port
+
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "rank0.json")
         mp.spawn(rank_main, args=(world, free_port(), args, path), nprocs=world, join=True)

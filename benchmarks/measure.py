@@ -9,6 +9,7 @@
 - `time_graph`: the same callable captured once in a CUDA graph and its replays timed, for
   cases where launch overhead dominates.
 - `metric`: one entry of a result's metric list (name, value, unit, direction, peer).
+- `free_port`: a free TCP port on 127.0.0.1 (a server or a process group's rendezvous).
 
 Imports only torch and the standard library, so a script can import it on the GPU machine
 without this package installed.
@@ -270,6 +271,14 @@ def matmul_rate(device: torch.device, n: int | None = None, dtype: torch.dtype |
     return {"value": flops / (t["median_ms"] * 1e-3) / 1e12, "unit": "TFLOP/s", "n": n,
             "dtype": str(dtype).replace("torch.", ""), "timing": t,
             "how": f"torch.mm {n}x{n}x{n} random inputs, 2n^3 / median time"}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------------------- results

@@ -69,7 +69,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -80,6 +79,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from measure import free_port  # noqa: E402
 PERCENTILES = (50, 90, 99)
 
 WORDS = (
@@ -303,12 +305,6 @@ class CpuWatch:
         if busy is None or busy0 is None or wall <= 0:
             return None
         return max(0.0, (busy - busy0) - (self._own() - own0)) / wall
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tail(path: Path, lines: int = 30) -> str:
