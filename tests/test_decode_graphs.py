@@ -80,3 +80,27 @@ def test_failed_capture_stops_the_load_and_names_the_way_out(tiny_artifact):
         DecodeGraphs(engine.step_fn, engine.kv_cache, spec.max_batch,
                      blocks_needed(spec.max_seq_len, spec.kv_block_size), engine.scratch_block)
     assert isinstance(info.value, MoecError) and "\n" not in str(info.value)
+
+
+def _greedy_by_length(engine: Engine, prompts: list[str], lengths: list[int]) -> list[list[int]]:
+    from moec.runtime.sampler import SamplingParams
+
+    seqs = [engine.new_sequence(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+            for p, n in zip(prompts, lengths)]
+    for seq in seqs:
+        engine.scheduler.add(seq)
+    while engine.scheduler.has_work():
+        engine.step()
+    return [list(seq.output_ids) for seq in seqs]
+
+
+def test_padded_decode_rows_reused_by_other_sequences(tiny_artifact):
+    """Sequences end at different steps, so a row of the static host table passes to another
+    sequence with fewer blocks (its stale tail is never read) and the batch crosses buckets."""
+    prompts = [PROMPTS[2] * 3, "Rain", PROMPTS[0], PROMPTS[2], "A"]
+    lengths = [5, 40, 9, 23, 2]
+    direct = _greedy_by_length(Engine.load(tiny_artifact), prompts, lengths)
+    engine = with_padded_decode(Engine.load(tiny_artifact))
+    padded = _greedy_by_length(engine, prompts, lengths)
+    assert padded == direct and [len(t) for t in padded] == lengths
+    assert engine.allocator.num_used == 0

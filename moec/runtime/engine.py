@@ -185,7 +185,7 @@ class Engine:
             seq.first_scheduled = seq.first_scheduled or now
             start = seq.num_cached
             wants_logits = start + take == seq.num_tokens
-            chunks.append((seq.blocks.blocks, seq.tokens[start : start + take], start, wants_logits))
+            chunks.append((seq.blocks.blocks, seq.token_slice(start, start + take), start, wants_logits))
         if self.decode_graphs is not None and self.decode_graphs.fits(chunks):
             logits = self.decode_graphs.run(chunks)
         else:

@@ -66,17 +66,19 @@ class Scheduler:
 
     def _plan(self) -> list[tuple[Sequence, int]]:
         plan: dict[Sequence, int] = {}
+        preempted: set[Sequence] = set()  # not `in self.running`: that is O(batch) per sequence
         # 1. one token for every decoding sequence; preempt the newest when blocks run out
         for seq in list(self.running):
-            if seq not in self.running or seq.num_pending != 1:
+            if seq in preempted or seq.num_pending != 1:
                 continue
             while not self._grow(seq, seq.num_cached + 1):
                 victim = self.running[-1]
                 self._preempt(victim)
+                preempted.add(victim)
                 plan.pop(victim, None)
                 if victim is seq:
                     break
-            if seq in self.running:
+            if seq not in preempted:
                 plan[seq] = 1
         budget = self.max_tokens_per_step - len(plan)
         # 2. prompt chunks of running sequences, then 3. admit new ones, while the budget lasts
