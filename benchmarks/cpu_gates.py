@@ -79,6 +79,26 @@ def log(*args) -> None:
 # --- the artifact ----------------------------------------------------------------------------------
 
 
+# The gated artifact is compiled for one x86 ISA whatever the machine (AVX2 and FMA, x86-64-v3),
+# and ATen's kernels are held to the same in the callgrind child: instruction counts then do not
+# move with the CI machine's CPU, and valgrind (no AVX-512 support) can run the code — with
+# Inductor's default -march=native an AVX-512 machine's artifact stopped callgrind at the first
+# EVEX instruction.
+PORTABLE_MARCH, PORTABLE_SIMDLEN, PORTABLE_ATEN = "x86-64-v3", 256, "avx2"
+
+
+def portable_isa():
+    """Inductor settings for PORTABLE_MARCH (a no-op off x86-64 or on a torch without cpp.march)."""
+    import contextlib
+    import platform
+
+    import torch._inductor.config as inductor_config
+
+    if platform.machine() not in ("x86_64", "AMD64") or not hasattr(inductor_config.cpp, "march"):
+        return contextlib.nullcontext()
+    return inductor_config.patch({"cpp.march": PORTABLE_MARCH, "cpp.simdlen": PORTABLE_SIMDLEN})
+
+
 def cache_key() -> str:
     """Everything that can change what the compiler emits for the tiny recipe."""
     import transformers
@@ -88,7 +108,7 @@ def cache_key() -> str:
         if path.is_file() and "__pycache__" not in path.parts:
             h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
     h.update(RECIPE.read_bytes())
-    h.update(f"{torch.__version__} {transformers.__version__} {sys.version}".encode())
+    h.update(f"{torch.__version__} {transformers.__version__} {sys.version} {PORTABLE_MARCH}".encode())
     return h.hexdigest()[:16]
 
 
@@ -119,7 +139,8 @@ def compile_tiny(out: Path) -> dict:
 
     pipeline.compile_graph = counting_compile_graph
     try:
-        pipeline.compile_recipe(parse_recipe(recipe), out / "artifact", console=Console(stderr=True, quiet=True))
+        with portable_isa():
+            pipeline.compile_recipe(parse_recipe(recipe), out / "artifact", console=Console(stderr=True, quiet=True))
     finally:
         pipeline.compile_graph = real_compile_graph
     if not counts:
@@ -326,7 +347,8 @@ def decode_instructions(artifact: Path, steps: int = 3) -> dict:
     with tempfile.TemporaryDirectory(prefix="moec-callgrind-") as tmp:
         work = Path(tmp)
         lib = callgrind_client(work)
-        env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+               "ATEN_CPU_CAPABILITY": PORTABLE_ATEN}
         cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={work / 'callgrind.out'}",
                sys.executable, __file__, "--callgrind-child", str(artifact), "--client", str(lib),
                "--steps", str(steps)]

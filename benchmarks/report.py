@@ -41,7 +41,8 @@ def load_history(results_dir: Path) -> tuple[dict, list[str]]:
             skipped.append(f"{path.name}: {e}")
             continue
         result["_file"] = path.name
-        groups[(result["benchmark"], result["device_kind"])].append(result)
+        # one history per benchmark, device kind and model: a 2-layer and an 8-layer run are not a trend
+        groups[(result["benchmark"], result["device_kind"], result.get("model") or "")].append(result)
     for runs in groups.values():
         runs.sort(key=lambda r: r["date"])
     return dict(sorted(groups.items())), skipped
@@ -127,11 +128,12 @@ def render(groups: dict, skipped: list[str], out: Path, plots_dir: Path, columns
              "↓ lower); its plot shows every recorded run, each metric against its first value "
              "(up = better). Gates and "
              "tolerances: `benchmarks/baselines/`, `benchmarks/gate.py`.", ""]
-    for (bench, kind), runs in groups.items():
+    for (bench, kind, model), runs in groups.items():
         shown = runs[-columns:]
         devices = ", ".join(sorted({device_name(r) for r in runs}))
         files = ", ".join(f"`{r['_file']}`" for r in shown)
-        lines += [f"## {bench} · {kind}", "", f"{len(runs)} run(s) on {devices}; files: {files}", ""]
+        title = f"{bench} · {kind}" + (f" · {model}" if model else "")
+        lines += [f"## {title}", "", f"{len(runs)} run(s) on {devices}; files: {files}", ""]
         rows = metric_rows(shown)
         lines.append("| metric | unit | " + " | ".join(run_label(r) for r in shown) + " |")
         lines.append("|---|---|" + "---:|" * len(shown))
@@ -139,10 +141,11 @@ def render(groups: dict, skipped: list[str], out: Path, plots_dir: Path, columns
             arrow = "↑" if direction == "higher" else "↓"
             lines.append(f"| {name} | {unit} {arrow} | " + " | ".join(fmt(v) for v in values) + " |")
         lines.append("")
-        png = plots_dir / f"{slug(bench)}-{kind}.png"
-        plot_group(png, f"{bench} on {kind}", [run_label(r) for r in runs], metric_rows(runs))
+        png = plots_dir / f"{slug(bench)}-{kind}{'-' + slug(model) if model else ''}.png"
+        plot_group(png, f"{bench} on {kind}" + (f", {model}" if model else ""), [run_label(r) for r in runs],
+                   metric_rows(runs))
         written.append(png)
-        lines += [f"![{bench} on {kind}, every run]({rel(png)})", ""]
+        lines += [f"![{bench} on {kind}{', ' + model if model else ''}, every run]({rel(png)})", ""]
     if skipped:
         lines += ["## Not shown", ""] + [f"- {s}" for s in skipped] + [""]
     out.write_text("\n".join(lines))

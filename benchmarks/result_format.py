@@ -79,9 +79,14 @@ def new_result(benchmark: str, device_type: str, device: str, metrics: list[dict
 
 
 def _converted(doc: dict, device_type: str, device: str, commit: str | None, metrics: list[dict]) -> dict:
-    return {"format": RESULT_FORMAT, "benchmark": doc["benchmark"], "date": doc["date"], "git_commit": commit,
-            "device": device, "device_kind": device_kind(device_type, device), "versions": doc.get("versions", {}),
-            "metrics": metrics, "converted_from": f"the {doc['benchmark']} output layout"}
+    out = {"format": RESULT_FORMAT, "benchmark": doc["benchmark"], "date": doc["date"], "git_commit": commit,
+           "device": device, "device_kind": device_kind(device_type, device), "versions": doc.get("versions", {}),
+           "metrics": metrics, "converted_from": f"the {doc['benchmark']} output layout"}
+    model = doc.get("model")
+    model = model.get("artifact") if isinstance(model, dict) else model
+    if isinstance(model, str):  # what was measured: runs of different models are not one history
+        out["model"] = model
+    return out
 
 
 def _cpu_name(device: dict) -> str:

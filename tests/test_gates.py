@@ -358,3 +358,16 @@ def test_report_renders_history(tmp_path):
     assert "![moe_layer on h100, every run](report/moe-layer-h100.png)" in text
     assert (tmp_path / "report" / "moe-layer-h100.png").stat().st_size > 10_000
     assert "unknown.json" in text  # named under "Not shown", never silently dropped
+
+
+def test_report_keeps_models_apart(tmp_path):
+    """A 2-layer and an 8-layer e2e run on one device are two histories, not a fall in throughput."""
+    results = tmp_path / "results"
+    results.mkdir()
+    for name in ("e2e_decode-h200-2026-12-01.json", "e2e_decode-h200-2026-12-02.json"):
+        shutil.copy(ROOT / "benchmarks" / "results" / name, results)
+    out = tmp_path / "REPORT.md"
+    assert report.main(["--results", str(results), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "## e2e_decode · h200 · mixtral-8x7b-shape, 8 layers" in text
+    assert "## e2e_decode · h200 · mixtral-8x7b-shape, 2 layers" in text

@@ -353,6 +353,7 @@ def run_bench(artifact: str | Path, settings: BenchSettings, verify: bool = True
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "device_kind": device_kind(device.type, _device_name(device)),
+        "model": manifest.name,  # report.py keeps one history per model
         "artifact": {"path": str(artifact), "name": manifest.name, "architecture": manifest.architecture,
                      "dtype": manifest.dtype, "device": manifest.device, "max_batch": spec.max_batch,
                      "max_seq_len": spec.max_seq_len, "max_tokens_per_step": spec.max_tokens_per_step},

@@ -70,6 +70,9 @@ def _router_topk_kernel(
     tl.atomic_add(counts_ptr + top_i, tl.full((BLOCK_T, K_PAD), 1, tl.int32), mask=k_ok)
 
 
+MAX_EXPERTS = 256  # one row of logits per program, held in registers
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
@@ -83,7 +86,7 @@ def router_topk(
     fits in registers), 1 ≤ K ≤ E.
     """
     num_tokens, num_experts = logits.shape
-    if not 1 <= num_experts <= 256:
+    if not 1 <= num_experts <= MAX_EXPERTS:
         raise ValueError(f"router_topk: {num_experts} experts; the fused router handles 1..256")
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"router_topk: top_k={top_k} with {num_experts} experts")
