@@ -195,6 +195,24 @@ def test_a_verified_artifact_is_not_hashed_again_until_a_file_changes(fake, tmp_
     assert len(hashed) > first
 
 
+def test_a_freshly_written_artifact_opens_without_hashing(tmp_path, monkeypatch):
+    """The writer hashed every file for the manifest: serving right after compiling on the same
+    machine does not hash many GB a second time — until a file changes."""
+    from moec.artifact import reader
+
+    monkeypatch.setenv("MOEC_CACHE_DIR", str(tmp_path / "cache"))
+    art = write_fake(tmp_path / "artifacts" / "fresh")
+    hashed = []
+    real = reader.sha256_file
+    monkeypatch.setattr(reader, "sha256_file", lambda p: hashed.append(p.name) or real(p))
+    open_artifact(art)
+    assert hashed == []
+    graph = art / "model.pt2"
+    graph.write_bytes(graph.read_bytes()[::-1])  # same size, other bytes
+    one_line_error(lambda: open_artifact(art), "model.pt2", "sha256 mismatch")
+    assert "model.pt2" in hashed
+
+
 def test_an_unwritable_cache_only_means_hashing_again(fake, tmp_path, monkeypatch):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the cache directory would go")

@@ -7,7 +7,6 @@ then is anything in it loaded; nothing is ever unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from moec.artifact.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest
+from moec.artifact.verified_stamp import file_states, is_verified, remember_verified
 from moec.artifact.writer import sha256_file
 from moec.errors import ArtifactError
 
@@ -86,27 +86,11 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
                             f"written by moe-compile — recompile it") from None
 
 
-def _stamp_path(root: Path) -> Path:
-    """Where the record of a verified artifact lives: outside the artifact (which may be read-only),
-    keyed by its real path and its manifest. `MOEC_CACHE_DIR` moves it (default ~/.cache/moec)."""
-    base = os.environ.get("MOEC_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "moec")
-    key = hashlib.sha256(str(root.resolve()).encode() + b"\0" + (root / MANIFEST_NAME).read_bytes()).hexdigest()
-    return Path(base) / "verified" / f"{key[:32]}.json"
-
-
-def _file_state(f: Path) -> list[int]:
-    """What any write, replacement or copy of a file changes: size, mtime, ctime (which no tool can
-    set back), inode and device."""
-    st = f.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
-
-
 def verify_files(path: str | os.PathLike, manifest: Manifest) -> None:
     """Every listed file exists with its recorded size and sha256 (sizes first: cheap, and names truncation).
 
     Hashing a many-GB weights file takes tens of seconds, so a verified artifact is remembered (see
-    `_stamp_path`): while none of its files has been written, replaced or moved since (`_file_state`),
+    `moec.artifact.verified_stamp`): while none of its files has been written, replaced or moved since,
     a later open on this machine trusts that check instead of hashing again. The first open, and
     any open after a file changed, hashes everything."""
     root = Path(path)
@@ -121,27 +105,15 @@ def verify_files(path: str | os.PathLike, manifest: Manifest) -> None:
         if size != entry.size:
             raise ArtifactError(f"{root}: {rel} has the wrong size ({size} bytes, expected {entry.size}); "
                                 f"the file is damaged — {_RECOMPILE}")
-    states = {rel: _file_state(root / rel) for rel in [MANIFEST_NAME, *manifest.files]}
-    stamp = None
-    try:
-        stamp = _stamp_path(root)
-        if json.loads(stamp.read_text()) == states:
-            return
-    except (OSError, ValueError):  # no record yet (or an unreadable one): hash
-        pass
+    states = file_states(root, manifest.files)
+    if is_verified(root, states):
+        return
     for rel, entry in manifest.files.items():
         got = sha256_file(root / rel)
         if got != entry.sha256:
             raise ArtifactError(f"{root}: {rel} sha256 mismatch (expected {entry.sha256[:12]}…, got {got[:12]}…); "
                                 f"the file is damaged — {_RECOMPILE}")
-    if stamp is not None:
-        try:  # a read-only or missing cache only means hashing again next time
-            stamp.parent.mkdir(parents=True, exist_ok=True)
-            tmp = stamp.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(states))
-            tmp.replace(stamp)
-        except OSError:
-            pass
+    remember_verified(root, states)
 
 
 def _release(version: str) -> str:

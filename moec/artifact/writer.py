@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from moec.artifact.manifest import FORMAT_VERSION, MANIFEST_NAME, FileEntry, Manifest
+from moec.artifact.verified_stamp import file_states, remember_verified
 from moec.errors import ArtifactError
 
 _CHUNK = 8 << 20  # 8 MiB: weight files may be many GB
@@ -98,8 +99,11 @@ class ArtifactWriter:
             f.write(manifest.model_dump_json(indent=2) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        hashed = file_states(self.tmp, manifest.files)  # the files as they were hashed above
         self._publish()
         self._committed = True
+        if file_states(self.out_dir, manifest.files) == hashed:  # the rename left every file as it was
+            remember_verified(self.out_dir, hashed)
         return self.out_dir
 
     def _publish(self) -> None:
