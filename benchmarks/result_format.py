@@ -54,6 +54,10 @@ ADVISED_TOLERANCES = {
     "e2e_decode": [
         ("compile_s", {"rel": 0.5}), ("load_to_first_token_s", {"rel": 0.5}),
         ("logits_rel_error_max", {"abs": 0.01}), ("greedy_16_identical_prompts", {"abs": 0}),
+        # transformers eager at batch 1 is bound by its Python launches: 166 and 113 tokens/s in two
+        # H200 runs of one day, so a ratio to it moves by a third on its own (moec's own batch-1
+        # numbers, gated at 15%, catch moec's regressions)
+        ("decode/B=1/speedup_vs_hf_*", {"rel": 0.5}),
         ("*/speedup_vs_hf_*", {"rel": 0.25}),
     ],
 }
