@@ -368,7 +368,7 @@ def main() -> int:
                 "--context", str(args.context), "--decode-tokens", "64", "--prefill-tokens", str(args.prefill),
                 "--json", str(bench_json), "--no-verify", "--profile", str(out / "profile")],
                timeout=deadline - time.perf_counter())
-    print(proc.stdout[-4000:], file=sys.stderr)
+    print(proc.stdout[-16000:], file=sys.stderr)  # the bench table and every batch's profile table
     if bench_json.is_file():
         result["moec"] = json.loads(bench_json.read_text())
     save()
