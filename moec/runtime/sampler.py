@@ -58,11 +58,9 @@ class Sampler:
         n = logits.shape[0]
         if not len(params) == len(generators) == n:
             raise ValueError(f"{n} logits rows, {len(params)} params, {len(generators)} generators")
-        out = torch.empty(n, dtype=torch.int64, device=logits.device)
-        if n == 0:
-            return out
-        if all(p.greedy for p in params):  # the common case: one kernel, no row gathers
+        if all(p.greedy for p in params):  # the common case (and n == 0): one kernel, no row gathers
             return logits.argmax(dim=-1)
+        out = torch.empty(n, dtype=torch.int64, device=logits.device)
         logits = logits.float()
         greedy = [i for i, p in enumerate(params) if p.greedy]
         if greedy:
