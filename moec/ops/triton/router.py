@@ -87,7 +87,7 @@ def router_topk(
     """
     num_tokens, num_experts = logits.shape
     if not 1 <= num_experts <= MAX_EXPERTS:
-        raise ValueError(f"router_topk: {num_experts} experts; the fused router handles 1..256")
+        raise ValueError(f"router_topk: {num_experts} experts; the fused router handles 1..{MAX_EXPERTS}")
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"router_topk: top_k={top_k} with {num_experts} experts")
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
