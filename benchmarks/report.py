@@ -142,10 +142,10 @@ def render(groups: dict, skipped: list[str], out: Path, plots_dir: Path, columns
             lines.append(f"| {name} | {unit} {arrow} | " + " | ".join(fmt(v) for v in values) + " |")
         lines.append("")
         png = plots_dir / f"{slug(bench)}-{kind}{'-' + slug(model) if model else ''}.png"
-        plot_group(png, f"{bench} on {kind}" + (f", {model}" if model else ""), [run_label(r) for r in runs],
-                   metric_rows(runs))
+        label = f"{bench} on {kind}" + (f", {model}" if model else "")
+        plot_group(png, label, [run_label(r) for r in runs], metric_rows(runs))
         written.append(png)
-        lines += [f"![{bench} on {kind}{', ' + model if model else ''}, every run]({rel(png)})", ""]
+        lines += [f"![{label}, every run]({rel(png)})", ""]
     if skipped:
         lines += ["## Not shown", ""] + [f"- {s}" for s in skipped] + [""]
     out.write_text("\n".join(lines))
