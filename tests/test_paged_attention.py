@@ -124,7 +124,7 @@ def test_op_exports_as_one_node():
 @pytest.mark.parametrize("sliding_window", [None, 64])
 def test_triton_path_traces_with_symbolic_sizes(sliding_window):
     """The CUDA body (launch code, not the kernel) under export with dynamic T, B and W: no guard
-    may specialise them, and the launch is one wrap_triton node."""
+    may specialise them, and the launches are two wrap_triton nodes (attention, split merge)."""
     from moec.ops.triton.paged_attention import paged_attention
 
     case = paged_case([(20, 1), (0, 6)], kv_heads=2, group=4, head_dim=64, block_size=16, dtype=torch.float32)
@@ -134,7 +134,7 @@ def test_triton_path_traces_with_symbolic_sizes(sliding_window):
     ranges = sorted((vr.lower, vr.upper) for vr in ep.range_constraints.values())
     assert ranges == [(1, 512), (1, 1024), (1, 16384)], ranges
     launches = [n for n in ep.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
-    assert len(launches) == 1
+    assert len(launches) == 2
 
 
 @outer_only
@@ -157,14 +157,21 @@ def test_kernel_compiles_for_h100():
             cfg = pa.fit_to_head_dim(cfg, head_dim)
             scale_type = "fp32" if head_dim == 128 and i == 0 else "fp64"
             ptrs = {"q_ptr": "*bf16", "cache_ptr": "*bf16", "out_ptr": "*bf16", "table_ptr": "*i64",
-                    "positions_ptr": "*i64", "seq_info_ptr": "*i32"}
+                    "positions_ptr": "*i64", "seq_info_ptr": "*i32", "part_ml_ptr": "*fp32",
+                    "part_acc_ptr": "*fp32"}
             consts = {
                 "HEAD_DIM": head_dim, "BLOCK_M": max(1, cfg["ROWS"] // group_pad), "GROUP_PAD": group_pad,
                 "BLOCK_N": cfg["BLOCK_N"], "SEARCH_BLOCK": pa.SEARCH_BLOCK, "USE_WINDOW": use_window, "IEEE": False,
+                "NUM_SPLITS": pa.NUM_SPLITS, "SPLIT_MAX_TOKENS": pa.SPLIT_MAX_TOKENS,
             }
             compiled = compile_for_sm90(pa._paged_attention_kernel, ptrs, consts, cfg["num_warps"],
                                         cfg["num_stages"], scalars={"qk_scale": scale_type})
             assert compiled.metadata.shared <= H100_SMEM, (head_dim, cfg, compiled.metadata.shared)
+        merge = compile_for_sm90(
+            pa._combine_splits_kernel, {"part_ml_ptr": "*fp32", "part_acc_ptr": "*fp32", "out_ptr": "*bf16"},
+            {"HEAD_DIM": head_dim, "BLOCK_H": pa.COMBINE_HEADS, "NUM_SPLITS": pa.NUM_SPLITS,
+             "SPLIT_MAX_TOKENS": pa.SPLIT_MAX_TOKENS}, 4, 1)
+        assert merge.metadata.shared <= H100_SMEM
 
 
 @outer_only
@@ -203,6 +210,12 @@ DECODE = [(0, 1), (4, 1), (15, 1), (16, 1), (38, 1)]  # contexts 1, 5, 16, 17, 3
         ("window_wide", [(30, 1), (2, 33)], 2, 1, 32, 8, 20, SMALL),
         ("head_dim_64_small_blocks", [(8, 1), (0, 1), (5, 30), (29, 1)], 1, 2, 64, 4, None, SMALL),
         ("built_in_config", [(8, 1), (5, 30), (29, 1)], 1, 2, 64, 4, None, None),
+        # past SPLIT_MAX_TOKENS (64) tokens a step is not split: one program per tile and KV head
+        ("unsplit_prefill", [(40, 1), (0, 70), (3, 1)], 1, 2, 16, 8, None, SMALL),
+        ("unsplit_window", [(0, 66), (90, 1)], 1, 2, 16, 8, 21, WIDE_KEYS),
+        # split steps whose keys leave most splits empty, and one long context over many splits
+        ("split_long_context", [(0, 1), (300, 1), (2, 1)], 2, 2, 16, 8, None, SMALL),
+        ("split_long_window", [(300, 1), (120, 4)], 1, 4, 16, 8, 50, SMALL),
     ],
 )
 def test_interp_paged_attention(dtype, name, chunks, kv_heads, group, head_dim, block_size, window, cfg):

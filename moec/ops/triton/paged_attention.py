@@ -16,6 +16,12 @@ sum (online softmax, in base 2), and stops after the tile's last position (causa
 helper functions, and the whole cache with the layer's offset as an integer: the shapes of kernel
 AOTInductor has compiled into artifacts on the GPU machine (torch 2.11) since the MoE kernels.
 
+Small steps (decode) split the keys too (flash-decoding): a step of at most SPLIT_MAX_TOKENS
+tokens runs NUM_SPLITS programs per tile, each over a share of the keys, writing its running max,
+sum and unnormalised output to a small fixed workspace; `_combine_splits_kernel` merges them. At
+batch 1 that is 16x the programs on a GPU of 132 SMs. Larger steps already have programs enough:
+their split programs return at once, so do the merge's, and the attention kernel writes the output.
+
 Mapping programs to tiles without a host sync (the step runs inside a CUDA graph and is compiled
 ahead of time with a symbolic token count): a few torch ops count each sequence's query tokens
 and the running totals of tokens and tiles; the grid has the static upper bound
@@ -40,6 +46,13 @@ from torch.library import wrap_triton
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SEARCH_BLOCK = 128  # cumulative tile ends compared per step of the sequence search
+# Split-K for small steps (flash-decoding): a decode step at batch 1 has one tile per KV head, 8
+# programs on 132 SMs each walking the whole context. A step of at most SPLIT_MAX_TOKENS tokens
+# gives each tile NUM_SPLITS programs, each over a share of the keys, and a second kernel merges
+# their partial softmax results; larger steps have programs enough and skip both.
+NUM_SPLITS = 16
+SPLIT_MAX_TOKENS = 64
+COMBINE_HEADS = 8  # query heads per program of the merge
 LOG2E = 1.4426950408889634
 
 # A config: rows of the score tile (query tokens x padded GQA group; BLOCK_M = ROWS // GROUP_PAD
@@ -126,6 +139,10 @@ def _paged_attention_kernel(
     table_ptr,
     positions_ptr,
     seq_info_ptr,  # [3, B] int32: first query row, query count, cumulative tile end
+    part_ml_ptr,  # [2, NUM_SPLITS, SPLIT_MAX_TOKENS, H] fp32: each split's running max and sum
+    part_acc_ptr,  # [NUM_SPLITS, SPLIT_MAX_TOKENS, H, D] fp32: each split's unnormalised output
+    num_tokens,
+    num_heads,
     num_seqs,
     table_width,
     block_size,
@@ -149,10 +166,16 @@ def _paged_attention_kernel(
     SEARCH_BLOCK: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     IEEE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLIT_MAX_TOKENS: tl.constexpr,
 ):
     # Highest tile index first: a long prefill's last tiles carry the most keys, start them early.
     tile = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    split_keys = num_tokens <= SPLIT_MAX_TOKENS  # a small step: each split takes a share of the keys
+    if not split_keys and split > 0:
+        return
 
     # sequence = number of sequences whose tiles all come before this one
     seq = tl.program_id(0) * 0  # an i32 scalar from the start: the loop keeps its type
@@ -197,6 +220,13 @@ def _paged_attention_kernel(
     # the running max and the accumulator fp64, which tl.dot's fp32 accumulator rejects
     scale_f32 = tl.cast(qk_scale, tl.float32)
 
+    # a split step: this split's share of lo..hi-1 in whole BLOCK_N steps (empty past the end);
+    # otherwise split is 0 and the share is all of it
+    steps = tl.cdiv(hi - lo, BLOCK_N)
+    steps_per_split = tl.where(split_keys, tl.cdiv(steps, NUM_SPLITS), steps)
+    lo = lo + split * steps_per_split * BLOCK_N
+    hi = tl.minimum(hi, lo + steps_per_split * BLOCK_N)
+
     m_i = tl.full((ROWS,), -1.0e30, tl.float32)
     l_i = tl.zeros((ROWS,), tl.float32)
     acc = tl.zeros((ROWS, HEAD_DIM), tl.float32)
@@ -226,10 +256,66 @@ def _paged_attention_kernel(
             acc = tl.dot(p.to(q.dtype), v, acc * alpha[:, None])
         m_i = m_new
 
-    l_i = tl.where(l_i > 0.0, l_i, 1.0)  # padding rows only: every real row sees its own position
-    out = acc / l_i[:, None]
-    o_rows = token * stride_ot + head.to(tl.int64) * stride_oh
-    tl.store(out_ptr + o_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    if split_keys:  # partial results; `_combine_splits_kernel` merges them
+        part = (split * SPLIT_MAX_TOKENS + token) * num_heads + head.to(tl.int64)
+        tl.store(part_ml_ptr + part, m_i, mask=row_ok)
+        tl.store(part_ml_ptr + NUM_SPLITS * SPLIT_MAX_TOKENS * num_heads + part, l_i, mask=row_ok)
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc,
+                 mask=row_ok[:, None] & (l_i > 0.0)[:, None])
+    else:
+        l_i = tl.where(l_i > 0.0, l_i, 1.0)  # padding rows only: every real row sees its own position
+        out = acc / l_i[:, None]
+        o_rows = token * stride_ot + head.to(tl.int64) * stride_oh
+        tl.store(out_ptr + o_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None])
+
+
+@triton.jit
+def _combine_splits_kernel(
+    part_ml_ptr,
+    part_acc_ptr,
+    out_ptr,
+    num_tokens,
+    num_heads,
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLIT_MAX_TOKENS: tl.constexpr,
+):
+    """out[t, h] = sum_s acc_s * 2^(m_s - M) / sum_s l_s * 2^(m_s - M), M = max_s m_s, over the
+    splits that saw a key (l_s > 0; the others wrote no acc). Returns at once for a step too
+    large to have been split."""
+    token = tl.program_id(0)
+    if num_tokens > SPLIT_MAX_TOKENS or token >= num_tokens:
+        return
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    head_ok = heads < num_heads
+    offs_d = tl.arange(0, HEAD_DIM)
+    plane = NUM_SPLITS * SPLIT_MAX_TOKENS * num_heads
+    m_max = tl.full((BLOCK_H,), -1.0e30, tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        part = (s * SPLIT_MAX_TOKENS + token) * num_heads + heads
+        l_s = tl.load(part_ml_ptr + plane + part, mask=head_ok, other=0.0)
+        m_s = tl.load(part_ml_ptr + part, mask=head_ok, other=-1.0e30)
+        m_max = tl.maximum(m_max, tl.where(l_s > 0.0, m_s, -1.0e30))
+    total = tl.zeros((BLOCK_H,), tl.float32)
+    acc = tl.zeros((BLOCK_H, HEAD_DIM), tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        part = (s * SPLIT_MAX_TOKENS + token) * num_heads + heads
+        l_s = tl.load(part_ml_ptr + plane + part, mask=head_ok, other=0.0)
+        m_s = tl.load(part_ml_ptr + part, mask=head_ok, other=-1.0e30)
+        seen = l_s > 0.0
+        weight = tl.where(seen, tl.exp2(m_s - m_max), 0.0)
+        total += weight * l_s
+        a = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=(head_ok & seen)[:, None], other=0.0)
+        acc += weight[:, None] * a
+    total = tl.where(total > 0.0, total, 1.0)
+    o_rows = token.to(tl.int64) * stride_ot + heads.to(tl.int64) * stride_oh
+    tl.store(out_ptr + o_rows[:, None] + offs_d[None, :], (acc / total[:, None]).to(out_ptr.dtype.element_ty),
+             mask=head_ok[:, None])
 
 
 def sequence_tiles(seq_ids: torch.Tensor, num_seqs, block_m: int) -> torch.Tensor:
@@ -280,7 +366,12 @@ def paged_attention(
     use_window = sliding_window is not None
     if use_window and sliding_window < 1:
         raise ValueError(f"paged_attention: sliding_window must be >= 1, got {sliding_window}")
-    grid = (triton.cdiv(num_tokens, block_m) + num_seqs, kv_heads)
+    # fixed-size split workspaces: whether a step splits is decided on the device from its
+    # token count, so one compiled graph (symbolic T) serves decode and prefill
+    part_ml = torch.empty(2, NUM_SPLITS, SPLIT_MAX_TOKENS, num_heads, dtype=torch.float32, device=query.device)
+    part_acc = torch.empty(NUM_SPLITS, SPLIT_MAX_TOKENS, num_heads, head_dim, dtype=torch.float32,
+                           device=query.device)
+    grid = (triton.cdiv(num_tokens, block_m) + num_seqs, kv_heads, NUM_SPLITS)
     wrap_triton(_paged_attention_kernel)[grid](
         query,
         kv_cache,
@@ -288,6 +379,10 @@ def paged_attention(
         block_tables,
         positions,
         seq_info,
+        part_ml,
+        part_acc,
+        num_tokens,
+        num_heads,
         num_seqs,
         table_width,
         cache.shape[2],
@@ -311,7 +406,23 @@ def paged_attention(
         SEARCH_BLOCK=SEARCH_BLOCK,
         USE_WINDOW=use_window,
         IEEE=query.dtype == torch.float32,
+        NUM_SPLITS=NUM_SPLITS,
+        SPLIT_MAX_TOKENS=SPLIT_MAX_TOKENS,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
+    )
+    wrap_triton(_combine_splits_kernel)[(SPLIT_MAX_TOKENS, triton.cdiv(num_heads, COMBINE_HEADS))](
+        part_ml,
+        part_acc,
+        out,
+        num_tokens,
+        num_heads,
+        out.stride(0),
+        out.stride(1),
+        HEAD_DIM=head_dim,
+        BLOCK_H=COMBINE_HEADS,
+        NUM_SPLITS=NUM_SPLITS,
+        SPLIT_MAX_TOKENS=SPLIT_MAX_TOKENS,
+        num_warps=4,
     )
     return out
