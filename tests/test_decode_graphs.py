@@ -39,7 +39,7 @@ def test_padded_decode_matches_transformers(tiny_artifact, hf_model):
     engine = with_padded_decode(Engine.load(tiny_artifact))
     calls = []
     run = engine.decode_graphs.run
-    engine.decode_graphs.run = lambda chunks: calls.append(len(chunks)) or run(chunks)
+    engine.decode_graphs.run = lambda chunks, *ahead: calls.append(len(chunks)) or run(chunks, *ahead)
     results = engine.generate(PROMPTS, max_tokens=12, record_logits=True)
     assert calls and set(calls) == {3}, calls  # the decode steps went through the padded path
     for prompt, result in zip(PROMPTS, results):

@@ -92,12 +92,17 @@ class DecodeGraphs:
     def bucket_for(self, batch: int) -> int | None:
         return next((b for b in self.buckets if b >= batch), None)
 
+    def fits_batch(self, batch: int) -> bool:
+        return self.bucket_for(batch) is not None
+
     def fits(self, chunks) -> bool:
         return (self.bucket_for(len(chunks)) is not None
                 and all(len(tokens) == 1 and wants for _, tokens, _, wants in chunks))
 
-    def run(self, chunks) -> torch.Tensor:
-        """chunks: `(blocks, [token], position, True)` per sequence → logits [B, vocab]."""
+    def run(self, chunks, device_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """chunks: `(blocks, [token], position, True)` per sequence → logits [B, vocab].
+        `device_tokens` [B]: the tokens, still on the device (the previous step's samples); the
+        chunks' own tokens are then ignored."""
         batch = len(chunks)
         bucket = self.bucket_for(batch)
         width = self.block_tables.shape[1]
@@ -119,6 +124,8 @@ class DecodeGraphs:
         self.input_ids[:bucket].copy_(staged[:, 0])
         self.positions[:bucket].copy_(staged[:, 1])
         self.block_tables[:bucket].copy_(staged[:, 2:])
+        if device_tokens is not None:
+            self.input_ids[:batch].copy_(device_tokens)
         if bucket in self.graphs:
             self.graphs[bucket].replay()
             logits = self.outputs[bucket]

@@ -2,7 +2,8 @@
 
 Each step flattens the work the scheduler picked — prompt chunks and one token per decoding
 sequence — into one call of the compiled graph, then samples the sequences whose chunk
-reached their last token. `generate` drives it to completion for a batch of prompts; the
+reached their last token. While the host handles a decode step's tokens, the next decode
+step is already running on the device (`Engine._launch_ahead`). `generate` drives it to completion for a batch of prompts; the
 server's `EngineLoop` drives it forever, admitting requests between steps:
 
     Engine.load("artifacts/tiny-mixtral").generate(["Hello", "Once upon"], max_tokens=32)
@@ -61,6 +62,54 @@ class GenerationStats:
     @property
     def tokens_per_s(self) -> float:
         return self.generated_tokens / self.elapsed_s if self.elapsed_s else 0.0
+
+
+@dataclass
+class _Launched:
+    """A step queued on the device: the sequences it samples for, and their new token ids, on
+    the device (to feed a step launched ahead) and on their way to the host."""
+
+    sampled: list[Sequence]
+    decoding: bool  # every sequence decoded one token (no prompt chunk): counted in decode stats
+    device_ids: torch.Tensor
+    host_ids: HostIds
+    logits: torch.Tensor | None  # kept when recording logits
+
+    def token_ids(self) -> list[int]:
+        return self.host_ids.wait()
+
+
+class HostIds:
+    """Sampled ids copied to the host without a stream-wide sync: `wait` waits for this copy
+    only, not for a step queued after it."""
+
+    def __init__(self, host: torch.Tensor, ready: torch.cuda.Event | None):
+        self.host, self.ready = host, ready
+
+    def wait(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
+
+
+class HostIdRing:
+    """Two pinned buffers taken in turn: at most two steps are in flight (one being collected,
+    one launched ahead), so a buffer is never refilled before it has been read."""
+
+    def __init__(self, size: int, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.buffers = [torch.empty(size, dtype=torch.int64, pin_memory=self.cuda) for _ in range(2)]
+        self.events = [torch.cuda.Event() for _ in range(2)] if self.cuda else []
+        self.turn = 0
+
+    def send(self, ids: torch.Tensor) -> HostIds:
+        if not self.cuda:
+            return HostIds(ids.cpu(), None)
+        host, ready = self.buffers[self.turn][: ids.shape[0]], self.events[self.turn]
+        self.turn ^= 1
+        host.copy_(ids, non_blocking=True)
+        ready.record()
+        return HostIds(host, ready)
 
 
 def describe_load_phases(phases: dict[str, float]) -> str:
@@ -122,6 +171,9 @@ class Engine:
             cuda_graphs = False  # the all-to-all sizes change with every step's routing
         self._busy = None  # lockstep_step's flag tensor
         self.sampler = Sampler()
+        self.overlap = True  # launch a decode step ahead while the host handles the last one (`step`)
+        self._ahead: _Launched | None = None
+        self._host_ids = HostIdRing(spec.max_batch, self.device)
         self.stats = GenerationStats()
         self.record_logits = False
         self.decode_graphs = None
@@ -173,43 +225,35 @@ class Engine:
 
     def step(self) -> tuple[list[tuple[Sequence, str]], list[Sequence]]:
         """Run the scheduler's next step. Returns (sequence, new text) for every sequence that got
-        a token, and the sequences that finished (their blocks are already free)."""
+        a token, and the sequences that finished (their blocks are already free).
+
+        Decode steps overlap (see `_launch_ahead`): the next step may already be running on the
+        device when this returns, fed by this step's tokens without a round trip through the host;
+        the next call then only collects it."""
         step_start = time.perf_counter()
-        plan = self.scheduler.schedule()
-        if not plan:
-            return [], []
-        decoding = all(take == 1 and seq.output_ids for seq, take in plan)
-        now = time.perf_counter()
-        chunks = []
-        for seq, take in plan:
-            seq.first_scheduled = seq.first_scheduled or now
-            start = seq.num_cached
-            wants_logits = start + take == seq.num_tokens
-            chunks.append((seq.blocks.blocks, seq.token_slice(start, start + take), start, wants_logits))
-        if self.decode_graphs is not None and self.decode_graphs.fits(chunks):
-            logits = self.decode_graphs.run(chunks)
-        else:
-            inputs = build_step_inputs(chunks, device=self.device, block_size=self.spec.kv_block_size)
-            logits = self.step_fn(
-                inputs["input_ids"], inputs["positions"], inputs["seq_ids"], inputs["block_tables"],
-                self.kv_cache, inputs["logits_indices"],
-            )
-        self.stats.steps += 1
-        for seq, take in plan:
-            seq.num_cached += take
-        sampled = [seq for seq, _ in plan if seq.num_cached == seq.num_tokens]
-        if not sampled:
-            return [], []
-        next_ids = self.sampler.sample(logits, [s.params for s in sampled], [s.generator for s in sampled]).tolist()
-        now = time.perf_counter()  # after .tolist(): the device has finished the step
-        if decoding:
+        launched, self._ahead = self._ahead, None
+        if launched is not None and all(seq.finished for seq in launched.sampled):
+            launched = None  # every sequence it ran for has ended (EOS, stop string, abort)
+        if launched is None:
+            plan = self.scheduler.schedule()
+            if not plan:
+                return [], []
+            launched = self._launch(plan)
+            if launched is None:  # prompt chunks only: nothing to sample yet
+                return [], []
+        self._ahead = self._launch_ahead(launched)
+        next_ids = launched.token_ids()
+        now = time.perf_counter()  # the device has finished the step (not the one launched ahead)
+        if launched.decoding:
             self.stats.decode_steps += 1
-            self.stats.decode_tokens += len(plan)
+            self.stats.decode_tokens += len(launched.sampled)
             self.stats.decode_s += now - step_start
         emitted, finished = [], []
-        for row, (seq, token) in enumerate(zip(sampled, next_ids)):
+        for row, (seq, token) in enumerate(zip(launched.sampled, next_ids)):
+            if seq.finished:  # ended while this step, launched ahead, was running: its token is void
+                continue
             if self.record_logits:
-                seq.logits = (seq.logits or []) + [logits[row].detach().clone()]
+                seq.logits = (seq.logits or []) + [launched.logits[row].detach().clone()]
             seq.first_token_at = seq.first_token_at or now
             seq.output_ids.append(token)
             text = seq.detok.push(token)
@@ -223,6 +267,59 @@ class Engine:
                 finished.append(seq)
             emitted.append((seq, text))
         return emitted, finished
+
+    def _launch(self, plan: list[tuple[Sequence, int]], ahead_of: _Launched | None = None) -> _Launched | None:
+        """Queue one step on the device: the model, then sampling, then the copy of the sampled
+        ids to the host. `ahead_of`: a decode step whose ids are still on the device; each of its
+        sequences feeds that id as its next token (the host does not know it yet)."""
+        now = time.perf_counter()
+        chunks = []
+        for seq, take in plan:
+            seq.first_scheduled = seq.first_scheduled or now
+            start = seq.num_cached
+            if ahead_of is None:
+                chunks.append((seq.blocks.blocks, seq.token_slice(start, start + take), start,
+                               start + take == seq.num_tokens))
+            else:
+                chunks.append((seq.blocks.blocks, [0], start, True))  # the token comes from the device
+        if self.decode_graphs is not None and self.decode_graphs.fits(chunks):
+            logits = self.decode_graphs.run(chunks, None if ahead_of is None else ahead_of.device_ids)
+        else:
+            inputs = build_step_inputs(chunks, device=self.device, block_size=self.spec.kv_block_size)
+            logits = self.step_fn(
+                inputs["input_ids"], inputs["positions"], inputs["seq_ids"], inputs["block_tables"],
+                self.kv_cache, inputs["logits_indices"],
+            )
+        self.stats.steps += 1
+        for seq, take in plan:
+            seq.num_cached += take
+        sampled = [seq for (seq, _), chunk in zip(plan, chunks) if chunk[3]]
+        if not sampled:
+            return None
+        if self.record_logits:  # a step launched ahead would overwrite the graph's logits buffer
+            logits = logits.clone()
+        device_ids = self.sampler.sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
+        decoding = ahead_of is not None or all(take == 1 and seq.output_ids for seq, take in plan)
+        return _Launched(sampled, decoding, device_ids, self._host_ids.send(device_ids),
+                         logits if self.record_logits else None)
+
+    def _launch_ahead(self, launched: _Launched) -> _Launched | None:
+        """Launch the step after `launched` before its tokens reach the host, so the device runs
+        it while the host detokenizes and bookkeeps (a decode step at batch 1 spends ~0.4 ms
+        there). Only when that next step is certain to be the same batch decoding one more token:
+        a decode step replayed as a CUDA graph, nothing waiting to be admitted, no sequence about
+        to reach max_tokens, and a KV slot for every next token without preempting. A sequence
+        that then stops on this step's token (EOS, a stop string) wastes one row of it."""
+        running = self.scheduler.running
+        if (self.decode_graphs is None or not self.overlap or not launched.decoding or self.scheduler.waiting
+                or len(running) != len(launched.sampled) or not self.decode_graphs.fits_batch(len(running))):
+            return None
+        for seq, sampled in zip(running, launched.sampled):
+            if seq is not sampled or seq.finished or len(seq.output_ids) + 2 > seq.params.max_tokens:
+                return None
+        if not self.scheduler.reserve(running, 1):
+            return None
+        return self._launch([(seq, 1) for seq in running], ahead_of=launched)
 
     def _lockstep(self) -> None:
         """Step until no rank has work (see `lockstep_step`)."""

@@ -47,6 +47,11 @@ class Scheduler:
         except OutOfBlocks:
             return False
 
+    def reserve(self, seqs: list[Sequence], tokens: int) -> bool:
+        """KV room for `tokens` more tokens past what each sequence has cached, without
+        preempting anyone (a step launched ahead, `Engine._launch_ahead`); False if it lacks."""
+        return all(self._grow(seq, seq.num_cached + tokens) for seq in seqs)
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         seq.blocks.release(self.allocator)
