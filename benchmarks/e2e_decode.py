@@ -129,6 +129,9 @@ def role_check(args) -> int:
     ids = [engine.encode(p) for p in PROMPTS]
     results = engine.generate(ids, max_tokens=16, record_logits=True)
     ours = [(r.token_ids, torch.stack(r.logits).float().cpu()) for r in results]
+    # each prompt alone too: a gap between the batched and the lone run would point at batching
+    alone = [engine.generate([i], max_tokens=16, record_logits=True)[0] for i in ids]
+    alone = [(r.token_ids, torch.stack(r.logits).float().cpu()) for r in alone]
     capture_s = engine.decode_graphs.capture_s if engine.decode_graphs else None
     del engine, results, first
     if torch.cuda.is_available():
@@ -141,8 +144,20 @@ def role_check(args) -> int:
     sequences = [torch.tensor([prompt_ids + tokens[:-1]]) for prompt_ids, (tokens, _) in zip(ids, ours)]
     hf = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32, attn_implementation="eager")
     hf = hf.to(device()).eval()
+    exact, margins = [], []
+    top_k = hf.config.num_experts_per_tok
     with torch.no_grad():
-        exact = [hf(seq.to(device())).logits[0, len(p) - 1:].float().cpu() for seq, p in zip(sequences, ids)]
+        for seq, p in zip(sequences, ids):
+            out = hf(seq.to(device()), output_router_logits=True)
+            exact.append(out.logits[0, len(p) - 1:].float().cpu())
+            # how close each token's routing came to a tie at the top-k boundary (fp32): bf16
+            # rounding flips a choice this close, and the flipped expert changes that token's
+            # hidden state and every later token that attends to it
+            probs = torch.stack([r.float().softmax(-1) for r in out.router_logits])  # [layers, T, E]
+            ranked = probs.sort(-1, descending=True).values
+            gap = ranked[..., top_k - 1] - ranked[..., top_k]
+            layer, token = divmod(int(gap.argmin()), gap.shape[1])
+            margins.append({"min_topk_gap": gap.min().item(), "layer": layer, "token": token})
     del hf
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -152,7 +167,8 @@ def role_check(args) -> int:
     hf = hf.to(device()).eval()
     prompts = []
     with torch.no_grad():
-        for p, prompt_ids, (tokens, logits), seq, fp32 in zip(PROMPTS, ids, ours, sequences, exact):
+        for p, prompt_ids, (tokens, logits), seq, fp32, margin, (alone_tokens, alone_logits) in zip(
+                PROMPTS, ids, ours, sequences, exact, margins, alone):
             want = hf(seq.to(device())).logits[0, len(prompt_ids) - 1:].float().cpu()
             per_token = ((logits - want).norm(dim=-1) / want.norm(dim=-1))
             top = want.max(dim=-1).values
@@ -177,6 +193,11 @@ def role_check(args) -> int:
                 "first_divergence": next((i for i, (a, b) in enumerate(zip(tokens, greedy)) if a != b), None),
                 "every_pick_argmax_or_tie": bool((picked >= top - 2e-2 * top.abs()).all()),
                 "moec_tokens": tokens, "hf_tokens": greedy,
+                "prompt_tokens": len(prompt_ids),
+                "hf_fp32_routing": margin,
+                "alone_tokens_identical": alone_tokens == tokens,
+                "alone_vs_batched_rel": ((alone_logits[: len(logits)] - logits[: len(alone_logits)]).norm()
+                                         / logits.norm()).item(),
             })
     out = {"load_s": load_s, "load_to_first_token_s": first_token_s, "graph_capture_s": capture_s,
            "prompts": prompts}

@@ -21,6 +21,7 @@ from moec.compiler.offload_policy import plan_offload
 from moec.compiler.lower import compile_graph, save_weights
 from moec.compiler.passes import lower_moe
 from moec.compiler.passes.external_experts import externalize_experts
+from moec.compiler.passes.fused_projections import fuse_projections
 from moec.compiler.passes.moe_lowering import check_moe_blocks
 from moec.compiler.passes.moe_tuning import apply_moe_plans, tune_moe
 from moec.compiler.recipe import Recipe
@@ -99,10 +100,14 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
         with stages.stage("export", f"tokens ≤ {recipe.max_tokens_per_step}, batch ≤ {recipe.max_batch}"):
             ep = export_step(step, dtype, recipe.kv_block_size, recipe.max_tokens_per_step, recipe.max_batch,
                              recipe.max_seq_len, device=recipe.device)
-        with stages.stage("passes", "MoE regions → moec ops, each checked on random inputs"):
+        with stages.stage("passes", "MoE regions → moec ops, Q/K/V → one matmul; each checked on random inputs"):
             ep, regions = lower_moe(ep, step, model.config, device=recipe.device,
                                     max_tokens=recipe.max_tokens_per_step)
+            ep, fused = fuse_projections(ep)
         console.print(f"  {len(regions)} MoE regions lowered:\n{_region_table(regions)}")
+        if fused:
+            parts = "/".join(name.rsplit(".", 2)[-2] for name in fused[0]["parts"])
+            console.print(f"  {len(fused)} groups of projections on one input fused into one matmul each ({parts}, ...)")
         if recipe.offload is not None:
             with stages.stage("offload", "policy search over batch, micro-batches and placement (HRM)"):
                 shape = ModelShape.from_config(hf_config, regions, recipe.dtype)
