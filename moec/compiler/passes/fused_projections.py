@@ -72,7 +72,8 @@ def fuse_projections(ep: torch.export.ExportedProgram) -> tuple[torch.export.Exp
         with fake.fake_mode:
             new_weight.meta["val"] = torch.empty(weight.shape, dtype=fake.dtype, device=fake.device)
         first = min(linears, key=lambda n: list(graph.nodes).index(n))
-        with graph.inserting_before(first):
+        # node values are fake tensors with symbolic sizes: compute new ones inside their mode
+        with graph.inserting_before(first), fake.fake_mode:
             out = graph.call_function(LINEAR, (first.args[0], new_weight))
             out.meta = {**first.meta, "val": LINEAR(first.args[0].meta["val"], new_weight.meta["val"])}
             start = 0
