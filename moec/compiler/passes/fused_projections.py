@@ -16,6 +16,7 @@ import copy
 
 import torch
 from torch import fx
+from torch._dispatch.python import enable_python_dispatcher
 from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
 
 from moec.errors import LoweringError
@@ -72,8 +73,9 @@ def fuse_projections(ep: torch.export.ExportedProgram) -> tuple[torch.export.Exp
         with fake.fake_mode:
             new_weight.meta["val"] = torch.empty(weight.shape, dtype=fake.dtype, device=fake.device)
         first = min(linears, key=lambda n: list(graph.nodes).index(n))
-        # node values are fake tensors with symbolic sizes: compute new ones inside their mode
-        with graph.inserting_before(first), fake.fake_mode:
+        # node values are fake tensors with symbolic sizes: compute new ones inside their mode,
+        # with composite ops (linear) decomposed the SymInt-aware way, as export traced them
+        with graph.inserting_before(first), fake.fake_mode, enable_python_dispatcher():
             out = graph.call_function(LINEAR, (first.args[0], new_weight))
             out.meta = {**first.meta, "val": LINEAR(first.args[0].meta["val"], new_weight.meta["val"])}
             start = 0
