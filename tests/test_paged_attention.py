@@ -162,7 +162,7 @@ def test_kernel_compiles_for_h100():
             consts = {
                 "HEAD_DIM": head_dim, "BLOCK_M": max(1, cfg["ROWS"] // group_pad), "GROUP_PAD": group_pad,
                 "BLOCK_N": cfg["BLOCK_N"], "SEARCH_BLOCK": pa.SEARCH_BLOCK, "USE_WINDOW": use_window, "IEEE": False,
-                "NUM_SPLITS": pa.NUM_SPLITS, "SPLIT_MAX_TOKENS": pa.SPLIT_MAX_TOKENS,
+                "PART_ROWS": pa.PART_ROWS,
             }
             compiled = compile_for_sm90(pa._paged_attention_kernel, ptrs, consts, cfg["num_warps"],
                                         cfg["num_stages"], scalars={"qk_scale": scale_type})
@@ -170,7 +170,7 @@ def test_kernel_compiles_for_h100():
         merge = compile_for_sm90(
             pa._combine_splits_kernel, {"part_ml_ptr": "*fp32", "part_acc_ptr": "*fp32", "out_ptr": "*bf16"},
             {"HEAD_DIM": head_dim, "BLOCK_H": pa.COMBINE_HEADS, "NUM_SPLITS": pa.NUM_SPLITS,
-             "SPLIT_MAX_TOKENS": pa.SPLIT_MAX_TOKENS}, 4, 1)
+             "PART_ROWS": pa.PART_ROWS}, 4, 1)
         assert merge.metadata.shared <= H100_SMEM
 
 
@@ -210,12 +210,14 @@ DECODE = [(0, 1), (4, 1), (15, 1), (16, 1), (38, 1)]  # contexts 1, 5, 16, 17, 3
         ("window_wide", [(30, 1), (2, 33)], 2, 1, 32, 8, 20, SMALL),
         ("head_dim_64_small_blocks", [(8, 1), (0, 1), (5, 30), (29, 1)], 1, 2, 64, 4, None, SMALL),
         ("built_in_config", [(8, 1), (5, 30), (29, 1)], 1, 2, 64, 4, None, None),
-        # past SPLIT_MAX_TOKENS (64) tokens a step is not split: one program per tile and KV head
+        # from NUM_SPLITS (16) tokens on a step is not split: one program per tile and KV head
         ("unsplit_prefill", [(40, 1), (0, 70), (3, 1)], 1, 2, 16, 8, None, SMALL),
-        ("unsplit_window", [(0, 66), (90, 1)], 1, 2, 16, 8, 21, WIDE_KEYS),
-        # split steps whose keys leave most splits empty, and one long context over many splits
+        ("unsplit_window", [(0, 16), (90, 1)], 1, 2, 16, 8, 21, WIDE_KEYS),
+        # split steps (16, 6, 2 and 3 splits) whose keys leave splits empty, and long contexts
+        ("split_one_token", [(300, 1)], 2, 2, 16, 8, None, SMALL),
         ("split_long_context", [(0, 1), (300, 1), (2, 1)], 2, 2, 16, 8, None, SMALL),
         ("split_long_window", [(300, 1), (120, 4)], 1, 4, 16, 8, 50, SMALL),
+        ("split_mixed_15", [(7, 1), (0, 9), (200, 1), (40, 4)], 2, 2, 16, 8, None, SMALL),
     ],
 )
 def test_interp_paged_attention(dtype, name, chunks, kv_heads, group, head_dim, block_size, window, cfg):

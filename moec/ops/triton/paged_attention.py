@@ -16,11 +16,13 @@ sum (online softmax, in base 2), and stops after the tile's last position (causa
 helper functions, and the whole cache with the layer's offset as an integer: the shapes of kernel
 AOTInductor has compiled into artifacts on the GPU machine (torch 2.11) since the MoE kernels.
 
-Small steps (decode) split the keys too (flash-decoding): a step of at most SPLIT_MAX_TOKENS
-tokens runs NUM_SPLITS programs per tile, each over a share of the keys, writing its running max,
-sum and unnormalised output to a small fixed workspace; `_combine_splits_kernel` merges them. At
-batch 1 that is 16x the programs on a GPU of 132 SMs. Larger steps already have programs enough:
-their split programs return at once, so do the merge's, and the attention kernel writes the output.
+Small steps (decode) split the keys too (flash-decoding): a step of T < NUM_SPLITS tokens runs
+cdiv(NUM_SPLITS, T) programs per tile (the grid's third axis, a function of the symbolic T), each
+over a share of the keys, writing its running max, sum and unnormalised output to a small
+workspace; `_combine_splits_kernel` merges them. At batch 1 that is 16x the programs; from T =
+NUM_SPLITS on there is one split, the attention kernel writes the output and the merge's
+NUM_SPLITS - 1 programs return at once (an empty program still costs ~2 ns of a launch on an
+H200, so none are made per tile: a fixed 16 splits per tile cost large batches 2x the time).
 
 Mapping programs to tiles without a host sync (the step runs inside a CUDA graph and is compiled
 ahead of time with a symbolic token count): a few torch ops count each sequence's query tokens
@@ -47,11 +49,11 @@ from torch.library import wrap_triton
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SEARCH_BLOCK = 128  # cumulative tile ends compared per step of the sequence search
 # Split-K for small steps (flash-decoding): a decode step at batch 1 has one tile per KV head, 8
-# programs on 132 SMs each walking the whole context. A step of at most SPLIT_MAX_TOKENS tokens
-# gives each tile NUM_SPLITS programs, each over a share of the keys, and a second kernel merges
-# their partial softmax results; larger steps have programs enough and skip both.
-NUM_SPLITS = 16
-SPLIT_MAX_TOKENS = 64
+# programs on 132 SMs each walking the whole context. A step of T tokens gives each tile
+# cdiv(NUM_SPLITS, T) programs, each over a share of the keys (~NUM_SPLITS x KV heads programs in
+# all, one wave), and a second kernel merges their partial softmax results.
+NUM_SPLITS = 16  # a power of two >= 2
+PART_ROWS = 2 * NUM_SPLITS  # workspace rows (split, token): splits x T < NUM_SPLITS + T <= 2 NUM_SPLITS
 COMBINE_HEADS = 8  # query heads per program of the merge
 LOG2E = 1.4426950408889634
 
@@ -139,8 +141,8 @@ def _paged_attention_kernel(
     table_ptr,
     positions_ptr,
     seq_info_ptr,  # [3, B] int32: first query row, query count, cumulative tile end
-    part_ml_ptr,  # [2, NUM_SPLITS, SPLIT_MAX_TOKENS, H] fp32: each split's running max and sum
-    part_acc_ptr,  # [NUM_SPLITS, SPLIT_MAX_TOKENS, H, D] fp32: each split's unnormalised output
+    part_ml_ptr,  # [2, PART_ROWS, H] fp32: each (split, token)'s running max and sum
+    part_acc_ptr,  # [PART_ROWS, H, D] fp32: each (split, token)'s unnormalised output
     num_tokens,
     num_heads,
     num_seqs,
@@ -166,16 +168,13 @@ def _paged_attention_kernel(
     SEARCH_BLOCK: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     IEEE: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    SPLIT_MAX_TOKENS: tl.constexpr,
+    PART_ROWS: tl.constexpr,
 ):
     # Highest tile index first: a long prefill's last tiles carry the most keys, start them early.
     tile = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    split_keys = num_tokens <= SPLIT_MAX_TOKENS  # a small step: each split takes a share of the keys
-    if not split_keys and split > 0:
-        return
+    num_splits = tl.num_programs(2)  # > 1 only for a small step: each split takes a share of the keys
 
     # sequence = number of sequences whose tiles all come before this one
     seq = tl.program_id(0) * 0  # an i32 scalar from the start: the loop keeps its type
@@ -220,10 +219,10 @@ def _paged_attention_kernel(
     # the running max and the accumulator fp64, which tl.dot's fp32 accumulator rejects
     scale_f32 = tl.cast(qk_scale, tl.float32)
 
-    # a split step: this split's share of lo..hi-1 in whole BLOCK_N steps (empty past the end);
-    # otherwise split is 0 and the share is all of it
+    # this split's share of lo..hi-1 in whole BLOCK_N steps (empty past the end); all of it when
+    # the step is not split
     steps = tl.cdiv(hi - lo, BLOCK_N)
-    steps_per_split = tl.where(split_keys, tl.cdiv(steps, NUM_SPLITS), steps)
+    steps_per_split = tl.cdiv(steps, num_splits)
     lo = lo + split * steps_per_split * BLOCK_N
     hi = tl.minimum(hi, lo + steps_per_split * BLOCK_N)
 
@@ -256,10 +255,10 @@ def _paged_attention_kernel(
             acc = tl.dot(p.to(q.dtype), v, acc * alpha[:, None])
         m_i = m_new
 
-    if split_keys:  # partial results; `_combine_splits_kernel` merges them
-        part = (split * SPLIT_MAX_TOKENS + token) * num_heads + head.to(tl.int64)
+    if num_splits > 1:  # partial results; `_combine_splits_kernel` merges them
+        part = (split * num_tokens + token) * num_heads + head.to(tl.int64)
         tl.store(part_ml_ptr + part, m_i, mask=row_ok)
-        tl.store(part_ml_ptr + NUM_SPLITS * SPLIT_MAX_TOKENS * num_heads + part, l_i, mask=row_ok)
+        tl.store(part_ml_ptr + PART_ROWS * num_heads + part, l_i, mask=row_ok)
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc,
                  mask=row_ok[:, None] & (l_i > 0.0)[:, None])
     else:
@@ -282,35 +281,37 @@ def _combine_splits_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
-    SPLIT_MAX_TOKENS: tl.constexpr,
+    PART_ROWS: tl.constexpr,
 ):
     """out[t, h] = sum_s acc_s * 2^(m_s - M) / sum_s l_s * 2^(m_s - M), M = max_s m_s, over the
-    splits that saw a key (l_s > 0; the others wrote no acc). Returns at once for a step too
-    large to have been split."""
+    splits that saw a key (l_s > 0; the others wrote no acc). Returns at once for a step that
+    was not split."""
     token = tl.program_id(0)
-    if num_tokens > SPLIT_MAX_TOKENS or token >= num_tokens:
+    num_splits = (NUM_SPLITS + num_tokens - 1) // num_tokens  # as the attention kernel's grid
+    if num_splits == 1 or token >= num_tokens:
         return
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     head_ok = heads < num_heads
     offs_d = tl.arange(0, HEAD_DIM)
-    plane = NUM_SPLITS * SPLIT_MAX_TOKENS * num_heads
+    plane = PART_ROWS * num_heads
     m_max = tl.full((BLOCK_H,), -1.0e30, tl.float32)
     for s in tl.static_range(NUM_SPLITS):
-        part = (s * SPLIT_MAX_TOKENS + token) * num_heads + heads
-        l_s = tl.load(part_ml_ptr + plane + part, mask=head_ok, other=0.0)
-        m_s = tl.load(part_ml_ptr + part, mask=head_ok, other=-1.0e30)
+        part = (s * num_tokens + token) * num_heads + heads
+        used = head_ok & (heads * 0 + s < num_splits)
+        l_s = tl.load(part_ml_ptr + plane + part, mask=used, other=0.0)
+        m_s = tl.load(part_ml_ptr + part, mask=used, other=-1.0e30)
         m_max = tl.maximum(m_max, tl.where(l_s > 0.0, m_s, -1.0e30))
     total = tl.zeros((BLOCK_H,), tl.float32)
     acc = tl.zeros((BLOCK_H, HEAD_DIM), tl.float32)
     for s in tl.static_range(NUM_SPLITS):
-        part = (s * SPLIT_MAX_TOKENS + token) * num_heads + heads
-        l_s = tl.load(part_ml_ptr + plane + part, mask=head_ok, other=0.0)
-        m_s = tl.load(part_ml_ptr + part, mask=head_ok, other=-1.0e30)
-        seen = l_s > 0.0
+        part = (s * num_tokens + token) * num_heads + heads
+        used = head_ok & (heads * 0 + s < num_splits)
+        l_s = tl.load(part_ml_ptr + plane + part, mask=used, other=0.0)
+        m_s = tl.load(part_ml_ptr + part, mask=used, other=-1.0e30)
+        seen = used & (l_s > 0.0)
         weight = tl.where(seen, tl.exp2(m_s - m_max), 0.0)
         total += weight * l_s
-        a = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=(head_ok & seen)[:, None], other=0.0)
+        a = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=seen[:, None], other=0.0)
         acc += weight[:, None] * a
     total = tl.where(total > 0.0, total, 1.0)
     o_rows = token.to(tl.int64) * stride_ot + heads.to(tl.int64) * stride_oh
@@ -366,12 +367,13 @@ def paged_attention(
     use_window = sliding_window is not None
     if use_window and sliding_window < 1:
         raise ValueError(f"paged_attention: sliding_window must be >= 1, got {sliding_window}")
-    # fixed-size split workspaces: whether a step splits is decided on the device from its
+    # splits per tile: cdiv(NUM_SPLITS, T), an expression of the symbolic T in the compiled graph
+    # (1 from T = NUM_SPLITS on); the merge has a program per token of a split step (T < NUM_SPLITS)
+    num_splits = (NUM_SPLITS + num_tokens - 1) // num_tokens
     # token count, so one compiled graph (symbolic T) serves decode and prefill
-    part_ml = torch.empty(2, NUM_SPLITS, SPLIT_MAX_TOKENS, num_heads, dtype=torch.float32, device=query.device)
-    part_acc = torch.empty(NUM_SPLITS, SPLIT_MAX_TOKENS, num_heads, head_dim, dtype=torch.float32,
-                           device=query.device)
-    grid = (triton.cdiv(num_tokens, block_m) + num_seqs, kv_heads, NUM_SPLITS)
+    part_ml = torch.empty(2, PART_ROWS, num_heads, dtype=torch.float32, device=query.device)
+    part_acc = torch.empty(PART_ROWS, num_heads, head_dim, dtype=torch.float32, device=query.device)
+    grid = (triton.cdiv(num_tokens, block_m) + num_seqs, kv_heads, num_splits)
     wrap_triton(_paged_attention_kernel)[grid](
         query,
         kv_cache,
@@ -406,12 +408,11 @@ def paged_attention(
         SEARCH_BLOCK=SEARCH_BLOCK,
         USE_WINDOW=use_window,
         IEEE=query.dtype == torch.float32,
-        NUM_SPLITS=NUM_SPLITS,
-        SPLIT_MAX_TOKENS=SPLIT_MAX_TOKENS,
+        PART_ROWS=PART_ROWS,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
-    wrap_triton(_combine_splits_kernel)[(SPLIT_MAX_TOKENS, triton.cdiv(num_heads, COMBINE_HEADS))](
+    wrap_triton(_combine_splits_kernel)[(NUM_SPLITS - 1, triton.cdiv(num_heads, COMBINE_HEADS))](
         part_ml,
         part_acc,
         out,
@@ -422,7 +423,7 @@ def paged_attention(
         HEAD_DIM=head_dim,
         BLOCK_H=COMBINE_HEADS,
         NUM_SPLITS=NUM_SPLITS,
-        SPLIT_MAX_TOKENS=SPLIT_MAX_TOKENS,
+        PART_ROWS=PART_ROWS,
         num_warps=4,
     )
     return out
