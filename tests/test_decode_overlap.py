@@ -90,3 +90,21 @@ def test_abort_and_arrival_while_a_step_runs_ahead(tiny_artifact):
         engine.step()
     assert late.output_ids == alone and len(first.output_ids) == 30
     assert engine.allocator.num_used == 0 and ahead
+
+
+def test_no_overlap_flag_reaches_the_engine(tiny_artifact, monkeypatch):
+    """`--no-overlap` on generate/serve/bench turns launching ahead off (for debugging, A/B timing)."""
+    from moec.runtime import cli
+
+    seen = {}
+    real = Engine.load
+
+    def load(*args, **kwargs):
+        engine = real(*args, **kwargs)
+        seen["overlap"] = engine.overlap
+        return engine
+
+    monkeypatch.setattr(Engine, "load", load)
+    for flags, want in (([], True), (["--no-overlap"], False)):
+        assert cli.main(["generate", str(tiny_artifact), "--prompt", "Rain", "--max-tokens", "2", *flags]) == 0
+        assert seen.pop("overlap") is want

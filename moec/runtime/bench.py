@@ -256,7 +256,7 @@ def _peak_rss_bytes() -> int | None:
 
 def run_bench(artifact: str | Path, settings: BenchSettings, verify: bool = True,
               console: Console | None = None, cuda_graphs: bool = True, profile_dir: str | Path | None = None,
-              ep_chunks: int | None = None) -> dict:
+              ep_chunks: int | None = None, overlap: bool = True) -> dict:
     """Load, measure, and return every number (the JSON document). `profile_dir`: also profile a
     few decode steps per batch size (`moec.runtime.step_profile`), traces and timelines there."""
     import moec
@@ -269,7 +269,7 @@ def run_bench(artifact: str | Path, settings: BenchSettings, verify: bool = True
     console.print(f"measuring the ceilings of {_device_name(device)} ...")
     ceilings = device_ceilings(device, settings.copy_gb_per_s, settings.matmul_tflop_per_s)
     start = time.perf_counter()
-    engine = Engine.load(artifact, verify=verify, cuda_graphs=cuda_graphs, ep_chunks=ep_chunks)
+    engine = Engine.load(artifact, verify=verify, cuda_graphs=cuda_graphs, ep_chunks=ep_chunks, overlap=overlap)
     load_s = time.perf_counter() - start
     spec, manifest = engine.spec, engine.artifact.manifest
     notes: list[str] = []
@@ -364,7 +364,8 @@ def run_bench(artifact: str | Path, settings: BenchSettings, verify: bool = True
                      "used": {"prefill_tokens": prefill_tokens, "context": context, "decode_tokens": new_tokens}},
         "load_s": load_s,
         "load_phases": engine.load_phases,
-        "decode_graphs": ({"buckets": engine.decode_graphs.buckets, "capture_s": engine.decode_graphs.capture_s}
+        "decode_graphs": ({"buckets": engine.decode_graphs.buckets, "capture_s": engine.decode_graphs.capture_s,
+                           "overlap": engine.overlap}
                           if engine.decode_graphs is not None else None),
         "offload": offload,
         "expert_parallel": ({"ranks": engine.world, "expert_load": engine.expert_load()}
@@ -464,7 +465,7 @@ def main(args: Any) -> int:
     console = Console(stderr=True, quiet=not is_rank_zero())
     result = run_bench(args.artifact, settings, verify=not args.no_verify, console=console,
                        cuda_graphs=not getattr(args, "no_cuda_graphs", False), profile_dir=getattr(args, "profile", None),
-                       ep_chunks=getattr(args, "ep_chunks", None))
+                       ep_chunks=getattr(args, "ep_chunks", None), overlap=not getattr(args, "no_overlap", False))
     if not is_rank_zero():  # expert-parallel: rank 0 reports for the group
         return 0
     out = Console(width=None if sys.stdout.isatty() else 200)

@@ -22,7 +22,7 @@ def _generate(args) -> int:
 
     start = time.perf_counter()
     engine = Engine.load(args.artifact, verify=not args.no_verify, cuda_graphs=not args.no_cuda_graphs,
-                         ep_chunks=args.ep_chunks)
+                         ep_chunks=args.ep_chunks, overlap=not args.no_overlap)
     load_s = time.perf_counter() - start
     results = engine.generate(
         args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -61,7 +61,7 @@ def _serve(args) -> int:
     return serve(args.artifact, host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
                  request_timeout_s=args.request_timeout, verify=not args.no_verify,
                  shutdown_timeout_s=args.shutdown_timeout, cuda_graphs=not args.no_cuda_graphs,
-                 ep_chunks=args.ep_chunks)
+                 ep_chunks=args.ep_chunks, overlap=not args.no_overlap)
 
 
 def _bench(args) -> int:
@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     for p in (gen, srv, bench):
         p.add_argument("--no-cuda-graphs", action="store_true",
                        help="on a GPU, run decode steps without CUDA graphs (slower; for debugging)")
+        p.add_argument("--no-overlap", action="store_true",
+                       help="on a GPU, wait for each decode step's tokens before launching the next "
+                            "(slower; for debugging and A/B timing)")
     for p in (gen, srv, bench):
         p.add_argument("--nproc", type=int, default=1,
                        help="ranks to start here for an expert-parallel artifact (or launch with torchrun)")

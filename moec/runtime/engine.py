@@ -119,7 +119,7 @@ def describe_load_phases(phases: dict[str, float]) -> str:
 
 class Engine:
     def __init__(self, artifact: Artifact, num_blocks: int | None = None, cuda_graphs: bool = True,
-                 ep_chunks: int | None = None):
+                 ep_chunks: int | None = None, overlap: bool = True):
         self.artifact = artifact
         spec = self.spec = artifact.manifest.step
         self.device = torch.device(artifact.manifest.device)
@@ -171,7 +171,7 @@ class Engine:
             cuda_graphs = False  # the all-to-all sizes change with every step's routing
         self._busy = None  # lockstep_step's flag tensor
         self.sampler = Sampler()
-        self.overlap = True  # launch a decode step ahead while the host handles the last one (`step`)
+        self.overlap = overlap  # launch a decode step ahead while the host handles the last one (`step`)
         self._ahead: _Launched | None = None
         self._host_ids = HostIdRing(spec.max_batch, self.device)
         self.stats = GenerationStats()
@@ -186,11 +186,12 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | Path, verify: bool = True, num_blocks: int | None = None,
-             cuda_graphs: bool = True, ep_chunks: int | None = None) -> Engine:
+             cuda_graphs: bool = True, ep_chunks: int | None = None, overlap: bool = True) -> Engine:
         """`cuda_graphs`: replay decode steps as CUDA graphs (captured here) when on a GPU.
-        `ep_chunks`: token chunks per MoE layer of an expert-parallel artifact (default: its manifest's)."""
+        `ep_chunks`: token chunks per MoE layer of an expert-parallel artifact (default: its manifest's).
+        `overlap`: launch each CUDA-graph decode step before the host has read the last one's tokens."""
         return cls(open_artifact(path, verify=verify), num_blocks=num_blocks, cuda_graphs=cuda_graphs,
-                   ep_chunks=ep_chunks)
+                   ep_chunks=ep_chunks, overlap=overlap)
 
     # --- requests -------------------------------------------------------------------------
 

@@ -851,7 +851,8 @@ def _configure_logging() -> None:
 def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_queue: int = 256, request_timeout_s: float | None = 600.0, verify: bool = True, *,
           shutdown_timeout_s: float = 30.0, max_body_bytes: int = 1_000_000, model_name: str | None = None,
-          uvicorn_log_level: str = "warning", cuda_graphs: bool = True, ep_chunks: int | None = None) -> int:
+          uvicorn_log_level: str = "warning", cuda_graphs: bool = True, ep_chunks: int | None = None,
+          overlap: bool = True) -> int:
     """Load the artifact, start the engine loop and serve until SIGTERM/SIGINT. Returns the exit status (0).
 
     Raises MoecError (ArtifactError, ServeError, ...) for what the user can fix.
@@ -863,7 +864,7 @@ def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, api_key: str
 
     _configure_logging()
     t0 = time.perf_counter()
-    engine = Engine.load(artifact, verify=verify, cuda_graphs=cuda_graphs, ep_chunks=ep_chunks)
+    engine = Engine.load(artifact, verify=verify, cuda_graphs=cuda_graphs, ep_chunks=ep_chunks, overlap=overlap)
     if getattr(engine, "rank", 0) != 0:  # expert parallel: the other ranks follow rank 0's orders, no HTTP
         from moec.runtime.rank_loop import FollowerLoop
 
