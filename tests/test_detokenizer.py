@@ -146,3 +146,40 @@ def test_first_token_keeps_leading_space_with_sentencepiece_style_decoder():
     detok = IncrementalDetokenizer(tokenizer, prompt, [])
     out = "".join(detok.push(t) for t in generated) + detok.finish()
     assert out == " brown fox"
+
+
+class _RefusingStream:
+    """A DecodeStream that fails after a few steps, as tokenizers' InvalidPrefix error does."""
+
+    def __init__(self, ids=None, skip_special_tokens=False, fail_after=3):
+        from tokenizers.decoders import DecodeStream
+
+        self.inner, self.left = DecodeStream(ids=ids, skip_special_tokens=skip_special_tokens), fail_after
+
+    def step(self, tokenizer, token_id):
+        self.left -= 1
+        if self.left < 0:
+            raise Exception("InvalidPrefix")
+        return self.inner.step(tokenizer, token_id)
+
+
+def _no_prefill(ids=None, skip_special_tokens=False):
+    raise TypeError("DecodeStream() got an unexpected keyword argument 'ids'")  # tokenizers before prefill
+
+
+@pytest.mark.parametrize("stream_cls", [_RefusingStream, _no_prefill])
+def test_python_window_gives_the_same_text(tok, monkeypatch, stream_cls):
+    """Without tokenizers' stream (too old, or refusing a window mid-way) the same window decoded
+    from Python gives the same deltas."""
+    import moec.runtime.detokenizer as module
+
+    rng = random.Random(1)
+    cases = []
+    for _ in range(100):
+        ids = [rng.randrange(tok.get_vocab_size()) for _ in range(rng.randrange(1, 30))]
+        prompt = [rng.randrange(tok.get_vocab_size()) for _ in range(rng.randrange(0, 6))]
+        cases.append((ids, prompt, stream(tok, ids, prompt=prompt)[0]))
+    monkeypatch.setattr(module, "DecodeStream", stream_cls)
+    for ids, prompt, want in cases:
+        deltas, detok, _ = stream(tok, ids, prompt=prompt)
+        assert deltas == want and detok.text == tok.decode(ids)

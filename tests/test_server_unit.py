@@ -570,7 +570,7 @@ def _serve_child(tok_dir: Path, write_fd: int) -> None:
 
     class Engine:
         @staticmethod
-        def load(path, verify=True, cuda_graphs=True, ep_chunks=None):
+        def load(path, verify=True, cuda_graphs=True, ep_chunks=None, overlap=True):
             return FakeLoop(tok_dir).engine
 
     class EngineLoop(FakeLoop):
