@@ -108,3 +108,37 @@ def test_no_overlap_flag_reaches_the_engine(tiny_artifact, monkeypatch):
     for flags, want in (([], True), (["--no-overlap"], False)):
         assert cli.main(["generate", str(tiny_artifact), "--prompt", "Rain", "--max-tokens", "2", *flags]) == 0
         assert seen.pop("overlap") is want
+
+
+def test_server_loop_streams_with_steps_launched_ahead(tiny_artifact):
+    """The server's engine thread over an engine that launches ahead: concurrent streams give
+    the texts `generate` gives alone, one aborted mid-stream ends as "abort", blocks all free."""
+    import asyncio
+
+    from moec.runtime.engine_loop import EngineLoop
+
+    plain = Engine.load(tiny_artifact)
+    want = [plain.generate([p], max_tokens=12)[0].text for p in PROMPTS]
+    engine, ahead = overlapped(tiny_artifact)
+    loop = EngineLoop(engine)
+    loop.start()
+
+    async def collect(stream, abort_after=None):
+        text, seen, event = "", 0, None
+        async for event in stream:
+            text, seen = text + event.text, seen + 1
+            if seen == abort_after:
+                stream.abort()
+        return text, event.finish_reason
+
+    async def run():
+        streams = [loop.submit(f"r{i}", p, SamplingParams(max_tokens=12, temperature=0)) for i, p in enumerate(PROMPTS)]
+        victim = loop.submit("victim", PROMPTS[0], SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
+        done = await asyncio.gather(*(collect(s) for s in streams), collect(victim, abort_after=4))
+        await loop.shutdown()
+        return done
+
+    done = asyncio.run(run())
+    assert [text for text, _ in done[:-1]] == want
+    assert done[-1][1] == "abort" and ahead
+    assert engine.allocator.num_used == 0
