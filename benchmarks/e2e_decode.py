@@ -115,6 +115,10 @@ def hf_prefill_rate(model, tokens: int, generator) -> dict:
     return {"prompt_tokens": tokens, "prefill_s": best, "prompt_tokens_per_s": tokens / best}
 
 
+def _first_divergence(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
+
 def role_check(args) -> int:
     """moec's logits/tokens, then HF eager's on the same weights, then HF eager's speed."""
     import torch
@@ -144,12 +148,17 @@ def role_check(args) -> int:
     sequences = [torch.tensor([prompt_ids + tokens[:-1]]) for prompt_ids, (tokens, _) in zip(ids, ours)]
     hf = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32, attn_implementation="eager")
     hf = hf.to(device()).eval()
-    exact, margins = [], []
+    exact, margins, fp32_greedy = [], [], []
     top_k = hf.config.num_experts_per_tok
     with torch.no_grad():
         for seq, p in zip(sequences, ids):
             out = hf(seq.to(device()), output_router_logits=True)
             exact.append(out.logits[0, len(p) - 1:].float().cpu())
+            # fp32's own greedy tokens: where bf16 engines (HF's too) leave them says how close
+            # this random model's logits come to ties
+            fp32_greedy.append(hf.generate(torch.tensor([p], device=device()), max_new_tokens=16, do_sample=False,
+                                           attention_mask=torch.ones(1, len(p), dtype=torch.long, device=device()),
+                                           pad_token_id=hf.config.eos_token_id)[0, len(p):].tolist())
             # how close each token's routing came to a tie at the top-k boundary (fp32): bf16
             # rounding flips a choice this close, and the flipped expert changes that token's
             # hidden state and every later token that attends to it
@@ -167,8 +176,8 @@ def role_check(args) -> int:
     hf = hf.to(device()).eval()
     prompts = []
     with torch.no_grad():
-        for p, prompt_ids, (tokens, logits), seq, fp32, margin, (alone_tokens, alone_logits) in zip(
-                PROMPTS, ids, ours, sequences, exact, margins, alone):
+        for p, prompt_ids, (tokens, logits), seq, fp32, margin, (alone_tokens, alone_logits), exact_tokens in zip(
+                PROMPTS, ids, ours, sequences, exact, margins, alone, fp32_greedy):
             want = hf(seq.to(device())).logits[0, len(prompt_ids) - 1:].float().cpu()
             per_token = ((logits - want).norm(dim=-1) / want.norm(dim=-1))
             top = want.max(dim=-1).values
@@ -190,12 +199,15 @@ def role_check(args) -> int:
                 "per_token_rel_error_max": per_token.max().item(),
                 "tokens_over_2e-2": int((per_token > 2e-2).sum()),
                 "greedy_identical_16": tokens == greedy[: len(tokens)],
-                "first_divergence": next((i for i, (a, b) in enumerate(zip(tokens, greedy)) if a != b), None),
+                "first_divergence": _first_divergence(tokens, greedy),
                 "every_pick_argmax_or_tie": bool((picked >= top - 2e-2 * top.abs()).all()),
                 "moec_tokens": tokens, "hf_tokens": greedy,
                 "prompt_tokens": len(prompt_ids),
                 "hf_fp32_routing": margin,
                 "alone_tokens_identical": alone_tokens == tokens,
+                "hf_fp32_tokens": exact_tokens,
+                "moec_vs_hf_fp32_first_divergence": _first_divergence(tokens, exact_tokens),
+                "hf_bf16_vs_hf_fp32_first_divergence": _first_divergence(greedy, exact_tokens),
                 "alone_vs_batched_rel": ((alone_logits[: len(logits)] - logits[: len(alone_logits)]).norm()
                                          / logits.norm()).item(),
             })
