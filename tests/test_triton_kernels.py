@@ -185,7 +185,7 @@ def test_triton_path_traces_with_symbolic_tokens(top_k):
     (vr,) = ep.range_constraints.values()
     assert (vr.lower, vr.upper) == (1, 32768)
     launches = [n for n in ep.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
-    assert len(launches) == 5  # 3 align + 2 GEMMs: no K-way sum, the down GEMM accumulates
+    assert len(launches) == 6  # 3 align + the one-token assignment + 2 GEMMs: no K-way sum, down accumulates
 
 
 # a config per token range: T <= 4, 4 < T <= 12, T > 12, each with its own BLOCK_M
@@ -202,7 +202,8 @@ def _kernel_name(kwargs) -> str:
 def test_plan_gates_each_range_by_token_count():
     """A per-range plan under export with a symbolic T: every range's kernels are in the graph,
     their grids are integer expressions of T (no guard: T keeps its whole range), and evaluated
-    for a concrete T exactly the range holding T launches; the histograms always do."""
+    for a concrete T exactly the range holding T launches; the histograms and the scatter for
+    T > 1, the direct assignment (no histograms) for T = 1."""
     from moec.ops.triton.configs import encode_plan, parse_plan
     from moec.ops.triton.fused_moe import fused_moe
 
@@ -220,8 +221,8 @@ def test_plan_gates_each_range_by_token_count():
     (vr,) = ep.range_constraints.values()
     assert (vr.lower, vr.upper) == (1, 32768)
     names = [_kernel_name(n.kwargs) for n in ep.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
-    assert names == ["_align_count_kernel", "_align_scan_kernel"] + ["_align_scatter_kernel", "_gate_up_kernel",
-                                                                     "_down_kernel"] * 3
+    assert names == ["_align_count_kernel", "_align_scan_kernel"] + ["_align_scatter_kernel", "_align_direct_kernel",
+                                                                     "_gate_up_kernel", "_down_kernel"] * 3
 
     class GridsOnly(torch.fx.Interpreter):
         """Runs the graph's size arithmetic and records each launch's grid; launches nothing."""
@@ -238,10 +239,12 @@ def test_plan_gates_each_range_by_token_count():
         run.grids = []
         w, i = routing(num_tokens, 5, 2, "random")
         run.run(torch.randn(num_tokens, 72), w, i)
-        assert [g > 0 for _, g in run.grids[:2]] == [True, True]
-        per_range = [run.grids[2 + 3 * r: 5 + 3 * r] for r in range(3)]
-        assert [all(g > 0 for _, g in launches) for launches in per_range] == [r == active for r in range(3)]
-        assert all(g == 0 for r, launches in enumerate(per_range) if r != active for _, g in launches)
+        many = num_tokens > 1
+        assert [g > 0 for _, g in run.grids[:2]] == [many, many]
+        per_range = [run.grids[2 + 4 * r: 6 + 4 * r] for r in range(3)]
+        for r, launches in enumerate(per_range):
+            on = r == active
+            assert [g > 0 for _, g in launches] == [on and many, on and not many, on, on], (num_tokens, r, launches)
 
 
 @outer_only
@@ -282,6 +285,7 @@ def test_inductor_sees_the_zeroing_and_the_accumulation(monkeypatch):
     assert written["_gate_up_kernel"] == ["out_ptr", "zero_ptr"]
     assert written["_down_kernel"] == ["out_ptr"]
     assert written["_align_scatter_kernel"] == ["expert_ids_ptr", "num_post_ptr", "sorted_ptr"]
+    assert written["_align_direct_kernel"] == ["expert_ids_ptr", "num_post_ptr", "sorted_ptr"]
 
 
 @outer_only
@@ -425,6 +429,11 @@ def test_kernels_compile_for_h100():
             {"CHUNK": 256, "SUB": 16, "E_PAD": 256, "BLOCK_M": 128, "BLOCK_B": 16, "BLOCK_J": 8},
         ),
         (
+            align._align_direct_kernel,
+            {"ids_ptr": "*i64"} | idx,
+            {"BLOCK_M": 16, "A_PAD": 8},
+        ),
+        (
             router._router_topk_kernel,
             {"logits_ptr": bf16, "weights_ptr": "*fp32", "ids_ptr": "*i64", "counts_ptr": i32},
             {"TOP_K": 8, "K_PAD": 8, "E_PAD": 256, "BLOCK_T": 16, "RENORMALIZE": True},
@@ -552,6 +561,36 @@ def test_interp_align(num_tokens, num_experts, top_k, case, block_m):
         with poisoned_empty():
             out = moe_align_block_size(ids.to(id_dtype), num_experts, block_m)
         check_align(ids, num_experts, block_m, *out)
+
+
+@interp_only
+@pytest.mark.parametrize("num_experts,top_k,block_m", [(5, 1, 16), (5, 2, 16), (16, 8, 32), (256, 3, 64)])
+def test_interp_direct_assignments(num_experts, top_k, block_m):
+    """One token: block a holds assignment a alone (then padding) and belongs to its expert."""
+    from moec.ops.triton.align import align_scatter, direct_assignments, expert_histograms
+
+    _, ids = routing(1, num_experts, top_k, "random", seed=top_k)
+    with poisoned_empty():
+        sorted_ids, expert_ids, num_post = align_scatter(expert_histograms(ids, num_experts, gate=0), block_m, gate=0)
+        direct_assignments(ids, block_m, sorted_ids, expert_ids, num_post)
+    assert num_post.item() == top_k * block_m
+    assert expert_ids[:top_k].tolist() == ids[0].tolist()
+    blocks = sorted_ids[: top_k * block_m].view(top_k, block_m)
+    assert blocks[:, 0].tolist() == list(range(top_k)) and (blocks[:, 1:] == top_k).all()
+
+
+@interp_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_interp_fused_moe_one_token_many_experts(dtype):
+    """T = 1 with top-8 of 16 experts (a Qwen3-like router) through the direct path."""
+    from moec.ops.triton.fused_moe import fused_moe, fused_moe_ref
+
+    w13, w2 = moe_weights(16, 72, 40, dtype)
+    x = torch.randn(1, 72, generator=torch.Generator().manual_seed(5)).to(dtype)
+    weights, ids = routing(1, 16, 8, "random", seed=5)
+    with poisoned_empty():
+        got = fused_moe(x, w13, w2, weights, ids, "silu", config=CFG_B)
+    close(got, fused_moe_ref(x.float(), w13.float(), w2.float(), weights, ids, "silu"), dtype)
 
 
 def ref_rows(x, w13, w2, weights, ids, activation="silu"):

@@ -10,6 +10,10 @@ Only the first num_post entries of sorted_ids (num_post/BLOCK_M of expert_ids) a
 GEMMs stop there. EM = T*K + min(T*K, E)*(BLOCK_M-1) bounds num_post for any routing (only
 experts that received a token are padded), and depends on shapes only: no host sync.
 
+A single token (decode at batch 1) needs none of this: its K assignments go to K distinct
+experts, so assignment a alone is block a (`direct_assignments`, one tiny launch instead of
+three; `fused_moe` gates the two paths by T).
+
 Three launches, all sized from shapes, none data-dependent (`expert_histograms` runs the first
 two, which do not depend on BLOCK_M; `align_scatter` the third, per config `fused_moe` runs):
   count    one program per CHUNK assignments: that chunk's per-expert histogram
@@ -130,6 +134,19 @@ def _align_scatter_kernel(
         tl.store(expert_ids_ptr + bs, ex, mask=bs < num_blocks)
 
 
+@triton.jit
+def _align_direct_kernel(
+    ids_ptr, sorted_ptr, expert_ids_ptr, num_post_ptr, num_assign, BLOCK_M: tl.constexpr, A_PAD: tl.constexpr
+):
+    a = tl.arange(0, A_PAD)
+    ok = a < num_assign
+    tl.store(expert_ids_ptr + a, tl.load(ids_ptr + a, mask=ok, other=0).to(tl.int32), mask=ok)
+    j = tl.arange(0, BLOCK_M)
+    rows = tl.where(j[None, :] == 0, a[:, None], num_assign)  # block a: assignment a, then padding
+    tl.store(sorted_ptr + a[:, None] * BLOCK_M + j[None, :], rows, mask=ok[:, None])
+    tl.store(num_post_ptr, num_assign * BLOCK_M)
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
@@ -159,8 +176,9 @@ class ExpertHistograms:
     sub: int
 
 
-def expert_histograms(topk_ids: torch.Tensor, num_experts: int) -> ExpertHistograms:
-    """topk_ids [T, K] (any int dtype, values in [0, E)) → per-chunk, per-expert counts, scanned."""
+def expert_histograms(topk_ids: torch.Tensor, num_experts: int, gate=1) -> ExpertHistograms:
+    """topk_ids [T, K] (any int dtype, values in [0, E)) → per-chunk, per-expert counts, scanned.
+    `gate` (0 or 1, maybe symbolic) multiplies the grids: gated to 0, nothing is computed."""
     if not 1 <= num_experts <= MAX_EXPERTS:
         raise ValueError(f"moe_align_block_size: {num_experts} experts; supported 1..{MAX_EXPERTS}")
     ids = topk_ids.reshape(-1)
@@ -178,10 +196,10 @@ def expert_histograms(topk_ids: torch.Tensor, num_experts: int) -> ExpertHistogr
     sub = min(CHUNK, max(16, 4096 // e_pad))
     block_e = min(e_pad, 32)
 
-    wrap_triton(_align_count_kernel)[(num_chunks,)](
+    wrap_triton(_align_count_kernel)[(num_chunks * gate,)](
         ids, counts, num_assign, CHUNK=CHUNK, SUB=sub, E_PAD=e_pad, num_warps=4
     )
-    wrap_triton(_align_scan_kernel)[(e_pad // block_e,)](
+    wrap_triton(_align_scan_kernel)[(e_pad // block_e * gate,)](
         counts, offsets, totals, num_chunks, E_PAD=e_pad, BLOCK_E=block_e, BLOCK_P=4096 // block_e, num_warps=4
     )
     return ExpertHistograms(ids, offsets, totals, num_experts, num_chunks, e_pad, sub)
@@ -217,6 +235,19 @@ def align_scatter(hist: ExpertHistograms, block_m: int, gate=1) -> tuple[torch.T
         num_warps=4,
     )
     return sorted_ids, expert_ids, num_post
+
+
+def direct_assignments(topk_ids: torch.Tensor, block_m: int, sorted_ids: torch.Tensor, expert_ids: torch.Tensor,
+                       num_post: torch.Tensor, gate=1) -> None:
+    """For one token: assignment a as block a of expert topk_ids[0, a], written into the buffers
+    `align_scatter` returned (the same layout, so the GEMMs cannot tell). `gate` as there."""
+    ids = topk_ids.reshape(-1)
+    if not ids.is_contiguous():
+        ids = ids.contiguous()
+    top_k = topk_ids.shape[1]
+    wrap_triton(_align_direct_kernel)[(gate,)](
+        ids, sorted_ids, expert_ids, num_post, top_k, BLOCK_M=block_m, A_PAD=_next_pow2(max(top_k, 2)), num_warps=1
+    )
 
 
 def moe_align_block_size(

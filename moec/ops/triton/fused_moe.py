@@ -4,7 +4,8 @@ and the plain-PyTorch composition of the existing references to compare with.
 Launches, all sized from shapes (no host sync, no data-dependent shapes, so the sequence can be
 captured in a CUDA graph and traced with a symbolic token count): 2 for the expert histograms,
 then per config a scatter (align), the gate/up GEMM (which also zeroes the output) and the down
-GEMM (which accumulates into it): 5 for one config.
+GEMM (which accumulates into it): 5 for one config. A single token (T = 1) replaces the
+histograms and the scatter with one launch that makes each assignment its own block: 3.
 
 A tuned plan (`configs.parse_plan`) gives a config per token range. Every config of the plan is
 compiled in, and each of its launches has its grid multiplied by a gate: 1 when T is in the
@@ -25,7 +26,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from moec.ops.moe_combine import moe_combine_ref
 from moec.ops.moe_experts import moe_experts_ref
-from moec.ops.triton.align import align_scatter, expert_histograms
+from moec.ops.triton.align import align_scatter, direct_assignments, expert_histograms
 from moec.ops.triton.configs import DYNAMIC_CONFIG, default_config, split_config
 from moec.ops.triton.grouped_gemm import ACTIVATION_CODES, unit_last_stride, down_grouped, gate_up_grouped
 
@@ -117,14 +118,17 @@ def fused_moe(
     hidden, w13, w2 = unit_last_stride(hidden), unit_last_stride(w13), unit_last_stride(w2)
     out = torch.empty(num_tokens, hidden_size, dtype=hidden.dtype, device=hidden.device)
     inter = torch.empty(num_tokens * top_k, two_i // 2, dtype=hidden.dtype, device=hidden.device)
-    hist = expert_histograms(topk_ids, num_experts)
+    # one token skips the histograms and the scatter: its assignments are the blocks themselves
+    one, many = token_range_gate(num_tokens, 0, 1), token_range_gate(num_tokens, 1, None)
+    hist = expert_histograms(topk_ids, num_experts, many)
     lo = 0
     for hi, gate_up_cfg, down_cfg in launches:
         gate = token_range_gate(num_tokens, lo, hi)
         lo = hi
         if isinstance(gate, int) and gate == 0:
             continue
-        align = align_scatter(hist, gate_up_cfg["BLOCK_M"], gate)
+        align = align_scatter(hist, gate_up_cfg["BLOCK_M"], gate * many)
+        direct_assignments(topk_ids, gate_up_cfg["BLOCK_M"], *align, gate=gate * one)
         gate_up_grouped(hidden, w13, *align, top_k, gate_up_cfg, activation, out=inter,
                         zero_out=out if top_k > 1 else None, gate=gate)
         down_grouped(inter, w2, topk_weights, *align, down_cfg, out=out, gate=gate)
