@@ -269,17 +269,18 @@ class Layer:
         return self._w32
 
     # routers ----------------------------------------------------------------------------------
-    def route(self, hidden):
-        """moec's router: (weights f32 [T, K], ids [T, K], counts i32 [E])."""
+    def route(self, hidden, count: bool = True):
+        """moec's router: (weights f32 [T, K], ids [T, K], counts i32 [E], or None without `count`
+        on the Triton path, as the compiled op runs it)."""
         if self.mode is not None:
-            return self._fused_router(hidden, self.gate_w, self.K, self.renormalize)
+            return self._fused_router(hidden, self.gate_w, self.K, self.renormalize, count=count)
         w, ids = torch.ops.moec.moe_router(hidden, self.gate_w, self.K, self.renormalize)
         counts = torch.bincount(ids.reshape(-1), minlength=self.E).to(torch.int32)
         return w, ids, counts
 
     # paths ------------------------------------------------------------------------------------
     def moec(self, hidden, config=None):
-        w, ids, _ = self.route(hidden)
+        w, ids, _ = self.route(hidden, count=False)
         if self.mode is None:  # CPU without Triton: the op's reference body
             return torch.ops.moec.fused_moe(hidden, self.w13, self.w2, w, ids, "silu")
         return self._fused_moe(hidden, self.w13, self.w2, w, ids, "silu", config)

@@ -436,7 +436,19 @@ def test_kernels_compile_for_h100():
         (
             router._router_topk_kernel,
             {"logits_ptr": bf16, "weights_ptr": "*fp32", "ids_ptr": "*i64", "counts_ptr": i32},
-            {"TOP_K": 8, "K_PAD": 8, "E_PAD": 256, "BLOCK_T": 16, "RENORMALIZE": True},
+            {"TOP_K": 8, "K_PAD": 8, "E_PAD": 256, "BLOCK_T": 16, "RENORMALIZE": True, "COUNT": True},
+        ),
+        (  # Mixtral's router (8 experts, padded to 16) and Qwen3's (128, top-8), as moe_router runs them
+            router._router_kernel,
+            {"hidden_ptr": bf16, "gate_ptr": bf16, "weights_ptr": "*fp32", "ids_ptr": "*i64", "counts_ptr": i32},
+            {"TOP_K": 2, "K_PAD": 2, "E_PAD": 16, "BLOCK_T": 32, "BLOCK_H": 128, "RENORMALIZE": True,
+             "COUNT": False, "IEEE": False},
+        ),
+        (
+            router._router_kernel,
+            {"hidden_ptr": bf16, "gate_ptr": bf16, "weights_ptr": "*fp32", "ids_ptr": "*i64", "counts_ptr": i32},
+            {"TOP_K": 8, "K_PAD": 8, "E_PAD": 128, "BLOCK_T": 16, "BLOCK_H": 64, "RENORMALIZE": True,
+             "COUNT": False, "IEEE": False},
         ),
     ]
     for kernel, ptrs, consts in small:
@@ -522,6 +534,35 @@ def test_interp_router(num_tokens, num_experts, top_k, renorm, dtype):
         assert agree > 0.97, agree
         torch.testing.assert_close(got_w.sort(-1).values, want_w.sort(-1).values, atol=2e-3, rtol=2e-3)
     assert torch.equal(counts.long(), torch.bincount(got_i.flatten(), minlength=num_experts))
+    with poisoned_empty():  # as moe_router runs it: no counts
+        w2, i2, none = fused_router(hidden, gate, top_k, renorm, count=False)
+    assert none is None and torch.equal(i2, got_i) and torch.equal(w2, got_w)
+    # from given logits (the logits rounded to the input dtype, as the fused kernel rounds them)
+    from moec.ops.triton.router import router_topk
+
+    logits = torch.nn.functional.linear(hidden, gate)
+    with poisoned_empty():
+        w3, i3, counts3 = router_topk(logits, top_k, renorm)
+    assert torch.equal(i3, got_i) and torch.equal(counts3, counts)
+    torch.testing.assert_close(w3, got_w, atol=1e-6, rtol=1e-5)
+
+
+@interp_only
+@pytest.mark.parametrize("num_tokens,hidden_size", [(1, 4096), (45, 200), (70, 40)])
+def test_interp_router_long_hidden(num_tokens, hidden_size):
+    """Hidden sizes past one BLOCK_H step (and not a multiple of it), several row blocks: the
+    fused logits equal F.linear's rounded to the input dtype, so the routing is the reference's."""
+    from moec.ops.moe_router import moe_router_ref
+    from moec.ops.triton.router import fused_router
+
+    g = torch.Generator().manual_seed(hidden_size)
+    hidden = torch.randn(num_tokens, hidden_size, generator=g).to(torch.float16)
+    gate = (torch.randn(8, hidden_size, generator=g) / hidden_size**0.5).to(torch.float16)
+    want_w, want_i = moe_router_ref(hidden, gate, 2, True)
+    with poisoned_empty():
+        got_w, got_i, _ = fused_router(hidden, gate, 2, True, count=False)
+    assert (got_i == want_i).float().mean().item() > 0.97
+    torch.testing.assert_close(got_w.sort(-1).values, want_w.sort(-1).values, atol=2e-3, rtol=2e-3)
 
 
 def check_align(ids: torch.Tensor, num_experts: int, block_m: int, sorted_ids, expert_ids, num_post):

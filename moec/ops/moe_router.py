@@ -2,9 +2,10 @@
 
 A `triton_op`: export keeps it as one node (the MoE pass and `--explain` see it), and Inductor
 traces its body. On CUDA the body is the fused Triton router (`moec.ops.triton.router`: one
-kernel after the logits GEMM, where the reference launches softmax, a sort-based top-k and the
-renormalisation — 8 us of sort kernels a layer at decode on an H200), compiled into the `.pt2`
-like `fused_moe`; elsewhere the reference below is compiled like any other PyTorch code.
+kernel for the logits matvec, softmax and top-k, where the reference launches a cuBLAS GEMM with
+its split-K reduction, softmax, a sort-based top-k and the renormalisation — 8 us of sort
+kernels alone a layer at decode on an H200), compiled into the `.pt2` like `fused_moe`;
+elsewhere the reference below is compiled like any other PyTorch code.
 """
 
 from __future__ import annotations
@@ -37,6 +38,6 @@ def moe_router(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden [T, H], gate_weight [E, H] → (topk_weights f32 [T, K], topk_ids i64 [T, K])."""
     if hidden.is_cuda and fused_router is not None and gate_weight.shape[0] <= MAX_EXPERTS:
-        weights, ids, _ = fused_router(hidden, gate_weight, top_k, renormalize)
+        weights, ids, _ = fused_router(hidden, gate_weight, top_k, renormalize, count=False)
         return weights, ids
     return moe_router_ref(hidden, gate_weight, top_k, renormalize)

@@ -1,21 +1,58 @@
-"""Fused router: softmax (float32) + top-k + renormalise + per-expert counts, one kernel.
+"""Fused router: logits + softmax (float32) + top-k + renormalise (+ per-expert counts), one kernel.
 
-The logits come from a regular matmul (`hidden @ gate_weight.T`, cuBLAS or Inductor): that
-GEMM is [T, H] x [H, E] with E small, already memory-bound and well served. Everything after it
-is one pass over the [T, E] logits instead of the four or five elementwise/topk kernels the
-reference launches, which at decode is launch overhead on the critical path.
+The logits GEMM is [T, H] x [H, E] with E small: as a cuBLAS call it was, at decode, a 4 us
+split-K matvec plus its reduction kernel for 64 KB of weights (Mixtral, H200), then the top-k
+kernel. `_router_kernel` computes the logits itself (tl.dot over H in BLOCK_H steps, experts
+padded to at least 16 columns), rounds them to the input dtype as F.linear's output is rounded
+(so the routing is the reference's, near-ties included), and goes on to the softmax and top-k
+in registers: one launch a layer. `router_topk` does the same from given logits.
 
 Top-k is K rounds of (row max, lowest index attaining it, mask it out): no sort, and ties go to
-the lower expert index. The per-expert counts are int32 atomic adds into a zeroed [E] buffer.
+the lower expert index. The per-expert counts, when asked for, are int32 atomic adds into a
+zeroed [E] buffer.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
+
+
+@triton.jit
+def _topk_epilogue(x, rows, row_ok, weights_ptr, ids_ptr, counts_ptr, num_experts, TOP_K: tl.constexpr,
+                   K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORMALIZE: tl.constexpr, COUNT: tl.constexpr):
+    """x [BLOCK_T, E_PAD] float32 logits (padding columns anything) → softmax, top-k, stores."""
+    cols = tl.arange(0, E_PAD)
+    kcols = tl.arange(0, K_PAD)
+    col_ok = cols < num_experts
+    x = tl.where(col_ok[None, :], x, float("-inf"))  # padding experts take no probability
+    x_max = tl.max(x, axis=1)
+    p = tl.exp(x - x_max[:, None])
+    p = p / tl.sum(p, axis=1)[:, None]
+    # padding experts must never win a round, even against a real expert whose probability
+    # underflowed to 0: mark them (and, below, experts already chosen) with -1
+    p = tl.where(col_ok[None, :], p, -1.0)
+
+    top_w = tl.zeros((x.shape[0], K_PAD), dtype=tl.float32)
+    top_i = tl.zeros((x.shape[0], K_PAD), dtype=tl.int32)
+    for k in range(TOP_K):
+        best = tl.max(p, axis=1)
+        idx = tl.min(tl.where(p == best[:, None], cols[None, :], E_PAD), axis=1)
+        idx = tl.minimum(idx, num_experts - 1)  # a NaN row matches nothing: stay in bounds
+        top_w = tl.where(kcols[None, :] == k, best[:, None], top_w)
+        top_i = tl.where(kcols[None, :] == k, idx[:, None], top_i)
+        p = tl.where(cols[None, :] == idx[:, None], -1.0, p)
+    if RENORMALIZE:
+        top_w = top_w / tl.sum(top_w, axis=1)[:, None]  # padding k columns hold 0
+
+    k_ok = row_ok[:, None] & (kcols < TOP_K)[None, :]
+    out_off = rows.to(tl.int64)[:, None] * TOP_K + kcols[None, :]
+    tl.store(weights_ptr + out_off, top_w, mask=k_ok)
+    tl.store(ids_ptr + out_off, top_i.to(ids_ptr.dtype.element_ty), mask=k_ok)
+    if COUNT:
+        tl.atomic_add(counts_ptr + top_i, tl.full(top_i.shape, 1, tl.int32), mask=k_ok)
 
 
 @triton.jit
@@ -33,90 +70,125 @@ def _router_topk_kernel(
     E_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr,
     RENORMALIZE: tl.constexpr,
+    COUNT: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, E_PAD)
-    kcols = tl.arange(0, K_PAD)
     row_ok = rows < num_tokens
-    col_ok = cols < num_experts
-    ok = row_ok[:, None] & col_ok[None, :]
+    ok = row_ok[:, None] & (cols < num_experts)[None, :]
     ptrs = logits_ptr + rows.to(tl.int64)[:, None] * stride_lt + cols[None, :] * stride_le
     x = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
-    x = tl.where(col_ok[None, :], x, float("-inf"))  # padding experts take no probability
-    x_max = tl.max(x, axis=1)
-    p = tl.exp(x - x_max[:, None])
-    p = p / tl.sum(p, axis=1)[:, None]
-    # padding experts must never win a round, even against a real expert whose probability
-    # underflowed to 0: mark them (and, below, experts already chosen) with -1
-    p = tl.where(col_ok[None, :], p, -1.0)
-
-    top_w = tl.zeros((BLOCK_T, K_PAD), dtype=tl.float32)
-    top_i = tl.zeros((BLOCK_T, K_PAD), dtype=tl.int32)
-    for k in range(TOP_K):
-        best = tl.max(p, axis=1)
-        idx = tl.min(tl.where(p == best[:, None], cols[None, :], E_PAD), axis=1)
-        idx = tl.minimum(idx, num_experts - 1)  # a NaN row matches nothing: stay in bounds
-        top_w = tl.where(kcols[None, :] == k, best[:, None], top_w)
-        top_i = tl.where(kcols[None, :] == k, idx[:, None], top_i)
-        p = tl.where(cols[None, :] == idx[:, None], -1.0, p)
-    if RENORMALIZE:
-        top_w = top_w / tl.sum(top_w, axis=1)[:, None]  # padding k columns hold 0
-
-    k_ok = row_ok[:, None] & (kcols < TOP_K)[None, :]
-    out_off = rows.to(tl.int64)[:, None] * TOP_K + kcols[None, :]
-    tl.store(weights_ptr + out_off, top_w, mask=k_ok)
-    tl.store(ids_ptr + out_off, top_i.to(ids_ptr.dtype.element_ty), mask=k_ok)
-    tl.atomic_add(counts_ptr + top_i, tl.full((BLOCK_T, K_PAD), 1, tl.int32), mask=k_ok)
+    _topk_epilogue(x, rows, row_ok, weights_ptr, ids_ptr, counts_ptr, num_experts, TOP_K, K_PAD, E_PAD,
+                   RENORMALIZE, COUNT)
 
 
-MAX_EXPERTS = 256  # one row of logits per program, held in registers
+@triton.jit
+def _router_kernel(
+    hidden_ptr,
+    gate_ptr,
+    weights_ptr,
+    ids_ptr,
+    counts_ptr,
+    num_tokens,
+    num_experts,
+    hidden_size,
+    stride_ht,
+    stride_ge,
+    TOP_K: tl.constexpr,
+    K_PAD: tl.constexpr,
+    E_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    COUNT: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, E_PAD)
+    row_ok = rows < num_tokens
+    col_ok = cols < num_experts
+    x_rows = hidden_ptr + rows.to(tl.int64)[:, None] * stride_ht
+    w_cols = gate_ptr + cols.to(tl.int64)[None, :] * stride_ge
+    acc = tl.zeros((BLOCK_T, E_PAD), dtype=tl.float32)
+    for h0 in range(0, hidden_size, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)
+        h_ok = h < hidden_size
+        x = tl.load(x_rows + h[None, :], mask=row_ok[:, None] & h_ok[None, :], other=0.0)  # [BLOCK_T, BLOCK_H]
+        w = tl.load(w_cols + h[:, None], mask=h_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_H, E_PAD]
+        if IEEE:
+            acc = tl.dot(x, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w, acc)
+    logits = acc.to(hidden_ptr.dtype.element_ty).to(tl.float32)  # rounded as F.linear's output is
+    _topk_epilogue(logits, rows, row_ok, weights_ptr, ids_ptr, counts_ptr, num_experts, TOP_K, K_PAD, E_PAD,
+                   RENORMALIZE, COUNT)
+
+
+MAX_EXPERTS = 256  # a block of rows of logits per program, held in registers
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def router_topk(
-    logits: torch.Tensor, top_k: int, renormalize: bool, ids_dtype: torch.dtype = torch.int64
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits [T, E] (any float dtype) → (topk_weights f32 [T, K], topk_ids [T, K], counts i32 [E]).
-
-    counts[e] = how many of the T*K assignments chose expert e. E ≤ 256 (one row per program
-    fits in registers), 1 ≤ K ≤ E.
-    """
-    num_tokens, num_experts = logits.shape
+def _check(num_experts: int, top_k: int) -> None:
     if not 1 <= num_experts <= MAX_EXPERTS:
         raise ValueError(f"router_topk: {num_experts} experts; the fused router handles 1..{MAX_EXPERTS}")
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"router_topk: top_k={top_k} with {num_experts} experts")
-    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
-    ids = torch.empty(num_tokens, top_k, dtype=ids_dtype, device=logits.device)
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=logits.device)
-    e_pad = max(_next_pow2(num_experts), 2)
-    block_t = max(1, min(128, 4096 // e_pad))
-    grid = (triton.cdiv(num_tokens, block_t),)
-    wrap_triton(_router_topk_kernel)[grid](
-        logits,
-        weights,
-        ids,
-        counts,
-        num_tokens,
-        num_experts,
-        logits.stride(0),
-        logits.stride(1),
-        TOP_K=top_k,
-        K_PAD=max(_next_pow2(top_k), 2),
-        E_PAD=e_pad,
-        BLOCK_T=block_t,
-        RENORMALIZE=bool(renormalize),
-        num_warps=4,
-    )
+
+
+def _outputs(num_tokens, num_experts: int, top_k: int, ids_dtype: torch.dtype, device, count: bool):
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
+    ids = torch.empty(num_tokens, top_k, dtype=ids_dtype, device=device)
+    # without counts the kernel never touches the buffer: no memset launch for it
+    counts = (torch.zeros if count else torch.empty)(num_experts if count else 1, dtype=torch.int32, device=device)
     return weights, ids, counts
 
 
+def router_topk(
+    logits: torch.Tensor, top_k: int, renormalize: bool, ids_dtype: torch.dtype = torch.int64, count: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """logits [T, E] (any float dtype) → (topk_weights f32 [T, K], topk_ids [T, K], counts i32 [E]).
+
+    counts[e] = how many of the T*K assignments chose expert e (None unless `count`). E ≤ 256
+    (a block of rows per program fits in registers), 1 ≤ K ≤ E.
+    """
+    num_tokens, num_experts = logits.shape
+    _check(num_experts, top_k)
+    weights, ids, counts = _outputs(num_tokens, num_experts, top_k, ids_dtype, logits.device, count)
+    e_pad = max(_next_pow2(num_experts), 2)
+    block_t = max(1, min(128, 4096 // e_pad))
+    wrap_triton(_router_topk_kernel)[(triton.cdiv(num_tokens, block_t),)](
+        logits, weights, ids, counts, num_tokens, num_experts, logits.stride(0), logits.stride(1),
+        TOP_K=top_k, K_PAD=max(_next_pow2(top_k), 2), E_PAD=e_pad, BLOCK_T=block_t,
+        RENORMALIZE=bool(renormalize), COUNT=count, num_warps=4,
+    )
+    return weights, ids, counts if count else None
+
+
 def fused_router(
-    hidden: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hidden [T, H], gate_weight [E, H] → as `router_topk` (the logits GEMM stays a matmul)."""
-    return router_topk(F.linear(hidden, gate_weight), top_k, renormalize)
+    hidden: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: bool, count: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """hidden [T, H], gate_weight [E, H] → as `router_topk`, the logits computed in the same kernel."""
+    num_tokens, hidden_size = hidden.shape
+    num_experts = gate_weight.shape[0]
+    _check(num_experts, top_k)
+    if gate_weight.shape[1] != hidden_size or gate_weight.dtype != hidden.dtype:
+        raise ValueError(f"fused_router: gate_weight {tuple(gate_weight.shape)} {gate_weight.dtype} does not fit "
+                         f"hidden {tuple(hidden.shape)} {hidden.dtype}")
+    if hidden.stride(-1) != 1:
+        hidden = hidden.contiguous()
+    if gate_weight.stride(-1) != 1:
+        gate_weight = gate_weight.contiguous()
+    weights, ids, counts = _outputs(num_tokens, num_experts, top_k, torch.int64, hidden.device, count)
+    e_pad = max(_next_pow2(num_experts), 16)  # tl.dot's N
+    block_t = 16 if e_pad >= 128 else 32
+    block_h = 64 if e_pad >= 128 else 128
+    wrap_triton(_router_kernel)[(triton.cdiv(num_tokens, block_t),)](
+        hidden, gate_weight, weights, ids, counts, num_tokens, num_experts, hidden_size,
+        hidden.stride(0), gate_weight.stride(0),
+        TOP_K=top_k, K_PAD=max(_next_pow2(top_k), 2), E_PAD=e_pad, BLOCK_T=block_t, BLOCK_H=block_h,
+        RENORMALIZE=bool(renormalize), COUNT=count, IEEE=hidden.dtype == torch.float32, num_warps=4, num_stages=3,
+    )
+    return weights, ids, counts if count else None
