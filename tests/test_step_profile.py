@@ -58,3 +58,18 @@ def test_profile_of_the_tiny_artifact(tiny_artifact, tmp_path):
     assert (tmp_path / "timeline.png").stat().st_size > 0
     assert engine.allocator.num_free == free  # the profiled sequences gave their blocks back
     assert "ms/step" in format_table(result)
+
+
+def test_prefill_profile_of_the_tiny_artifact(tiny_artifact, tmp_path):
+    from moec.runtime import Engine
+    from moec.runtime.step_profile import profile_prefill
+
+    engine = Engine.load(tiny_artifact)
+    free = engine.allocator.num_free
+    result = profile_prefill(engine, 40, out_dir=tmp_path)
+    assert result.kind == "prefill" and result.context == 40 and result.steps == 1
+    write_kv = next(op for op in result.ops if op["name"] == "moec::write_kv")
+    assert write_kv["calls_per_step"] == 2  # one step through both layers
+    assert (tmp_path / "timeline.png").stat().st_size > 0
+    assert engine.allocator.num_free == free
+    assert format_table(result).startswith("prefill, 40 tokens in 1 step(s)")

@@ -53,7 +53,7 @@ from moec.runtime.gpu_telemetry import GpuTelemetry
 from moec.runtime.launch import is_rank_zero
 from moec.runtime.regression_gate import RESULT_FORMAT, device_kind, git_commit, metric, run_gate
 from moec.runtime.roofline import ModelShape, StepCost, decode_step, prefill_step
-from moec.runtime.step_profile import StepProfile, format_table, profile_decode
+from moec.runtime.step_profile import StepProfile, format_table, profile_decode, profile_prefill
 
 UNITS = {
     "load_s": "s", "time_to_first_token_s": "s", "run_s": "s", "decode_s": "s", "step_ms": "ms", "bound_s": "s",
@@ -344,6 +344,10 @@ def run_bench(artifact: str | Path, settings: BenchSettings, verify: bool = True
         for batch in (b for b in settings.batch_sizes if b <= spec.max_batch and engine.world == 1):
             console.print(f"profiling decode, batch {batch} ...")
             profile = profile_decode(engine, batch, context, steps=3, out_dir=Path(profile_dir) / f"decode-b{batch}")
+            profiles.append({**profile.as_dict(), "ops": profile.ops[:40]})
+        if engine.world == 1 and prefill_tokens:
+            console.print(f"profiling prefill, {prefill_tokens} tokens ...")
+            profile = profile_prefill(engine, prefill_tokens, out_dir=Path(profile_dir) / f"prefill-{prefill_tokens}")
             profiles.append({**profile.as_dict(), "ops": profile.ops[:40]})
 
     cuda = device.type == "cuda"

@@ -1,4 +1,4 @@
-"""Where a decode step's time goes: kernels and copies per stream, from `torch.profiler`.
+"""Where a decode (or prefill) step's time goes: kernels and copies per stream, from `torch.profiler`.
 
 `profile_decode` starts `batch` sequences, steps until each decodes, then profiles a few pure
 decode steps exactly as the engine runs them (CUDA-graph replays included: the profiler sees the
@@ -6,9 +6,11 @@ kernels inside a replayed graph). From the trace it takes the device's work — 
 memsets on every stream — and reports, per step: wall time, the share of it each stream was busy
 (an offloaded artifact's weight-copy stream next to the compute stream), and the operations by
 time. It writes the trace (open in Perfetto or chrome://tracing) and a timeline of the last step,
-one row per stream. On a CPU the rows are the threads' top-level operators.
+one row per stream. On a CPU the rows are the threads' top-level operators. `profile_prefill`
+does the same for one long prompt's prefill (the step that time-to-first-token waits on).
 
-    moe-runtime bench ARTIFACT --profile DIR        (one profile per batch size, after the timings)
+    moe-runtime bench ARTIFACT --profile DIR        (one profile per batch size and one of the
+                                                     prefill, after the timings)
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class StepProfile:
     ops: list[dict] = field(default_factory=list)  # by time: name, kind, calls_per_step, us_per_step, share
     trace: str | None = None
     timeline: str | None = None
+    kind: str = "decode"  # or "prefill": one step over a prompt of `context` tokens
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -163,6 +166,47 @@ def profile_decode(engine, batch: int, context: int, steps: int = 3, out_dir: st
     return result
 
 
+def profile_prefill(engine, tokens: int, out_dir: str | Path | None = None) -> StepProfile:
+    """Profile the prefill of one prompt of `tokens` random tokens (one step when the compiled
+    step holds them all; more otherwise), through its first token."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    cuda = engine.device.type == "cuda"
+    tokens = max(1, min(tokens, engine.spec.max_seq_len - 1))
+    ids = torch.randint(0, engine.spec.vocab_size, (tokens,), generator=torch.Generator().manual_seed(1)).tolist()
+    engine.generate([ids], max_tokens=1, ignore_eos=True)  # warm: the same shapes, off the record
+    seq = engine.new_sequence(ids, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+    engine.scheduler.add(seq)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    steps = 0
+    try:
+        with profile(activities=activities) as prof:
+            if cuda:
+                torch.cuda.synchronize(engine.device)
+            start = time.perf_counter()
+            while not seq.output_ids:
+                with record_function(f"{STEP_MARK}_{steps}"):
+                    engine.step()
+                steps += 1
+            if cuda:
+                torch.cuda.synchronize(engine.device)
+            wall_s = time.perf_counter() - start
+    finally:
+        engine.abort(seq)
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(out_dir if out_dir is not None else scratch)
+        out.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(out / "trace.json"))
+        events, marks = work_events(json.loads((out / "trace.json").read_text()))
+    result = StepProfile(batch=1, context=tokens, steps=steps, step_ms=wall_s / steps * 1e3, kind="prefill",
+                         **summarize(events, steps, wall_s))
+    if out_dir is not None:
+        result.trace = str(out / "trace.json")
+        result.timeline = plot_timeline(events, marks, out / "timeline.png",
+                                        f"prefill step, {tokens} tokens ({engine.device.type})")
+    return result
+
+
 def plot_timeline(events: list[dict], marks: list[tuple[float, float]], path: Path, title: str) -> str | None:
     """The last profiled step's work, one row per stream (thread), coloured by kind."""
     try:
@@ -199,7 +243,9 @@ def plot_timeline(events: list[dict], marks: list[tuple[float, float]], path: Pa
 def format_table(result: StepProfile, top: int = 12) -> str:
     lanes = ", ".join(f"{lane} {share:.0%}" for lane, share in result.lanes.items())
     copying = f", copying {result.copy_busy_fraction:.0%}" if result.copy_busy_fraction is not None else ""
-    lines = [f"decode step, batch {result.batch}, context {result.context}: {result.step_ms:.3f} ms/step; "
+    what = (f"prefill, {result.context} tokens in {result.steps} step(s)" if result.kind == "prefill"
+            else f"decode step, batch {result.batch}, context {result.context}")
+    lines = [f"{what}: {result.step_ms:.3f} ms/step; "
              f"busy {result.busy_fraction:.0%} ({lanes}); computing {result.compute_busy_fraction:.0%}{copying}",
              f"  {'us/step':>9} {'calls':>6} {'share':>6}  operation"]
     for op in result.ops[:top]:
