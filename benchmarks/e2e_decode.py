@@ -340,6 +340,49 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def measure(args, result: dict, save, work: Path, out: Path, deadline: float, reserve: float = 0.0,
+            first: bool = True) -> None:
+    """moec's bench, then the check (logits, tokens, HF eager's speed), then (first run only, if
+    the budget allows) HF grouped_mm + compile, into `result`, saved after each part; `reserve`
+    seconds of the budget stay for later repeats."""
+    bench_json = work / "moec_bench.json"
+    proc = run([sys.executable, "-m", "moec.runtime", "bench", str(work / "artifact"), "--batch-sizes", ",".join(map(str, args.batch_sizes)),
+                "--context", str(args.context), "--decode-tokens", "64", "--prefill-tokens", str(args.prefill),
+                "--json", str(bench_json), "--no-verify", *(["--profile", str(out / "profile")] if first else [])],
+               timeout=deadline - time.perf_counter())
+    print(proc.stdout[-16000:], file=sys.stderr)  # the bench table and every batch's profile table
+    if bench_json.is_file():
+        result["moec"] = json.loads(bench_json.read_text())
+    save()
+
+    check_json = work / "check.json"
+    left = deadline - time.perf_counter()
+    proc = run([sys.executable, __file__, "--role", "check", "--artifact", str(work / "artifact"),
+                "--hf-dir", str(work / "hf"), "--result", str(check_json), "--seconds", str(max(left - reserve - 150, 20)),
+                "--batch-sizes", ",".join(map(str, args.batch_sizes)), "--context", str(args.context),
+                "--prefill", str(args.prefill)], timeout=left)
+    print(proc.stdout[-3000:], file=sys.stderr)
+    if check_json.is_file():
+        check = json.loads(check_json.read_text())
+        result["hf_eager"] = check.pop("hf_eager", None)
+        result["check"] = check
+    save()
+
+    left = deadline - time.perf_counter() - reserve
+    if first and left > 60:
+        compile_json = work / "hf_compile.json"
+        proc = run([sys.executable, __file__, "--role", "hf_compile", "--hf-dir", str(work / "hf"),
+                    "--result", str(compile_json), "--seconds", str(left - 50),
+                    "--batch-sizes", ",".join(map(str, args.batch_sizes)), "--context", str(args.context),
+                    "--prefill", str(args.prefill)], timeout=left)
+        print(proc.stdout[-3000:], file=sys.stderr)
+        if compile_json.is_file():
+            result["hf_compile"] = json.loads(compile_json.read_text())
+    else:
+        result["skipped"].append("hf grouped_mm + compile: time budget")
+    save()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--role", choices=["main", "check", "hf_compile"], default="main")
@@ -355,6 +398,11 @@ def main() -> int:
     parser.add_argument("--hf-dir")
     parser.add_argument("--result")
     parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="measure the compiled model this many times (e2e_decode-rK.json for K > 1): "
+                             "gpu_gate.sh --flicker checks that the gates hold on every one")
+    parser.add_argument("--repeat-s", type=float, default=75,
+                        help="seconds one repeat needs (bench + check); budgeted before HF compile")
     args = parser.parse_args()
     args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",")]
     if args.role == "check":
@@ -396,42 +444,16 @@ def main() -> int:
         return 1
     save()
 
-    bench_json = work / "moec_bench.json"
-    proc = run([sys.executable, "-m", "moec.runtime", "bench", str(work / "artifact"), "--batch-sizes", ",".join(map(str, args.batch_sizes)),
-                "--context", str(args.context), "--decode-tokens", "64", "--prefill-tokens", str(args.prefill),
-                "--json", str(bench_json), "--no-verify", "--profile", str(out / "profile")],
-               timeout=deadline - time.perf_counter())
-    print(proc.stdout[-16000:], file=sys.stderr)  # the bench table and every batch's profile table
-    if bench_json.is_file():
-        result["moec"] = json.loads(bench_json.read_text())
-    save()
-
-    check_json = work / "check.json"
-    left = deadline - time.perf_counter()
-    proc = run([sys.executable, __file__, "--role", "check", "--artifact", str(work / "artifact"),
-                "--hf-dir", str(work / "hf"), "--result", str(check_json), "--seconds", str(max(left - 150, 20)),
-                "--batch-sizes", ",".join(map(str, args.batch_sizes)), "--context", str(args.context),
-                "--prefill", str(args.prefill)], timeout=left)
-    print(proc.stdout[-3000:], file=sys.stderr)
-    if check_json.is_file():
-        check = json.loads(check_json.read_text())
-        result["hf_eager"] = check.pop("hf_eager", None)
-        result["check"] = check
-    save()
-
-    left = deadline - time.perf_counter()
-    if left > 60:
-        compile_json = work / "hf_compile.json"
-        proc = run([sys.executable, __file__, "--role", "hf_compile", "--hf-dir", str(work / "hf"),
-                    "--result", str(compile_json), "--seconds", str(left - 50),
-                    "--batch-sizes", ",".join(map(str, args.batch_sizes)), "--context", str(args.context),
-                    "--prefill", str(args.prefill)], timeout=left)
-        print(proc.stdout[-3000:], file=sys.stderr)
-        if compile_json.is_file():
-            result["hf_compile"] = json.loads(compile_json.read_text())
-    else:
-        result["skipped"].append("hf grouped_mm + compile: time budget")
-    save()
+    measure(args, result, save, work, out, deadline, reserve=(args.repeat - 1) * args.repeat_s)
+    for k in range(2, args.repeat + 1):  # the same artifact measured again (gpu_gate.sh --flicker)
+        if time.perf_counter() + args.repeat_s > deadline:
+            log(f"repeat {k} of {args.repeat}: not enough of the budget left; stopping")
+            break
+        again = {**{key: result[key] for key in ("benchmark", "model", "device", "versions", "compile_s")},
+                 "skipped": [], "repeat": k, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        path = out / f"e2e_decode-r{k}.json"
+        measure(args, again, lambda r=again, path=path: path.write_text(json.dumps(r, indent=1)), work, out, deadline,
+                reserve=(args.repeat - k) * args.repeat_s, first=False)
     plot(result, out / "e2e_decode.png")
     print(table(result))
     return 0

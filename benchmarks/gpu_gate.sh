@@ -14,6 +14,14 @@
 # committed H100 run (sweeps budgeted at 60 s: ~180 s), then e2e_decode.py with what is left, on a
 # model of E2E_LAYERS (2) layers so that writing, compiling and benchmarking it fit.
 #
+#   bash benchmarks/gpu_gate.sh --flicker N          on the GPU machine: the flicker check (issue: a gate
+#                                                    that flickers on an unchanged commit is a bug): the
+#                                                    end-to-end model compiled once and measured N times
+#                                                    (~60 s each at 2 layers), every run gated; exit 0 only
+#                                                    if all N pass. Results e2e_decode-<kind>-<date>-r<K>.json
+#   bash benchmarks/gpu_gate.sh --compare-each DIR [BENCH]
+#                                                    anywhere: gate every DIR/<bench>-<kind>-*-r<K>.json
+#
 # Into $OUT (./gpu-gate-out without one): <bench>-<kind>-<date>.json and .png, the outputs as the
 # scripts write them (commit them under benchmarks/results/: the gate and report.py convert them),
 # and gpu_gate-<kind>-<date>.log with everything the scripts printed. Exit 0 when every result is
@@ -47,6 +55,32 @@ compare() {  # compare DIR KIND BENCH...: gate.py on the newest result of each b
   return $status
 }
 
+compare_each() {  # compare_each DIR KIND BENCH: gate.py on every flicker run; 0 only if all pass
+  local dir=$1 kind=$2 bench=$3 runs=0 failed=0 result
+  local baseline="$ROOT/benchmarks/baselines/$kind.json"
+  for result in $(ls "$dir/$bench-$kind-"*-r*.json 2>/dev/null | sort -V); do
+    runs=$((runs + 1))
+    echo "== $bench run $runs: $result against $baseline"
+    "$PY" "$ROOT/benchmarks/gate.py" "$result" "$baseline" || failed=$((failed + 1))
+  done
+  if ((runs == 0)); then
+    echo "gpu_gate: FAIL no flicker runs ($dir/$bench-$kind-*-r*.json)"
+    return 1
+  fi
+  echo "gpu_gate: flicker check of $bench: $((runs - failed)) of $runs runs pass"
+  ((failed == 0))
+}
+
+if [[ ${1:-} == --compare-each ]]; then
+  dir=${2:?usage: gpu_gate.sh --compare-each DIR [BENCH]}
+  compare_each "$dir" "${GPU_KIND:-h100}" "${3:-e2e_decode}"
+  exit $?
+fi
+FLICKER=0
+if [[ ${1:-} == --flicker ]]; then
+  FLICKER=${2:?usage: gpu_gate.sh --flicker N}
+fi
+
 if [[ ${1:-} == --compare ]]; then
   dir=${2:?usage: gpu_gate.sh --compare DIR [BENCH ...]}
   shift 2
@@ -77,6 +111,23 @@ DATE=$(date -u +%F)
 COMMIT=${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || true)}
 LOG="$OUT/gpu_gate-$KIND-$DATE.log"
 echo "gpu_gate: $KIND, commit ${COMMIT:-unknown}, budget ${BUDGET_S} s" | tee "$LOG"
+
+if ((FLICKER > 0)); then  # the end-to-end model, compiled once, measured FLICKER times, every run gated
+  timeout $(($(left) - 20)) "$PY" benchmarks/e2e_decode.py --out "$WORK/e2e" --work "$WORK/e2e-work" \
+    --layers "$E2E_LAYERS" --budget-s $(($(left) - 40)) --repeat "$FLICKER" >>"$LOG" 2>&1
+  echo "gpu_gate: e2e_decode.py --repeat $FLICKER exited $? after $(($(date +%s) - START)) s" | tee -a "$LOG"
+  for k in $(seq 1 "$FLICKER"); do
+    src="$WORK/e2e/e2e_decode-r$k.json"
+    ((k == 1)) && src="$WORK/e2e/e2e_decode.json"
+    [[ -f $src ]] && "$PY" -c "import json, sys; d = json.load(open(sys.argv[1])); d['commit'] = sys.argv[3] or None; \
+open(sys.argv[2], 'w').write(json.dumps(d, indent=1))" "$src" "$OUT/e2e_decode-$KIND-$DATE-r$k.json" "$COMMIT"
+  done
+  rm -rf "$WORK/e2e-work"
+  compare_each "$OUT" "$KIND" e2e_decode 2>&1 | tee -a "$LOG"
+  status=${PIPESTATUS[0]}
+  echo "gpu_gate: flicker check done in $(($(date +%s) - START)) s, exit $status; results in $OUT"
+  exit "$status"
+fi
 
 # 1. the MoE layer, as the committed H100 run measured it (its arguments; the commit named)
 timeout $(($(left) - 200)) "$PY" benchmarks/moe_layer.py --out "$WORK/moe_layer" --budget-s 60 \

@@ -286,6 +286,28 @@ def test_gpu_gate_passes_the_committed_h100_result_and_fails_a_slower_one(tmp_pa
     assert "no e2e_decode result" in proc.stdout
 
 
+def test_flicker_check_gates_every_run_and_names_the_one_that_failed(tmp_path):
+    """`gpu_gate.sh --compare-each`: each of a flicker check's runs against the baseline; one run
+    half as fast at batch 8 fails the check, naming the metric, while the other runs pass."""
+    accepted = ROOT / "benchmarks" / "results" / "e2e_decode-h200-2026-12-02T0545.json"
+    for k in (1, 2, 3):
+        doc = json.loads(accepted.read_text())
+        if k == 3:
+            row = next(r for r in doc["moec"]["decode"] if r["batch"] == 8)
+            row["decode_tokens_per_s"] /= 2
+        (tmp_path / f"e2e_decode-h200-2026-12-02-r{k}.json").write_text(json.dumps(doc))
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_KIND": "h200"}
+    run = lambda: subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_gate.sh"), "--compare-each", str(tmp_path)],  # noqa: E731
+                                 capture_output=True, text=True, timeout=120, env=env)
+    proc = run()
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "2 of 3 runs pass" in proc.stdout
+    assert "REGRESSION decode/B=8/speedup_vs_hf_eager" in proc.stdout
+    (tmp_path / "e2e_decode-h200-2026-12-02-r3.json").unlink()
+    proc = run()
+    assert proc.returncode == 0 and "2 of 2 runs pass" in proc.stdout, proc.stdout + proc.stderr
+
+
 # --- the result format --------------------------------------------------------------------------------
 
 
