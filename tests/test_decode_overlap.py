@@ -13,9 +13,9 @@ from test_decode_graphs import with_padded_decode
 PROMPTS = ["The mixture of experts", "Rain", "Once upon a time, in a kitchen far away, a baker", "A"]
 
 
-def overlapped(tiny_artifact, overlap: bool = True) -> tuple[Engine, list[int]]:
+def overlapped(tiny_artifact, overlap: bool = True, **load) -> tuple[Engine, list[int]]:
     """An engine on the padded decode path, and a list that counts its steps launched ahead."""
-    engine = with_padded_decode(Engine.load(tiny_artifact))
+    engine = with_padded_decode(Engine.load(tiny_artifact, **load))
     engine.overlap = overlap
     ahead = []
     run = engine.decode_graphs.run
@@ -142,3 +142,14 @@ def test_server_loop_streams_with_steps_launched_ahead(tiny_artifact):
     assert [text for text, _ in done[:-1]] == want
     assert done[-1][1] == "abort" and ahead
     assert engine.allocator.num_used == 0
+
+
+def test_a_small_cache_preempts_and_recomputes_with_steps_launched_ahead(tiny_artifact):
+    """Four sequences in 6 blocks: a step launched ahead never preempts (it is skipped when a
+    block is missing); the scheduler's preemptions and recomputation give the same tokens."""
+    want = [r.token_ids for r in Engine.load(tiny_artifact).generate(PROMPTS, max_tokens=30, ignore_eos=True)]
+    small, ahead = overlapped(tiny_artifact, num_blocks=6)
+    got = [r.token_ids for r in small.generate(PROMPTS, max_tokens=30, ignore_eos=True)]
+    assert small.scheduler.num_preemptions > 0 and ahead
+    assert got == want
+    assert small.allocator.num_used == 0
