@@ -136,6 +136,27 @@ def test_triton_path_traces_with_symbolic_sizes(sliding_window):
     launches = [n for n in ep.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
     assert len(launches) == 2
 
+    class GridsOnly(torch.fx.Interpreter):
+        """Runs the graph's size arithmetic, records each launch's grid, launches nothing."""
+
+        def call_function(self, target, args, kwargs):
+            if "triton_kernel_wrapper" in str(target):
+                self.grids.append(tuple(kwargs["grid"][0]))
+                return None
+            return super().call_function(target, args, kwargs)
+
+    gm = ep.module()
+    for chunks, splits in (([(20, 1)], 16), ([(5, 1)] * 3, 6), ([(9, 1)] * 15, 2), ([(9, 1)] * 16, 1), ([(0, 40)], 1)):
+        other = paged_case(chunks, kv_heads=2, group=4, head_dim=64, block_size=16, dtype=torch.float32)
+        other["kv_cache"] = case["kv_cache"]  # the cache is static; nothing is read here
+        other["block_tables"] = other["block_tables"] % case["kv_cache"].shape[2]
+        run = GridsOnly(gm)
+        run.grids = []
+        run.run(*(other[k] for k in ("query", "kv_cache", "block_tables", "seq_ids", "positions")))
+        (attention, merge) = run.grids
+        assert attention[2] == splits  # cdiv(16, T) programs per tile
+        assert merge[0] == (15 if splits > 1 else 0)  # the merge only for a split step
+
 
 @outer_only
 def test_kernel_compiles_for_h100():

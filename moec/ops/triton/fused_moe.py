@@ -29,6 +29,7 @@ from moec.ops.moe_experts import moe_experts_ref
 from moec.ops.triton.align import align_scatter, direct_assignments, expert_histograms
 from moec.ops.triton.configs import DYNAMIC_CONFIG, default_config, split_config
 from moec.ops.triton.grouped_gemm import ACTIVATION_CODES, unit_last_stride, down_grouped, gate_up_grouped
+from moec.ops.triton.token_gate import token_range_gate
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -39,19 +40,6 @@ def select_config(num_tokens, num_experts: int, top_k: int) -> dict:
     if isinstance(num_tokens, int):
         return default_config(num_tokens, num_experts, top_k)
     return copy.deepcopy(DYNAMIC_CONFIG)
-
-
-def token_range_gate(num_tokens, lo: int, hi: int | None):
-    """1 if lo < T <= hi (hi None: no upper bound) else 0: an int for a concrete T, an integer
-    expression of T (no guard) for a symbolic one."""
-    if isinstance(num_tokens, int):
-        return int(lo < num_tokens and (hi is None or num_tokens <= hi))
-    gate = 1
-    if lo > 0:
-        gate = torch.sym_min(num_tokens // (lo + 1), 1)
-    if hi is not None:
-        gate = gate * torch.sym_max(1 - num_tokens // (hi + 1), 0)
-    return gate
 
 
 def check_shapes(hidden, w13, w2, topk_weights, topk_ids, activation: str) -> None:

@@ -20,9 +20,10 @@ Small steps (decode) split the keys too (flash-decoding): a step of T < NUM_SPLI
 cdiv(NUM_SPLITS, T) programs per tile (the grid's third axis, a function of the symbolic T), each
 over a share of the keys, writing its running max, sum and unnormalised output to a small
 workspace; `_combine_splits_kernel` merges them. At batch 1 that is 16x the programs; from T =
-NUM_SPLITS on there is one split, the attention kernel writes the output and the merge's
-NUM_SPLITS - 1 programs return at once (an empty program still costs ~2 ns of a launch on an
-H200, so none are made per tile: a fixed 16 splits per tile cost large batches 2x the time).
+NUM_SPLITS on there is one split, the attention kernel writes the output and the merge is not
+launched (its grid is gated to 0 by T, `token_gate`). An empty program still costs ~2 ns of a
+launch on an H200, so none are made per tile: a fixed 16 splits per tile cost large batches 2x
+the time.
 
 Mapping programs to tiles without a host sync (the step runs inside a CUDA graph and is compiled
 ahead of time with a symbolic token count): a few torch ops count each sequence's query tokens
@@ -45,6 +46,8 @@ import triton
 import triton.language as tl
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.library import wrap_triton
+
+from moec.ops.triton.token_gate import token_range_gate
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SEARCH_BLOCK = 128  # cumulative tile ends compared per step of the sequence search
@@ -412,7 +415,9 @@ def paged_attention(
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
-    wrap_triton(_combine_splits_kernel)[(NUM_SPLITS - 1, triton.cdiv(num_heads, COMBINE_HEADS))](
+    # the merge only for a split step (T < NUM_SPLITS): gated to no launch (no graph node) otherwise
+    merge_gate = token_range_gate(num_tokens, 0, NUM_SPLITS - 1)
+    wrap_triton(_combine_splits_kernel)[((NUM_SPLITS - 1) * merge_gate, triton.cdiv(num_heads, COMBINE_HEADS))](
         part_ml,
         part_acc,
         out,
