@@ -332,7 +332,8 @@ def table(result: dict) -> str:
         lines.append(f"{c['prompt'][:28]:<28} vs HF fp32: moec {c.get('moec_vs_hf_fp32', float('nan')):.4f}, "
                      f"HF {c.get('hf_vs_hf_fp32', float('nan')):.4f} | moec vs HF {c['logits_rel_error']:.4f} | "
                      f"greedy 16 same: {c['greedy_identical_16']} | no worse than HF bf16: "
-                     f"{c.get('moec_no_worse_than_hf_bf16')}")
+                     f"{c.get('moec_no_worse_than_hf_bf16')} | leaves fp32's greedy at: moec "
+                     f"{c.get('moec_vs_hf_fp32_first_divergence')}, HF bf16 {c.get('hf_bf16_vs_hf_fp32_first_divergence')}")
     p = result.get("moec", {}).get("prefill")
     if p:
         lines.append(f"prefill {p['prompt_tokens']} tokens: moec {p['prompt_tokens_per_s']:.0f} tok/s "
