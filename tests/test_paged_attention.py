@@ -278,3 +278,37 @@ def test_interp_empty_sequence_rows():
     with poisoned_empty():
         got = paged_attention(*args(case), None, config=SMALL)
     close(got, reference(case), torch.float32)
+
+
+@outer_only
+def test_step_computes_the_tiles_once_for_every_layer(hf_model_dir):
+    """The exported step computes `sequence_tiles` once; every layer's attention reads that node."""
+    from moec.compiler.export import export_step
+    from moec.compiler.load import load_model
+    from moec.compiler.step import PagedStep
+
+    model = load_model(hf_model_dir, torch.float32)
+    ep = export_step(PagedStep(model), torch.float32, 16, 64, 4, 128)
+    calls = [n for n in ep.graph.nodes if n.target is torch.ops.moec.paged_attention.default]
+    assert len(calls) == model.config.num_hidden_layers
+    shared = {n.args[8] if len(n.args) > 8 else n.kwargs.get("seq_info") for n in calls}
+    assert len(shared) == 1 and None not in shared
+    step_level = [n for n in ep.graph.nodes if n.target is torch.ops.aten.cumsum.default
+                  and not any(".layers." in path for path, _ in (n.meta.get("nn_module_stack") or {}).values())]
+    assert len(step_level) == 2  # first rows and tile ends, once (the experts' own histograms aside)
+
+
+@interp_only
+def test_interp_given_tiles_equal_computed():
+    """Tiles computed by the caller for the dynamic config give the same output; a config with
+    another BLOCK_M computes its own (a mismatched table is never used)."""
+    from moec.ops.paged_tiles import sequence_tiles, tile_tokens
+    from moec.ops.triton.paged_attention import DYNAMIC_CONFIG, paged_attention
+
+    case = paged_case([(8, 1), (0, 1), (5, 19), (29, 1)], 2, 4, 32, 8, torch.float32)
+    want = reference(case)
+    tiles = sequence_tiles(case["seq_ids"], case["block_tables"].shape[0], tile_tokens(8, 2))
+    for cfg in (DYNAMIC_CONFIG, SMALL):
+        with poisoned_empty():
+            got = paged_attention(*args(case), None, config=cfg, seq_info=tiles)
+        close(got, want, torch.float32)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from moec.ops.paged_attention import paged_attention, slot_mapping, write_kv
+from moec.ops.paged_tiles import sequence_tiles, tile_tokens
 
 ATTN_IMPLEMENTATION = "moec_paged"
 STEP_INPUTS = ("input_ids", "positions", "seq_ids", "block_tables", "kv_cache", "logits_indices")
@@ -28,7 +29,8 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
     write_kv(kv_cache, layer, k, v, kwargs["moec_slots"])
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    out = paged_attention(q, kv_cache, layer, block_tables, seq_ids, positions, scale, kwargs.get("sliding_window"))
+    out = paged_attention(q, kv_cache, layer, block_tables, seq_ids, positions, scale, kwargs.get("sliding_window"),
+                          kwargs.get("moec_seq_info"))
     return out.unsqueeze(0), None
 
 
@@ -46,6 +48,8 @@ class PagedStep(nn.Module):
         self.model = causal_lm.model
         self.lm_head = causal_lm.lm_head
         self.config = causal_lm.config
+        heads = self.config.num_attention_heads
+        self.tile_tokens = tile_tokens(heads, getattr(self.config, "num_key_value_heads", None) or heads)
 
     def forward(self, input_ids, positions, seq_ids, block_tables, kv_cache, logits_indices):
         out = self.model(
@@ -57,6 +61,8 @@ class PagedStep(nn.Module):
             moec_seq_ids=seq_ids,
             moec_positions=positions,
             moec_slots=slot_mapping(block_tables, seq_ids, positions, kv_cache.shape[3]),
+            # the attention kernel's tiles of this step, shared by every layer
+            moec_seq_info=sequence_tiles(seq_ids, block_tables.shape[0], self.tile_tokens),
         )
         hidden = out.last_hidden_state[0].index_select(0, logits_indices)
         return self.lm_head(hidden).float()

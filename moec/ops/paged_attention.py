@@ -85,9 +85,13 @@ def paged_attention(
     positions: torch.Tensor,
     scale: float,
     sliding_window: Optional[int] = None,
+    seq_info: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """`paged_attention_ref`'s contract. The CUDA kernel also needs each sequence's tokens
-    contiguous in the flattened batch (chunk order, as `build_step_inputs` makes them)."""
+    contiguous in the flattened batch (chunk order, as `build_step_inputs` makes them).
+    `seq_info`: the step's `moec.ops.paged_tiles.sequence_tiles` (for the kernel; the reference
+    does not need it), so that every layer shares one computation of it."""
     if query.is_cuda and paged_attention_triton is not None:
-        return paged_attention_triton(query, kv_cache, layer, block_tables, seq_ids, positions, scale, sliding_window)
+        return paged_attention_triton(query, kv_cache, layer, block_tables, seq_ids, positions, scale, sliding_window,
+                                      seq_info=seq_info)
     return paged_attention_ref(query, kv_cache, layer, block_tables, seq_ids, positions, scale, sliding_window)

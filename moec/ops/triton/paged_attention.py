@@ -47,6 +47,7 @@ import triton.language as tl
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.library import wrap_triton
 
+from moec.ops.paged_tiles import DYNAMIC_ROWS, next_pow2, sequence_tiles
 from moec.ops.triton.token_gate import token_range_gate
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -67,7 +68,7 @@ PREFILL_CONFIG = {"ROWS": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
 # Used when the token count is symbolic (the exported step): one kernel serves decode and
 # prefill. 64 rows is one Hopper warpgroup MMA; decode pays MMA work on padding rows, which is
 # cheap next to streaming the keys.
-DYNAMIC_CONFIG = {"ROWS": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+DYNAMIC_CONFIG = {"ROWS": DYNAMIC_ROWS, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 _CONFIG_KEYS = ("ROWS", "BLOCK_N", "num_warps", "num_stages")
 
 
@@ -93,8 +94,6 @@ def select_config(num_tokens, num_seqs, head_dim: int) -> dict:
     return fit_to_head_dim(cfg, head_dim)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 def _check_config(cfg: dict) -> None:
@@ -322,16 +321,6 @@ def _combine_splits_kernel(
              mask=head_ok[:, None])
 
 
-def sequence_tiles(seq_ids: torch.Tensor, num_seqs, block_m: int) -> torch.Tensor:
-    """[3, B] int32: per sequence its first query row, its query count and the cumulative number
-    of BLOCK_M-token tiles up to and including it. Static shapes, no host sync."""
-    ones = torch.ones_like(seq_ids, dtype=torch.int32)
-    counts = torch.zeros(num_seqs, dtype=torch.int32, device=seq_ids.device).index_add_(0, seq_ids, ones)
-    first = torch.cumsum(counts, 0, dtype=torch.int32) - counts
-    tile_end = torch.cumsum(torch.div(counts + (block_m - 1), block_m, rounding_mode="floor"), 0, dtype=torch.int32)
-    return torch.stack([first, counts, tile_end])
-
-
 def paged_attention(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -342,17 +331,20 @@ def paged_attention(
     scale: float,
     sliding_window: int | None = None,
     config: dict | None = None,
+    seq_info: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """query [T, H, D] → [T, H, D] in query's dtype, from the (already written) paged cache.
 
     `config`: {"ROWS", "BLOCK_N", "num_warps", "num_stages"}; None picks by `select_config`.
+    `seq_info`: `sequence_tiles` for the dynamic config's BLOCK_M, computed once per step by the
+    caller; used when the chosen config has that BLOCK_M, else computed here.
     """
     check_inputs(query, kv_cache, layer, block_tables, seq_ids, positions)
     num_tokens, num_heads, head_dim = query.shape
     kv_heads = kv_cache.shape[4]
     num_seqs, table_width = block_tables.shape
     group = num_heads // kv_heads
-    group_pad = _next_pow2(group)
+    group_pad = next_pow2(group)
     cfg = dict(config) if config is not None else select_config(num_tokens, num_seqs, head_dim)
     _check_config(cfg)
     block_m = max(1, cfg["ROWS"] // group_pad)
@@ -366,7 +358,8 @@ def paged_attention(
     cache = kv_cache[layer]  # for its strides; the kernel gets the whole cache and the layer's offset
     if cache.stride(-1) != 1:
         raise ValueError("paged_attention: kv_cache must have unit stride along head_dim")
-    seq_info = sequence_tiles(seq_ids, num_seqs, block_m)
+    if seq_info is None or block_m != max(1, DYNAMIC_ROWS // group_pad):
+        seq_info = sequence_tiles(seq_ids, num_seqs, block_m)
     use_window = sliding_window is not None
     if use_window and sliding_window < 1:
         raise ValueError(f"paged_attention: sliding_window must be >= 1, got {sliding_window}")
