@@ -237,16 +237,14 @@ def align_scatter(hist: ExpertHistograms, block_m: int, gate=1) -> tuple[torch.T
     return sorted_ids, expert_ids, num_post
 
 
-def direct_assignments(topk_ids: torch.Tensor, block_m: int, sorted_ids: torch.Tensor, expert_ids: torch.Tensor,
-                       num_post: torch.Tensor, gate=1) -> None:
-    """For one token: assignment a as block a of expert topk_ids[0, a], written into the buffers
-    `align_scatter` returned (the same layout, so the GEMMs cannot tell). `gate` as there."""
-    ids = topk_ids.reshape(-1)
-    if not ids.is_contiguous():
-        ids = ids.contiguous()
-    top_k = topk_ids.shape[1]
+def direct_assignments(hist: ExpertHistograms, top_k: int, block_m: int, sorted_ids: torch.Tensor,
+                       expert_ids: torch.Tensor, num_post: torch.Tensor, gate=1) -> None:
+    """For one token: assignment a as block a of expert ids[a] (the flat ids `hist` holds; its
+    counts are not needed), written into the buffers `align_scatter` returned (the same layout,
+    so the GEMMs cannot tell). `gate` as there."""
     wrap_triton(_align_direct_kernel)[(gate,)](
-        ids, sorted_ids, expert_ids, num_post, top_k, BLOCK_M=block_m, A_PAD=_next_pow2(max(top_k, 2)), num_warps=1
+        hist.ids, sorted_ids, expert_ids, num_post, top_k, BLOCK_M=block_m, A_PAD=_next_pow2(max(top_k, 2)),
+        num_warps=1,
     )
 
 

@@ -116,7 +116,7 @@ def fused_moe(
         if isinstance(gate, int) and gate == 0:
             continue
         align = align_scatter(hist, gate_up_cfg["BLOCK_M"], gate * many)
-        direct_assignments(topk_ids, gate_up_cfg["BLOCK_M"], *align, gate=gate * one)
+        direct_assignments(hist, top_k, gate_up_cfg["BLOCK_M"], *align, gate=gate * one)
         gate_up_grouped(hidden, w13, *align, top_k, gate_up_cfg, activation, out=inter,
                         zero_out=out if top_k > 1 else None, gate=gate)
         down_grouped(inter, w2, topk_weights, *align, down_cfg, out=out, gate=gate)

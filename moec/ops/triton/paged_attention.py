@@ -296,13 +296,8 @@ def _combine_splits_kernel(
     head_ok = heads < num_heads
     offs_d = tl.arange(0, HEAD_DIM)
     plane = PART_ROWS * num_heads
+    # one pass, rescaling what is summed so far whenever a split brings a larger max
     m_max = tl.full((BLOCK_H,), -1.0e30, tl.float32)
-    for s in tl.static_range(NUM_SPLITS):
-        part = (s * num_tokens + token) * num_heads + heads
-        used = head_ok & (heads * 0 + s < num_splits)
-        l_s = tl.load(part_ml_ptr + plane + part, mask=used, other=0.0)
-        m_s = tl.load(part_ml_ptr + part, mask=used, other=-1.0e30)
-        m_max = tl.maximum(m_max, tl.where(l_s > 0.0, m_s, -1.0e30))
     total = tl.zeros((BLOCK_H,), tl.float32)
     acc = tl.zeros((BLOCK_H, HEAD_DIM), tl.float32)
     for s in tl.static_range(NUM_SPLITS):
@@ -311,10 +306,13 @@ def _combine_splits_kernel(
         l_s = tl.load(part_ml_ptr + plane + part, mask=used, other=0.0)
         m_s = tl.load(part_ml_ptr + part, mask=used, other=-1.0e30)
         seen = used & (l_s > 0.0)
-        weight = tl.where(seen, tl.exp2(m_s - m_max), 0.0)
-        total += weight * l_s
+        m_new = tl.maximum(m_max, tl.where(seen, m_s, -1.0e30))
+        rescale = tl.exp2(m_max - m_new)
+        weight = tl.where(seen, tl.exp2(m_s - m_new), 0.0)
+        total = total * rescale + weight * l_s
         a = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=seen[:, None], other=0.0)
-        acc += weight[:, None] * a
+        acc = acc * rescale[:, None] + weight[:, None] * a
+        m_max = m_new
     total = tl.where(total > 0.0, total, 1.0)
     o_rows = token.to(tl.int64) * stride_ot + heads.to(tl.int64) * stride_oh
     tl.store(out_ptr + o_rows[:, None] + offs_d[None, :], (acc / total[:, None]).to(out_ptr.dtype.element_ty),
@@ -366,7 +364,7 @@ def paged_attention(
     # splits per tile: cdiv(NUM_SPLITS, T), an expression of the symbolic T in the compiled graph
     # (1 from T = NUM_SPLITS on); the merge has a program per token of a split step (T < NUM_SPLITS)
     num_splits = (NUM_SPLITS + num_tokens - 1) // num_tokens
-    # token count, so one compiled graph (symbolic T) serves decode and prefill
+    # the partials' workspace has a fixed size: split steps have T < NUM_SPLITS
     part_ml = torch.empty(2, PART_ROWS, num_heads, dtype=torch.float32, device=query.device)
     part_acc = torch.empty(PART_ROWS, num_heads, head_dim, dtype=torch.float32, device=query.device)
     grid = (triton.cdiv(num_tokens, block_m) + num_seqs, kv_heads, num_splits)

@@ -5,7 +5,7 @@ split-K matvec plus its reduction kernel for 64 KB of weights (Mixtral, H200), t
 kernel. `_router_kernel` computes the logits itself (tl.dot over H in BLOCK_H steps, experts
 padded to at least 16 columns), rounds them to the input dtype as F.linear's output is rounded
 (so the routing is the reference's, near-ties included), and goes on to the softmax and top-k
-in registers: one launch a layer. `router_topk` does the same from given logits.
+in registers: one launch a layer.
 
 Top-k is K rounds of (row max, lowest index attaining it, mask it out): no sort, and ties go to
 the lower expert index. The per-expert counts, when asked for, are int32 atomic adds into a
@@ -18,68 +18,6 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
-
-
-@triton.jit
-def _topk_epilogue(x, rows, row_ok, weights_ptr, ids_ptr, counts_ptr, num_experts, TOP_K: tl.constexpr,
-                   K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORMALIZE: tl.constexpr, COUNT: tl.constexpr):
-    """x [BLOCK_T, E_PAD] float32 logits (padding columns anything) → softmax, top-k, stores."""
-    cols = tl.arange(0, E_PAD)
-    kcols = tl.arange(0, K_PAD)
-    col_ok = cols < num_experts
-    x = tl.where(col_ok[None, :], x, float("-inf"))  # padding experts take no probability
-    x_max = tl.max(x, axis=1)
-    p = tl.exp(x - x_max[:, None])
-    p = p / tl.sum(p, axis=1)[:, None]
-    # padding experts must never win a round, even against a real expert whose probability
-    # underflowed to 0: mark them (and, below, experts already chosen) with -1
-    p = tl.where(col_ok[None, :], p, -1.0)
-
-    top_w = tl.zeros((x.shape[0], K_PAD), dtype=tl.float32)
-    top_i = tl.zeros((x.shape[0], K_PAD), dtype=tl.int32)
-    for k in range(TOP_K):
-        best = tl.max(p, axis=1)
-        idx = tl.min(tl.where(p == best[:, None], cols[None, :], E_PAD), axis=1)
-        idx = tl.minimum(idx, num_experts - 1)  # a NaN row matches nothing: stay in bounds
-        top_w = tl.where(kcols[None, :] == k, best[:, None], top_w)
-        top_i = tl.where(kcols[None, :] == k, idx[:, None], top_i)
-        p = tl.where(cols[None, :] == idx[:, None], -1.0, p)
-    if RENORMALIZE:
-        top_w = top_w / tl.sum(top_w, axis=1)[:, None]  # padding k columns hold 0
-
-    k_ok = row_ok[:, None] & (kcols < TOP_K)[None, :]
-    out_off = rows.to(tl.int64)[:, None] * TOP_K + kcols[None, :]
-    tl.store(weights_ptr + out_off, top_w, mask=k_ok)
-    tl.store(ids_ptr + out_off, top_i.to(ids_ptr.dtype.element_ty), mask=k_ok)
-    if COUNT:
-        tl.atomic_add(counts_ptr + top_i, tl.full(top_i.shape, 1, tl.int32), mask=k_ok)
-
-
-@triton.jit
-def _router_topk_kernel(
-    logits_ptr,
-    weights_ptr,
-    ids_ptr,
-    counts_ptr,
-    num_tokens,
-    num_experts,
-    stride_lt,
-    stride_le,
-    TOP_K: tl.constexpr,
-    K_PAD: tl.constexpr,
-    E_PAD: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    RENORMALIZE: tl.constexpr,
-    COUNT: tl.constexpr,
-):
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, E_PAD)
-    row_ok = rows < num_tokens
-    ok = row_ok[:, None] & (cols < num_experts)[None, :]
-    ptrs = logits_ptr + rows.to(tl.int64)[:, None] * stride_lt + cols[None, :] * stride_le
-    x = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
-    _topk_epilogue(x, rows, row_ok, weights_ptr, ids_ptr, counts_ptr, num_experts, TOP_K, K_PAD, E_PAD,
-                   RENORMALIZE, COUNT)
 
 
 @triton.jit
@@ -119,9 +57,34 @@ def _router_kernel(
             acc = tl.dot(x, w, acc, input_precision="ieee")
         else:
             acc = tl.dot(x, w, acc)
-    logits = acc.to(hidden_ptr.dtype.element_ty).to(tl.float32)  # rounded as F.linear's output is
-    _topk_epilogue(logits, rows, row_ok, weights_ptr, ids_ptr, counts_ptr, num_experts, TOP_K, K_PAD, E_PAD,
-                   RENORMALIZE, COUNT)
+    x = acc.to(hidden_ptr.dtype.element_ty).to(tl.float32)  # logits rounded as F.linear's output is
+    kcols = tl.arange(0, K_PAD)
+    x = tl.where(col_ok[None, :], x, float("-inf"))  # padding experts take no probability
+    x_max = tl.max(x, axis=1)
+    p = tl.exp(x - x_max[:, None])
+    p = p / tl.sum(p, axis=1)[:, None]
+    # padding experts must never win a round, even against a real expert whose probability
+    # underflowed to 0: mark them (and, below, experts already chosen) with -1
+    p = tl.where(col_ok[None, :], p, -1.0)
+
+    top_w = tl.zeros((BLOCK_T, K_PAD), dtype=tl.float32)
+    top_i = tl.zeros((BLOCK_T, K_PAD), dtype=tl.int32)
+    for k in range(TOP_K):
+        best = tl.max(p, axis=1)
+        idx = tl.min(tl.where(p == best[:, None], cols[None, :], E_PAD), axis=1)
+        idx = tl.minimum(idx, num_experts - 1)  # a NaN row matches nothing: stay in bounds
+        top_w = tl.where(kcols[None, :] == k, best[:, None], top_w)
+        top_i = tl.where(kcols[None, :] == k, idx[:, None], top_i)
+        p = tl.where(cols[None, :] == idx[:, None], -1.0, p)
+    if RENORMALIZE:
+        top_w = top_w / tl.sum(top_w, axis=1)[:, None]  # padding k columns hold 0
+
+    k_ok = row_ok[:, None] & (kcols < TOP_K)[None, :]
+    out_off = rows.to(tl.int64)[:, None] * TOP_K + kcols[None, :]
+    tl.store(weights_ptr + out_off, top_w, mask=k_ok)
+    tl.store(ids_ptr + out_off, top_i.to(ids_ptr.dtype.element_ty), mask=k_ok)
+    if COUNT:
+        tl.atomic_add(counts_ptr + top_i, tl.full((BLOCK_T, K_PAD), 1, tl.int32), mask=k_ok)
 
 
 MAX_EXPERTS = 256  # a block of rows of logits per program, held in registers
@@ -131,49 +94,20 @@ def _next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def _check(num_experts: int, top_k: int) -> None:
-    if not 1 <= num_experts <= MAX_EXPERTS:
-        raise ValueError(f"router_topk: {num_experts} experts; the fused router handles 1..{MAX_EXPERTS}")
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"router_topk: top_k={top_k} with {num_experts} experts")
-
-
-def _outputs(num_tokens, num_experts: int, top_k: int, ids_dtype: torch.dtype, device, count: bool):
-    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
-    ids = torch.empty(num_tokens, top_k, dtype=ids_dtype, device=device)
-    # without counts the kernel never touches the buffer: no memset launch for it
-    counts = (torch.zeros if count else torch.empty)(num_experts if count else 1, dtype=torch.int32, device=device)
-    return weights, ids, counts
-
-
-def router_topk(
-    logits: torch.Tensor, top_k: int, renormalize: bool, ids_dtype: torch.dtype = torch.int64, count: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """logits [T, E] (any float dtype) → (topk_weights f32 [T, K], topk_ids [T, K], counts i32 [E]).
-
-    counts[e] = how many of the T*K assignments chose expert e (None unless `count`). E ≤ 256
-    (a block of rows per program fits in registers), 1 ≤ K ≤ E.
-    """
-    num_tokens, num_experts = logits.shape
-    _check(num_experts, top_k)
-    weights, ids, counts = _outputs(num_tokens, num_experts, top_k, ids_dtype, logits.device, count)
-    e_pad = max(_next_pow2(num_experts), 2)
-    block_t = max(1, min(128, 4096 // e_pad))
-    wrap_triton(_router_topk_kernel)[(triton.cdiv(num_tokens, block_t),)](
-        logits, weights, ids, counts, num_tokens, num_experts, logits.stride(0), logits.stride(1),
-        TOP_K=top_k, K_PAD=max(_next_pow2(top_k), 2), E_PAD=e_pad, BLOCK_T=block_t,
-        RENORMALIZE=bool(renormalize), COUNT=count, num_warps=4,
-    )
-    return weights, ids, counts if count else None
-
-
 def fused_router(
     hidden: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: bool, count: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """hidden [T, H], gate_weight [E, H] → as `router_topk`, the logits computed in the same kernel."""
+    """hidden [T, H], gate_weight [E, H] → (topk_weights f32 [T, K], topk_ids i64 [T, K], counts).
+
+    counts i32 [E]: how many of the T*K assignments chose expert e (None unless `count`). E ≤ 256
+    (a block of rows of logits per program fits in registers), 1 ≤ K ≤ E.
+    """
     num_tokens, hidden_size = hidden.shape
     num_experts = gate_weight.shape[0]
-    _check(num_experts, top_k)
+    if not 1 <= num_experts <= MAX_EXPERTS:
+        raise ValueError(f"fused_router: {num_experts} experts; it handles 1..{MAX_EXPERTS}")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"fused_router: top_k={top_k} with {num_experts} experts")
     if gate_weight.shape[1] != hidden_size or gate_weight.dtype != hidden.dtype:
         raise ValueError(f"fused_router: gate_weight {tuple(gate_weight.shape)} {gate_weight.dtype} does not fit "
                          f"hidden {tuple(hidden.shape)} {hidden.dtype}")
@@ -181,7 +115,11 @@ def fused_router(
         hidden = hidden.contiguous()
     if gate_weight.stride(-1) != 1:
         gate_weight = gate_weight.contiguous()
-    weights, ids, counts = _outputs(num_tokens, num_experts, top_k, torch.int64, hidden.device, count)
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=hidden.device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=hidden.device)
+    # without counts the kernel never touches the buffer: no memset launch for it
+    counts = (torch.zeros(num_experts, dtype=torch.int32, device=hidden.device) if count
+              else torch.empty(1, dtype=torch.int32, device=hidden.device))
     e_pad = max(_next_pow2(num_experts), 16)  # tl.dot's N
     block_t = 16 if e_pad >= 128 else 32
     block_h = 64 if e_pad >= 128 else 128
