@@ -96,8 +96,7 @@ class DecodeGraphs:
         return self.bucket_for(batch) is not None
 
     def fits(self, chunks) -> bool:
-        return (self.bucket_for(len(chunks)) is not None
-                and all(len(tokens) == 1 and wants for _, tokens, _, wants in chunks))
+        return self.fits_batch(len(chunks)) and all(len(tokens) == 1 and wants for _, tokens, _, wants in chunks)
 
     def run(self, chunks, device_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """chunks: `(blocks, [token], position, True)` per sequence → logits [B, vocab].

@@ -3,8 +3,9 @@
 Each step flattens the work the scheduler picked — prompt chunks and one token per decoding
 sequence — into one call of the compiled graph, then samples the sequences whose chunk
 reached their last token. While the host handles a decode step's tokens, the next decode
-step is already running on the device (`Engine._launch_ahead`). `generate` drives it to completion for a batch of prompts; the
-server's `EngineLoop` drives it forever, admitting requests between steps:
+step is already running on the device (`Engine._launch_ahead`). `generate` drives it to
+completion for a batch of prompts; the server's `EngineLoop` drives it forever, admitting
+requests between steps:
 
     Engine.load("artifacts/tiny-mixtral").generate(["Hello", "Once upon"], max_tokens=32)
 """
@@ -67,29 +68,20 @@ class GenerationStats:
 @dataclass
 class _Launched:
     """A step queued on the device: the sequences it samples for, and their new token ids, on
-    the device (to feed a step launched ahead) and on their way to the host."""
+    the device (to feed a step launched ahead) and on their way to the host (`host_ids`, ready
+    once `ready` has fired: waiting on it waits for this copy only, not for a step queued after)."""
 
     sampled: list[Sequence]
     decoding: bool  # every sequence decoded one token (no prompt chunk): counted in decode stats
     device_ids: torch.Tensor
-    host_ids: HostIds
+    host_ids: torch.Tensor
+    ready: torch.cuda.Event | None
     logits: torch.Tensor | None  # kept when recording logits
 
     def token_ids(self) -> list[int]:
-        return self.host_ids.wait()
-
-
-class HostIds:
-    """Sampled ids copied to the host without a stream-wide sync: `wait` waits for this copy
-    only, not for a step queued after it."""
-
-    def __init__(self, host: torch.Tensor, ready: torch.cuda.Event | None):
-        self.host, self.ready = host, ready
-
-    def wait(self) -> list[int]:
         if self.ready is not None:
             self.ready.synchronize()
-        return self.host.tolist()
+        return self.host_ids.tolist()
 
 
 class HostIdRing:
@@ -102,14 +94,15 @@ class HostIdRing:
         self.events = [torch.cuda.Event() for _ in range(2)] if self.cuda else []
         self.turn = 0
 
-    def send(self, ids: torch.Tensor) -> HostIds:
+    def send(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """(host copy of `ids`, the event that fires once it has landed; None on a CPU)."""
         if not self.cuda:
-            return HostIds(ids.cpu(), None)
+            return ids.cpu(), None
         host, ready = self.buffers[self.turn][: ids.shape[0]], self.events[self.turn]
         self.turn ^= 1
         host.copy_(ids, non_blocking=True)
         ready.record()
-        return HostIds(host, ready)
+        return host, ready
 
 
 def describe_load_phases(phases: dict[str, float]) -> str:
@@ -301,7 +294,7 @@ class Engine:
             logits = logits.clone()
         device_ids = self.sampler.sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
         decoding = ahead_of is not None or all(take == 1 and seq.output_ids for seq, take in plan)
-        return _Launched(sampled, decoding, device_ids, self._host_ids.send(device_ids),
+        return _Launched(sampled, decoding, device_ids, *self._host_ids.send(device_ids),
                          logits if self.record_logits else None)
 
     def _launch_ahead(self, launched: _Launched) -> _Launched | None:

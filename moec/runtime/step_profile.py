@@ -130,22 +130,23 @@ def _start_decoding(engine, batch: int, context: int, steps: int) -> list:
     return seqs
 
 
-def profile_decode(engine, batch: int, context: int, steps: int = 3, out_dir: str | Path | None = None) -> StepProfile:
-    """Profile `steps` decode steps of `batch` sequences at `context` tokens each."""
+def _profile_steps(engine, more, seqs: list, out_dir: str | Path | None, title: str, **fields) -> StepProfile:
+    """Run `engine.step()` under torch.profiler while `more(steps so far)`, abort `seqs` after,
+    and summarize the device's work per step (trace and timeline into `out_dir` if given)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     cuda = engine.device.type == "cuda"
-    context = max(1, min(context, engine.spec.max_seq_len - steps - 4))  # room for the profiled steps
-    seqs = _start_decoding(engine, batch, context, steps)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    steps = 0
     try:
         with profile(activities=activities) as prof:
             if cuda:
                 torch.cuda.synchronize(engine.device)
             start = time.perf_counter()
-            for i in range(steps):
-                with record_function(f"{STEP_MARK}_{i}"):
+            while more(steps):
+                with record_function(f"{STEP_MARK}_{steps}"):
                     engine.step()
+                steps += 1
             if cuda:
                 torch.cuda.synchronize(engine.device)
             wall_s = time.perf_counter() - start
@@ -157,54 +158,31 @@ def profile_decode(engine, batch: int, context: int, steps: int = 3, out_dir: st
         out.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(out / "trace.json"))
         events, marks = work_events(json.loads((out / "trace.json").read_text()))
-    result = StepProfile(batch=batch, context=context, steps=steps, step_ms=wall_s / steps * 1e3,
-                         **summarize(events, steps, wall_s))
+    result = StepProfile(steps=steps, step_ms=wall_s / steps * 1e3, **fields, **summarize(events, steps, wall_s))
     if out_dir is not None:
         result.trace = str(out / "trace.json")
-        result.timeline = plot_timeline(events, marks, out / "timeline.png",
-                                        f"decode step, batch {batch}, context {context} ({engine.device.type})")
+        result.timeline = plot_timeline(events, marks, out / "timeline.png", f"{title} ({engine.device.type})")
     return result
+
+
+def profile_decode(engine, batch: int, context: int, steps: int = 3, out_dir: str | Path | None = None) -> StepProfile:
+    """Profile `steps` decode steps of `batch` sequences at `context` tokens each."""
+    context = max(1, min(context, engine.spec.max_seq_len - steps - 4))  # room for the profiled steps
+    seqs = _start_decoding(engine, batch, context, steps)
+    return _profile_steps(engine, lambda done: done < steps, seqs, out_dir,
+                          f"decode step, batch {batch}, context {context}", batch=batch, context=context)
 
 
 def profile_prefill(engine, tokens: int, out_dir: str | Path | None = None) -> StepProfile:
     """Profile the prefill of one prompt of `tokens` random tokens (one step when the compiled
     step holds them all; more otherwise), through its first token."""
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    cuda = engine.device.type == "cuda"
     tokens = max(1, min(tokens, engine.spec.max_seq_len - 1))
     ids = torch.randint(0, engine.spec.vocab_size, (tokens,), generator=torch.Generator().manual_seed(1)).tolist()
     engine.generate([ids], max_tokens=1, ignore_eos=True)  # warm: the same shapes, off the record
     seq = engine.new_sequence(ids, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
     engine.scheduler.add(seq)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    steps = 0
-    try:
-        with profile(activities=activities) as prof:
-            if cuda:
-                torch.cuda.synchronize(engine.device)
-            start = time.perf_counter()
-            while not seq.output_ids:
-                with record_function(f"{STEP_MARK}_{steps}"):
-                    engine.step()
-                steps += 1
-            if cuda:
-                torch.cuda.synchronize(engine.device)
-            wall_s = time.perf_counter() - start
-    finally:
-        engine.abort(seq)
-    with tempfile.TemporaryDirectory() as scratch:
-        out = Path(out_dir if out_dir is not None else scratch)
-        out.mkdir(parents=True, exist_ok=True)
-        prof.export_chrome_trace(str(out / "trace.json"))
-        events, marks = work_events(json.loads((out / "trace.json").read_text()))
-    result = StepProfile(batch=1, context=tokens, steps=steps, step_ms=wall_s / steps * 1e3, kind="prefill",
-                         **summarize(events, steps, wall_s))
-    if out_dir is not None:
-        result.trace = str(out / "trace.json")
-        result.timeline = plot_timeline(events, marks, out / "timeline.png",
-                                        f"prefill step, {tokens} tokens ({engine.device.type})")
-    return result
+    return _profile_steps(engine, lambda done: not seq.output_ids, [seq], out_dir, f"prefill step, {tokens} tokens",
+                          batch=1, context=tokens, kind="prefill")
 
 
 def plot_timeline(events: list[dict], marks: list[tuple[float, float]], path: Path, title: str) -> str | None:

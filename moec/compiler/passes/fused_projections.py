@@ -59,20 +59,21 @@ def fuse_projections(ep: torch.export.ExportedProgram) -> tuple[torch.export.Exp
     graph = gm.graph
     param_of = dict(ep.graph_signature.inputs_to_parameters)
     state = dict(ep.state_dict)
-    specs = {s.arg.name: s for s in ep.graph_signature.input_specs if isinstance(s.arg, TensorArgument)}
+    specs = {s.arg.name: s for s in ep.graph_signature.input_specs}  # by placeholder name
     fused = []
     for linears in _groups(graph, param_of):
         placeholders = [n.args[1] for n in linears]
         names = [param_of[p.name] for p in placeholders]
         name = _fused_name(names)
-        weight = torch.nn.Parameter(torch.cat([state[n] for n in names], 0).detach(), requires_grad=False)
-        _check([state[n] for n in names], weight, name)
+        parts = [state[n] for n in names]
+        weight = torch.nn.Parameter(torch.cat(parts, 0).detach(), requires_grad=False)
+        _check(parts, weight, name)
         fake = placeholders[0].meta["val"]
         with graph.inserting_before(placeholders[0]):
             new_weight = graph.placeholder("p_" + name.replace(".", "_"))
         with fake.fake_mode:
             new_weight.meta["val"] = torch.empty(weight.shape, dtype=fake.dtype, device=fake.device)
-        first = min(linears, key=lambda n: list(graph.nodes).index(n))
+        first = linears[0]  # `_groups` lists them in graph order
         # node values are fake tensors with symbolic sizes: compute new ones inside their mode,
         # with composite ops (linear) decomposed the SymInt-aware way, as export traced them
         with graph.inserting_before(first), fake.fake_mode, enable_python_dispatcher():
@@ -100,16 +101,8 @@ def fuse_projections(ep: torch.export.ExportedProgram) -> tuple[torch.export.Exp
     graph.lint()
     gm.recompile()
     signature = copy.copy(ep.graph_signature)
-    signature.input_specs = [specs[n.name] if n.name in specs else _spec_of(ep, n.name)
-                             for n in graph.nodes if n.op == "placeholder"]
+    signature.input_specs = [specs[n.name] for n in graph.nodes if n.op == "placeholder"]
     return ep._update(gm, signature, state_dict=state), fused
-
-
-def _spec_of(ep: torch.export.ExportedProgram, name: str) -> InputSpec:
-    for spec in ep.graph_signature.input_specs:
-        if getattr(spec.arg, "name", None) == name:
-            return spec
-    raise LoweringError(f"fuse_projections: placeholder {name} has no input spec")
 
 
 def _check(weights: list[torch.Tensor], fused: torch.Tensor, name: str) -> None:
