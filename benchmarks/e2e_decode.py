@@ -406,6 +406,8 @@ def main() -> int:
                         help="seconds one repeat needs (bench + check); budgeted before HF compile")
     args = parser.parse_args()
     args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",")]
+    if args.repeat < 1:
+        parser.error(f"--repeat wants a number of runs >= 1, got {args.repeat}")
     if args.role == "check":
         return role_check(args)
     if args.role == "hf_compile":

@@ -79,6 +79,10 @@ fi
 FLICKER=0
 if [[ ${1:-} == --flicker ]]; then
   FLICKER=${2:?usage: gpu_gate.sh --flicker N}
+  if [[ ! $FLICKER =~ ^[1-9][0-9]*$ ]]; then
+    echo "gpu_gate: --flicker wants a number of runs >= 1, got '$FLICKER'"
+    exit 2
+  fi
 fi
 
 if [[ ${1:-} == --compare ]]; then
