@@ -13,6 +13,7 @@ from conftest import run_cli, tiny_recipe_dict
 from moec.compiler.hardware_profile import NAMED_PROFILES, HardwareProfile, load_profile, measure_profile
 from moec.compiler.offload_policy import (
     GPU_RESERVE_FRACTION,
+    RUNTIME_PLACEMENTS,
     OffloadPolicy,
     Workload,
     memory_use,
@@ -97,6 +98,24 @@ def test_tight_gpu_streams_and_respects_both_budgets():
     assert pred.bottleneck == "host link"
     assert pred.gpu_bytes <= gpu_memory * (1 - GPU_RESERVE_FRACTION) and pred.host_bytes <= (1 << 30)
     assert policy.batch == 8  # streaming costs the same for any batch: the largest amortises it best
+
+
+def test_a_gpu_without_room_for_the_cache_puts_attention_on_the_cpu():
+    """Documented optimum: link-bound streaming (every layer, one micro-batch) costs the same for any
+    batch, so the largest batch wins; a GPU budget that holds batch 8's activations but not its KV
+    cache leaves placement gpu at batch 4, while placement cpu (cache on the host) runs batch 8 at
+    twice the tokens/s. Among what the runtime runs, the search takes cpu."""
+    wl = Workload(512, 512)
+    four = replace(TINY, num_layers=4, moe_layers=TINY.moe_layers * 2)
+    pinned = {"resident_expert_layers": 0, "micro_batches": 1}
+    cpu_floor, _ = memory_use(four, wl, OffloadPolicy(8, 1, "cpu", 0))
+    gpu_memory = int(cpu_floor / (1 - GPU_RESERVE_FRACTION)) + 1
+    on_gpu, gpu_pred = search(four, LINK_BOUND, wl, gpu_memory, 1 << 30, 8, fixed=pinned, placements=("gpu",))
+    chosen, pred = search(four, LINK_BOUND, wl, gpu_memory, 1 << 30, 8, fixed=pinned, placements=RUNTIME_PLACEMENTS)
+    assert (on_gpu.placement, on_gpu.batch) == ("gpu", 4)
+    assert (chosen.placement, chosen.batch) == ("cpu", 8)
+    assert pred.tokens_per_s == pytest.approx(2 * gpu_pred.tokens_per_s, rel=0.02)
+    assert pred.host_bytes > gpu_pred.host_bytes  # the cache moved to the host
 
 
 def test_pinned_fields_are_kept():

@@ -138,3 +138,78 @@ def test_serve_runs_an_offloaded_artifact_unchanged(four_layer_artifacts):
         assert srv.stop() == 0
     want = Engine.load(plain).generate(PROMPTS, max_tokens=10)
     assert texts == [c.text for c in want]
+
+
+# --------------------------------------------------------------- CGOPipe: CPU attention, micro-batches
+@pytest.fixture(scope="module")
+def cgopipe_artifact(four_layer_artifacts):
+    """The same model offloaded with attention and its KV cache on the CPU, batch 4 in 2 micro-batches."""
+    from moec.compiler.pipeline import compile_recipe
+    from moec.compiler.recipe import parse_recipe
+
+    plain, _, budget = four_layer_artifacts
+    offload = {"gpu_memory": budget, "host_memory": "1GiB", "workload": {"prompt_len": 64, "gen_len": 32},
+               "policy": {"resident_expert_layers": 1, "batch": 4, "micro_batches": 2, "placement": "cpu"}}
+    recipe = parse_recipe(tiny_recipe_dict(plain.parent / "hf", name="cgopipe", offload=offload))
+    return compile_recipe(recipe, plain.parent / "cgopipe", console=Console(stderr=True, quiet=True))
+
+
+def test_cpu_attention_in_micro_batches_generates_what_the_plain_artifact_does(four_layer_artifacts, cgopipe_artifact):
+    """Four prompts of different lengths as two micro-batches in flight at once, attention on the
+    CPU beside its cache: the same tokens and logits as the plain artifact; each streamed layer
+    still crosses the link once per step (shared by both micro-batches), and the device holds no
+    KV cache (a one-block placeholder)."""
+    plain, _, budget = four_layer_artifacts
+    prompts = [*PROMPTS, "a b c d e f g h i j k l m n o p q r s t u v w x y z, and then some more letters"]
+    want = Engine.load(plain).generate(prompts, max_tokens=12, record_logits=True)
+    engine = Engine.load(cgopipe_artifact)
+    assert engine.micro_batches is not None and engine.host_attention is not None
+    assert engine.kv_cache.shape[2] == 1 and engine.host_attention.cache.shape[2] == engine.num_blocks + 1
+    got = engine.generate(prompts, max_tokens=12, record_logits=True)
+    for a, b in zip(want, got):
+        assert a.token_ids == b.token_ids
+        assert max((x - y).abs().max().item() for x, y in zip(a.logits, b.logits)) <= 1e-4
+
+    steps = engine.stats.steps
+    assert engine.micro_batches.steps == steps  # every step had 4 sequences: two micro-batches each
+    assert engine.host_attention.calls == 2 * steps * LAYERS  # every layer of every micro-batch, on the CPU
+    stats = engine.expert_pager.stats()
+    assert stats["copies"] == 3 * steps + 1  # once per step for both micro-batches, plus the next step's first
+    assert stats["device_bytes_peak"] <= budget
+    plain_kv = Engine.load(plain).kv_cache
+    assert engine.expert_pager.budget.used < plain_kv.numel() * plain_kv.element_size()
+
+
+def test_micro_batches_balance_work_longest_first():
+    """MoE-Lightning's Algorithm 2: longest first, each to the lightest group."""
+    from moec.runtime.micro_batches import balanced_micro_batches
+
+    assert balanced_micro_batches([7, 5, 4, 3, 3, 2], 2) == [[0, 3, 5], [1, 2, 4]]  # 12 and 12
+    assert balanced_micro_batches([1, 100, 1, 1], 2) == [[1], [0, 2, 3]]
+    assert balanced_micro_batches([5], 4) == [[0]]  # never an empty micro-batch
+    with pytest.raises(ValueError, match=">= 1"):
+        balanced_micro_batches([1], 0)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_cpu_attention_matches_the_reference(window):
+    """Decode rows and prompt chunks (with cached context before them) in one step, GQA, a window."""
+    from moec.ops.paged_attention import paged_attention_ref, write_kv
+    from moec.runtime.host_attention import cpu_attention
+    from moec.runtime.kv_cache import build_step_inputs
+
+    gen = torch.Generator().manual_seed(0)
+    heads, kv_heads, dim, block = 8, 2, 16, 4
+    cache = torch.randn(2, 2, 24, block, kv_heads, dim, generator=gen)
+    chunks = [([3, 7, 1], list(range(1)), 9, True),  # decode at position 9
+              ([2, 5], list(range(6)), 1, True),  # a prompt chunk after one cached token
+              ([4], list(range(1)), 0, True),  # the first token of a sequence
+              ([8, 9, 10, 11], list(range(3)), 12, False)]  # a chunk deep in its sequence
+    inputs = build_step_inputs(chunks, block_size=block)
+    tokens = inputs["positions"].shape[0]
+    query = torch.randn(tokens, heads, dim, generator=gen)
+    slots = inputs["block_tables"][inputs["seq_ids"], inputs["positions"] // block] * block + inputs["positions"] % block
+    write_kv(cache, 1, torch.randn(tokens, kv_heads, dim, generator=gen), torch.randn(tokens, kv_heads, dim, generator=gen),
+             slots)
+    args = (cache, 1, inputs["block_tables"], inputs["seq_ids"], inputs["positions"], 0.25, window)
+    torch.testing.assert_close(cpu_attention(query, *args), paged_attention_ref(query, *args), atol=1e-5, rtol=1e-5)

@@ -31,7 +31,7 @@ from moec.errors import RecipeError
 from moec.runtime.roofline import ModelShape, expected_distinct_experts
 
 PLACEMENTS = ("gpu", "gpu-kv-host", "cpu")  # attention on GPU with its cache; on GPU, cache on host; both on CPU
-RUNTIME_PLACEMENTS = ("gpu",)  # what moec.runtime executes today: plan_offload chooses among these
+RUNTIME_PLACEMENTS = ("gpu", "cpu")  # what moec.runtime executes today: plan_offload chooses among these
 GPU_RESERVE_FRACTION = 0.10  # CUDA context, allocator slack, CUDA graphs, kernels' workspaces
 HOST_RESERVE_FRACTION = 0.10
 RESOURCES = ("h2d", "d2h", "gpu", "cpu")
@@ -174,21 +174,31 @@ def _decode_step(shape: ModelShape, hw: HardwareProfile, policy: OffloadPolicy, 
 
 
 def _prefill(shape: ModelShape, hw: HardwareProfile, policy: OffloadPolicy, prompt_len: int) -> float:
-    """The batch's prompts, attention on the GPU (it is compute-bound there); streamed experts
-    cross the link once per layer for all micro-batches; a host-side cache is written back."""
+    """The batch's prompts: streamed experts cross the link once per layer for all micro-batches.
+    Attention runs where the policy puts it: on the GPU (compute-bound there), writing a host-side
+    cache back (`gpu-kv-host`), or on the CPU beside its cache (`cpu`: q, k, v down, the output up),
+    overlapping the GPU's work only across micro-batches, as in decode."""
     layer_experts, _, kv_token_layer = _layer_bytes(shape)
     moe = shape.moe_layers[0]
     tokens = policy.batch * prompt_len
     flops = 2 * tokens * (shape.attention_matmul_params + shape.hidden_size * moe.num_experts
                           + moe.top_k * shape.expert_params(moe))
-    flops += 2 * shape.num_heads * shape.head_dim * policy.batch * prompt_len * prompt_len  # causal: half of 4·P²
+    attn_flops = 2 * shape.num_heads * shape.head_dim * policy.batch * prompt_len * prompt_len  # causal: half of 4·P²
     dense = (shape.attention_matmul_params + shape.norm_params_per_layer) * shape.weight_itemsize
-    gpu = _gpu_time(policy.micro_batches * (dense + layer_experts), flops, hw)
-    d2h = tokens * kv_token_layer if policy.placement != "gpu" else 0.0
+    gpu_bytes = policy.micro_batches * (dense + layer_experts)
+    d2h = h2d_act = cpu = 0.0
+    if policy.placement == "cpu":
+        qkv = tokens * (shape.num_heads + 2 * shape.num_kv_heads) * shape.head_dim * shape.weight_itemsize
+        d2h, h2d_act = qkv, tokens * shape.num_heads * shape.head_dim * shape.weight_itemsize
+        cpu = max(tokens * kv_token_layer / hw.cpu_bytes_per_s, attn_flops / hw.cpu_flops_per_s)
+    else:
+        flops += attn_flops
+        d2h = tokens * kv_token_layer if policy.placement == "gpu-kv-host" else 0.0
+    gpu = _gpu_time(gpu_bytes, flops, hw)
     total = 0.0
     for i in range(len(shape.moe_layers)):
-        h2d = layer_experts if i >= policy.resident_expert_layers else 0.0
-        total += max(gpu, _link_time(h2d, d2h, hw))
+        h2d = (layer_experts if i >= policy.resident_expert_layers else 0.0) + h2d_act
+        total += _layer_time({"link": _link_time(h2d, d2h, hw), "gpu": gpu, "cpu": cpu}, policy.micro_batches)
     return total + _lm_head_time(shape, hw, policy.batch)
 
 
@@ -231,10 +241,12 @@ def _batches(max_batch: int) -> list[int]:
 
 
 def search(shape: ModelShape, hw: HardwareProfile, workload: Workload, gpu_memory: int, host_memory: int,
-           max_batch: int, fixed: dict | None = None) -> tuple[OffloadPolicy, Prediction]:
+           max_batch: int, fixed: dict | None = None,
+           placements: tuple[str, ...] = PLACEMENTS) -> tuple[OffloadPolicy, Prediction]:
     """The policy with the highest predicted throughput that fits both budgets (after their
-    reserves); `fixed` pins any OffloadPolicy field. Ties go to the smaller batch, then to fewer
-    micro-batches. Raises RecipeError naming the shortfall when nothing fits."""
+    reserves); `fixed` pins any OffloadPolicy field, `placements` are those to consider. Ties go to
+    the smaller batch, then to fewer micro-batches. Raises RecipeError naming the shortfall when
+    nothing fits."""
     if not shape.moe_layers:
         raise RecipeError("offload: the model has no MoE layers to offload")
     fixed = dict(fixed or {})
@@ -246,7 +258,7 @@ def search(shape: ModelShape, hw: HardwareProfile, workload: Workload, gpu_memor
     smallest = None  # the least memory any policy needed, for the error
     batches = [fixed["batch"]] if "batch" in fixed else _batches(max_batch)
     for batch, placement, resident in itertools.product(
-            batches, [fixed["placement"]] if "placement" in fixed else PLACEMENTS,
+            batches, [fixed["placement"]] if "placement" in fixed else placements,
             [fixed["resident_expert_layers"]] if "resident_expert_layers" in fixed else range(num_moe + 1)):
         micro_options = ([fixed["micro_batches"]] if "micro_batches" in fixed
                          else [m for m in _batches(batch) if batch % m == 0])
@@ -316,12 +328,10 @@ def plan_offload(plan, shape: ModelShape, max_batch: int) -> dict:
     if fixed.get("resident_expert_layers", 0) > len(shape.moe_layers):
         raise RecipeError(f"offload.policy.resident_expert_layers {fixed['resident_expert_layers']} exceeds the "
                           f"model's {len(shape.moe_layers)} MoE layers")
-    placement = fixed.get("placement", RUNTIME_PLACEMENTS[0])
-    if placement not in RUNTIME_PLACEMENTS:
-        raise RecipeError(f"offload.policy.placement {placement!r}: the runtime runs only {', '.join(RUNTIME_PLACEMENTS)} "
-                          "today (attention on the CPU is not built yet)")
-    fixed["placement"] = placement
-    policy, pred = search(shape, hw, workload, plan.gpu_memory, host, max_batch, fixed)
+    if fixed.get("placement", RUNTIME_PLACEMENTS[0]) not in RUNTIME_PLACEMENTS:
+        raise RecipeError(f"offload.policy.placement {fixed['placement']!r}: the runtime runs only "
+                          f"{', '.join(RUNTIME_PLACEMENTS)} today (the GPU reading a host-side cache is not built)")
+    policy, pred = search(shape, hw, workload, plan.gpu_memory, host, max_batch, fixed, RUNTIME_PLACEMENTS)
     return {"policy": policy.as_dict(), "prediction": pred.as_dict(), "hardware": hw.as_dict(),
             "workload": asdict(workload), "gpu_memory": plan.gpu_memory, "host_memory": host,
             "summary": describe(policy, pred)}

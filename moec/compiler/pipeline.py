@@ -20,6 +20,7 @@ from moec.compiler.load import check_fits_device, load_model, read_hf_config
 from moec.compiler.offload_policy import plan_offload
 from moec.compiler.lower import compile_graph, save_weights
 from moec.compiler.passes import lower_moe
+from moec.compiler.passes.external_attention import externalize_attention
 from moec.compiler.passes.external_experts import externalize_experts
 from moec.compiler.passes.fused_projections import fuse_projections
 from moec.compiler.passes.moe_lowering import check_moe_blocks
@@ -129,6 +130,8 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
                       soft_wrap=True, markup=False, highlight=False)
         if recipe.offload is not None:
             ep, offload["experts"] = externalize_experts(ep)
+            if offload["policy"]["placement"] == "cpu":  # the KV cache lives on the host, attention beside it
+                ep, _ = externalize_attention(ep)
             del offload["summary"]
         parallel = {}
         if recipe.parallel.ep > 1:

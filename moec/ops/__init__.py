@@ -11,6 +11,7 @@ from moec.ops.moe_combine import moe_combine, moe_combine_ref  # noqa: E402
 from moec.ops.moe_experts import ACTIVATIONS, moe_experts, moe_experts_ref  # noqa: E402
 from moec.ops.moe_router import moe_router, moe_router_ref  # noqa: E402
 from moec.ops.external_moe import external_moe, set_expert_executor  # noqa: E402
+from moec.ops.external_attention import external_attention, set_attention_executor  # noqa: E402
 from moec.ops.paged_attention import paged_attention_ref, write_kv  # noqa: E402
 
 __all__ = [
@@ -22,8 +23,10 @@ __all__ = [
     "moe_experts_ref",
     "moe_router",
     "moe_router_ref",
+    "external_attention",
     "external_moe",
     "paged_attention_ref",
+    "set_attention_executor",
     "set_expert_executor",
     "write_kv",
 ]

@@ -35,12 +35,14 @@ def share_process_libstdcxx() -> None:
             pass
 
 
-def load_package(path: str):
+def load_package(path: str, runners: int = 1):
     """AOTInductor's package loader, single-threaded, without `aoti_load_package`'s device check.
 
     Single-threaded: the runtime calls the step from one thread, and the container's multi-runner
     bookkeeping (events it records and queries around each run) is not allowed inside a CUDA-graph
-    capture ("operation not permitted when stream is capturing").
+    capture ("operation not permitted when stream is capturing"). With `runners` > 1 (an offloaded
+    plan's micro-batches, which run the step from that many threads at once and never capture a
+    CUDA graph) the container keeps that many model instances and hands each call a free one.
 
     `aoti_load_package` first compares the package's build machine with this one
     (`get_device_information`), and to name this machine's CPU vector ISA it compiles a test
@@ -52,20 +54,21 @@ def load_package(path: str):
     try:
         from torch._inductor.package.package import AOTICompiledModel
 
-        loader = torch._C._aoti.AOTIModelPackageLoader(path, "model", True, 1, -1)
+        loader = torch._C._aoti.AOTIModelPackageLoader(path, "model", runners == 1, runners, -1)
     except (ImportError, AttributeError, TypeError):
-        return torch._inductor.aoti_load_package(path, run_single_threaded=True)
+        return torch._inductor.aoti_load_package(path, run_single_threaded=runners == 1, num_runners=runners)
     return AOTICompiledModel(loader)
 
 
 class CompiledStep:
     """`step(input_ids, positions, seq_ids, block_tables, kv_cache, logits_indices) -> logits`."""
 
-    def __init__(self, artifact: Artifact):
+    def __init__(self, artifact: Artifact, runners: int = 1):
+        """`runners`: how many threads may call the step at once (see `load_package`)."""
         share_process_libstdcxx()
         start = time.perf_counter()
         try:
-            self.model = load_package(str(artifact.graph_path))
+            self.model = load_package(str(artifact.graph_path), runners)
         except Exception as e:  # a damaged or foreign .pt2 fails deep inside torch
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise ArtifactError(f"{artifact.graph_path}: cannot load the compiled graph ({first}); recompile it") from None

@@ -27,10 +27,13 @@ from moec.errors import ArtifactError, MoecError, RequestError
 from moec.runtime.compiled_step import CompiledStep
 from moec.runtime.decode_graphs import DecodeGraphs
 from moec.runtime.detokenizer import IncrementalDetokenizer
+from moec.ops.external_attention import set_attention_executor
 from moec.ops.external_moe import set_expert_executor
 from moec.runtime.expert_pager import DeviceBudget, ExpertPager
 from moec.runtime.expert_parallel import ExpertParallelExecutor, check_world
+from moec.runtime.host_attention import HostAttention
 from moec.runtime.launch import group_failed
+from moec.runtime.micro_batches import MicroBatchRunner
 from moec.runtime.kv_cache import BlockAllocator, allocate_kv_cache, blocks_needed, build_step_inputs
 from moec.runtime.sampler import Sampler, SamplingParams, make_generator
 from moec.runtime.scheduler import Scheduler
@@ -125,12 +128,13 @@ class Engine:
         if ep_chunks is not None and not artifact.manifest.parallel:
             raise MoecError(f"--ep-chunks: {artifact.path} is not expert-parallel (compiled without parallel.ep); "
                             "drop the flag")
-        self.step_fn = CompiledStep(artifact)
+        offload = artifact.manifest.offload or None
+        micro_batches = int(offload["policy"].get("micro_batches", 1)) if offload else 1
+        self.step_fn = CompiledStep(artifact, runners=micro_batches)
         # where load time goes (graph, weights, KV cache, CUDA-graph capture): printed by bench/serve
         self.load_phases = dict(self.step_fn.load_phases)
         phase_start = time.perf_counter()
         self.tokenizer, self.bos_id, self.eos_id = _load_tokenizer(artifact.tokenizer_path)
-        offload = artifact.manifest.offload or None
         max_batch = spec.max_batch
         if offload:  # the plan's batch, and a cache for its workload (one longest sequence at least)
             max_batch = min(max_batch, int(offload["policy"]["batch"]))
@@ -141,10 +145,14 @@ class Engine:
         self.allocator = BlockAllocator(self.num_blocks)
         # one block beyond the allocator's: padded decode rows write their K/V there
         self.scratch_block = self.num_blocks
-        self.kv_cache = allocate_kv_cache(
-            spec.num_layers, self.num_blocks + 1, spec.kv_block_size, spec.num_kv_heads, spec.head_dim,
-            getattr(torch, spec.kv_dtype), self.device,
-        )
+        kv_shape = (spec.num_layers, self.num_blocks + 1, spec.kv_block_size, spec.num_kv_heads, spec.head_dim,
+                    getattr(torch, spec.kv_dtype))
+        self.host_attention = None
+        if offload and offload["policy"]["placement"] == "cpu":  # the cache and attention on the host
+            self.host_attention = HostAttention(*kv_shape)
+            set_attention_executor(self.host_attention)
+            kv_shape = (spec.num_layers, 1, *kv_shape[2:])  # the graph's kv_cache input: an unused placeholder
+        self.kv_cache = allocate_kv_cache(*kv_shape[:-1], kv_shape[-1], self.device)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.load_phases["kv_cache_s"] = time.perf_counter() - phase_start
@@ -153,10 +161,15 @@ class Engine:
         if offload:
             budget = DeviceBudget(int(offload["gpu_memory"]))
             budget.take(sum(t.numel() * t.element_size() for t in self.step_fn.weights.values()), "the compiled weights")
-            budget.take(self.kv_cache.numel() * self.kv_cache.element_size(), "the KV cache")
+            budget.take(self.kv_cache.numel() * self.kv_cache.element_size(),
+                        "the KV cache" if self.host_attention is None else "the KV cache's placeholder")
             self.expert_pager = ExpertPager(artifact, self.device, budget)
             set_expert_executor(self.expert_pager)
             cuda_graphs = False  # the pager runs between layers, which a replayed graph would skip
+        self.micro_batches = None  # CGOPipe: a step's sequences as the plan's micro-batches, in flight together
+        if micro_batches > 1:
+            self.micro_batches = MicroBatchRunner(self.step_fn, self.expert_pager, micro_batches, self.device,
+                                                  spec.kv_block_size)
         self.expert_executor = None
         if self.world > 1:
             self.expert_executor = ExpertParallelExecutor(artifact, self.device, self.rank, ep_chunks)
@@ -278,6 +291,8 @@ class Engine:
                 chunks.append((seq.blocks.blocks, [0], start, True))  # the token comes from the device
         if self.decode_graphs is not None and self.decode_graphs.fits(chunks):
             logits = self.decode_graphs.run(chunks, None if ahead_of is None else ahead_of.device_ids)
+        elif self.micro_batches is not None and len(chunks) > 1:
+            logits = self.micro_batches.run(chunks, self.kv_cache)
         else:
             inputs = build_step_inputs(chunks, device=self.device, block_size=self.spec.kv_block_size)
             logits = self.step_fn(

@@ -21,7 +21,10 @@ with the "device" and the host both in CPU memory (copies are synchronous there)
 
 from __future__ import annotations
 
+import math
+import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 
 import torch
 
@@ -92,12 +95,87 @@ class ExpertPager:
                                                  "the expert cache") for t in (w13, w2))
         self.cache_slots: OrderedDict[tuple[int, int], int] = OrderedDict()  # least recently used first
         self.cache_hits = self.cache_misses = 0
-        self.slot_layer: list[int | None] = [None, None]
-        self.ready: list[torch.cuda.Event | None] = [None, None]  # copy into the slot done
+        # the double buffer: what each slot holds, as (step, position in `streamed`), and when its copy lands
+        self.slot_key: list[tuple[int, int] | None] = [None, None]
+        self.ready: list[torch.cuda.Event | None] = [None, None]
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        # micro-batches of one step run the graph in threads (CGOPipe); each holds one streamed
+        # layer at a time, in order: `progress[j]` is micro-batch j's position in `streamed`
+        # (-1 before its first, inf when it is done), and a slot is free once all have moved past it
+        self.lock = threading.Condition()
+        self.local = threading.local()
+        self.step = 0
+        self.progress: list[float] = [math.inf]
         self.bytes_copied = 0
         self.copies = 0
         self.waits = 0  # weights asked for before their prefetch was issued (a bubble)
+
+    # ------------------------------------------------------------------ steps and micro-batches
+    @contextmanager
+    def micro_batches(self, count: int):
+        """One step run as `count` micro-batches; each runs inside `micro_batch(j)`, in its own thread."""
+        with self.lock:
+            self._begin(count)
+        yield
+
+    @contextmanager
+    def micro_batch(self, index: int):
+        self.local.index = index
+        try:
+            yield
+        finally:
+            self.local.index = None
+            with self.lock:
+                self.progress[index] = math.inf
+                self._prefetch()
+                self.lock.notify_all()
+
+    def _begin(self, count: int) -> None:
+        self.step += 1
+        self.progress = [-1] * count
+
+    def _enter(self, position: int) -> None:
+        """This thread's micro-batch now holds streamed `position`. Outside `micro_batches` a step is
+        one micro-batch, and a new step starts whenever the layers start over."""
+        index = getattr(self.local, "index", None)
+        if index is None:
+            if len(self.progress) != 1 or position <= self.progress[0]:
+                self._begin(1)
+            index = 0
+        self.progress[index] = position
+
+    def _free(self, slot: int) -> bool:
+        key = self.slot_key[slot]
+        return key is None or key[0] < self.step or (key[0] == self.step and all(p > key[1] for p in self.progress))
+
+    def _wanted(self) -> tuple[int, int] | None:
+        """The next (step, position) to bring in: the first this step's micro-batches still need
+        that no slot holds, else the next step's first."""
+        held = set(self.slot_key)
+        first = min(self.progress)
+        for position in range(max(0, int(first)) if first != math.inf else len(self.streamed), len(self.streamed)):
+            if (self.step, position) not in held:
+                return self.step, position
+        return None if (self.step + 1, 0) in held else (self.step + 1, 0)
+
+    def _prefetch(self) -> None:
+        """Bring in what is wanted next if a slot is free (a slot already holding that layer is
+        relabelled, not copied again)."""
+        key = self._wanted()
+        if key is None:
+            return
+        free = [slot for slot in (0, 1) if self._free(slot)]
+        if not free:
+            return
+        layer = self.streamed[key[1]]
+        same = [slot for slot in free if self.slot_key[slot] is not None
+                and self.streamed[self.slot_key[slot][1]] == layer]
+        if same:
+            self.slot_key[same[0]] = key
+            return
+        self._copy(layer, free[0])
+        self.slot_key[free[0]] = key
+        self.lock.notify_all()
 
     def _copy(self, layer: int, slot: int) -> None:
         """Copy `layer`'s experts into `slot`, after the compute stream is done with what is there."""
@@ -113,7 +191,6 @@ class ExpertPager:
         else:
             dst13.copy_(w13)
             dst2.copy_(w2)
-        self.slot_layer[slot] = layer
         self.bytes_copied += w13.numel() * w13.element_size() + w2.numel() * w2.element_size()
         self.copies += 1
 
@@ -126,7 +203,8 @@ class ExpertPager:
     def experts(self, layer: int, topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(w13, w2, ids) ready on the device: the layer's experts and the ids as they are, or, for
         a few tokens, a cache holding every expert they chose and the ids mapped to its slots."""
-        if layer not in self.resident and self.cache is not None and topk_ids.numel() < self.num_experts:
+        if (layer not in self.resident and self.cache is not None and topk_ids.numel() < self.num_experts
+                and getattr(self.local, "index", None) is None):  # not one of several micro-batches
             needed = sorted(set(topk_ids.flatten().tolist()))  # a host sync: worth it for a few tokens
             if len(needed) <= self.cache[0].shape[0]:
                 return self._from_cache(layer, needed, topk_ids)
@@ -162,15 +240,21 @@ class ExpertPager:
     def weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         if layer in self.resident:
             return self.resident[layer]
-        if layer not in self.slot_layer:  # nothing prefetched it (the first step): fetch now
-            self.waits += 1
-            self._copy(layer, 0 if self.slot_layer[0] is None or self.slot_layer[1] is not None else 1)
-        slot = self.slot_layer.index(layer)
-        if self.cuda and self.ready[slot] is not None:
-            torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
-        following = self.streamed[(self.streamed.index(layer) + 1) % len(self.streamed)]
-        if following != layer and following not in self.slot_layer:
-            self._copy(following, 1 - slot)
+        position = self.streamed.index(layer)
+        with self.lock:
+            self._enter(position)
+            key = (self.step, position)
+            if key not in self.slot_key and self._wanted() == key and any(map(self._free, (0, 1))):
+                self.waits += 1  # nothing prefetched it (the first step): fetched now
+            while key not in self.slot_key:  # another micro-batch still holds both slots: wait for it
+                self._prefetch()
+                if key not in self.slot_key:
+                    self.lock.wait()
+            slot = self.slot_key.index(key)
+            ready = self.ready[slot]
+            self._prefetch()  # the layer after it, into the other slot once every micro-batch is past what is there
+        if self.cuda and ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(ready)
         return self.slots[slot]
 
     def stats(self) -> dict:

@@ -1,0 +1,95 @@
+"""Attention and the KV cache on the CPU: the executor of `moec::external_attention` (placement `cpu`).
+
+MoE-Lightning's observation: in decode, attention reads the whole KV cache once per token and
+does little else with it, so a CPU next to the cache does it at host-memory bandwidth, while
+moving the cache to the GPU would spend the host link that the expert pages need. Only the
+layer's new queries, keys and values come down (one copy) and the output goes back up.
+
+The cache has the GPU cache's layout and block tables, so the scheduler, the allocator and the
+prefix of every sequence work unchanged. `cpu_attention` gathers each sequence's blocks once: the
+decoding sequences of a step (one token each) go through one `scaled_dot_product_attention` over
+their padded contexts, and a prompt chunk through one call of its own with a causal mask offset by
+its start. Micro-batches call `run` from several threads at once; they touch disjoint sequences.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from moec.ops.paged_attention import write_kv
+from moec.runtime.kv_cache import allocate_kv_cache
+
+
+def _visible(key_pos: torch.Tensor, positions: torch.Tensor, sliding_window: Optional[int]) -> torch.Tensor:
+    """[..., L] bool: which key positions each query position sees (causal, within the window)."""
+    mask = key_pos <= positions[..., None]
+    if sliding_window is not None:
+        mask &= key_pos > positions[..., None] - sliding_window
+    return mask
+
+
+def cpu_attention(query: torch.Tensor, cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
+                  seq_ids: torch.Tensor, positions: torch.Tensor, scale: float,
+                  sliding_window: Optional[int] = None) -> torch.Tensor:
+    """`paged_attention_ref`'s contract ([T, H, D], keys already written), on host tensors, with
+    each sequence's tokens contiguous in the flattened step (as `build_step_inputs` makes them)."""
+    num_tokens = query.shape[0]
+    block_size = cache.shape[3]
+    keys, values = cache[layer, 0], cache[layer, 1]  # [blocks, block_size, Hkv, D]
+    out = torch.empty_like(query)
+    changes = (torch.nonzero(seq_ids[1:] != seq_ids[:-1]).flatten() + 1).tolist()
+    starts = [0, *changes, num_tokens]
+    singles = [s for s, e in zip(starts, starts[1:]) if e - s == 1]
+    for start, end in zip(starts, starts[1:]):  # prompt chunks: one causal call each
+        if end - start == 1:
+            continue
+        length = int(positions[end - 1]) + 1
+        blocks = block_tables[seq_ids[start], : -(-length // block_size)]
+        k = keys[blocks].flatten(0, 1)[:length].transpose(0, 1)  # [Hkv, L, D]
+        v = values[blocks].flatten(0, 1)[:length].transpose(0, 1)
+        mask = _visible(torch.arange(length), positions[start:end], sliding_window)
+        out[start:end] = F.scaled_dot_product_attention(
+            query[start:end].transpose(0, 1), k, v, attn_mask=mask, scale=scale, enable_gqa=True).transpose(0, 1)
+    if singles:  # decoding sequences: one call over their contexts, padded to the longest
+        rows = torch.tensor(singles)
+        pos = positions[rows]
+        length = int(pos.max()) + 1
+        blocks = block_tables[seq_ids[rows], : -(-length // block_size)]  # [B, W]
+        k = keys[blocks].flatten(1, 2)[:, :length].transpose(1, 2)  # [B, Hkv, L, D]
+        v = values[blocks].flatten(1, 2)[:, :length].transpose(1, 2)
+        mask = _visible(torch.arange(length), pos, sliding_window)[:, None, None, :]  # [B, 1, 1, L]
+        q = query[rows][:, :, None, :]  # [B, H, 1, D]
+        out[rows] = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)[:, :, 0]
+    return out
+
+
+class HostAttention:
+    """The KV cache in host memory and the attention that reads it (`moec::external_attention`)."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype):
+        self.cache = allocate_kv_cache(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, "cpu")
+        self.calls = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.cache.numel() * self.cache.element_size()
+
+    def run(self, query, key, value, slots, block_tables, seq_ids, positions, layer: int, scale: float,
+            sliding_window: Optional[int] = None) -> torch.Tensor:
+        device = query.device
+        # two copies down: the step's int inputs, then the layer's q, k, v (the GPU finishes them first)
+        ints = torch.cat((positions, seq_ids, slots, block_tables.flatten())).cpu()
+        num_tokens = positions.shape[0]
+        positions_h, seq_ids_h, slots_h = ints[:num_tokens], ints[num_tokens:2 * num_tokens], ints[2 * num_tokens:3 * num_tokens]
+        tables_h = ints[3 * num_tokens:].view(block_tables.shape)
+        qkv = torch.cat((query.flatten(), key.flatten(), value.flatten())).cpu()
+        q, k, v = qkv.split((query.numel(), key.numel(), value.numel()))
+        write_kv(self.cache, layer, k.view(key.shape), v.view(value.shape), slots_h)
+        out = cpu_attention(q.view(query.shape), self.cache, layer, tables_h, seq_ids_h, positions_h, scale,
+                            sliding_window)
+        self.calls += 1
+        return out.to(device, non_blocking=True)
