@@ -393,3 +393,42 @@ def test_report_keeps_models_apart(tmp_path):
     text = out.read_text()
     assert "## e2e_decode · h200 · mixtral-8x7b-shape, 8 layers" in text
     assert "## e2e_decode · h200 · mixtral-8x7b-shape, 2 layers" in text
+
+
+def test_calibration_from_repeated_runs_widens_noise_and_ungates_what_cannot_be_gated(tmp_path, capsys):
+    """`gate.py --calibrate`: three runs of one commit. A metric steady across them keeps its
+    tolerance; one that moved 20% gets 1.5x that (30%); one that moved 2.5x leaves the gates (its
+    noise would hide a 2x regression) and a later --update does not bring it back. Every run then
+    passes against the calibrated baseline, and a 2x regression of the widened metric still fails."""
+    def run(k: int, steady: float, moving: float, wild: float) -> dict:
+        return {"format": "moec-result/1", "benchmark": "e2e_decode", "date": f"2026-12-02T0{k}:00:00Z",
+                "git_commit": "abc", "device": "NVIDIA H200", "device_kind": "h200", "versions": {},
+                "metrics": [{"name": "steady", "value": steady, "unit": "tok/s", "direction": "higher",
+                             "tolerance": {"rel": 0.15}},
+                            {"name": "moving", "value": moving, "unit": "ms", "direction": "lower",
+                             "tolerance": {"rel": 0.15}},
+                            {"name": "wild", "value": wild, "unit": "x", "direction": "higher",
+                             "tolerance": {"rel": 0.5}}]}
+
+    runs = [run(1, 100.0, 1.0, 4.0), run(2, 101.0, 1.1, 10.0), run(3, 99.0, 1.2, 7.0)]
+    paths = []
+    for k, r in enumerate(runs):
+        paths.append(tmp_path / f"r{k}.json")
+        paths[-1].write_text(json.dumps(r))
+    baseline = tmp_path / "h200.json"
+    assert gate.main(["--calibrate", str(baseline), *map(str, paths)]) == 0
+    out = capsys.readouterr().out
+    assert "moving: tolerance ±30%" in out and "wild: ungated" in out
+    metrics = json.loads(baseline.read_text())["benchmarks"]["e2e_decode"]
+    assert metrics["metrics"]["steady"]["value"] == 99.0 and metrics["metrics"]["moving"]["value"] == 1.2  # run 3: nearest
+    assert metrics["metrics"]["steady"]["tolerance"] == {"rel": 0.15}
+    assert metrics["metrics"]["moving"]["tolerance"] == {"rel": 0.3} and "wild" in metrics["ungated"]
+    for r in runs:
+        assert run_gate(r, baseline) == 0
+    assert run_gate(with_value(runs[1], "moving", lambda v: 2 * v), baseline) == 1
+    assert run_gate(runs[0], baseline, update=True) == 0
+    again = json.loads(baseline.read_text())["benchmarks"]["e2e_decode"]
+    assert "wild" not in again["metrics"] and "wild" in again["ungated"]
+    with pytest.raises(SystemExit):  # fewer than 3 runs: a usage error
+        gate.main(["--calibrate", str(baseline), str(paths[0])])
+    assert "at least 3 runs" in capsys.readouterr().err

@@ -215,10 +215,11 @@ def updated_baseline(result: dict, baseline: dict | None) -> dict:
     already in the baseline are kept. Metrics the result lacks leave the section."""
     baseline = json.loads(json.dumps(baseline)) if baseline else {
         "format": BASELINE_FORMAT, "device_kind": result["device_kind"], "benchmarks": {}}
-    old = (section(baseline, result["benchmark"]) or {}).get("metrics", {})
+    old_section = section(baseline, result["benchmark"]) or {}
+    old, ungated = old_section.get("metrics", {}), old_section.get("ungated", {})
     metrics = {}
     for m in result["metrics"]:
-        if m["value"] is None or (m["name"] not in old and "tolerance" not in m):
+        if m["value"] is None or m["name"] in ungated or (m["name"] not in old and "tolerance" not in m):
             continue
         entry = {"value": m["value"], "unit": m["unit"], "direction": m["direction"],
                  "tolerance": old.get(m["name"], {}).get("tolerance") or m.get("tolerance") or DEFAULT_TOLERANCE}
@@ -230,8 +231,71 @@ def updated_baseline(result: dict, baseline: dict | None) -> dict:
         "accepted": {"git_commit": result.get("git_commit"), "date": result.get("date"),
                      "device": device_name(result), "versions": result.get("versions")},
         "metrics": metrics,
+        **({"ungated": ungated} if ungated else {}),
     }
     return baseline
+
+
+FLICKER_FACTOR = 1.5  # a calibrated tolerance: this many times the widest change between repeated runs
+FLICKER_LIMIT = 1.0  # a metric whose runs need more than ±100% cannot tell a 2x regression from noise
+
+
+def spread(values: list[float]) -> float:
+    """The largest relative change between any two of `values`: max/min - 1 (for positive values)."""
+    low, high = min(values), max(values)
+    if low <= 0:
+        return 0.0 if low == high else math.inf
+    return high / low - 1
+
+
+def calibrated_baseline(runs: list[dict], baseline: dict | None, factor: float = FLICKER_FACTOR,
+                        limit: float = FLICKER_LIMIT) -> tuple[dict, list[str]]:
+    """The baseline accepted from repeated runs of one commit (the flicker check), and what changed.
+
+    The accepted values are the run nearest the runs' medians. Every gated metric whose tolerance is
+    narrower than `factor` times the widest change between its runs gets that (in steps of 5%), so
+    that no run of the set would fail against any other, with room to spare; a metric that would need
+    more than `limit` is taken out of the gates (listed under "ungated" with its spread), because
+    its noise would hide a 2x regression: it stays in the results, unjudged."""
+    if len(runs) < 3:
+        raise GateError(f"calibration needs at least 3 runs of one commit, got {len(runs)}")
+    benches = {r["benchmark"] for r in runs}
+    if len(benches) != 1:
+        raise GateError(f"calibration runs are of different benchmarks: {sorted(benches)}")
+    values: dict[str, list[float]] = {}
+    for r in runs:
+        for m in r["metrics"]:
+            if m["value"] is not None:
+                values.setdefault(m["name"], []).append(float(m["value"]))
+    medians = {name: sorted(v)[len(v) // 2] for name, v in values.items()}
+
+    def distance(run: dict) -> float:
+        return sum(abs(math.log(m["value"] / medians[m["name"]])) for m in run["metrics"]
+                   if m["value"] and medians.get(m["name"]) and m["value"] * medians[m["name"]] > 0)
+
+    accepted = min(runs, key=distance)
+    new = updated_baseline(accepted, baseline)
+    part = section(new, accepted["benchmark"])
+    notes = [f"accepted values from the run of {accepted.get('date')} (nearest the medians of {len(runs)} runs)"]
+    for name, entry in list(part["metrics"].items()):
+        v = values.get(name, [])
+        if len(v) < len(runs):
+            continue  # not measured by every run: the gate's "missing" verdict is the right one
+        change = spread(v)
+        allowed = min((band_of({**entry, "value": x}) / abs(x) if x else math.inf) for x in v)
+        if factor * change <= allowed:
+            continue
+        needed = math.ceil(factor * change * 20) / 20
+        why = f"{len(runs)} runs of {accepted.get('git_commit')} moved {100 * change:.1f}%"
+        if needed > limit:
+            del part["metrics"][name]
+            part.setdefault("ungated", {})[name] = f"{why}: too noisy to gate"
+            notes.append(f"{name}: ungated ({why}; ±{100 * needed:.0f}% would hide a 2x regression)")
+        else:
+            entry["tolerance"] = {**(entry.get("tolerance") or {}), "rel": needed}
+            entry["why"] = f"{why}; tolerance {factor}x that"
+            notes.append(f"{name}: tolerance ±{100 * needed:.0f}% ({why})")
+    return new, notes
 
 
 # --- output --------------------------------------------------------------------------------------
