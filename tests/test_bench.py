@@ -273,3 +273,39 @@ def test_engine_counts_only_whole_batch_decode_steps(tiny_artifact):
     assert s.steps == 7
     assert (s.decode_steps, s.decode_tokens) == (5, 10)
     assert 0 < s.decode_s < s.elapsed_s
+
+
+def test_energy_is_measured_over_a_window_the_counter_resolves(monkeypatch):
+    """A run much shorter than COUNTER_MIN_S (a 4k-token prefill: ~15 ms on an H200) is repeated,
+    untimed, until the telemetry window reaches it; energy per run divides by every run in the window."""
+    from contextlib import contextmanager
+
+    from moec.runtime import bench
+
+    monkeypatch.setattr(bench, "COUNTER_MIN_S", 0.2)
+    calls = []
+
+    class FakeEngine:
+        device = torch.device("cpu")
+        stats = SimpleNamespace(time_to_first_token_s=0.01, elapsed_s=0.01, decode_steps=0, decode_tokens=0,
+                                decode_s=0.0)
+
+        def generate(self, prompts, max_tokens, ignore_eos):
+            calls.append(time.perf_counter())
+            time.sleep(0.01)
+
+    class FakeGpu:
+        available = True
+
+        @contextmanager
+        def measure(self):
+            window = SimpleNamespace(energy_j=None, mean_power_w=300.0, mean_utilization_percent=90.0,
+                                     energy_source="counter")
+            start = time.perf_counter()
+            yield window
+            window.energy_j = 100.0 * (time.perf_counter() - start)  # 100 W
+
+    timing = bench._Runner(FakeEngine(), FakeGpu(), repeats=3).timed([[1, 2]], max_tokens=1)
+    runs = len(calls) - 1  # the warm-up is outside the window
+    assert runs > 3 and (calls[-1] - calls[1]) >= 0.2 - 0.011
+    assert timing["energy_j"] == pytest.approx(100.0 * 0.01, rel=0.3)  # per run, not per timed run

@@ -49,7 +49,7 @@ from rich.table import Table
 from moec.artifact import open_artifact
 from moec.errors import MoecError
 from moec.runtime.ceilings import Ceilings, device_ceilings, measure_h2d_bandwidth
-from moec.runtime.gpu_telemetry import GpuTelemetry
+from moec.runtime.gpu_telemetry import COUNTER_MIN_S, GpuTelemetry
 from moec.runtime.launch import is_rank_zero
 from moec.runtime.regression_gate import RESULT_FORMAT, device_kind, git_commit, metric, run_gate
 from moec.runtime.roofline import ModelShape, StepCost, decode_step, prefill_step
@@ -137,10 +137,17 @@ class _Runner:
                 stats.decode_steps, stats.decode_tokens, stats.decode_s)
 
     def timed(self, prompts: list[list[int]], max_tokens: int) -> dict:
-        """One warm-up, then `repeats` runs under GPU telemetry: medians, and energy per run."""
+        """One warm-up, then `repeats` runs under GPU telemetry: medians, and energy per run. With
+        telemetry, runs go on (untimed) until the window is long enough for NVML's energy counter
+        (COUNTER_MIN_S): a 15 ms prefill measured alone gave energies 36% apart on an unchanged commit."""
         self.run(prompts, max_tokens)
         with self.gpu.measure() as telemetry:
+            start = time.perf_counter()
             runs = [self.run(prompts, max_tokens) for _ in range(self.repeats)]
+            energy_runs = len(runs)
+            while self.gpu.available and time.perf_counter() - start < COUNTER_MIN_S:
+                self.run(prompts, max_tokens)
+                energy_runs += 1
         return {
             "run_s": statistics.median(r[0] for r in runs),
             "time_to_first_token_s": statistics.median(r[1] for r in runs),
@@ -148,7 +155,7 @@ class _Runner:
             "pure_decode_steps": min(r[3] for r in runs),
             "pure_decode_tokens_per_s": statistics.median(r[4] / r[5] for r in runs) if all(r[5] for r in runs) else None,
             "pure_decode_step_s": statistics.median(r[5] / r[3] for r in runs) if all(r[3] for r in runs) else None,
-            "energy_j": telemetry.energy_j / self.repeats if telemetry.energy_j is not None else None,
+            "energy_j": telemetry.energy_j / energy_runs if telemetry.energy_j is not None else None,
             "mean_power_w": telemetry.mean_power_w,
             "mean_utilization_percent": telemetry.mean_utilization_percent,
             "energy_source": telemetry.energy_source,
