@@ -11,14 +11,18 @@
 # carry [".whl"] where the machine lacks pydantic (`bash benchmarks/device_wheels.sh` downloads the wheels
 # into .whl; they are installed from there first). The
 # whole run keeps inside GPU_GATE_BUDGET_S (570 s): moe_layer.py with the arguments of the
-# committed H100 run (sweeps budgeted at 60 s: ~180 s), then e2e_decode.py with what is left, on a
-# model of E2E_LAYERS (2) layers so that writing, compiling and benchmarking it fit.
+# committed H100 run but without the config sweeps and without HF's torch.compile path (~110 s: both stop on
+# a clock, so which metrics a run has would depend on its speed, and a gate must not), then e2e_decode.py
+# with what is left, on a model of E2E_LAYERS (2) layers so that writing, compiling and benchmarking it fit.
 #
-#   bash benchmarks/gpu_gate.sh --flicker N          on the GPU machine: the flicker check (issue: a gate
-#                                                    that flickers on an unchanged commit is a bug): the
-#                                                    end-to-end model compiled once and measured N times
-#                                                    (~60 s each at 2 layers), every run gated; exit 0 only
-#                                                    if all N pass. Results e2e_decode-<kind>-<date>-r<K>.json
+#   bash benchmarks/gpu_gate.sh --flicker N [BENCH]  on the GPU machine: the flicker check (issue: a gate
+#                                                    that flickers on an unchanged commit is a bug) of BENCH
+#                                                    (e2e_decode, the default: the model compiled once and
+#                                                    measured N times, ~60 s each at 2 layers; moe_layer: every
+#                                                    case measured N times back to back, ~250 s for 5), every
+#                                                    run gated; exit 0 only if all N pass. Results
+#                                                    <bench>-<kind>-<date>-r<K>.json; accept them into the
+#                                                    baseline with `benchmarks/gate.py --calibrate`
 #   bash benchmarks/gpu_gate.sh --compare-each DIR [BENCH]
 #                                                    anywhere: gate every DIR/<bench>-<kind>-*-r<K>.json
 #
@@ -77,13 +81,20 @@ if [[ ${1:-} == --compare-each ]]; then
   exit $?
 fi
 FLICKER=0
+FLICKER_BENCH=e2e_decode
 if [[ ${1:-} == --flicker ]]; then
-  FLICKER=${2:?usage: gpu_gate.sh --flicker N}
+  FLICKER=${2:?usage: gpu_gate.sh --flicker N [e2e_decode|moe_layer]}
+  FLICKER_BENCH=${3:-e2e_decode}
   if [[ ! $FLICKER =~ ^[1-9][0-9]*$ ]]; then
     echo "gpu_gate: --flicker wants a number of runs >= 1, got '$FLICKER'"
     exit 2
   fi
+  if [[ $FLICKER_BENCH != e2e_decode && $FLICKER_BENCH != moe_layer ]]; then
+    echo "gpu_gate: --flicker checks e2e_decode or moe_layer, got '$FLICKER_BENCH'"
+    exit 2
+  fi
 fi
+MOE_LAYER_GATE_ARGS=(--budget-s 60 --no-sweep --no-compile)  # what the gate measures: nothing on a clock
 
 if [[ ${1:-} == --compare ]]; then
   dir=${2:?usage: gpu_gate.sh --compare DIR [BENCH ...]}
@@ -116,25 +127,30 @@ COMMIT=${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || true)}
 LOG="$OUT/gpu_gate-$KIND-$DATE.log"
 echo "gpu_gate: $KIND, commit ${COMMIT:-unknown}, budget ${BUDGET_S} s" | tee "$LOG"
 
-if ((FLICKER > 0)); then  # the end-to-end model, compiled once, measured FLICKER times, every run gated
-  timeout $(($(left) - 20)) "$PY" benchmarks/e2e_decode.py --out "$WORK/e2e" --work "$WORK/e2e-work" \
-    --layers "$E2E_LAYERS" --budget-s $(($(left) - 40)) --repeat "$FLICKER" >>"$LOG" 2>&1
-  echo "gpu_gate: e2e_decode.py --repeat $FLICKER exited $? after $(($(date +%s) - START)) s" | tee -a "$LOG"
+if ((FLICKER > 0)); then  # one benchmark measured FLICKER times on this commit, every run gated
+  if [[ $FLICKER_BENCH == moe_layer ]]; then
+    timeout $(($(left) - 20)) "$PY" benchmarks/moe_layer.py --out "$WORK/$FLICKER_BENCH" "${MOE_LAYER_GATE_ARGS[@]}" \
+      --repeat "$FLICKER" ${COMMIT:+--commit "$COMMIT"} >>"$LOG" 2>&1
+  else
+    timeout $(($(left) - 20)) "$PY" benchmarks/e2e_decode.py --out "$WORK/$FLICKER_BENCH" --work "$WORK/e2e-work" \
+      --layers "$E2E_LAYERS" --budget-s $(($(left) - 40)) --repeat "$FLICKER" >>"$LOG" 2>&1
+  fi
+  echo "gpu_gate: $FLICKER_BENCH.py --repeat $FLICKER exited $? after $(($(date +%s) - START)) s" | tee -a "$LOG"
   for k in $(seq 1 "$FLICKER"); do
-    src="$WORK/e2e/e2e_decode-r$k.json"
-    ((k == 1)) && src="$WORK/e2e/e2e_decode.json"
+    src="$WORK/$FLICKER_BENCH/$FLICKER_BENCH-r$k.json"
+    ((k == 1)) && src="$WORK/$FLICKER_BENCH/$FLICKER_BENCH.json"
     [[ -f $src ]] && "$PY" -c "import json, sys; d = json.load(open(sys.argv[1])); d['commit'] = sys.argv[3] or None; \
-open(sys.argv[2], 'w').write(json.dumps(d, indent=1))" "$src" "$OUT/e2e_decode-$KIND-$DATE-r$k.json" "$COMMIT"
+open(sys.argv[2], 'w').write(json.dumps(d, indent=1))" "$src" "$OUT/$FLICKER_BENCH-$KIND-$DATE-r$k.json" "$COMMIT"
   done
   rm -rf "$WORK/e2e-work"
-  compare_each "$OUT" "$KIND" e2e_decode 2>&1 | tee -a "$LOG"
+  compare_each "$OUT" "$KIND" "$FLICKER_BENCH" 2>&1 | tee -a "$LOG"
   status=${PIPESTATUS[0]}
   echo "gpu_gate: flicker check done in $(($(date +%s) - START)) s, exit $status; results in $OUT"
   exit "$status"
 fi
 
-# 1. the MoE layer, as the committed H100 run measured it (its arguments; the commit named)
-timeout $(($(left) - 200)) "$PY" benchmarks/moe_layer.py --out "$WORK/moe_layer" --budget-s 60 \
+# 1. the MoE layer: every case, no config sweep, no HF torch.compile path (the commit named)
+timeout $(($(left) - 200)) "$PY" benchmarks/moe_layer.py --out "$WORK/moe_layer" "${MOE_LAYER_GATE_ARGS[@]}" \
   ${COMMIT:+--commit "$COMMIT"} >>"$LOG" 2>&1
 echo "gpu_gate: moe_layer.py exited $? after $(($(date +%s) - START)) s" | tee -a "$LOG"
 if [[ -f $WORK/moe_layer/moe_layer.json ]]; then

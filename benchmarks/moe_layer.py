@@ -123,7 +123,13 @@ def parse_args(argv=None):
                    help="wall-clock budget (s): the config sweeps (run after every path of every case is "
                         "measured) stop once it is spent; past budget+90 s phase 1 skips torch.compile too")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    p.add_argument("--repeat", type=int, default=1,
+                   help="measure every case this many times in a row (moe_layer-rK.json for K > 1, ceilings "
+                        "measured again for each): `gpu_gate.sh --flicker N moe_layer` checks the gate on every one")
+    args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error(f"--repeat wants a number of runs >= 1, got {args.repeat}")
+    return args
 
 
 class Budget:
@@ -947,6 +953,7 @@ def main(argv=None) -> int:
     # phase 1: every path, every case -------------------------------------------------------------------
     layers: dict[str, Layer] = {}
     cases: dict[tuple[str, int], dict] = {}
+    repeats: dict[int, list[dict]] = {k: [] for k in range(2, args.repeat + 1)}  # the same cases measured again
     for si, (name, spec) in enumerate(shapes.items()):
         log(f"\n== {name}: hidden {spec['hidden']}, intermediate {spec['inter']}, {spec['experts']} experts, "
             f"top-{spec['top_k']}   [{budget.elapsed():.0f} s]")
@@ -992,6 +999,10 @@ def main(argv=None) -> int:
                     f"(ties: {r['routing_mismatch_are_ties']}, prob gap {r['routing_mismatch_prob_gap']:.1e})")
             if case["errors"]:
                 log(f"     errors: {list(case['errors'])}")
+            for k in repeats:  # back to back, the compiled paths warm: a flicker check's runs
+                again = measure_case(layer, T, ctx)
+                repeats[k].append(again)
+                log(f"  T={T:<6} repeat {k}: " + "  ".join(f"{n} {v['median_ms']:.3f}" for n, v in again["timings"].items()))
             save()
         # free what phase 2 does not need: the HF blocks, compiled graphs, fp32 weights
         ctx["hf_eager"] = ctx["hf_compiled"] = None
@@ -1002,6 +1013,16 @@ def main(argv=None) -> int:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+    for k, again in repeats.items():  # each repeat as its own result, with its own ceilings
+        bw_k, mm_k = copy_bandwidth(device), matmul_rate(device)
+        write_json(out_dir / f"moe_layer-r{k}.json", {
+            **{key: v for key, v in result.items() if key not in ("cases", "metrics")}, "repeat": k,
+            "ceilings": {"copy_bandwidth": bw_k, "matmul": mm_k}, "cases": again,
+            "metrics": [metric("copy_bandwidth", bw_k["value"], "GB/s", "higher", how=bw_k["how"]),
+                        metric("matmul_rate", mm_k["value"], "TFLOP/s", "higher", how=mm_k["how"])]
+            + [m for c in again for m in case_metrics(c)]})
+        log(f"wrote {out_dir / f'moe_layer-r{k}.json'}")
 
     # phase 2: config sweeps, small token counts first, shapes interleaved, until the budget is spent ----
     log(f"\n== config sweeps (up to {args.max_configs} configs per case; budget {args.budget_s:.0f} s)"

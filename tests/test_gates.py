@@ -432,3 +432,29 @@ def test_calibration_from_repeated_runs_widens_noise_and_ungates_what_cannot_be_
     with pytest.raises(SystemExit):  # fewer than 3 runs: a usage error
         gate.main(["--calibrate", str(baseline), str(paths[0])])
     assert "at least 3 runs" in capsys.readouterr().err
+
+
+def test_moe_layer_repeats_are_results_the_calibration_accepts(tmp_path, capsys):
+    """`moe_layer.py --repeat 3` (what `gpu_gate.sh --flicker 3 moe_layer` runs; here the tiny shapes on
+    CPU): three results of the same cases, each in the common format with its own ceilings, which
+    `gate.py --calibrate` turns into a baseline that every one of them passes."""
+    out = tmp_path / "ml"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "moe_layer.py"), "--device", "cpu", "--quick",
+                           "--no-sweep", "--no-compile", "--repeat", "3", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = [out / "moe_layer.json", out / "moe_layer-r2.json", out / "moe_layer-r3.json"]
+    docs = [result_format.load_result(p) for p in runs]
+    names = [{m["name"] for m in d["metrics"]} for d in docs]
+    assert names[0] == names[1] == names[2] and "copy_bandwidth" in names[0]
+    assert all(d["benchmark"] == "moe_layer" for d in docs)
+    baseline = tmp_path / "cpu.json"
+    assert gate.main(["--calibrate", str(baseline), *map(str, runs)]) == 0
+    capsys.readouterr()
+    assert all(run_gate(d, baseline) == 0 for d in docs)
+
+
+def test_gpu_gate_flicker_refuses_an_unknown_benchmark():
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_gate.sh"), "--flicker", "3", "serve"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "e2e_decode or moe_layer" in proc.stdout
