@@ -1,18 +1,24 @@
 """Offloaded Mixtral-8x7B-shaped model on a GPU capped below its size (issue 8), one device call.
 
     python benchmarks/offload.py --out $OUT [--layers 16] [--gpu-memory 24GiB] [--budget-s 560]
+                                 [--policy JSON] [--phases compile,moec,accelerate,report]
 
 In order, each heavy part in its own process:
-  1. `moe-compile --profile-hardware`: this machine's host link, GPU and CPU figures
-  2. the synthetic model of recipes/mixtral-8x7b-shape.yaml with --layers layers (bf16)
-  3. `moe-compile` with `offload: {gpu_memory, hardware: the profile, workload: 512 + 128}`:
-     the plan (batch, resident layers, expert cache) and its predicted tokens/s
-  4. moec with the process capped at --gpu-memory (`set_per_process_memory_fraction`):
+  1. compile: `moe-compile --profile-hardware` (this machine's host link, GPU and CPU figures),
+     then `moe-compile` of recipes/mixtral-8x7b-shape.yaml's synthetic model with --layers layers
+     (bf16, drawn by the compiler, which keeps no second copy on disk) and `offload: {gpu_memory,
+     hardware: the profile, workload: 512 + 128}`: the plan (batch, micro-batches, placement,
+     resident layers, expert cache) and its predicted tokens/s
+  2. moec: with the process capped at --gpu-memory (`set_per_process_memory_fraction`):
      `moe-runtime bench` at batch 1 and at the plan's batch (512-token prompts, 128 generated):
      decode tokens/s, expert bytes copied per step, the link's busy share; then one decode step
      under the CUDA profiler, drawn as a timeline of the copy stream against the compute stream
-  5. transformers + accelerate `device_map="auto"` with the same GPU budget, at the same batches
+  3. accelerate: the artifact deleted, the same model written as an HF directory, then
+     transformers + accelerate `device_map="auto"` with the same GPU budget, at the same batches
      (the offload a user has today), while the time budget lasts
+  4. report: the rows, plot and table below
+Each phase saves into --work/offload.json and --out; `--phases moec,accelerate,report` resumes a
+run whose compile took an earlier device call (on a machine kept warm between the calls).
 The bound at each batch: the expert bytes a step must stream over the measured host-to-device
 bandwidth. Writes offload.json, offload.png (tokens/s) and offload_timeline.png under --out;
 prints a table last. With --recipe recipes/tiny-mixtral.yaml it runs on CPU to test its logic.
@@ -160,6 +166,107 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+PHASES = ("compile", "moec", "accelerate", "report")
+
+
+def compile_phase(args, result: dict, work: Path, deadline: float) -> bool:
+    """This machine's figures, then the synthetic model compiled with the offload block. The
+    compiler draws the weights itself and drops its copy once they are loaded, so the disk holds
+    one copy of the model at a time (16 layers: 47 GB of a 64 GB disk)."""
+    import yaml
+
+    profile = work / "profile.json"
+    run([sys.executable, "-m", "moec.compiler", "--profile-hardware", "-o", str(profile)], timeout=120)
+    result["hardware"] = json.loads(profile.read_text())
+    recipe = yaml.safe_load(Path(args.recipe).read_text())
+    recipe["model"]["synthetic"]["config"]["num_hidden_layers"] = args.layers
+    recipe.update(name=f"{recipe['name']}-{args.layers}l",
+                  offload={"gpu_memory": args.gpu_memory, "hardware": str(profile),
+                           "workload": {"prompt_len": args.context, "gen_len": args.gen},
+                           **({"policy": json.loads(args.policy)} if args.policy else {})},
+                  max_seq_len=max(recipe.get("max_seq_len", 0), args.context + args.gen + 16))
+    if device() == "cpu":
+        recipe.update(device="cpu")
+    (work / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    t = time.perf_counter()
+    proc = run([sys.executable, "-m", "moec.compiler", str(work / "recipe.yaml"), "--output", str(work / "artifact")],
+               timeout=deadline - time.perf_counter(), capture=False)
+    result["compile_s"] = time.perf_counter() - t
+    if proc.returncode != 0:
+        result["error"] = "compile failed"
+        return False
+    plan = json.loads((work / "artifact" / "manifest.json").read_text())["offload"]
+    result["plan"] = {k: plan[k] for k in ("policy", "prediction", "gpu_memory", "host_memory")}
+    return True
+
+
+def moec_phase(args, result: dict, work: Path, out: Path, deadline: float) -> None:
+    moec_json = work / "moec.json"
+    proc = run([sys.executable, __file__, "--role", "moec", "--artifact", str(work / "artifact"), "--result",
+                str(moec_json), "--gpu-memory", args.gpu_memory, "--context", str(args.context), "--gen", str(args.gen)],
+               timeout=deadline - time.perf_counter() - 30)
+    if proc.returncode != 0:
+        log(f"moec role exited {proc.returncode}:\n{(proc.stdout or '')[-4000:]}")
+        result["skipped"].append(f"moec: exited {proc.returncode}")
+    moec = json.loads(moec_json.read_text()) if moec_json.is_file() else {}
+    bench = moec.get("bench") or {}
+    result["moec"] = {k: bench.get(k) for k in ("decode", "offload", "load_s", "notes")}
+    if moec.get("trace"):
+        result["timeline_busy_share"] = timeline(Path(moec["trace"]), out / "offload_timeline.png")
+
+
+def accelerate_phase(args, result: dict, work: Path, deadline: float) -> None:
+    """transformers + accelerate on the same model: the artifact goes first (its numbers are in the
+    result; the disk holds one copy), then the model is drawn again as an HF directory, same seed."""
+    import shutil
+
+    shutil.rmtree(work / "artifact", ignore_errors=True)
+    write_model(Path(args.recipe), args.layers, work / "hf")
+    batches = [r["batch"] for r in (result.get("moec") or {}).get("decode") or []] or [1]
+    acc_json = work / "accelerate.json"
+    left = deadline - time.perf_counter()
+    if left > 60:
+        run([sys.executable, __file__, "--role", "accelerate", "--hf-dir", str(work / "hf"), "--result", str(acc_json),
+             "--gpu-memory", args.gpu_memory, "--context", str(args.context), "--seconds", str(left - 45),
+             "--batches", ",".join(map(str, batches))], timeout=left - 10)
+    else:
+        result["skipped"].append("accelerate baseline: time budget")
+    acc = json.loads(acc_json.read_text()) if acc_json.is_file() else {}
+    result["accelerate"] = acc
+    result["skipped"] += acc.get("skipped", [])
+
+
+def report_phase(result: dict, out: Path) -> None:
+    moec = result.get("moec") or {}
+    h2d = (moec.get("offload") or {}).get("h2d_bytes_per_s_measured")
+    theirs = {r["batch"]: r for r in (result.get("accelerate") or {}).get("decode", [])}
+    result["rows"] = []
+    for r in moec.get("decode") or []:
+        per_step = (r.get("offload") or {}).get("expert_bytes_per_step")
+        bound = r["batch"] * h2d / per_step if h2d and per_step else None
+        other = theirs.get(r["batch"], {}).get("decode_tokens_per_s")
+        mine = r.get("decode_tokens_per_s")
+        result["rows"].append({"batch": r["batch"], "moec": mine, "accelerate": other, "bound": bound,
+                               "percent_of_bound": 100 * mine / bound if mine and bound else None,
+                               "speedup_vs_accelerate": mine / other if mine and other else None,
+                               "link_busy_fraction": (r.get("offload") or {}).get("link_busy_fraction")})
+    plot(result, out / "offload.png")
+    plan = result.get("plan") or {}
+    print(f"{result['model']} | {result['device']} | GPU {result['gpu_memory']} | plan {plan.get('policy')}")
+    if plan:
+        print(f"predicted {plan['prediction']['tokens_per_s']:.1f} tok/s over the workload, bound by the "
+              f"{plan['prediction']['bottleneck']}")
+    print(f"{'batch':>5} {'moec':>9} {'accel.':>9} {'bound':>9} {'%bound':>7} {'x accel':>8} {'link busy':>9}")
+    for r in result["rows"]:
+        def f(v, spec):
+            return format(v, spec) if v is not None else "-"
+        print(f"{r['batch']:>5} {f(r['moec'], '9.1f')} {f(r['accelerate'], '9.2f')} {f(r['bound'], '9.1f')} "
+              f"{f(r['percent_of_bound'], '7.1f')} {f(r['speedup_vs_accelerate'], '8.1f')} "
+              f"{f(r['link_busy_fraction'], '9.2f')}")
+    if result["skipped"]:
+        print("skipped:", "; ".join(result["skipped"]))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--role", choices=["main", "moec", "accelerate"], default="main")
@@ -168,6 +275,10 @@ def main() -> int:
     parser.add_argument("--recipe", default=str(ROOT / "recipes" / "mixtral-8x7b-shape.yaml"))
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--gpu-memory", default="24GiB")
+    parser.add_argument("--policy", help="offload.policy fields to pin, as JSON (default: the search's choice)")
+    parser.add_argument("--phases", default=",".join(PHASES),
+                        help=f"which of {','.join(PHASES)} to run, in order; later phases resume from --work, so "
+                             "a run too long for one device call can be split over calls on a machine kept warm")
     parser.add_argument("--budget-s", type=float, default=560)
     parser.add_argument("--context", type=int, default=PROMPT)
     parser.add_argument("--gen", type=int, default=GEN)
@@ -181,93 +292,44 @@ def main() -> int:
         return role_moec(args)
     if args.role == "accelerate":
         return role_accelerate(args)
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    unknown = [p for p in phases if p not in PHASES]
+    if unknown or not phases:
+        parser.error(f"--phases: {unknown or 'none given'}; choose from {','.join(PHASES)}")
 
     import torch
-    import yaml
 
     deadline = time.perf_counter() + args.budget_s
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": "offload", "model": f"{Path(args.recipe).stem}, {args.layers} layers",
-              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "gpu_memory": args.gpu_memory, "workload": {"prompt_len": args.context, "gen_len": args.gen},
-              "versions": {"torch": torch.__version__}, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "skipped": []}
-    save = lambda: (out / "offload.json").write_text(json.dumps(result, indent=1))  # noqa: E731
+    state = work / "offload.json"
+    if phases[0] != "compile" and not state.is_file():
+        parser.error(f"--phases {args.phases}: {state} holds no earlier phases; start with compile")
+    result = json.loads(state.read_text()) if phases[0] != "compile" else {
+        "benchmark": "offload", "model": f"{Path(args.recipe).stem}, {args.layers} layers",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "gpu_memory": args.gpu_memory, "workload": {"prompt_len": args.context, "gen_len": args.gen},
+        "versions": {"torch": torch.__version__}, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "skipped": []}
 
-    profile = work / "profile.json"
-    run([sys.executable, "-m", "moec.compiler", "--profile-hardware", "-o", str(profile)], timeout=120)
-    result["hardware"] = json.loads(profile.read_text())
-    recipe = write_model(Path(args.recipe), args.layers, work / "hf")
-    recipe.update(offload={"gpu_memory": args.gpu_memory, "hardware": str(profile),
-                           "workload": {"prompt_len": args.context, "gen_len": args.gen}},
-                  max_seq_len=max(recipe.get("max_seq_len", 0), args.context + args.gen + 16))
-    if device() == "cpu":
-        recipe.update(device="cpu")
-    (work / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    t = time.perf_counter()
-    proc = run([sys.executable, "-m", "moec.compiler", str(work / "recipe.yaml"), "--output", str(work / "artifact")],
-               timeout=deadline - time.perf_counter(), capture=False)
-    result["compile_s"] = time.perf_counter() - t
-    if proc.returncode != 0:
-        result["error"] = "compile failed"
+    def save() -> None:
+        for path in (state, out / "offload.json"):
+            path.write_text(json.dumps(result, indent=1))
+
+    for phase in phases:
+        log(f"offload phase {phase}")
+        if phase == "compile" and not compile_phase(args, result, work, deadline):
+            save()
+            return 1
+        if phase == "moec":
+            moec_phase(args, result, work, out, deadline)
+        if phase == "accelerate":
+            accelerate_phase(args, result, work, deadline)
+        if phase == "report":
+            report_phase(result, out)
+        result.setdefault("phases_done", []).append(phase)
         save()
-        return 1
-    plan = json.loads((work / "artifact" / "manifest.json").read_text())["offload"]
-    result["plan"] = {k: plan[k] for k in ("policy", "prediction", "gpu_memory", "host_memory")}
-    save()
-
-    moec_json = work / "moec.json"
-    run([sys.executable, __file__, "--role", "moec", "--artifact", str(work / "artifact"), "--result", str(moec_json),
-         "--gpu-memory", args.gpu_memory, "--context", str(args.context), "--gen", str(args.gen)],
-        timeout=deadline - time.perf_counter() - 60)
-    moec = json.loads(moec_json.read_text()) if moec_json.is_file() else {}
-    bench = moec.get("bench") or {}
-    result["moec"] = {k: bench.get(k) for k in ("decode", "offload", "load_s", "notes")}
-    if moec.get("trace"):
-        result["timeline_busy_share"] = timeline(Path(moec["trace"]), out / "offload_timeline.png")
-    save()
-
-    batches = [r["batch"] for r in bench.get("decode", [])] or [1]
-    acc_json = work / "accelerate.json"
-    left = deadline - time.perf_counter()
-    if left > 60:
-        run([sys.executable, __file__, "--role", "accelerate", "--hf-dir", str(work / "hf"), "--result", str(acc_json),
-             "--gpu-memory", args.gpu_memory, "--context", str(args.context), "--seconds", str(left - 45),
-             "--batches", ",".join(map(str, batches))], timeout=left - 10)
-    else:
-        result["skipped"].append("accelerate baseline: time budget")
-    acc = json.loads(acc_json.read_text()) if acc_json.is_file() else {}
-    result["accelerate"] = acc
-    result["skipped"] += acc.get("skipped", [])
-
-    h2d = (bench.get("offload") or {}).get("h2d_bytes_per_s_measured")
-    theirs = {r["batch"]: r for r in acc.get("decode", [])}
-    result["rows"] = []
-    for r in bench.get("decode", []):
-        per_step = (r.get("offload") or {}).get("expert_bytes_per_step")
-        bound = r["batch"] * h2d / per_step if h2d and per_step else None
-        other = theirs.get(r["batch"], {}).get("decode_tokens_per_s")
-        mine = r.get("decode_tokens_per_s")
-        result["rows"].append({"batch": r["batch"], "moec": mine, "accelerate": other, "bound": bound,
-                               "percent_of_bound": 100 * mine / bound if mine and bound else None,
-                               "speedup_vs_accelerate": mine / other if mine and other else None,
-                               "link_busy_fraction": (r.get("offload") or {}).get("link_busy_fraction")})
-    save()
-    plot(result, out / "offload.png")
-    print(f"{result['model']} | {result['device']} | GPU {args.gpu_memory} | plan {result['plan']['policy']}")
-    print(f"predicted {result['plan']['prediction']['tokens_per_s']:.1f} tok/s over the workload, bound by the "
-          f"{result['plan']['prediction']['bottleneck']}")
-    print(f"{'batch':>5} {'moec':>9} {'accel.':>9} {'bound':>9} {'%bound':>7} {'x accel':>8} {'link busy':>9}")
-    for r in result["rows"]:
-        def f(v, spec):
-            return format(v, spec) if v is not None else "-"
-        print(f"{r['batch']:>5} {f(r['moec'], '9.1f')} {f(r['accelerate'], '9.2f')} {f(r['bound'], '9.1f')} "
-              f"{f(r['percent_of_bound'], '7.1f')} {f(r['speedup_vs_accelerate'], '8.1f')} "
-              f"{f(r['link_busy_fraction'], '9.2f')}")
-    if result["skipped"]:
-        print("skipped:", "; ".join(result["skipped"]))
     return 0
 
 

@@ -213,3 +213,41 @@ def test_cpu_attention_matches_the_reference(window):
              slots)
     args = (cache, 1, inputs["block_tables"], inputs["seq_ids"], inputs["positions"], 0.25, window)
     torch.testing.assert_close(cpu_attention(query, *args), paged_attention_ref(query, *args), atol=1e-5, rtol=1e-5)
+
+
+def test_offload_benchmark_runs_in_phases_that_resume(tmp_path):
+    """benchmarks/offload.py on CPU with the tiny model: compile in one call, the rest in another
+    (as two device calls would), the plan and both batches' rows in the result, the artifact gone
+    before the HF copy is written (one copy of the model on disk), and bad phases a usage error."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = str(ROOT / "benchmarks" / "offload.py")
+    common = ["--recipe", str(ROOT / "recipes" / "tiny-mixtral.yaml"), "--layers", "4", "--gpu-memory", "8MiB",
+              "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--budget-s", "300"]
+
+    def run(*extra):
+        return subprocess.run([sys.executable, script, *common, *extra], capture_output=True, text=True, timeout=600)
+
+    proc = run("--phases", "moec")
+    assert proc.returncode == 2 and "start with compile" in proc.stderr
+    # every layer's experts resident: micro-batches with nothing to stream (the pager then never prefetches)
+    policy = '{"placement": "cpu", "micro_batches": 2, "batch": 4, "resident_expert_layers": 4}'
+    proc = run("--phases", "compile", "--policy", policy)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "work" / "artifact" / "manifest.json").is_file()
+    assert not list((tmp_path / "work").glob("**/model.safetensors"))  # the compiler kept no copy of the source
+    proc = run("--phases", "moec,accelerate,report")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "offload.json").read_text())
+    assert result["phases_done"] == ["compile", "moec", "accelerate", "report"]
+    assert result["plan"]["policy"]["placement"] == "cpu" and result["plan"]["policy"]["micro_batches"] == 2
+    assert [r["batch"] for r in result["rows"]] == [1, 4] and all(r["moec"] > 0 for r in result["rows"]), proc.stderr[-4000:]
+    assert result["moec"]["offload"]["policy"]["resident_expert_layers"] == 4
+    assert not [s for s in result["skipped"] if s.startswith("moec")]  # the moec role ran to the end
+    assert not (tmp_path / "work" / "artifact").exists() and (tmp_path / "work" / "hf" / "config.json").is_file()
+    assert (tmp_path / "out" / "offload.png").is_file()
+    assert run("--phases", "compile,warp").returncode == 2

@@ -73,10 +73,12 @@ def _model_source(recipe: Recipe, stages: Stages):
     from moec.compiler.synthetic import write_synthetic_model
 
     syn = recipe.model.synthetic
+    # drawn where the model will run: a Mixtral-sized model takes minutes on a CPU, seconds on a GPU
+    init = "cuda" if recipe.device == "cuda" else "cpu"
     with tempfile.TemporaryDirectory(prefix="moec-synthetic-") as tmp:
-        with stages.stage("source", f"synthetic {syn.architecture}, seed {syn.seed}, as an HF directory"):
+        with stages.stage("source", f"synthetic {syn.architecture}, seed {syn.seed}, drawn on {init}, as an HF directory"):
             model_dir = write_synthetic_model(syn.architecture, syn.config, syn.seed, Path(tmp) / "model",
-                                              dtype=syn.dtype)
+                                              dtype=syn.dtype, init_device=init)
         yield model_dir
 
 
@@ -95,6 +97,9 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
             model = load_model(model_dir, dtype)
             check_fits_device(model, recipe.device)
             model = model.to(recipe.device)
+            if recipe.model.path is None:  # our own temporary copy: the disk holds one copy of the weights, not two
+                for weights_file in model_dir.glob("*.safetensors"):
+                    weights_file.unlink()
             # shapes the kernels cannot run stop here, naming the block, before export trips on them
             check_moe_blocks(model, model.config, recipe.device, recipe.max_tokens_per_step)
             step = PagedStep(model)

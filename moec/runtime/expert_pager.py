@@ -150,7 +150,9 @@ class ExpertPager:
 
     def _wanted(self) -> tuple[int, int] | None:
         """The next (step, position) to bring in: the first this step's micro-batches still need
-        that no slot holds, else the next step's first."""
+        that no slot holds, else the next step's first; nothing when no layer streams."""
+        if not self.streamed:
+            return None
         held = set(self.slot_key)
         first = min(self.progress)
         for position in range(max(0, int(first)) if first != math.inf else len(self.streamed), len(self.streamed)):
