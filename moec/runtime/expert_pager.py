@@ -8,6 +8,11 @@ stream of its own, ordered by CUDA events (the copy waits until the compute stre
 with the slot it overwrites; the compute waits until the copy has landed). After the last layer
 the first streamed layer of the next step is fetched, so steps chain without a bubble.
 
+A step may run as several micro-batches at once, one thread each (`moec.runtime.micro_batches`):
+each streamed layer still crosses the link once per step, shared by all of them, and a slot is
+overwritten only once every micro-batch has moved past the layer it holds (a micro-batch that
+runs ahead waits for the others).
+
 For a handful of tokens (interactive use at batch 1) streaming whole layers wastes the link: most
 experts go unused. When T*K < E the pager reads which experts the tokens chose (a host sync)
 and serves them from an LRU cache of (layer, expert) slots sized by the plan, copying only the
