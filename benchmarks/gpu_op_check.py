@@ -60,7 +60,9 @@ def attention_rows(compiled: bool) -> list[dict]:
         "prefill 4": [(0, 4)],
         "prefill 11": [(0, 11)],
         "prefill 300": [(0, 300)],
+        "decode 1x(ctx 2000)": [(1999, 1)],  # split-K: 16 programs per tile, then the merge
         "decode 8x(ctx 512)": [(511, 1)] * 8,
+        "decode 128x(ctx 300..427)": [(300 + r, 1) for r in range(128)],  # no split, merge gated off
         "mixed": [(0, 37), (100, 1), (20, 5)],
     }
     for name, chunks in cases.items():
