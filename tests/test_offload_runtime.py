@@ -126,14 +126,18 @@ def test_bench_reports_the_link_and_the_prediction(four_layer_artifacts, tmp_pat
     assert 0 < four["offload"]["link_busy_fraction"] and four["offload"]["achieved_h2d_bytes_per_s"] > 0
 
 
-def test_serve_runs_an_offloaded_artifact_unchanged(four_layer_artifacts):
+@pytest.mark.parametrize("variant", ["streamed", "cpu attention in micro-batches"])
+def test_serve_runs_an_offloaded_artifact_unchanged(four_layer_artifacts, request, variant):
     """The OpenAI server on an offloaded artifact: concurrent greedy completions equal `generate`."""
     from test_server import Server, greedy_texts
 
     plain, offloaded, _ = four_layer_artifacts
+    name = "offloaded"
+    if variant != "streamed":
+        offloaded, name = request.getfixturevalue("cgopipe_artifact"), "cgopipe"
     srv = Server(offloaded)
     try:
-        texts = greedy_texts(srv.base, "offloaded", PROMPTS, max_tokens=10)
+        texts = greedy_texts(srv.base, name, PROMPTS, max_tokens=10)
     finally:
         assert srv.stop() == 0
     want = Engine.load(plain).generate(PROMPTS, max_tokens=10)
