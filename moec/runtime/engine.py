@@ -145,14 +145,14 @@ class Engine:
         self.allocator = BlockAllocator(self.num_blocks)
         # one block beyond the allocator's: padded decode rows write their K/V there
         self.scratch_block = self.num_blocks
-        kv_shape = (spec.num_layers, self.num_blocks + 1, spec.kv_block_size, spec.num_kv_heads, spec.head_dim,
-                    getattr(torch, spec.kv_dtype))
+        kv_dims = (spec.num_layers, self.num_blocks + 1, spec.kv_block_size, spec.num_kv_heads, spec.head_dim)
+        kv_dtype = getattr(torch, spec.kv_dtype)
         self.host_attention = None
         if offload and offload["policy"]["placement"] == "cpu":  # the cache and attention on the host
-            self.host_attention = HostAttention(*kv_shape)
+            self.host_attention = HostAttention(*kv_dims, kv_dtype)
             set_attention_executor(self.host_attention)
-            kv_shape = (spec.num_layers, 1, *kv_shape[2:])  # the graph's kv_cache input: an unused placeholder
-        self.kv_cache = allocate_kv_cache(*kv_shape[:-1], kv_shape[-1], self.device)
+            kv_dims = (spec.num_layers, 1, *kv_dims[2:])  # the graph's kv_cache input: an unused placeholder
+        self.kv_cache = allocate_kv_cache(*kv_dims, kv_dtype, self.device)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.load_phases["kv_cache_s"] = time.perf_counter() - phase_start
