@@ -84,8 +84,8 @@ class HostAttention:
         # two copies down: the step's int inputs, then the layer's q, k, v (the GPU finishes them first)
         ints = torch.cat((positions, seq_ids, slots, block_tables.flatten())).cpu()
         num_tokens = positions.shape[0]
-        positions_h, seq_ids_h, slots_h = ints[:num_tokens], ints[num_tokens:2 * num_tokens], ints[2 * num_tokens:3 * num_tokens]
-        tables_h = ints[3 * num_tokens:].view(block_tables.shape)
+        positions_h, seq_ids_h, slots_h, tables_h = ints.split((num_tokens,) * 3 + (block_tables.numel(),))
+        tables_h = tables_h.view(block_tables.shape)
         qkv = torch.cat((query.flatten(), key.flatten(), value.flatten())).cpu()
         q, k, v = qkv.split((query.numel(), key.numel(), value.numel()))
         write_kv(self.cache, layer, k.view(key.shape), v.view(value.shape), slots_h)
