@@ -226,6 +226,72 @@ def test_tuner_keeps_the_fastest_and_records_the_table(tiny_artifact):
     assert "E128 top-8 H2048 I768 silu bfloat16  (model.layers.2.mlp): grouped_mm" in text
 
 
+def test_tuner_switches_to_grouped_mm_where_it_wins_and_inspect_says_so(tiny_artifact):
+    """Triton faster up to 64 tokens, grouped_mm 20% faster from 128 on (as the H200 measured on the
+    Mixtral shape at 1024+): the plan runs Triton up to 64 and grouped_mm above, the table and
+    `moe-runtime inspect` say where; a 1% edge at the top bucket alone does not earn a branch."""
+    from moec.artifact import Manifest
+    from moec.artifact.summary import render_summary
+    from moec.compiler.passes.moe_tuning import Candidate, tune_moe
+    from moec.ops.triton.configs import parse_plan
+
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}
+    candidates = [Candidate("triton", "triton", cfg), Candidate("grouped_mm", "grouped_mm")]
+
+    def wins_from_128(shape, tokens, name):
+        triton = 1.0 + tokens / 64
+        return triton if name == "triton" else (triton * 1.3 if tokens <= 64 else triton * 0.8)
+
+    tuning = tune_moe([_region("model.layers.0.mlp")], None, torch.bfloat16, "cuda", 1024,
+                      measure=FakeTimes(wins_from_128), candidates=candidates)
+    (entry,) = tuning.table["shapes"].values()
+    assert tuning.switches == {"model.layers.0.mlp": 64} and entry["grouped_mm_above"] == 64
+    assert parse_plan(tuning.plans["model.layers.0.mlp"]) == {"path": "triton", "ranges": [(None, cfg)]}
+    assert [row["runs"] for row in entry["buckets"].values()] == ["triton"] * 7 + ["grouped_mm"] * 4
+    manifest = json.loads((tiny_artifact / "manifest.json").read_text())
+    manifest["kernels"] = {"moe": tuning.table}
+    assert "triton, T≤64 M16N64K64G1w4s3, T>64 grouped_mm (a branch in the graph)" in render_summary(
+        Manifest.model_validate(manifest))
+
+    def barely(shape, tokens, name):
+        return 1.0 if name == "triton" or tokens < 1024 else 0.99  # 1% at one bucket: no branch for it
+    tuning = tune_moe([_region("model.layers.0.mlp")], None, torch.bfloat16, "cuda", 1024,
+                      measure=FakeTimes(barely), candidates=candidates)
+    assert tuning.switches == {} and "grouped_mm_above" not in next(iter(tuning.table["shapes"].values()))
+
+
+def test_a_switched_block_branches_on_tokens_through_aotinductor(exported, tmp_path):
+    """apply_moe_plans with a switch: each block's call becomes a cond on T between its plan and
+    grouped_mm; the program computes what it did below and above the switch (the CPU reference
+    runs both branches), and AOTInductor keeps the branch as an `if` on T in its wrapper."""
+    import zipfile
+
+    from moec.compiler.export import example_inputs
+    from moec.compiler.passes.moe_tuning import apply_moe_plans
+    from moec.runtime.kv_cache import build_step_inputs
+
+    ep, step, config = exported
+    lowered, _ = lower_moe(ep, step, config)
+    paths = ["model.layers.0.mlp", "model.layers.1.mlp"]
+    switched = apply_moe_plans(lowered, step, dict.fromkeys(paths, ""), dict.fromkeys(paths, 5))
+    targets = _targets(switched)
+    assert targets.count("cond") == 2 and "moec.fused_moe.default" not in targets
+    package = torch._inductor.aoti_compile_and_package(switched, package_path=str(tmp_path / "switched.pt2"))
+    compiled = torch._inductor.aoti_load_package(package)
+    kv = torch.zeros_like(example_inputs(config, torch.float32, 16)[4])
+    for tokens in (3, 12):  # below and above the switch
+        ids = torch.randint(0, config.vocab_size, (tokens,)).tolist()
+        step_inputs = build_step_inputs([([1], ids, 0, True)], block_size=16)
+        args = [step_inputs[k] for k in ("input_ids", "positions", "seq_ids", "block_tables")]
+        with torch.no_grad():
+            want = lowered.module()(*args, kv.clone(), step_inputs["logits_indices"])
+            got = compiled(*args, kv.clone(), step_inputs["logits_indices"])
+        torch.testing.assert_close(got, want)
+    with zipfile.ZipFile(package) as archive:
+        wrapper = next(archive.read(n).decode() for n in archive.namelist() if n.endswith("wrapper.cpp"))
+    assert wrapper.count("> 5L)") >= 2
+
+
 def test_tuner_refuses_a_shape_nothing_runs():
     from moec.compiler.passes.moe_tuning import Candidate, tune_moe
 

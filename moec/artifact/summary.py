@@ -39,12 +39,15 @@ def moe_kernel_lines(table: dict) -> list[str]:
     lines = [f"MoE: tuned on {table.get('device', '?')} at compile time; {table.get('timer', '')}"]
     for key, entry in shapes.items():
         ranges = entry.get("ranges") or []
+        switch = entry.get("grouped_mm_above")
         if entry.get("path") == "triton" and ranges:
             bounds, parts = 0, []
             for r in ranges:
-                hi = r.get("max_tokens")
+                hi = r.get("max_tokens") if r.get("max_tokens") is not None else switch
                 parts.append(f"T≤{hi} {r.get('config')}" if hi is not None else f"T>{bounds} {r.get('config')}")
                 bounds = hi if hi is not None else bounds
+            if switch is not None:
+                parts.append(f"T>{switch} grouped_mm (a branch in the graph)")
             how = "triton, " + ", ".join(parts) if len(parts) > 1 else f"triton {ranges[0].get('config')}, every T"
         else:
             how = str(entry.get("path"))

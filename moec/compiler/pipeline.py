@@ -130,7 +130,7 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
                        if recipe.device == "cuda" else "cpu: the MoE op runs the PyTorch reference, nothing to time")
         with stages.stage("tune", tune_detail):
             tuning = tune_moe(regions, step, dtype, recipe.device, recipe.max_tokens_per_step)
-            ep = apply_moe_plans(ep, step, tuning.plans)
+            ep = apply_moe_plans(ep, step, tuning.plans, tuning.switches)
         console.print("\n".join("  " + line for line in moe_kernel_lines(tuning.table)),
                       soft_wrap=True, markup=False, highlight=False)
         if recipe.offload is not None:

@@ -13,8 +13,11 @@ each range's launches by T with integer arithmetic on the symbolic token count, 
 AOTInductor graph runs the bucket's choice at decode and at prefill (see
 `moec.ops.triton.fused_moe`). Adjacent buckets keep the previous range's config while it is
 within RANGE_TOLERANCE of the bucket's fastest Triton config, so fewer kernels are compiled in.
-The `torch._grouped_mm` path is aten ops, not launches a grid can gate: it is chosen for a shape
-as a whole, when its mean time relative to each bucket's fastest beats the Triton plan's. The
+The `torch._grouped_mm` path is aten ops, not launches a grid can gate: it runs a shape's every
+token count, or the token counts above a switch point with the Triton plan below it — then the
+block's call becomes a `torch.cond` on T between the two (`apply_moe_plans`), which AOTInductor
+compiles into an `if` in its C++ wrapper. Whichever of the three has the lowest mean time relative
+to each bucket's fastest is kept, a switch only if it beats both single paths by SWITCH_GAIN. The
 table records, per bucket, every candidate's time, the fastest, and what the artifact runs.
 
 On CPU there is nothing to time: `fused_moe` runs the PyTorch reference, and the table says so.
@@ -25,7 +28,7 @@ from __future__ import annotations
 import copy
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,6 +40,7 @@ from moec.ops.moe_experts import moe_experts_ref
 from moec.ops.triton.configs import candidate_configs, config_name, encode_plan
 
 RANGE_TOLERANCE = 0.03  # keep the current range's config while within 3% of the bucket's best
+SWITCH_GAIN = 0.02  # a Triton/grouped_mm switch (a branch in the graph) must gain 2% on the mean
 GROUPED_MM = "grouped_mm"
 CPU_NOTE = ("device cpu: fused_moe runs the PyTorch reference (moe_experts + weighted combine); "
             "there are no kernels to choose between, and nothing was timed")
@@ -78,6 +82,8 @@ Measure = Callable[[MoeShape, int, Candidate], Measurement]
 class MoeTuning:
     table: dict  # the manifest's kernels["moe"]
     plans: dict[str, str]  # block path -> the `plan` string of its fused_moe call
+    # block path -> the largest token count its Triton plan runs; above it, the grouped_mm path
+    switches: dict[str, int] = field(default_factory=dict)
 
 
 def token_buckets(max_tokens: int) -> list[int]:
@@ -107,8 +113,9 @@ def block_weights(model: torch.nn.Module, path: str) -> dict[str, torch.Tensor]:
 
 
 def choose(buckets: list[int], results: dict[int, dict[str, Measurement]],
-           candidates: list[Candidate]) -> tuple[dict, dict]:
-    """From every candidate's measurement per bucket: (plan, table rows per bucket)."""
+           candidates: list[Candidate]) -> tuple[dict, dict, int | None]:
+    """From every candidate's measurement per bucket: (plan, table rows per bucket, switch): the
+    plan runs up to `switch` tokens and grouped_mm above it (None: the plan runs every T)."""
     by_name = {c.name: c for c in candidates}
     fastest, best_triton = {}, {}
     for b in buckets:
@@ -125,7 +132,7 @@ def choose(buckets: list[int], results: dict[int, dict[str, Measurement]],
 
     triton_ok = all(best_triton[b] is not None for b in buckets)
     grouped_ok = all(results[b].get(GROUPED_MM, Measurement()).ms is not None for b in buckets)
-    runs: dict[int, str] = {}
+    triton_runs: dict[int, str] = {}
     if triton_ok:
         current = None
         for b in buckets:
@@ -133,20 +140,32 @@ def choose(buckets: list[int], results: dict[int, dict[str, Measurement]],
             held = results[b][current].ms if current else None
             if held is None or held > results[b][best].ms * (1 + RANGE_TOLERANCE):
                 current = best
-            runs[b] = current
-    if grouped_ok and (not triton_ok or slowdown(lambda b: GROUPED_MM) < slowdown(runs.__getitem__)):
-        runs = dict.fromkeys(buckets, GROUPED_MM)
-    if not runs:
+            triton_runs[b] = current
+    options = []  # (mean slowdown, what each bucket runs)
+    if triton_ok:
+        options.append((slowdown(triton_runs.__getitem__), triton_runs))
+    if grouped_ok:
+        options.append((slowdown(lambda b: GROUPED_MM), dict.fromkeys(buckets, GROUPED_MM)))
+    if not options:
         raise LoweringError("neither the Triton kernels nor torch._grouped_mm ran correctly at every token count: "
                             + ", ".join(f"{b} tokens: fastest {fastest[b]}" for b in buckets))
+    single = min(options, key=lambda o: o[0])  # ties: the Triton plan
+    runs, switch = single[1], None
+    if triton_ok and grouped_ok:  # Triton up to some bucket, grouped_mm above it
+        mixed = [({b: triton_runs[b] if j < i else GROUPED_MM for j, b in enumerate(buckets)}, buckets[i - 1])
+                 for i in range(1, len(buckets))]
+        best_runs, best_switch = min(mixed, key=lambda m: slowdown(m[0].__getitem__))
+        if slowdown(best_runs.__getitem__) < single[0] - SWITCH_GAIN:
+            runs, switch = best_runs, best_switch
 
     if runs[buckets[0]] == GROUPED_MM:
         plan = {"path": GROUPED_MM}
     else:
         ranges = []
-        for i, b in enumerate(buckets):
-            last = i == len(buckets) - 1
-            if last or runs[buckets[i + 1]] != runs[b]:
+        below = [b for b in buckets if runs[b] != GROUPED_MM]
+        for i, b in enumerate(below):
+            last = i == len(below) - 1
+            if last or runs[below[i + 1]] != runs[b]:
                 ranges.append((None if last else b, copy.deepcopy(by_name[runs[b]].config)))
         plan = {"path": "triton", "ranges": ranges}
     rows = {}
@@ -159,7 +178,7 @@ def choose(buckets: list[int], results: dict[int, dict[str, Measurement]],
             "candidates": {n: round(m.ms, 4) if m.ms is not None else f"error: {m.error}"
                            for n, m in results[b].items()},
         }
-    return plan, rows
+    return plan, rows, switch
 
 
 def tune_moe(regions: list[dict], model: torch.nn.Module, dtype: torch.dtype, device: str, max_tokens: int,
@@ -183,7 +202,7 @@ def tune_moe(regions: list[dict], model: torch.nn.Module, dtype: torch.dtype, de
         measure = timer
     table = {"device": device, "buckets": buckets, "range_tolerance": RANGE_TOLERANCE,
              "timer": timer.describe() if timer else "injected", "shapes": {}}
-    plans = {}
+    plans, switches = {}, {}
     for shape, members in shapes.items():
         results: dict[int, dict[str, Measurement]] = {}
         failed: dict[str, str] = {}  # a candidate that fails once is not trusted for this shape at all
@@ -203,7 +222,7 @@ def tune_moe(regions: list[dict], model: torch.nn.Module, dtype: torch.dtype, de
                 if results[b][name].ms is not None:
                     results[b][name] = Measurement(error=why)
         try:
-            plan, rows = choose(buckets, results, candidates)
+            plan, rows, switch = choose(buckets, results, candidates)
         except LoweringError as e:
             raise LoweringError(f"MoE block {members[0]['path']} ({shape.key}): {e}") from None
         text = encode_plan(plan)
@@ -212,12 +231,15 @@ def tune_moe(regions: list[dict], model: torch.nn.Module, dtype: torch.dtype, de
             "path": plan["path"],
             "ranges": ([{"max_tokens": hi, "config": config_name(cfg)} for hi, cfg in plan["ranges"]]
                        if plan["path"] == "triton" else []),
+            **({"grouped_mm_above": switch} if switch is not None else {}),
             "buckets": rows,
         }
         plans.update({r["path"]: text for r in members})
+        if switch is not None:
+            switches.update({r["path"]: switch for r in members})
     if timer is not None:
         timer.release()
-    return MoeTuning(table, plans)
+    return MoeTuning(table, plans, switches)
 
 
 class CudaMeasure:
@@ -321,32 +343,84 @@ class CudaMeasure:
         torch.cuda.empty_cache()
 
 
-def apply_moe_plans(ep: torch.export.ExportedProgram, model: torch.nn.Module,
-                    plans: dict[str, str]) -> torch.export.ExportedProgram:
+def apply_moe_plans(ep: torch.export.ExportedProgram, model: torch.nn.Module, plans: dict[str, str],
+                    switches: dict[str, int] | None = None) -> torch.export.ExportedProgram:
     """A new program whose `fused_moe` calls carry their block's plan (matched by the expert
-    weights they read); blocks whose plan is "" keep the default."""
-    if not any(plans.values()):
+    weights they read); blocks whose plan is "" keep the default. A block with a switch point
+    (`MoeTuning.switches`) gets a `torch.cond` on its token count instead: its plan up to the
+    switch, the grouped_mm path above it."""
+    switches = switches or {}
+    if not any(plans.values()) and not switches:
         return ep
     gm = copy.deepcopy(ep.graph_module)
-    new_ep = ep._update(gm, ep.graph_signature)
-    param_of = {**new_ep.graph_signature.inputs_to_parameters, **new_ep.graph_signature.inputs_to_buffers}
-    plan_of_w13 = {}
+    param_of = {**ep.graph_signature.inputs_to_parameters, **ep.graph_signature.inputs_to_buffers}
+    plan_of_w13, switch_of_w13 = {}, {}
     for path, plan in plans.items():
         try:
             spec = MOE_BLOCKS[type(model.get_submodule(path)).__name__]
         except (AttributeError, KeyError):
             raise LoweringError(f"a tuned plan names {path}, which is not an MoE block of the model") from None
         plan_of_w13[f"{path}.{spec.gate_up_proj}"] = plan
+        if path in switches:
+            switch_of_w13[f"{path}.{spec.gate_up_proj}"] = switches[path]
     applied = set()
-    for node in gm.graph.nodes:
+    for node in list(gm.graph.nodes):
         if node.target is not torch.ops.moec.fused_moe.default:
             continue
         fqn = param_of.get(node.args[1].name)
-        if fqn in plan_of_w13:
+        if fqn in switch_of_w13:
+            _branch_on_tokens(gm, node, switch_of_w13[fqn], plan_of_w13[fqn], encode_plan({"path": GROUPED_MM}))
+            applied.add(fqn)
+        elif fqn in plan_of_w13:
             node.args = (*node.args[:6], plan_of_w13[fqn])
             applied.add(fqn)
     missing = sorted(set(plan_of_w13) - applied)
     if missing:
         raise LoweringError(f"tuned plans for {', '.join(missing)} found no fused_moe call reading those weights")
+    gm.graph.lint()
     gm.recompile()
-    return new_ep
+    return ep._update(gm, ep.graph_signature)  # after the edits: it takes the module's submodules as they are
+
+
+def _branch_on_tokens(gm: torch.fx.GraphModule, node: torch.fx.Node, switch: int, low: str, high: str) -> None:
+    """Replace `fused_moe(hidden, ...)` by `cond(T > switch, fused_moe(..., high), fused_moe(..., low))`.
+    Every new node carries the fake value export would have given it (computed in the program's
+    fake mode), which AOTInductor lowers from."""
+    import operator
+
+    from torch._dispatch.python import enable_python_dispatcher
+
+    graph = gm.graph
+    operands = node.args[:5]
+    activation = node.args[5]
+    values = [a.meta["val"] for a in operands]
+    fake_mode = values[0].fake_mode
+    index = sum(1 for name, _ in gm.named_children() if name.startswith("moe_switch_"))
+
+    def branch(plan: str) -> torch.fx.GraphModule:
+        g = torch.fx.Graph()
+        inputs = []
+        for name, value in zip(("hidden", "w13", "w2", "topk_weights", "topk_ids"), values):
+            inputs.append(g.placeholder(name))
+            inputs[-1].meta["val"] = value
+        out = g.call_function(torch.ops.moec.fused_moe.default, (*inputs, activation, plan))
+        out.meta["val"] = torch.ops.moec.fused_moe.default(*values, activation, plan)
+        g.output((out,))
+        return torch.fx.GraphModule(torch.nn.Module(), g)
+
+    with fake_mode, enable_python_dispatcher():
+        gm.register_module(f"moe_switch_{index}_high", branch(high))
+        gm.register_module(f"moe_switch_{index}_low", branch(low))
+        with graph.inserting_before(node):
+            tokens = graph.call_function(torch.ops.aten.sym_size.int, (operands[0], 0))
+            tokens.meta["val"] = values[0].shape[0]
+            above = graph.call_function(operator.gt, (tokens, switch))
+            above.meta["val"] = values[0].shape[0] > switch
+            cond = graph.call_function(torch.ops.higher_order.cond, (
+                above, graph.get_attr(f"moe_switch_{index}_high"), graph.get_attr(f"moe_switch_{index}_low"),
+                tuple(operands)))
+            cond.meta["val"] = (node.meta["val"],)
+            out = graph.call_function(operator.getitem, (cond, 0))
+            out.meta = dict(node.meta)
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
