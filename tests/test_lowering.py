@@ -253,6 +253,10 @@ def test_tuner_switches_to_grouped_mm_where_it_wins_and_inspect_says_so(tiny_art
     assert "triton, T≤64 M16N64K64G1w4s3, T>64 grouped_mm (a branch in the graph)" in render_summary(
         Manifest.model_validate(manifest))
 
+    no_branch = tune_moe([_region("model.layers.0.mlp")], None, torch.bfloat16, "cuda", 1024,
+                         measure=FakeTimes(wins_from_128), candidates=candidates, switches=False)
+    assert no_branch.switches == {}  # offload and expert parallelism: one plan per call
+
     def barely(shape, tokens, name):
         return 1.0 if name == "triton" or tokens < 1024 else 0.99  # 1% at one bucket: no branch for it
     tuning = tune_moe([_region("model.layers.0.mlp")], None, torch.bfloat16, "cuda", 1024,

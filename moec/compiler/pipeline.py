@@ -129,7 +129,9 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
         tune_detail = ("each MoE shape × token bucket: Triton configs and torch._grouped_mm timed"
                        if recipe.device == "cuda" else "cpu: the MoE op runs the PyTorch reference, nothing to time")
         with stages.stage("tune", tune_detail):
-            tuning = tune_moe(regions, step, dtype, recipe.device, recipe.max_tokens_per_step)
+            # a branch between paths lives in the graph; external experts (offload, EP) take one plan
+            tuning = tune_moe(regions, step, dtype, recipe.device, recipe.max_tokens_per_step,
+                              switches=recipe.offload is None and recipe.parallel.ep == 1)
             ep = apply_moe_plans(ep, step, tuning.plans, tuning.switches)
         console.print("\n".join("  " + line for line in moe_kernel_lines(tuning.table)),
                       soft_wrap=True, markup=False, highlight=False)

@@ -113,9 +113,10 @@ def block_weights(model: torch.nn.Module, path: str) -> dict[str, torch.Tensor]:
 
 
 def choose(buckets: list[int], results: dict[int, dict[str, Measurement]],
-           candidates: list[Candidate]) -> tuple[dict, dict, int | None]:
+           candidates: list[Candidate], switches: bool = True) -> tuple[dict, dict, int | None]:
     """From every candidate's measurement per bucket: (plan, table rows per bucket, switch): the
-    plan runs up to `switch` tokens and grouped_mm above it (None: the plan runs every T)."""
+    plan runs up to `switch` tokens and grouped_mm above it (None: the plan runs every T;
+    always None without `switches`)."""
     by_name = {c.name: c for c in candidates}
     fastest, best_triton = {}, {}
     for b in buckets:
@@ -151,7 +152,7 @@ def choose(buckets: list[int], results: dict[int, dict[str, Measurement]],
                             + ", ".join(f"{b} tokens: fastest {fastest[b]}" for b in buckets))
     single = min(options, key=lambda o: o[0])  # ties: the Triton plan
     runs, switch = single[1], None
-    if triton_ok and grouped_ok:  # Triton up to some bucket, grouped_mm above it
+    if switches and triton_ok and grouped_ok:  # Triton up to some bucket, grouped_mm above it
         mixed = [({b: triton_runs[b] if j < i else GROUPED_MM for j, b in enumerate(buckets)}, buckets[i - 1])
                  for i in range(1, len(buckets))]
         best_runs, best_switch = min(mixed, key=lambda m: slowdown(m[0].__getitem__))
@@ -182,8 +183,11 @@ def choose(buckets: list[int], results: dict[int, dict[str, Measurement]],
 
 
 def tune_moe(regions: list[dict], model: torch.nn.Module, dtype: torch.dtype, device: str, max_tokens: int,
-             measure: Measure | None = None, candidates: list[Candidate] | None = None) -> MoeTuning:
-    """Tune every distinct MoE shape of `regions` (as `lower_moe` describes them) for `device`."""
+             measure: Measure | None = None, candidates: list[Candidate] | None = None,
+             switches: bool = True) -> MoeTuning:
+    """Tune every distinct MoE shape of `regions` (as `lower_moe` describes them) for `device`.
+    `switches`: whether a block may branch between paths by T (not where the runtime's expert
+    executor runs the experts: offload, expert parallelism, which take one plan per call)."""
     shapes: dict[MoeShape, list[dict]] = {}
     for region in regions:
         shapes.setdefault(region_shape(region, dtype), []).append(region)
@@ -222,7 +226,7 @@ def tune_moe(regions: list[dict], model: torch.nn.Module, dtype: torch.dtype, de
                 if results[b][name].ms is not None:
                     results[b][name] = Measurement(error=why)
         try:
-            plan, rows, switch = choose(buckets, results, candidates)
+            plan, rows, switch = choose(buckets, results, candidates, switches)
         except LoweringError as e:
             raise LoweringError(f"MoE block {members[0]['path']} ({shape.key}): {e}") from None
         text = encode_plan(plan)
