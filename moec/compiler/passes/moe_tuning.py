@@ -206,7 +206,7 @@ def tune_moe(regions: list[dict], model: torch.nn.Module, dtype: torch.dtype, de
         measure = timer
     table = {"device": device, "buckets": buckets, "range_tolerance": RANGE_TOLERANCE,
              "timer": timer.describe() if timer else "injected", "shapes": {}}
-    plans, switches = {}, {}
+    plans, switch_points = {}, {}
     for shape, members in shapes.items():
         results: dict[int, dict[str, Measurement]] = {}
         failed: dict[str, str] = {}  # a candidate that fails once is not trusted for this shape at all
@@ -240,10 +240,10 @@ def tune_moe(regions: list[dict], model: torch.nn.Module, dtype: torch.dtype, de
         }
         plans.update({r["path"]: text for r in members})
         if switch is not None:
-            switches.update({r["path"]: switch for r in members})
+            switch_points.update({r["path"]: switch for r in members})
     if timer is not None:
         timer.release()
-    return MoeTuning(table, plans, switches)
+    return MoeTuning(table, plans, switch_points)
 
 
 class CudaMeasure:
