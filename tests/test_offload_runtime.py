@@ -124,6 +124,19 @@ def test_bench_reports_the_link_and_the_prediction(four_layer_artifacts, tmp_pat
     assert one["offload"]["cache_hit_rate"] is not None and four["offload"]["cache_hit_rate"] is None
     assert four["offload"]["expert_bytes_per_step"] >= 3 * LAYER_EXPERT_BYTES * 0.9
     assert 0 < four["offload"]["link_busy_fraction"] and four["offload"]["achieved_h2d_bytes_per_s"] > 0
+    assert four["offload"]["cpu_attention_s_per_step"] is None  # attention on the "GPU" here
+    assert set(summary["predicted_busy_s_per_step"]) == {"h2d", "d2h", "gpu", "cpu"}
+
+
+def test_bench_reports_the_cpu_attention_time(cgopipe_artifact):
+    """Placement cpu: each decode row adds the CPU's attention seconds per step (both micro-batches)."""
+    from moec.runtime.bench import BenchSettings, run_bench
+
+    settings = BenchSettings(batch_sizes=(4,), context=16, decode_tokens=8, prefill_tokens=16, repeats=1)
+    result = run_bench(cgopipe_artifact, settings, console=Console(stderr=True, quiet=True))
+    (row,) = result["decode"]
+    assert row["offload"]["cpu_attention_s_per_step"] > 0
+    assert result["offload"]["predicted_busy_s_per_step"]["cpu"] > 0
 
 
 @pytest.mark.parametrize("variant", ["streamed", "cpu attention in micro-batches"])

@@ -226,23 +226,35 @@ def _offload_summary(plan: dict, decode: list[dict], h2d: float) -> dict:
     at_plan = next((r for r in decode if r["batch"] == plan["policy"]["batch"]), None)
     return {"policy": plan["policy"], "predicted_tokens_per_s": plan["prediction"]["tokens_per_s"],
             "predicted_decode_step_s": plan["prediction"]["decode_step_s"],
+            # per decode step: the seconds each resource is busy in the plan's model (host link, GPU, CPU)
+            "predicted_busy_s_per_step": plan["prediction"]["busy"],
             "achieved_decode_step_s": at_plan["step_ms"] / 1e3 if at_plan and at_plan["step_ms"] else None,
             "h2d_bytes_per_s_measured": h2d,
             "note": "the prediction is for the plan's workload (prompt and generation lengths) and hardware "
                     "profile; compare step times at the plan's batch"}
 
 
+def _offload_stats(engine) -> dict:
+    """The pager's counters, and the CPU attention's seconds where attention runs on the host."""
+    stats = engine.expert_pager.stats()
+    stats["cpu_attention_s"] = engine.host_attention.busy_s if engine.host_attention is not None else None
+    return stats
+
+
 def _offload_row(before: dict, after: dict, row: dict, h2d: float, runs: int, steps_per_run: int) -> dict:
     """Expert bytes the pager copied per step over a row's runs, the rate that is over the step's
-    time, and the share of the step the link needed at its measured bandwidth (busy fraction)."""
+    time, the share of the step the link needed at its measured bandwidth (busy fraction), and
+    (placement cpu) the CPU's attention seconds per step, summed over micro-batches."""
     steps = max(1, runs * steps_per_run)
     per_step = (after["bytes_copied"] - before["bytes_copied"]) / steps
     step_s = (row["step_ms"] or float("nan")) / 1e3
     hits = after["cache_hits"] - before["cache_hits"]
     misses = after["cache_misses"] - before["cache_misses"]
+    cpu = after["cpu_attention_s"]
     return {"expert_bytes_per_step": per_step, "achieved_h2d_bytes_per_s": per_step / step_s,
             "link_busy_fraction": per_step / h2d / step_s,
-            "cache_hit_rate": hits / (hits + misses) if hits + misses else None}
+            "cache_hit_rate": hits / (hits + misses) if hits + misses else None,
+            "cpu_attention_s_per_step": (cpu - before["cpu_attention_s"]) / steps if cpu is not None else None}
 
 
 def _device_name(device: torch.device) -> str:
@@ -327,10 +339,10 @@ def run_bench(artifact: str | Path, settings: BenchSettings, verify: bool = True
                          f"{spec.max_tokens_per_step}), so it generates {row_tokens} tokens instead of {new_tokens} "
                          "to time steps where every sequence decodes")
         console.print(f"decode, batch {batch} at context {context} ...")
-        before = engine.expert_pager.stats() if engine.expert_pager else None
+        before = _offload_stats(engine) if engine.expert_pager else None
         row = _bench_decode(runner, shape, ceilings, batch, context, row_tokens)
         if before is not None:
-            row["offload"] = _offload_row(before, engine.expert_pager.stats(), row, h2d, settings.repeats + 1,
+            row["offload"] = _offload_row(before, _offload_stats(engine), row, h2d, settings.repeats + 1,
                                           engine.stats.steps)
         if row["decode_tokens_per_s"] is None:
             notes.append(f"decode batch {batch}: no step decoded the whole batch (its {prefill_steps} prompt steps "

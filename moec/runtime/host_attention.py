@@ -14,6 +14,8 @@ its start. Micro-batches call `run` from several threads at once; they touch dis
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Optional
 
 import torch
@@ -73,6 +75,8 @@ class HostAttention:
                  dtype: torch.dtype):
         self.cache = allocate_kv_cache(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, "cpu")
         self.calls = 0
+        self.busy_s = 0.0  # CPU seconds in the cache write and the attention (summed over micro-batches)
+        self._lock = threading.Lock()
 
     @property
     def nbytes(self) -> int:
@@ -88,8 +92,11 @@ class HostAttention:
         tables_h = tables_h.view(block_tables.shape)
         qkv = torch.cat((query.flatten(), key.flatten(), value.flatten())).cpu()
         q, k, v = qkv.split((query.numel(), key.numel(), value.numel()))
+        start = time.perf_counter()
         write_kv(self.cache, layer, k.view(key.shape), v.view(value.shape), slots_h)
         out = cpu_attention(q.view(query.shape), self.cache, layer, tables_h, seq_ids_h, positions_h, scale,
                             sliding_window)
-        self.calls += 1
+        with self._lock:
+            self.busy_s += time.perf_counter() - start
+            self.calls += 1
         return out.to(device, non_blocking=True)
