@@ -208,9 +208,11 @@ def test_micro_batches_balance_work_longest_first():
         balanced_micro_batches([1], 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 5])
-def test_cpu_attention_matches_the_reference(window):
-    """Decode rows and prompt chunks (with cached context before them) in one step, GQA, a window."""
+def test_cpu_attention_matches_the_reference(window, dtype):
+    """Decode rows and prompt chunks (with cached context before them) in one step, GQA, a window;
+    bf16 against the reference in fp32 on the same bf16 values (the CPU attention computes in fp32)."""
     from moec.ops.paged_attention import paged_attention_ref, write_kv
     from moec.runtime.host_attention import cpu_attention
     from moec.runtime.kv_cache import build_step_inputs
@@ -228,8 +230,12 @@ def test_cpu_attention_matches_the_reference(window):
     slots = inputs["block_tables"][inputs["seq_ids"], inputs["positions"] // block] * block + inputs["positions"] % block
     write_kv(cache, 1, torch.randn(tokens, kv_heads, dim, generator=gen), torch.randn(tokens, kv_heads, dim, generator=gen),
              slots)
-    args = (cache, 1, inputs["block_tables"], inputs["seq_ids"], inputs["positions"], 0.25, window)
-    torch.testing.assert_close(cpu_attention(query, *args), paged_attention_ref(query, *args), atol=1e-5, rtol=1e-5)
+    args = (inputs["block_tables"], inputs["seq_ids"], inputs["positions"], 0.25, window)
+    got = cpu_attention(query.to(dtype), cache.to(dtype), 1, *args)
+    want = paged_attention_ref(query.to(dtype).float(), cache.to(dtype).float(), 1, *args)
+    assert got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # the output's bf16 rounding
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
 
 
 def test_offload_benchmark_runs_in_phases_that_resume(tmp_path):

@@ -33,11 +33,23 @@ def _visible(key_pos: torch.Tensor, positions: torch.Tensor, sliding_window: Opt
     return mask
 
 
+def _gathered(plane: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:
+    """A layer's keys (or values) at `blocks` ([..., W] block ids), in order and cut to `length`
+    positions, as float32 [..., Hkv, length, D]: one row copy per block (`index_select`), then the
+    widening, so the attention itself runs in fp32 (a CPU without fast bf16 matmuls ran bf16
+    attention 10x slower than fp32 here)."""
+    num_blocks, block_size, kv_heads, head_dim = plane.shape
+    rows = plane.view(num_blocks, -1).index_select(0, blocks.flatten())
+    rows = rows.view(*blocks.shape[:-1], blocks.shape[-1] * block_size, kv_heads, head_dim)[..., :length, :, :]
+    return rows.float().transpose(-3, -2)
+
+
 def cpu_attention(query: torch.Tensor, cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
                   seq_ids: torch.Tensor, positions: torch.Tensor, scale: float,
                   sliding_window: Optional[int] = None) -> torch.Tensor:
     """`paged_attention_ref`'s contract ([T, H, D], keys already written), on host tensors, with
-    each sequence's tokens contiguous in the flattened step (as `build_step_inputs` makes them)."""
+    each sequence's tokens contiguous in the flattened step (as `build_step_inputs` makes them).
+    Computed in fp32, returned in the query's dtype."""
     num_tokens = query.shape[0]
     block_size = cache.shape[3]
     keys, values = cache[layer, 0], cache[layer, 1]  # [blocks, block_size, Hkv, D]
@@ -50,21 +62,21 @@ def cpu_attention(query: torch.Tensor, cache: torch.Tensor, layer: int, block_ta
             continue
         length = int(positions[end - 1]) + 1
         blocks = block_tables[seq_ids[start], : -(-length // block_size)]
-        k = keys[blocks].flatten(0, 1)[:length].transpose(0, 1)  # [Hkv, L, D]
-        v = values[blocks].flatten(0, 1)[:length].transpose(0, 1)
+        k, v = _gathered(keys, blocks, length), _gathered(values, blocks, length)  # [Hkv, L, D]
         mask = _visible(torch.arange(length), positions[start:end], sliding_window)
-        out[start:end] = F.scaled_dot_product_attention(
-            query[start:end].transpose(0, 1), k, v, attn_mask=mask, scale=scale, enable_gqa=True).transpose(0, 1)
+        q = query[start:end].float().transpose(0, 1)
+        out[start:end] = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                        enable_gqa=True).transpose(0, 1).to(out.dtype)
     if singles:  # decoding sequences: one call over their contexts, padded to the longest
         rows = torch.tensor(singles)
         pos = positions[rows]
         length = int(pos.max()) + 1
         blocks = block_tables[seq_ids[rows], : -(-length // block_size)]  # [B, W]
-        k = keys[blocks].flatten(1, 2)[:, :length].transpose(1, 2)  # [B, Hkv, L, D]
-        v = values[blocks].flatten(1, 2)[:, :length].transpose(1, 2)
+        k, v = _gathered(keys, blocks, length), _gathered(values, blocks, length)  # [B, Hkv, L, D]
         mask = _visible(torch.arange(length), pos, sliding_window)[:, None, None, :]  # [B, 1, 1, L]
-        q = query[rows][:, :, None, :]  # [B, H, 1, D]
-        out[rows] = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)[:, :, 0]
+        q = query[rows].float()[:, :, None, :]  # [B, H, 1, D]
+        out[rows] = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                   enable_gqa=True)[:, :, 0].to(out.dtype)
     return out
 
 
