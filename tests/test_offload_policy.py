@@ -63,6 +63,18 @@ def test_cpu_attention_overlaps_only_across_micro_batches():
     assert one.decode_step_s > two.decode_step_s
 
 
+def test_cpu_attention_is_priced_as_the_runtime_moves_its_bytes():
+    """host_attention reads the cache's blocks, writes them gathered in fp32 and reads that copy:
+    3x the cache bytes for an fp32 cache (TINY), 5x for bf16. Batch 2 at an average context of
+    32 + 16 = 48 tokens reads 2 * 48 * 256 bytes of K and V per layer; over 2 layers at 1e3 B/s."""
+    slow_cpu = replace(LINK_BOUND, cpu_bytes_per_s=1e3, cpu_flops_per_s=1e21)
+    kv_read = 2 * 48 * 2 * 2 * 16 * 4  # batch x context x (K, V) x kv heads x head dim x fp32
+    fp32 = predict(TINY, slow_cpu, Workload(32, 32), OffloadPolicy(2, 2, "cpu", 2))
+    assert fp32.busy["cpu"] == pytest.approx(2 * 3 * kv_read / 1e3, rel=1e-9)
+    bf16 = predict(replace(TINY, kv_itemsize=2), slow_cpu, Workload(32, 32), OffloadPolicy(2, 2, "cpu", 2))
+    assert bf16.busy["cpu"] == pytest.approx(2 * 5 * (kv_read / 2) / 1e3, rel=1e-9)
+
+
 def test_memory_use_by_hand():
     """Streamed layers need a double buffer of two layers' experts on the GPU, and their experts on the host."""
     wl = Workload(32, 32)

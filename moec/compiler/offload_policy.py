@@ -114,6 +114,13 @@ def _link_time(h2d: float, d2h: float, hw: HardwareProfile) -> float:
     return max(h2d / hw.h2d_bytes_per_s, d2h / hw.d2h_bytes_per_s, (h2d + d2h) / hw.duplex_bytes_per_s)
 
 
+def _cpu_attention_bytes(kv_bytes: float, shape: ModelShape) -> float:
+    """Memory traffic of `moec.runtime.host_attention` over `kv_bytes` of cache: it reads the
+    blocks, writes them gathered in fp32, and the attention reads that copy (bf16: 1 + 2 + 2)."""
+    widened = kv_bytes * 4 / shape.kv_itemsize
+    return kv_bytes + 2 * widened
+
+
 def _decode_layer(shape: ModelShape, hw: HardwareProfile, policy: OffloadPolicy, context: float,
                   streamed: bool) -> dict:
     """Busy seconds of each resource for one layer of a decode step of the whole batch."""
@@ -143,7 +150,7 @@ def _decode_layer(shape: ModelShape, hw: HardwareProfile, policy: OffloadPolicy,
     else:  # q, k, v go down, the attention output comes back
         d2h += batch * (shape.num_heads + 2 * shape.num_kv_heads) * d * w
         h2d += batch * shape.num_heads * d * w
-        cpu = max(kv_read / hw.cpu_bytes_per_s, attn_flops / hw.cpu_flops_per_s)
+        cpu = max(_cpu_attention_bytes(kv_read, shape) / hw.cpu_bytes_per_s, attn_flops / hw.cpu_flops_per_s)
     return {"h2d": h2d / hw.h2d_bytes_per_s, "d2h": d2h / hw.d2h_bytes_per_s, "link": _link_time(h2d, d2h, hw),
             "gpu": _gpu_time(gpu_bytes, gpu_flops, hw), "cpu": cpu}
 
@@ -190,7 +197,8 @@ def _prefill(shape: ModelShape, hw: HardwareProfile, policy: OffloadPolicy, prom
     if policy.placement == "cpu":
         qkv = tokens * (shape.num_heads + 2 * shape.num_kv_heads) * shape.head_dim * shape.weight_itemsize
         d2h, h2d_act = qkv, tokens * shape.num_heads * shape.head_dim * shape.weight_itemsize
-        cpu = max(tokens * kv_token_layer / hw.cpu_bytes_per_s, attn_flops / hw.cpu_flops_per_s)
+        cpu = max(_cpu_attention_bytes(tokens * kv_token_layer, shape) / hw.cpu_bytes_per_s,
+                  attn_flops / hw.cpu_flops_per_s)
     else:
         flops += attn_flops
         d2h = tokens * kv_token_layer if policy.placement == "gpu-kv-host" else 0.0
