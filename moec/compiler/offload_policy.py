@@ -114,11 +114,16 @@ def _link_time(h2d: float, d2h: float, hw: HardwareProfile) -> float:
     return max(h2d / hw.h2d_bytes_per_s, d2h / hw.d2h_bytes_per_s, (h2d + d2h) / hw.duplex_bytes_per_s)
 
 
-def _cpu_attention_bytes(kv_bytes: float, shape: ModelShape) -> float:
-    """Memory traffic of `moec.runtime.host_attention` over `kv_bytes` of cache: it reads the
-    blocks, writes them gathered in fp32, and the attention reads that copy (bf16: 1 + 2 + 2)."""
-    widened = kv_bytes * 4 / shape.kv_itemsize
-    return kv_bytes + 2 * widened
+def _cpu_attention(shape: ModelShape, hw: HardwareProfile, tokens: float, kv_bytes: float,
+                   flops: float) -> tuple[float, float, float]:
+    """(bytes down, bytes up, CPU seconds) of attention on the CPU (`moec.runtime.host_attention`)
+    for `tokens` queries over `kv_bytes` of cache: q, k, v go down and the output comes back; the
+    CPU reads the cache's blocks, writes them gathered in fp32 and reads that copy (bf16: 1+2+2)."""
+    row = shape.head_dim * shape.weight_itemsize
+    down = tokens * (shape.num_heads + 2 * shape.num_kv_heads) * row
+    up = tokens * shape.num_heads * row
+    traffic = kv_bytes + 2 * kv_bytes * 4 / shape.kv_itemsize
+    return down, up, max(traffic / hw.cpu_bytes_per_s, flops / hw.cpu_flops_per_s)
 
 
 def _decode_layer(shape: ModelShape, hw: HardwareProfile, policy: OffloadPolicy, context: float,
@@ -148,9 +153,9 @@ def _decode_layer(shape: ModelShape, hw: HardwareProfile, policy: OffloadPolicy,
         gpu_bytes += kv_read
         gpu_flops += attn_flops
     else:  # q, k, v go down, the attention output comes back
-        d2h += batch * (shape.num_heads + 2 * shape.num_kv_heads) * d * w
-        h2d += batch * shape.num_heads * d * w
-        cpu = max(_cpu_attention_bytes(kv_read, shape) / hw.cpu_bytes_per_s, attn_flops / hw.cpu_flops_per_s)
+        down, up, cpu = _cpu_attention(shape, hw, batch, kv_read, attn_flops)
+        d2h += down
+        h2d += up
     return {"h2d": h2d / hw.h2d_bytes_per_s, "d2h": d2h / hw.d2h_bytes_per_s, "link": _link_time(h2d, d2h, hw),
             "gpu": _gpu_time(gpu_bytes, gpu_flops, hw), "cpu": cpu}
 
@@ -195,10 +200,7 @@ def _prefill(shape: ModelShape, hw: HardwareProfile, policy: OffloadPolicy, prom
     gpu_bytes = policy.micro_batches * (dense + layer_experts)
     d2h = h2d_act = cpu = 0.0
     if policy.placement == "cpu":
-        qkv = tokens * (shape.num_heads + 2 * shape.num_kv_heads) * shape.head_dim * shape.weight_itemsize
-        d2h, h2d_act = qkv, tokens * shape.num_heads * shape.head_dim * shape.weight_itemsize
-        cpu = max(_cpu_attention_bytes(tokens * kv_token_layer, shape) / hw.cpu_bytes_per_s,
-                  attn_flops / hw.cpu_flops_per_s)
+        d2h, h2d_act, cpu = _cpu_attention(shape, hw, tokens, tokens * kv_token_layer, attn_flops)
     else:
         flops += attn_flops
         d2h = tokens * kv_token_layer if policy.placement == "gpu-kv-host" else 0.0
