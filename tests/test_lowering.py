@@ -254,7 +254,7 @@ def test_tuner_switches_to_grouped_mm_where_it_wins_and_inspect_says_so(tiny_art
         Manifest.model_validate(manifest))
 
     no_branch = tune_moe([_region("model.layers.0.mlp")], None, torch.bfloat16, "cuda", 1024,
-                         measure=FakeTimes(wins_from_128), candidates=candidates, switches=False)
+                         measure=FakeTimes(wins_from_128), candidates=candidates, allow_switch=False)
     assert no_branch.switches == {}  # offload and expert parallelism: one plan per call
 
     def barely(shape, tokens, name):

@@ -131,7 +131,7 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
         with stages.stage("tune", tune_detail):
             # a branch between paths lives in the graph; external experts (offload, EP) take one plan
             tuning = tune_moe(regions, step, dtype, recipe.device, recipe.max_tokens_per_step,
-                              switches=recipe.offload is None and recipe.parallel.ep == 1)
+                              allow_switch=recipe.offload is None and recipe.parallel.ep == 1)
             ep = apply_moe_plans(ep, step, tuning.plans, tuning.switches)
         console.print("\n".join("  " + line for line in moe_kernel_lines(tuning.table)),
                       soft_wrap=True, markup=False, highlight=False)

@@ -159,8 +159,9 @@ class ExpertPager:
         if not self.streamed:
             return None
         held = set(self.slot_key)
-        first = min(self.progress)
-        for position in range(max(0, int(first)) if first != math.inf else len(self.streamed), len(self.streamed)):
+        first = min(self.progress)  # the furthest-behind micro-batch; inf when all are done
+        start = len(self.streamed) if first == math.inf else max(0, int(first))
+        for position in range(start, len(self.streamed)):
             if (self.step, position) not in held:
                 return self.step, position
         return None if (self.step + 1, 0) in held else (self.step + 1, 0)

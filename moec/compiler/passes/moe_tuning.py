@@ -26,11 +26,13 @@ On CPU there is nothing to time: `fused_moe` runs the PyTorch reference, and the
 from __future__ import annotations
 
 import copy
+import operator
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch._dispatch.python import enable_python_dispatcher
 
 from moec.compiler.passes.moe_lowering import TOLERANCE
 from moec.compiler.passes.moe_region import MOE_BLOCKS
@@ -113,10 +115,10 @@ def block_weights(model: torch.nn.Module, path: str) -> dict[str, torch.Tensor]:
 
 
 def choose(buckets: list[int], results: dict[int, dict[str, Measurement]],
-           candidates: list[Candidate], switches: bool = True) -> tuple[dict, dict, int | None]:
+           candidates: list[Candidate], allow_switch: bool = True) -> tuple[dict, dict, int | None]:
     """From every candidate's measurement per bucket: (plan, table rows per bucket, switch): the
     plan runs up to `switch` tokens and grouped_mm above it (None: the plan runs every T;
-    always None without `switches`)."""
+    always None without `allow_switch`)."""
     by_name = {c.name: c for c in candidates}
     fastest, best_triton = {}, {}
     for b in buckets:
@@ -152,7 +154,7 @@ def choose(buckets: list[int], results: dict[int, dict[str, Measurement]],
                             + ", ".join(f"{b} tokens: fastest {fastest[b]}" for b in buckets))
     single = min(options, key=lambda o: o[0])  # ties: the Triton plan
     runs, switch = single[1], None
-    if switches and triton_ok and grouped_ok:  # Triton up to some bucket, grouped_mm above it
+    if allow_switch and triton_ok and grouped_ok:  # Triton up to some bucket, grouped_mm above it
         mixed = [({b: triton_runs[b] if j < i else GROUPED_MM for j, b in enumerate(buckets)}, buckets[i - 1])
                  for i in range(1, len(buckets))]
         best_runs, best_switch = min(mixed, key=lambda m: slowdown(m[0].__getitem__))
@@ -184,9 +186,9 @@ def choose(buckets: list[int], results: dict[int, dict[str, Measurement]],
 
 def tune_moe(regions: list[dict], model: torch.nn.Module, dtype: torch.dtype, device: str, max_tokens: int,
              measure: Measure | None = None, candidates: list[Candidate] | None = None,
-             switches: bool = True) -> MoeTuning:
+             allow_switch: bool = True) -> MoeTuning:
     """Tune every distinct MoE shape of `regions` (as `lower_moe` describes them) for `device`.
-    `switches`: whether a block may branch between paths by T (not where the runtime's expert
+    `allow_switch`: whether a block may branch between paths by T (not where the runtime's expert
     executor runs the experts: offload, expert parallelism, which take one plan per call)."""
     shapes: dict[MoeShape, list[dict]] = {}
     for region in regions:
@@ -226,7 +228,7 @@ def tune_moe(regions: list[dict], model: torch.nn.Module, dtype: torch.dtype, de
                 if results[b][name].ms is not None:
                     results[b][name] = Measurement(error=why)
         try:
-            plan, rows, switch = choose(buckets, results, candidates, switches)
+            plan, rows, switch = choose(buckets, results, candidates, allow_switch)
         except LoweringError as e:
             raise LoweringError(f"MoE block {members[0]['path']} ({shape.key}): {e}") from None
         text = encode_plan(plan)
@@ -390,10 +392,6 @@ def _branch_on_tokens(gm: torch.fx.GraphModule, node: torch.fx.Node, switch: int
     """Replace `fused_moe(hidden, ...)` by `cond(T > switch, fused_moe(..., high), fused_moe(..., low))`.
     Every new node carries the fake value export would have given it (computed in the program's
     fake mode), which AOTInductor lowers from."""
-    import operator
-
-    from torch._dispatch.python import enable_python_dispatcher
-
     graph = gm.graph
     operands = node.args[:5]
     activation = node.args[5]
