@@ -177,7 +177,8 @@ def test_serve_across_two_ranks_then_stop_cleanly(ep2_artifact, tiny_artifact):
         assert len(tokens) == 2 * 4 and sum(tokens) > 0 and sum(ranks) == sum(tokens)
         assert any(x.startswith("moec:expert_rank_imbalance{") for x in lines)
         leader.send_signal(signal.SIGTERM)
-        assert leader.wait(timeout=60) == 0 and follower.wait(timeout=60) == 0
+        codes = (leader.wait(timeout=60), follower.wait(timeout=60))
+        assert codes == (0, 0), f"exit codes {codes}; rank 0 printed:\n{leader.stdout.read()[-3000:]}"
     finally:
         for p in (leader, follower):
             if p.poll() is None:
