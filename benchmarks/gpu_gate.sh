@@ -21,8 +21,10 @@
 #                                                    measured N times, ~60 s each at 2 layers; moe_layer: every
 #                                                    case measured N times back to back, ~250 s for 5), every
 #                                                    run gated; exit 0 only if all N pass. Results
-#                                                    <bench>-<kind>-<date>-r<K>.json; accept them into the
-#                                                    baseline with `benchmarks/gate.py --calibrate`
+#                                                    <bench>-<kind>-<date>-r<K>.json, packed into one
+#                                                    <bench>-<kind>-<date>-runs.tar (a device call returns
+#                                                    8 files at most); accept them into the baseline with
+#                                                    `benchmarks/gate.py --calibrate`
 #   bash benchmarks/gpu_gate.sh --compare-each DIR [BENCH]
 #                                                    anywhere: gate every DIR/<bench>-<kind>-*-r<K>.json
 #
@@ -145,6 +147,9 @@ open(sys.argv[2], 'w').write(json.dumps(d, indent=1))" "$src" "$OUT/$FLICKER_BEN
   rm -rf "$WORK/e2e-work"
   compare_each "$OUT" "$KIND" "$FLICKER_BENCH" 2>&1 | tee -a "$LOG"
   status=${PIPESTATUS[0]}
+  # a device call returns at most 8 files from $OUT (10 runs lost 3 of them): the runs go back as one tar
+  (cd "$OUT" && tar -cf "$FLICKER_BENCH-$KIND-$DATE-runs.tar" "$FLICKER_BENCH-$KIND-$DATE"-r*.json \
+    && rm -f "$FLICKER_BENCH-$KIND-$DATE"-r*.json)
   echo "gpu_gate: flicker check done in $(($(date +%s) - START)) s, exit $status; results in $OUT"
   exit "$status"
 fi
