@@ -66,7 +66,10 @@ def role_moec(args) -> int:
     batches = sorted({1, int(plan["policy"]["batch"])})
     settings = BenchSettings(batch_sizes=tuple(batches), context=args.context, decode_tokens=args.gen,
                              prefill_tokens=args.context, repeats=1)
-    result = {"bench": run_bench(args.artifact, settings, verify=False, cuda_graphs=False)}
+    def keep(partial: dict) -> None:  # each row as it is measured: a run stopped by its clock keeps them
+        Path(args.result).write_text(json.dumps({"partial": partial}))
+
+    result = {"bench": run_bench(args.artifact, settings, verify=False, cuda_graphs=False, progress=keep)}
     Path(args.result).write_text(json.dumps(result))
     if torch.cuda.is_available():  # one decode step at the plan's batch, under the CUDA profiler
         engine = Engine.load(args.artifact, verify=False)
@@ -200,6 +203,20 @@ def compile_phase(args, result: dict, work: Path, deadline: float) -> bool:
     return True
 
 
+def moec_rows(moec: dict) -> tuple[dict, list[str]]:
+    """The moec role's document → the result's "moec" part, and what it did not finish: a role
+    stopped by the clock left the rows it had measured (`partial`), which are kept."""
+    bench, skipped = moec.get("bench"), []
+    if bench is None and moec.get("partial"):
+        partial = moec["partial"]
+        done = [r["batch"] for r in partial["decode"]]
+        bench = {**partial, "offload": {"h2d_bytes_per_s_measured": partial.get("h2d_bytes_per_s_measured")},
+                 "notes": [f"partial: the moec role stopped after {len(done)} decode rows"]}
+        skipped.append(f"moec: decode rows finished only for batch {done}")
+    bench = bench or {}
+    return {k: bench.get(k) for k in ("decode", "offload", "load_s", "notes")}, skipped
+
+
 def moec_phase(args, result: dict, work: Path, out: Path, deadline: float) -> None:
     moec_json = work / "moec.json"
     proc = run([sys.executable, __file__, "--role", "moec", "--artifact", str(work / "artifact"), "--result",
@@ -209,8 +226,8 @@ def moec_phase(args, result: dict, work: Path, out: Path, deadline: float) -> No
         log(f"moec role exited {proc.returncode}:\n{(proc.stdout or '')[-4000:]}")
         result["skipped"].append(f"moec: exited {proc.returncode}")
     moec = json.loads(moec_json.read_text()) if moec_json.is_file() else {}
-    bench = moec.get("bench") or {}
-    result["moec"] = {k: bench.get(k) for k in ("decode", "offload", "load_s", "notes")}
+    result["moec"], skipped = moec_rows(moec)
+    result["skipped"] += skipped
     if moec.get("trace"):
         result["timeline_busy_share"] = timeline(Path(moec["trace"]), out / "offload_timeline.png")
 

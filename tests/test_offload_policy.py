@@ -7,10 +7,17 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
 import yaml
 
 from conftest import run_cli, tiny_recipe_dict
-from moec.compiler.hardware_profile import NAMED_PROFILES, HardwareProfile, load_profile, measure_profile
+from moec.compiler.hardware_profile import (
+    NAMED_PROFILES,
+    HardwareProfile,
+    load_profile,
+    measure_host_attention,
+    measure_profile,
+)
 from moec.compiler.offload_policy import (
     GPU_RESERVE_FRACTION,
     RUNTIME_PLACEMENTS,
@@ -30,7 +37,8 @@ LAYER_EXPERTS = 4 * 3 * 64 * 128 * 4
 # a host link that moves one layer's experts in exactly 1 ms; everything else ~free
 LINK_BOUND = HardwareProfile(name="test", h2d_bytes_per_s=LAYER_EXPERTS * 1e3, d2h_bytes_per_s=LAYER_EXPERTS * 1e3,
                              duplex_bytes_per_s=2 * LAYER_EXPERTS * 1e3, gpu_bytes_per_s=1e18, gpu_flops_per_s=1e21,
-                             cpu_bytes_per_s=1e18, cpu_flops_per_s=1e21, source="hand-made")
+                             cpu_bytes_per_s=1e18, cpu_flops_per_s=1e21, host_attention_kv_bytes_per_s=1e18,
+                             host_attention_flops_per_s=1e21, source="hand-made")
 MIXTRAL_8X7B = ModelShape(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
                           vocab_size=32000, weight_itemsize=2, kv_itemsize=2,
                           moe_layers=(MoeLayerShape(8, 2, 14336),) * 32)
@@ -55,7 +63,7 @@ def test_prediction_by_hand_when_the_link_bounds():
 
 def test_cpu_attention_overlaps_only_across_micro_batches():
     """With the CPU as slow as the link, one micro-batch pays GPU + CPU, two pay their max."""
-    slow_cpu = replace(LINK_BOUND, cpu_bytes_per_s=1e3, gpu_flops_per_s=1e6)
+    slow_cpu = replace(LINK_BOUND, host_attention_kv_bytes_per_s=1e3, gpu_flops_per_s=1e6)
     wl = Workload(32, 32)
     one = predict(TINY, slow_cpu, wl, OffloadPolicy(2, 1, "cpu", 2))
     two = predict(TINY, slow_cpu, wl, OffloadPolicy(2, 2, "cpu", 2))
@@ -63,16 +71,24 @@ def test_cpu_attention_overlaps_only_across_micro_batches():
     assert one.decode_step_s > two.decode_step_s
 
 
-def test_cpu_attention_is_priced_as_the_runtime_moves_its_bytes():
-    """host_attention reads the cache's blocks, writes them gathered in fp32 and reads that copy:
-    3x the cache bytes for an fp32 cache (TINY), 5x for bf16. Batch 2 at an average context of
-    32 + 16 = 48 tokens reads 2 * 48 * 256 bytes of K and V per layer; over 2 layers at 1e3 B/s."""
-    slow_cpu = replace(LINK_BOUND, cpu_bytes_per_s=1e3, cpu_flops_per_s=1e21)
+def test_cpu_attention_is_priced_at_the_measured_host_attention_rate():
+    """Decode: the cache bytes attended over the profile's measured rate for moec's host attention
+    (not the host's copy rate: the gathers and small matmuls reach a few percent of it). Batch 2 at
+    an average context of 32 + 16 = 48 tokens reads 2 * 48 * 256 bytes of K and V per layer; over 2
+    layers at 1e3 B/s. The host's raw ceilings do not enter."""
+    slow_cpu = replace(LINK_BOUND, host_attention_kv_bytes_per_s=1e3, cpu_bytes_per_s=1.0, cpu_flops_per_s=1.0)
     kv_read = 2 * 48 * 2 * 2 * 16 * 4  # batch x context x (K, V) x kv heads x head dim x fp32
     fp32 = predict(TINY, slow_cpu, Workload(32, 32), OffloadPolicy(2, 2, "cpu", 2))
-    assert fp32.busy["cpu"] == pytest.approx(2 * 3 * kv_read / 1e3, rel=1e-9)
+    assert fp32.busy["cpu"] == pytest.approx(2 * kv_read / 1e3, rel=1e-9)
     bf16 = predict(replace(TINY, kv_itemsize=2), slow_cpu, Workload(32, 32), OffloadPolicy(2, 2, "cpu", 2))
-    assert bf16.busy["cpu"] == pytest.approx(2 * 5 * (kv_read / 2) / 1e3, rel=1e-9)
+    assert bf16.busy["cpu"] == pytest.approx(2 * (kv_read / 2) / 1e3, rel=1e-9)
+
+
+def test_host_attention_is_measured_by_running_it():
+    """The profile's host-attention rates come from timing `cpu_attention` itself (small shapes here)."""
+    kv_bytes_per_s, flops_per_s = measure_host_attention(torch.float32, context=64, sequences=4, kv_heads=2,
+                                                         group=2, head_dim=16)
+    assert 0 < kv_bytes_per_s < float("inf") and 0 < flops_per_s < float("inf")
 
 
 def test_memory_use_by_hand():
@@ -161,9 +177,14 @@ def test_hardware_profiles_named_measured_and_bad(tmp_path):
     assert load_profile("h100-sxm").h2d_bytes_per_s == 55e9
     measured = measure_profile()
     assert measured.h2d_bytes_per_s > 0 and measured.cpu_flops_per_s > 0
+    assert measured.host_attention_kv_bytes_per_s > 0 and measured.host_attention_flops_per_s > 0
     path = tmp_path / "p.json"
     path.write_text(json.dumps(measured.as_dict()))
     assert load_profile(str(path)) == measured
+    older = {k: v for k, v in measured.as_dict().items() if not k.startswith("host_attention")}
+    path.write_text(json.dumps(older))  # a profile measured before host attention was timed
+    with pytest.raises(RecipeError, match="host_attention_kv_bytes_per_s.*profile-hardware"):
+        load_profile(str(path))
     path.write_text(json.dumps({**measured.as_dict(), "gpu_flops_per_s": -1}))
     with pytest.raises(RecipeError, match="gpu_flops_per_s must be positive"):
         load_profile(str(path))

@@ -3,6 +3,8 @@ buffer (the executor's CPU mode) give what the same model compiled without offlo
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from rich.console import Console
@@ -133,10 +135,34 @@ def test_bench_reports_the_cpu_attention_time(cgopipe_artifact):
     from moec.runtime.bench import BenchSettings, run_bench
 
     settings = BenchSettings(batch_sizes=(4,), context=16, decode_tokens=8, prefill_tokens=16, repeats=1)
-    result = run_bench(cgopipe_artifact, settings, console=Console(stderr=True, quiet=True))
+    seen = []  # what a caller stopped by a clock would have kept: the rows so far, after each
+    result = run_bench(cgopipe_artifact, settings, console=Console(stderr=True, quiet=True),
+                       progress=lambda partial: seen.append(json.loads(json.dumps(partial))))
     (row,) = result["decode"]
     assert row["offload"]["cpu_attention_s_per_step"] > 0
     assert result["offload"]["predicted_busy_s_per_step"]["cpu"] > 0
+    assert [len(p["decode"]) for p in seen] == [0, 1] and seen[-1]["decode"][0]["batch"] == 4
+    assert seen[0]["prefill"]["prompt_tokens"] == 16 and seen[-1]["h2d_bytes_per_s_measured"] > 0
+
+
+def test_offload_benchmark_keeps_the_rows_of_a_stopped_moec_role():
+    """offload.py: a moec role killed by its clock after batch 1 left `partial`; the result keeps
+    that row with the link's measured rate (the bound needs it) and says what did not finish."""
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from offload import moec_rows
+
+    row = {"batch": 1, "decode_tokens_per_s": 5.0, "offload": {"expert_bytes_per_step": 1e9}}
+    got, skipped = moec_rows({"partial": {"load_s": 3.0, "prefill": {}, "decode": [row], "h2d_bytes_per_s_measured": 5e10}})
+    assert got["decode"] == [row] and got["offload"]["h2d_bytes_per_s_measured"] == 5e10 and got["load_s"] == 3.0
+    assert skipped == ["moec: decode rows finished only for batch [1]"]
+    whole = {"bench": {"decode": [row], "offload": {"h2d_bytes_per_s_measured": 1.0}, "load_s": 1.0, "notes": []}}
+    assert moec_rows(whole) == ({"decode": [row], "offload": {"h2d_bytes_per_s_measured": 1.0}, "load_s": 1.0,
+                                 "notes": []}, [])
+    assert moec_rows({}) == ({"decode": None, "offload": None, "load_s": None, "notes": None}, [])
 
 
 @pytest.mark.parametrize("variant", ["streamed", "cpu attention in micro-batches"])
@@ -242,7 +268,6 @@ def test_offload_benchmark_runs_in_phases_that_resume(tmp_path):
     """benchmarks/offload.py on CPU with the tiny model: compile in one call, the rest in another
     (as two device calls would), the plan and both batches' rows in the result, the artifact gone
     before the HF copy is written (one copy of the model on disk), and bad phases a usage error."""
-    import json
     import subprocess
     import sys
 

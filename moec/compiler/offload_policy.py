@@ -118,12 +118,12 @@ def _cpu_attention(shape: ModelShape, hw: HardwareProfile, tokens: float, kv_byt
                    flops: float) -> tuple[float, float, float]:
     """(bytes down, bytes up, CPU seconds) of attention on the CPU (`moec.runtime.host_attention`)
     for `tokens` queries over `kv_bytes` of cache: q, k, v go down and the output comes back; the
-    CPU reads the cache's blocks, writes them gathered in fp32 and reads that copy (bf16: 1+2+2)."""
+    CPU's time at the rates the hardware profile measured that very code at (cache bytes attended
+    per second when decoding, attention FLOPs per second over a prompt chunk)."""
     row = shape.head_dim * shape.weight_itemsize
     down = tokens * (shape.num_heads + 2 * shape.num_kv_heads) * row
     up = tokens * shape.num_heads * row
-    traffic = kv_bytes + 2 * kv_bytes * 4 / shape.kv_itemsize
-    return down, up, max(traffic / hw.cpu_bytes_per_s, flops / hw.cpu_flops_per_s)
+    return down, up, max(kv_bytes / hw.host_attention_kv_bytes_per_s, flops / hw.host_attention_flops_per_s)
 
 
 def _decode_layer(shape: ModelShape, hw: HardwareProfile, policy: OffloadPolicy, context: float,

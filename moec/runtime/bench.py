@@ -40,7 +40,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from rich.console import Console
@@ -275,9 +275,13 @@ def _peak_rss_bytes() -> int | None:
 
 def run_bench(artifact: str | Path, settings: BenchSettings, verify: bool = True,
               console: Console | None = None, cuda_graphs: bool = True, profile_dir: str | Path | None = None,
-              ep_chunks: int | None = None, overlap: bool = True) -> dict:
+              ep_chunks: int | None = None, overlap: bool = True,
+              progress: Callable[[dict], None] | None = None) -> dict:
     """Load, measure, and return every number (the JSON document). `profile_dir`: also profile a
-    few decode steps per batch size (`moec.runtime.step_profile`), traces and timelines there."""
+    few decode steps per batch size (`moec.runtime.step_profile`), traces and timelines there.
+    `progress`: called with the rows measured so far after each one (load_s, prefill, decode, and
+    the host link's measured rate for an offloaded artifact), so that a caller stopped by a clock
+    keeps them."""
     import moec
     from moec.runtime.engine import Engine, describe_load_phases
 
@@ -324,6 +328,12 @@ def run_bench(artifact: str | Path, settings: BenchSettings, verify: bool = True
     console.print(f"prefill of {prefill_tokens} tokens ...")
     prefill = _bench_prefill(runner, shape, ceilings, prefill_tokens)
     decode, skipped = [], []
+
+    def report_progress() -> None:
+        if progress is not None:
+            progress({"load_s": load_s, "prefill": prefill, "decode": decode, "h2d_bytes_per_s_measured": h2d})
+
+    report_progress()
     for batch in settings.batch_sizes:
         if batch > spec.max_batch:
             reason = f"batch size {batch} skipped: above the compiled max_batch {spec.max_batch}"
@@ -348,6 +358,7 @@ def run_bench(artifact: str | Path, settings: BenchSettings, verify: bool = True
             notes.append(f"decode batch {batch}: no step decoded the whole batch (its {prefill_steps} prompt steps "
                          f"leave none within max_seq_len {spec.max_seq_len}); use a shorter --context")
         decode.append(row)
+        report_progress()
 
     offload = _offload_summary(manifest.offload, decode, h2d) if engine.expert_pager is not None else None
     if offload is not None and offload["policy"]["batch"] <= spec.max_batch:
