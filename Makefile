@@ -24,7 +24,7 @@ demo: setup
 	$(VENV)/bin/moe-runtime generate artifacts/tiny-mixtral --prompt "$(PROMPT)" --max-tokens 32
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --durations=15
 	$(MAKE) --no-print-directory gate
 
 # CPU performance gates: fails when a number leaves its tolerance in benchmarks/baselines/cpu.json
