@@ -66,6 +66,7 @@ def role_moec(args) -> int:
     batches = sorted({1, int(plan["policy"]["batch"])})
     settings = BenchSettings(batch_sizes=tuple(batches), context=args.context, decode_tokens=args.gen,
                              prefill_tokens=args.context, repeats=1)
+
     def keep(partial: dict) -> None:  # each row as it is measured: a run stopped by its clock keeps them
         Path(args.result).write_text(json.dumps({"partial": partial}))
 

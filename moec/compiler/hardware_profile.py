@@ -35,7 +35,8 @@ class HardwareProfile:
     # Its gathers, widening and small matmuls reach a small share of the two ceilings above (on a
     # 2-core EPYC: 3% of the copy rate with a bf16 cache, 16% of the matmul rate over a prompt), so
     # the policy prices it from these, not from those
-    host_attention_kv_bytes_per_s: float  # decoding sequences: bytes of KV cache (bf16) attended per second
+    # decoding sequences: KV-cache bytes attended per second (a bf16 cache where there is a GPU, fp32 without)
+    host_attention_kv_bytes_per_s: float
     host_attention_flops_per_s: float  # a causal prompt chunk: attention FLOPs per second
     source: str  # where the numbers come from
 
