@@ -73,7 +73,7 @@ def load_profile(spec: str) -> HardwareProfile:
             raise RecipeError(f"offload.hardware: {path} lacks {', '.join(missing)} (measured by an older moec or "
                               "written by hand); measure it again with `moe-compile --profile-hardware`")
         profile = HardwareProfile(**{k: data[k] for k in names})
-    except (json.JSONDecodeError, TypeError, AttributeError) as e:
+    except (json.JSONDecodeError, TypeError) as e:
         raise RecipeError(f"offload.hardware: {path} is not a hardware profile ({type(e).__name__}: {e}); "
                           "write it again with `moe-compile --profile-hardware`") from None
     bad = [f.name for f in fields(HardwareProfile)
@@ -148,11 +148,11 @@ def measure_profile(device: torch.device | None = None) -> HardwareProfile:
         h2d = d2h = measure_copy_bandwidth(cpu, nbytes) / 2  # one direction of a memcpy
         duplex = h2d
         name = "cpu"
+    attention_kv_bytes_per_s, attention_flops_per_s = measure_host_attention(torch.bfloat16 if cuda else torch.float32)
     return HardwareProfile(
         name=name, h2d_bytes_per_s=h2d, d2h_bytes_per_s=d2h, duplex_bytes_per_s=max(duplex, h2d, d2h),
         gpu_bytes_per_s=measure_copy_bandwidth(device), gpu_flops_per_s=measure_matmul_rate(device),
         cpu_bytes_per_s=measure_copy_bandwidth(cpu), cpu_flops_per_s=measure_matmul_rate(cpu),
-        **dict(zip(("host_attention_kv_bytes_per_s", "host_attention_flops_per_s"),
-                   measure_host_attention(torch.bfloat16 if cuda else torch.float32))),
+        host_attention_kv_bytes_per_s=attention_kv_bytes_per_s, host_attention_flops_per_s=attention_flops_per_s,
         source=f"measured on {name} ({os.cpu_count()} host cores) {dt.date.today().isoformat()}",
     )
