@@ -33,7 +33,7 @@ class HardwareProfile:
     cpu_flops_per_s: float  # fp32 matmul on the host
     # moec's own host attention (moec.runtime.host_attention), timed: what placement `cpu` costs.
     # Its gathers, widening and small matmuls reach a small share of the two ceilings above (on a
-    # 2-core EPYC: 3% of the copy rate with a bf16 cache, 16% of the matmul rate over a prompt), so
+    # 2-core EPYC: 3-4% of the copy rate with a bf16 cache, 13-16% of the matmul rate over a prompt), so
     # the policy prices it from these, not from those
     # decoding sequences: KV-cache bytes attended per second (a bf16 cache where there is a GPU, fp32 without)
     host_attention_kv_bytes_per_s: float
