@@ -27,10 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         if args.profile_hardware:
             return _profile_hardware(args.output)
-        from moec.compiler.pipeline import compile_recipe
         from moec.compiler.recipe import load_recipe
 
-        recipe = load_recipe(args.recipe)
+        recipe = load_recipe(args.recipe)  # a bad recipe fails before torch and transformers load
+        from moec.compiler.pipeline import compile_recipe
+
         out = Path(args.output) if args.output else recipe.resolved_output_dir(Path.cwd())
         compile_recipe(recipe, out, explain=args.explain)
         return 0

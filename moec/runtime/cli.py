@@ -18,11 +18,14 @@ def _positive_int(text: str) -> int:
 
 
 def _generate(args) -> int:
-    from moec.runtime.engine import Engine
+    from moec.artifact import open_artifact
 
     start = time.perf_counter()
-    engine = Engine.load(args.artifact, verify=not args.no_verify, cuda_graphs=not args.no_cuda_graphs,
-                         ep_chunks=args.ep_chunks, overlap=not args.no_overlap)
+    artifact = open_artifact(args.artifact, verify=not args.no_verify)  # a bad artifact fails before torch loads
+    from moec.runtime.engine import Engine
+
+    engine = Engine(artifact, cuda_graphs=not args.no_cuda_graphs, ep_chunks=args.ep_chunks,
+                    overlap=not args.no_overlap)
     load_s = time.perf_counter() - start
     results = engine.generate(
         args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -142,11 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        from moec.runtime.launch import join_group_from_env, run_ranks
-
+        # moec.runtime.launch imports torch.distributed: only where there are ranks (one process
+        # checks its artifact first, so a wrong path fails in a fraction of a second)
         if getattr(args, "nproc", 1) > 1 and "WORLD_SIZE" not in os.environ:
+            from moec.runtime.launch import run_ranks
+
             return run_ranks(args.nproc, list(sys.argv[1:] if argv is None else argv))
-        join_group_from_env()
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from moec.runtime.launch import join_group_from_env
+
+            join_group_from_env()
         return args.func(args)
 
     return run_cli(body, args.debug)
