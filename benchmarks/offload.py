@@ -11,11 +11,13 @@ In order, each heavy part in its own process:
      resident layers, expert cache) and its predicted tokens/s
   2. moec: with the process capped at --gpu-memory (`set_per_process_memory_fraction`):
      `moe-runtime bench` at batch 1 and at the plan's batch (512-token prompts, 128 generated):
-     decode tokens/s, expert bytes copied per step, the link's busy share; then one decode step
-     under the CUDA profiler, drawn as a timeline of the copy stream against the compute stream
+     decode tokens/s, expert bytes copied per step, the link's busy share; then 3 decode steps
+     of each batch under the CUDA profiler, the plan's drawn as a timeline of the copy stream
+     against the compute stream
   3. accelerate: the artifact deleted, the same model written as an HF directory, then
      transformers + accelerate `device_map="auto"` with the same GPU budget, at the same batches
-     (the offload a user has today), while the time budget lasts
+     (the offload a user has today; its resident weights leave room for each batch's cache and
+     activations), while the time budget lasts
   4. report: the rows, plot and table below
 Each phase saves into --work/offload.json and --out; `--phases moec,accelerate,report` resumes a
 run whose compile took an earlier device call (on a machine kept warm between the calls).
@@ -56,10 +58,7 @@ def cap_gpu(limit: int) -> None:
 
 # ------------------------------------------------------------------------------- roles (subprocesses)
 def role_moec(args) -> int:
-    import torch
-
     from moec.runtime.bench import BenchSettings, run_bench
-    from moec.runtime.engine import Engine
 
     cap_gpu(gib(args.gpu_memory))
     plan = json.loads((Path(args.artifact) / "manifest.json").read_text())["offload"]
@@ -70,24 +69,34 @@ def role_moec(args) -> int:
     def keep(partial: dict) -> None:  # each row as it is measured: a run stopped by its clock keeps them
         Path(args.result).write_text(json.dumps({"partial": partial}))
 
-    result = {"bench": run_bench(args.artifact, settings, verify=False, cuda_graphs=False, progress=keep)}
+    # --profile: 3 decode steps per batch (and the 512-token prompt) under the CUDA profiler, in
+    # the same process (a second engine would not fit the capped GPU beside the first); the
+    # plan's batch's trace is drawn as the copy-vs-compute timeline
+    bench = run_bench(args.artifact, settings, verify=False, cuda_graphs=False, progress=keep,
+                      profile_dir=Path(args.result).parent / "profile")
+    result = {"bench": bench, "trace": (bench.get("offload") or {}).get("profiled_trace")}
     Path(args.result).write_text(json.dumps(result))
-    if torch.cuda.is_available():  # one decode step at the plan's batch, under the CUDA profiler
-        engine = Engine.load(args.artifact, verify=False)
-        prompts = torch.randint(3, engine.spec.vocab_size, (batches[-1], 16)).tolist()
-        engine.generate(prompts, max_tokens=3, ignore_eos=True)
-        trace = Path(args.result).with_suffix(".trace.json")
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            engine.generate(prompts, max_tokens=3, ignore_eos=True)
-        prof.export_chrome_trace(str(trace))
-        result["trace"] = str(trace)
-        Path(args.result).write_text(json.dumps(result))
     return 0
 
 
+def accelerate_headroom(config, batch: int, context: int, new_tokens: int) -> int:
+    """GPU bytes HF generate needs beside the weights at `batch`: its KV cache, and the prompt's
+    activations (hidden states, attention, the experts' intermediates; generous: an estimate)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * 2 * batch * (context + new_tokens)
+    tokens = batch * context
+    return kv + tokens * (16 * config.hidden_size + 3 * config.intermediate_size) * 2 + (1 << 30)
+
+
 def role_accelerate(args) -> int:
+    """transformers + accelerate `device_map="auto"` under the GPU cap, as a user would run it:
+    the weights it keeps on the GPU leave room for the batch's cache and activations (the whole
+    budget at batch 1 left none at batch 128: out of memory), reloaded with less on a batch that
+    needs more, and with less again if that still runs out of memory."""
+    import gc
+
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     out = {"decode": [], "skipped": []}
     try:
@@ -98,21 +107,42 @@ def role_accelerate(args) -> int:
         return 0
     limit = gib(args.gpu_memory)
     cap_gpu(limit)
-    max_memory = {0: limit, "cpu": 400 << 30} if torch.cuda.is_available() else None
-    model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.bfloat16, device_map="auto",
-                                                 max_memory=max_memory).eval()
-    resident = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "cuda")
-    out["resident_gpu_bytes"] = resident
+    cuda = torch.cuda.is_available()
+    config = AutoConfig.from_pretrained(args.hf_dir)
+    model, weights_budget = None, None
+
+    def load(budget: int):
+        nonlocal model, weights_budget
+        model = None
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        max_memory = {0: max(budget, 0), "cpu": 400 << 30} if cuda else None
+        model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.bfloat16, device_map="auto",
+                                                     max_memory=max_memory).eval()
+        weights_budget = budget
+
     gen = torch.Generator().manual_seed(0)
     deadline = time.perf_counter() + args.seconds
     for batch in args.batches:
-        if time.perf_counter() > deadline:
-            out["skipped"].append(f"batch {batch}: time budget")
-            continue
-        try:
-            out["decode"].append(hf_decode_rate(model, batch, args.context, 4, gen))
-        except torch.OutOfMemoryError:
-            out["skipped"].append(f"batch {batch}: out of GPU memory")
+        want = limit - accelerate_headroom(config, batch, args.context, 4)
+        for attempt in range(3):
+            if time.perf_counter() > deadline:
+                out["skipped"].append(f"batch {batch}: time budget")
+                break
+            if model is None or weights_budget > want:
+                load(want)
+            resident = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "cuda")
+            try:
+                row = hf_decode_rate(model, batch, args.context, 4, gen)
+            except torch.OutOfMemoryError:
+                want = int(weights_budget * 0.6)
+                if attempt == 2:
+                    out["skipped"].append(f"batch {batch}: out of GPU memory with {resident / 2**30:.1f} GiB "
+                                          "of weights resident")
+                continue
+            out["decode"].append({**row, "resident_gpu_bytes": resident, "max_memory_gpu": weights_budget})
+            break
         Path(args.result).write_text(json.dumps(out))
     Path(args.result).write_text(json.dumps(out))
     return 0

@@ -23,6 +23,7 @@ from moec.compiler.offload_policy import (
     RUNTIME_PLACEMENTS,
     OffloadPolicy,
     Workload,
+    batch1_cache_experts,
     memory_use,
     predict,
     search,
@@ -150,6 +151,21 @@ def test_pinned_fields_are_kept():
     policy, _ = search(TINY, LINK_BOUND, Workload(64, 32), 1 << 30, 1 << 30, 8,
                        fixed={"batch": 4, "micro_batches": 2, "placement": "gpu-kv-host"})
     assert (policy.batch, policy.micro_batches, policy.placement) == (4, 2, "gpu-kv-host")
+
+
+def test_batch_one_prediction_caches_in_the_double_buffer_without_a_cache_of_its_own():
+    """What the pager does: a plan whose batch left no room for a cache (cache_experts < top-k)
+    still decodes batch 1 by copying only the experts it misses, cached in the double buffer's 2E
+    slots. By hand, 4 layers, 1 resident: 12 streamed experts, 8 cached, so each streamed layer
+    misses 2 * 4/12 experts of 0.25 ms each: 0.5 ms a step over the 3, which a 12-expert cache saves."""
+    four = replace(TINY, num_layers=4, moe_layers=(MoeLayerShape(4, 2, 128),) * 4)
+    plan = OffloadPolicy(batch=8, micro_batches=1, placement="gpu", resident_expert_layers=1)
+    step = {cache: 1 / predict(four, LINK_BOUND, Workload(64, 32), replace(plan, cache_experts=cache)).batch1_tokens_per_s
+            for cache in (0, 1, 8, 12)}
+    assert batch1_cache_experts(four, plan) == 8 == batch1_cache_experts(four, replace(plan, cache_experts=1))
+    assert batch1_cache_experts(four, replace(plan, resident_expert_layers=4)) == 0  # nothing streams
+    assert step[0] == step[1] == step[8]
+    assert step[0] - step[12] == pytest.approx(0.5e-3, rel=1e-6)
 
 
 def test_impossible_budget_is_one_line_naming_both_memories():

@@ -89,6 +89,39 @@ def test_batch_one_decodes_from_the_expert_cache(four_layer_artifacts):
     assert stats["device_bytes_peak"] <= budget
 
 
+def test_batch_one_caches_in_the_double_buffer_when_the_plan_left_no_cache(four_layer_artifacts):
+    """A plan whose batch took the whole GPU budget (cache_experts 0): batch-1 decoding still copies
+    only the chosen experts, into the double buffer's 2E slots; a wider batch after it streams whole
+    layers through the same memory again, then batch 1 caches again; every run gives the plain
+    artifact's tokens and the device side holds no more than before."""
+    plain, offloaded, budget = four_layer_artifacts
+    reference = Engine.load(plain)
+    with_cache = Engine.load(offloaded).expert_pager.budget.used  # the plan's own 6-expert cache
+    artifact = open_artifact(offloaded)
+    artifact.manifest.offload["policy"]["cache_experts"] = 0
+    engine = Engine(artifact)  # (the last offloaded engine loaded is the one the graph's MoE calls reach)
+    stats = engine.expert_pager.stats()
+    assert stats["cache_experts"] == 2 * 4 and stats["cache_in_double_buffer"]
+    # weights, KV cache, one resident layer and the double buffer: the cache took no byte of its own
+    assert engine.expert_pager.budget.used == with_cache - 6 * LAYER_EXPERT_BYTES // 4
+    expert = LAYER_EXPERT_BYTES // 4
+    for prompts, max_tokens in ((PROMPTS[1], 16), (PROMPTS, 12), (PROMPTS[2], 10)):
+        before = engine.expert_pager.stats()
+        want = reference.generate(prompts, max_tokens=max_tokens, record_logits=True)
+        got = engine.generate(prompts, max_tokens=max_tokens, record_logits=True)
+        for a, b in zip(want, got):
+            assert a.token_ids == b.token_ids
+            assert max((x - y).abs().max().item() for x, y in zip(a.logits, b.logits)) <= 1e-4
+        after = engine.expert_pager.stats()
+        copies, misses, hits = (after[k] - before[k] for k in ("copies", "cache_misses", "cache_hits"))
+        assert after["bytes_copied"] - before["bytes_copied"] == copies * LAYER_EXPERT_BYTES + misses * expert
+        if isinstance(prompts, str):  # one sequence: its decode steps pick 2 of 4 experts per streamed layer
+            assert hits + misses == (max_tokens - 1) * 3 * 2 and misses >= 2
+        else:  # three sequences (T*K = 6 >= E): whole layers, never the cache
+            assert hits + misses == 0 and copies >= 3 * (max_tokens - 1)
+    assert engine.expert_pager.stats()["device_bytes_peak"] <= budget
+
+
 def test_budget_is_enforced_at_load(four_layer_artifacts):
     _, offloaded, _ = four_layer_artifacts
     with pytest.raises(ArtifactError, match="offload.gpu_memory"):

@@ -212,8 +212,17 @@ def _prefill(shape: ModelShape, hw: HardwareProfile, policy: OffloadPolicy, prom
     return total + _lm_head_time(shape, hw, policy.batch)
 
 
+def batch1_cache_experts(shape: ModelShape, policy: OffloadPolicy) -> int:
+    """The experts the runtime's batch-1 cache holds: the plan's own cache when it has room for a
+    token's top-k, else the double buffer's two layers of slots (`moec.runtime.expert_pager`)."""
+    moe = shape.moe_layers[0]
+    if policy.resident_expert_layers >= len(shape.moe_layers):
+        return 0
+    return policy.cache_experts if policy.cache_experts >= moe.top_k else 2 * moe.num_experts
+
+
 def _batch1_tokens_per_s(shape: ModelShape, hw: HardwareProfile, policy: OffloadPolicy, context: float) -> float:
-    """Decode at batch 1 with an LRU cache of `cache_experts` experts over the streamed layers:
+    """Decode at batch 1 with an LRU cache over the streamed layers (`batch1_cache_experts`):
     under uniform routing a token finds a needed expert cached with probability cached/streamed,
     and copies the others (no prefetch: the router decides them one layer at a time)."""
     _, expert, _ = _layer_bytes(shape)
@@ -221,7 +230,7 @@ def _batch1_tokens_per_s(shape: ModelShape, hw: HardwareProfile, policy: Offload
     one = replace(policy, batch=1, micro_batches=1)
     streamed_layers = len(shape.moe_layers) - policy.resident_expert_layers
     streamed_experts = streamed_layers * moe.num_experts
-    hit = min(1.0, policy.cache_experts / streamed_experts) if streamed_experts else 1.0
+    hit = min(1.0, batch1_cache_experts(shape, policy) / streamed_experts) if streamed_experts else 1.0
     total = 0.0
     for i in range(len(shape.moe_layers)):
         t = _decode_layer(shape, hw, one, context, streamed=False)
@@ -303,12 +312,14 @@ def _gib(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def describe(policy: OffloadPolicy, pred: Prediction) -> list[str]:
+def describe(policy: OffloadPolicy, pred: Prediction, shape: ModelShape) -> list[str]:
     """Lines for the compile log: the plan, its prediction and its bottleneck."""
     busy = ", ".join(f"{k} {v * 1e3:.3g} ms" for k, v in pred.busy.items())
+    cache = (f"{policy.cache_experts} experts" if policy.cache_experts >= shape.moe_layers[0].top_k
+             else f"{batch1_cache_experts(shape, policy)} experts (the double buffer's slots)")
     return [
         f"batch {policy.batch} in {policy.micro_batches} micro-batches, attention/KV: {policy.placement}, "
-        f"{policy.resident_expert_layers} layers' experts resident, LRU cache of {policy.cache_experts} experts",
+        f"{policy.resident_expert_layers} layers' experts resident, batch-1 LRU cache of {cache}",
         f"predicted {pred.tokens_per_s:.1f} tokens/s (prefill {pred.prefill_s:.3g} s, decode step "
         f"{pred.decode_step_s * 1e3:.3g} ms), bound by the {pred.bottleneck}; batch 1: {pred.batch1_tokens_per_s:.1f} tokens/s",
         f"per decode step busy: {busy}; GPU {_gib(pred.gpu_bytes)}, host {_gib(pred.host_bytes)}",
@@ -344,4 +355,4 @@ def plan_offload(plan, shape: ModelShape, max_batch: int) -> dict:
     policy, pred = search(shape, hw, workload, plan.gpu_memory, host, max_batch, fixed, RUNTIME_PLACEMENTS)
     return {"policy": policy.as_dict(), "prediction": pred.as_dict(), "hardware": hw.as_dict(),
             "workload": asdict(workload), "gpu_memory": plan.gpu_memory, "host_memory": host,
-            "summary": describe(policy, pred)}
+            "summary": describe(policy, pred, shape)}

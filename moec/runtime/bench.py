@@ -360,25 +360,30 @@ def run_bench(artifact: str | Path, settings: BenchSettings, verify: bool = True
         decode.append(row)
         report_progress()
 
-    offload = _offload_summary(manifest.offload, decode, h2d) if engine.expert_pager is not None else None
-    if offload is not None and offload["policy"]["batch"] <= spec.max_batch:
-        # how busy the GPU is while the experts stream in: compute and copy shares of a step at the plan's batch
-        console.print(f"profiling decode at the plan's batch {offload['policy']['batch']} ...")
-        busy = profile_decode(engine, int(offload["policy"]["batch"]), context, steps=3)
-        offload.update(profiled_step_ms=busy.step_ms, gpu_busy_fraction=busy.compute_busy_fraction,
-                       copy_busy_fraction=busy.copy_busy_fraction)
-    profiles = []
+    profiles, decode_profiles = [], {}
     if profile_dir is not None:
         if engine.world > 1:
             notes.append("--profile: not for an expert-parallel group; profile the ep: 1 artifact")
         for batch in (b for b in settings.batch_sizes if b <= spec.max_batch and engine.world == 1):
             console.print(f"profiling decode, batch {batch} ...")
             profile = profile_decode(engine, batch, context, steps=3, out_dir=Path(profile_dir) / f"decode-b{batch}")
+            decode_profiles[batch] = profile
             profiles.append({**profile.as_dict(), "ops": profile.ops[:40]})
         if engine.world == 1 and prefill_tokens:
             console.print(f"profiling prefill, {prefill_tokens} tokens ...")
             profile = profile_prefill(engine, prefill_tokens, out_dir=Path(profile_dir) / f"prefill-{prefill_tokens}")
             profiles.append({**profile.as_dict(), "ops": profile.ops[:40]})
+
+    offload = _offload_summary(manifest.offload, decode, h2d) if engine.expert_pager is not None else None
+    if offload is not None and offload["policy"]["batch"] <= spec.max_batch:
+        # how busy the GPU is while the experts stream in: compute and copy shares of a step at the
+        # plan's batch (the --profile run's, when it profiled that batch; its trace then kept)
+        batch = int(offload["policy"]["batch"])
+        if batch not in decode_profiles:
+            console.print(f"profiling decode at the plan's batch {batch} ...")
+        busy = decode_profiles.get(batch) or profile_decode(engine, batch, context, steps=3)
+        offload.update(profiled_step_ms=busy.step_ms, gpu_busy_fraction=busy.compute_busy_fraction,
+                       copy_busy_fraction=busy.copy_busy_fraction, profiled_trace=busy.trace)
 
     cuda = device.type == "cuda"
     result = {

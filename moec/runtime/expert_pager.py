@@ -15,8 +15,12 @@ runs ahead waits for the others).
 
 For a handful of tokens (interactive use at batch 1) streaming whole layers wastes the link: most
 experts go unused. When T*K < E the pager reads which experts the tokens chose (a host sync)
-and serves them from an LRU cache of (layer, expert) slots sized by the plan, copying only the
-missing ones, with the token's expert ids mapped to cache slots.
+and serves them from an LRU cache of (layer, expert) slots, copying only the missing ones, with
+the token's expert ids mapped to cache slots. The cache is the plan's own (`cache_experts`, what
+the plan's batch leaves free) or, when the plan left it none, the double buffer itself: two
+layers' worth of expert slots that a step of a few tokens does not stream through. A step that
+streams again takes the slots back (the cache forgets), and one that caches first waits for any
+copy still landing in them.
 
 Every byte the pager puts on the device goes through a `DeviceBudget` holding the plan's GPU
 budget (the compiled weights and the KV cache are charged first), so a plan that does not fit
@@ -84,20 +88,25 @@ class ExpertPager:
             self.resident[layer] = on_device
         self.streamed = [layer for layer in range(len(layers)) if layer not in self.resident]
         self.slots: list[tuple[torch.Tensor, torch.Tensor]] = []
+        double = None  # [2, E, ...] per weight: slot i is double[i]
         if self.streamed:
-            w13, w2 = self.host[self.streamed[0]]
-            self.slots = [(budget.empty_like(w13, device, "the expert double buffer"),
-                           budget.empty_like(w2, device, "the expert double buffer")) for _ in range(2)]
+            double = tuple(budget.empty_like(t.new_empty((2, *t.shape), device="meta"), device,
+                                             "the expert double buffer") for t in self.host[self.streamed[0]])
+            self.slots = [(double[0][i], double[1][i]) for i in range(2)]
         # few tokens (T*K < E, so some experts surely go unused): only the chosen experts, through
-        # an LRU cache of (layer, expert) slots, when the plan gave it room for a token's top-k
+        # an LRU cache of (layer, expert) slots: the plan's, or else the double buffer's 2E slots
         self.num_experts = int(self.host[0][0].shape[0])
         self.top_k = int(artifact.manifest.moe_regions[0].top_k)
         cache_size = min(int(plan["policy"].get("cache_experts", 0)), len(self.streamed) * self.num_experts)
         self.cache = None
+        self.cache_in_slots = False
         if self.streamed and cache_size >= self.top_k:
             w13, w2 = self.host[self.streamed[0]]
             self.cache = tuple(budget.empty_like(t.new_empty((cache_size, *t.shape[1:]), device="meta"), device,
                                                  "the expert cache") for t in (w13, w2))
+        elif self.streamed:
+            self.cache = tuple(t.flatten(0, 1) for t in double)
+            self.cache_in_slots = True
         self.cache_slots: OrderedDict[tuple[int, int], int] = OrderedDict()  # least recently used first
         self.cache_hits = self.cache_misses = 0
         # the double buffer: what each slot holds, as (step, position in `streamed`), and when its copy lands
@@ -215,9 +224,23 @@ class ExpertPager:
                 and getattr(self.local, "index", None) is None):  # not one of several micro-batches
             needed = sorted(set(topk_ids.flatten().tolist()))  # a host sync: worth it for a few tokens
             if len(needed) <= self.cache[0].shape[0]:
+                if self.cache_in_slots:
+                    self._slots_to_cache()
                 return self._from_cache(layer, needed, topk_ids)
         w13, w2 = self.weights(layer)
         return w13, w2, topk_ids
+
+    def _slots_to_cache(self) -> None:
+        """The double buffer becomes the cache: whatever a streaming step copied (or is copying)
+        into the slots is forgotten, once the compute stream has waited for those copies."""
+        with self.lock:
+            if self.slot_key == [None, None]:
+                return
+            if self.cuda:
+                for ready in self.ready:
+                    if ready is not None:
+                        torch.cuda.current_stream(self.device).wait_event(ready)
+            self.slot_key, self.ready = [None, None], [None, None]
 
     def _from_cache(self, layer: int, needed: list[int], topk_ids: torch.Tensor):
         cache13, cache2 = self.cache
@@ -250,6 +273,8 @@ class ExpertPager:
             return self.resident[layer]
         position = self.streamed.index(layer)
         with self.lock:
+            if self.cache_in_slots:  # streaming overwrites the slots: the cache in them is gone
+                self.cache_slots.clear()
             self._enter(position)
             key = (self.step, position)
             if key not in self.slot_key and self._wanted() == key and any(map(self._free, (0, 1))):
@@ -269,5 +294,6 @@ class ExpertPager:
         return {"resident_layers": sorted(self.resident), "streamed_layers": self.streamed,
                 "bytes_copied": self.bytes_copied, "copies": self.copies, "unprefetched_fetches": self.waits,
                 "cache_experts": self.cache[0].shape[0] if self.cache is not None else 0,
+                "cache_in_double_buffer": self.cache_in_slots,
                 "cache_hits": self.cache_hits, "cache_misses": self.cache_misses,
                 "device_bytes_peak": self.budget.peak, "device_budget": self.budget.limit}
