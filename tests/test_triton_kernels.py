@@ -199,6 +199,53 @@ def _kernel_name(kwargs) -> str:
 
 
 @outer_only
+@pytest.mark.parametrize("num_experts", [8, 128])
+def test_router_launches_one_config_per_token_count(num_experts):
+    """The router's token ranges chain from T = 1 up with no gap or overlap, so for any T exactly
+    one launch config runs; the few-token one (decode) walks H in fewer, longer steps."""
+    from moec.ops.triton.router import SMALL_T, launch_configs
+    from moec.ops.triton.token_gate import token_range_gate
+
+    configs = launch_configs(num_experts)
+    assert configs[0][0] == 0 and configs[-1][1] is None
+    assert all(a[1] == b[0] for a, b in zip(configs, configs[1:]))
+    for t in range(1, 3 * SMALL_T):
+        assert sum(token_range_gate(t, lo, hi) for lo, hi, _, _ in configs) == 1, t
+    (_, _, small_t, small_h), (_, _, _, large_h) = configs
+    assert small_t >= 16 and small_h >= large_h  # tl.dot's M; never more steps than the large config
+    if num_experts <= 16:
+        assert 4096 // small_h == 8  # Mixtral at decode: 8 steps over H = 4096, not 32
+
+    # under export with a symbolic T: both launches in the graph, no guard on T, and evaluated for
+    # a concrete T exactly one has a non-empty grid
+    from moec.ops.triton.router import fused_router
+
+    gate_weight = torch.randn(num_experts, 72)
+
+    class Router(torch.nn.Module):
+        def forward(self, x):
+            return fused_router(x, gate_weight, 2, True, count=False)[:2]
+
+    tokens = torch.export.Dim("tokens", min=1, max=32768)
+    ep = torch.export.export(Router(), (torch.randn(7, 72),), dynamic_shapes=({0: tokens},), strict=False)
+    (vr,) = ep.range_constraints.values()
+    assert (vr.lower, vr.upper) == (1, 32768)
+
+    class GridsOnly(torch.fx.Interpreter):
+        def call_function(self, target, args, kwargs):
+            if "triton_kernel_wrapper" in str(target):
+                self.grids.append(kwargs["grid"][0][0])
+                return None
+            return super().call_function(target, args, kwargs)
+
+    for t in (1, SMALL_T, SMALL_T + 1, 1000):
+        run = GridsOnly(ep.module())
+        run.grids = []
+        run.run(torch.randn(t, 72))
+        assert len(run.grids) == 2 and [g > 0 for g in run.grids] == [t <= SMALL_T, t > SMALL_T], (t, run.grids)
+
+
+@outer_only
 def test_plan_gates_each_range_by_token_count():
     """A per-range plan under export with a symbolic T: every range's kernels are in the graph,
     their grids are integer expressions of T (no guard: T keeps its whole range), and evaluated
@@ -439,19 +486,17 @@ def test_kernels_compile_for_h100():
             {"TOP_K": 8, "K_PAD": 8, "E_PAD": 256, "BLOCK_T": 16, "BLOCK_H": 64, "RENORMALIZE": True,
              "COUNT": True, "IEEE": False},
         ),
-        (  # Mixtral's router (8 experts, padded to 16) and Qwen3's (128, top-8), as moe_router runs them
-            router._router_kernel,
-            {"hidden_ptr": bf16, "gate_ptr": bf16, "weights_ptr": "*fp32", "ids_ptr": "*i64", "counts_ptr": i32},
-            {"TOP_K": 2, "K_PAD": 2, "E_PAD": 16, "BLOCK_T": 32, "BLOCK_H": 128, "RENORMALIZE": True,
-             "COUNT": False, "IEEE": False},
-        ),
-        (
-            router._router_kernel,
-            {"hidden_ptr": bf16, "gate_ptr": bf16, "weights_ptr": "*fp32", "ids_ptr": "*i64", "counts_ptr": i32},
-            {"TOP_K": 8, "K_PAD": 8, "E_PAD": 128, "BLOCK_T": 16, "BLOCK_H": 64, "RENORMALIZE": True,
-             "COUNT": False, "IEEE": False},
-        ),
     ]
+    # Mixtral's router (8 experts, padded to 16, top-2) and Qwen3's (128, top-8), each token range's
+    # launch as moe_router runs them
+    for num_experts, top_k in ((8, 2), (128, 8)):
+        for _, _, block_t, block_h in router.launch_configs(num_experts):
+            small.append((
+                router._router_kernel,
+                {"hidden_ptr": bf16, "gate_ptr": bf16, "weights_ptr": "*fp32", "ids_ptr": "*i64", "counts_ptr": i32},
+                {"TOP_K": top_k, "K_PAD": top_k, "E_PAD": max(num_experts, 16), "BLOCK_T": block_t,
+                 "BLOCK_H": block_h, "RENORMALIZE": True, "COUNT": False, "IEEE": False},
+            ))
     for kernel, ptrs, consts in small:
         compile_for_sm90(kernel, ptrs, consts, 4, 3)
 
@@ -541,10 +586,11 @@ def test_interp_router(num_tokens, num_experts, top_k, renorm, dtype):
 
 
 @interp_only
-@pytest.mark.parametrize("num_tokens,hidden_size", [(1, 4096), (45, 200), (70, 40)])
+@pytest.mark.parametrize("num_tokens,hidden_size", [(1, 4096), (16, 600), (17, 600), (45, 200), (70, 40)])
 def test_interp_router_long_hidden(num_tokens, hidden_size):
-    """Hidden sizes past one BLOCK_H step (and not a multiple of it), several row blocks: the
-    fused logits equal F.linear's rounded to the input dtype, so the routing is the reference's."""
+    """Hidden sizes past one BLOCK_H step (and not a multiple of it), several row blocks, either
+    side of the few-token launch (T <= 16): the fused logits equal F.linear's rounded to the input
+    dtype, so the routing is the reference's."""
     from moec.ops.moe_router import moe_router_ref
     from moec.ops.triton.router import fused_router
 
