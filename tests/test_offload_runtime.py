@@ -308,7 +308,8 @@ def test_offload_benchmark_runs_in_phases_that_resume(tmp_path):
 
     script = str(ROOT / "benchmarks" / "offload.py")
     common = ["--recipe", str(ROOT / "recipes" / "tiny-mixtral.yaml"), "--layers", "4", "--gpu-memory", "8MiB",
-              "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--budget-s", "300"]
+              "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--budget-s", "300",
+              "--context", "64", "--gen", "16"]  # the logic, not the GPU run's 512 + 128
 
     def run(*extra):
         return subprocess.run([sys.executable, script, *common, *extra], capture_output=True, text=True, timeout=600)
