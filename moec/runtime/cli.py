@@ -24,8 +24,8 @@ def _generate(args) -> int:
     artifact = open_artifact(args.artifact, verify=not args.no_verify)  # a bad artifact fails before torch loads
     from moec.runtime.engine import Engine
 
-    engine = Engine(artifact, cuda_graphs=not args.no_cuda_graphs, ep_chunks=args.ep_chunks,
-                    overlap=not args.no_overlap)
+    engine = Engine.load(artifact, cuda_graphs=not args.no_cuda_graphs, ep_chunks=args.ep_chunks,
+                         overlap=not args.no_overlap)
     load_s = time.perf_counter() - start
     results = engine.generate(
         args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,

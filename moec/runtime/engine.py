@@ -191,13 +191,15 @@ class Engine:
             self.load_phases["cuda_graphs_s"] = self.decode_graphs.capture_s
 
     @classmethod
-    def load(cls, path: str | Path, verify: bool = True, num_blocks: int | None = None,
+    def load(cls, path: str | Path | Artifact, verify: bool = True, num_blocks: int | None = None,
              cuda_graphs: bool = True, ep_chunks: int | None = None, overlap: bool = True) -> Engine:
-        """`cuda_graphs`: replay decode steps as CUDA graphs (captured here) when on a GPU.
+        """`path`: the artifact's directory, or an artifact already opened (and checked) with
+        `open_artifact`, which `verify` then does not check again.
+        `cuda_graphs`: replay decode steps as CUDA graphs (captured here) when on a GPU.
         `ep_chunks`: token chunks per MoE layer of an expert-parallel artifact (default: its manifest's).
         `overlap`: launch each CUDA-graph decode step before the host has read the last one's tokens."""
-        return cls(open_artifact(path, verify=verify), num_blocks=num_blocks, cuda_graphs=cuda_graphs,
-                   ep_chunks=ep_chunks, overlap=overlap)
+        artifact = path if isinstance(path, Artifact) else open_artifact(path, verify=verify)
+        return cls(artifact, num_blocks=num_blocks, cuda_graphs=cuda_graphs, ep_chunks=ep_chunks, overlap=overlap)
 
     # --- requests -------------------------------------------------------------------------
 
