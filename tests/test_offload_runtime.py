@@ -96,10 +96,11 @@ def test_batch_one_caches_in_the_double_buffer_when_the_plan_left_no_cache(four_
     artifact's tokens and the device side holds no more than before."""
     plain, offloaded, budget = four_layer_artifacts
     reference = Engine.load(plain)
-    with_cache = Engine.load(offloaded).expert_pager.budget.used  # the plan's own 6-expert cache
+    first = Engine.load(offloaded)
+    with_cache = first.expert_pager.budget.used  # the plan's own 6-expert cache
     artifact = open_artifact(offloaded)
     artifact.manifest.offload["policy"]["cache_experts"] = 0
-    engine = Engine(artifact)  # (the last offloaded engine loaded is the one the graph's MoE calls reach)
+    engine = Engine(artifact)
     stats = engine.expert_pager.stats()
     assert stats["cache_experts"] == 2 * 4 and stats["cache_in_double_buffer"]
     # weights, KV cache, one resident layer and the double buffer: the cache took no byte of its own
@@ -120,6 +121,11 @@ def test_batch_one_caches_in_the_double_buffer_when_the_plan_left_no_cache(four_
         else:  # three sequences (T*K = 6 >= E): whole layers, never the cache
             assert hits + misses == 0 and copies >= 3 * (max_tokens - 1)
     assert engine.expert_pager.stats()["device_bytes_peak"] <= budget
+    # two offloaded engines in one process, stepping in turn: each step runs its own engine's pager
+    mine = engine.expert_pager.stats()["cache_misses"] + engine.expert_pager.stats()["copies"]
+    assert first.generate(PROMPTS[2], max_tokens=6)[0].token_ids == reference.generate(PROMPTS[2], max_tokens=6)[0].token_ids
+    assert first.expert_pager.stats()["copies"] + first.expert_pager.stats()["cache_misses"] > 0
+    assert engine.expert_pager.stats()["cache_misses"] + engine.expert_pager.stats()["copies"] == mine
 
 
 def test_budget_is_enforced_at_load(four_layer_artifacts):

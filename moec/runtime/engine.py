@@ -277,10 +277,21 @@ class Engine:
             emitted.append((seq, text))
         return emitted, finished
 
+    def _claim_external_ops(self) -> None:
+        """The graph's external ops (experts offloaded or on other ranks, attention on the host)
+        call the executors set for the process: point them at this engine's before its step, so
+        that several such engines in one process, stepping in turn, each run their own."""
+        if self.host_attention is not None:
+            set_attention_executor(self.host_attention)
+        executor = self.expert_pager or self.expert_executor
+        if executor is not None:
+            set_expert_executor(executor)
+
     def _launch(self, plan: list[tuple[Sequence, int]], ahead_of: _Launched | None = None) -> _Launched | None:
         """Queue one step on the device: the model, then sampling, then the copy of the sampled
         ids to the host. `ahead_of`: a decode step whose ids are still on the device; each of its
         sequences feeds that id as its next token (the host does not know it yet)."""
+        self._claim_external_ops()
         now = time.perf_counter()
         chunks = []
         for seq, take in plan:
