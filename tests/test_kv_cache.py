@@ -117,3 +117,24 @@ def test_step_inputs_reject_bad_chunks():
         build_step_inputs([([1], [], 0, True)])
     with pytest.raises(ValueError):
         build_step_inputs([])
+
+
+@pytest.mark.parametrize("stack_up_to", [0, 1 << 20])
+def test_write_kv_both_ways_place_every_token(monkeypatch, stack_up_to):
+    """K and V written stacked in one index_copy_ (short steps) or plane by plane (long ones):
+    every token's key and value land at its slot of its layer, nothing else changes."""
+    import moec.ops.paged_attention as pa
+
+    monkeypatch.setattr(pa, "STACK_KV_TOKENS", stack_up_to)
+    g = torch.Generator().manual_seed(0)
+    kv = torch.randn(2, 2, 6, 4, 2, 8, generator=g)
+    before = kv.clone()
+    slots = torch.randperm(24, generator=g)[:9]
+    key, value = torch.randn(9, 2, 8, generator=g), torch.randn(9, 2, 8, generator=g)
+    write_kv(kv, 1, key, value, slots)
+    planes = kv[1].view(2, 24, 2, 8)
+    assert torch.equal(planes[0, slots], key) and torch.equal(planes[1, slots], value)
+    untouched = torch.ones(24, dtype=torch.bool)
+    untouched[slots] = False
+    assert torch.equal(planes[:, untouched], before[1].view(2, 24, 2, 8)[:, untouched])
+    assert torch.equal(kv[0], before[0])

@@ -15,12 +15,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moec.ops.paged_tiles import PREFILL_MIN_TOKENS
 from test_triton_kernels import (
     H100_SMEM, close, compile_for_sm90, interp_only, outer_only, poisoned_empty, run_interpreted,
 )
 
 SMALL = {"ROWS": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2}  # several key steps per tile
 WIDE_KEYS = {"ROWS": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}  # a key step spans blocks
+PREFILL = {"ROWS": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}  # the built-in prefill tiles
 
 
 def paged_case(chunks, kv_heads: int, group: int, head_dim: int, block_size: int, dtype, seed: int = 0,
@@ -124,7 +126,8 @@ def test_op_exports_as_one_node():
 @pytest.mark.parametrize("sliding_window", [None, 64])
 def test_triton_path_traces_with_symbolic_sizes(sliding_window):
     """The CUDA body (launch code, not the kernel) under export with dynamic T, B and W: no guard
-    may specialise them, and the launches are two wrap_triton nodes (attention, split merge)."""
+    may specialise them, and the launches are three wrap_triton nodes (short-step attention,
+    prefill attention, split merge), each gated by T to no programs outside its range."""
     from moec.ops.triton.paged_attention import paged_attention
 
     case = paged_case([(20, 1), (0, 6)], kv_heads=2, group=4, head_dim=64, block_size=16, dtype=torch.float32)
@@ -134,7 +137,7 @@ def test_triton_path_traces_with_symbolic_sizes(sliding_window):
     ranges = sorted((vr.lower, vr.upper) for vr in ep.range_constraints.values())
     assert ranges == [(1, 512), (1, 1024), (1, 16384)], ranges
     launches = [n for n in ep.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
-    assert len(launches) == 2
+    assert len(launches) == 3
 
     class GridsOnly(torch.fx.Interpreter):
         """Runs the graph's size arithmetic, records each launch's grid, launches nothing."""
@@ -146,15 +149,21 @@ def test_triton_path_traces_with_symbolic_sizes(sliding_window):
             return super().call_function(target, args, kwargs)
 
     gm = ep.module()
-    for chunks, splits in (([(20, 1)], 16), ([(5, 1)] * 3, 6), ([(9, 1)] * 15, 2), ([(9, 1)] * 16, 1), ([(0, 40)], 1)):
+    for chunks, splits in (([(20, 1)], 16), ([(5, 1)] * 3, 6), ([(9, 1)] * 15, 2), ([(9, 1)] * 16, 1), ([(0, 40)], 1),
+                           ([(0, 1023)], 1), ([(0, 1024)], 1), ([(3, 1), (0, 1500)], 1)):
         other = paged_case(chunks, kv_heads=2, group=4, head_dim=64, block_size=16, dtype=torch.float32)
         other["kv_cache"] = case["kv_cache"]  # the cache is static; nothing is read here
         other["block_tables"] = other["block_tables"] % case["kv_cache"].shape[2]
         run = GridsOnly(gm)
         run.grids = []
         run.run(*(other[k] for k in ("query", "kv_cache", "block_tables", "seq_ids", "positions")))
-        (attention, merge) = run.grids
-        assert attention[2] == splits  # cdiv(16, T) programs per tile
+        (short, prefill, merge) = run.grids
+        num_tokens, num_seqs = sum(n for _, n in chunks), len(chunks)
+        long_step = num_tokens >= PREFILL_MIN_TOKENS
+        # BLOCK_M: 64 rows / 4 heads = 16 tokens and 128 / 4 = 32; each grid covers every tile
+        assert short[0] == (0 if long_step else -(-num_tokens // 16) + num_seqs)
+        assert prefill[0] == (-(-num_tokens // 32) + num_seqs if long_step else 0)
+        assert short[2] == prefill[2] == splits  # cdiv(16, T) programs per tile
         assert merge[0] == (15 if splits > 1 else 0)  # the merge only for a split step
 
 
@@ -183,7 +192,7 @@ def test_kernel_compiles_for_h100():
             consts = {
                 "HEAD_DIM": head_dim, "BLOCK_M": max(1, cfg["ROWS"] // group_pad), "GROUP_PAD": group_pad,
                 "BLOCK_N": cfg["BLOCK_N"], "SEARCH_BLOCK": pa.SEARCH_BLOCK, "USE_WINDOW": use_window, "IEEE": False,
-                "PART_ROWS": pa.PART_ROWS,
+                "PART_ROWS": pa.PART_ROWS, "TILE_ROW": 2 + i % 2,
             }
             compiled = compile_for_sm90(pa._paged_attention_kernel, ptrs, consts, cfg["num_warps"],
                                         cfg["num_stages"], scalars={"qk_scale": scale_type})
@@ -239,6 +248,9 @@ DECODE = [(0, 1), (4, 1), (15, 1), (16, 1), (38, 1)]  # contexts 1, 5, 16, 17, 3
         ("split_long_context", [(0, 1), (300, 1), (2, 1)], 2, 2, 16, 8, None, SMALL),
         ("split_long_window", [(300, 1), (120, 4)], 1, 4, 16, 8, 50, SMALL),
         ("split_mixed_15", [(7, 1), (0, 9), (200, 1), (40, 4)], 2, 2, 16, 8, None, SMALL),
+        # long-prompt tiles (32 tokens x 4 heads): several unmasked key steps below each diagonal
+        ("prefill_tiles", [(0, 150), (70, 45), (200, 1)], 2, 4, 32, 8, None, PREFILL),
+        ("prefill_tiles_window", [(0, 150), (70, 45)], 1, 4, 32, 8, 90, PREFILL),
     ],
 )
 def test_interp_paged_attention(dtype, name, chunks, kv_heads, group, head_dim, block_size, window, cfg):
@@ -295,20 +307,25 @@ def test_step_computes_the_tiles_once_for_every_layer(hf_model_dir):
     assert len(shared) == 1 and None not in shared
     step_level = [n for n in ep.graph.nodes if n.target is torch.ops.aten.cumsum.default
                   and not any(".layers." in path for path, _ in (n.meta.get("nn_module_stack") or {}).values())]
-    assert len(step_level) == 2  # first rows and tile ends, once (the experts' own histograms aside)
+    # first rows and the tile ends of both launches' BLOCK_M, once (the experts' own histograms aside)
+    assert len(step_level) == 3
 
 
 @interp_only
 def test_interp_given_tiles_equal_computed():
-    """Tiles computed by the caller for the dynamic config give the same output; a config with
-    another BLOCK_M computes its own (a mismatched table is never used)."""
-    from moec.ops.paged_tiles import sequence_tiles, tile_tokens
-    from moec.ops.triton.paged_attention import DYNAMIC_CONFIG, paged_attention
+    """Tiles computed by the caller for the step's two BLOCK_Ms give the same output, from either
+    row (the dynamic and the prefill config); a config with another BLOCK_M, or tiles of another
+    layout, compute their own (a mismatched table is never used)."""
+    from moec.ops.paged_tiles import sequence_tiles, step_tile_tokens, tile_tokens
+    from moec.ops.triton.paged_attention import DYNAMIC_CONFIG, PREFILL_CONFIG, paged_attention
 
     case = paged_case([(8, 1), (0, 1), (5, 19), (29, 1)], 2, 4, 32, 8, torch.float32)
     want = reference(case)
-    tiles = sequence_tiles(case["seq_ids"], case["block_tables"].shape[0], tile_tokens(8, 2))
-    for cfg in (DYNAMIC_CONFIG, SMALL):
+    num_seqs = case["block_tables"].shape[0]
+    tiles = sequence_tiles(case["seq_ids"], num_seqs, *step_tile_tokens(8, 2, 32))
+    assert tiles.shape == (4, num_seqs)
+    old_layout = sequence_tiles(case["seq_ids"], num_seqs, tile_tokens(8, 2))
+    for cfg, given in ((DYNAMIC_CONFIG, tiles), (PREFILL_CONFIG, tiles), (SMALL, tiles), (DYNAMIC_CONFIG, old_layout)):
         with poisoned_empty():
-            got = paged_attention(*args(case), None, config=cfg, seq_info=tiles)
+            got = paged_attention(*args(case), None, config=cfg, seq_info=given)
         close(got, want, torch.float32)

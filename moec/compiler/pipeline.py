@@ -102,7 +102,7 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
                     weights_file.unlink()
             # shapes the kernels cannot run stop here, naming the block, before export trips on them
             check_moe_blocks(model, model.config, recipe.device, recipe.max_tokens_per_step)
-            step = PagedStep(model)
+            step = PagedStep(model, max_positions=recipe.max_seq_len)
         with stages.stage("export", f"tokens ≤ {recipe.max_tokens_per_step}, batch ≤ {recipe.max_batch}"):
             ep = export_step(step, dtype, recipe.kv_block_size, recipe.max_tokens_per_step, recipe.max_batch,
                              recipe.max_seq_len, device=recipe.device)

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from moec.ops.paged_attention import paged_attention, slot_mapping, write_kv
-from moec.ops.paged_tiles import sequence_tiles, tile_tokens
+from moec.compiler.rotary_table import use_rotary_table
+from moec.ops.paged_tiles import sequence_tiles, step_tile_tokens
 
 ATTN_IMPLEMENTATION = "moec_paged"
 STEP_INPUTS = ("input_ids", "positions", "seq_ids", "block_tables", "kv_cache", "logits_indices")
@@ -41,15 +42,19 @@ def register_attention() -> None:
 
 
 class PagedStep(nn.Module):
-    """Wraps a `*ForCausalLM`; parameter names stay those of the HF checkpoint."""
+    """Wraps a `*ForCausalLM`; parameter names stay those of the HF checkpoint. RoPE's cos/sin
+    come from a table of `max_positions` rows (`moec.compiler.rotary_table`; default: the
+    config's max_position_embeddings), so positions must stay below it."""
 
-    def __init__(self, causal_lm: nn.Module):
+    def __init__(self, causal_lm: nn.Module, max_positions: int | None = None):
         super().__init__()
         self.model = causal_lm.model
         self.lm_head = causal_lm.lm_head
         self.config = causal_lm.config
         heads = self.config.num_attention_heads
-        self.tile_tokens = tile_tokens(heads, getattr(self.config, "num_key_value_heads", None) or heads)
+        head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // heads
+        self.tile_tokens = step_tile_tokens(heads, getattr(self.config, "num_key_value_heads", None) or heads, head_dim)
+        use_rotary_table(self.model, max_positions or self.config.max_position_embeddings)
 
     def forward(self, input_ids, positions, seq_ids, block_tables, kv_cache, logits_indices):
         out = self.model(
@@ -62,7 +67,7 @@ class PagedStep(nn.Module):
             moec_positions=positions,
             moec_slots=slot_mapping(block_tables, seq_ids, positions, kv_cache.shape[3]),
             # the attention kernel's tiles of this step, shared by every layer
-            moec_seq_info=sequence_tiles(seq_ids, block_tables.shape[0], self.tile_tokens),
+            moec_seq_info=sequence_tiles(seq_ids, block_tables.shape[0], *self.tile_tokens),
         )
         hidden = out.last_hidden_state[0].index_select(0, logits_indices)
         return self.lm_head(hidden).float()

@@ -3,21 +3,33 @@
 The kernel gives each sequence's query tokens ceil(count / BLOCK_M) tiles and finds a program's
 sequence from the cumulative tile ends (`sequence_tiles`). Those few small ops depend only on the
 step's `seq_ids`, not on the layer: the compiled step computes them once (`PagedStep`) and every
-layer's attention reads the same [3, B] tensor, where computing them inside each call cost five
-tiny kernels a layer (~35 us a decode step of an 8-layer model on an H200).
+layer's attention reads the same tensor, where computing them inside each call cost five tiny
+kernels a layer (~35 us a decode step of an 8-layer model on an H200).
+
+A compiled step (symbolic T) has two attention launches, each gated to no programs outside its
+token range: 64-row tiles below PREFILL_MIN_TOKENS tokens (decode and short chunks) and 128-row
+tiles from there on (a long prompt: twice the MMA work per key loaded). Each has its own BLOCK_M,
+hence its own row of cumulative tile ends.
 """
 
 from __future__ import annotations
 
 import torch
 
-# rows of the score tile in the one config a compiled step (symbolic T) runs: tokens x padded
-# GQA group; moec.ops.triton.paged_attention.DYNAMIC_CONFIG takes it from here
+# rows of the score tile (query tokens x padded GQA group): the short-step config and the long
+# prefill config; moec.ops.triton.paged_attention takes them from here
 DYNAMIC_ROWS = 64
+PREFILL_ROWS = 128
+PREFILL_MIN_TOKENS = 1024  # steps of this many tokens or more run the prefill tiles
+MAX_ROWS_LARGE_HEAD = 64  # head_dim > 128: the fp32 accumulator must stay in registers
 
 
 def next_pow2(n: int) -> int:
     return 1 << (int(n) - 1).bit_length()
+
+
+def fit_rows(rows: int, head_dim: int) -> int:
+    return min(rows, MAX_ROWS_LARGE_HEAD) if head_dim > 128 else rows
 
 
 def tile_tokens(num_heads: int, kv_heads: int, rows: int = DYNAMIC_ROWS) -> int:
@@ -25,11 +37,18 @@ def tile_tokens(num_heads: int, kv_heads: int, rows: int = DYNAMIC_ROWS) -> int:
     return max(1, rows // next_pow2(num_heads // kv_heads))
 
 
-def sequence_tiles(seq_ids: torch.Tensor, num_seqs, block_m: int) -> torch.Tensor:
-    """[3, B] int32: per sequence its first query row, its query count and the cumulative number
-    of BLOCK_M-token tiles up to and including it. Static shapes, no host sync."""
+def step_tile_tokens(num_heads: int, kv_heads: int, head_dim: int) -> tuple[int, ...]:
+    """The BLOCK_M of each launch a compiled step makes (short steps, long prefill), distinct."""
+    sizes = [tile_tokens(num_heads, kv_heads, fit_rows(r, head_dim)) for r in (DYNAMIC_ROWS, PREFILL_ROWS)]
+    return tuple(dict.fromkeys(sizes))
+
+
+def sequence_tiles(seq_ids: torch.Tensor, num_seqs, *block_ms: int) -> torch.Tensor:
+    """[2 + len(block_ms), B] int32: per sequence its first query row, its query count, then for
+    each BLOCK_M the cumulative number of tiles up to and including it. No host sync."""
     ones = torch.ones_like(seq_ids, dtype=torch.int32)
     counts = torch.zeros(num_seqs, dtype=torch.int32, device=seq_ids.device).index_add_(0, seq_ids, ones)
     first = torch.cumsum(counts, 0, dtype=torch.int32) - counts
-    tile_end = torch.cumsum(torch.div(counts + (block_m - 1), block_m, rounding_mode="floor"), 0, dtype=torch.int32)
-    return torch.stack([first, counts, tile_end])
+    ends = [torch.cumsum(torch.div(counts + (m - 1), m, rounding_mode="floor"), 0, dtype=torch.int32)
+            for m in block_ms]
+    return torch.stack([first, counts, *ends])

@@ -12,9 +12,15 @@ head's group in the same tile, so each K/V element is read once per tile, not on
 head. The tile's rows are (token, head-in-group) pairs, so a decode token (1 query token) still
 gives tl.dot an M dimension of BLOCK_M * GROUP_PAD >= 16. The program walks its sequence's keys
 BLOCK_N at a time, looking up each key's physical block in block_tables, keeps a running max and
-sum (online softmax, in base 2), and stops after the tile's last position (causal). One loop, no
-helper functions, and the whole cache with the layer's offset as an integer: the shapes of kernel
-AOTInductor has compiled into artifacts on the GPU machine (torch 2.11) since the MoE kernels.
+sum (online softmax, in base 2), and stops after the tile's last position (causal). The keys
+every row of the tile sees (below its lowest position, rounded down to BLOCK_N) are walked without
+the causal mask; only the steps on the diagonal build it (`_attend_keys`'s MASK). The whole cache
+is passed with the layer's offset as an integer.
+
+Tile sizes: a step of known size picks DECODE, DYNAMIC or PREFILL_CONFIG (`select_config`); a
+compiled step (symbolic T) makes both the DYNAMIC and the PREFILL launch, each with its grid
+gated to zero programs outside its token range (`launch_plan`), so a long prompt gets 128-row
+tiles and a decode step 64-row ones from the same graph.
 
 Small steps (decode) split the keys too (flash-decoding): a step of T < NUM_SPLITS tokens runs
 cdiv(NUM_SPLITS, T) programs per tile (the grid's third axis, a function of the symbolic T), each
@@ -47,7 +53,8 @@ import triton.language as tl
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.library import wrap_triton
 
-from moec.ops.paged_tiles import DYNAMIC_ROWS, next_pow2, sequence_tiles
+from moec.ops.paged_tiles import (DYNAMIC_ROWS, PREFILL_MIN_TOKENS, PREFILL_ROWS, fit_rows, next_pow2,
+                                   sequence_tiles, step_tile_tokens)
 from moec.ops.triton.token_gate import token_range_gate
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -64,7 +71,7 @@ LOG2E = 1.4426950408889634
 # A config: rows of the score tile (query tokens x padded GQA group; BLOCK_M = ROWS // GROUP_PAD
 # tokens), keys per inner step, and the launch parameters. Untuned starting points for H100.
 DECODE_CONFIG = {"ROWS": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
-PREFILL_CONFIG = {"ROWS": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+PREFILL_CONFIG = {"ROWS": PREFILL_ROWS, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
 # Used when the token count is symbolic (the exported step): one kernel serves decode and
 # prefill. 64 rows is one Hopper warpgroup MMA; decode pays MMA work on padding rows, which is
 # cheap next to streaming the keys.
@@ -76,24 +83,35 @@ def fit_to_head_dim(cfg: dict, head_dim: int) -> dict:
     """A copy of `cfg` for this head_dim: above 128, at most 64 rows and 32 keys per step, so the
     fp32 accumulator stays in registers and the K/V tiles in shared memory."""
     cfg = dict(cfg)
+    cfg["ROWS"] = fit_rows(cfg["ROWS"], head_dim)
     if head_dim > 128:
-        cfg["ROWS"] = min(cfg["ROWS"], 64)
         cfg["BLOCK_N"] = min(cfg["BLOCK_N"], 32)
     return cfg
 
 
 def select_config(num_tokens, num_seqs, head_dim: int) -> dict:
-    """DECODE_CONFIG when every sequence has one token, PREFILL_CONFIG for long steps, else (and
-    whenever a size is symbolic: choosing by it would guard on it) DYNAMIC_CONFIG."""
+    """DECODE_CONFIG when every sequence has one token, PREFILL_CONFIG from PREFILL_MIN_TOKENS
+    tokens on, else (and whenever a size is symbolic: choosing by it would guard on it)
+    DYNAMIC_CONFIG."""
     cfg = DYNAMIC_CONFIG
     if isinstance(num_tokens, int) and isinstance(num_seqs, int):
         if num_tokens <= num_seqs:
             cfg = DECODE_CONFIG
-        elif num_tokens >= 2048:
+        elif num_tokens >= PREFILL_MIN_TOKENS:
             cfg = PREFILL_CONFIG
     return fit_to_head_dim(cfg, head_dim)
 
 
+def launch_plan(num_tokens, num_seqs, head_dim: int, config: dict | None = None) -> list[tuple[dict, object]]:
+    """(config, grid gate) per attention launch: the given config, or `select_config`'s for
+    known sizes (gate 1); for a symbolic T the DYNAMIC launch gated to T < PREFILL_MIN_TOKENS and
+    the PREFILL launch gated to the rest, so the graph branches on T without a guard."""
+    if config is not None:
+        return [(dict(config), 1)]
+    if isinstance(num_tokens, int) and isinstance(num_seqs, int):
+        return [(select_config(num_tokens, num_seqs, head_dim), 1)]
+    return [(fit_to_head_dim(DYNAMIC_CONFIG, head_dim), token_range_gate(num_tokens, 0, PREFILL_MIN_TOKENS - 1)),
+            (fit_to_head_dim(PREFILL_CONFIG, head_dim), token_range_gate(num_tokens, PREFILL_MIN_TOKENS - 1, None))]
 
 
 def _check_config(cfg: dict) -> None:
@@ -136,13 +154,48 @@ def check_inputs(query, kv_cache, layer: int, block_tables, seq_ids, positions) 
 
 
 @triton.jit
+def _attend_keys(q, row_pos, m_i, l_i, acc, start_key, end_key, table_row_ptr, layer_cache_ptr, block_size,
+                 ctx_len, window, scale_f32, stride_kind, stride_block, stride_slot, offs_d,
+                 BLOCK_N: tl.constexpr, MASK: tl.constexpr, USE_WINDOW: tl.constexpr, IEEE: tl.constexpr):
+    """Online softmax over keys start_key..end_key-1 (BLOCK_N at a time). MASK: apply the causal
+    mask, the window and the table's end; without it every row sees every key of the range."""
+    for start in range(start_key, end_key, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        # columns past the table read its first entry (a real block); their scores are masked
+        block = tl.load(table_row_ptr + keys // block_size, mask=keys < ctx_len, other=0).to(tl.int64)
+        slot = block * stride_block + (keys % block_size).to(tl.int64) * stride_slot
+        k = tl.load(layer_cache_ptr + slot[None, :] + offs_d[:, None]).to(q.dtype)  # [D, BLOCK_N]
+        if IEEE:
+            s = tl.dot(q, k, input_precision="ieee")
+        else:
+            s = tl.dot(q, k)
+        s = s * scale_f32  # log2 domain
+        if MASK:
+            visible = (keys[None, :] <= row_pos[:, None]) & (keys < ctx_len)[None, :]
+            if USE_WINDOW:
+                visible = visible & (keys[None, :] > row_pos[:, None] - window)
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # m_i starts finite: no -inf - -inf
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(layer_cache_ptr + stride_kind + slot[:, None] + offs_d[None, :]).to(q.dtype)  # [BLOCK_N, D]
+        if IEEE:
+            acc = tl.dot(p.to(q.dtype), v, acc * alpha[:, None], input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(q.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _paged_attention_kernel(
     q_ptr,
     cache_ptr,  # the whole kv_cache [L, 2, NB, BS, Hkv, D]; layer_offset picks the layer
     out_ptr,
     table_ptr,
     positions_ptr,
-    seq_info_ptr,  # [3, B] int32: first query row, query count, cumulative tile end
+    seq_info_ptr,  # [2 + n, B] int32: first query row, query count, cumulative tile ends per BLOCK_M
     part_ml_ptr,  # [2, PART_ROWS, H] fp32: each (split, token)'s running max and sum
     part_acc_ptr,  # [PART_ROWS, H, D] fp32: each (split, token)'s unnormalised output
     num_tokens,
@@ -171,6 +224,7 @@ def _paged_attention_kernel(
     USE_WINDOW: tl.constexpr,
     IEEE: tl.constexpr,
     PART_ROWS: tl.constexpr,
+    TILE_ROW: tl.constexpr,  # the row of seq_info holding this BLOCK_M's cumulative tile ends
 ):
     # Highest tile index first: a long prefill's last tiles carry the most keys, start them early.
     tile = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -182,13 +236,13 @@ def _paged_attention_kernel(
     seq = tl.program_id(0) * 0  # an i32 scalar from the start: the loop keeps its type
     for c in range(0, tl.cdiv(num_seqs, SEARCH_BLOCK)):
         idx = c * SEARCH_BLOCK + tl.arange(0, SEARCH_BLOCK)
-        ends = tl.load(seq_info_ptr + 2 * num_seqs + idx, mask=idx < num_seqs, other=2147483647)
+        ends = tl.load(seq_info_ptr + TILE_ROW * num_seqs + idx, mask=idx < num_seqs, other=2147483647)
         seq += tl.sum((ends <= tile).to(tl.int32), 0)
     if seq >= num_seqs:
         return  # past the last real tile
     q_first = tl.load(seq_info_ptr + seq)
     q_count = tl.load(seq_info_ptr + num_seqs + seq)
-    tile_end = tl.load(seq_info_ptr + 2 * num_seqs + seq)
+    tile_end = tl.load(seq_info_ptr + TILE_ROW * num_seqs + seq)
     tile_in_seq = tile - (tile_end - tl.cdiv(q_count, BLOCK_M))
 
     # rows: (token, head in group) pairs, token-major
@@ -228,34 +282,21 @@ def _paged_attention_kernel(
     lo = lo + split * steps_per_split * BLOCK_N
     hi = tl.minimum(hi, lo + steps_per_split * BLOCK_N)
 
+    # keys below `full` are visible to every row (each sees up to its own position): no mask there
+    if USE_WINDOW:
+        full = lo
+    else:
+        full = tl.minimum(tl.maximum((pos_lo + 1) // BLOCK_N * BLOCK_N, lo), hi)
+
     m_i = tl.full((ROWS,), -1.0e30, tl.float32)
     l_i = tl.zeros((ROWS,), tl.float32)
     acc = tl.zeros((ROWS, HEAD_DIM), tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)
-        # columns past the table read its first entry (a real block); their scores are masked
-        block = tl.load(table_row_ptr + keys // block_size, mask=keys < ctx_len, other=0).to(tl.int64)
-        slot = block * stride_block + (keys % block_size).to(tl.int64) * stride_slot
-        k = tl.load(layer_cache_ptr + slot[None, :] + offs_d[:, None]).to(q.dtype)  # [D, BLOCK_N]
-        if IEEE:
-            s = tl.dot(q, k, input_precision="ieee")
-        else:
-            s = tl.dot(q, k)
-        s = s * scale_f32  # log2 domain
-        visible = (keys[None, :] <= row_pos[:, None]) & (keys < ctx_len)[None, :]
-        if USE_WINDOW:
-            visible = visible & (keys[None, :] > row_pos[:, None] - window)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # m_i starts finite: no -inf - -inf
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(layer_cache_ptr + stride_kind + slot[:, None] + offs_d[None, :]).to(q.dtype)  # [BLOCK_N, D]
-        if IEEE:
-            acc = tl.dot(p.to(q.dtype), v, acc * alpha[:, None], input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(q.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+    m_i, l_i, acc = _attend_keys(q, row_pos, m_i, l_i, acc, lo, full, table_row_ptr, layer_cache_ptr, block_size,
+                                 ctx_len, window, scale_f32, stride_kind, stride_block, stride_slot, offs_d,
+                                 BLOCK_N=BLOCK_N, MASK=False, USE_WINDOW=USE_WINDOW, IEEE=IEEE)
+    m_i, l_i, acc = _attend_keys(q, row_pos, m_i, l_i, acc, full, hi, table_row_ptr, layer_cache_ptr, block_size,
+                                 ctx_len, window, scale_f32, stride_kind, stride_block, stride_slot, offs_d,
+                                 BLOCK_N=BLOCK_N, MASK=True, USE_WINDOW=USE_WINDOW, IEEE=IEEE)
 
     if num_splits > 1:  # partial results; `_combine_splits_kernel` merges them
         part = (split * num_tokens + token) * num_heads + head.to(tl.int64)
@@ -333,9 +374,9 @@ def paged_attention(
 ) -> torch.Tensor:
     """query [T, H, D] → [T, H, D] in query's dtype, from the (already written) paged cache.
 
-    `config`: {"ROWS", "BLOCK_N", "num_warps", "num_stages"}; None picks by `select_config`.
-    `seq_info`: `sequence_tiles` for the dynamic config's BLOCK_M, computed once per step by the
-    caller; used when the chosen config has that BLOCK_M, else computed here.
+    `config`: {"ROWS", "BLOCK_N", "num_warps", "num_stages"}; None picks by `launch_plan`.
+    `seq_info`: the step's `sequence_tiles` for `step_tile_tokens`' BLOCK_Ms, computed once per
+    step by the caller; a launch whose BLOCK_M it lacks computes its own.
     """
     check_inputs(query, kv_cache, layer, block_tables, seq_ids, positions)
     num_tokens, num_heads, head_dim = query.shape
@@ -343,9 +384,9 @@ def paged_attention(
     num_seqs, table_width = block_tables.shape
     group = num_heads // kv_heads
     group_pad = next_pow2(group)
-    cfg = dict(config) if config is not None else select_config(num_tokens, num_seqs, head_dim)
-    _check_config(cfg)
-    block_m = max(1, cfg["ROWS"] // group_pad)
+    plan = launch_plan(num_tokens, num_seqs, head_dim, config)
+    for cfg, _ in plan:
+        _check_config(cfg)
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=query.dtype, device=query.device)
     if statically_known_true(num_tokens == 0):
         return out
@@ -356,56 +397,65 @@ def paged_attention(
     cache = kv_cache[layer]  # for its strides; the kernel gets the whole cache and the layer's offset
     if cache.stride(-1) != 1:
         raise ValueError("paged_attention: kv_cache must have unit stride along head_dim")
-    if seq_info is None or block_m != max(1, DYNAMIC_ROWS // group_pad):
-        seq_info = sequence_tiles(seq_ids, num_seqs, block_m)
     use_window = sliding_window is not None
     if use_window and sliding_window < 1:
         raise ValueError(f"paged_attention: sliding_window must be >= 1, got {sliding_window}")
+    # the step's tile rows: which BLOCK_M each row of seq_info was computed for
+    step_ms = list(step_tile_tokens(num_heads, kv_heads, head_dim))
+    if seq_info is not None and seq_info.dim() == 2 and seq_info.shape[0] != 2 + len(step_ms):
+        seq_info = None  # not this step's layout
     # splits per tile: cdiv(NUM_SPLITS, T), an expression of the symbolic T in the compiled graph
     # (1 from T = NUM_SPLITS on); the merge has a program per token of a split step (T < NUM_SPLITS)
     num_splits = (NUM_SPLITS + num_tokens - 1) // num_tokens
     # the partials' workspace has a fixed size: split steps have T < NUM_SPLITS
     part_ml = torch.empty(2, PART_ROWS, num_heads, dtype=torch.float32, device=query.device)
     part_acc = torch.empty(PART_ROWS, num_heads, head_dim, dtype=torch.float32, device=query.device)
-    grid = (triton.cdiv(num_tokens, block_m) + num_seqs, kv_heads, num_splits)
-    wrap_triton(_paged_attention_kernel)[grid](
-        query,
-        kv_cache,
-        out,
-        block_tables,
-        positions,
-        seq_info,
-        part_ml,
-        part_acc,
-        num_tokens,
-        num_heads,
-        num_seqs,
-        table_width,
-        cache.shape[2],
-        group,
-        float(scale) * LOG2E,
-        int(sliding_window) if use_window else 0,
-        layer * kv_cache.stride(0),
-        query.stride(0),
-        query.stride(1),
-        out.stride(0),
-        out.stride(1),
-        block_tables.stride(0),
-        cache.stride(0),
-        cache.stride(1),
-        cache.stride(2),
-        cache.stride(3),
-        HEAD_DIM=head_dim,
-        BLOCK_M=block_m,
-        GROUP_PAD=group_pad,
-        BLOCK_N=cfg["BLOCK_N"],
-        SEARCH_BLOCK=SEARCH_BLOCK,
-        USE_WINDOW=use_window,
-        IEEE=query.dtype == torch.float32,
-        PART_ROWS=PART_ROWS,
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-    )
+    for cfg, gate in plan:
+        block_m = max(1, cfg["ROWS"] // group_pad)
+        if seq_info is not None and block_m in step_ms:
+            tiles, tile_row = seq_info, 2 + step_ms.index(block_m)
+        else:
+            tiles, tile_row = sequence_tiles(seq_ids, num_seqs, block_m), 2
+        grid = ((triton.cdiv(num_tokens, block_m) + num_seqs) * gate, kv_heads, num_splits)
+        wrap_triton(_paged_attention_kernel)[grid](
+            query,
+            kv_cache,
+            out,
+            block_tables,
+            positions,
+            tiles,
+            part_ml,
+            part_acc,
+            num_tokens,
+            num_heads,
+            num_seqs,
+            table_width,
+            cache.shape[2],
+            group,
+            float(scale) * LOG2E,
+            int(sliding_window) if use_window else 0,
+            layer * kv_cache.stride(0),
+            query.stride(0),
+            query.stride(1),
+            out.stride(0),
+            out.stride(1),
+            block_tables.stride(0),
+            cache.stride(0),
+            cache.stride(1),
+            cache.stride(2),
+            cache.stride(3),
+            HEAD_DIM=head_dim,
+            BLOCK_M=block_m,
+            GROUP_PAD=group_pad,
+            BLOCK_N=cfg["BLOCK_N"],
+            SEARCH_BLOCK=SEARCH_BLOCK,
+            USE_WINDOW=use_window,
+            IEEE=query.dtype == torch.float32,
+            PART_ROWS=PART_ROWS,
+            TILE_ROW=tile_row,
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )
     # the merge only for a split step (T < NUM_SPLITS): gated to no launch (no graph node) otherwise
     merge_gate = token_range_gate(num_tokens, 0, NUM_SPLITS - 1)
     wrap_triton(_combine_splits_kernel)[((NUM_SPLITS - 1) * merge_gate, triton.cdiv(num_heads, COMBINE_HEADS))](
