@@ -1,0 +1,262 @@
+"""The step's small kernels on one GPU, each against its bound: what to tune for issue 5.
+
+    python benchmarks/step_kernels.py --out $OUT          # GPU, ~3 min
+
+Measured in one run (ceilings first: copy bandwidth and bf16 matmul rate), Mixtral's attention
+shape (32 query heads, 8 KV heads, head_dim 128, bf16, 16-token cache blocks) and router shape
+(hidden 4096, 8 experts, top-2), every call captured in a CUDA graph and its replays timed
+(median of CUDA events, L2 flushed before each: measure.py), fresh random inputs per case:
+
+  prefill    moec paged attention for one sequence's prompt of T = 1024..8192 tokens from
+             position 0, under candidate tile configs (the built-in ones first), against torch's
+             SDPA on contiguous Q/K/V (flash attention, K/V expanded to 32 heads) and the causal
+             bound 4 H D T(T+1)/2 / matmul rate; each output checked against SDPA's
+  decode     B = 1..128 sequences of 512 cached tokens, one query token each: the decode config
+             (what a step of known size picks) and the dynamic one (what the compiled step runs),
+             against the bound of reading the K/V once at copy bandwidth
+  router     the fused router at T = 1..4096 with its launch table as it is, and with the small-T
+             launch's BLOCK_H varied (router.launch_configs patched), against hidden + gate bytes
+             over copy bandwidth
+
+Writes OUT/step_kernels.json and OUT/step_kernels.png (prefill TFLOP/s per config against the
+bound), then prints a table per part. GPU only: exits 2 without CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from measure import L2Flusher, copy_bandwidth, environment, matmul_rate, time_graph, write_json  # noqa: E402
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
+DTYPE = torch.bfloat16
+HIDDEN, EXPERTS, TOP_K = 4096, 8, 2
+PREFILL_TOKENS = (1024, 2048, 4096, 8192)
+DECODE_BATCHES = (1, 8, 32, 128)
+DECODE_CONTEXT = 512
+ROUTER_TOKENS = (1, 4, 16, 64, 256, 1024, 4096)
+ROUTER_SMALL_BLOCK_H = (128, 256, 1024)
+
+
+def prefill_candidates() -> dict[str, dict]:
+    from moec.ops.triton import paged_attention as pa
+
+    cands = {"dynamic (built-in)": pa.DYNAMIC_CONFIG, "prefill (built-in)": pa.PREFILL_CONFIG}
+    for rows, block_n, warps, stages in ((128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3), (128, 64, 4, 3),
+                                         (64, 128, 4, 2), (64, 64, 4, 3), (256, 64, 8, 2)):
+        cands[f"R{rows} N{block_n} w{warps} s{stages}"] = {"ROWS": rows, "BLOCK_N": block_n, "num_warps": warps,
+                                                           "num_stages": stages}
+    return cands
+
+
+def paged_inputs(lengths: list[int], query_tokens: list[int], gen: torch.Generator, dev) -> dict:
+    """Sequences of `lengths` cached tokens (shuffled physical blocks); each sequence's last
+    `query_tokens` positions are this step's queries, in chunk order."""
+    need = [-(-n // BLOCK_SIZE) for n in lengths]
+    num_blocks = sum(need) + 1
+    physical = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
+    width = max(need)
+    tables, positions, seq_ids = [], [], []
+    for row, (n, q, k) in enumerate(zip(lengths, query_tokens, need)):
+        tables.append(physical[:k] + [0] * (width - k))
+        physical = physical[k:]
+        positions += range(n - q, n)
+        seq_ids += [row] * q
+    cache = torch.randn(1, 2, num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, generator=gen).to(dev, DTYPE)
+    query = torch.randn(len(positions), HEADS, HEAD_DIM, generator=gen).to(dev, DTYPE)
+    as_t = lambda x: torch.tensor(x, dtype=torch.int64, device=dev)  # noqa: E731
+    return {"query": query, "cache": cache, "tables": as_t(tables), "seq_ids": as_t(seq_ids),
+            "positions": as_t(positions)}
+
+
+def attention_call(inp: dict, cfg: dict):
+    from moec.ops.paged_tiles import sequence_tiles, step_tile_tokens
+    from moec.ops.triton.paged_attention import paged_attention
+
+    tiles = sequence_tiles(inp["seq_ids"], inp["tables"].shape[0], *step_tile_tokens(HEADS, KV_HEADS, HEAD_DIM))
+    return lambda: paged_attention(inp["query"], inp["cache"], 0, inp["tables"], inp["seq_ids"], inp["positions"],
+                                   HEAD_DIM ** -0.5, None, config=cfg, seq_info=tiles)
+
+
+def gathered_kv(inp: dict, seq: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence `seq`'s first `length` keys and values, contiguous [Hkv, length, D]."""
+    blocks = inp["tables"][seq, : -(-length // BLOCK_SIZE)]
+    k, v = (inp["cache"][0, i][blocks].flatten(0, 1)[:length].transpose(0, 1) for i in (0, 1))
+    return k.contiguous(), v.contiguous()
+
+
+def run_prefill(dev, ceil: dict, flush, deadline: float) -> list[dict]:
+    rows = []
+    gen = torch.Generator().manual_seed(1)
+    for tokens in PREFILL_TOKENS:
+        inp = paged_inputs([tokens], [tokens], gen, dev)
+        k, v = gathered_kv(inp, 0, tokens)
+        q = inp["query"].transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
+        group = HEADS // KV_HEADS
+        k, v = (x.repeat_interleave(group, 0).unsqueeze(0) for x in (k, v))
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+            sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+            t_sdpa, _ = time_graph(sdpa, dev, flush=flush)
+            want = sdpa()[0].transpose(0, 1)
+        flops = 4.0 * HEADS * HEAD_DIM * tokens * (tokens + 1) / 2
+        bound_ms = flops / (ceil["matmul_tflop_s"] * 1e12) * 1e3
+        row = {"tokens": tokens, "bound_ms": bound_ms, "sdpa_flash_ms": t_sdpa["median_ms"], "configs": {}}
+        for name, cfg in prefill_candidates().items():
+            if time.perf_counter() > deadline:
+                row.setdefault("skipped", []).append(name)
+                continue
+            try:
+                call = attention_call(inp, cfg)
+                t, (out, _) = time_graph(call, dev, flush=flush)
+                err = (out.float() - want.float()).abs().max().item()
+                row["configs"][name] = {"config": cfg, "ms": t["median_ms"], "over_bound": t["median_ms"] / bound_ms,
+                                        "tflop_s": flops / (t["median_ms"] * 1e-3) / 1e12, "max_abs_err": err,
+                                        "ok": err <= 2e-2}
+            except Exception as exc:  # a config that does not compile or fit: recorded, not fatal
+                row["configs"][name] = {"config": cfg, "error": f"{type(exc).__name__}: {exc}"[:300]}
+        rows.append(row)
+        del inp, q, k, v, want
+        torch.cuda.empty_cache()
+    return rows
+
+
+def run_decode(dev, ceil: dict, flush) -> list[dict]:
+    from moec.ops.paged_attention import paged_attention_ref
+    from moec.ops.triton import paged_attention as pa
+
+    rows = []
+    gen = torch.Generator().manual_seed(2)
+    for batch in DECODE_BATCHES:
+        inp = paged_inputs([DECODE_CONTEXT] * batch, [1] * batch, gen, dev)
+        want = paged_attention_ref(inp["query"].float(), inp["cache"].float(), 0, inp["tables"], inp["seq_ids"],
+                                   inp["positions"], HEAD_DIM ** -0.5)
+        kv_bytes = batch * DECODE_CONTEXT * KV_HEADS * HEAD_DIM * 2 * 2
+        bound_us = kv_bytes / (ceil["copy_gb_s"] * 1e9) * 1e6
+        row = {"batch": batch, "context": DECODE_CONTEXT, "bound_us": bound_us, "configs": {}}
+        for name, cfg in (("decode", pa.DECODE_CONFIG), ("dynamic (compiled step)", pa.DYNAMIC_CONFIG)):
+            t, (out, _) = time_graph(attention_call(inp, cfg), dev, flush=flush)
+            err = (out.float() - want).abs().max().item()
+            row["configs"][name] = {"us": t["median_ms"] * 1e3, "over_bound": t["median_ms"] * 1e3 / bound_us,
+                                    "max_abs_err": err, "ok": err <= 2e-2}
+        rows.append(row)
+    return rows
+
+
+def run_router(dev, ceil: dict, flush) -> list[dict]:
+    from moec.ops.moe_router import moe_router_ref
+    from moec.ops.triton import router
+
+    original = router.launch_configs
+    variants = {"as built": original}
+    for block_h in ROUTER_SMALL_BLOCK_H:
+        def patched(num_experts, block_h=block_h):
+            table = original(num_experts)
+            return [(lo, hi, bt, block_h if hi == router.SMALL_T else bh) for lo, hi, bt, bh in table]
+        variants[f"small-T BLOCK_H {block_h}"] = patched
+    gen = torch.Generator().manual_seed(3)
+    gate = (torch.randn(EXPERTS, HIDDEN, generator=gen) * HIDDEN ** -0.5).to(dev, DTYPE)
+    rows = []
+    for tokens in ROUTER_TOKENS:
+        hidden = torch.randn(tokens, HIDDEN, generator=gen).to(dev, DTYPE)
+        want_ids = moe_router_ref(hidden.float(), gate.float(), TOP_K, True)[1]
+        bound_us = (tokens + EXPERTS) * HIDDEN * 2 / (ceil["copy_gb_s"] * 1e9) * 1e6
+        row = {"tokens": tokens, "bound_us": bound_us, "variants": {}}
+        for name, table in variants.items():
+            router.launch_configs = table
+            try:
+                call = lambda: router.fused_router(hidden, gate, TOP_K, True)  # noqa: E731
+                t, (out, _) = time_graph(call, dev, flush=flush)
+                same = (out[1].sort(1).values == want_ids.sort(1).values).float().mean().item()
+                row["variants"][name] = {"us": t["median_ms"] * 1e3, "over_bound": t["median_ms"] * 1e3 / bound_us,
+                                         "same_experts": same}
+            finally:
+                router.launch_configs = original
+        rows.append(row)
+    return rows
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    rows = result["prefill"]
+    tokens = [r["tokens"] for r in rows]
+    bound = result["ceilings"]["matmul_tflop_s"]
+    ax.axhline(bound, color="black", lw=1, label=f"matmul rate {bound:.0f} TFLOP/s (bound)")
+    sdpa = [4.0 * HEADS * HEAD_DIM * r["tokens"] * (r["tokens"] + 1) / 2 / (r["sdpa_flash_ms"] * 1e-3) / 1e12
+            for r in rows]
+    ax.plot(tokens, sdpa, "k--o", label="torch SDPA flash (contiguous)")
+    for name in prefill_candidates():
+        ys = [r["configs"].get(name, {}).get("tflop_s") for r in rows]
+        if any(y is not None for y in ys):
+            ax.plot(tokens, [y if y is not None else float("nan") for y in ys], "-o", ms=3, label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("prompt tokens (one sequence, causal)")
+    ax.set_ylabel("TFLOP/s")
+    ax.set_title(f"Paged attention prefill, H{HEADS}/{KV_HEADS} D{HEAD_DIM} bf16 — {result['env'].get('device')}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def print_tables(result: dict) -> None:
+    print("\nprefill (ms; x bound)")
+    for r in result["prefill"]:
+        best = min(((n, c) for n, c in r["configs"].items() if "ms" in c and c["ok"]), key=lambda x: x[1]["ms"],
+                   default=(None, None))
+        built = r["configs"].get("prefill (built-in)", {})
+        dyn = r["configs"].get("dynamic (built-in)", {})
+        print(f"  T={r['tokens']:5d} bound {r['bound_ms']:.3f}  sdpa {r['sdpa_flash_ms']:.3f}  "
+              f"dynamic {dyn.get('ms', float('nan')):.3f}  prefill {built.get('ms', float('nan')):.3f}  "
+              f"best {best[0]} {best[1]['ms'] if best[1] else float('nan'):.3f}")
+    print("decode attention (us; x bound)")
+    for r in result["decode"]:
+        cells = "  ".join(f"{n} {c['us']:.1f} ({c['over_bound']:.1f}x)" for n, c in r["configs"].items())
+        print(f"  B={r['batch']:4d} bound {r['bound_us']:.1f}  {cells}")
+    print("router (us)")
+    for r in result["router"]:
+        cells = "  ".join(f"{n} {c['us']:.1f}" for n, c in r["variants"].items())
+        print(f"  T={r['tokens']:5d} bound {r['bound_us']:.2f}  {cells}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--budget-s", type=float, default=240, help="the prefill sweep stops adding configs after it")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("step_kernels: needs a CUDA GPU (it times Triton kernels); run it through the device tool",
+              file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    dev = torch.device("cuda")
+    out = Path(args.out)
+    flush = L2Flusher(dev)
+    ceil = {"copy_gb_s": copy_bandwidth(dev)["value"], "matmul_tflop_s": matmul_rate(dev)["value"]}
+    result = {"benchmark": "step_kernels", "env": environment(dev), "ceilings": ceil}
+    print(f"ceilings: copy {ceil['copy_gb_s']:.0f} GB/s, matmul {ceil['matmul_tflop_s']:.0f} TFLOP/s", flush=True)
+    for part, fn in (("router", lambda: run_router(dev, ceil, flush)), ("decode", lambda: run_decode(dev, ceil, flush)),
+                     ("prefill", lambda: run_prefill(dev, ceil, flush, start + args.budget_s))):
+        result[part] = fn()
+        write_json(out / "step_kernels.json", result)
+        print(f"[{time.perf_counter() - start:5.0f}s] {part} done", flush=True)
+    plot(result, out / "step_kernels.png")
+    print_tables(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
