@@ -14,9 +14,10 @@ shape (32 query heads, 8 KV heads, head_dim 128, bf16, 16-token cache blocks) an
   decode     B = 1..128 sequences of 512 cached tokens, one query token each: the decode config
              (what a step of known size picks) and the dynamic one (what the compiled step runs),
              against the bound of reading the K/V once at copy bandwidth
-  router     the fused router at T = 1..4096 with its launch table as it is, and with the small-T
-             launch's BLOCK_H varied (router.launch_configs patched), against hidden + gate bytes
-             over copy bandwidth
+  router     the fused router as the step runs it (no counts) at T = 1..4096: the few-token path
+             with H split over programs of 128, 256 (built in) or 512 columns, and unsplit (one
+             program walking H in steps of 512), by setting router.SPLIT_H; against hidden + gate
+             bytes over copy bandwidth
 
 Writes OUT/step_kernels.json and OUT/step_kernels.png (prefill TFLOP/s per config against the
 bound), then prints a table per part. GPU only: exits 2 without CUDA.
@@ -45,7 +46,7 @@ PREFILL_TOKENS = (1024, 2048, 4096, 8192)
 DECODE_BATCHES = (1, 8, 32, 128)
 DECODE_CONTEXT = 512
 ROUTER_TOKENS = (1, 4, 16, 64, 256, 1024, 4096)
-ROUTER_SMALL_BLOCK_H = (128, 256, 1024)
+ROUTER_SPLIT_H = (None, 128, 256, 512)
 
 
 def prefill_candidates() -> dict[str, dict]:
@@ -156,13 +157,9 @@ def run_router(dev, ceil: dict, flush) -> list[dict]:
     from moec.ops.moe_router import moe_router_ref
     from moec.ops.triton import router
 
-    original = router.launch_configs
-    variants = {"as built": original}
-    for block_h in ROUTER_SMALL_BLOCK_H:
-        def patched(num_experts, block_h=block_h):
-            table = original(num_experts)
-            return [(lo, hi, bt, block_h if hi == router.SMALL_T else bh) for lo, hi, bt, bh in table]
-        variants[f"small-T BLOCK_H {block_h}"] = patched
+    built_in = router.SPLIT_H
+    variants = {("unsplit" if h is None else f"split H {h}") + (" (built in)" if h == built_in else ""): h
+                for h in ROUTER_SPLIT_H}
     gen = torch.Generator().manual_seed(3)
     gate = (torch.randn(EXPERTS, HIDDEN, generator=gen) * HIDDEN ** -0.5).to(dev, DTYPE)
     rows = []
@@ -171,16 +168,16 @@ def run_router(dev, ceil: dict, flush) -> list[dict]:
         want_ids = moe_router_ref(hidden.float(), gate.float(), TOP_K, True)[1]
         bound_us = (tokens + EXPERTS) * HIDDEN * 2 / (ceil["copy_gb_s"] * 1e9) * 1e6
         row = {"tokens": tokens, "bound_us": bound_us, "variants": {}}
-        for name, table in variants.items():
-            router.launch_configs = table
+        for name, split_h in variants.items():
+            router.SPLIT_H = split_h
             try:
-                call = lambda: router.fused_router(hidden, gate, TOP_K, True)  # noqa: E731
+                call = lambda: router.fused_router(hidden, gate, TOP_K, True, count=False)  # noqa: E731
                 t, (out, _) = time_graph(call, dev, flush=flush)
                 same = (out[1].sort(1).values == want_ids.sort(1).values).float().mean().item()
                 row["variants"][name] = {"us": t["median_ms"] * 1e3, "over_bound": t["median_ms"] * 1e3 / bound_us,
                                          "same_experts": same}
             finally:
-                router.launch_configs = original
+                router.SPLIT_H = built_in
         rows.append(row)
     return rows
 
@@ -214,7 +211,7 @@ def plot(result: dict, path: Path) -> None:
 
 def print_tables(result: dict) -> None:
     print("\nprefill (ms; x bound)")
-    for r in result["prefill"]:
+    for r in result.get("prefill", []):
         best = min(((n, c) for n, c in r["configs"].items() if "ms" in c and c["ok"]), key=lambda x: x[1]["ms"],
                    default=(None, None))
         built = r["configs"].get("prefill (built-in)", {})
@@ -223,11 +220,11 @@ def print_tables(result: dict) -> None:
               f"dynamic {dyn.get('ms', float('nan')):.3f}  prefill {built.get('ms', float('nan')):.3f}  "
               f"best {best[0]} {best[1]['ms'] if best[1] else float('nan'):.3f}")
     print("decode attention (us; x bound)")
-    for r in result["decode"]:
+    for r in result.get("decode", []):
         cells = "  ".join(f"{n} {c['us']:.1f} ({c['over_bound']:.1f}x)" for n, c in r["configs"].items())
         print(f"  B={r['batch']:4d} bound {r['bound_us']:.1f}  {cells}")
     print("router (us)")
-    for r in result["router"]:
+    for r in result.get("router", []):
         cells = "  ".join(f"{n} {c['us']:.1f}" for n, c in r["variants"].items())
         print(f"  T={r['tokens']:5d} bound {r['bound_us']:.2f}  {cells}")
 
@@ -236,6 +233,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=".")
     parser.add_argument("--budget-s", type=float, default=240, help="the prefill sweep stops adding configs after it")
+    parser.add_argument("--parts", default="router,decode,prefill", help="which of router,decode,prefill to run")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("step_kernels: needs a CUDA GPU (it times Triton kernels); run it through the device tool",
@@ -248,12 +246,14 @@ def main() -> int:
     ceil = {"copy_gb_s": copy_bandwidth(dev)["value"], "matmul_tflop_s": matmul_rate(dev)["value"]}
     result = {"benchmark": "step_kernels", "env": environment(dev), "ceilings": ceil}
     print(f"ceilings: copy {ceil['copy_gb_s']:.0f} GB/s, matmul {ceil['matmul_tflop_s']:.0f} TFLOP/s", flush=True)
-    for part, fn in (("router", lambda: run_router(dev, ceil, flush)), ("decode", lambda: run_decode(dev, ceil, flush)),
-                     ("prefill", lambda: run_prefill(dev, ceil, flush, start + args.budget_s))):
-        result[part] = fn()
+    parts = {"router": lambda: run_router(dev, ceil, flush), "decode": lambda: run_decode(dev, ceil, flush),
+             "prefill": lambda: run_prefill(dev, ceil, flush, start + args.budget_s)}
+    for part in args.parts.split(","):
+        result[part] = parts[part]()
         write_json(out / "step_kernels.json", result)
         print(f"[{time.perf_counter() - start:5.0f}s] {part} done", flush=True)
-    plot(result, out / "step_kernels.png")
+    if "prefill" in result:
+        plot(result, out / "step_kernels.png")
     print_tables(result)
     return 0
 

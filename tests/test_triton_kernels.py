@@ -202,19 +202,22 @@ def _kernel_name(kwargs) -> str:
 @pytest.mark.parametrize("num_experts", [8, 128])
 def test_router_launches_one_config_per_token_count(num_experts):
     """The router's token ranges chain from T = 1 up with no gap or overlap, so for any T exactly
-    one launch config runs; the few-token one (decode) walks H in fewer, longer steps."""
-    from moec.ops.triton.router import SMALL_T, launch_configs
+    one launch config runs; the few-token one (decode) splits H over programs (Mixtral's 8
+    experts: 16 of 256 columns each, then one program sums them) or, for many experts, walks H
+    in fewer, longer steps."""
+    from moec.ops.triton.router import SMALL_T, SPLIT_H, launch_configs
     from moec.ops.triton.token_gate import token_range_gate
 
     configs = launch_configs(num_experts)
     assert configs[0][0] == 0 and configs[-1][1] is None
     assert all(a[1] == b[0] for a, b in zip(configs, configs[1:]))
     for t in range(1, 3 * SMALL_T):
-        assert sum(token_range_gate(t, lo, hi) for lo, hi, _, _ in configs) == 1, t
-    (_, _, small_t, small_h), (_, _, _, large_h) = configs
-    assert small_t >= 16 and small_h >= large_h  # tl.dot's M; never more steps than the large config
+        assert sum(token_range_gate(t, lo, hi) for lo, hi, *_ in configs) == 1, t
+    (_, _, small_t, small_h, split), (_, _, _, large_h, large_split) = configs
+    assert small_t >= 16 and small_h >= large_h and not large_split  # tl.dot's M; never more steps
+    assert split == (num_experts <= 16)
     if num_experts <= 16:
-        assert 4096 // small_h == 8  # Mixtral at decode: 8 steps over H = 4096, not 32
+        assert small_h == SPLIT_H and 4096 // small_h == 16  # Mixtral at decode: 16 programs over H
 
     # under export with a symbolic T: both launches in the graph, no guard on T, and evaluated for
     # a concrete T exactly one has a non-empty grid
@@ -242,7 +245,8 @@ def test_router_launches_one_config_per_token_count(num_experts):
         run = GridsOnly(ep.module())
         run.grids = []
         run.run(torch.randn(t, 72))
-        assert len(run.grids) == 2 and [g > 0 for g in run.grids] == [t <= SMALL_T, t > SMALL_T], (t, run.grids)
+        small_launches = [t <= SMALL_T] * (2 if split else 1)  # the split path: partial sums, then the rest
+        assert [g > 0 for g in run.grids] == [*small_launches, t > SMALL_T], (t, run.grids)
 
 
 @outer_only
@@ -482,21 +486,29 @@ def test_kernels_compile_for_h100():
         ),
         (  # MAX_EXPERTS experts, with counts
             router._router_kernel,
-            {"hidden_ptr": bf16, "gate_ptr": bf16, "weights_ptr": "*fp32", "ids_ptr": "*i64", "counts_ptr": i32},
+            {"hidden_ptr": bf16, "gate_ptr": bf16, "weights_ptr": "*fp32", "ids_ptr": "*i64", "counts_ptr": i32,
+             "partial_ptr": "*fp32"},
             {"TOP_K": 8, "K_PAD": 8, "E_PAD": 256, "BLOCK_T": 16, "BLOCK_H": 64, "RENORMALIZE": True,
-             "COUNT": True, "IEEE": False},
+             "COUNT": True, "IEEE": False, "FROM_PARTIALS": False},
         ),
     ]
     # Mixtral's router (8 experts, padded to 16, top-2) and Qwen3's (128, top-8), each token range's
     # launch as moe_router runs them
     for num_experts, top_k in ((8, 2), (128, 8)):
-        for _, _, block_t, block_h in router.launch_configs(num_experts):
+        for _, _, block_t, block_h, split in router.launch_configs(num_experts):
             small.append((
                 router._router_kernel,
-                {"hidden_ptr": bf16, "gate_ptr": bf16, "weights_ptr": "*fp32", "ids_ptr": "*i64", "counts_ptr": i32},
+                {"hidden_ptr": bf16, "gate_ptr": bf16, "weights_ptr": "*fp32", "ids_ptr": "*i64", "counts_ptr": i32,
+                 "partial_ptr": "*fp32"},
                 {"TOP_K": top_k, "K_PAD": top_k, "E_PAD": max(num_experts, 16), "BLOCK_T": block_t,
-                 "BLOCK_H": block_h, "RENORMALIZE": True, "COUNT": False, "IEEE": False},
+                 "BLOCK_H": block_h, "RENORMALIZE": True, "COUNT": False, "IEEE": False, "FROM_PARTIALS": split},
             ))
+            if split:
+                small.append((
+                    router._router_partial_kernel,
+                    {"hidden_ptr": bf16, "gate_ptr": bf16, "partial_ptr": "*fp32"},
+                    {"E_PAD": max(num_experts, 16), "BLOCK_T": block_t, "BLOCK_H": block_h, "IEEE": False},
+                ))
     for kernel, ptrs, consts in small:
         compile_for_sm90(kernel, ptrs, consts, 4, 3)
 
@@ -554,6 +566,7 @@ def test_plans_round_trip_and_validate():
     "num_tokens,num_experts,top_k,renorm,dtype",
     [
         (1, 5, 2, True, torch.float32),
+        (3, 60, 4, True, torch.float16),  # 64 padded experts at T <= 16: one program walks H (no split)
         (37, 5, 3, False, torch.float32),
         (10, 8, 8, True, torch.float32),  # k == E
         (33, 60, 4, True, torch.float16),

@@ -9,10 +9,12 @@ in registers: one launch a layer.
 
 A program walks H in BLOCK_H steps, one after another: at decode (T = 1, one program) those
 steps are the kernel's time (32 steps of 128 took 14.6 us a layer on the H200, more than the
-cuBLAS path it replaced). Up to SMALL_T tokens a second launch config takes longer steps
-(8192 // E_PAD wide, 64 to 512: 4x for Mixtral's 8 experts, so 8 steps over H = 4096); each
-launch's grid is gated by T (`token_gate`), so one compiled graph runs the small config at
-decode and the large one at prefill.
+cuBLAS path it replaced; 8 steps of 512 still 13.8 us, timed alone with the L2 flushed). So up
+to SMALL_T tokens H is split instead: `_router_partial_kernel` has one program per SPLIT_H
+columns of H writing its [SMALL_T, E_PAD] partial logits, and `_router_kernel` sums the partials
+in a fixed order (deterministic) before the same softmax and top-k. Each launch's grid is gated
+by T (`token_gate`), so one compiled graph runs the split path at decode and the row blocks at
+prefill.
 
 Top-k is K rounds of (row max, lowest index attaining it, mask it out): no sort, and ties go to
 the lower expert index. The per-expert counts, when asked for, are int32 atomic adds into a
@@ -30,12 +32,46 @@ from moec.ops.triton.token_gate import token_range_gate
 
 
 @triton.jit
+def _router_partial_kernel(
+    hidden_ptr,
+    gate_ptr,
+    partial_ptr,  # [num_splits, BLOCK_T, E_PAD] fp32
+    num_tokens,
+    num_experts,
+    hidden_size,
+    stride_ht,
+    stride_ge,
+    E_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """Logits of tokens 0..BLOCK_T-1 over this program's BLOCK_H columns of H."""
+    split = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, E_PAD)
+    h = split * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = h < hidden_size
+    x = tl.load(hidden_ptr + rows.to(tl.int64)[:, None] * stride_ht + h[None, :],
+                mask=(rows < num_tokens)[:, None] & h_ok[None, :], other=0.0)
+    w = tl.load(gate_ptr + cols.to(tl.int64)[None, :] * stride_ge + h[:, None],
+                mask=h_ok[:, None] & (cols < num_experts)[None, :], other=0.0)
+    if IEEE:
+        acc = tl.dot(x, w, input_precision="ieee")
+    else:
+        acc = tl.dot(x, w)
+    tl.store(partial_ptr + (split * BLOCK_T + rows)[:, None] * E_PAD + cols[None, :], acc)
+
+
+@triton.jit
 def _router_kernel(
     hidden_ptr,
     gate_ptr,
     weights_ptr,
     ids_ptr,
     counts_ptr,
+    partial_ptr,  # FROM_PARTIALS: `_router_partial_kernel`'s [num_splits, BLOCK_T, E_PAD] output
+    num_splits,
     num_tokens,
     num_experts,
     hidden_size,
@@ -49,6 +85,7 @@ def _router_kernel(
     RENORMALIZE: tl.constexpr,
     COUNT: tl.constexpr,
     IEEE: tl.constexpr,
+    FROM_PARTIALS: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, E_PAD)
@@ -57,15 +94,20 @@ def _router_kernel(
     x_rows = hidden_ptr + rows.to(tl.int64)[:, None] * stride_ht
     w_cols = gate_ptr + cols.to(tl.int64)[None, :] * stride_ge
     acc = tl.zeros((BLOCK_T, E_PAD), dtype=tl.float32)
-    for h0 in range(0, hidden_size, BLOCK_H):
-        h = h0 + tl.arange(0, BLOCK_H)
-        h_ok = h < hidden_size
-        x = tl.load(x_rows + h[None, :], mask=row_ok[:, None] & h_ok[None, :], other=0.0)  # [BLOCK_T, BLOCK_H]
-        w = tl.load(w_cols + h[:, None], mask=h_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_H, E_PAD]
-        if IEEE:
-            acc = tl.dot(x, w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, w, acc)
+    if FROM_PARTIALS:  # one row block (T <= BLOCK_T): the splits' logits, summed in split order
+        tile = rows[:, None] * E_PAD + cols[None, :]
+        for s in range(0, num_splits):
+            acc += tl.load(partial_ptr + s * BLOCK_T * E_PAD + tile)
+    else:
+        for h0 in range(0, hidden_size, BLOCK_H):
+            h = h0 + tl.arange(0, BLOCK_H)
+            h_ok = h < hidden_size
+            x = tl.load(x_rows + h[None, :], mask=row_ok[:, None] & h_ok[None, :], other=0.0)  # [BLOCK_T, BLOCK_H]
+            w = tl.load(w_cols + h[:, None], mask=h_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_H, E_PAD]
+            if IEEE:
+                acc = tl.dot(x, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, w, acc)
     x = acc.to(hidden_ptr.dtype.element_ty).to(tl.float32)  # logits rounded as F.linear's output is
     kcols = tl.arange(0, K_PAD)
     x = tl.where(col_ok[None, :], x, float("-inf"))  # padding experts take no probability
@@ -97,19 +139,26 @@ def _router_kernel(
 
 
 MAX_EXPERTS = 256  # a block of rows of logits per program, held in registers
-SMALL_T = 16  # up to this many tokens (one row block), the launch with long BLOCK_H steps
+SMALL_T = 16  # up to this many tokens (one row block of the partial sums), H split over programs
+# columns of H per program of the split path (a module value, so a benchmark can vary it); None:
+# one program walks H in steps of 8192 // E_PAD instead, as it also does for more than
+# SPLIT_MAX_E_PAD padded experts (not measured split: Qwen3's 128 would sum 32+ partials)
+SPLIT_H: int | None = 256
+SPLIT_MAX_E_PAD = 32
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def launch_configs(num_experts: int) -> list[tuple[int, int | None, int, int]]:
-    """(lo, hi, BLOCK_T, BLOCK_H) per token range lo < T <= hi: one row block with long steps
-    over H for a few tokens, then row blocks that keep the [BLOCK_T, E_PAD] logits in registers."""
+def launch_configs(num_experts: int) -> list[tuple[int, int | None, int, int, bool]]:
+    """(lo, hi, BLOCK_T, BLOCK_H, split) per token range lo < T <= hi: the few-token launch (H
+    split over programs of BLOCK_H columns, or one program with long steps), then row blocks
+    that keep the [BLOCK_T, E_PAD] logits in registers."""
     e_pad = max(_next_pow2(num_experts), 16)  # tl.dot's N
-    small = (0, SMALL_T, 16, max(64, min(512, 8192 // e_pad)))
-    large = (SMALL_T, None, 16 if e_pad >= 128 else 32, 64 if e_pad >= 128 else 128)
+    split = SPLIT_H is not None and e_pad <= SPLIT_MAX_E_PAD
+    small = (0, SMALL_T, SMALL_T, SPLIT_H if split else max(64, min(512, 8192 // e_pad)), split)
+    large = (SMALL_T, None, 16 if e_pad >= 128 else 32, 64 if e_pad >= 128 else 128, False)
     return [small, large]
 
 
@@ -140,15 +189,23 @@ def fused_router(
     counts = (torch.zeros(num_experts, dtype=torch.int32, device=hidden.device) if count
               else torch.empty(1, dtype=torch.int32, device=hidden.device))
     e_pad = max(_next_pow2(num_experts), 16)  # tl.dot's N
-    for lo, hi, block_t, block_h in launch_configs(num_experts):
+    meta = dict(TOP_K=top_k, K_PAD=max(_next_pow2(top_k), 2), E_PAD=e_pad, RENORMALIZE=bool(renormalize), COUNT=count,
+                IEEE=hidden.dtype == torch.float32, num_warps=4, num_stages=3)
+    for lo, hi, block_t, block_h, split in launch_configs(num_experts):
         gate = token_range_gate(num_tokens, lo, hi)
         if isinstance(gate, int) and gate == 0:
             continue
+        num_splits = triton.cdiv(hidden_size, block_h) if split else 1
+        partial = (torch.empty(num_splits, block_t, e_pad, dtype=torch.float32, device=hidden.device) if split
+                   else weights)  # unread without FROM_PARTIALS
+        if split:
+            wrap_triton(_router_partial_kernel)[(num_splits * gate,)](
+                hidden, gate_weight, partial, num_tokens, num_experts, hidden_size, hidden.stride(0),
+                gate_weight.stride(0), E_PAD=e_pad, BLOCK_T=block_t, BLOCK_H=block_h, IEEE=meta["IEEE"], num_warps=4,
+                num_stages=1,
+            )
         wrap_triton(_router_kernel)[(triton.cdiv(num_tokens, block_t) * gate,)](
-            hidden, gate_weight, weights, ids, counts, num_tokens, num_experts, hidden_size,
-            hidden.stride(0), gate_weight.stride(0),
-            TOP_K=top_k, K_PAD=max(_next_pow2(top_k), 2), E_PAD=e_pad, BLOCK_T=block_t, BLOCK_H=block_h,
-            RENORMALIZE=bool(renormalize), COUNT=count, IEEE=hidden.dtype == torch.float32, num_warps=4,
-            num_stages=3,
+            hidden, gate_weight, weights, ids, counts, partial, num_splits, num_tokens, num_experts, hidden_size,
+            hidden.stride(0), gate_weight.stride(0), BLOCK_T=block_t, BLOCK_H=block_h, FROM_PARTIALS=split, **meta,
         )
     return weights, ids, counts if count else None
