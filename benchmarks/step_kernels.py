@@ -203,7 +203,9 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("prompt tokens (one sequence, causal)")
     ax.set_ylabel("TFLOP/s")
-    ax.set_title(f"Paged attention prefill, H{HEADS}/{KV_HEADS} D{HEAD_DIM} bf16 — {result['env'].get('device')}")
+    device = result["env"].get("device")
+    name = device.get("name") if isinstance(device, dict) else device
+    ax.set_title(f"Paged attention prefill, H{HEADS}/{KV_HEADS} D{HEAD_DIM} bf16, {name}")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

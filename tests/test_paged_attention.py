@@ -22,7 +22,7 @@ from test_triton_kernels import (
 
 SMALL = {"ROWS": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2}  # several key steps per tile
 WIDE_KEYS = {"ROWS": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}  # a key step spans blocks
-PREFILL = {"ROWS": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}  # the built-in prefill tiles
+PREFILL = {"ROWS": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}  # the built-in prefill tiles
 
 
 def paged_case(chunks, kv_heads: int, group: int, head_dim: int, block_size: int, dtype, seed: int = 0,
@@ -150,7 +150,7 @@ def test_triton_path_traces_with_symbolic_sizes(sliding_window):
 
     gm = ep.module()
     for chunks, splits in (([(20, 1)], 16), ([(5, 1)] * 3, 6), ([(9, 1)] * 15, 2), ([(9, 1)] * 16, 1), ([(0, 40)], 1),
-                           ([(0, 1023)], 1), ([(0, 1024)], 1), ([(3, 1), (0, 1500)], 1)):
+                           ([(0, 2047)], 1), ([(0, 2048)], 1), ([(3, 1), (0, 2500)], 1)):
         other = paged_case(chunks, kv_heads=2, group=4, head_dim=64, block_size=16, dtype=torch.float32)
         other["kv_cache"] = case["kv_cache"]  # the cache is static; nothing is read here
         other["block_tables"] = other["block_tables"] % case["kv_cache"].shape[2]

@@ -9,7 +9,10 @@ kernels a layer (~35 us a decode step of an 8-layer model on an H200).
 A compiled step (symbolic T) has two attention launches, each gated to no programs outside its
 token range: 64-row tiles below PREFILL_MIN_TOKENS tokens (decode and short chunks) and 128-row
 tiles from there on (a long prompt: twice the MMA work per key loaded). Each has its own BLOCK_M,
-hence its own row of cumulative tile ends.
+hence its own row of cumulative tile ends. Measured on an H200 (benchmarks/step_kernels.py,
+2026-12-03, Mixtral's 32/8 heads of 128, one causal prompt): 128 rows x 128 keys took 0.525 ms
+at 4096 tokens and 1.90 ms at 8192 against 0.551 and 2.14 for the 64-row tiles; at 2048 both
+0.18 ms, at 1024 the 64-row tiles 4% faster.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 # prefill config; moec.ops.triton.paged_attention takes them from here
 DYNAMIC_ROWS = 64
 PREFILL_ROWS = 128
-PREFILL_MIN_TOKENS = 1024  # steps of this many tokens or more run the prefill tiles
+PREFILL_MIN_TOKENS = 2048  # steps of this many tokens or more run the prefill tiles
 MAX_ROWS_LARGE_HEAD = 64  # head_dim > 128: the fp32 accumulator must stay in registers
 
 

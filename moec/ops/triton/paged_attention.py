@@ -69,9 +69,10 @@ COMBINE_HEADS = 8  # query heads per program of the merge
 LOG2E = 1.4426950408889634
 
 # A config: rows of the score tile (query tokens x padded GQA group; BLOCK_M = ROWS // GROUP_PAD
-# tokens), keys per inner step, and the launch parameters. Untuned starting points for H100.
+# tokens), keys per inner step, and the launch parameters. PREFILL_CONFIG is the fastest of 9 timed
+# on an H200 for long prompts (moec.ops.paged_tiles says by how much); the others are untuned.
 DECODE_CONFIG = {"ROWS": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
-PREFILL_CONFIG = {"ROWS": PREFILL_ROWS, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+PREFILL_CONFIG = {"ROWS": PREFILL_ROWS, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
 # Used when the token count is symbolic (the exported step): one kernel serves decode and
 # prefill. 64 rows is one Hopper warpgroup MMA; decode pays MMA work on padding rows, which is
 # cheap next to streaming the keys.
