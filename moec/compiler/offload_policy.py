@@ -41,6 +41,9 @@ RESOURCES = ("h2d", "d2h", "gpu", "cpu")
 class Workload:
     prompt_len: int
     gen_len: int
+    # the artifact's max_tokens_per_step: the runtime prefills a batch's prompts in steps of at most
+    # this many tokens, and every step streams the non-resident experts again (None: one step)
+    prefill_step_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -185,19 +188,23 @@ def _decode_step(shape: ModelShape, hw: HardwareProfile, policy: OffloadPolicy, 
     return total + head, busy
 
 
-def _prefill(shape: ModelShape, hw: HardwareProfile, policy: OffloadPolicy, prompt_len: int) -> float:
-    """The batch's prompts: streamed experts cross the link once per layer for all micro-batches.
-    Attention runs where the policy puts it: on the GPU (compute-bound there), writing a host-side
-    cache back (`gpu-kv-host`), or on the CPU beside its cache (`cpu`: q, k, v down, the output up),
-    overlapping the GPU's work only across micro-batches, as in decode."""
+def _prefill(shape: ModelShape, hw: HardwareProfile, policy: OffloadPolicy, workload: Workload) -> float:
+    """The batch's prompts, in steps of at most `workload.prefill_step_tokens` tokens: streamed
+    experts cross the link once per layer per step, for all micro-batches of the step (an H200 run
+    of 128 prompts of 512 tokens took 16 steps of 4096 and 13.3 s where one stream, 1.04 s, was
+    predicted). Attention runs where the policy puts it: on the GPU (compute-bound there), writing
+    a host-side cache back (`gpu-kv-host`), or on the CPU beside its cache (`cpu`: q, k, v down,
+    the output up), overlapping the GPU's work only across micro-batches, as in decode."""
     layer_experts, _, kv_token_layer = _layer_bytes(shape)
     moe = shape.moe_layers[0]
+    prompt_len = workload.prompt_len
     tokens = policy.batch * prompt_len
+    steps = math.ceil(tokens / workload.prefill_step_tokens) if workload.prefill_step_tokens else 1
     flops = 2 * tokens * (shape.attention_matmul_params + shape.hidden_size * moe.num_experts
                           + moe.top_k * shape.expert_params(moe))
     attn_flops = 2 * shape.num_heads * shape.head_dim * policy.batch * prompt_len * prompt_len  # causal: half of 4·P²
     dense = (shape.attention_matmul_params + shape.norm_params_per_layer) * shape.weight_itemsize
-    gpu_bytes = policy.micro_batches * (dense + layer_experts)
+    gpu_bytes = steps * policy.micro_batches * (dense + layer_experts)
     d2h = h2d_act = cpu = 0.0
     if policy.placement == "cpu":
         d2h, h2d_act, cpu = _cpu_attention(shape, hw, tokens, tokens * kv_token_layer, attn_flops)
@@ -207,7 +214,7 @@ def _prefill(shape: ModelShape, hw: HardwareProfile, policy: OffloadPolicy, prom
     gpu = _gpu_time(gpu_bytes, flops, hw)
     total = 0.0
     for i in range(len(shape.moe_layers)):
-        h2d = (layer_experts if i >= policy.resident_expert_layers else 0.0) + h2d_act
+        h2d = (steps * layer_experts if i >= policy.resident_expert_layers else 0.0) + h2d_act
         total += _layer_time({"link": _link_time(h2d, d2h, hw), "gpu": gpu, "cpu": cpu}, policy.micro_batches)
     return total + _lm_head_time(shape, hw, policy.batch)
 
@@ -221,16 +228,31 @@ def batch1_cache_experts(shape: ModelShape, policy: OffloadPolicy) -> int:
     return policy.cache_experts if policy.cache_experts >= moe.top_k else 2 * moe.num_experts
 
 
+def lru_hit_rate(cache_experts: int, streamed_layers: int, num_experts: int, top_k: int) -> float:
+    """The share of a batch-1 token's streamed experts an LRU cache of `cache_experts` holds, under
+    uniform routing. The layers come in a cycle: between two tokens' visits to a layer, every other
+    streamed layer inserts its picks too, so an expert last used d tokens ago is still cached only
+    if the distinct experts all streamed layers used in those d tokens fit. It was used d tokens ago
+    with probability p (1 - p)^(d-1), p = top_k / E, so the hit rate is 1 - (1 - p)^D for the largest
+    D that fits. (An H200 run with 13 streamed layers of Mixtral, 26 experts a token, and a cache of
+    16 hit 0 times; cached / streamed experts, which this replaces, predicted 15%.)"""
+    if streamed_layers <= 0 or cache_experts >= streamed_layers * num_experts:
+        return 1.0
+    fits = 0
+    while streamed_layers * expected_distinct_experts(num_experts, top_k, fits + 1) <= cache_experts:
+        fits += 1
+    return 1.0 - (1.0 - top_k / num_experts) ** fits
+
+
 def _batch1_tokens_per_s(shape: ModelShape, hw: HardwareProfile, policy: OffloadPolicy, context: float) -> float:
-    """Decode at batch 1 with an LRU cache over the streamed layers (`batch1_cache_experts`):
-    under uniform routing a token finds a needed expert cached with probability cached/streamed,
-    and copies the others (no prefetch: the router decides them one layer at a time)."""
+    """Decode at batch 1 with an LRU cache over the streamed layers (`batch1_cache_experts`): a token
+    finds a needed expert cached at `lru_hit_rate` and copies the others (no prefetch: the router
+    decides them one layer at a time)."""
     _, expert, _ = _layer_bytes(shape)
     moe = shape.moe_layers[0]
     one = replace(policy, batch=1, micro_batches=1)
     streamed_layers = len(shape.moe_layers) - policy.resident_expert_layers
-    streamed_experts = streamed_layers * moe.num_experts
-    hit = min(1.0, batch1_cache_experts(shape, policy) / streamed_experts) if streamed_experts else 1.0
+    hit = lru_hit_rate(batch1_cache_experts(shape, policy), streamed_layers, moe.num_experts, moe.top_k)
     total = 0.0
     for i in range(len(shape.moe_layers)):
         t = _decode_layer(shape, hw, one, context, streamed=False)
@@ -242,7 +264,7 @@ def _batch1_tokens_per_s(shape: ModelShape, hw: HardwareProfile, policy: Offload
 def predict(shape: ModelShape, hw: HardwareProfile, workload: Workload, policy: OffloadPolicy) -> Prediction:
     context = workload.prompt_len + workload.gen_len / 2  # the average context of a generated token
     step_s, busy = _decode_step(shape, hw, policy, context)
-    prefill_s = _prefill(shape, hw, policy, workload.prompt_len)
+    prefill_s = _prefill(shape, hw, policy, workload)
     gpu, host = memory_use(shape, workload, policy)
     link = max(busy["h2d"], busy["d2h"])
     shares = {"host link": link, "GPU": busy["gpu"], "CPU": busy["cpu"]}
@@ -333,13 +355,13 @@ def host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def plan_offload(plan, shape: ModelShape, max_batch: int) -> dict:
+def plan_offload(plan, shape: ModelShape, max_batch: int, max_tokens_per_step: int | None = None) -> dict:
     """A recipe's `offload` block (`moec.compiler.recipe.OffloadPlan`) → what the manifest records:
     the chosen policy, its prediction, and the figures it was planned with."""
     from moec.compiler.hardware_profile import load_profile
 
     hw = load_profile(plan.hardware)
-    workload = Workload(plan.workload.prompt_len, plan.workload.gen_len)
+    workload = Workload(plan.workload.prompt_len, plan.workload.gen_len, max_tokens_per_step)
     host = plan.host_memory or host_memory_bytes()
     fixed = {} if plan.policy == "auto" else {k: v for k, v in plan.policy.model_dump().items() if v is not None}
     if fixed.get("batch", 1) > max_batch:

@@ -117,7 +117,7 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
         if recipe.offload is not None:
             with stages.stage("offload", "policy search over batch, micro-batches and placement (HRM)"):
                 shape = ModelShape.from_config(hf_config, regions, recipe.dtype)
-                offload = plan_offload(recipe.offload, shape, recipe.max_batch)
+                offload = plan_offload(recipe.offload, shape, recipe.max_batch, recipe.max_tokens_per_step)
             console.print("\n".join("  " + line for line in offload["summary"]), soft_wrap=True, markup=False,
                           highlight=False)
         expert_counts = sorted({r["num_experts"] for r in regions})
