@@ -74,8 +74,12 @@ def run(cmd: list[str], timeout: float, env: dict | None = None, capture: bool =
 
 
 # ------------------------------------------------------------------------------- roles (subprocesses)
-def hf_decode_rate(model, batch: int, context: int, new_tokens: int, generator, **generate_kwargs) -> dict:
-    """Decode tokens/s of HF generate: (time for N tokens − time for 1 token) over (N − 1) steps."""
+def hf_decode_rate(model, batch: int, context: int, new_tokens: int, generator, warmup: bool = True, repeats: int = 2,
+                   **generate_kwargs) -> dict:
+    """Decode tokens/s of HF generate: (time for N tokens − time for 1 token) over (N − 1) steps,
+    each the best of `repeats` calls, after a warm-up call unless `warmup` is False (an eager model
+    already warmed at another batch: at batch 128 x 512 an offloaded model's prompt takes minutes,
+    and five of them did not fit a device call)."""
     import torch
 
     vocab = model.config.vocab_size
@@ -90,9 +94,10 @@ def hf_decode_rate(model, batch: int, context: int, new_tokens: int, generator, 
         sync()
         return time.perf_counter() - t
 
-    timed(new_tokens)  # warm-up (and, for the compiled peer, compilation)
-    first = min(timed(1) for _ in range(2))
-    full = min(timed(new_tokens) for _ in range(2))
+    if warmup:
+        timed(new_tokens)  # warm-up (and, for the compiled peer, compilation)
+    first = min(timed(1) for _ in range(repeats))
+    full = min(timed(new_tokens) for _ in range(repeats))
     decode_s = max(full - first, 1e-9)
     return {"batch": batch, "context": context, "decode_tokens": new_tokens, "prefill_s": first,
             "decode_tokens_per_s": batch * (new_tokens - 1) / decode_s, "step_ms": decode_s / (new_tokens - 1) * 1e3}

@@ -134,7 +134,11 @@ def role_accelerate(args) -> int:
                 load(want)
             resident = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "cuda")
             try:
-                row = hf_decode_rate(model, batch, args.context, 4, gen)
+                # the first batch warms the model up; a later, larger one is timed once (two prompts
+                # of batch x context tokens, not five: 128 x 512 did not finish in 447 s on the H200)
+                first_batch = batch == args.batches[0]
+                row = hf_decode_rate(model, batch, args.context, 4, gen, warmup=first_batch,
+                                     repeats=2 if first_batch else 1)
             except torch.OutOfMemoryError:
                 want = int(weights_budget * 0.6)
                 if attempt == 2:

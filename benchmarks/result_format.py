@@ -183,6 +183,31 @@ def from_offload(doc: dict) -> dict:
     return _converted(doc, "cpu" if doc["device"] == "cpu" else "cuda", doc["device"], doc.get("commit"), metrics)
 
 
+def from_step_kernels(doc: dict) -> dict:
+    """The fastest passing config per prefill size (and SDPA's time beside it), the compiled
+    step's decode attention per batch, and the built-in router per token count."""
+    metrics = []
+    for row in doc.get("prefill", []):
+        ok = [c for c in row["configs"].values() if c.get("ok")]
+        if ok:
+            best = min(ok, key=lambda c: c["ms"])
+            metrics.append(metric(f"prefill_attention/T={row['tokens']}/best_ms", best["ms"], "ms", "lower",
+                                  roofline=row["bound_ms"], peer="torch SDPA flash, contiguous Q/K/V",
+                                  peer_value=row["sdpa_flash_ms"], config=best["config"]))
+    for row in doc.get("decode", []):
+        cfg = row["configs"].get("dynamic (compiled step)")
+        if cfg:
+            metrics.append(metric(f"decode_attention/B={row['batch']}/us", cfg["us"], "us", "lower",
+                                  roofline=row["bound_us"]))
+    for row in doc.get("router", []):
+        built = next((v for k, v in row["variants"].items() if k.endswith("(built in)") or k == "as built"), None)
+        if built:
+            metrics.append(metric(f"router/T={row['tokens']}/us", built["us"], "us", "lower", roofline=row["bound_us"]))
+    device = doc["env"]["device"]
+    return _converted(doc | {"date": doc["env"]["date"], "versions": doc["env"].get("versions", {})},
+                      device.get("kind", "cuda"), device.get("name"), doc["env"].get("commit"), metrics)
+
+
 def from_cuda_tiny_check(doc: dict) -> dict:
     prompts = [{"logits_rel_error": e, "greedy_identical_16": g}
                for e, g in zip(doc["logits_rel_error"], doc["greedy_16_identical"])]
@@ -238,7 +263,7 @@ def from_bench(doc: dict) -> dict:
 
 CONVERTERS = {"cpu_tiny": from_cpu_tiny, "serve": from_serve, "moe_layer": from_moe_layer,
               "cuda_tiny_check": from_cuda_tiny_check, "e2e_decode": from_e2e_decode, "gpu_op_check": from_gpu_op_check,
-              "offload": from_offload,
+              "offload": from_offload, "step_kernels": from_step_kernels,
               "moe-runtime bench": from_bench}
 
 
