@@ -20,7 +20,11 @@ In order, each heavy part in its own process:
      activations), while the time budget lasts
   4. report: the rows, plot and table below
 Each phase saves into --work/offload.json and --out; `--phases moec,accelerate,report` resumes a
-run whose compile took an earlier device call (on a machine kept warm between the calls).
+run whose compile took an earlier device call (on a machine kept warm between the calls), and
+`--resume-from RESULT.json` seeds a fresh --work from a committed result, e.g. to add the
+accelerate baseline at one batch in a call of its own:
+    --phases accelerate,report --resume-from benchmarks/results/offload-h200-2026-12-03.json
+    --accelerate-batches 128
 The bound at each batch: the expert bytes a step must stream over the measured host-to-device
 bandwidth. Writes offload.json, offload.png (tokens/s) and offload_timeline.png under --out;
 prints a table last. With --recipe recipes/tiny-mixtral.yaml it runs on CPU to test its logic.
@@ -121,6 +125,7 @@ def role_accelerate(args) -> int:
         model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.bfloat16, device_map="auto",
                                                      max_memory=max_memory).eval()
         weights_budget = budget
+        hf_decode_rate(model, 1, 16, 2, gen, warmup=False, repeats=1)  # CUDA and cuBLAS set up, not timed
 
     gen = torch.Generator().manual_seed(0)
     deadline = time.perf_counter() + args.seconds
@@ -134,11 +139,9 @@ def role_accelerate(args) -> int:
                 load(want)
             resident = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "cuda")
             try:
-                # the first batch warms the model up; a later, larger one is timed once (two prompts
-                # of batch x context tokens, not five: 128 x 512 did not finish in 447 s on the H200)
-                first_batch = batch == args.batches[0]
-                row = hf_decode_rate(model, batch, args.context, 4, gen, warmup=first_batch,
-                                     repeats=2 if first_batch else 1)
+                # warmed up by a short generate after each load; a large batch is then timed once (two
+                # prompts of batch x context tokens, not five: 128 x 512 did not finish in 447 s on the H200)
+                row = hf_decode_rate(model, batch, args.context, 4, gen, warmup=False, repeats=2 if batch == 1 else 1)
             except torch.OutOfMemoryError:
                 want = int(weights_budget * 0.6)
                 if attempt == 2:
@@ -274,7 +277,7 @@ def accelerate_phase(args, result: dict, work: Path, deadline: float) -> None:
 
     shutil.rmtree(work / "artifact", ignore_errors=True)
     write_model(Path(args.recipe), args.layers, work / "hf")
-    batches = [r["batch"] for r in (result.get("moec") or {}).get("decode") or []] or [1]
+    batches = args.accelerate_batches or [r["batch"] for r in (result.get("moec") or {}).get("decode") or []] or [1]
     acc_json = work / "accelerate.json"
     left = deadline - time.perf_counter()
     if left > 60:
@@ -284,7 +287,9 @@ def accelerate_phase(args, result: dict, work: Path, deadline: float) -> None:
     else:
         result["skipped"].append("accelerate baseline: time budget")
     acc = json.loads(acc_json.read_text()) if acc_json.is_file() else {}
-    result["accelerate"] = acc
+    # rows of batches not measured this time (a run resumed to add one batch) are kept
+    earlier = [r for r in (result.get("accelerate") or {}).get("decode", []) if r["batch"] not in batches]
+    result["accelerate"] = {**acc, "decode": sorted(earlier + acc.get("decode", []), key=lambda r: r["batch"])}
     result["skipped"] += acc.get("skipped", [])
 
 
@@ -339,6 +344,10 @@ def main() -> int:
     parser.add_argument("--result")
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1])
+    parser.add_argument("--accelerate-batches", type=lambda s: [int(x) for x in s.split(",")],
+                        help="the batches the accelerate phase measures (default: the moec rows')")
+    parser.add_argument("--resume-from", help="an earlier offload.json (e.g. from benchmarks/results/) to resume "
+                                              "when --work holds none: say, only the accelerate baseline at one batch")
     args = parser.parse_args()
     if args.role == "moec":
         return role_moec(args)
@@ -356,8 +365,10 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     state = work / "offload.json"
+    if args.resume_from and not state.is_file():
+        state.write_text(Path(args.resume_from).read_text())
     if phases[0] != "compile" and not state.is_file():
-        parser.error(f"--phases {args.phases}: {state} holds no earlier phases; start with compile")
+        parser.error(f"--phases {args.phases}: {state} holds no earlier phases; start with compile or pass --resume-from")
     result = json.loads(state.read_text()) if phases[0] != "compile" else {
         "benchmark": "offload", "model": f"{Path(args.recipe).stem}, {args.layers} layers",
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

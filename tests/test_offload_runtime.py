@@ -339,3 +339,11 @@ def test_offload_benchmark_runs_in_phases_that_resume(tmp_path):
     assert not (tmp_path / "work" / "artifact").exists() and (tmp_path / "work" / "hf" / "config.json").is_file()
     assert (tmp_path / "out" / "offload.png").is_file()
     assert run("--phases", "compile,warp").returncode == 2
+    # a committed GPU result resumed into a fresh work dir: its rows reported again (no compile)
+    h200 = ROOT / "benchmarks" / "results" / "offload-h200-2026-12-03.json"
+    common[common.index("--work") + 1] = str(tmp_path / "fresh")
+    common[common.index("--out") + 1] = str(tmp_path / "again")
+    proc = run("--phases", "report", "--resume-from", str(h200))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads((tmp_path / "again" / "offload.json").read_text())
+    assert [r["batch"] for r in again["rows"]] == [1, 128] and again["rows"][1]["moec"] == pytest.approx(163.2, abs=0.1)
