@@ -366,6 +366,8 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     state = work / "offload.json"
     if args.resume_from and not state.is_file():
+        if not Path(args.resume_from).is_file():
+            parser.error(f"--resume-from {args.resume_from}: no such file; give an offload.json result")
         state.write_text(Path(args.resume_from).read_text())
     if phases[0] != "compile" and not state.is_file():
         parser.error(f"--phases {args.phases}: {state} holds no earlier phases; start with compile or pass --resume-from")
