@@ -128,6 +128,48 @@ def test_batch_one_caches_in_the_double_buffer_when_the_plan_left_no_cache(four_
     assert engine.expert_pager.stats()["cache_misses"] + engine.expert_pager.stats()["copies"] == mine
 
 
+def test_offloaded_engines_stepping_at_once_in_two_threads_each_run_their_own(four_layer_artifacts):
+    """Two offloaded engines in one process, generating at the same time in two threads (one of
+    them in two micro-batches, whose worker threads must reach their engine's executors too):
+    each gets the plain artifact's tokens, and each pager counts exactly its own engine's work,
+    as when it runs alone (a process-wide executor handed the steps to whichever engine set it last)."""
+    import threading
+
+    plain, offloaded, _ = four_layer_artifacts
+    want = {p: r.token_ids for p, r in zip(PROMPTS, Engine.load(plain).generate(PROMPTS, max_tokens=10))}
+    solo = Engine.load(offloaded)
+    for _ in range(3):
+        solo.generate(PROMPTS[1], max_tokens=10)
+    alone = solo.expert_pager.stats()
+    artifact = open_artifact(offloaded)
+    artifact.manifest.offload["policy"]["micro_batches"] = 2
+    engines = [Engine.load(offloaded), Engine(artifact)]
+    assert engines[1].micro_batches is not None
+    prompts = [[PROMPTS[1]], [PROMPTS[0], PROMPTS[2]]]
+    got, errors, start = [None, None], [], threading.Barrier(2)
+
+    def work(i: int) -> None:
+        try:
+            start.wait()
+            for _ in range(3):
+                got[i] = [r.token_ids for r in engines[i].generate(prompts[i], max_tokens=10)]
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert got == [[want[p] for p in group] for group in prompts]
+    mine = engines[0].expert_pager.stats()
+    for key in ("cache_hits", "cache_misses", "copies", "bytes_copied"):
+        assert mine[key] == alone[key], key  # what the same three runs alone count, nothing of the other's
+    assert engines[1].expert_pager.stats()["cache_hits"] + engines[1].expert_pager.stats()["cache_misses"] == 0
+    assert engines[1].micro_batches.steps > 0
+
+
 def test_budget_is_enforced_at_load(four_layer_artifacts):
     _, offloaded, _ = four_layer_artifacts
     with pytest.raises(ArtifactError, match="offload.gpu_memory"):

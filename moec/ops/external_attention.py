@@ -12,6 +12,7 @@ Opaque to the compiler, like `external_moe`.
 
 from __future__ import annotations
 
+import threading
 from typing import Optional, Protocol
 
 import torch
@@ -24,13 +25,24 @@ class AttentionExecutor(Protocol):
         """[T, H, D]: `write_kv` then `paged_attention` of layer `layer`, on the executor's cache."""
 
 
-_executor: AttentionExecutor | None = None
+_process_executor: AttentionExecutor | None = None
+_thread = threading.local()
 
 
-def set_attention_executor(executor: AttentionExecutor | None) -> None:
-    """Who runs `external_attention` in this process (one: the loaded engine's)."""
-    global _executor
-    _executor = executor
+def set_attention_executor(executor: AttentionExecutor | None, this_thread_only: bool = False) -> None:
+    """Who runs `external_attention` for the calling thread and, unless
+    `this_thread_only`, for every thread that set none. Per thread, so that engines stepping at once
+    in different threads each reach their own (an engine sets it before each step; its micro-batch
+    workers take their caller's, `attention_executor`)."""
+    global _process_executor
+    _thread.executor = executor
+    if not this_thread_only:
+        _process_executor = executor
+
+
+def attention_executor() -> AttentionExecutor | None:
+    """The executor the calling thread's `external_attention` calls reach."""
+    return getattr(_thread, "executor", None) or _process_executor
 
 
 @torch.library.custom_op("moec::external_attention", mutates_args=())
@@ -46,10 +58,11 @@ def external_attention(
     scale: float,
     sliding_window: Optional[int] = None,
 ) -> torch.Tensor:
-    if _executor is None:
+    executor = attention_executor()
+    if executor is None:
         raise RuntimeError("moec::external_attention: no attention executor is set; load artifacts whose attention "
                            "runs on the CPU (offload placement cpu) with moec.runtime.Engine")
-    return _executor.run(query, key, value, slots, block_tables, seq_ids, positions, layer, scale, sliding_window)
+    return executor.run(query, key, value, slots, block_tables, seq_ids, positions, layer, scale, sliding_window)
 
 
 @external_attention.register_fake

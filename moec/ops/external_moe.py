@@ -13,6 +13,7 @@ proxy executor; the engine runs such artifacts without CUDA graphs.
 
 from __future__ import annotations
 
+import threading
 from typing import Protocol
 
 import torch
@@ -24,13 +25,24 @@ class ExpertExecutor(Protocol):
         """[T, H]: what `fused_moe` gives with MoE layer `layer`'s experts."""
 
 
-_executor: ExpertExecutor | None = None
+_process_executor: ExpertExecutor | None = None
+_thread = threading.local()
 
 
-def set_expert_executor(executor: ExpertExecutor | None) -> None:
-    """Who runs `external_moe` in this process (one: the loaded engine's)."""
-    global _executor
-    _executor = executor
+def set_expert_executor(executor: ExpertExecutor | None, this_thread_only: bool = False) -> None:
+    """Who runs `external_moe` for the calling thread and, unless
+    `this_thread_only`, for every thread that set none. Per thread, so that engines stepping at once
+    in different threads each reach their own (an engine sets it before each step; its micro-batch
+    workers take their caller's, `expert_executor`)."""
+    global _process_executor
+    _thread.executor = executor
+    if not this_thread_only:
+        _process_executor = executor
+
+
+def expert_executor() -> ExpertExecutor | None:
+    """The executor the calling thread's `external_moe` calls reach."""
+    return getattr(_thread, "executor", None) or _process_executor
 
 
 @torch.library.custom_op("moec::external_moe", mutates_args=())
@@ -42,10 +54,11 @@ def external_moe(
     activation: str,
     plan: str = "",
 ) -> torch.Tensor:
-    if _executor is None:
+    executor = expert_executor()
+    if executor is None:
         raise RuntimeError("moec::external_moe: no expert executor is set; load artifacts whose experts live "
                            "outside the graph (offload, expert parallelism) with moec.runtime.Engine")
-    return _executor.run(layer, hidden, topk_weights, topk_ids, activation, plan)
+    return executor.run(layer, hidden, topk_weights, topk_ids, activation, plan)
 
 
 @external_moe.register_fake

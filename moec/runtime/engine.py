@@ -279,8 +279,9 @@ class Engine:
 
     def _claim_external_ops(self) -> None:
         """The graph's external ops (experts offloaded or on other ranks, attention on the host)
-        call the executors set for the process: point them at this engine's before its step, so
-        that several such engines in one process, stepping in turn, each run their own."""
+        call the executors set for the calling thread: point them at this engine's before its
+        step, so that several such engines in one process, stepping in turn or at once in their
+        own threads, each run their own."""
         if self.host_attention is not None:
             set_attention_executor(self.host_attention)
         executor = self.expert_pager or self.expert_executor

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 import torch
 
+from moec.ops.external_attention import attention_executor, set_attention_executor
+from moec.ops.external_moe import expert_executor, set_expert_executor
 from moec.runtime.kv_cache import build_step_inputs
 
 
@@ -55,8 +57,12 @@ class MicroBatchRunner:
     def run(self, chunks: Sequence, kv_cache: torch.Tensor) -> torch.Tensor:
         """The step's logits, rows in chunk order (as one call of `step_fn` on all chunks gives)."""
         groups = balanced_micro_batches([chunk_work(c) for c in chunks], self.count)
+        # the workers' graph calls reach the executors of the engine whose step this is
+        experts, attention = expert_executor(), attention_executor()
 
         def one(index: int) -> torch.Tensor:
+            set_expert_executor(experts, this_thread_only=True)
+            set_attention_executor(attention, this_thread_only=True)
             part = [chunks[i] for i in groups[index]]
             inputs = build_step_inputs(part, device=self.device, block_size=self.block_size)
             with self.pager.micro_batch(index):
