@@ -12,10 +12,11 @@ Opaque to the compiler, like `external_moe`.
 
 from __future__ import annotations
 
-import threading
 from typing import Optional, Protocol
 
 import torch
+
+from moec.ops.executor_slot import ExecutorSlot
 
 
 class AttentionExecutor(Protocol):
@@ -25,24 +26,17 @@ class AttentionExecutor(Protocol):
         """[T, H, D]: `write_kv` then `paged_attention` of layer `layer`, on the executor's cache."""
 
 
-_process_executor: AttentionExecutor | None = None
-_thread = threading.local()
+_slot: ExecutorSlot[AttentionExecutor] = ExecutorSlot()
 
 
 def set_attention_executor(executor: AttentionExecutor | None, this_thread_only: bool = False) -> None:
-    """Who runs `external_attention` for the calling thread and, unless
-    `this_thread_only`, for every thread that set none. Per thread, so that engines stepping at once
-    in different threads each reach their own (an engine sets it before each step; its micro-batch
-    workers take their caller's, `attention_executor`)."""
-    global _process_executor
-    _thread.executor = executor
-    if not this_thread_only:
-        _process_executor = executor
+    """Who runs `external_attention` (`moec.ops.executor_slot`: per thread, with a process-wide fallback)."""
+    _slot.set(executor, this_thread_only)
 
 
 def attention_executor() -> AttentionExecutor | None:
     """The executor the calling thread's `external_attention` calls reach."""
-    return getattr(_thread, "executor", None) or _process_executor
+    return _slot.get()
 
 
 @torch.library.custom_op("moec::external_attention", mutates_args=())

@@ -13,10 +13,11 @@ proxy executor; the engine runs such artifacts without CUDA graphs.
 
 from __future__ import annotations
 
-import threading
 from typing import Protocol
 
 import torch
+
+from moec.ops.executor_slot import ExecutorSlot
 
 
 class ExpertExecutor(Protocol):
@@ -25,24 +26,17 @@ class ExpertExecutor(Protocol):
         """[T, H]: what `fused_moe` gives with MoE layer `layer`'s experts."""
 
 
-_process_executor: ExpertExecutor | None = None
-_thread = threading.local()
+_slot: ExecutorSlot[ExpertExecutor] = ExecutorSlot()
 
 
 def set_expert_executor(executor: ExpertExecutor | None, this_thread_only: bool = False) -> None:
-    """Who runs `external_moe` for the calling thread and, unless
-    `this_thread_only`, for every thread that set none. Per thread, so that engines stepping at once
-    in different threads each reach their own (an engine sets it before each step; its micro-batch
-    workers take their caller's, `expert_executor`)."""
-    global _process_executor
-    _thread.executor = executor
-    if not this_thread_only:
-        _process_executor = executor
+    """Who runs `external_moe` (`moec.ops.executor_slot`: per thread, with a process-wide fallback)."""
+    _slot.set(executor, this_thread_only)
 
 
 def expert_executor() -> ExpertExecutor | None:
     """The executor the calling thread's `external_moe` calls reach."""
-    return getattr(_thread, "executor", None) or _process_executor
+    return _slot.get()
 
 
 @torch.library.custom_op("moec::external_moe", mutates_args=())
