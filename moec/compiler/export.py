@@ -5,15 +5,14 @@ from __future__ import annotations
 import torch
 from torch.export import Dim
 
-from moec.compiler.step import PagedStep
+from moec.compiler.step import PagedStep, head_dim
 
 
 def example_inputs(config, dtype: torch.dtype, block_size: int, device: str = "cpu") -> tuple:
     """Small valid inputs whose dynamic dims are all distinct and ≥ 2 (so none specialises)."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     num_tokens, batch, width, num_blocks = 5, 2, 3, 7
     kv_cache = torch.zeros(
-        config.num_hidden_layers, 2, num_blocks, block_size, config.num_key_value_heads, head_dim, dtype=dtype
+        config.num_hidden_layers, 2, num_blocks, block_size, config.num_key_value_heads, head_dim(config), dtype=dtype
     )
     # sequence 0: prefill of 3 tokens; sequence 1: 2 tokens continuing at position 4
     seq_ids = torch.tensor([0, 0, 0, 1, 1])

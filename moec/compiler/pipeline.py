@@ -26,7 +26,7 @@ from moec.compiler.passes.fused_projections import fuse_projections
 from moec.compiler.passes.moe_lowering import check_moe_blocks
 from moec.compiler.passes.moe_tuning import apply_moe_plans, tune_moe
 from moec.compiler.recipe import Recipe
-from moec.compiler.step import PagedStep
+from moec.compiler.step import PagedStep, head_dim
 from moec.errors import RecipeError
 from moec.ops.expert_dispatch import expert_placement
 from moec.runtime.roofline import ModelShape
@@ -147,7 +147,6 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
                         "placement": expert_placement(regions[0]["num_experts"], recipe.parallel.ep)}
 
         config = model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         with ArtifactWriter(out_dir) as writer:
             with stages.stage("lower", f"AOTInductor for {recipe.device}"):
                 # weights first: AOTInductor's decomposition run may drop the program's constants
@@ -176,7 +175,7 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
                         "kv_block_size": recipe.kv_block_size,
                         "num_layers": config.num_hidden_layers,
                         "num_kv_heads": config.num_key_value_heads,
-                        "head_dim": head_dim,
+                        "head_dim": head_dim(config),
                         "vocab_size": config.vocab_size,
                         "kv_dtype": recipe.dtype,
                     },

@@ -35,6 +35,11 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     return out.unsqueeze(0), None
 
 
+def head_dim(config) -> int:
+    """A config's attention head size: its own field where it has one (Qwen3), else hidden / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def register_attention() -> None:
     from transformers import AttentionInterface
 
@@ -52,8 +57,8 @@ class PagedStep(nn.Module):
         self.lm_head = causal_lm.lm_head
         self.config = causal_lm.config
         heads = self.config.num_attention_heads
-        head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // heads
-        self.tile_tokens = step_tile_tokens(heads, getattr(self.config, "num_key_value_heads", None) or heads, head_dim)
+        self.tile_tokens = step_tile_tokens(heads, getattr(self.config, "num_key_value_heads", None) or heads,
+                                            head_dim(self.config))
         use_rotary_table(self.model, max_positions or self.config.max_position_embeddings)
 
     def forward(self, input_ids, positions, seq_ids, block_tables, kv_cache, logits_indices):
