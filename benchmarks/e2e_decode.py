@@ -450,6 +450,9 @@ def main() -> int:
         result["error"] = "compile timed out" if proc.returncode == 124 else "compile failed"
         save()
         return 1
+    # what the compile-time tuner chose per token bucket (and every candidate's time): the MoE
+    # kernels' configs behind the prefill and decode numbers
+    result["moe_tuning"] = json.loads((work / "artifact" / "manifest.json").read_text()).get("kernels", {}).get("moe")
     save()
 
     measure(args, result, save, work, out, deadline, reserve=(args.repeat - 1) * args.repeat_s)
