@@ -126,8 +126,8 @@ def test_op_exports_as_one_node():
 @pytest.mark.parametrize("sliding_window", [None, 64])
 def test_triton_path_traces_with_symbolic_sizes(sliding_window):
     """The CUDA body (launch code, not the kernel) under export with dynamic T, B and W: no guard
-    may specialise them, and the launches are two wrap_triton nodes (short-step attention,
-    prefill attention), each gated by T to no programs outside its range."""
+    may specialise them, and the launches are three wrap_triton nodes (short-step attention,
+    prefill attention, split merge), each gated by T to no programs outside its range."""
     from moec.ops.triton.paged_attention import paged_attention
 
     case = paged_case([(20, 1), (0, 6)], kv_heads=2, group=4, head_dim=64, block_size=16, dtype=torch.float32)
@@ -137,7 +137,7 @@ def test_triton_path_traces_with_symbolic_sizes(sliding_window):
     ranges = sorted((vr.lower, vr.upper) for vr in ep.range_constraints.values())
     assert ranges == [(1, 512), (1, 1024), (1, 16384)], ranges
     launches = [n for n in ep.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
-    assert len(launches) == 2
+    assert len(launches) == 3
 
     class GridsOnly(torch.fx.Interpreter):
         """Runs the graph's size arithmetic, records each launch's grid, launches nothing."""
@@ -157,13 +157,14 @@ def test_triton_path_traces_with_symbolic_sizes(sliding_window):
         run = GridsOnly(gm)
         run.grids = []
         run.run(*(other[k] for k in ("query", "kv_cache", "block_tables", "seq_ids", "positions")))
-        (short, prefill) = run.grids
+        (short, prefill, merge) = run.grids
         num_tokens, num_seqs = sum(n for _, n in chunks), len(chunks)
         long_step = num_tokens >= PREFILL_MIN_TOKENS
         # BLOCK_M: 64 rows / 4 heads = 16 tokens and 128 / 4 = 32; each grid covers every tile
         assert short[0] == (0 if long_step else -(-num_tokens // 16) + num_seqs)
         assert prefill[0] == (-(-num_tokens // 32) + num_seqs if long_step else 0)
-        assert short[2] == prefill[2] == splits  # cdiv(16, T) programs per tile; the last merges
+        assert short[2] == prefill[2] == splits  # cdiv(16, T) programs per tile
+        assert merge[0] == (15 if splits > 1 else 0)  # the merge only for a split step
 
 
 @outer_only
@@ -187,7 +188,7 @@ def test_kernel_compiles_for_h100():
             scale_type = "fp32" if head_dim == 128 and i == 0 else "fp64"
             ptrs = {"q_ptr": "*bf16", "cache_ptr": "*bf16", "out_ptr": "*bf16", "table_ptr": "*i64",
                     "positions_ptr": "*i64", "seq_info_ptr": "*i32", "part_ml_ptr": "*fp32",
-                    "part_acc_ptr": "*fp32", "arrivals_ptr": "*i32"}
+                    "part_acc_ptr": "*fp32"}
             consts = {
                 "HEAD_DIM": head_dim, "BLOCK_M": max(1, cfg["ROWS"] // group_pad), "GROUP_PAD": group_pad,
                 "BLOCK_N": cfg["BLOCK_N"], "SEARCH_BLOCK": pa.SEARCH_BLOCK, "USE_WINDOW": use_window, "IEEE": False,
@@ -196,6 +197,11 @@ def test_kernel_compiles_for_h100():
             compiled = compile_for_sm90(pa._paged_attention_kernel, ptrs, consts, cfg["num_warps"],
                                         cfg["num_stages"], scalars={"qk_scale": scale_type})
             assert compiled.metadata.shared <= H100_SMEM, (head_dim, cfg, compiled.metadata.shared)
+        merge = compile_for_sm90(
+            pa._combine_splits_kernel, {"part_ml_ptr": "*fp32", "part_acc_ptr": "*fp32", "out_ptr": "*bf16"},
+            {"HEAD_DIM": head_dim, "BLOCK_H": pa.COMBINE_HEADS, "NUM_SPLITS": pa.NUM_SPLITS,
+             "PART_ROWS": pa.PART_ROWS}, 4, 1)
+        assert merge.metadata.shared <= H100_SMEM
 
 
 @outer_only

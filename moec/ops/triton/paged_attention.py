@@ -25,13 +25,11 @@ tiles and a decode step 64-row ones from the same graph.
 Small steps (decode) split the keys too (flash-decoding): a step of T < NUM_SPLITS tokens runs
 cdiv(NUM_SPLITS, T) programs per tile (the grid's third axis, a function of the symbolic T), each
 over a share of the keys, writing its running max, sum and unnormalised output to a small
-workspace. The last of a tile's splits to finish merges them (`_merge_splits`): each split counts
-itself in an arrival counter after its stores (release), and the one that sees the count reach
-the split count reads every split's partials (acquire) and writes the output. A merge kernel of
-its own cost a launch per layer (5 us of a 2 ms decode step at batch 1 on an H200, 8 layers) for
-~1 us of work. At batch 1 that is 16x the programs; from T = NUM_SPLITS on there is one split and
-the attention program writes the output itself. An empty program still costs ~2 ns of a launch
-on an H200, so none are made per tile: a fixed 16 splits per tile cost large batches 2x the time.
+workspace; `_combine_splits_kernel` merges them. At batch 1 that is 16x the programs; from T =
+NUM_SPLITS on there is one split, the attention kernel writes the output and the merge is not
+launched (its grid is gated to 0 by T, `token_gate`). An empty program still costs ~2 ns of a
+launch on an H200, so none are made per tile: a fixed 16 splits per tile cost large batches 2x
+the time.
 
 Mapping programs to tiles without a host sync (the step runs inside a CUDA graph and is compiled
 ahead of time with a symbolic token count): a few torch ops count each sequence's query tokens
@@ -67,6 +65,7 @@ SEARCH_BLOCK = 128  # cumulative tile ends compared per step of the sequence sea
 # all, one wave), and a second kernel merges their partial softmax results.
 NUM_SPLITS = 16  # a power of two >= 2
 PART_ROWS = 2 * NUM_SPLITS  # workspace rows (split, token): splits x T < NUM_SPLITS + T <= 2 NUM_SPLITS
+COMBINE_HEADS = 8  # query heads per program of the merge
 LOG2E = 1.4426950408889634
 
 # A config: rows of the score tile (query tokens x padded GQA group; BLOCK_M = ROWS // GROUP_PAD
@@ -200,7 +199,6 @@ def _paged_attention_kernel(
     seq_info_ptr,  # [2 + n, B] int32: first query row, query count, cumulative tile ends per BLOCK_M
     part_ml_ptr,  # [2, PART_ROWS, H] fp32: each (split, token)'s running max and sum
     part_acc_ptr,  # [PART_ROWS, H, D] fp32: each (split, token)'s unnormalised output
-    arrivals_ptr,  # [NUM_SPLITS, Hkv] int32, zeroed: splits done per (tile's first token, KV head)
     num_tokens,
     num_heads,
     num_seqs,
@@ -301,52 +299,66 @@ def _paged_attention_kernel(
                                  ctx_len, window, scale_f32, stride_kind, stride_block, stride_slot, offs_d,
                                  BLOCK_N=BLOCK_N, MASK=True, USE_WINDOW=USE_WINDOW, IEEE=IEEE)
 
-    o_rows = token * stride_ot + head.to(tl.int64) * stride_oh
-    if num_splits > 1:  # partial results; the tile's last split to arrive merges them
+    if num_splits > 1:  # partial results; `_combine_splits_kernel` merges them
         part = (split * num_tokens + token) * num_heads + head.to(tl.int64)
         tl.store(part_ml_ptr + part, m_i, mask=row_ok)
         tl.store(part_ml_ptr + PART_ROWS * num_heads + part, l_i, mask=row_ok)
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc,
                  mask=row_ok[:, None] & (l_i > 0.0)[:, None])
-        tl.debug_barrier()  # every thread's stores issued before the release below
-        counter = arrivals_ptr + (q_first + tile_in_seq * BLOCK_M) * tl.num_programs(1) + kv_head
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
-            _merge_splits(part_ml_ptr, part_acc_ptr, out_ptr, o_rows, token, head, row_ok, num_splits, num_tokens,
-                          num_heads, offs_d, HEAD_DIM=HEAD_DIM, PART_ROWS=PART_ROWS)
     else:
         l_i = tl.where(l_i > 0.0, l_i, 1.0)  # padding rows only: every real row sees its own position
         out = acc / l_i[:, None]
+        o_rows = token * stride_ot + head.to(tl.int64) * stride_oh
         tl.store(out_ptr + o_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None])
 
 
 @triton.jit
-def _merge_splits(part_ml_ptr, part_acc_ptr, out_ptr, o_rows, token, head, row_ok, num_splits, num_tokens, num_heads,
-                  offs_d, HEAD_DIM: tl.constexpr, PART_ROWS: tl.constexpr):
+def _combine_splits_kernel(
+    part_ml_ptr,
+    part_acc_ptr,
+    out_ptr,
+    num_tokens,
+    num_heads,
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    PART_ROWS: tl.constexpr,
+):
     """out[t, h] = sum_s acc_s * 2^(m_s - M) / sum_s l_s * 2^(m_s - M), M = max_s m_s, over the
-    splits that saw a key (l_s > 0; the others wrote no acc), for the tile's rows. The partials
-    are read past L1 (.cg): other programs wrote them, on other SMs."""
+    splits that saw a key (l_s > 0; the others wrote no acc). Returns at once for a step that
+    was not split."""
+    token = tl.program_id(0)
+    num_splits = (NUM_SPLITS + num_tokens - 1) // num_tokens  # as the attention kernel's grid
+    if num_splits == 1 or token >= num_tokens:
+        return
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    head_ok = heads < num_heads
+    offs_d = tl.arange(0, HEAD_DIM)
     plane = PART_ROWS * num_heads
     # one pass, rescaling what is summed so far whenever a split brings a larger max
-    m_max = tl.full(row_ok.shape, -1.0e30, tl.float32)
-    total = tl.zeros(row_ok.shape, tl.float32)
-    acc = tl.zeros((row_ok.shape[0], HEAD_DIM), tl.float32)
-    for s in range(0, num_splits):
-        part = (s * num_tokens + token) * num_heads + head.to(tl.int64)
-        l_s = tl.load(part_ml_ptr + plane + part, mask=row_ok, other=0.0, cache_modifier=".cg")
-        m_s = tl.load(part_ml_ptr + part, mask=row_ok, other=-1.0e30, cache_modifier=".cg")
-        seen = row_ok & (l_s > 0.0)
+    m_max = tl.full((BLOCK_H,), -1.0e30, tl.float32)
+    total = tl.zeros((BLOCK_H,), tl.float32)
+    acc = tl.zeros((BLOCK_H, HEAD_DIM), tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        part = (s * num_tokens + token) * num_heads + heads
+        used = head_ok & (heads * 0 + s < num_splits)
+        l_s = tl.load(part_ml_ptr + plane + part, mask=used, other=0.0)
+        m_s = tl.load(part_ml_ptr + part, mask=used, other=-1.0e30)
+        seen = used & (l_s > 0.0)
         m_new = tl.maximum(m_max, tl.where(seen, m_s, -1.0e30))
         rescale = tl.exp2(m_max - m_new)
         weight = tl.where(seen, tl.exp2(m_s - m_new), 0.0)
         total = total * rescale + weight * l_s
-        a = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=seen[:, None], other=0.0,
-                    cache_modifier=".cg")
+        a = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=seen[:, None], other=0.0)
         acc = acc * rescale[:, None] + weight[:, None] * a
         m_max = m_new
     total = tl.where(total > 0.0, total, 1.0)
+    o_rows = token.to(tl.int64) * stride_ot + heads.to(tl.int64) * stride_oh
     tl.store(out_ptr + o_rows[:, None] + offs_d[None, :], (acc / total[:, None]).to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None])
+             mask=head_ok[:, None])
 
 
 def paged_attention(
@@ -399,7 +411,6 @@ def paged_attention(
     # the partials' workspace has a fixed size: split steps have T < NUM_SPLITS
     part_ml = torch.empty(2, PART_ROWS, num_heads, dtype=torch.float32, device=query.device)
     part_acc = torch.empty(PART_ROWS, num_heads, head_dim, dtype=torch.float32, device=query.device)
-    arrivals = torch.zeros(NUM_SPLITS, kv_heads, dtype=torch.int32, device=query.device)
     for cfg, gate in plan:
         block_m = max(1, cfg["ROWS"] // group_pad)
         if seq_info is not None and block_m in step_ms:
@@ -416,7 +427,6 @@ def paged_attention(
             tiles,
             part_ml,
             part_acc,
-            arrivals,
             num_tokens,
             num_heads,
             num_seqs,
@@ -447,4 +457,20 @@ def paged_attention(
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )
+    # the merge only for a split step (T < NUM_SPLITS): gated to no launch (no graph node) otherwise
+    merge_gate = token_range_gate(num_tokens, 0, NUM_SPLITS - 1)
+    wrap_triton(_combine_splits_kernel)[((NUM_SPLITS - 1) * merge_gate, triton.cdiv(num_heads, COMBINE_HEADS))](
+        part_ml,
+        part_acc,
+        out,
+        num_tokens,
+        num_heads,
+        out.stride(0),
+        out.stride(1),
+        HEAD_DIM=head_dim,
+        BLOCK_H=COMBINE_HEADS,
+        NUM_SPLITS=NUM_SPLITS,
+        PART_ROWS=PART_ROWS,
+        num_warps=4,
+    )
     return out
