@@ -185,7 +185,8 @@ def from_offload(doc: dict) -> dict:
 
 def from_step_kernels(doc: dict) -> dict:
     """The fastest passing config per prefill size (and SDPA's time beside it), the compiled
-    step's decode attention per batch, and the built-in router per token count."""
+    step's decode attention per batch, the built-in router per token count, and the K/V write
+    per token count (the torch path beside it)."""
     metrics = []
     for row in doc.get("prefill", []):
         ok = [c for c in row["configs"].values() if c.get("ok")]
@@ -203,6 +204,11 @@ def from_step_kernels(doc: dict) -> dict:
         built = next((v for k, v in row["variants"].items() if k.endswith("(built in)") or k == "as built"), None)
         if built:
             metrics.append(metric(f"router/T={row['tokens']}/us", built["us"], "us", "lower", roofline=row["bound_us"]))
+    for row in doc.get("kv_write", []):
+        built = row["paths"].get("triton (built in)")
+        if built:
+            metrics.append(metric(f"kv_write/T={row['tokens']}/us", built["us"], "us", "lower", roofline=row["bound_us"],
+                                  peer="torch index_copy_", peer_value=row["paths"]["torch index_copy_"]["us"]))
     device = doc["env"]["device"]
     return _converted(doc | {"date": doc["env"]["date"], "versions": doc["env"].get("versions", {})},
                       device.get("kind", "cuda"), device.get("name"), doc["env"].get("commit"), metrics)

@@ -14,6 +14,12 @@ shape (32 query heads, 8 KV heads, head_dim 128, bf16, 16-token cache blocks) an
   decode     B = 1..128 sequences of 512 cached tokens, one query token each: the decode config
              (what a step of known size picks) and the dynamic one (what the compiled step runs),
              against the bound of reading the K/V once at copy bandwidth
+  splits     the same decode steps with the split count (NUM_SPLITS: 8, 16 built in, 32) and the
+             merge kernel's heads per program (COMBINE_HEADS: 1, 2, 8 built in) varied
+  kv_write   the step's K/V write into the cache at T = 1..4096 tokens: the Triton kernel (built
+             in) against the torch path it replaced (K and V stacked and one index_copy_ up to
+             256 tokens, one index_copy_ a plane above), against the bytes read and written over
+             copy bandwidth; both leave the same cache
   router     the fused router as the step runs it (no counts) at T = 1..4096: the few-token path
              with H split over programs of 128, 256 (built in) or 512 columns, and unsplit (one
              program walking H in steps of 512), by setting router.SPLIT_H; against hidden + gate
@@ -47,6 +53,10 @@ DECODE_BATCHES = (1, 8, 32, 128)
 DECODE_CONTEXT = 512
 ROUTER_TOKENS = (1, 4, 16, 64, 256, 1024, 4096)
 ROUTER_SPLIT_H = (None, 128, 256, 512)
+SPLIT_COUNTS = (8, 16, 32)
+COMBINE_HEADS = (1, 2, 8)
+KV_WRITE_TOKENS = (1, 8, 32, 128, 4096)
+STACKED_UP_TO = 256  # the torch path's switch from one stacked index_copy_ to one a plane
 
 
 def prefill_candidates() -> dict[str, dict]:
@@ -153,6 +163,68 @@ def run_decode(dev, ceil: dict, flush) -> list[dict]:
     return rows
 
 
+def run_splits(dev, ceil: dict, flush) -> list[dict]:
+    """Decode attention (the compiled step's dynamic tiles) per split count and merge width."""
+    from moec.ops.paged_attention import paged_attention_ref
+    from moec.ops.triton import paged_attention as pa
+
+    built_in = (pa.NUM_SPLITS, pa.PART_ROWS, pa.COMBINE_HEADS)
+    rows = []
+    gen = torch.Generator().manual_seed(4)
+    for batch in DECODE_BATCHES:
+        inp = paged_inputs([DECODE_CONTEXT] * batch, [1] * batch, gen, dev)
+        want = paged_attention_ref(inp["query"].float(), inp["cache"].float(), 0, inp["tables"], inp["seq_ids"],
+                                   inp["positions"], HEAD_DIM ** -0.5)
+        row = {"batch": batch, "context": DECODE_CONTEXT, "variants": {}}
+        for splits in SPLIT_COUNTS:
+            for heads in COMBINE_HEADS:
+                name = f"splits {splits} merge heads {heads}" + (" (built in)" if (splits, heads) == (
+                    built_in[0], built_in[2]) else "")
+                pa.NUM_SPLITS, pa.PART_ROWS, pa.COMBINE_HEADS = splits, 2 * splits, heads
+                try:
+                    t, (out, _) = time_graph(attention_call(inp, pa.DYNAMIC_CONFIG), dev, flush=flush)
+                    err = (out.float() - want).abs().max().item()
+                    row["variants"][name] = {"us": t["median_ms"] * 1e3, "max_abs_err": err, "ok": err <= 2e-2}
+                finally:
+                    pa.NUM_SPLITS, pa.PART_ROWS, pa.COMBINE_HEADS = built_in
+        rows.append(row)
+    return rows
+
+
+def run_kv_write(dev, ceil: dict, flush) -> list[dict]:
+    from moec.ops.triton.kv_write import write_kv
+
+    rows = []
+    gen = torch.Generator().manual_seed(5)
+    for tokens in KV_WRITE_TOKENS:
+        blocks = -(-tokens // BLOCK_SIZE) * 2 + 1
+        slots = torch.randperm(blocks * BLOCK_SIZE, generator=gen)[:tokens].to(dev)
+        # as the step hands them: K out of RoPE ([Hkv, T, D] storage), V a slice of the fused projection
+        key = torch.randn(KV_HEADS, tokens, HEAD_DIM, generator=gen).to(dev, DTYPE).transpose(0, 1)
+        value = torch.randn(tokens, 3 * KV_HEADS, HEAD_DIM, generator=gen).to(dev, DTYPE)[:, KV_HEADS: 2 * KV_HEADS]
+        caches = {name: torch.zeros(1, 2, blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, device=dev, dtype=DTYPE)
+                  for name in ("triton (built in)", "torch index_copy_")}
+
+        def torch_path(cache=caches["torch index_copy_"]):
+            planes = cache[0].view(2, blocks * BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+            if tokens <= STACKED_UP_TO:
+                planes.index_copy_(1, slots, torch.stack((key, value)))
+            else:
+                planes[0].index_copy_(0, slots, key)
+                planes[1].index_copy_(0, slots, value)
+
+        calls = {"triton (built in)": lambda: write_kv(caches["triton (built in)"], 0, key, value, slots),
+                 "torch index_copy_": torch_path}
+        nbytes = 2 * 2 * tokens * KV_HEADS * HEAD_DIM * 2  # K and V, read and written
+        row = {"tokens": tokens, "bound_us": nbytes / (ceil["copy_gb_s"] * 1e9) * 1e6, "paths": {}}
+        for name, call in calls.items():
+            t, _ = time_graph(call, dev, flush=flush)
+            row["paths"][name] = {"us": t["median_ms"] * 1e3, "over_bound": t["median_ms"] * 1e3 / row["bound_us"]}
+        row["same_cache"] = bool(torch.equal(*caches.values()))
+        rows.append(row)
+    return rows
+
+
 def run_router(dev, ceil: dict, flush) -> list[dict]:
     from moec.ops.moe_router import moe_router_ref
     from moec.ops.triton import router
@@ -225,6 +297,15 @@ def print_tables(result: dict) -> None:
     for r in result.get("decode", []):
         cells = "  ".join(f"{n} {c['us']:.1f} ({c['over_bound']:.1f}x)" for n, c in r["configs"].items())
         print(f"  B={r['batch']:4d} bound {r['bound_us']:.1f}  {cells}")
+    print("decode attention by split count and merge width (us)")
+    for r in result.get("splits", []):
+        best = min(r["variants"].items(), key=lambda kv: kv[1]["us"] if kv[1]["ok"] else float("inf"))
+        built = next((c["us"] for n, c in r["variants"].items() if "built in" in n), float("nan"))
+        print(f"  B={r['batch']:4d} built in {built:.1f}  best {best[0]} {best[1]['us']:.1f}")
+    print("K/V write (us)")
+    for r in result.get("kv_write", []):
+        cells = "  ".join(f"{n} {c['us']:.1f} ({c['over_bound']:.1f}x)" for n, c in r["paths"].items())
+        print(f"  T={r['tokens']:5d} bound {r['bound_us']:.2f}  {cells}  same cache: {r['same_cache']}")
     print("router (us)")
     for r in result.get("router", []):
         cells = "  ".join(f"{n} {c['us']:.1f}" for n, c in r["variants"].items())
@@ -235,8 +316,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=".")
     parser.add_argument("--budget-s", type=float, default=240, help="the prefill sweep stops adding configs after it")
-    parser.add_argument("--parts", default="router,decode,prefill", help="which of router,decode,prefill to run")
+    parser.add_argument("--parts", default="router,decode,splits,kv_write,prefill",
+                        help="which of router,decode,splits,kv_write,prefill to run")
     args = parser.parse_args()
+    unknown = set(args.parts.split(",")) - {"router", "decode", "splits", "kv_write", "prefill"}
+    if unknown:
+        parser.error(f"--parts: unknown {', '.join(sorted(unknown))}; choose from router,decode,splits,kv_write,prefill")
     if not torch.cuda.is_available():
         print("step_kernels: needs a CUDA GPU (it times Triton kernels); run it through the device tool",
               file=sys.stderr)
@@ -249,6 +334,7 @@ def main() -> int:
     result = {"benchmark": "step_kernels", "env": environment(dev), "ceilings": ceil}
     print(f"ceilings: copy {ceil['copy_gb_s']:.0f} GB/s, matmul {ceil['matmul_tflop_s']:.0f} TFLOP/s", flush=True)
     parts = {"router": lambda: run_router(dev, ceil, flush), "decode": lambda: run_decode(dev, ceil, flush),
+             "splits": lambda: run_splits(dev, ceil, flush), "kv_write": lambda: run_kv_write(dev, ceil, flush),
              "prefill": lambda: run_prefill(dev, ceil, flush, start + args.budget_s)}
     for part in args.parts.split(","):
         result[part] = parts[part]()

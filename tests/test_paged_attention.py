@@ -205,6 +205,17 @@ def test_kernel_compiles_for_h100():
 
 
 @outer_only
+def test_write_kv_kernel_compiles_for_h100():
+    """The K/V write for Mixtral's 8 KV heads of 128 and a masked 3 x 48, bf16 into bf16."""
+    from moec.ops.triton import kv_write
+
+    ptrs = {"key_ptr": "*bf16", "value_ptr": "*bf16", "cache_ptr": "*bf16", "slots_ptr": "*i64"}
+    for block_h, block_d in ((8, 128), (4, 64)):
+        compiled = compile_for_sm90(kv_write._write_kv_kernel, ptrs, {"BLOCK_H": block_h, "BLOCK_D": block_d}, 4, 1)
+        assert "st.global" in compiled.asm["ptx"]
+
+
+@outer_only
 def test_rejects_unsupported_inputs():
     from moec.ops.triton.paged_attention import paged_attention
 
@@ -263,6 +274,29 @@ def test_interp_paged_attention(dtype, name, chunks, kv_heads, group, head_dim, 
     close(got, reference(case, window, dtype=torch.float32), dtype)
     if dtype == torch.float32:  # and the reference in the op's own dtype
         torch.testing.assert_close(got, reference(case, window), atol=1e-5, rtol=1e-4)
+
+
+@interp_only
+@pytest.mark.parametrize("tokens,kv_heads,head_dim,dtype", [(1, 8, 128, torch.float16), (37, 3, 48, torch.float32),
+                                                            (300, 2, 16, torch.float16)])
+def test_interp_write_kv(tokens, kv_heads, head_dim, dtype):
+    """The Triton K/V write: each token's key and value (strided, as the step hands them; another
+    dtype than the cache's) at its slot of the layer's planes, a non-power-of-two head count and
+    head size masked, every other element of the cache untouched (poisoned)."""
+    from moec.ops.triton.kv_write import write_kv
+
+    g = torch.Generator().manual_seed(tokens)
+    layers, blocks, block_size = 3, -(-tokens // 4) + 2, 4
+    cache = torch.full((layers, 2, blocks, block_size, kv_heads, head_dim), float("nan"), dtype=dtype)
+    slots = torch.randperm(blocks * block_size, generator=g)[:tokens]
+    key = torch.randn(kv_heads, tokens, head_dim, generator=g).transpose(0, 1)  # [T, Hkv, D], strided
+    value = torch.randn(tokens, 2 * kv_heads, head_dim, generator=g)[:, ::2]
+    write_kv(cache, 1, key, value, slots)
+    planes = cache[1].view(2, blocks * block_size, kv_heads, head_dim)
+    assert torch.equal(planes[0, slots], key.to(dtype)) and torch.equal(planes[1, slots], value.to(dtype))
+    written = torch.zeros_like(cache, dtype=torch.bool)
+    written[1].view(2, blocks * block_size, kv_heads, head_dim)[:, slots] = True
+    assert cache[~written].isnan().all()
 
 
 @interp_only

@@ -23,14 +23,10 @@ import torch
 from torch.library import triton_op
 
 if importlib.util.find_spec("triton") is not None:
+    from moec.ops.triton.kv_write import write_kv as write_kv_triton
     from moec.ops.triton.paged_attention import paged_attention as paged_attention_triton
 else:  # CPU-only install: the reference path needs no Triton
-    paged_attention_triton = None
-
-
-# write_kv: the token count up to which K and V are stacked and written in one launch; above it
-# the stack's copy (~8 ns a token for Mixtral's 8 KV heads of 128) outweighs a second launch
-STACK_KV_TOKENS = 256
+    paged_attention_triton = write_kv_triton = None
 
 
 def slot_mapping(block_tables: torch.Tensor, seq_ids: torch.Tensor, positions: torch.Tensor,
@@ -44,11 +40,8 @@ def slot_mapping(block_tables: torch.Tensor, seq_ids: torch.Tensor, positions: t
 @torch.library.custom_op("moec::write_kv", mutates_args=("kv_cache",))
 def write_kv(kv_cache: torch.Tensor, layer: int, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
     """Store each token's key [T, Hkv, D] and value at its slot (`slot_mapping`), in place, in
-    the layer's [2, blocks * block_size, Hkv, D] planes. Up to STACK_KV_TOKENS tokens K and V are
-    stacked and written by one `index_copy_` (a decode step: one launch fewer); above it each
-    plane gets its own, as stacking copies both (32 us a layer for a 4096-token prompt on an
-    H200, as long as the write itself). The body runs eagerly with concrete sizes, so it may
-    branch on T.
+    the layer's [2, blocks * block_size, Hkv, D] planes. On CUDA one Triton launch writes both
+    planes (`moec.ops.triton.kv_write`); elsewhere one `index_copy_` a plane.
 
     An opaque op that declares its mutation, not plain torch ops: traced, `index_copy_` on the
     cache (a graph input) is functionalised into "copy the whole cache, scatter, copy it back",
@@ -58,13 +51,13 @@ def write_kv(kv_cache: torch.Tensor, layer: int, key: torch.Tensor, value: torch
     do: Inductor traces its body and the copy returns.) Compiled graphs call it through the
     dispatcher; decode replays it inside the step's CUDA graph.
     """
+    if kv_cache.is_cuda and write_kv_triton is not None:
+        write_kv_triton(kv_cache, layer, key, value, slots)
+        return
     _, _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
     planes = kv_cache[layer].view(2, num_blocks * block_size, kv_heads, head_dim)
-    if key.shape[0] <= STACK_KV_TOKENS:
-        planes.index_copy_(1, slots, torch.stack((key, value)).to(kv_cache.dtype))
-    else:
-        planes[0].index_copy_(0, slots, key.to(kv_cache.dtype))
-        planes[1].index_copy_(0, slots, value.to(kv_cache.dtype))
+    planes[0].index_copy_(0, slots, key.to(kv_cache.dtype))
+    planes[1].index_copy_(0, slots, value.to(kv_cache.dtype))
 
 
 def paged_attention_ref(
