@@ -15,7 +15,7 @@ shape (32 query heads, 8 KV heads, head_dim 128, bf16, 16-token cache blocks) an
              (what a step of known size picks) and the dynamic one (what the compiled step runs),
              against the bound of reading the K/V once at copy bandwidth
   splits     the same decode steps with the split count (NUM_SPLITS: 8, 16 built in, 32) and the
-             merge kernel's heads per program (COMBINE_HEADS: 1, 2, 8 built in) varied
+             merge kernel's heads per program (COMBINE_HEADS: 1, 2 built in, 8) varied
   kv_write   the step's K/V write into the cache at T = 1..4096 tokens: the Triton kernel (built
              in) against the torch path it replaced (K and V stacked and one index_copy_ up to
              256 tokens, one index_copy_ a plane above), against the bytes read and written over

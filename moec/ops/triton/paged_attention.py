@@ -65,7 +65,11 @@ SEARCH_BLOCK = 128  # cumulative tile ends compared per step of the sequence sea
 # all, one wave), and a second kernel merges their partial softmax results.
 NUM_SPLITS = 16  # a power of two >= 2
 PART_ROWS = 2 * NUM_SPLITS  # workspace rows (split, token): splits x T < NUM_SPLITS + T <= 2 NUM_SPLITS
-COMBINE_HEADS = 8  # query heads per program of the merge
+# query heads per program of the merge: 2 gives a batch-1 step's merge 16 programs where 8 gave it
+# 4 (decode attention at batch 1 and 512 cached tokens 14.4 us against 17.4 on an H200, the same
+# from batch 8 on: step_kernels-h200-2026-12-03T1012); 8 splits were faster still at batch 1
+# (13.7) but slower at batch 8 (28.1 against 23.6), so NUM_SPLITS stays 16
+COMBINE_HEADS = 2
 LOG2E = 1.4426950408889634
 
 # A config: rows of the score tile (query tokens x padded GQA group; BLOCK_M = ROWS // GROUP_PAD
