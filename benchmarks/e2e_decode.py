@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -404,6 +405,9 @@ def main() -> int:
     parser.add_argument("--hf-dir")
     parser.add_argument("--result")
     parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--keep-work", action="store_true",
+                        help="keep --work (the written model and the compiled artifact) after the run; "
+                             "by default it is removed, as it fills tens of GB of the device's disk")
     parser.add_argument("--repeat", type=int, default=1,
                         help="measure the compiled model this many times (e2e_decode-rK.json for K > 1): "
                              "gpu_gate.sh --flicker checks that the gates hold on every one")
@@ -467,6 +471,8 @@ def main() -> int:
                 reserve=(args.repeat - k) * args.repeat_s, first=False)
     plot(result, out / "e2e_decode.png")
     print(table(result))
+    if not args.keep_work:  # the model and the artifact, tens of GB: a later call on the same disk needs it
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -4,7 +4,9 @@ One run measures, on the same random inputs and weights:
   ceilings    device-to-device copy bandwidth and bf16 matmul rate, measured first, in this run
   moec        fused router (Triton) + `fused_moe` (align, gate/up + SiLU, down + routing weight)
               with the default config table; its CUDA-graph replay at every token count; and a
-              sweep of candidate configs (table rows and variants) to learn the best per bucket
+              sweep of candidate configs: every one the compiler's tuner times, whose fastest (or
+              the grouped_mm path, if faster) is `moec_tuned`, what a compiled artifact runs at
+              that T; then a few more (table rows, vLLM-style variants) to find ones to add
   moec_ops    the registered ops the compiler lowers to, dispatched eagerly:
               `torch.ops.moec.moe_router` (PyTorch reference router) + `torch.ops.moec.fused_moe`
   grouped_mm  the CUTLASS alternative: moec's router, then sort + torch._grouped_mm gate/up +
@@ -87,6 +89,8 @@ PATH_LABELS = {
     "moec": "moec (fused_router + fused_moe, default config)",
     "moec_graph": "moec, CUDA-graph replay",
     "moec_best": "moec, best config of the sweep",
+    "moec_tuned": "moec as the compiler's tuner would choose at this T: its fastest candidate (Triton "
+                  "configs, CUDA-graph replays, and the grouped_mm path)",
     "moec_ops": "moec registered ops, eager dispatch (reference router)",
     "grouped_mm": "moec router + torch._grouped_mm experts (eager)",
     "grouped_mm_graph": "moec router + torch._grouped_mm experts, CUDA-graph replay",
@@ -111,7 +115,8 @@ def parse_args(argv=None):
     p.add_argument("--tokens", default=None, help="comma list of token counts")
     p.add_argument("--quick", action="store_true", help="a small subset (smoke test)")
     p.add_argument("--iters", type=int, default=None, help="minimum timed calls per measurement (20)")
-    p.add_argument("--max-configs", type=int, default=6, help="configs per case in the sweep, default included")
+    p.add_argument("--max-configs", type=int, default=2,
+                   help="configs per case the sweep explores beyond the compiler tuner's candidates (all timed)")
     p.add_argument("--sweep-max-tokens", type=int, default=16384, help="no sweep above this token count")
     p.add_argument("--no-sweep", action="store_true")
     p.add_argument("--no-compile", action="store_true", help="skip HF grouped_mm + torch.compile")
@@ -174,9 +179,11 @@ def _smem_bytes(cfg: dict, itemsize: int) -> int:
 
 
 def candidate_configs(num_tokens: int, num_experts: int, top_k: int, limit: int,
-                      itemsize: int, smem_limit: int | None) -> list[tuple[str, dict]]:
-    """The default table's config first, then neighbouring table rows and vLLM-style variants for
-    this rows-per-expert regime; at most `limit`, those that cannot fit shared memory dropped."""
+                      itemsize: int, smem_limit: int | None) -> list[tuple[str, dict, bool]]:
+    """(name, config, timed by the compiler's tuner): the default table's config first, then every
+    other config the compile-time tuner times (what an artifact can run), then up to `limit`
+    neighbouring table rows and vLLM-style variants for this rows-per-expert regime (exploration:
+    a config that wins here is one to add to the tuner); those that cannot fit shared memory dropped."""
     from moec.ops.triton import configs as C
 
     rows = -(-num_tokens * top_k // num_experts)
@@ -203,10 +210,11 @@ def candidate_configs(num_tokens: int, num_experts: int, top_k: int, limit: int,
         gu, dn = C.split_config(cfg)
         return tuple(sorted(gu.items())), tuple(sorted(dn.items()))
 
-    out = [("default", default)]
+    out = [("default", default, True)]
     seen = {key(default)}
-    for cfg in extra:
-        if len(out) >= limit:
+    explored = 0
+    for cfg, tuner in [*((c, True) for c in C.candidate_configs()), *((c, False) for c in extra)]:
+        if not tuner and explored >= limit:
             break
         try:
             k = key(cfg)  # validates too
@@ -217,7 +225,8 @@ def candidate_configs(num_tokens: int, num_experts: int, top_k: int, limit: int,
         if smem_limit and _smem_bytes(cfg, itemsize) > smem_limit:
             continue
         seen.add(k)
-        out.append((cfg_name(cfg), copy.deepcopy(cfg)))
+        explored += not tuner
+        out.append((cfg_name(cfg), copy.deepcopy(cfg), tuner))
     return out
 
 
@@ -640,11 +649,11 @@ def sweep_case(layer: Layer, case: dict, ctx: dict) -> None:
     ref = layer.moec(hidden)
     cands = candidate_configs(T, layer.E, layer.K, args.max_configs, hidden.element_size(), ctx["smem_limit"])
     sweep = case["sweep"] = []
-    for name, cfg in cands:
+    for name, cfg, tuner in cands:
         if budget.elapsed() > budget.seconds:
             case["skipped"]["sweep_rest"] = f"budget: {budget.elapsed():.0f} s elapsed of --budget-s {budget.seconds:.0f}"
             break
-        entry = {"name": name, "config": cfg}
+        entry = {"name": name, "config": cfg, "tuner": tuner}
         try:
             out = layer.moec(hidden, cfg)
             c = compare(out, ref)
@@ -668,6 +677,18 @@ def sweep_case(layer: Layer, case: dict, ctx: dict) -> None:
                                "default_ms_in_sweep": next((s.get("median_ms") for s in sweep
                                                             if s["name"] == "default"), None)}
         case["timings"]["moec_best"] = {"median_ms": best["median_ms"], "config": best["name"]}
+    # what the artifact would run at this T: the tuner's fastest candidate, grouped_mm included;
+    # only once every tuner candidate was timed (a budget-cut sweep would understate it)
+    tuner_names = {name for name, _, tuner in cands if tuner}
+    timed = {s["name"]: s["median_ms"] for s in good if s["tuner"]}
+    if tuner_names <= {s["name"] for s in sweep}:
+        if "grouped_mm_graph" in case["timings"]:
+            timed["grouped_mm"] = case["timings"]["grouped_mm_graph"]["median_ms"]
+        if timed:
+            pick = min(timed, key=timed.get)
+            case["timings"]["moec_tuned"] = {"median_ms": timed[pick], "config": pick}
+    else:
+        case["skipped"]["moec_tuned"] = "the sweep did not time every tuner candidate (budget)"
     del hidden, ref
     finalize_case(case)
 
@@ -679,6 +700,8 @@ def finalize_case(case: dict) -> None:
         "moec_over_roofline": _div(tm.get("moec"), roof),
         "moec_graph_over_roofline": _div(tm.get("moec_graph"), roof),
         "moec_best_over_roofline": _div(tm.get("moec_best"), roof),
+        "moec_tuned_over_roofline": _div(tm.get("moec_tuned"), roof),
+        "tuned_speedup_vs_hf_compile_graph": _div(tm.get("hf_compile_graph"), tm.get("moec_tuned")),
         "speedup_vs_hf_compile": _div(tm.get("hf_compile"), tm.get("moec")),
         "speedup_vs_hf_eager": _div(tm.get("hf_eager"), tm.get("moec")),
         "best_speedup_vs_hf_compile": _div(tm.get("hf_compile"), tm.get("moec_best")),
@@ -717,18 +740,19 @@ def case_metrics(case: dict) -> list[dict]:
     roof = case["roofline"]
     out = [metric(p + "roofline_ms", roof["roofline_ms"], "ms", "bound",
                   how=f"{roof['bound']}-bound; bytes {roof['bytes']}, flops {roof['flops']:.4g}")]
-    for k in ("moec", "moec_graph", "moec_best", "moec_ops", "grouped_mm", "grouped_mm_graph", "hf_eager",
-              "hf_compile", "hf_compile_graph"):
+    for k in ("moec", "moec_graph", "moec_best", "moec_tuned", "moec_ops", "grouped_mm", "grouped_mm_graph",
+              "hf_eager", "hf_compile", "hf_compile_graph"):
         if k in tm:
             out.append(metric(p + f"{k}_ms", tm[k], "ms", "lower", what=PATH_LABELS[k],
                               config=case["timings"][k].get("config")))
     for k, peer in (("moec_over_roofline", ROOF_PEER), ("moec_graph_over_roofline", ROOF_PEER),
-                    ("moec_best_over_roofline", ROOF_PEER)):
+                    ("moec_best_over_roofline", ROOF_PEER), ("moec_tuned_over_roofline", ROOF_PEER)):
         if d.get(k) is not None:
             out.append(metric(p + k, d[k], "x", "lower", peer=peer))
     for k, peer in (("speedup_vs_hf_compile", HF_COMPILE_PEER), ("speedup_vs_hf_eager", HF_EAGER_PEER),
                     ("best_speedup_vs_hf_compile", HF_COMPILE_PEER),
                     ("graph_speedup_vs_hf_compile_graph", HF_COMPILE_PEER + ", both CUDA-graph replays"),
+                    ("tuned_speedup_vs_hf_compile_graph", HF_COMPILE_PEER + ", both CUDA-graph replays"),
                     ("speedup_vs_grouped_mm", PATH_LABELS["grouped_mm"]),
                     ("graph_speedup_vs_grouped_mm_graph", PATH_LABELS["grouped_mm_graph"])):
         if d.get(k) is not None:
@@ -755,6 +779,7 @@ def plot(cases: list[dict], path: Path, title: str) -> str | None:
     fig, axes = plt.subplots(2, len(shapes), figsize=(7 * len(shapes), 9.5), squeeze=False,
                              gridspec_kw={"height_ratios": [3, 2]})
     styles = [("moec", "moec (default cfg)", "C0", "o-"), ("moec_best", "moec (best cfg)", "C0", "^--"),
+              ("moec_tuned", "moec (tuned, as compiled)", "C4", "*-"),
               ("moec_graph", "moec (CUDA graph)", "C0", "s"), ("grouped_mm", "torch._grouped_mm", "C2", "d-"),
               ("grouped_mm_graph", "torch._grouped_mm (CUDA graph)", "C2", "d"),
               ("hf_eager", "HF eager", "C3", "x-"), ("hf_compile", "HF grouped_mm + compile", "C1", "v-"),
@@ -805,8 +830,9 @@ def _fmt(v, nd=3):
 
 
 def table(cases: list[dict]) -> str:
-    head = ["shape", "T", "roof ms", "moec ms", "ratio", "graph ms", "g.ratio", "best ms", "gmm ms", "gmm graph",
-            "HF eager", "HF compile", "HFc graph", "x compile", "g.x compile", "ok", "best config"]
+    head = ["shape", "T", "roof ms", "moec ms", "ratio", "graph ms", "g.ratio", "tuned ms", "t.ratio", "best ms",
+            "gmm ms", "gmm graph", "HF eager", "HF compile", "HFc graph", "x compile", "g.x compile", "t.x compile",
+            "ok", "tuned choice"]
     rows = [head]
     for c in cases:
         tm = {k: v["median_ms"] for k, v in c["timings"].items()}
@@ -816,10 +842,12 @@ def table(cases: list[dict]) -> str:
             f"({corr['ratio']:.0e})" if corr.get("ratio") is not None else "")
         rows.append([c["shape"], str(c["tokens"]), _fmt(c["roofline"]["roofline_ms"]), _fmt(tm.get("moec")),
                      _fmt(d["moec_over_roofline"], 2), _fmt(tm.get("moec_graph")),
-                     _fmt(d["moec_graph_over_roofline"], 2), _fmt(tm.get("moec_best")), _fmt(tm.get("grouped_mm")),
+                     _fmt(d["moec_graph_over_roofline"], 2), _fmt(tm.get("moec_tuned")),
+                     _fmt(d.get("moec_tuned_over_roofline"), 2), _fmt(tm.get("moec_best")), _fmt(tm.get("grouped_mm")),
                      _fmt(tm.get("grouped_mm_graph")), _fmt(tm.get("hf_eager")), _fmt(tm.get("hf_compile")),
                      _fmt(tm.get("hf_compile_graph")), _fmt(d["speedup_vs_hf_compile"], 2),
-                     _fmt(d["graph_speedup_vs_hf_compile_graph"], 2), ok, (c.get("best_config") or {}).get("name", "-")])
+                     _fmt(d["graph_speedup_vs_hf_compile_graph"], 2), _fmt(d.get("tuned_speedup_vs_hf_compile_graph"), 2),
+                     ok, (c["timings"].get("moec_tuned") or {}).get("config", "-")])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     return "\n".join("  ".join(x.rjust(w) if i not in (0, len(head) - 1) else x.ljust(w)
                                for i, (x, w) in enumerate(zip(r, widths))) for r in rows)
@@ -1025,7 +1053,8 @@ def main(argv=None) -> int:
         log(f"wrote {out_dir / f'moe_layer-r{k}.json'}")
 
     # phase 2: config sweeps, small token counts first, shapes interleaved, until the budget is spent ----
-    log(f"\n== config sweeps (up to {args.max_configs} configs per case; budget {args.budget_s:.0f} s)"
+    log(f"\n== config sweeps (the tuner's candidates and up to {args.max_configs} more per case; "
+        f"budget {args.budget_s:.0f} s)"
         f"   [{budget.elapsed():.0f} s]")
     for T in tokens:
         for name, layer in layers.items():
@@ -1086,8 +1115,10 @@ def main(argv=None) -> int:
     log(f"\n{env['device']['name']} | {result['dtype']} | copy {bw['value']:.4g} GB/s | matmul "
         f"{mm['value']:.4g} TFLOP/s | torch {env['versions']['torch']} triton {env['versions']['triton']} "
         f"transformers {env['versions']['transformers']} | commit {str(env['commit'])[:12]}")
-    log("ratio = time/roofline; graph = CUDA-graph replay; best = fastest config of the sweep; gmm = "
-        "torch._grouped_mm path; x compile = HF compile time / moec time; g.x compile = the same, both CUDA-graph replays; ok(e): e = max abs err / max|HF eager|")
+    log("ratio = time/roofline; graph = CUDA-graph replay; tuned = what the compiler's tuner picks at this T "
+        "(its fastest candidate, grouped_mm included, CUDA-graph replays); best = fastest config of the sweep; gmm = "
+        "torch._grouped_mm path; x compile = HF compile time / moec time; g.x / t.x compile = the same, CUDA-graph "
+        "replays, moec's default / tuned; ok(e): e = max abs err / max|HF eager|")
     log(table(result["cases"]))
     return 0 if result["all_correct"] else 1
 

@@ -262,3 +262,18 @@ def test_bfloat16_checkpoint_is_written_and_named_apart(tmp_path):
         synthetic_dir_name("MixtralForCausalLM", TINY_MIXTRAL, 0)
     with pytest.raises(RecipeError, match="model.synthetic.dtype"):
         write_synthetic_model("MixtralForCausalLM", TINY_MIXTRAL, 0, tmp_path / "x", dtype="int8")
+
+
+def test_too_little_disk_is_a_one_line_error_before_writing(tmp_path, monkeypatch):
+    """A model larger than the disk's free space fails before the first shard, naming both sizes
+    (the 16-layer Mixtral-shaped model once filled a 64 GB disk half-way through save_pretrained)."""
+    import shutil
+
+    import moec.compiler.synthetic as synthetic
+
+    monkeypatch.setattr(synthetic.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    with pytest.raises(RecipeError) as e:
+        write_synthetic_model("MixtralForCausalLM", TINY_MIXTRAL, 0, tmp_path / "x")
+    message = str(e.value)
+    assert "\n" not in message and "GB free" in message and str(tmp_path / "x") in message
+    assert not list((tmp_path / "x").glob("*.safetensors"))
