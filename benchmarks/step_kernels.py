@@ -22,8 +22,9 @@ shape (32 query heads, 8 KV heads, head_dim 128, bf16, 16-token cache blocks) an
              copy bandwidth; both leave the same cache
   router     the fused router as the step runs it (no counts) at T = 1..4096: the few-token path
              with H split over programs of 128, 256 (built in) or 512 columns, and unsplit (one
-             program walking H in steps of 512), by setting router.SPLIT_H; against hidden + gate
-             bytes over copy bandwidth
+             program walking H in steps of 512), by setting router.SPLIT_H; and the split path
+             run up to 256 or 4096 tokens instead of 16 (router.SPLIT_MAX_T); against hidden +
+             gate bytes over copy bandwidth
 
 Writes OUT/step_kernels.json and OUT/step_kernels.png (prefill TFLOP/s per config against the
 bound), then prints a table per part. GPU only: exits 2 without CUDA.
@@ -53,6 +54,7 @@ DECODE_BATCHES = (1, 8, 32, 128)
 DECODE_CONTEXT = 512
 ROUTER_TOKENS = (1, 4, 16, 64, 256, 1024, 4096)
 ROUTER_SPLIT_H = (None, 128, 256, 512)
+ROUTER_SPLIT_MAX_T = (16, 256, 4096)  # the split path's token limit (router.SPLIT_MAX_T), at SPLIT_H built in
 SPLIT_COUNTS = (8, 16, 32)
 COMBINE_HEADS = (1, 2, 8)
 KV_WRITE_TOKENS = (1, 8, 32, 128, 4096)
@@ -229,9 +231,11 @@ def run_router(dev, ceil: dict, flush) -> list[dict]:
     from moec.ops.moe_router import moe_router_ref
     from moec.ops.triton import router
 
-    built_in = router.SPLIT_H
-    variants = {("unsplit" if h is None else f"split H {h}") + (" (built in)" if h == built_in else ""): h
-                for h in ROUTER_SPLIT_H}
+    built_in = (router.SPLIT_H, router.SPLIT_MAX_T)
+    variants = {("unsplit" if h is None else f"split H {h}") + (" (built in)" if h == built_in[0] else ""):
+                (h, built_in[1]) for h in ROUTER_SPLIT_H}
+    variants.update({f"split H {built_in[0]} up to {t} tokens": (built_in[0], t) for t in ROUTER_SPLIT_MAX_T
+                     if t != built_in[1]})
     gen = torch.Generator().manual_seed(3)
     gate = (torch.randn(EXPERTS, HIDDEN, generator=gen) * HIDDEN ** -0.5).to(dev, DTYPE)
     rows = []
@@ -240,8 +244,8 @@ def run_router(dev, ceil: dict, flush) -> list[dict]:
         want_ids = moe_router_ref(hidden.float(), gate.float(), TOP_K, True)[1]
         bound_us = (tokens + EXPERTS) * HIDDEN * 2 / (ceil["copy_gb_s"] * 1e9) * 1e6
         row = {"tokens": tokens, "bound_us": bound_us, "variants": {}}
-        for name, split_h in variants.items():
-            router.SPLIT_H = split_h
+        for name, (split_h, split_max_t) in variants.items():
+            router.SPLIT_H, router.SPLIT_MAX_T = split_h, split_max_t
             try:
                 call = lambda: router.fused_router(hidden, gate, TOP_K, True, count=False)  # noqa: E731
                 t, (out, _) = time_graph(call, dev, flush=flush)
@@ -249,7 +253,7 @@ def run_router(dev, ceil: dict, flush) -> list[dict]:
                 row["variants"][name] = {"us": t["median_ms"] * 1e3, "over_bound": t["median_ms"] * 1e3 / bound_us,
                                          "same_experts": same}
             finally:
-                router.SPLIT_H = built_in
+                router.SPLIT_H, router.SPLIT_MAX_T = built_in
         rows.append(row)
     return rows
 

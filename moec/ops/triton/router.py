@@ -10,9 +10,9 @@ in registers: one launch a layer.
 A program walks H in BLOCK_H steps, one after another: at decode (T = 1, one program) those
 steps are the kernel's time (32 steps of 128 took 14.6 us a layer on the H200, more than the
 cuBLAS path it replaced; 8 steps of 512 still 13.8 us, timed alone with the L2 flushed). So up
-to SMALL_T tokens H is split instead: `_router_partial_kernel` has one program per SPLIT_H
-columns of H writing its [SMALL_T, E_PAD] partial logits, and `_router_kernel` sums the partials
-in a fixed order (deterministic) before the same softmax and top-k. Each launch's grid is gated
+to SPLIT_MAX_T tokens H is split instead: `_router_partial_kernel` has one program per SPLIT_H
+columns of H and SMALL_T tokens writing their partial logits, and `_router_kernel` sums the
+partials in a fixed order (deterministic) before the same softmax and top-k. Each launch's grid is gated
 by T (`token_gate`), so one compiled graph runs the split path at decode and the row blocks at
 prefill.
 
@@ -35,7 +35,8 @@ from moec.ops.triton.token_gate import token_range_gate
 def _router_partial_kernel(
     hidden_ptr,
     gate_ptr,
-    partial_ptr,  # [num_splits, BLOCK_T, E_PAD] fp32
+    partial_ptr,  # [num_splits, part_rows, E_PAD] fp32
+    part_rows,
     num_tokens,
     num_experts,
     hidden_size,
@@ -46,9 +47,9 @@ def _router_partial_kernel(
     BLOCK_H: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    """Logits of tokens 0..BLOCK_T-1 over this program's BLOCK_H columns of H."""
+    """Logits of this program's BLOCK_T tokens over its BLOCK_H columns of H."""
     split = tl.program_id(0)
-    rows = tl.arange(0, BLOCK_T)
+    rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, E_PAD)
     h = split * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = h < hidden_size
@@ -60,7 +61,7 @@ def _router_partial_kernel(
         acc = tl.dot(x, w, input_precision="ieee")
     else:
         acc = tl.dot(x, w)
-    tl.store(partial_ptr + (split * BLOCK_T + rows)[:, None] * E_PAD + cols[None, :], acc)
+    tl.store(partial_ptr + (split * part_rows + rows)[:, None] * E_PAD + cols[None, :], acc)
 
 
 @triton.jit
@@ -70,7 +71,8 @@ def _router_kernel(
     weights_ptr,
     ids_ptr,
     counts_ptr,
-    partial_ptr,  # FROM_PARTIALS: `_router_partial_kernel`'s [num_splits, BLOCK_T, E_PAD] output
+    partial_ptr,  # FROM_PARTIALS: `_router_partial_kernel`'s [num_splits, part_rows, E_PAD] output
+    part_rows,
     num_splits,
     num_tokens,
     num_experts,
@@ -94,10 +96,10 @@ def _router_kernel(
     x_rows = hidden_ptr + rows.to(tl.int64)[:, None] * stride_ht
     w_cols = gate_ptr + cols.to(tl.int64)[None, :] * stride_ge
     acc = tl.zeros((BLOCK_T, E_PAD), dtype=tl.float32)
-    if FROM_PARTIALS:  # one row block (T <= BLOCK_T): the splits' logits, summed in split order
+    if FROM_PARTIALS:  # the splits' logits of these rows, summed in split order
         tile = rows[:, None] * E_PAD + cols[None, :]
         for s in range(0, num_splits):
-            acc += tl.load(partial_ptr + s * BLOCK_T * E_PAD + tile)
+            acc += tl.load(partial_ptr + s * part_rows * E_PAD + tile)
     else:
         for h0 in range(0, hidden_size, BLOCK_H):
             h = h0 + tl.arange(0, BLOCK_H)
@@ -139,12 +141,17 @@ def _router_kernel(
 
 
 MAX_EXPERTS = 256  # a block of rows of logits per program, held in registers
-SMALL_T = 16  # up to this many tokens (one row block of the partial sums), H split over programs
+SMALL_T = 16  # rows per program of the few-token launch (tl.dot's M)
 # columns of H per program of the split path (a module value, so a benchmark can vary it); None:
 # one program walks H in steps of 8192 // E_PAD instead, as it also does for more than
 # SPLIT_MAX_E_PAD padded experts (not measured split: Qwen3's 128 would sum 32+ partials)
 SPLIT_H: int | None = 256
 SPLIT_MAX_E_PAD = 32
+# the split path runs up to this many tokens (in row blocks of SMALL_T), the row-block launch
+# above it. A module value for benchmarks/step_kernels.py: measured on the H200 only at 16, where
+# the split took 8.4 us at T = 1; the row blocks take ~19 us from 64 tokens to 1024 (32 steps of
+# 128 over H, one after another), so a wider split may win there too (not measured)
+SPLIT_MAX_T = SMALL_T
 
 
 def _next_pow2(n: int) -> int:
@@ -157,8 +164,9 @@ def launch_configs(num_experts: int) -> list[tuple[int, int | None, int, int, bo
     that keep the [BLOCK_T, E_PAD] logits in registers."""
     e_pad = max(_next_pow2(num_experts), 16)  # tl.dot's N
     split = SPLIT_H is not None and e_pad <= SPLIT_MAX_E_PAD
-    small = (0, SMALL_T, SMALL_T, SPLIT_H if split else max(64, min(512, 8192 // e_pad)), split)
-    large = (SMALL_T, None, 16 if e_pad >= 128 else 32, 64 if e_pad >= 128 else 128, False)
+    top = SPLIT_MAX_T if split else SMALL_T
+    small = (0, top, SMALL_T, SPLIT_H if split else max(64, min(512, 8192 // e_pad)), split)
+    large = (top, None, 16 if e_pad >= 128 else 32, 64 if e_pad >= 128 else 128, False)
     return [small, large]
 
 
@@ -196,16 +204,18 @@ def fused_router(
         if isinstance(gate, int) and gate == 0:
             continue
         num_splits = triton.cdiv(hidden_size, block_h) if split else 1
-        partial = (torch.empty(num_splits, block_t, e_pad, dtype=torch.float32, device=hidden.device) if split
+        part_rows = triton.cdiv(hi, block_t) * block_t if split else 0  # the range's most tokens, whole blocks
+        partial = (torch.empty(num_splits, part_rows, e_pad, dtype=torch.float32, device=hidden.device) if split
                    else weights)  # unread without FROM_PARTIALS
         if split:
-            wrap_triton(_router_partial_kernel)[(num_splits * gate,)](
-                hidden, gate_weight, partial, num_tokens, num_experts, hidden_size, hidden.stride(0),
+            wrap_triton(_router_partial_kernel)[(num_splits * gate, triton.cdiv(num_tokens, block_t) * gate)](
+                hidden, gate_weight, partial, part_rows, num_tokens, num_experts, hidden_size, hidden.stride(0),
                 gate_weight.stride(0), E_PAD=e_pad, BLOCK_T=block_t, BLOCK_H=block_h, IEEE=meta["IEEE"], num_warps=4,
                 num_stages=1,
             )
         wrap_triton(_router_kernel)[(triton.cdiv(num_tokens, block_t) * gate,)](
-            hidden, gate_weight, weights, ids, counts, partial, num_splits, num_tokens, num_experts, hidden_size,
+            hidden, gate_weight, weights, ids, counts, partial, part_rows, num_splits, num_tokens, num_experts,
+            hidden_size,
             hidden.stride(0), gate_weight.stride(0), BLOCK_T=block_t, BLOCK_H=block_h, FROM_PARTIALS=split, **meta,
         )
     return weights, ids, counts if count else None
