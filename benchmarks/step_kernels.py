@@ -143,16 +143,24 @@ def run_prefill(dev, ceil: dict, flush, deadline: float) -> list[dict]:
     return rows
 
 
-def run_decode(dev, ceil: dict, flush) -> list[dict]:
+def decode_case(batch: int, gen: torch.Generator, dev) -> tuple[dict, torch.Tensor]:
+    """`batch` sequences of DECODE_CONTEXT cached tokens, one query token each, and the fp32
+    reference output."""
     from moec.ops.paged_attention import paged_attention_ref
+
+    inp = paged_inputs([DECODE_CONTEXT] * batch, [1] * batch, gen, dev)
+    want = paged_attention_ref(inp["query"].float(), inp["cache"].float(), 0, inp["tables"], inp["seq_ids"],
+                               inp["positions"], HEAD_DIM ** -0.5)
+    return inp, want
+
+
+def run_decode(dev, ceil: dict, flush) -> list[dict]:
     from moec.ops.triton import paged_attention as pa
 
     rows = []
     gen = torch.Generator().manual_seed(2)
     for batch in DECODE_BATCHES:
-        inp = paged_inputs([DECODE_CONTEXT] * batch, [1] * batch, gen, dev)
-        want = paged_attention_ref(inp["query"].float(), inp["cache"].float(), 0, inp["tables"], inp["seq_ids"],
-                                   inp["positions"], HEAD_DIM ** -0.5)
+        inp, want = decode_case(batch, gen, dev)
         kv_bytes = batch * DECODE_CONTEXT * KV_HEADS * HEAD_DIM * 2 * 2
         bound_us = kv_bytes / (ceil["copy_gb_s"] * 1e9) * 1e6
         row = {"batch": batch, "context": DECODE_CONTEXT, "bound_us": bound_us, "configs": {}}
@@ -167,16 +175,13 @@ def run_decode(dev, ceil: dict, flush) -> list[dict]:
 
 def run_splits(dev, ceil: dict, flush) -> list[dict]:
     """Decode attention (the compiled step's dynamic tiles) per split count and merge width."""
-    from moec.ops.paged_attention import paged_attention_ref
     from moec.ops.triton import paged_attention as pa
 
     built_in = (pa.NUM_SPLITS, pa.PART_ROWS, pa.COMBINE_HEADS)
     rows = []
     gen = torch.Generator().manual_seed(4)
     for batch in DECODE_BATCHES:
-        inp = paged_inputs([DECODE_CONTEXT] * batch, [1] * batch, gen, dev)
-        want = paged_attention_ref(inp["query"].float(), inp["cache"].float(), 0, inp["tables"], inp["seq_ids"],
-                                   inp["positions"], HEAD_DIM ** -0.5)
+        inp, want = decode_case(batch, gen, dev)
         row = {"batch": batch, "context": DECODE_CONTEXT, "variants": {}}
         for splits in SPLIT_COUNTS:
             for heads in COMBINE_HEADS:
