@@ -16,10 +16,10 @@ import difflib
 import hashlib
 import json
 import re
+import shutil
 import sys
 from collections.abc import Callable
 from functools import cache
-import shutil
 from pathlib import Path
 from typing import Any
 

@@ -12,9 +12,9 @@ steps are the kernel's time (32 steps of 128 took 14.6 us a layer on the H200, m
 cuBLAS path it replaced; 8 steps of 512 still 13.8 us, timed alone with the L2 flushed). So up
 to SPLIT_MAX_T tokens H is split instead: `_router_partial_kernel` has one program per SPLIT_H
 columns of H and SMALL_T tokens writing their partial logits, and `_router_kernel` sums the
-partials in a fixed order (deterministic) before the same softmax and top-k. Each launch's grid is gated
-by T (`token_gate`), so one compiled graph runs the split path at decode and the row blocks at
-prefill.
+partials in a fixed order (deterministic) before the same softmax and top-k. Each launch's grid
+is gated by T (`token_gate`), so one compiled graph runs the split path at decode and the row
+blocks at prefill.
 
 Top-k is K rounds of (row max, lowest index attaining it, mask it out): no sort, and ties go to
 the lower expert index. The per-expert counts, when asked for, are int32 atomic adds into a
@@ -215,7 +215,7 @@ def fused_router(
             )
         wrap_triton(_router_kernel)[(triton.cdiv(num_tokens, block_t) * gate,)](
             hidden, gate_weight, weights, ids, counts, partial, part_rows, num_splits, num_tokens, num_experts,
-            hidden_size,
-            hidden.stride(0), gate_weight.stride(0), BLOCK_T=block_t, BLOCK_H=block_h, FROM_PARTIALS=split, **meta,
+            hidden_size, hidden.stride(0), gate_weight.stride(0), BLOCK_T=block_t, BLOCK_H=block_h,
+            FROM_PARTIALS=split, **meta,
         )
     return weights, ids, counts if count else None
