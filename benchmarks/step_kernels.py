@@ -20,6 +20,12 @@ shape (32 query heads, 8 KV heads, head_dim 128, bf16, 16-token cache blocks) an
              in) against the torch path it replaced (K and V stacked and one index_copy_ up to
              256 tokens, one index_copy_ a plane above), against the bytes read and written over
              copy bandwidth; both leave the same cache
+  dense      the step's dense projections at decode (Mixtral's fused Q/K/V [6144, 4096], O
+             [4096, 4096], lm_head [32000, 4096]) at T = 1, 4, 16 tokens: F.linear as the compiled
+             step runs it (cuBLAS) against a prototype Triton matrix-vector kernel defined here
+             under a few tile configs, against the weight bytes over copy bandwidth: whether a
+             small-T dense path in the compiler would pay (the H200 profile: Q/K/V and O at
+             75% and 66% of copy bandwidth at batch 1)
   router     the fused router as the step runs it (no counts) at T = 1..4096: the few-token path
              with H split over programs of 128, 256 (built in) or 512 columns, and unsplit (one
              program walking H in steps of 512), by setting router.SPLIT_H; and the split path
@@ -43,6 +49,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from measure import L2Flusher, copy_bandwidth, environment, matmul_rate, time_graph, write_json  # noqa: E402
 
@@ -58,6 +66,10 @@ ROUTER_SPLIT_MAX_T = (16, 256, 4096)  # the split path's token limit (router.SPL
 SPLIT_COUNTS = (8, 16, 32)
 COMBINE_HEADS = (1, 2, 8)
 KV_WRITE_TOKENS = (1, 8, 32, 128, 4096)
+DENSE_SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "lm_head": (32000, 4096)}  # [N, K] weights
+DENSE_TOKENS = (1, 4, 16)
+PARTS = ("router", "decode", "splits", "kv_write", "dense", "prefill")
+GEMV_CONFIGS = [(16, 256, 4), (32, 256, 4), (16, 512, 3), (32, 128, 5), (64, 256, 3)]  # BLOCK_N, BLOCK_K, stages
 STACKED_UP_TO = 256  # the torch path's switch from one stacked index_copy_ to one a plane
 
 
@@ -232,6 +244,58 @@ def run_kv_write(dev, ceil: dict, flush) -> list[dict]:
     return rows
 
 
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, num_tokens, N, K, stride_xt, stride_wn, stride_ot,
+                 BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[t, n] = x[t] . w[n] for up to BLOCK_T tokens: a program per BLOCK_N weight rows, each
+    streamed once over K (a prototype, measured here before any compiler pass uses one)."""
+    rows = tl.arange(0, BLOCK_T)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_T, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xt + offs_k[None, :],
+                    mask=(rows < num_tokens)[:, None] & (offs_k < K)[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None],
+                    mask=(cols < N)[None, :] & (offs_k < K)[:, None], other=0.0)
+        acc = tl.dot(x, w, acc)
+    tl.store(out_ptr + rows[:, None] * stride_ot + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(rows < num_tokens)[:, None] & (cols < N)[None, :])
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int, block_k: int, stages: int) -> torch.Tensor:
+    out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(w.shape[0], block_n),)](
+        x, w, out, x.shape[0], w.shape[0], w.shape[1], x.stride(0), w.stride(0), out.stride(0),
+        BLOCK_T=16, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=stages)
+    return out
+
+
+def run_dense(dev, ceil: dict, flush) -> list[dict]:
+    rows = []
+    gen = torch.Generator().manual_seed(6)
+    for name, (n, k) in DENSE_SHAPES.items():
+        w = (torch.randn(n, k, generator=gen) * k ** -0.5).to(dev, DTYPE)
+        for tokens in DENSE_TOKENS:
+            x = torch.randn(tokens, k, generator=gen).to(dev, DTYPE)
+            want = F.linear(x.float(), w.float())
+            bound_us = (n * k + tokens * (n + k)) * 2 / (ceil["copy_gb_s"] * 1e9) * 1e6
+            row = {"weight": name, "shape": [n, k], "tokens": tokens, "bound_us": bound_us, "paths": {}}
+            calls = {"F.linear (cuBLAS, built in)": lambda: F.linear(x, w)}
+            calls.update({f"triton N{bn} K{bk} s{st}": (lambda bn=bn, bk=bk, st=st: gemv(x, w, bn, bk, st))
+                          for bn, bk, st in GEMV_CONFIGS})
+            for path, call in calls.items():
+                try:
+                    t, (out, _) = time_graph(call, dev, flush=flush)
+                    err = ((out.float() - want).norm() / want.norm()).item()
+                    row["paths"][path] = {"us": t["median_ms"] * 1e3, "over_bound": t["median_ms"] * 1e3 / bound_us,
+                                          "rel_err": err, "ok": err <= 1e-2}
+                except Exception as exc:  # a tile that does not compile: recorded, not fatal
+                    row["paths"][path] = {"error": f"{type(exc).__name__}: {exc}"[:300], "ok": False}
+            rows.append(row)
+    return rows
+
+
 def run_router(dev, ceil: dict, flush) -> list[dict]:
     from moec.ops.moe_router import moe_router_ref
     from moec.ops.triton import router
@@ -315,6 +379,13 @@ def print_tables(result: dict) -> None:
     for r in result.get("kv_write", []):
         cells = "  ".join(f"{n} {c['us']:.1f} ({c['over_bound']:.1f}x)" for n, c in r["paths"].items())
         print(f"  T={r['tokens']:5d} bound {r['bound_us']:.2f}  {cells}  same cache: {r['same_cache']}")
+    print("dense projections at decode (us; x bound)")
+    for r in result.get("dense", []):
+        ok = {n: c for n, c in r["paths"].items() if c.get("ok")}
+        best = min(ok.items(), key=lambda kv: kv[1]["us"], default=(None, {}))
+        built = r["paths"].get("F.linear (cuBLAS, built in)", {})
+        print(f"  {r['weight']:8s} T={r['tokens']:2d} bound {r['bound_us']:.1f}  cuBLAS {built.get('us', float('nan')):.1f}"
+              f"  best {best[0]} {best[1].get('us', float('nan')):.1f}")
     print("router (us)")
     for r in result.get("router", []):
         cells = "  ".join(f"{n} {c['us']:.1f}" for n, c in r["variants"].items())
@@ -325,12 +396,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=".")
     parser.add_argument("--budget-s", type=float, default=240, help="the prefill sweep stops adding configs after it")
-    parser.add_argument("--parts", default="router,decode,splits,kv_write,prefill",
-                        help="which of router,decode,splits,kv_write,prefill to run")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"which of {','.join(PARTS)} to run")
     args = parser.parse_args()
-    unknown = set(args.parts.split(",")) - {"router", "decode", "splits", "kv_write", "prefill"}
+    unknown = set(args.parts.split(",")) - set(PARTS)
     if unknown:
-        parser.error(f"--parts: unknown {', '.join(sorted(unknown))}; choose from router,decode,splits,kv_write,prefill")
+        parser.error(f"--parts: unknown {', '.join(sorted(unknown))}; choose from {','.join(PARTS)}")
     if not torch.cuda.is_available():
         print("step_kernels: needs a CUDA GPU (it times Triton kernels); run it through the device tool",
               file=sys.stderr)
@@ -344,6 +414,7 @@ def main() -> int:
     print(f"ceilings: copy {ceil['copy_gb_s']:.0f} GB/s, matmul {ceil['matmul_tflop_s']:.0f} TFLOP/s", flush=True)
     parts = {"router": lambda: run_router(dev, ceil, flush), "decode": lambda: run_decode(dev, ceil, flush),
              "splits": lambda: run_splits(dev, ceil, flush), "kv_write": lambda: run_kv_write(dev, ceil, flush),
+             "dense": lambda: run_dense(dev, ceil, flush),
              "prefill": lambda: run_prefill(dev, ceil, flush, start + args.budget_s)}
     for part in args.parts.split(","):
         result[part] = parts[part]()
