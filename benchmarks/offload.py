@@ -86,8 +86,9 @@ def role_moec(args) -> int:
 def accelerate_headroom(config, batch: int, context: int, new_tokens: int) -> int:
     """GPU bytes HF generate needs beside the weights at `batch`: its KV cache, and the prompt's
     activations (hidden states, attention, the experts' intermediates; generous: an estimate)."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * 2 * batch * (context + new_tokens)
+    from moec.compiler.step import head_dim
+
+    kv = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim(config) * 2 * batch * (context + new_tokens)
     tokens = batch * context
     return kv + tokens * (16 * config.hidden_size + 3 * config.intermediate_size) * 2 + (1 << 30)
 

@@ -356,36 +356,44 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def fastest(entries: dict, unit: str) -> tuple[str | None, float]:
+    """(name, time) of the fastest entry that passed its check; (None, nan) when none did."""
+    ok = {name: e[unit] for name, e in entries.items() if e.get("ok") and unit in e}
+    name = min(ok, key=ok.get, default=None)
+    return name, ok.get(name, float("nan"))
+
+
+def timing_cells(entries: dict) -> str:
+    """'name us (x bound)' for each entry, on one line."""
+    return "  ".join(f"{n} {c['us']:.1f} ({c['over_bound']:.1f}x)" for n, c in entries.items())
+
+
 def print_tables(result: dict) -> None:
     print("\nprefill (ms; x bound)")
     for r in result.get("prefill", []):
-        best = min(((n, c) for n, c in r["configs"].items() if "ms" in c and c["ok"]), key=lambda x: x[1]["ms"],
-                   default=(None, None))
+        best = fastest(r["configs"], "ms")
         built = r["configs"].get("prefill (built-in)", {})
         dyn = r["configs"].get("dynamic (built-in)", {})
         print(f"  T={r['tokens']:5d} bound {r['bound_ms']:.3f}  sdpa {r['sdpa_flash_ms']:.3f}  "
               f"dynamic {dyn.get('ms', float('nan')):.3f}  prefill {built.get('ms', float('nan')):.3f}  "
-              f"best {best[0]} {best[1]['ms'] if best[1] else float('nan'):.3f}")
+              f"best {best[0]} {best[1]:.3f}")
     print("decode attention (us; x bound)")
     for r in result.get("decode", []):
-        cells = "  ".join(f"{n} {c['us']:.1f} ({c['over_bound']:.1f}x)" for n, c in r["configs"].items())
-        print(f"  B={r['batch']:4d} bound {r['bound_us']:.1f}  {cells}")
+        print(f"  B={r['batch']:4d} bound {r['bound_us']:.1f}  {timing_cells(r['configs'])}")
     print("decode attention by split count and merge width (us)")
     for r in result.get("splits", []):
-        best = min(r["variants"].items(), key=lambda kv: kv[1]["us"] if kv[1]["ok"] else float("inf"))
+        best = fastest(r["variants"], "us")
         built = next((c["us"] for n, c in r["variants"].items() if "built in" in n), float("nan"))
-        print(f"  B={r['batch']:4d} built in {built:.1f}  best {best[0]} {best[1]['us']:.1f}")
+        print(f"  B={r['batch']:4d} built in {built:.1f}  best {best[0]} {best[1]:.1f}")
     print("K/V write (us)")
     for r in result.get("kv_write", []):
-        cells = "  ".join(f"{n} {c['us']:.1f} ({c['over_bound']:.1f}x)" for n, c in r["paths"].items())
-        print(f"  T={r['tokens']:5d} bound {r['bound_us']:.2f}  {cells}  same cache: {r['same_cache']}")
+        print(f"  T={r['tokens']:5d} bound {r['bound_us']:.2f}  {timing_cells(r['paths'])}  same cache: {r['same_cache']}")
     print("dense projections at decode (us; x bound)")
     for r in result.get("dense", []):
-        ok = {n: c for n, c in r["paths"].items() if c.get("ok")}
-        best = min(ok.items(), key=lambda kv: kv[1]["us"], default=(None, {}))
+        best = fastest(r["paths"], "us")
         built = r["paths"].get("F.linear (cuBLAS, built in)", {})
         print(f"  {r['weight']:8s} T={r['tokens']:2d} bound {r['bound_us']:.1f}  cuBLAS {built.get('us', float('nan')):.1f}"
-              f"  best {best[0]} {best[1].get('us', float('nan')):.1f}")
+              f"  best {best[0]} {best[1]:.1f}")
     print("router (us)")
     for r in result.get("router", []):
         cells = "  ".join(f"{n} {c['us']:.1f}" for n, c in r["variants"].items())
