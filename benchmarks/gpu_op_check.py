@@ -4,7 +4,8 @@
 
 Seconds, not minutes: run it before anything that compiles a whole model. Each row compares an op
 (the Triton paged attention; fused_moe with the default plan, every candidate config as a one-range
-plan, a two-range plan and the grouped_mm path) with the reference computed in fp32 on the same
+plan, a two-range plan and the grouped_mm path; and the tuner's torch.cond switch between a
+Triton plan and grouped_mm through AOTInductor) with the reference computed in fp32 on the same
 bf16 inputs, as max |a - b| / max |ref| per output. The same ops then run inside
 `torch.compile(dynamic=True)`, which hands scalars and token gates to the kernels the way
 AOTInductor does. Writes gpu_op_check.json; exits 1 if a row is over its tolerance.
@@ -103,6 +104,58 @@ def moe_rows(compiled: bool) -> list[dict]:
     return rows
 
 
+def switch_rows(compiled: bool) -> list[dict]:
+    """The tuner's switch between a Triton plan and the grouped_mm path, on the GPU: a fused_moe
+    call exported with T symbolic, made a torch.cond on T by the compiler's own pass
+    (`branch_on_tokens`), compiled by AOTInductor, run below and above the switch point."""
+    if not compiled:
+        return []
+    import tempfile
+
+    from moec.compiler.passes.moe_tuning import GROUPED_MM, branch_on_tokens
+    from moec.ops.moe_combine import moe_combine_ref
+    from moec.ops.moe_experts import moe_experts_ref
+    from moec.ops.triton.configs import encode_plan
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    E, H, I, K, switch = 8, 1024, 1536, 2, 64
+    w13 = (torch.randn(E, 2 * I, H, device="cuda", generator=g) * 0.03).bfloat16()
+    w2 = (torch.randn(E, H, I, device="cuda", generator=g) * 0.03).bfloat16()
+
+    def routed(T):
+        hidden = torch.randn(T, H, device="cuda", generator=g).bfloat16()
+        weights, ids = torch.softmax(torch.randn(T, E, device="cuda", generator=g), -1).topk(K, -1)
+        return hidden, weights / weights.sum(-1, keepdim=True), ids
+
+    class Block(torch.nn.Module):
+        def forward(self, hidden, w13, w2, weights, ids):  # with a residual, as in a decoder layer
+            return hidden + torch.ops.moec.fused_moe(hidden, w13, w2, weights, ids, "silu", "")
+
+    hidden, weights, ids = routed(5)
+    tokens = torch.export.Dim("tokens", min=1, max=4096)
+    ep = torch.export.export(Block(), (hidden, w13, w2, weights, ids),
+                             dynamic_shapes=({0: tokens}, None, None, {0: tokens}, {0: tokens}), strict=False)
+    gm = ep.graph_module
+    node = next(n for n in gm.graph.nodes if n.target is torch.ops.moec.fused_moe.default)
+    branch_on_tokens(gm, node, switch, "", encode_plan({"path": GROUPED_MM}))
+    gm.graph.lint()
+    gm.recompile()
+    ep = ep._update(gm, ep.graph_signature)
+    with tempfile.TemporaryDirectory() as tmp:
+        package = torch._inductor.aoti_compile_and_package(ep, package_path=f"{tmp}/switch.pt2")
+        run = torch._inductor.aoti_load_package(package)
+        rows = []
+        for T in (3, switch, switch + 1, 700):
+            hidden, weights, ids = routed(T)
+            ref = moe_combine_ref(moe_experts_ref(hidden.float(), w13.float(), w2.float(), ids, "silu"), weights)
+            got = run(hidden, w13, w2, weights, ids)
+            ref = ref + hidden.float()
+            side = "grouped_mm" if T > switch else "triton"
+            rows.append({"op": "fused_moe switch", "case": f"T={T} {side} (aoti)", "compiled": compiled,
+                         "rel_error": rel(got, ref)})
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
@@ -114,7 +167,7 @@ def main() -> int:
     start = time.perf_counter()
     rows = []
     for compiled in (False, True):
-        for part in (attention_rows, moe_rows):
+        for part in (attention_rows, moe_rows, switch_rows):
             try:
                 rows += part(compiled)
             except Exception as e:  # noqa: BLE001  a failing part is a result: record it, go on

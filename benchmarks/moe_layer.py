@@ -9,8 +9,9 @@ One run measures, on the same random inputs and weights:
               that T; then a few more (table rows, vLLM-style variants) to find ones to add
   moec_ops    the registered ops the compiler lowers to, dispatched eagerly:
               `torch.ops.moec.moe_router` (PyTorch reference router) + `torch.ops.moec.fused_moe`
-  grouped_mm  the CUTLASS alternative: moec's router, then sort + torch._grouped_mm gate/up +
-              silu*mul + torch._grouped_mm down + weighted combine
+  grouped_mm  the CUTLASS alternative the tuner times: moec's router, then the compiler's
+              grouped_mm path (sort + torch._grouped_mm gate/up + silu*mul + torch._grouped_mm down
+              + weighted combine) through torch.compile(dynamic=True), as the artifact runs it
   hf_eager    transformers' MixtralSparseMoeBlock / Qwen3MoeSparseMoeBlock, experts_implementation
               "eager", the same tensors as its parameters
   hf_compile  the same block with experts_implementation "grouped_mm" under torch.compile
@@ -92,8 +93,8 @@ PATH_LABELS = {
     "moec_tuned": "moec as the compiler's tuner would choose at this T: its fastest candidate (Triton "
                   "configs, CUDA-graph replays, and the grouped_mm path)",
     "moec_ops": "moec registered ops, eager dispatch (reference router)",
-    "grouped_mm": "moec router + torch._grouped_mm experts (eager)",
-    "grouped_mm_graph": "moec router + torch._grouped_mm experts, CUDA-graph replay",
+    "grouped_mm": "moec router + its torch._grouped_mm path (torch.compile, dynamic)",
+    "grouped_mm_graph": "moec router + its torch._grouped_mm path (torch.compile, dynamic), CUDA-graph replay",
     "hf_eager": "transformers block, experts_implementation=eager",
     "hf_compile": "transformers block, experts_implementation=grouped_mm, torch.compile",
     "hf_compile_graph": "transformers grouped_mm + torch.compile, CUDA-graph replay",
@@ -270,6 +271,11 @@ class Layer:
         self.w13 = torch.randn(E, 2 * I, H, generator=g, device=device, dtype=dtype).mul_(H ** -0.5)
         self.w2 = torch.randn(E, H, I, generator=g, device=device, dtype=dtype).mul_(I ** -0.5)
         self._w32 = None
+        # the compiler's grouped_mm path, as the artifact runs it: through Inductor, T symbolic (on
+        # CUDA; op by op elsewhere, where there is nothing to time)
+        from moec.ops.fused_moe import fused_moe_grouped_mm
+        self._grouped_mm = (torch.compile(fused_moe_grouped_mm, dynamic=True, fullgraph=True)
+                            if torch.device(device).type == "cuda" else fused_moe_grouped_mm)
         if mode is not None:
             from moec.ops.triton.fused_moe import fused_moe as fused_moe_triton
             from moec.ops.triton.router import fused_router
@@ -305,19 +311,8 @@ class Layer:
         return torch.ops.moec.fused_moe(hidden, self.w13, self.w2, w, ids, "silu")
 
     def grouped_mm(self, hidden):
-        T, K, H, I = hidden.shape[0], self.K, self.H, self.I
-        w, ids, counts = self.route(hidden)
-        flat = ids.reshape(-1)
-        _, perm = torch.sort(flat, stable=True)
-        x = hidden.index_select(0, perm // K)
-        offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        gu = torch._grouped_mm(x, self.w13.transpose(-2, -1), offs=offs)  # [T*K, 2I], gate then up
-        h = F.silu(gu[:, :I]) * gu[:, I:]
-        y = torch._grouped_mm(h, self.w2.transpose(-2, -1), offs=offs)  # [T*K, H]
-        y = y.float() * w.reshape(-1).index_select(0, perm).unsqueeze(-1)
-        rows = torch.empty_like(y)
-        rows[perm] = y
-        return rows.view(T, K, H).sum(dim=1).to(hidden.dtype)
+        w, ids, _ = self.route(hidden, count=False)
+        return self._grouped_mm(hidden, self.w13, self.w2, w, ids, "silu")
 
     # HF blocks --------------------------------------------------------------------------------
     def hf_block(self, impl: str):

@@ -43,7 +43,10 @@ def fused_moe_grouped_mm(
     """The CUTLASS alternative the tuner times against the Triton kernels: assignments sorted by
     expert (stable), `torch._grouped_mm` for gate/up and for down, the activation between, and
     the weighted sum per token in fp32 (a fixed order: deterministic). Static shapes only: the
-    per-expert row ends come from a searchsorted, not a bincount."""
+    per-expert row ends come from a searchsorted, not a bincount. Written for Inductor, which
+    compiles it into the artifact: the activation is one fused pass, and the rows come back to
+    token order by a gather (the inverse permutation) that fuses with the weighted sum, where a
+    scatter would be a pass of its own."""
     num_tokens, hidden_size = hidden.shape
     top_k = topk_ids.shape[1]
     num_experts, two_i, _ = w13.shape
@@ -54,7 +57,8 @@ def fused_moe_grouped_mm(
     gate_up = torch._grouped_mm(x, w13.transpose(-2, -1), offs=offs)  # [T*K, 2I], sorted rows
     h = ACTIVATIONS[activation](gate_up[:, : two_i // 2]) * gate_up[:, two_i // 2 :]
     y = torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs)  # [T*K, H], sorted rows
-    rows = y.new_empty(y.shape).index_copy(0, order, y)  # back to assignment order
+    position = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device))
+    rows = y.index_select(0, position)  # back to assignment order
     return moe_combine_ref(rows.view(num_tokens, top_k, hidden_size), topk_weights)
 
 
