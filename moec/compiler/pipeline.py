@@ -24,7 +24,7 @@ from moec.compiler.passes.external_attention import externalize_attention
 from moec.compiler.passes.external_experts import externalize_experts
 from moec.compiler.passes.fused_projections import fuse_projections
 from moec.compiler.passes.moe_lowering import check_moe_blocks
-from moec.compiler.passes.moe_tuning import apply_moe_plans, tune_moe
+from moec.compiler.passes.moe_tuning import CUDA_SWITCH, apply_moe_plans, tune_moe
 from moec.compiler.recipe import Recipe
 from moec.compiler.step import PagedStep, head_dim
 from moec.errors import RecipeError
@@ -131,7 +131,7 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
         with stages.stage("tune", tune_detail):
             # a branch between paths lives in the graph; external experts (offload, EP) take one plan
             tuning = tune_moe(regions, step, dtype, recipe.device, recipe.max_tokens_per_step,
-                              allow_switch=recipe.offload is None and recipe.parallel.ep == 1)
+                              allow_switch=recipe.offload is None and recipe.parallel.ep == 1 and CUDA_SWITCH)
             ep = apply_moe_plans(ep, step, tuning.plans, tuning.switches)
         console.print("\n".join("  " + line for line in moe_kernel_lines(tuning.table)),
                       soft_wrap=True, markup=False, highlight=False)

@@ -43,6 +43,12 @@ from moec.ops.triton.configs import candidate_configs, config_name, encode_plan
 
 RANGE_TOLERANCE = 0.03  # keep the current range's config while within 3% of the bucket's best
 SWITCH_GAIN = 0.02  # a Triton/grouped_mm switch (a branch in the graph) must gain 2% on the mean
+# Whether a compile for CUDA may branch between the paths: not yet. AOTInductor on torch 2.11 fails
+# to lower the branch when the Triton plan's kernels are in it ("InductorError: ValueError: Start
+# index 4 out of bounds [0, 3]", benchmarks/gpu_op_check.py --parts switch on an H200,
+# gpu_op_check-h200-2026-12-03.json); on CPU, where both branches run the reference, it lowers and
+# is tested. Until the GPU check passes, each block keeps the single path that is faster on the mean.
+CUDA_SWITCH = False
 GROUPED_MM = "grouped_mm"
 CPU_NOTE = ("device cpu: fused_moe runs the PyTorch reference (moe_experts + weighted combine); "
             "there are no kernels to choose between, and nothing was timed")
