@@ -112,6 +112,7 @@ def switch_rows(compiled: bool) -> list[dict]:
         return []
     import tempfile
 
+    from moec.compiler.lower import int_arrays_declared_at_each_use
     from moec.compiler.passes.moe_tuning import GROUPED_MM, branch_on_tokens
     from moec.ops.moe_combine import moe_combine_ref
     from moec.ops.moe_experts import moe_experts_ref
@@ -142,7 +143,8 @@ def switch_rows(compiled: bool) -> list[dict]:
     gm.recompile()
     ep = ep._update(gm, ep.graph_signature)
     with tempfile.TemporaryDirectory() as tmp:
-        package = torch._inductor.aoti_compile_and_package(ep, package_path=f"{tmp}/switch.pt2")
+        with int_arrays_declared_at_each_use():  # as moec.compiler.lower compiles
+            package = torch._inductor.aoti_compile_and_package(ep, package_path=f"{tmp}/switch.pt2")
         run = torch._inductor.aoti_load_package(package)
         rows = []
         for T in (3, switch, switch + 1, 700):

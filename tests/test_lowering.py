@@ -346,3 +346,36 @@ def test_cpu_artifact_records_the_reference_path(tiny_artifact):
     assert proc.returncode == 0, proc.stderr
     assert "MoE: PyTorch reference on cpu (nothing to tune, nothing timed)" in proc.stdout
     assert "E4 top-2 H64 I128 silu float32: reference  (model.layers.0.mlp, model.layers.1.mlp)" in proc.stdout
+
+
+def test_aoti_wrapper_declares_each_int_array_where_it_is_used():
+    """The workaround for AOTInductor's int-array name cache (moec.compiler.lower): the cache is
+    keyed by the id of the writeline callable, so one callable writing into another buffer (or a
+    recycled id) gets back a name declared elsewhere. With the workaround on, every request writes
+    its own declaration where it was asked to."""
+    from itertools import count
+
+    from torch._inductor.codegen.cpp_wrapper_cpu import CppWrapperCpu
+    from torch.utils._ordered_set import OrderedSet
+
+    from moec.compiler.lower import int_arrays_declared_at_each_use
+
+    wrapper = CppWrapperCpu.__new__(CppWrapperCpu)
+    wrapper.int_array_id, wrapper.declared_int_array_vars, wrapper.codegen_int_array_var_cache = count(), OrderedSet(), {}
+    buffers: list[list[str]] = []
+
+    def writeline(line: str) -> None:  # one callable, the buffer behind it changes
+        buffers[-1].append(line)
+
+    def request() -> str:
+        buffers.append([])
+        return wrapper.codegen_int_array_var("{4L, 1L}", writeline, known_statically=True)
+
+    with int_arrays_declared_at_each_use():
+        first, second = request(), request()
+    assert first != second
+    assert buffers == [[f"static constexpr int64_t {first}[] = {{4L, 1L}};"],
+                       [f"static constexpr int64_t {second}[] = {{4L, 1L}};"]]
+    assert CppWrapperCpu.codegen_int_array_var.__name__ == "codegen_int_array_var"  # restored
+    if request() == first:  # torch's own cache, where it still has the bug: no declaration written
+        assert buffers[-1] == []

@@ -6,6 +6,8 @@ them in safetensors, the runtime memory-maps them and hands them to the compiled
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -14,8 +16,37 @@ from safetensors.torch import save_file
 INDUCTOR_CONFIGS = {"aot_inductor.package_constants_in_so": False}
 
 
+@contextlib.contextmanager
+def int_arrays_declared_at_each_use() -> Iterator[None]:
+    """Work around an AOTInductor bug that can make the C++ wrapper fail to compile.
+
+    The wrapper declares each size/stride array once and caches its name, keyed by the id of
+    the writeline callable it was written with. In torch 2.11 that callable is a bound method,
+    made afresh at each attribute access; in 2.13, the buffer it belongs to. Either way the ids
+    are recycled, so a later call can get back a name whose declaration went into another buffer.
+    The 8-layer Mixtral for CUDA hit it on an H200 (torch 2.11, 2026-12-03): "'int_array_216' was
+    not declared in this scope". pytorch/pytorch#193621 and #193628 fix it upstream.
+
+    While this is active, every use declares its own array under a fresh name. That is always
+    valid C++ and costs a few lines of wrapper."""
+    from torch._inductor.codegen.cpp_wrapper_cpu import CppWrapperCpu
+
+    cached = CppWrapperCpu.codegen_int_array_var
+
+    def declare(self, int_array, writeline, known_statically=False, graph=None):
+        return self._codegen_int_array_var_impl(int_array, writeline, known_statically)
+
+    CppWrapperCpu.codegen_int_array_var = declare
+    try:
+        yield
+    finally:
+        CppWrapperCpu.codegen_int_array_var = cached
+
+
 def compile_graph(ep: torch.export.ExportedProgram, package_path: Path) -> Path:
-    torch._inductor.aoti_compile_and_package(ep, package_path=str(package_path), inductor_configs=INDUCTOR_CONFIGS)
+    with int_arrays_declared_at_each_use():
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(package_path),
+                                                 inductor_configs=INDUCTOR_CONFIGS)
     return package_path
 
 

@@ -260,11 +260,11 @@ class CudaMeasure:
     C++ launches, which have no Python between kernels), the L2 cache flushed before each replay
     outside the timed events (in a real model the other layers evict this one's weights), median
     of at least MIN_REPLAYS. The grouped_mm path is timed as Inductor compiles it into the
-    artifact (torch.compile, T symbolic): run op by op it pays a pass per aten op around the two
-    GEMMs that the artifact does not, and the tuner would pick Triton where grouped_mm is faster
-    (a Mixtral layer at 4096 tokens on an H200: 5.86 ms op by op, in e2e_decode-h200-2026-12-03T0938,
-    where transformers' same sort + grouped_mm path under torch.compile took 5.09, in
-    moe_layer-h200-2026-12-02)."""
+    artifact (torch.compile, T symbolic), not op by op, which pays a pass per aten op around the
+    two GEMMs that the artifact does not. Measured on an H200 for a Mixtral layer at 4096 tokens
+    (moe_layer-h200-2026-12-03): 5.78 ms compiled against 5.86 op by op (the tuning table of
+    e2e_decode-h200-2026-12-03T0938), so the passes were not the gap to transformers' compiled
+    grouped_mm block, 5.05 ms in the same run."""
 
     MIN_REPLAYS = 10
     MAX_REPLAYS = 100
