@@ -104,6 +104,43 @@ def hf_decode_rate(model, batch: int, context: int, new_tokens: int, generator, 
             "decode_tokens_per_s": batch * (new_tokens - 1) / decode_s, "step_ms": decode_s / (new_tokens - 1) * 1e3}
 
 
+def hf_step_times(model, batch: int, context: int, new_tokens: int, generator, progress: bool = False) -> dict:
+    """Decode tokens/s of HF generate from ONE call: a logits processor reads the clock (after a
+    sync) each time generate picks a token, so the prompt's time is the first reading and each
+    decode step the gap between two. One prefill, where `hf_decode_rate` pays two: an offloaded
+    model's 128 x 512-token prompt takes minutes. The step is the median gap."""
+    import statistics
+
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Clock(LogitsProcessor):
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores):
+            sync()
+            self.times.append(time.perf_counter())
+            if progress:
+                log(f"  generate batch {batch} x {context} tokens: token {len(self.times)} at "
+                    f"{self.times[-1] - start:.1f} s")
+            return scores
+
+    ids = torch.randint(3, model.config.vocab_size, (batch, context), generator=generator).to(device())
+    clock = Clock()
+    sync()
+    start = time.perf_counter()
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                   do_sample=False, pad_token_id=model.config.eos_token_id, logits_processor=LogitsProcessorList([clock]))
+    steps = [b - a for a, b in zip(clock.times, clock.times[1:])]
+    if not steps:
+        raise ValueError(f"hf_step_times: want new_tokens >= 2 to time a decode step, got {new_tokens}")
+    step = statistics.median(steps)
+    return {"batch": batch, "context": context, "decode_tokens": new_tokens, "prefill_s": clock.times[0] - start,
+            "decode_tokens_per_s": batch / step, "step_ms": step * 1e3, "step_times_ms": [t * 1e3 for t in steps],
+            "timer": "one generate call; clock read after a sync at each token pick"}
+
+
 def hf_prefill_rate(model, tokens: int, generator) -> dict:
     import torch
 

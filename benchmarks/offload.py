@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from e2e_decode import device, hf_decode_rate, log, run, write_model  # noqa: E402
+from e2e_decode import device, hf_step_times, log, run, write_model  # noqa: E402
 
 PROMPT, GEN = 512, 128
 
@@ -103,7 +103,7 @@ def role_accelerate(args) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    out = {"decode": [], "skipped": []}
+    out = {"decode": [], "skipped": [], "loads": []}
     try:
         import accelerate  # noqa: F401
     except ImportError:
@@ -123,10 +123,14 @@ def role_accelerate(args) -> int:
         if cuda:
             torch.cuda.empty_cache()
         max_memory = {0: max(budget, 0), "cpu": 400 << 30} if cuda else None
+        t = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.bfloat16, device_map="auto",
                                                      max_memory=max_memory).eval()
         weights_budget = budget
-        hf_decode_rate(model, 1, 16, 2, gen, warmup=False, repeats=1)  # CUDA and cuBLAS set up, not timed
+        out["loads"].append({"max_memory_gpu": budget, "load_s": time.perf_counter() - t})
+        log(f"accelerate: loaded with {budget / 2**30:.1f} GiB for weights on the GPU in {out['loads'][-1]['load_s']:.0f} s")
+        Path(args.result).write_text(json.dumps(out))  # what a run stopped by its clock did get to
+        hf_step_times(model, 1, 16, 2, gen)  # CUDA and cuBLAS set up, not timed
 
     gen = torch.Generator().manual_seed(0)
     deadline = time.perf_counter() + args.seconds
@@ -140,9 +144,10 @@ def role_accelerate(args) -> int:
                 load(want)
             resident = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "cuda")
             try:
-                # warmed up by a short generate after each load; a large batch is then timed once (two
-                # prompts of batch x context tokens, not five: 128 x 512 did not finish in 447 s on the H200)
-                row = hf_decode_rate(model, batch, args.context, 4, gen, warmup=False, repeats=2 if batch == 1 else 1)
+                # warmed up by a short generate after each load; then one generate call, its steps timed
+                # from inside (one prompt of batch x context tokens: two, at 128 x 512, did not finish in
+                # 477 s on the H200)
+                row = hf_step_times(model, batch, args.context, 5, gen, progress=True)
             except torch.OutOfMemoryError:
                 want = int(weights_budget * 0.6)
                 if attempt == 2:
@@ -282,9 +287,10 @@ def accelerate_phase(args, result: dict, work: Path, deadline: float) -> None:
     acc_json = work / "accelerate.json"
     left = deadline - time.perf_counter()
     if left > 60:
-        run([sys.executable, __file__, "--role", "accelerate", "--hf-dir", str(work / "hf"), "--result", str(acc_json),
-             "--gpu-memory", args.gpu_memory, "--context", str(args.context), "--seconds", str(left - 45),
-             "--batches", ",".join(map(str, batches))], timeout=left - 10)
+        proc = run([sys.executable, __file__, "--role", "accelerate", "--hf-dir", str(work / "hf"), "--result",
+                    str(acc_json), "--gpu-memory", args.gpu_memory, "--context", str(args.context),
+                    "--seconds", str(left - 45), "--batches", ",".join(map(str, batches))], timeout=left - 10)
+        print((proc.stdout or "")[-4000:], file=sys.stderr)  # its load and per-token progress
     else:
         result["skipped"].append("accelerate baseline: time budget")
     acc = json.loads(acc_json.read_text()) if acc_json.is_file() else {}

@@ -309,3 +309,24 @@ def test_energy_is_measured_over_a_window_the_counter_resolves(monkeypatch):
     runs = len(calls) - 1  # the warm-up is outside the window
     assert runs > 3 and (calls[-1] - calls[1]) >= 0.2 - 0.011
     assert timing["energy_j"] == pytest.approx(100.0 * 0.01, rel=0.3)  # per run, not per timed run
+
+
+def test_hf_step_times_times_each_decode_step_of_one_generate_call(hf_model_dir):
+    """The peers' clock for long prompts (benchmarks/e2e_decode.py, used by offload.py's accelerate
+    baseline): one generate call, a reading at each token pick; N new tokens give N - 1 steps."""
+    import statistics
+
+    from conftest import ROOT
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from e2e_decode import hf_step_times
+
+    model = AutoModelForCausalLM.from_pretrained(hf_model_dir, dtype=torch.float32).eval()
+    row = hf_step_times(model, 3, 12, 5, torch.Generator().manual_seed(0))
+    assert row["batch"] == 3 and row["context"] == 12 and len(row["step_times_ms"]) == 4
+    assert row["prefill_s"] > 0 and all(t > 0 for t in row["step_times_ms"])
+    assert row["step_ms"] == pytest.approx(statistics.median(row["step_times_ms"]))
+    assert row["decode_tokens_per_s"] == pytest.approx(3 / (row["step_ms"] / 1e3))
+    with pytest.raises(ValueError, match="new_tokens >= 2"):
+        hf_step_times(model, 1, 4, 1, torch.Generator().manual_seed(0))
