@@ -11,7 +11,7 @@ One run measures, on the same random inputs and weights:
               `torch.ops.moec.moe_router` (PyTorch reference router) + `torch.ops.moec.fused_moe`
   grouped_mm  the CUTLASS alternative the tuner times: moec's router, then the compiler's
               grouped_mm path (sort + torch._grouped_mm gate/up + silu*mul + torch._grouped_mm down
-              + weighted combine) through torch.compile(dynamic=True), as the artifact runs it
+              + weighted combine) through torch.compile, T symbolic, as the artifact runs it
   hf_eager    transformers' MixtralSparseMoeBlock / Qwen3MoeSparseMoeBlock, experts_implementation
               "eager", the same tensors as its parameters
   hf_compile  the same block with experts_implementation "grouped_mm" under torch.compile
@@ -93,8 +93,8 @@ PATH_LABELS = {
     "moec_tuned": "moec as the compiler's tuner would choose at this T: its fastest candidate (Triton "
                   "configs, CUDA-graph replays, and the grouped_mm path)",
     "moec_ops": "moec registered ops, eager dispatch (reference router)",
-    "grouped_mm": "moec router + its torch._grouped_mm path (torch.compile, dynamic)",
-    "grouped_mm_graph": "moec router + its torch._grouped_mm path (torch.compile, dynamic), CUDA-graph replay",
+    "grouped_mm": "moec router + its torch._grouped_mm path (torch.compile, T symbolic)",
+    "grouped_mm_graph": "moec router + its torch._grouped_mm path (torch.compile, T symbolic), CUDA-graph replay",
     "hf_eager": "transformers block, experts_implementation=eager",
     "hf_compile": "transformers block, experts_implementation=grouped_mm, torch.compile",
     "hf_compile_graph": "transformers grouped_mm + torch.compile, CUDA-graph replay",
@@ -271,11 +271,11 @@ class Layer:
         self.w13 = torch.randn(E, 2 * I, H, generator=g, device=device, dtype=dtype).mul_(H ** -0.5)
         self.w2 = torch.randn(E, H, I, generator=g, device=device, dtype=dtype).mul_(I ** -0.5)
         self._w32 = None
-        # the compiler's grouped_mm path, as the artifact runs it: through Inductor, T symbolic (on
+        # the compiler's grouped_mm path, as its tuner times it: through Inductor, T symbolic (on
         # CUDA; op by op elsewhere, where there is nothing to time)
+        from moec.compiler.passes.moe_tuning import compiled_grouped_mm
         from moec.ops.fused_moe import fused_moe_grouped_mm
-        self._grouped_mm = (torch.compile(fused_moe_grouped_mm, dynamic=True, fullgraph=True)
-                            if torch.device(device).type == "cuda" else fused_moe_grouped_mm)
+        self._grouped_mm = compiled_grouped_mm() if torch.device(device).type == "cuda" else fused_moe_grouped_mm
         if mode is not None:
             from moec.ops.triton.fused_moe import fused_moe as fused_moe_triton
             from moec.ops.triton.router import fused_router

@@ -374,10 +374,10 @@ def test_grouped_mm_path_matches_reference_and_traces_symbolically():
 def test_grouped_mm_path_compiles_whole_for_any_token_count():
     """What the tuner times and the artifact runs: the grouped_mm path through Inductor with T
     symbolic, one graph (fullgraph: no break around the GEMMs), equal to the reference in bf16."""
-    from moec.ops.fused_moe import fused_moe_grouped_mm
+    from moec.compiler.passes.moe_tuning import compiled_grouped_mm
 
     torch._dynamo.reset()
-    compiled = torch.compile(fused_moe_grouped_mm, dynamic=True, fullgraph=True)
+    compiled = compiled_grouped_mm()
     w13, w2 = moe_weights(5, 72, 40, torch.bfloat16)
     for tokens, case in ((9, "random"), (33, "empty"), (1, "one")):
         x = torch.randn(tokens, 72).to(torch.bfloat16)
@@ -386,6 +386,13 @@ def test_grouped_mm_path_compiles_whole_for_any_token_count():
         got = compiled(x, w13, w2, weights, ids, "silu")
         assert got.dtype == torch.bfloat16 and got.shape == (tokens, 72)
         torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+    # one graph for T = 1, one for every other T: the token count is symbolic ...
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    # ... and the weights' shapes are not: another expert count is another graph
+    w13, w2 = moe_weights(6, 72, 40, torch.bfloat16)
+    weights, ids = routing(9, 6, 3, "random")
+    compiled(torch.randn(9, 72).to(torch.bfloat16), w13, w2, weights, ids, "silu")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
 
 
 @outer_only

@@ -254,6 +254,22 @@ def tune_moe(regions: list[dict], model: torch.nn.Module, dtype: torch.dtype, de
     return MoeTuning(table, plans, switch_points)
 
 
+def compiled_grouped_mm() -> Callable[..., torch.Tensor]:
+    """`fused_moe_grouped_mm` through Inductor as the artifact compiles it: the token count
+    symbolic, the weights' shapes fixed (`dynamic=True` would make them symbolic too, which the
+    exported step never does). The first call with T = 1 compiles a graph of its own."""
+    from moec.ops.fused_moe import fused_moe_grouped_mm
+
+    compiled = torch.compile(fused_moe_grouped_mm, fullgraph=True)
+
+    def run(hidden, w13, w2, topk_weights, topk_ids, activation):
+        for t in (hidden, topk_weights, topk_ids):
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        return compiled(hidden, w13, w2, topk_weights, topk_ids, activation)
+
+    return run
+
+
 class CudaMeasure:
     """Runs a candidate on the GPU, checks it against the reference, and times it as a CUDA
     graph replay (as the runtime replays decode steps; for prefill it stands for AOTInductor's
@@ -281,7 +297,7 @@ class CudaMeasure:
     def describe(self) -> str:
         return (f"CUDA-graph replays (plain launches where capture fails), L2 flushed before each outside "
                 f"the events, median of {self.MIN_REPLAYS}-{self.MAX_REPLAYS}; each output checked against "
-                f"the PyTorch reference first; the grouped_mm path through torch.compile(dynamic=True), as "
+                f"the PyTorch reference first; the grouped_mm path through torch.compile (T symbolic), as "
                 f"Inductor compiles it into the artifact")
 
     def _inputs(self, shape: MoeShape, tokens: int):
@@ -300,13 +316,12 @@ class CudaMeasure:
         return self.inputs[key]
 
     def __call__(self, shape: MoeShape, tokens: int, candidate: Candidate) -> Measurement:
-        from moec.ops.fused_moe import fused_moe_grouped_mm
         from moec.ops.triton.fused_moe import fused_moe as fused_moe_triton
 
         args, want = self._inputs(shape, tokens)
         if candidate.path == GROUPED_MM:
-            if self.grouped_mm is None:  # as the artifact runs it: Inductor-compiled, T symbolic
-                self.grouped_mm = torch.compile(fused_moe_grouped_mm, dynamic=True, fullgraph=True)
+            if self.grouped_mm is None:
+                self.grouped_mm = compiled_grouped_mm()
 
             def run():
                 return self.grouped_mm(*args)
