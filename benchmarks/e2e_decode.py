@@ -485,10 +485,12 @@ def main() -> int:
     (work / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     t = time.perf_counter()
     proc = run([sys.executable, "-m", "moec.compiler", str(work / "recipe.yaml"), "--output", str(work / "artifact")],
-               timeout=deadline - time.perf_counter(), capture=False)  # its stage progress shows live
+               timeout=deadline - time.perf_counter())
+    print(proc.stdout[-8000:], file=sys.stderr)  # its stages, the tuning table; the error, if any
     result["compile_s"] = time.perf_counter() - t
     if proc.returncode != 0:
         result["error"] = "compile timed out" if proc.returncode == 124 else "compile failed"
+        result["compile_output_tail"] = proc.stdout.splitlines()[-40:]  # why, kept with the result
         save()
         return 1
     # what the compile-time tuner chose per token bucket (and every candidate's time): the MoE
