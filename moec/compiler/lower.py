@@ -21,9 +21,9 @@ def int_arrays_declared_at_each_use() -> Iterator[None]:
     """Work around an AOTInductor bug that can make the C++ wrapper fail to compile.
 
     The wrapper declares each size/stride array once and caches its name, keyed by the id of
-    the writeline callable it was written with. In torch 2.11 that callable is a bound method,
-    made afresh at each attribute access; in 2.13, the buffer it belongs to. Either way the ids
-    are recycled, so a later call can get back a name whose declaration went into another buffer.
+    the writeline callable it was written with (in some releases the bound method itself, made
+    afresh at each attribute access; in 2.13 the buffer it belongs to). Ids are recycled, so a
+    later call can get back a name whose declaration went into another buffer.
     The 8-layer Mixtral for CUDA hit it on an H200 (torch 2.11, 2026-12-03): "'int_array_216' was
     not declared in this scope". pytorch/pytorch#193621 and #193628 fix it upstream.
 
