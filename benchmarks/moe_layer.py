@@ -290,18 +290,16 @@ class Layer:
         return self._w32
 
     # routers ----------------------------------------------------------------------------------
-    def route(self, hidden, count: bool = True):
-        """moec's router: (weights f32 [T, K], ids [T, K], counts i32 [E], or None without `count`
-        on the Triton path, as the compiled op runs it)."""
+    def route(self, hidden):
+        """moec's router: (weights f32 [T, K], ids [T, K]); on the Triton path without the
+        per-expert counts, as the compiled op runs it."""
         if self.mode is not None:
-            return self._fused_router(hidden, self.gate_w, self.K, self.renormalize, count=count)
-        w, ids = torch.ops.moec.moe_router(hidden, self.gate_w, self.K, self.renormalize)
-        counts = torch.bincount(ids.reshape(-1), minlength=self.E).to(torch.int32)
-        return w, ids, counts
+            return self._fused_router(hidden, self.gate_w, self.K, self.renormalize, count=False)[:2]
+        return torch.ops.moec.moe_router(hidden, self.gate_w, self.K, self.renormalize)
 
     # paths ------------------------------------------------------------------------------------
     def moec(self, hidden, config=None):
-        w, ids, _ = self.route(hidden, count=False)
+        w, ids = self.route(hidden)
         if self.mode is None:  # CPU without Triton: the op's reference body
             return torch.ops.moec.fused_moe(hidden, self.w13, self.w2, w, ids, "silu")
         return self._fused_moe(hidden, self.w13, self.w2, w, ids, "silu", config)
@@ -311,7 +309,7 @@ class Layer:
         return torch.ops.moec.fused_moe(hidden, self.w13, self.w2, w, ids, "silu")
 
     def grouped_mm(self, hidden):
-        w, ids, _ = self.route(hidden, count=False)
+        w, ids = self.route(hidden)
         return self._grouped_mm(hidden, self.w13, self.w2, w, ids, "silu")
 
     # HF blocks --------------------------------------------------------------------------------
@@ -505,8 +503,8 @@ def measure_case(layer: Layer, T: int, ctx: dict) -> dict:
     # routing of these inputs (moec's router; its reference if the Triton one fails)
     routed = attempt("moec_router", lambda: layer.route(hidden))
     if routed is None:
-        routed = (*torch.ops.moec.moe_router(hidden, layer.gate_w, layer.K, layer.renormalize), None)
-    w, ids, _ = routed
+        routed = torch.ops.moec.moe_router(hidden, layer.gate_w, layer.K, layer.renormalize)
+    w, ids = routed
     del routed
     stats = routing_stats(ids, layer.E)
     case["routing"] = stats
