@@ -104,6 +104,16 @@ def moe_rows(compiled: bool) -> list[dict]:
     return rows
 
 
+def compile_error(e: Exception, limit: int = 4000) -> str:
+    """The exception's first line and, for a C++ compile error (whose text opens with the whole
+    g++ command), the compiler's own error lines with the line after each, where the cause is."""
+    text = f"{type(e).__name__}: {e}"
+    lines = text.splitlines()
+    errors = [f"{line}\n{lines[i + 1] if i + 1 < len(lines) else ''}"
+              for i, line in enumerate(lines) if "error:" in line]
+    return "\n".join([lines[0], *errors[:12]])[:limit] if errors else text[:limit]
+
+
 def switch_rows(compiled: bool) -> list[dict]:
     """The tuner's switch between a Triton plan and the grouped_mm path, on the GPU: a fused_moe
     call exported with T symbolic, made a torch.cond on T by the compiler's own pass
@@ -112,7 +122,7 @@ def switch_rows(compiled: bool) -> list[dict]:
         return []
     import tempfile
 
-    from moec.compiler.lower import int_arrays_declared_at_each_use
+    from moec.compiler.lower import aoti_workarounds
     from moec.compiler.passes.moe_tuning import GROUPED_MM, branch_on_tokens
     from moec.ops.moe_combine import moe_combine_ref
     from moec.ops.moe_experts import moe_experts_ref
@@ -142,14 +152,14 @@ def switch_rows(compiled: bool) -> list[dict]:
     gm.graph.lint()
     gm.recompile()
     ep = ep._update(gm, ep.graph_signature)
-    # Inductor's buffer reuse inside the branches is the suspect of the 2026-12-03 failure ("Start
-    # index 4 out of bounds": the reuse planner's peak-memory tree, indexed by scheduler node): each
-    # variant is compiled and checked on its own, so one failing leaves the other's rows
+    # With buffer reuse (as the compiler lowers) and without it, each compiled and checked on its
+    # own so one failing leaves the other's rows: torch 2.11 failed the first in the reuse planner
+    # and the second on a missing `_grouped_mm` C shim (H200, 2026-12-03), both worked around now
     rows = []
     for label, configs in (("reuse", {}), ("no buffer reuse", {"allow_buffer_reuse": False})):
         try:
             with tempfile.TemporaryDirectory() as tmp:
-                with int_arrays_declared_at_each_use():  # as moec.compiler.lower compiles
+                with aoti_workarounds():  # as moec.compiler.lower compiles
                     package = torch._inductor.aoti_compile_and_package(ep, package_path=f"{tmp}/switch.pt2",
                                                                        inductor_configs=configs)
                 run = torch._inductor.aoti_load_package(package)
@@ -162,7 +172,7 @@ def switch_rows(compiled: bool) -> list[dict]:
                                  "compiled": compiled, "rel_error": rel(run(hidden, w13, w2, weights, ids), ref)})
         except Exception as e:  # noqa: BLE001  recorded as this variant's failure
             rows.append({"op": "fused_moe switch", "case": f"aoti, {label}", "compiled": compiled,
-                         "error": f"{type(e).__name__}: {e}"[:2000]})
+                         "error": compile_error(e)})
     return rows
 
 
