@@ -57,7 +57,7 @@ def main() -> int:
     dtype = getattr(torch, args.dtype)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="eager").to(args.device).eval()
 
-    rel_errors, token_matches = [], []
+    rel_errors, token_matches, argmax_or_tie = [], [], []
     for prompt in PROMPTS:
         ids = engine.encode(prompt)
         blocks = SequenceBlocks()
@@ -75,6 +75,14 @@ def main() -> int:
                               attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=args.device),
                               pad_token_id=hf.config.eos_token_id)[0, len(ids):].tolist()
         token_matches.append(out == ref[: len(out)])
+        # where the tokens part: is each of moec's picks HF's argmax, or within 2e-2 of it (a near
+        # tie that bf16 rounding may settle either way)? HF scores moec's own sequence
+        with torch.no_grad():
+            seq = torch.tensor([ids + out[:-1]], device=args.device)
+            scored = hf(seq).logits[0, len(ids) - 1:].float()
+        top = scored.max(dim=-1).values
+        picked = scored.gather(1, torch.tensor(out, device=args.device)[:, None])[:, 0]
+        argmax_or_tie.append(bool((picked >= top - 2e-2 * top.abs()).all()))
 
     engine.generate(PROMPTS, max_tokens=64, ignore_eos=True)
     results = engine.generate(PROMPTS, max_tokens=64, ignore_eos=True)
@@ -87,6 +95,7 @@ def main() -> int:
         "compile_s": compile_s,
         "logits_rel_error": rel_errors,
         "greedy_16_identical": token_matches,
+        "greedy_16_argmax_or_tie": argmax_or_tie,
         "tokens_per_s_batch3": engine.stats.tokens_per_s,
         "generated": sum(len(r.token_ids) for r in results),
     }
@@ -97,7 +106,9 @@ def main() -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "cuda_tiny_check.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
-    ok = ok and max(rel_errors) <= 2e-2 and all(token_matches)
+    # tokens identical, or each pick HF's argmax or a near tie with it (the tiny model's 'Rain'
+    # parts from HF at a near tie in every run since 2026-11-23, H100 and H200 alike)
+    ok = ok and max(rel_errors) <= 2e-2 and all(m or t for m, t in zip(token_matches, argmax_or_tie))
     print("CHECK", "PASSED" if ok else "FAILED")
     return 0 if ok else 1
 
