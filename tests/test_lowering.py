@@ -256,6 +256,9 @@ def test_tuner_switches_to_grouped_mm_where_it_wins_and_inspect_says_so(tiny_art
     no_branch = tune_moe([_region("model.layers.0.mlp")], None, torch.bfloat16, "cuda", 1024,
                          measure=FakeTimes(wins_from_128), candidates=candidates, allow_switch=False)
     assert no_branch.switches == {}  # offload and expert parallelism: one plan per call
+    # the fallback where AOTInductor cannot lower the branch: that same one-path choice
+    assert no_branch.one_path is None and tuning.one_path.switches == {} and tuning.one_path.one_path is None
+    assert tuning.one_path.plans == no_branch.plans and tuning.one_path.table == no_branch.table
 
     def barely(shape, tokens, name):
         return 1.0 if name == "triton" or tokens < 1024 else 0.99  # 1% at one bucket: no branch for it
@@ -471,3 +474,54 @@ def test_a_branch_with_grouped_mm_compiles_with_buffer_reuse(tmp_path):
         args = routed(T)
         exact = [a.float() if a.is_floating_point() else a for a in args]
         torch.testing.assert_close(model(*args).float(), exact[0] + reference(*exact), rtol=2e-2, atol=3e-2)
+
+
+def test_a_branch_aotinductor_cannot_lower_falls_back_to_one_path_per_block(hf_model_dir, tmp_path, monkeypatch):
+    """Where AOTInductor fails on the program with Triton/grouped_mm branches, the compile lowers
+    the tuner's one-path choice instead (from the same measurements), says so, and records why in
+    the manifest and `moe-runtime inspect`: a slower prefill, never a failed compile for it."""
+    import io
+
+    from rich.console import Console
+
+    from moec.artifact import open_artifact
+    from moec.artifact.summary import render_summary
+    from moec.compiler import pipeline
+    from moec.compiler.passes.moe_tuning import MoeTuning
+    from moec.compiler.recipe import parse_recipe
+    from moec.runtime import Engine
+
+    paths = ["model.layers.0.mlp", "model.layers.1.mlp"]
+
+    def table(switch):
+        entry = {"layers": paths, "path": "triton", "ranges": [{"max_tokens": None, "config": "M16N64K64G1w4s3"}],
+                 **({"grouped_mm_above": switch} if switch else {}), "buckets": {}}
+        return {"device": "cuda", "timer": "injected", "shapes": {"E4 top-2 H64 I128 silu float32": entry}}
+
+    def tuned(*args, **kwargs):
+        return MoeTuning(table(5), dict.fromkeys(paths, ""), dict.fromkeys(paths, 5),
+                         MoeTuning(table(None), dict.fromkeys(paths, "")))
+
+    real_compile, attempts = pipeline.compile_graph, []
+
+    def compile_graph(ep, package_path):
+        branched = any(n.target is torch.ops.higher_order.cond for n in ep.graph.nodes)
+        attempts.append(branched)
+        if branched:
+            raise RuntimeError("InductorError: ValueError: Start index 4 out of bounds [0, 3]\nmore lines")
+        return real_compile(ep, package_path)
+
+    monkeypatch.setattr(pipeline, "tune_moe", tuned)
+    monkeypatch.setattr(pipeline, "compile_graph", compile_graph)
+    out = io.StringIO()
+    pipeline.compile_recipe(parse_recipe(tiny_recipe_dict(hf_model_dir, name="fallback")), tmp_path / "fallback",
+                            console=Console(file=out, width=200))
+    assert attempts == [True, False]
+    assert "AOTInductor failed on the program with Triton/grouped_mm branches (RuntimeError: InductorError: " \
+           "ValueError: Start index 4 out of bounds [0, 3]); lowering again with one path per MoE block" in out.getvalue()
+    artifact = open_artifact(tmp_path / "fallback")
+    moe = artifact.manifest.kernels["moe"]
+    assert moe["switch_failed"].startswith("RuntimeError: InductorError: ValueError: Start index 4")
+    assert all("grouped_mm_above" not in entry for entry in moe["shapes"].values())
+    assert "one path per block: AOTInductor failed on the Triton/grouped_mm branches" in render_summary(artifact)
+    assert len(Engine.load(tmp_path / "fallback").generate("The mixture", max_tokens=4)[0].token_ids) == 4

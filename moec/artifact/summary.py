@@ -37,6 +37,9 @@ def moe_kernel_lines(table: dict) -> list[str]:
         lines += [f"  {key}: reference  ({_blocks(entry.get('layers', []))})" for key, entry in shapes.items()]
         return lines
     lines = [f"MoE: tuned on {table.get('device', '?')} at compile time; {table.get('timer', '')}"]
+    if table.get("switch_failed"):
+        lines.append(f"  one path per block: AOTInductor failed on the Triton/grouped_mm branches "
+                     f"({table['switch_failed']})")
     for key, entry in shapes.items():
         ranges = entry.get("ranges") or []
         switch = entry.get("grouped_mm_above")

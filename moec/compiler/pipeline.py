@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 import tempfile
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from moec.artifact import ArtifactWriter
 from moec.artifact.manifest import environment_fields
@@ -24,7 +26,7 @@ from moec.compiler.passes.external_attention import externalize_attention
 from moec.compiler.passes.external_experts import externalize_experts
 from moec.compiler.passes.fused_projections import fuse_projections
 from moec.compiler.passes.moe_lowering import check_moe_blocks
-from moec.compiler.passes.moe_tuning import CUDA_SWITCH, apply_moe_plans, tune_moe
+from moec.compiler.passes.moe_tuning import CUDA_SWITCH, MoeTuning, apply_moe_plans, tune_moe
 from moec.compiler.recipe import Recipe
 from moec.compiler.step import PagedStep, head_dim
 from moec.errors import RecipeError
@@ -62,6 +64,19 @@ def _region_table(regions: list[dict]) -> str:
             f"{r['hidden_size']}×{r['intermediate_size']:<7} {r['activation']}"
         )
     return "\n".join(lines)
+
+
+def one_path_after(tuning: MoeTuning, error: Exception, console: Console) -> MoeTuning:
+    """The tuning to lower when AOTInductor failed on a program with Triton/grouped_mm branches
+    (upstream bugs have failed exactly there, torch 2.11 on an H200): one path per block, chosen
+    from the same measurements, with why in the manifest's table. Slower above the switch, never
+    a failed compile for it."""
+    why = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
+    console.print(f"  [yellow]AOTInductor failed on the program with Triton/grouped_mm branches[/] ({escape(why)}); "
+                  "lowering again with one path per MoE block", soft_wrap=True, highlight=False, markup=True)
+    one_path = copy.deepcopy(tuning.one_path)
+    one_path.table["switch_failed"] = why
+    return one_path
 
 
 @contextmanager
@@ -132,7 +147,7 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
             # a branch between paths lives in the graph; external experts (offload, EP) take one plan
             tuning = tune_moe(regions, step, dtype, recipe.device, recipe.max_tokens_per_step,
                               allow_switch=recipe.offload is None and recipe.parallel.ep == 1 and CUDA_SWITCH)
-            ep = apply_moe_plans(ep, step, tuning.plans, tuning.switches)
+            unplanned, ep = ep, apply_moe_plans(ep, step, tuning.plans, tuning.switches)
         console.print("\n".join("  " + line for line in moe_kernel_lines(tuning.table)),
                       soft_wrap=True, markup=False, highlight=False)
         if recipe.offload is not None:
@@ -151,7 +166,13 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
             with stages.stage("lower", f"AOTInductor for {recipe.device}"):
                 # weights first: AOTInductor's decomposition run may drop the program's constants
                 save_weights(ep, writer.tmp / "weights.safetensors")
-                compile_graph(ep, writer.tmp / "model.pt2")
+                try:
+                    compile_graph(ep, writer.tmp / "model.pt2")
+                except Exception as e:  # noqa: BLE001  only a branch's failure is retried, once
+                    if tuning.one_path is None:
+                        raise
+                    tuning = one_path_after(tuning, e, console)
+                    compile_graph(apply_moe_plans(unplanned, step, tuning.plans), writer.tmp / "model.pt2")
             with stages.stage("package", str(out_dir)):
                 tok_dir = writer.tmp / "tokenizer"
                 tok_dir.mkdir()

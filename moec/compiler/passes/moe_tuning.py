@@ -50,6 +50,7 @@ SWITCH_GAIN = 0.02
 # the branch (gpu_op_check-h200-2026-12-03T1417: the buffer-reuse planner's "Start index 4 out of
 # bounds", then a call to a `_grouped_mm` C shim 2.11 lacks); moec.compiler.lower works around both
 # (tested under 2.11 and 2.13 on CPU; the GPU check, `gpu_op_check.py --parts switch`, to be re-run).
+# Where lowering still fails, the compiler lowers `MoeTuning.one_path` instead (pipeline.py).
 CUDA_SWITCH = True
 GROUPED_MM = "grouped_mm"
 CPU_NOTE = ("device cpu: fused_moe runs the PyTorch reference (moe_experts + weighted combine); "
@@ -94,6 +95,9 @@ class MoeTuning:
     plans: dict[str, str]  # block path -> the `plan` string of its fused_moe call
     # block path -> the largest token count its Triton plan runs; above it, the grouped_mm path
     switches: dict[str, int] = field(default_factory=dict)
+    # the same measurements chosen without switches (one path per block), where any block has
+    # one: what the compiler lowers if AOTInductor cannot lower the branch
+    one_path: MoeTuning | None = None
 
 
 def token_buckets(max_tokens: int) -> list[int]:
@@ -218,6 +222,7 @@ def tune_moe(regions: list[dict], model: torch.nn.Module, dtype: torch.dtype, de
     table = {"device": device, "buckets": buckets, "range_tolerance": RANGE_TOLERANCE,
              "timer": timer.describe() if timer else "injected", "shapes": {}}
     plans, switch_points = {}, {}
+    one_path_table, one_path_plans = copy.deepcopy(table), {}
     for shape, members in shapes.items():
         results: dict[int, dict[str, Measurement]] = {}
         failed: dict[str, str] = {}  # a candidate that fails once is not trusted for this shape at all
@@ -236,25 +241,26 @@ def tune_moe(regions: list[dict], model: torch.nn.Module, dtype: torch.dtype, de
             for name, why in failed.items():
                 if results[b][name].ms is not None:
                     results[b][name] = Measurement(error=why)
-        try:
-            plan, rows, switch = choose(buckets, results, candidates, allow_switch)
-        except LoweringError as e:
-            raise LoweringError(f"MoE block {members[0]['path']} ({shape.key}): {e}") from None
-        text = encode_plan(plan)
-        table["shapes"][shape.key] = {
-            "layers": [r["path"] for r in members],
-            "path": plan["path"],
-            "ranges": ([{"max_tokens": hi, "config": config_name(cfg)} for hi, cfg in plan["ranges"]]
-                       if plan["path"] == "triton" else []),
-            **({"grouped_mm_above": switch} if switch is not None else {}),
-            "buckets": rows,
-        }
-        plans.update({r["path"]: text for r in members})
-        if switch is not None:
-            switch_points.update({r["path"]: switch for r in members})
+        for allow, shape_table, shape_plans in ((allow_switch, table, plans), (False, one_path_table, one_path_plans)):
+            try:
+                plan, rows, switch = choose(buckets, results, candidates, allow)
+            except LoweringError as e:
+                raise LoweringError(f"MoE block {members[0]['path']} ({shape.key}): {e}") from None
+            shape_table["shapes"][shape.key] = {
+                "layers": [r["path"] for r in members],
+                "path": plan["path"],
+                "ranges": ([{"max_tokens": hi, "config": config_name(cfg)} for hi, cfg in plan["ranges"]]
+                           if plan["path"] == "triton" else []),
+                **({"grouped_mm_above": switch} if switch is not None else {}),
+                "buckets": rows,
+            }
+            shape_plans.update({r["path"]: encode_plan(plan) for r in members})
+            if switch is not None:
+                switch_points.update({r["path"]: switch for r in members})
     if timer is not None:
         timer.release()
-    return MoeTuning(table, plans, switch_points)
+    one_path = MoeTuning(one_path_table, one_path_plans) if switch_points else None
+    return MoeTuning(table, plans, switch_points, one_path)
 
 
 def compiled_grouped_mm() -> Callable[..., torch.Tensor]:
