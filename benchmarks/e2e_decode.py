@@ -168,6 +168,16 @@ def hf_prefill_rate(model, tokens: int, generator) -> dict:
     return {"prompt_tokens": tokens, "prefill_s": best, "prompt_tokens_per_s": tokens / best}
 
 
+def argmax_or_tie(logits, tokens: list[int], rel: float = 2e-2) -> bool:
+    """Whether each token is its row's argmax in `logits` [n, vocab], or within `rel` of the
+    row's top value: a near tie, which bf16 rounding may settle either way."""
+    import torch
+
+    top = logits.max(dim=-1).values
+    picked = logits.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0]
+    return bool((picked >= top - rel * top.abs()).all())
+
+
 def _first_divergence(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
 
@@ -233,8 +243,6 @@ def role_check(args) -> int:
                 PROMPTS, ids, ours, sequences, exact, margins, alone, fp32_greedy):
             want = hf(seq.to(device())).logits[0, len(prompt_ids) - 1:].float().cpu()
             per_token = ((logits - want).norm(dim=-1) / want.norm(dim=-1))
-            top = want.max(dim=-1).values
-            picked = want.gather(1, torch.tensor(tokens)[:, None])[:, 0]
             greedy = hf.generate(torch.tensor([prompt_ids], device=device()), max_new_tokens=16, do_sample=False,
                                  attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=device()),
                                  pad_token_id=hf.config.eos_token_id)[0, len(prompt_ids):].tolist()
@@ -253,7 +261,7 @@ def role_check(args) -> int:
                 "tokens_over_2e-2": int((per_token > 2e-2).sum()),
                 "greedy_identical_16": tokens == greedy[: len(tokens)],
                 "first_divergence": _first_divergence(tokens, greedy),
-                "every_pick_argmax_or_tie": bool((picked >= top - 2e-2 * top.abs()).all()),
+                "every_pick_argmax_or_tie": argmax_or_tie(want, tokens),
                 "moec_tokens": tokens, "hf_tokens": greedy,
                 "prompt_tokens": len(prompt_ids),
                 "hf_fp32_routing": margin,
@@ -458,9 +466,14 @@ def resume_hf_compile(args, out: Path, work: Path, deadline: float) -> int:
     result["skipped"] = [s for s in result.get("skipped", []) if not s.startswith("hf grouped_mm + compile")]
     result["hf_compile_date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     (out / "e2e_decode.json").write_text(json.dumps(result, indent=1))
+    return finish(args, result, out, work)
+
+
+def finish(args, result: dict, out: Path, work: Path) -> int:
+    """The plot, the table last, and --work removed unless kept."""
     plot(result, out / "e2e_decode.png")
     print(table(result))
-    if not args.keep_work:
+    if not args.keep_work:  # the model and the artifact, tens of GB: a later call on the same disk needs it
         shutil.rmtree(work, ignore_errors=True)
     return 0
 
@@ -555,11 +568,7 @@ def main() -> int:
         path = out / f"e2e_decode-r{k}.json"
         measure(args, again, lambda r=again, path=path: path.write_text(json.dumps(r, indent=1)), work, out, deadline,
                 reserve=(args.repeat - k) * args.repeat_s, first=False)
-    plot(result, out / "e2e_decode.png")
-    print(table(result))
-    if not args.keep_work:  # the model and the artifact, tens of GB: a later call on the same disk needs it
-        shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return finish(args, result, out, work)
 
 
 if __name__ == "__main__":

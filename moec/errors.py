@@ -6,6 +6,12 @@ import sys
 from collections.abc import Callable
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """An exception's first line of text (its type's name if it has none), cut at `limit`: what a
+    one-line error quotes of a failure deep inside torch."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
 class MoecError(Exception):
     """Something wrong with the user's input: the message names what and how to fix it."""
 

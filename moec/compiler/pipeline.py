@@ -29,7 +29,7 @@ from moec.compiler.passes.moe_lowering import check_moe_blocks
 from moec.compiler.passes.moe_tuning import CUDA_SWITCH, MoeTuning, apply_moe_plans, tune_moe
 from moec.compiler.recipe import Recipe
 from moec.compiler.step import PagedStep, head_dim
-from moec.errors import RecipeError
+from moec.errors import RecipeError, first_line
 from moec.ops.expert_dispatch import expert_placement
 from moec.runtime.roofline import ModelShape
 
@@ -71,7 +71,7 @@ def one_path_after(tuning: MoeTuning, error: Exception, console: Console) -> Moe
     (upstream bugs have failed exactly there, torch 2.11 on an H200): one path per block, chosen
     from the same measurements, with why in the manifest's table. Slower above the switch, never
     a failed compile for it."""
-    why = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
+    why = f"{type(error).__name__}: {first_line(error, 300)}"
     console.print(f"  [yellow]AOTInductor failed on the program with Triton/grouped_mm branches[/] ({escape(why)}); "
                   "lowering again with one path per MoE block", soft_wrap=True, highlight=False, markup=True)
     one_path = copy.deepcopy(tuning.one_path)

@@ -11,7 +11,7 @@ import torch
 
 import moec.ops  # noqa: F401  (the compiled graph calls torch.ops.moec.*)
 from moec.artifact import Artifact, open_weights
-from moec.errors import ArtifactError
+from moec.errors import ArtifactError, first_line
 
 
 def share_process_libstdcxx() -> None:
@@ -70,8 +70,7 @@ class CompiledStep:
         try:
             self.model = load_package(str(artifact.graph_path), runners)
         except Exception as e:  # a damaged or foreign .pt2 fails deep inside torch
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise ArtifactError(f"{artifact.graph_path}: cannot load the compiled graph ({first}); recompile it") from None
+            raise ArtifactError(f"{artifact.graph_path}: cannot load the compiled graph ({first_line(e)}); recompile it") from None
         # user_managed: the compiled model uses these tensors in place (no copy). Inductor may have
         # folded some constants into the library: hand over exactly the ones it still asks for.
         graph_done = time.perf_counter()

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from moec.errors import CudaGraphError
+from moec.errors import CudaGraphError, first_line
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -61,8 +61,7 @@ class DecodeGraphs:
                 # A failed capture leaves the process's CUDA state unusable (the RNG stays in
                 # capture mode; work queued in the broken capture never ran): going on without
                 # graphs would fail or go wrong later, so stop here and say how to go on.
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                raise CudaGraphError(f"CUDA-graph capture of the decode step failed ({first}); load again "
+                raise CudaGraphError(f"CUDA-graph capture of the decode step failed ({first_line(e)}); load again "
                                      "without graphs (--no-cuda-graphs, or Engine.load(..., cuda_graphs=False))") from e
 
     def _call(self, b: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ import uuid
 import torch
 import torch.distributed as dist
 
-from moec.errors import MoecError
+from moec.errors import MoecError, first_line
 
 
 class RankError(MoecError):
@@ -27,8 +27,7 @@ class RankError(MoecError):
 
 def group_failed(rank: int, world: int, error: BaseException) -> RankError:
     """The one-line error for a collective that failed because a peer died or hung."""
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-    return RankError(f"rank {rank} of {world}: the expert-parallel group failed ({first}); another rank stopped "
+    return RankError(f"rank {rank} of {world}: the expert-parallel group failed ({first_line(error)}); another rank stopped "
                      f"or timed out — restart all {world} ranks")
 
 
