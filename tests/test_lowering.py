@@ -305,6 +305,43 @@ def test_a_switched_block_branches_on_tokens_through_aotinductor(exported, tmp_p
     assert wrapper.count("> 5L)") >= 2
 
 
+def test_tuner_refines_the_down_gemm_of_each_buckets_fastest_config():
+    """After a bucket's candidates, its fastest Triton config is timed again with each refined down
+    setting; one that wins runs there (and its range holds on while within tolerance), the table
+    lists it beside the candidates, and a refined config that fails is not timed again."""
+    from moec.compiler.passes.moe_tuning import Candidate, tune_moe
+    from moec.ops.triton.configs import config_name, down_variants, parse_plan
+
+    small = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}
+    big = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4}
+    candidates = [Candidate("triton small", "triton", small), Candidate("triton big", "triton", big),
+                  Candidate("grouped_mm", "grouped_mm")]
+    k256 = next(c for c in down_variants(small) if c["down"]["BLOCK_K"] == 256 and c["down"]["BLOCK_N"] == 64)
+    k256_name = f"triton {config_name(k256)}"
+    assert k256_name == "triton M16N64K128G1w4s4|dK256"
+
+    def times(shape, tokens, name):
+        base = {"triton small": 1.0 + tokens / 8, "triton big": 2.0 + tokens / 64, "grouped_mm": 9.0}
+        if name in base:
+            return base[name]
+        if name.startswith("triton M128"):
+            return None  # every refinement of the big tile fails: not timed again
+        return 1.0 + tokens / 8 - (0.1 if name == k256_name else -0.1)
+
+    measure = FakeTimes(times)
+    tuning = tune_moe([_region("model.layers.0.mlp")], None, torch.bfloat16, "cuda", 64, measure=measure,
+                      candidates=candidates, refine=down_variants)
+    (entry,) = tuning.table["shapes"].values()
+    rows = entry["buckets"]
+    assert [rows[b]["runs"] for b in ("1", "2", "4", "8")] == [k256_name] * 4
+    assert rows["16"]["runs"] == rows["32"]["runs"] == "triton big"
+    assert k256_name in rows["1"]["candidates"] and len(rows["1"]["candidates"]) == 3 + len(down_variants(small))
+    assert parse_plan(tuning.plans["model.layers.0.mlp"]) == {"path": "triton", "ranges": [(8, k256), (None, big)]}
+    big_refined = [n for n in {n for _, _, n in measure.calls} if n.startswith("triton M128N128K64G8w8s4|")]
+    assert big_refined and all(sum(1 for _, _, n in measure.calls if n == name) == 1 for name in big_refined)
+    assert all(sum(1 for _, t, n in measure.calls if n == k256_name and t == b) == 1 for b in (1, 2, 4, 8))
+
+
 def test_tuner_refuses_a_shape_nothing_runs():
     from moec.compiler.passes.moe_tuning import Candidate, tune_moe
 

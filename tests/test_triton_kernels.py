@@ -448,16 +448,16 @@ def compile_for_sm90(
 
 @outer_only
 def test_kernels_compile_for_h100():
-    """Every kernel, with every config the tuner may time, compiles for sm_90 in bf16 and fits in
+    """Every kernel, with every config the tuner may time (down variants included), compiles for sm_90 in bf16 and fits in
     its shared memory — what the interpreter cannot check; the down GEMM's atomic add is native
     (one `atom.global...add` per vector, no compare-and-swap loop) in bf16, fp16 and fp32."""
     from moec.ops.triton import align, grouped_gemm, router
-    from moec.ops.triton.configs import DYNAMIC_CONFIG, candidate_configs, split_config
+    from moec.ops.triton.configs import DYNAMIC_CONFIG, candidate_configs, down_variants, split_config
 
     bf16, i32 = "*bf16", "*i32"
     idx = {"sorted_ptr": i32, "expert_ids_ptr": i32, "num_post_ptr": i32}
     seen = set()
-    for cfg in candidate_configs():
+    for cfg in [c for base in candidate_configs() for c in (base, *down_variants(base))]:
         gate_up, down = split_config(cfg)
         for kernel, c, ptrs, extra in (
             (

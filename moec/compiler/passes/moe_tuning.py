@@ -4,8 +4,10 @@ For each distinct MoE shape of the model (experts, top-k, hidden, intermediate, 
 dtype) and each token-count bucket (1, 2, 4, … up to max_tokens_per_step), every candidate runs
 on the target GPU with the real weights of the shape's first block and routing from its real
 router: the Triton configs of `moec.ops.triton.configs.candidate_configs` and the
-`torch._grouped_mm` path. Each is checked against the PyTorch reference, then timed; the
-fastest correct one is kept. Nothing is tuned at run time.
+`torch._grouped_mm` path. Each is checked against the PyTorch reference, then timed; then the
+fastest Triton config is timed again with each of `down_variants` in place of its down-GEMM
+settings (the two GEMMs' shapes differ, and so can their best tiles). The fastest correct one is
+kept. Nothing is tuned at run time.
 
 How the choice reaches the compiled graph: as the `plan` string constant of each `fused_moe`
 call (`apply_moe_plans`). A Triton plan holds one config per token range and `fused_moe` gates
@@ -39,7 +41,7 @@ from moec.compiler.passes.moe_region import MOE_BLOCKS
 from moec.errors import LoweringError
 from moec.ops.moe_combine import moe_combine_ref
 from moec.ops.moe_experts import moe_experts_ref
-from moec.ops.triton.configs import candidate_configs, config_name, encode_plan
+from moec.ops.triton.configs import candidate_configs, config_name, down_variants, encode_plan
 
 RANGE_TOLERANCE = 0.03  # keep the current range's config while within 3% of the bucket's best
 # A Triton/grouped_mm switch (a branch in the graph) must make some bucket 2% faster than the best
@@ -152,7 +154,7 @@ def choose(buckets: list[int], results: dict[int, dict[str, Measurement]],
         current = None
         for b in buckets:
             best = best_triton[b]
-            held = results[b][current].ms if current else None
+            held = results[b].get(current, Measurement()).ms if current else None  # refined: not every bucket
             if held is None or held > results[b][best].ms * (1 + RANGE_TOLERANCE):
                 current = best
             triton_runs[b] = current
@@ -199,10 +201,12 @@ def choose(buckets: list[int], results: dict[int, dict[str, Measurement]],
 
 def tune_moe(regions: list[dict], model: torch.nn.Module, dtype: torch.dtype, device: str, max_tokens: int,
              measure: Measure | None = None, candidates: list[Candidate] | None = None,
-             allow_switch: bool = True) -> MoeTuning:
+             allow_switch: bool = True, refine: Callable[[dict], list[dict]] | None = None) -> MoeTuning:
     """Tune every distinct MoE shape of `regions` (as `lower_moe` describes them) for `device`.
     `allow_switch`: whether a block may branch between paths by T (not where the runtime's expert
-    executor runs the experts: offload, expert parallelism, which take one plan per call)."""
+    executor runs the experts: offload, expert parallelism, which take one plan per call).
+    `refine(config)`: the configs to time after a bucket's candidates, built from its fastest
+    Triton config (default with the default candidates: `down_variants`; none otherwise)."""
     shapes: dict[MoeShape, list[dict]] = {}
     for region in regions:
         shapes.setdefault(region_shape(region, dtype), []).append(region)
@@ -212,7 +216,8 @@ def tune_moe(regions: list[dict], model: torch.nn.Module, dtype: torch.dtype, de
                             for s, rs in shapes.items()}}
         return MoeTuning(table, {r["path"]: "" for r in regions})
 
-    candidates = candidates or default_candidates()
+    if candidates is None:
+        candidates, refine = default_candidates(), refine or down_variants
     buckets = token_buckets(max_tokens)
     timer = None
     if measure is None:
@@ -226,24 +231,39 @@ def tune_moe(regions: list[dict], model: torch.nn.Module, dtype: torch.dtype, de
     for shape, members in shapes.items():
         results: dict[int, dict[str, Measurement]] = {}
         failed: dict[str, str] = {}  # a candidate that fails once is not trusted for this shape at all
+        refined: dict[str, Candidate] = {}  # timed at some buckets only: on their fastest config
+
+        def run(b: int, c: Candidate) -> None:
+            if c.name in failed:
+                results[b][c.name] = Measurement(error=failed[c.name])
+                return
+            m = measure(shape, b, c)
+            if m.ms is None:
+                failed[c.name] = f"failed at {b} tokens: {m.error}"
+                m = Measurement(error=failed[c.name])
+            results[b][c.name] = m
+
         for b in buckets:
             results[b] = {}
             for c in candidates:
-                if c.name in failed:
-                    results[b][c.name] = Measurement(error=failed[c.name])
-                    continue
-                m = measure(shape, b, c)
-                if m.ms is None:
-                    failed[c.name] = f"failed at {b} tokens: {m.error}"
-                    m = Measurement(error=failed[c.name])
-                results[b][c.name] = m
+                run(b, c)
+            timed = [c for c in [*candidates, *refined.values()]
+                     if c.path == "triton" and results[b].get(c.name, Measurement()).ms is not None]
+            if refine and timed:
+                best = min(timed, key=lambda c: results[b][c.name].ms)
+                for cfg in refine(best.config):
+                    c = Candidate(f"triton {config_name(cfg)}", "triton", cfg)
+                    if c.name not in results[b]:
+                        refined.setdefault(c.name, c)
+                        run(b, c)
         for b in buckets:  # nor at the token counts it passed before failing
             for name, why in failed.items():
-                if results[b][name].ms is not None:
+                if results[b].get(name, Measurement()).ms is not None:
                     results[b][name] = Measurement(error=why)
+        everything = [*candidates, *refined.values()]
         for allow, shape_table, shape_plans in ((allow_switch, table, plans), (False, one_path_table, one_path_plans)):
             try:
-                plan, rows, switch = choose(buckets, results, candidates, allow)
+                plan, rows, switch = choose(buckets, results, everything, allow)
             except LoweringError as e:
                 raise LoweringError(f"MoE block {members[0]['path']} ({shape.key}): {e}") from None
             shape_table["shapes"][shape.key] = {

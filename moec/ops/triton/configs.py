@@ -89,6 +89,43 @@ _VARIANTS = [
 ]
 
 
+# Down-GEMM settings the tuner tries on each bucket's fastest config (same BLOCK_M, which the align
+# step fixes for both GEMMs): the gate/up and down GEMMs have different shapes (N = 2I and K = H,
+# then N = H and K = I), so the best down tile is not always the one its config carries. On the
+# H200's Mixtral layer at one token the down GEMM took 480 us a step with N64 K128 and 442 with
+# N64 K256 (e2e_decode-h200-2026-12-03T1342 against e2e_decode-h200-2026-12-03), while the
+# gate/up GEMM was faster with the former's N64 K128 tile. Every entry fits sm_90's shared memory
+# at its BLOCK_M in bf16 (tests/test_triton_kernels.py compiles them).
+_DOWN_SMALL_M = [  # BLOCK_M <= 32: decode, streaming the weights
+    {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 5},
+]
+_DOWN_LARGE_M = [  # BLOCK_M >= 64: prefill, compute
+    {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
+    {"BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
+    {"BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+]
+
+
+def down_variants(config: dict) -> list[dict]:
+    """`config` with each other down-GEMM setting of its BLOCK_M's list (GROUP_M kept): what the
+    tuner times after a bucket's candidates, on the fastest of them."""
+    gate_up, down = split_config(config)
+    out = []
+    for settings in _DOWN_SMALL_M if gate_up["BLOCK_M"] <= 32 else _DOWN_LARGE_M:
+        if all(down[k] == v for k, v in settings.items()):
+            continue
+        cfg = copy.deepcopy(config)
+        cfg["down"] = {k: v for k, v in {**down, **settings}.items() if k != "BLOCK_M"}
+        out.append(cfg)
+    return out
+
+
 def candidate_configs() -> list[dict]:
     """Every config the tuner times: the default table's rows, then the variants; distinct."""
     out, seen = [], set()
