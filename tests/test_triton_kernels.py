@@ -205,6 +205,7 @@ def test_router_launches_one_config_per_token_count(num_experts):
     one launch config runs; the few-token one (decode) splits H over programs (Mixtral's 8
     experts: 16 of 256 columns each, then one program sums them) or, for many experts, walks H
     in fewer, longer steps."""
+    from moec.ops.triton import router
     from moec.ops.triton.router import SMALL_T, SPLIT_H, launch_configs
     from moec.ops.triton.token_gate import token_range_gate
 
@@ -241,12 +242,14 @@ def test_router_launches_one_config_per_token_count(num_experts):
                 return None
             return super().call_function(target, args, kwargs)
 
-    for t in (1, SMALL_T, SMALL_T + 1, 1000):
+    top = configs[0][1]  # the few-token launch's last T: SPLIT_MAX_T where H is split
+    assert top == (router.SPLIT_MAX_T if split else SMALL_T)
+    for t in sorted({1, SMALL_T, SMALL_T + 1, top, top + 1, 2000}):
         run = GridsOnly(ep.module())
         run.grids = []
         run.run(torch.randn(t, 72))
-        small_launches = [t <= SMALL_T] * (2 if split else 1)  # the split path: partial sums, then the rest
-        assert [g > 0 for g in run.grids] == [*small_launches, t > SMALL_T], (t, run.grids)
+        small_launches = [t <= top] * (2 if split else 1)  # the split path: partial sums, then the rest
+        assert [g > 0 for g in run.grids] == [*small_launches, t > top], (t, run.grids)
 
 
 @outer_only
@@ -629,7 +632,7 @@ def test_interp_router(num_tokens, num_experts, top_k, renorm, dtype):
 @pytest.mark.parametrize("num_tokens,hidden_size", [(1, 4096), (16, 600), (17, 600), (45, 200), (70, 40)])
 def test_interp_router_long_hidden(num_tokens, hidden_size, split_max_t, monkeypatch):
     """Hidden sizes past one BLOCK_H step (and not a multiple of it), several row blocks, either
-    side of the split launch (T <= 16 built in; up to 64, several row blocks of partials): the
+    side of the split launch (T <= 16, and up to 64: several row blocks of partials): the
     fused logits equal F.linear's rounded to the input dtype, so the routing is the reference's."""
     from moec.ops.moe_router import moe_router_ref
     from moec.ops.triton import router

@@ -148,10 +148,11 @@ SMALL_T = 16  # rows per program of the few-token launch (tl.dot's M)
 SPLIT_H: int | None = 256
 SPLIT_MAX_E_PAD = 32
 # the split path runs up to this many tokens (in row blocks of SMALL_T), the row-block launch
-# above it. A module value for benchmarks/step_kernels.py: measured on the H200 only at 16, where
-# the split took 8.4 us at T = 1; the row blocks take ~19 us from 64 tokens to 1024 (32 steps of
-# 128 over H, one after another), so a wider split may win there too (not measured)
-SPLIT_MAX_T = SMALL_T
+# above it. A module value for benchmarks/step_kernels.py. On the H200 (Mixtral's router,
+# step_kernels-h200-2026-12-03T1634) the split path took 9.2 / 9.5 / 13.1 / 25.5 us at 64 / 256 /
+# 1024 / 4096 tokens, the row blocks 19.1 / 18.8 / 19.5 / 24.4 (32 steps of 128 over H, one
+# after another): split up to 1024
+SPLIT_MAX_T = 1024
 
 
 def _next_pow2(n: int) -> int:
