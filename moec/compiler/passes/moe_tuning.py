@@ -50,8 +50,8 @@ RANGE_TOLERANCE = 0.03  # keep the current range's config while within 3% of the
 SWITCH_GAIN = 0.02
 # Whether a compile for CUDA may branch between the paths. AOTInductor on torch 2.11 failed to lower
 # the branch (gpu_op_check-h200-2026-12-03T1417: the buffer-reuse planner's "Start index 4 out of
-# bounds", then a call to a `_grouped_mm` C shim 2.11 lacks); moec.compiler.lower works around both
-# (tested under 2.11 and 2.13 on CPU; the GPU check, `gpu_op_check.py --parts switch`, to be re-run).
+# bounds", then a call to a `_grouped_mm` C shim 2.11 lacks); moec.compiler.lower works around both,
+# and the 8-layer Mixtral-shape compile lowered its branches on the H200 (e2e_decode-h200-2026-12-03T1644).
 # Where lowering still fails, the compiler lowers `MoeTuning.one_path` instead (pipeline.py).
 CUDA_SWITCH = True
 GROUPED_MM = "grouped_mm"
