@@ -128,6 +128,10 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=330.0,
                    help="wall-clock budget (s): the config sweeps (run after every path of every case is "
                         "measured) stop once it is spent; past budget+90 s phase 1 skips torch.compile too")
+    p.add_argument("--profile-tokens", default="",
+                   help="comma list of token counts at which the moec (default config), grouped_mm and HF "
+                        "compiled paths are also profiled: their top kernels by time per call, in the JSON "
+                        "and printed last")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeat", type=int, default=1,
                    help="measure every case this many times in a row (moe_layer-rK.json for K > 1, ceilings "
@@ -613,9 +617,36 @@ def measure_case(layer: Layer, T: int, ctx: dict) -> dict:
                     del r
     elif device.type != "cuda":
         case["skipped"]["graphs"] = "CUDA graphs need a GPU"
+    if T in ctx["profile_tokens"]:
+        case["profile"] = {name: attempt(f"profile_{name}", lambda fn=fn: profile_kernels(fn, device))
+                           for name, fn in paths.items() if name in PROFILED}
     del hidden, hidden3, w, ids, paths, same
     finalize_case(case)
     return case
+
+
+PROFILED = ("moec", "grouped_mm", "hf_compile")  # what --profile-tokens breaks down
+
+
+def profile_kernels(fn, device: torch.device, calls: int = 3, top: int = 10) -> list[dict]:
+    """Where one call's time goes: the device's kernels (the CPU's operators on a CPU) by total
+    time per call, from torch.profiler over `calls` calls after a warm-up call."""
+    fn()
+    _sync(device)
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(calls):
+            fn()
+        _sync(device)
+    rows = []
+    for ev in prof.key_averages():
+        us = (ev.self_device_time_total if device.type == "cuda" else ev.self_cpu_time_total) / calls
+        if us > 0 and (device.type != "cuda" or ev.device_type == torch.autograd.DeviceType.CUDA):
+            rows.append({"name": ev.key[:120], "us_per_call": us, "count_per_call": ev.count / calls})
+    rows.sort(key=lambda r: -r["us_per_call"])
+    return rows[:top]
 
 
 def sweep_reason(layer: Layer, T: int, case: dict, ctx: dict) -> str | None:
@@ -987,7 +1018,8 @@ def main(argv=None) -> int:
 
     ctx = {"args": args, "device": device, "flush": flush, "budget": budget, "iters": iters,
            "copy_gbs": bw["value"], "tflops": mm["value"], "smem_limit": smem_limit,
-           "compile_skip_reason": compile_skip}
+           "compile_skip_reason": compile_skip,
+           "profile_tokens": {int(t) for t in args.profile_tokens.split(",") if t.strip()}}
 
     def save() -> None:
         result["metrics"] = base_metrics + [m for c in result["cases"] for m in case_metrics(c)]
@@ -1125,6 +1157,10 @@ def main(argv=None) -> int:
     skipped = {k: v for c in result["cases"] for k, v in c["skipped"].items()}
     if skipped or result["skipped"]:
         log("skipped: " + "; ".join(f"{k}: {v}" for k, v in {**result["skipped"], **skipped}.items()))
+    for c in result["cases"]:
+        for path, rows in (c.get("profile") or {}).items():
+            log(f"profile {c['shape']} T={c['tokens']} {path}: " + ("failed" if rows is None else ", ".join(
+                f"{r['name'][:40]} {r['us_per_call']:.0f}us x{r['count_per_call']:g}" for r in rows[:6])))
     if not result["all_correct"]:
         bad = [f"{c['shape']}/T={c['tokens']}" for c in result["cases"] if not c.get("correct")]
         log(f"!!!!! MISMATCH vs HF eager, or not checked: {bad}")
