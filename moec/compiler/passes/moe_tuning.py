@@ -247,8 +247,7 @@ def tune_moe(regions: list[dict], model: torch.nn.Module, dtype: torch.dtype, de
             results[b] = {}
             for c in candidates:
                 run(b, c)
-            timed = [c for c in [*candidates, *refined.values()]
-                     if c.path == "triton" and results[b].get(c.name, Measurement()).ms is not None]
+            timed = [c for c in candidates if c.path == "triton" and results[b][c.name].ms is not None]
             if refine and timed:
                 best = min(timed, key=lambda c: results[b][c.name].ms)
                 for cfg in refine(best.config):
