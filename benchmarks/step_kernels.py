@@ -3,8 +3,8 @@
     python benchmarks/step_kernels.py --out $OUT          # GPU, ~3 min
 
 Measured in one run (ceilings first: copy bandwidth and bf16 matmul rate), Mixtral's attention
-shape (32 query heads, 8 KV heads, head_dim 128, bf16, 16-token cache blocks) and router shape
-(hidden 4096, 8 experts, top-2), every call captured in a CUDA graph and its replays timed
+shape (32 query heads, 8 KV heads, head_dim 128, bf16, 16-token cache blocks) and router shapes
+(hidden 4096, 8 experts, top-2; Qwen3's hidden 2048, 128 experts, top-8), every call captured in a CUDA graph and its replays timed
 (median of CUDA events, L2 flushed before each: measure.py), fresh random inputs per case:
 
   prefill    moec paged attention for one sequence's prompt of T = 1024..8192 tokens from
@@ -26,11 +26,13 @@ shape (32 query heads, 8 KV heads, head_dim 128, bf16, 16-token cache blocks) an
              under a few tile configs, against the weight bytes over copy bandwidth: whether a
              small-T dense path in the compiler would pay (the H200 profile: Q/K/V and O at
              75% and 66% of copy bandwidth at batch 1)
-  router     the fused router as the step runs it (no counts) at T = 1..4096: the few-token path
-             with H split over programs of 128, 256 (built in) or 512 columns, and unsplit (one
-             program walking H in steps of 512), by setting router.SPLIT_H; and the split path
-             run up to 256 or 4096 tokens instead of 16 (router.SPLIT_MAX_T); against hidden +
-             gate bytes over copy bandwidth
+  router     the fused router as the step runs it (no counts) at T = 1..4096, for Mixtral's 8
+             experts and Qwen3's 128: the few-token path with H split over programs of 128, 256
+             (built in) or 512 columns, and unsplit (one program walking H in steps of 512), by
+             setting router.SPLIT_H; the split path run up to 16, 256 or 4096 tokens
+             (router.SPLIT_MAX_T); for Qwen3, whose 128 experts the built-in router does not split,
+             the split path let in (router.SPLIT_MAX_E_PAD); against hidden + gate bytes over copy
+             bandwidth
 
 Writes OUT/step_kernels.json and OUT/step_kernels.png (prefill TFLOP/s per config against the
 bound), then prints a table per part. GPU only: exits 2 without CUDA.
@@ -56,7 +58,7 @@ from measure import L2Flusher, copy_bandwidth, environment, matmul_rate, time_gr
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
-HIDDEN, EXPERTS, TOP_K = 4096, 8, 2
+ROUTER_SHAPES = {"mixtral": (8, 4096, 2), "qwen3": (128, 2048, 8)}  # experts, hidden, top-k
 PREFILL_TOKENS = (1024, 2048, 4096, 8192)
 DECODE_BATCHES = (1, 8, 32, 128)
 DECODE_CONTEXT = 512
@@ -296,34 +298,52 @@ def run_dense(dev, ceil: dict, flush) -> list[dict]:
     return rows
 
 
+def router_variants(router, num_experts: int) -> dict[str, dict]:
+    """name -> the router module values it sets. Mixtral's few experts: the split width over H,
+    unsplit, and the split path's token limit; Qwen3's many (E_PAD 128, past SPLIT_MAX_E_PAD: the
+    built-in walks H in one program): the split path let in, up to 16 or to SPLIT_MAX_T tokens."""
+    built_in = {"SPLIT_H": router.SPLIT_H, "SPLIT_MAX_T": router.SPLIT_MAX_T, "SPLIT_MAX_E_PAD": router.SPLIT_MAX_E_PAD}
+    if num_experts > router.SPLIT_MAX_E_PAD:
+        let_in = {"SPLIT_H": router.SPLIT_H or 256, "SPLIT_MAX_E_PAD": 256}
+        return {"unsplit (built in)": {}, **{f"split H {let_in['SPLIT_H']} up to {t} tokens": {**let_in, "SPLIT_MAX_T": t}
+                                             for t in sorted({16, router.SPLIT_MAX_T})}}
+    out = {("unsplit" if h is None else f"split H {h}") + (" (built in)" if h == built_in["SPLIT_H"] else ""):
+           {"SPLIT_H": h} for h in ROUTER_SPLIT_H}
+    out.update({f"split H {built_in['SPLIT_H']} up to {t} tokens": {"SPLIT_MAX_T": t} for t in ROUTER_SPLIT_MAX_T
+                if t != built_in["SPLIT_MAX_T"]})
+    return out
+
+
 def run_router(dev, ceil: dict, flush) -> list[dict]:
     from moec.ops.moe_router import moe_router_ref
     from moec.ops.triton import router
 
-    built_in = (router.SPLIT_H, router.SPLIT_MAX_T)
-    variants = {("unsplit" if h is None else f"split H {h}") + (" (built in)" if h == built_in[0] else ""):
-                (h, built_in[1]) for h in ROUTER_SPLIT_H}
-    variants.update({f"split H {built_in[0]} up to {t} tokens": (built_in[0], t) for t in ROUTER_SPLIT_MAX_T
-                     if t != built_in[1]})
     gen = torch.Generator().manual_seed(3)
-    gate = (torch.randn(EXPERTS, HIDDEN, generator=gen) * HIDDEN ** -0.5).to(dev, DTYPE)
     rows = []
-    for tokens in ROUTER_TOKENS:
-        hidden = torch.randn(tokens, HIDDEN, generator=gen).to(dev, DTYPE)
-        want_ids = moe_router_ref(hidden.float(), gate.float(), TOP_K, True)[1]
-        bound_us = (tokens + EXPERTS) * HIDDEN * 2 / (ceil["copy_gb_s"] * 1e9) * 1e6
-        row = {"tokens": tokens, "bound_us": bound_us, "variants": {}}
-        for name, (split_h, split_max_t) in variants.items():
-            router.SPLIT_H, router.SPLIT_MAX_T = split_h, split_max_t
-            try:
-                call = lambda: router.fused_router(hidden, gate, TOP_K, True, count=False)  # noqa: E731
-                t, (out, _) = time_graph(call, dev, flush=flush)
-                same = (out[1].sort(1).values == want_ids.sort(1).values).float().mean().item()
-                row["variants"][name] = {"us": t["median_ms"] * 1e3, "over_bound": t["median_ms"] * 1e3 / bound_us,
-                                         "same_experts": same}
-            finally:
-                router.SPLIT_H, router.SPLIT_MAX_T = built_in
-        rows.append(row)
+    for shape, (experts, hidden_size, top_k) in ROUTER_SHAPES.items():
+        gate = (torch.randn(experts, hidden_size, generator=gen) * hidden_size ** -0.5).to(dev, DTYPE)
+        variants = router_variants(router, experts)
+        for tokens in ROUTER_TOKENS:
+            hidden = torch.randn(tokens, hidden_size, generator=gen).to(dev, DTYPE)
+            want_ids = moe_router_ref(hidden.float(), gate.float(), top_k, True)[1]
+            bound_us = (tokens + experts) * hidden_size * 2 / (ceil["copy_gb_s"] * 1e9) * 1e6
+            row = {"shape": shape, "tokens": tokens, "bound_us": bound_us, "variants": {}}
+            for name, values in variants.items():
+                saved = {k: getattr(router, k) for k in values}
+                try:
+                    for k, v in values.items():
+                        setattr(router, k, v)
+                    call = lambda: router.fused_router(hidden, gate, top_k, True, count=False)  # noqa: E731
+                    t, (out, _) = time_graph(call, dev, flush=flush)
+                    same = (out[1].sort(1).values == want_ids.sort(1).values).float().mean().item()
+                    row["variants"][name] = {"us": t["median_ms"] * 1e3, "over_bound": t["median_ms"] * 1e3 / bound_us,
+                                             "same_experts": same}
+                except Exception as exc:  # a variant that does not compile: recorded, not fatal
+                    row["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                finally:
+                    for k, v in saved.items():
+                        setattr(router, k, v)
+            rows.append(row)
     return rows
 
 
@@ -396,8 +416,8 @@ def print_tables(result: dict) -> None:
               f"  best {best[0]} {best[1]:.1f}")
     print("router (us)")
     for r in result.get("router", []):
-        cells = "  ".join(f"{n} {c['us']:.1f}" for n, c in r["variants"].items())
-        print(f"  T={r['tokens']:5d} bound {r['bound_us']:.2f}  {cells}")
+        cells = "  ".join(f"{n} {c['us']:.1f}" if "us" in c else f"{n} failed" for n, c in r["variants"].items())
+        print(f"  {r['shape']:8s} T={r['tokens']:5d} bound {r['bound_us']:.2f}  {cells}")
 
 
 def main() -> int:

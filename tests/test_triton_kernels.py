@@ -650,6 +650,26 @@ def test_interp_router_long_hidden(num_tokens, hidden_size, split_max_t, monkeyp
     torch.testing.assert_close(got_w.sort(-1).values, want_w.sort(-1).values, atol=2e-3, rtol=2e-3)
 
 
+@interp_only
+@pytest.mark.parametrize("num_tokens", [1, 5, 40])
+def test_interp_router_split_over_many_experts(num_tokens, monkeypatch):
+    """The split path let in for Qwen3's 128 experts (SPLIT_MAX_E_PAD raised, as
+    benchmarks/step_kernels.py times it): 8 experts of 128 chosen as the reference chooses."""
+    from moec.ops.moe_router import moe_router_ref
+    from moec.ops.triton import router
+
+    monkeypatch.setattr(router, "SPLIT_MAX_E_PAD", 256)
+    assert router.launch_configs(128)[0][4]  # the few-token launch is the split one
+    g = torch.Generator().manual_seed(num_tokens)
+    hidden = torch.randn(num_tokens, 600, generator=g).to(torch.float16)
+    gate = (torch.randn(128, 600, generator=g) / 600**0.5).to(torch.float16)
+    want_w, want_i = moe_router_ref(hidden, gate, 8, True)
+    with poisoned_empty():
+        got_w, got_i, _ = router.fused_router(hidden, gate, 8, True, count=False)
+    assert (got_i.sort(-1).values == want_i.sort(-1).values).float().mean().item() > 0.97
+    torch.testing.assert_close(got_w.sort(-1).values, want_w.sort(-1).values, atol=2e-3, rtol=2e-3)
+
+
 def check_align(ids: torch.Tensor, num_experts: int, block_m: int, sorted_ids, expert_ids, num_post):
     flat = ids.flatten().tolist()
     num_assign = len(flat)
