@@ -434,7 +434,6 @@ def measure(args, result: dict, save, work: Path, out: Path, deadline: float, re
     if "hf_compile" not in args.phases:
         result["skipped"].append("hf grouped_mm + compile: not in --phases (run --phases hf_compile --resume-from)")
     elif first and left > 60:
-        compile_json = work / "hf_compile.json"
         measure_hf_compile(args, result, work, left)
     else:
         result["skipped"].append("hf grouped_mm + compile: time budget")

@@ -713,7 +713,9 @@ def sweep_case(layer: Layer, case: dict, ctx: dict) -> None:
         best = min(tuner_good, key=lambda s: s["median_ms"])
         names = {s["name"] for s in sweep}
         for cfg in down_variants(best["config"]):
-            if cfg_name(cfg) in names or over_budget():
+            if over_budget():
+                break
+            if cfg_name(cfg) in names:
                 continue
             refined.append(cfg_name(cfg))
             time_config(cfg_name(cfg), cfg, True)

@@ -4,8 +4,8 @@
 
 Measured in one run (ceilings first: copy bandwidth and bf16 matmul rate), Mixtral's attention
 shape (32 query heads, 8 KV heads, head_dim 128, bf16, 16-token cache blocks) and router shapes
-(hidden 4096, 8 experts, top-2; Qwen3's hidden 2048, 128 experts, top-8), every call captured in a CUDA graph and its replays timed
-(median of CUDA events, L2 flushed before each: measure.py), fresh random inputs per case:
+(hidden 4096, 8 experts, top-2; Qwen3's hidden 2048, 128 experts, top-8), every call captured
+in a CUDA graph and its replays timed (median of CUDA events, L2 flushed before each: measure.py), fresh random inputs per case:
 
   prefill    moec paged attention for one sequence's prompt of T = 1024..8192 tokens from
              position 0, under candidate tile configs (the built-in ones first), against torch's
@@ -302,15 +302,14 @@ def router_variants(router, num_experts: int) -> dict[str, dict]:
     """name -> the router module values it sets. Mixtral's few experts: the split width over H,
     unsplit, and the split path's token limit; Qwen3's many (E_PAD 128, past SPLIT_MAX_E_PAD: the
     built-in walks H in one program): the split path let in, up to 16 or to SPLIT_MAX_T tokens."""
-    built_in = {"SPLIT_H": router.SPLIT_H, "SPLIT_MAX_T": router.SPLIT_MAX_T, "SPLIT_MAX_E_PAD": router.SPLIT_MAX_E_PAD}
     if num_experts > router.SPLIT_MAX_E_PAD:
         let_in = {"SPLIT_H": router.SPLIT_H or 256, "SPLIT_MAX_E_PAD": 256}
         return {"unsplit (built in)": {}, **{f"split H {let_in['SPLIT_H']} up to {t} tokens": {**let_in, "SPLIT_MAX_T": t}
                                              for t in sorted({16, router.SPLIT_MAX_T})}}
-    out = {("unsplit" if h is None else f"split H {h}") + (" (built in)" if h == built_in["SPLIT_H"] else ""):
+    out = {("unsplit" if h is None else f"split H {h}") + (" (built in)" if h == router.SPLIT_H else ""):
            {"SPLIT_H": h} for h in ROUTER_SPLIT_H}
-    out.update({f"split H {built_in['SPLIT_H']} up to {t} tokens": {"SPLIT_MAX_T": t} for t in ROUTER_SPLIT_MAX_T
-                if t != built_in["SPLIT_MAX_T"]})
+    out.update({f"split H {router.SPLIT_H} up to {t} tokens": {"SPLIT_MAX_T": t} for t in ROUTER_SPLIT_MAX_T
+                if t != router.SPLIT_MAX_T})
     return out
 
 
