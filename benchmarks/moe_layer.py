@@ -139,6 +139,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error(f"--repeat wants a number of runs >= 1, got {args.repeat}")
+    try:
+        args.profile_tokens = {int(t) for t in args.profile_tokens.split(",") if t.strip()}
+    except ValueError:
+        p.error(f"--profile-tokens wants a comma list of token counts, e.g. 16384 or 1,4096; got {args.profile_tokens!r}")
     return args
 
 
@@ -1021,7 +1025,7 @@ def main(argv=None) -> int:
     ctx = {"args": args, "device": device, "flush": flush, "budget": budget, "iters": iters,
            "copy_gbs": bw["value"], "tflops": mm["value"], "smem_limit": smem_limit,
            "compile_skip_reason": compile_skip,
-           "profile_tokens": {int(t) for t in args.profile_tokens.split(",") if t.strip()}}
+           "profile_tokens": args.profile_tokens}
 
     def save() -> None:
         result["metrics"] = base_metrics + [m for c in result["cases"] for m in case_metrics(c)]
