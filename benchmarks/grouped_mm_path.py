@@ -14,6 +14,8 @@ keeps Inductor's generated code (TORCH_LOGS=output_code goes to stderr: redirect
   hf         transformers' order of work: rows gathered with an index, the routing weight applied
              to the sorted rows, the inverse permutation by an index put, a view summed over K
   unrolled   moec with the combine as K row gathers summed in a fixed order (one pointwise kernel)
+  tuner      moec through `compiled_grouped_mm()` (what the tuner and moe_layer.py time), called at
+             T = 1 and 4 first as moe_layer.py does, so Dynamo specializes then generalizes T
   noassert   moec with Inductor's bounds asserts on indirect loads off (assert_indirect_indexing)
 
 Writes OUT/grouped_mm_path.json and prints a table. GPU only: exits 2 without CUDA.
@@ -33,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.measure import L2Flusher, environment, log, time_fn, write_json  # noqa: E402
 from benchmarks.moe_layer import SHAPES  # noqa: E402
+from moec.compiler.passes.moe_tuning import compiled_grouped_mm  # noqa: E402
 from moec.ops.fused_moe import fused_moe_grouped_mm  # noqa: E402
 from moec.ops.moe_combine import moe_combine_ref  # noqa: E402
 from moec.ops.moe_experts import ACTIVATIONS  # noqa: E402
@@ -79,7 +82,7 @@ def unrolled(hidden, w13, w2, topk_weights, topk_ids, activation):
 
 
 VARIANTS = {"moec": (fused_moe_grouped_mm, {}), "hf": (hf_order, {}), "unrolled": (unrolled, {}),
-            "noassert": (fused_moe_grouped_mm, {"assert_indirect_indexing": False})}
+            "tuner": None, "noassert": (fused_moe_grouped_mm, {"assert_indirect_indexing": False})}
 
 
 def compiled(fn, inductor_options: dict, dynamic: bool):
@@ -132,7 +135,15 @@ def main(argv=None) -> int:
         g = torch.Generator(device=device).manual_seed(0)
         w13 = torch.randn(E, 2 * I, H, generator=g, device=device, dtype=dtype).mul_(H ** -0.5)
         w2 = torch.randn(E, H, I, generator=g, device=device, dtype=dtype).mul_(I ** -0.5)
-        runs = {(v, d): compiled(VARIANTS[v][0], VARIANTS[v][1], d) for v in args.variants.split(",") for d in modes}
+        runs = {(v, d): compiled(VARIANTS[v][0], VARIANTS[v][1], d) for v in args.variants.split(",")
+                if v != "tuner" for d in modes}
+        if "tuner" in args.variants.split(","):
+            tuner = compiled_grouped_mm()
+            for t in (1, 4):
+                x = torch.randn(t, H, device=device, dtype=dtype)
+                ww, ii = torch.randn(t, E, device=device).softmax(-1).topk(K, dim=-1)
+                tuner(x, w13, w2, ww, ii, "silu")
+            runs[("tuner", True)] = lambda hidden, w13, w2, w, ids: tuner(hidden, w13, w2, w, ids, "silu")
         for T in tokens:
             hidden = torch.randn(T, H, generator=g, device=device, dtype=dtype)
             probs = torch.randn(T, E, generator=g, device=device).softmax(-1)
@@ -143,9 +154,9 @@ def main(argv=None) -> int:
                 case = {"shape": shape, "tokens": T, "variant": v, "dynamic": dyn}
                 t0 = time.perf_counter()
                 try:
-                    out = run(hidden, w13, w2, w, ids).float()
+                    got = run(hidden, w13, w2, w, ids).float()
                     case["compile_s"] = time.perf_counter() - t0
-                    case["max_rel_err"] = ((out - ref).abs().max() / ref.abs().max()).item()
+                    case["max_rel_err"] = ((got - ref).abs().max() / ref.abs().max()).item()
                     case["timing"] = time_fn(lambda: run(hidden, w13, w2, w, ids), device, flush=flush)
                     case["profile"] = profile_top(lambda: run(hidden, w13, w2, w, ids))
                 except Exception as e:  # noqa: BLE001 - a failed variant is a result

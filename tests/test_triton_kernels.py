@@ -400,6 +400,35 @@ def test_grouped_mm_path_compiles_whole_for_any_token_count():
 
 
 @outer_only
+def test_grouped_mm_path_keeps_weight_sizes_static_across_shapes():
+    """A second MoE shape through the same function compiles with only its token count symbolic
+    (Dynamo's automatic dynamic would make the hidden, expert and intermediate sizes symbolic,
+    and Inductor's kernels for them several times slower)."""
+    from moec.compiler.passes.moe_tuning import compiled_grouped_mm
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def record(gm, example_inputs):
+        values = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+        graphs.append([tuple(type(d).__name__ for d in v.shape) for v in values if isinstance(v, torch.Tensor)])
+        return gm.forward
+
+    compiled = compiled_grouped_mm(backend=record)
+    for experts, hidden in ((5, 72), (6, 40)):
+        w13, w2 = moe_weights(experts, hidden, 24, torch.bfloat16)
+        for tokens in (1, 9, 17):
+            weights, ids = routing(tokens, experts, 3, "random")
+            compiled(torch.randn(tokens, hidden).to(torch.bfloat16), w13, w2, weights, ids, "silu")
+    assert len(graphs) == 4  # T = 1 and T symbolic, per shape
+    for g in graphs:
+        sym = [dims for dims in g if "SymInt" in dims]
+        # only the token dim of hidden, topk_weights and topk_ids (T = 1 graphs: none)
+        assert all(dims[0] == "SymInt" and "SymInt" not in dims[1:] for dims in sym), g
+        assert len(sym) in (0, 3), g
+
+
+@outer_only
 def test_op_plan_argument():
     """The op takes the plan as a string constant; on CPU it runs the reference whatever the
     plan says, and a malformed plan is an error, not a silent default."""
