@@ -8,15 +8,18 @@ GEMMs took what transformers' compiled block's took, but the gather back to toke
 Mixtral's (transformers: 0.13). This compiles formulations of the same computation, with T
 symbolic (as the artifact compiles it) and static, checks each against the op's reference,
 times each (median of CUDA events, L2 flushed before each call), profiles its kernels, and
-keeps Inductor's generated code (TORCH_LOGS=output_code goes to stderr: redirect it).
+keeps Inductor's generated code (TORCH_LOGS=output_code goes to stderr: redirect it). Each
+variant compiles afresh (torch._dynamo.reset()), its dynamic graph first at the lowest T.
 
-  moec       `moec.ops.fused_moe.fused_moe_grouped_mm` as the tree has it
+  moec       `moec.ops.fused_moe.fused_moe_grouped_mm` as the tree has it (on CUDA: the row moves
+             are `moec.ops.triton.moe_permute`'s kernels)
+  aten       the same with the row moves as aten ops (`row_kernels=False`), as it was before them
   hf         transformers' order of work: rows gathered with an index, the routing weight applied
              to the sorted rows, the inverse permutation by an index put, a view summed over K
-  unrolled   moec with the combine as K row gathers summed in a fixed order (one pointwise kernel)
+  unrolled   aten with the combine as K row gathers summed in a fixed order (one pointwise kernel)
   tuner      moec through `compiled_grouped_mm()` (what the tuner and moe_layer.py time), called at
              T = 1 and 4 first as moe_layer.py does, so Dynamo specializes then generalizes T
-  noassert   moec with Inductor's bounds asserts on indirect loads off (assert_indirect_indexing)
+  noassert   aten with Inductor's bounds asserts on indirect loads off (assert_indirect_indexing)
 
 Writes OUT/grouped_mm_path.json and prints a table. GPU only: exits 2 without CUDA.
 """
@@ -81,8 +84,13 @@ def unrolled(hidden, w13, w2, topk_weights, topk_ids, activation):
     return out.to(hidden.dtype)
 
 
-VARIANTS = {"moec": (fused_moe_grouped_mm, {}), "hf": (hf_order, {}), "unrolled": (unrolled, {}),
-            "tuner": None, "noassert": (fused_moe_grouped_mm, {"assert_indirect_indexing": False})}
+def aten_rows(hidden, w13, w2, topk_weights, topk_ids, activation):
+    return fused_moe_grouped_mm(hidden, w13, w2, topk_weights, topk_ids, activation, row_kernels=False)
+
+
+VARIANTS = {"moec": (fused_moe_grouped_mm, {}), "aten": (aten_rows, {}), "hf": (hf_order, {}),
+            "unrolled": (unrolled, {}), "tuner": None,
+            "noassert": (aten_rows, {"assert_indirect_indexing": False})}
 
 
 def compiled(fn, inductor_options: dict, dynamic: bool):
@@ -135,36 +143,44 @@ def main(argv=None) -> int:
         g = torch.Generator(device=device).manual_seed(0)
         w13 = torch.randn(E, 2 * I, H, generator=g, device=device, dtype=dtype).mul_(H ** -0.5)
         w2 = torch.randn(E, H, I, generator=g, device=device, dtype=dtype).mul_(I ** -0.5)
-        runs = {(v, d): compiled(VARIANTS[v][0], VARIANTS[v][1], d) for v in args.variants.split(",")
-                if v != "tuner" for d in modes}
-        if "tuner" in args.variants.split(","):
-            tuner = compiled_grouped_mm()
-            for t in (1, 4):
-                x = torch.randn(t, H, device=device, dtype=dtype)
-                ww, ii = torch.randn(t, E, device=device).softmax(-1).topk(K, dim=-1)
-                tuner(x, w13, w2, ww, ii, "silu")
-            runs[("tuner", True)] = lambda hidden, w13, w2, w, ids: tuner(hidden, w13, w2, w, ids, "silu")
+        inputs = {}
         for T in tokens:
             hidden = torch.randn(T, H, generator=g, device=device, dtype=dtype)
-            probs = torch.randn(T, E, generator=g, device=device).softmax(-1)
-            w, ids = probs.topk(K, dim=-1)
+            w, ids = torch.randn(T, E, generator=g, device=device).softmax(-1).topk(K, dim=-1)
             w = w / w.sum(-1, keepdim=True)
             ref = moe_combine_ref(torch.ops.moec.moe_experts(hidden, w13, w2, ids, "silu"), w).float()
-            for (v, dyn), run in runs.items():
-                case = {"shape": shape, "tokens": T, "variant": v, "dynamic": dyn}
-                t0 = time.perf_counter()
-                try:
-                    got = run(hidden, w13, w2, w, ids).float()
-                    case["compile_s"] = time.perf_counter() - t0
-                    case["max_rel_err"] = ((got - ref).abs().max() / ref.abs().max()).item()
-                    case["timing"] = time_fn(lambda: run(hidden, w13, w2, w, ids), device, flush=flush)
-                    case["profile"] = profile_top(lambda: run(hidden, w13, w2, w, ids))
-                except Exception as e:  # noqa: BLE001 - a failed variant is a result
-                    case["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                result["cases"].append(case)
-                log(f"{shape:14s} T={T:6d} {v:9s} {'dyn' if dyn else 'static':6s} "
-                    + (case.get("error") or f"{case['timing']['median_ms']:.3f} ms  err {case['max_rel_err']:.1e}  "
-                       + ", ".join(f"{r['name'][:48]} {r['us_per_call']:.0f}" for r in case["profile"][:4])))
+            inputs[T] = (hidden, w, ids, ref)
+        for v in args.variants.split(","):
+            for dyn in ([True] if v == "tuner" else modes):
+                torch._dynamo.reset()  # each variant compiles afresh: Dynamo's cache is the function's
+                if v == "tuner":
+                    tuner = compiled_grouped_mm()
+                    for t in (1, 4):
+                        x = torch.randn(t, H, device=device, dtype=dtype)
+                        ww, ii = torch.randn(t, E, device=device).softmax(-1).topk(K, dim=-1)
+                        tuner(x, w13, w2, ww, ii, "silu")
+
+                    def run(hidden, w13, w2, w, ids, tuner=tuner):
+                        return tuner(hidden, w13, w2, w, ids, "silu")
+                else:
+                    run = compiled(VARIANTS[v][0], VARIANTS[v][1], dyn)
+                for T in tokens:
+                    hidden, w, ids, ref = inputs[T]
+                    case = {"shape": shape, "tokens": T, "variant": v, "dynamic": dyn}
+                    t0 = time.perf_counter()
+                    try:
+                        got = run(hidden, w13, w2, w, ids).float()
+                        case["first_call_s"] = time.perf_counter() - t0
+                        case["max_rel_err"] = ((got - ref).abs().max() / ref.abs().max()).item()
+                        case["timing"] = time_fn(lambda: run(hidden, w13, w2, w, ids), device, flush=flush)
+                        case["profile"] = profile_top(lambda: run(hidden, w13, w2, w, ids))
+                    except Exception as e:  # noqa: BLE001 - a failed variant is a result
+                        case["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    result["cases"].append(case)
+                    log(f"{shape:14s} T={T:6d} {v:9s} {'dyn' if dyn else 'static':6s} "
+                        + (case.get("error") or f"{case['timing']['median_ms']:.3f} ms  err {case['max_rel_err']:.1e}  "
+                           + ", ".join(f"{r['name'][:40]} {r['us_per_call']:.0f}" for r in case["profile"][:5])))
+        del inputs
         del w13, w2
         torch.cuda.empty_cache()
         write_json(out / "grouped_mm_path.json", result)  # after each shape: a cut run keeps what it measured

@@ -188,6 +188,29 @@ def test_triton_path_traces_with_symbolic_tokens(top_k):
     assert len(launches) == 6  # 3 align + the one-token assignment + 2 GEMMs: no K-way sum, down accumulates
 
 
+@outer_only
+def test_grouped_mm_row_kernels_trace_with_symbolic_tokens():
+    """The grouped_mm path's CUDA body (the row kernels between the two grouped GEMMs) under
+    export with a dynamic token count: T keeps its range, and the three row moves are launches."""
+    from moec.ops.fused_moe import fused_moe_grouped_mm
+
+    w13, w2 = moe_weights(5, 72, 40, torch.bfloat16)
+
+    class Block(torch.nn.Module):
+        def forward(self, x, weights, ids):
+            return fused_moe_grouped_mm(x, w13, w2, weights, ids, "silu", row_kernels=True)
+
+    weights, ids = routing(7, 5, 3, "random")
+    tokens = torch.export.Dim("tokens", min=1, max=32768)
+    ep = torch.export.export(Block(), (torch.randn(7, 72, dtype=torch.bfloat16), weights, ids),
+                             dynamic_shapes=({0: tokens},) * 3, strict=False)
+    (vr,) = ep.range_constraints.values()
+    assert (vr.lower, vr.upper) == (1, 32768)
+    launches = [_kernel_name(n.kwargs) for n in ep.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+    assert launches == ["_gather_rows_kernel", "_gated_act_kernel", "_combine_rows_kernel"]
+    assert sum("_grouped_mm" in str(n.target) for n in ep.graph.nodes) == 2
+
+
 # a config per token range: T <= 4, 4 < T <= 12, T > 12, each with its own BLOCK_M
 PLAN_RANGES = [(4, CFG_A), (12, CFG_B), (None, dict(CFG_A, BLOCK_M=64, BLOCK_K=16))]
 
@@ -483,7 +506,7 @@ def test_kernels_compile_for_h100():
     """Every kernel, with every config the tuner may time (down variants included), compiles for sm_90 in bf16 and fits in
     its shared memory — what the interpreter cannot check; the down GEMM's atomic add is native
     (one `atom.global...add` per vector, no compare-and-swap loop) in bf16, fp16 and fp32."""
-    from moec.ops.triton import align, grouped_gemm, router
+    from moec.ops.triton import align, grouped_gemm, moe_permute, router
     from moec.ops.triton.configs import DYNAMIC_CONFIG, candidate_configs, down_variants, split_config
 
     bf16, i32 = "*bf16", "*i32"
@@ -567,6 +590,14 @@ def test_kernels_compile_for_h100():
                     {"hidden_ptr": bf16, "gate_ptr": bf16, "partial_ptr": "*fp32"},
                     {"E_PAD": max(num_experts, 16), "BLOCK_T": block_t, "BLOCK_H": block_h, "IEEE": False},
                 ))
+    # the grouped_mm path's row kernels (moe_permute), as its launchers launch them
+    small += [
+        (moe_permute._gather_rows_kernel, {"src_ptr": bf16, "index_ptr": "*i64", "out_ptr": bf16},
+         {"BLOCK": moe_permute.BLOCK_COLS}),
+        (moe_permute._gated_act_kernel, {"x_ptr": bf16, "out_ptr": bf16}, {"ACT": 0, "BLOCK": moe_permute.BLOCK_COLS}),
+        (moe_permute._combine_rows_kernel, {"rows_ptr": bf16, "position_ptr": "*i64", "weights_ptr": "*fp32",
+                                            "out_ptr": bf16}, {"BLOCK": moe_permute.BLOCK_COLS}),
+    ]
     for kernel, ptrs, consts in small:
         compile_for_sm90(kernel, ptrs, consts, 4, 3)
 
@@ -781,6 +812,51 @@ def ref_rows(x, w13, w2, weights, ids, activation="silu"):
     inter = ACTIVATIONS[activation](gate) * up
     down = torch.einsum("ai,ahi->ah", inter, w2.float()[flat]) * weights.flatten()[:, None]
     return inter, down
+
+
+@interp_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("num_tokens,top_k,case,cols", [(1, 2, "random", 72), (23, 3, "empty", 1100), (17, 1, "one", 40)])
+def test_interp_row_moves(dtype, num_tokens, top_k, case, cols):
+    """The grouped_mm path's row kernels against their aten forms: the gather into expert order
+    (exact), the gated activation, and the weighted gather back to token order; a column count
+    past one program's block (1100 > 1024) exercises the masked tail."""
+    from moec.ops.moe_combine import moe_combine_ref
+    from moec.ops.moe_experts import ACTIVATIONS
+    from moec.ops.triton.moe_permute import combine_rows, gated_act, gather_rows
+
+    g = torch.Generator().manual_seed(3)
+    _, ids = routing(num_tokens, 6, top_k, case)
+    order = torch.sort(ids.reshape(-1), stable=True)[1]
+    position = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel()))
+    src = torch.randn(num_tokens, cols, generator=g).to(dtype)
+    with poisoned_empty():
+        got = gather_rows(src, order, top_k)
+    assert torch.equal(got, src[order // top_k])
+    x = torch.randn(num_tokens * top_k, 2 * cols, generator=g).to(dtype)
+    for activation, fn in ACTIVATIONS.items():
+        with poisoned_empty():
+            got = gated_act(x, activation)
+        close(got, (fn(x[:, :cols].float()) * x[:, cols:].float()).to(dtype), dtype)
+    weights = torch.rand(num_tokens, top_k, generator=g)
+    rows = torch.randn(num_tokens * top_k, cols, generator=g).to(dtype)
+    with poisoned_empty():
+        got = combine_rows(rows, position, weights)
+    close(got, moe_combine_ref(rows[position].view(num_tokens, top_k, cols), weights), dtype)
+
+
+@interp_only
+@pytest.mark.parametrize("num_tokens,top_k,case", [(1, 2, "random"), (23, 3, "empty"), (17, 1, "one")])
+def test_interp_grouped_mm_path_with_row_kernels(num_tokens, top_k, case):
+    """The whole grouped_mm path with the row kernels (what runs on CUDA) against the reference."""
+    from moec.ops.fused_moe import fused_moe_grouped_mm
+
+    w13, w2 = moe_weights(5, 72, 40, torch.float32)
+    x = torch.randn(num_tokens, 72, generator=torch.Generator().manual_seed(4))
+    weights, ids = routing(num_tokens, 5, top_k, case)
+    with poisoned_empty():
+        got = fused_moe_grouped_mm(x, w13, w2, weights, ids, "silu", row_kernels=True)
+    close(got, reference(x, w13, w2, weights, ids), torch.float32)
 
 
 @interp_only

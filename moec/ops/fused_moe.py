@@ -27,9 +27,10 @@ from moec.ops.moe_experts import ACTIVATIONS
 from moec.ops.triton.configs import parse_plan
 
 if importlib.util.find_spec("triton") is not None:
+    from moec.ops.triton import moe_permute
     from moec.ops.triton.fused_moe import fused_moe as fused_moe_triton
 else:  # CPU-only install: the reference path needs no Triton
-    fused_moe_triton = None
+    fused_moe_triton = moe_permute = None
 
 
 def fused_moe_grouped_mm(
@@ -39,25 +40,35 @@ def fused_moe_grouped_mm(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     activation: str,
+    row_kernels: bool | None = None,
 ) -> torch.Tensor:
     """The CUTLASS alternative the tuner times against the Triton kernels: assignments sorted by
     expert (stable), `torch._grouped_mm` for gate/up and for down, the activation between, and
-    the weighted sum per token in fp32 (a fixed order: deterministic). Static shapes only: the
-    per-expert row ends come from a searchsorted, not a bincount. Written for Inductor, which
-    compiles it into the artifact: the activation is one fused pass, and the rows come back to
-    token order by a gather (the inverse permutation) that fuses with the weighted sum, where a
-    scatter would be a pass of its own."""
+    the weighted sum per token in fp32 in a fixed order (deterministic). Static shapes only: the
+    per-expert row ends come from a searchsorted, not a bincount.
+
+    `row_kernels` (default: on CUDA tensors) moves the rows with the Triton kernels of
+    `moec.ops.triton.moe_permute`, whose launch configs do not depend on the token count Inductor
+    compiled for; otherwise the same steps are aten ops (the reference, and what runs on CPU)."""
     num_tokens, hidden_size = hidden.shape
     top_k = topk_ids.shape[1]
     num_experts, two_i, _ = w13.shape
     sorted_experts, order = torch.sort(topk_ids.reshape(-1), stable=True)
     experts = torch.arange(num_experts, device=hidden.device, dtype=sorted_experts.dtype)
     offs = torch.searchsorted(sorted_experts, experts, right=True).to(torch.int32)
-    x = hidden.index_select(0, order // top_k)
-    gate_up = torch._grouped_mm(x, w13.transpose(-2, -1), offs=offs)  # [T*K, 2I], sorted rows
-    h = ACTIVATIONS[activation](gate_up[:, : two_i // 2]) * gate_up[:, two_i // 2 :]
-    y = torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs)  # [T*K, H], sorted rows
     position = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device))
+    if row_kernels is None:
+        row_kernels = hidden.is_cuda and moe_permute is not None
+    if row_kernels:
+        x = moe_permute.gather_rows(hidden, order, top_k)
+        gate_up = torch._grouped_mm(x, w13.transpose(-2, -1), offs=offs)  # [T*K, 2I], sorted rows
+        h = moe_permute.gated_act(gate_up, activation)
+        y = torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs)  # [T*K, H], sorted rows
+        return moe_permute.combine_rows(y, position, topk_weights)
+    x = hidden.index_select(0, order // top_k)
+    gate_up = torch._grouped_mm(x, w13.transpose(-2, -1), offs=offs)
+    h = ACTIVATIONS[activation](gate_up[:, : two_i // 2]) * gate_up[:, two_i // 2 :]
+    y = torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs)
     rows = y.index_select(0, position)  # back to assignment order
     return moe_combine_ref(rows.view(num_tokens, top_k, hidden_size), topk_weights)
 
