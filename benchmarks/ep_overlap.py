@@ -19,6 +19,8 @@ requests): prefill of 8192 tokens, decode steps of batch 64 and 256. For each:
   compute     each layer's local experts on the rows it received, nothing else
   exposed     step - compute: the communication and bookkeeping the experts did not hide;
               hidden fraction of the all-to-all = 1 - exposed / a2a
+  load        expert-load imbalance of the group's routing: busiest over mean, over experts and
+              over ranks (the busiest rank sets the step), per layer, averaged over the layers
 EP=1 runs `moec::fused_moe` with every expert on one device (what the non-parallel artifact
 runs). Also measured, first: NCCL all-to-all bandwidth (256 MiB per rank). Only the MoE part of a
 step is timed: the dense part is the same per rank at EP=W as at EP=1 with W times fewer tokens.
@@ -132,6 +134,21 @@ def routing(tokens: int, experts: int, top_k: int, hidden: int, device, dtype, g
     return (weights / weights.sum(-1, keepdim=True)).float(), ids
 
 
+def expert_load(routes: list, experts: int, world: int) -> dict:
+    """How evenly the group's assignments fall, per layer then averaged over the layers, as max
+    over mean (1.0 = even): over experts, and over ranks (each owning a contiguous E/W of them,
+    as `expert_placement` places them). A step waits for its busiest rank, so the rank figure is
+    what costs time; random routing over few tokens is uneven by chance alone."""
+    counts = torch.stack([torch.bincount(ids.reshape(-1), minlength=experts) for _, ids in routes]).double()
+    dist.all_reduce(counts)  # the group's assignments, not this rank's
+    per_rank = counts.view(len(routes), world, experts // world).sum(-1)
+
+    def max_over_mean(x: torch.Tensor) -> float:
+        return float((x.max(1).values / x.mean(1)).mean())
+
+    return {"expert_max_over_mean": max_over_mean(counts), "rank_max_over_mean": max_over_mean(per_rank)}
+
+
 def rank_main(rank: int, world: int, port: int, args, result_path: str) -> None:
     from moec.ops.expert_dispatch import _Exchange, _local_experts, ep_moe, expert_placement
 
@@ -156,7 +173,7 @@ def rank_main(rank: int, world: int, port: int, args, result_path: str) -> None:
         tokens = total // world
         hidden = torch.randn(tokens, H, generator=g, device=device, dtype=dtype)
         routes = [routing(tokens, E, K, H, device, dtype, g) for _ in range(layers)]
-        row = {"group_tokens": total, "tokens_per_rank": tokens}
+        row = {"group_tokens": total, "tokens_per_rank": tokens, "load": expert_load(routes, E, world)}
         if world == 1:
             def step(chunks=1):
                 x = hidden
@@ -243,6 +260,10 @@ def to_metrics(runs: dict[int, dict]) -> list[dict]:
             for key in ("a2a_ms", "compute_ms", "step_off_ms", "exposed_off_ms", "exposed_on_ms"):
                 if key in row:
                     out.append(metric(f"{tag}/{key[:-3]}_ms", row[key], "ms", "lower"))
+            for key, over in (("rank", "ranks"), ("expert", "experts")):
+                if f"{key}_max_over_mean" in row.get("load", {}) and (key == "expert" or world > 1):
+                    out.append(metric(f"{tag}/{key}_load_max_over_mean", row["load"][f"{key}_max_over_mean"], "x",
+                                      "lower", why=f"assignments over {over}, busiest / mean, averaged over layers"))
             if row.get("hidden_fraction") is not None:
                 out.append(metric(f"{tag}/a2a_hidden_fraction", row["hidden_fraction"], "fraction", "higher",
                                   why=f"1 - exposed / a2a alone, with {row['best_chunks']} chunks"))
@@ -291,15 +312,18 @@ def plot(runs: dict[int, dict], path: Path, title: str) -> None:
 
 def table(runs: dict[int, dict]) -> str:
     lines = [f"{'workload':<12} {'EP':>3} {'tok/s':>11} {'step ms':>9} {'a2a ms':>8} {'compute':>8} "
-             f"{'exp. off':>8} {'exp. on':>8} {'hidden':>7} {'vs EP1':>7}"]
+             f"{'exp. off':>8} {'exp. on':>8} {'hidden':>7} {'vs EP1':>7} {'rank ld':>7} {'exp. ld':>7}"]
     for world, run in sorted(runs.items()):
         for name, row in run["workloads"].items():
             base = runs.get(1, {}).get("workloads", {}).get(name)
             f = lambda k: f"{row[k]:8.3f}" if k in row else f"{'-':>8}"  # noqa: E731
             hidden = f"{row['hidden_fraction']:7.0%}" if row.get("hidden_fraction") is not None else f"{'-':>7}"
             ratio = f"{row['tokens_per_s'] / base['tokens_per_s']:6.2f}x" if base else f"{'-':>7}"
+            load = row.get("load", {})
+            rank_ld = f"{load['rank_max_over_mean']:6.2f}x" if world > 1 and load else f"{'-':>7}"
+            exp_ld = f"{load['expert_max_over_mean']:6.2f}x" if load else f"{'-':>7}"
             lines.append(f"{name:<12} {world:>3} {row['tokens_per_s']:11.0f} {row['step_ms']:9.3f} {f('a2a_ms')} "
-                         f"{f('compute_ms')} {f('exposed_off_ms')} {f('exposed_on_ms')} {hidden} {ratio}")
+                         f"{f('compute_ms')} {f('exposed_off_ms')} {f('exposed_on_ms')} {hidden} {ratio} {rank_ld} {exp_ld}")
         if "a2a_bandwidth" in run:
             bw = run["a2a_bandwidth"]
             lines.append(f"{'':<12} {world:>3} all-to-all {bw['bytes_per_rank'] >> 20} MiB/rank: "

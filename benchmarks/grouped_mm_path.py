@@ -2,7 +2,7 @@
 
     python benchmarks/grouped_mm_path.py --out $OUT          # GPU, ~4 min
 
-moe_layer-h200-2026-12-03T1831 profiled moec's grouped_mm path at 16384 tokens: its two CUTLASS
+moe_layer-h200-2026-12-03T1825 profiled moec's grouped_mm path at 16384 tokens: its two CUTLASS
 GEMMs took what transformers' compiled block's took, but the gather back to token order took
 2.53 ms on Qwen3's shape (transformers: 0.84) and the gather of the input rows 0.64 ms on
 Mixtral's (transformers: 0.13). This compiles formulations of the same computation, with T

@@ -214,6 +214,16 @@ def from_step_kernels(doc: dict) -> dict:
                       device.get("kind", "cuda"), device.get("name"), doc["env"].get("commit"), metrics)
 
 
+def from_grouped_mm_path(doc: dict) -> dict:
+    """Each formulation's time per shape, token count and shape mode (T symbolic or static)."""
+    metrics = [metric(f"{c['shape']}/T={c['tokens']}/{c['variant']}{'' if c['dynamic'] else '_static'}_ms",
+                      c["timing"]["median_ms"], "ms", "lower", max_rel_err=c.get("max_rel_err"))
+               for c in doc.get("cases", []) if "timing" in c]
+    device = doc["env"]["device"]
+    return _converted(doc | {"versions": doc["env"].get("versions", {})}, device.get("kind", "cuda"),
+                      device.get("name"), doc.get("commit") or doc["env"].get("commit"), metrics)
+
+
 def from_cuda_tiny_check(doc: dict) -> dict:
     prompts = [{"logits_rel_error": e, "greedy_identical_16": g}
                for e, g in zip(doc["logits_rel_error"], doc["greedy_16_identical"])]
@@ -269,7 +279,7 @@ def from_bench(doc: dict) -> dict:
 
 CONVERTERS = {"cpu_tiny": from_cpu_tiny, "serve": from_serve, "moe_layer": from_moe_layer,
               "cuda_tiny_check": from_cuda_tiny_check, "e2e_decode": from_e2e_decode, "gpu_op_check": from_gpu_op_check,
-              "offload": from_offload, "step_kernels": from_step_kernels,
+              "offload": from_offload, "step_kernels": from_step_kernels, "grouped_mm_path": from_grouped_mm_path,
               "moe-runtime bench": from_bench}
 
 

@@ -287,7 +287,7 @@ def compiled_grouped_mm(backend: str | Callable = "inductor") -> Callable[..., t
     symbolic, every other size fixed. `dynamic=False` with the token dim marked, not Dynamo's
     automatic dynamic: its cache is the function's, shared by every caller, so a second MoE shape
     would recompile with the weights' sizes symbolic too (Qwen3's layer measured after Mixtral's in
-    moe_layer-h200-2026-12-03T1831: its gather back to token order took 2.53 ms, transformers'
+    moe_layer-h200-2026-12-03T1825: its gather back to token order took 2.53 ms, transformers'
     0.84). The first call with T = 1 compiles a graph of its own."""
     from moec.ops.fused_moe import fused_moe_grouped_mm
 
