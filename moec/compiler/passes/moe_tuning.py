@@ -308,10 +308,10 @@ class CudaMeasure:
     outside the timed events (in a real model the other layers evict this one's weights), median
     of at least MIN_REPLAYS. The grouped_mm path is timed as Inductor compiles it into the
     artifact (torch.compile, T symbolic), not op by op, which pays a pass per aten op around the
-    two GEMMs that the artifact does not. Measured on an H200 for a Mixtral layer at 4096 tokens
-    (moe_layer-h200-2026-12-03): 5.78 ms compiled against 5.86 op by op (the tuning table of
-    e2e_decode-h200-2026-12-03T0938), so the passes were not the gap to transformers' compiled
-    grouped_mm block, 5.05 ms in the same run."""
+    two GEMMs that the artifact does not. Its gap to transformers' compiled block (5.78 against
+    5.05 ms for a Mixtral layer at 4096 tokens on an H200, moe_layer-h200-2026-12-03) was the
+    row moves' Inductor kernels, configured for the size hint of the graph's first compile (T = 4
+    here): the Triton row kernels that replaced them do not depend on it (`moe_permute`)."""
 
     MIN_REPLAYS = 10
     MAX_REPLAYS = 100
