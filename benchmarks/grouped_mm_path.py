@@ -44,15 +44,20 @@ from moec.ops.moe_combine import moe_combine_ref  # noqa: E402
 from moec.ops.moe_experts import ACTIVATIONS  # noqa: E402
 
 
+def expert_order(topk_ids, num_experts):
+    """The assignments sorted by expert (stable) and each expert's row end, as moec's path has them."""
+    sorted_experts, order = torch.sort(topk_ids.reshape(-1), stable=True)
+    ends = torch.arange(num_experts, device=topk_ids.device, dtype=sorted_experts.dtype)
+    return order, torch.searchsorted(sorted_experts, ends, right=True).to(torch.int32)
+
+
 def hf_order(hidden, w13, w2, topk_weights, topk_ids, activation):
     """transformers' grouped_mm experts forward (integrations/moe.py), stable sort and
     searchsorted offsets kept so that the rows match moec's."""
     T, H = hidden.shape
     K = topk_ids.shape[1]
-    E, two_i, _ = w13.shape
-    sorted_experts, perm = torch.sort(topk_ids.reshape(-1), stable=True)
-    offs = torch.searchsorted(sorted_experts, torch.arange(E, device=hidden.device, dtype=sorted_experts.dtype),
-                              right=True).to(torch.int32)
+    two_i = w13.shape[1]
+    perm, offs = expert_order(topk_ids, w13.shape[0])
     x = hidden[perm // K]
     gate_up = torch._grouped_mm(x, w13.transpose(-2, -1), offs=offs)
     h = ACTIVATIONS[activation](gate_up[:, : two_i // 2]) * gate_up[:, two_i // 2:]
@@ -68,10 +73,8 @@ def unrolled(hidden, w13, w2, topk_weights, topk_ids, activation):
     kernel, every load a whole row) instead of a gather then a reduction over K."""
     T, H = hidden.shape
     K = topk_ids.shape[1]
-    E, two_i, _ = w13.shape
-    sorted_experts, order = torch.sort(topk_ids.reshape(-1), stable=True)
-    offs = torch.searchsorted(sorted_experts, torch.arange(E, device=hidden.device, dtype=sorted_experts.dtype),
-                              right=True).to(torch.int32)
+    two_i = w13.shape[1]
+    order, offs = expert_order(topk_ids, w13.shape[0])
     x = hidden.index_select(0, order // K)
     gate_up = torch._grouped_mm(x, w13.transpose(-2, -1), offs=offs)
     h = ACTIVATIONS[activation](gate_up[:, : two_i // 2]) * gate_up[:, two_i // 2:]
