@@ -259,6 +259,9 @@ def test_tuner_switches_to_grouped_mm_where_it_wins_and_inspect_says_so(tiny_art
     # the fallback where AOTInductor cannot lower the branch: that same one-path choice
     assert no_branch.one_path is None and tuning.one_path.switches == {} and tuning.one_path.one_path is None
     assert tuning.one_path.plans == no_branch.plans and tuning.one_path.table == no_branch.table
+    # the Triton-only fallback is that same plan here, so it is not tried twice
+    assert tuning.triton_only.plans == tuning.one_path.plans
+    assert [key for key, _ in tuning.fallbacks()] == ["switch_failed"]
 
     def barely(shape, tokens, name):
         return 1.0 if name == "triton" or tokens < 1024 else 0.99  # 1% at one bucket: no branch for it
@@ -511,6 +514,91 @@ def test_a_branch_with_grouped_mm_compiles_with_buffer_reuse(tmp_path):
         args = routed(T)
         exact = [a.float() if a.is_floating_point() else a for a in args]
         torch.testing.assert_close(model(*args).float(), exact[0] + reference(*exact), rtol=2e-2, atol=3e-2)
+
+
+def test_grouped_mm_everywhere_keeps_a_triton_only_fallback():
+    """Where grouped_mm wins at every token count the plan is grouped_mm alone, with no branch to
+    give up; the tuner still keeps the Triton kernels' own best plan from the same measurements,
+    for a compile whose AOTInductor cannot lower the grouped_mm path."""
+    from moec.compiler.passes.moe_tuning import Candidate, tune_moe
+    from moec.ops.triton.configs import parse_plan
+
+    small = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}
+    big = dict(small, BLOCK_M=64)
+    candidates = [Candidate("triton small", "triton", small), Candidate("triton big", "triton", big),
+                  Candidate("grouped_mm", "grouped_mm")]
+
+    def grouped_mm_wins(shape, tokens, name):
+        triton = {"triton small": 1.0 + tokens / 16, "triton big": 2.0 + tokens / 64}[name] if name != "grouped_mm" else 0
+        return triton or 0.5 + tokens / 128
+
+    tuning = tune_moe([_region("model.layers.0.mlp")], None, torch.bfloat16, "cuda", 1024,
+                      measure=FakeTimes(grouped_mm_wins), candidates=candidates)
+    assert parse_plan(tuning.plans["model.layers.0.mlp"]) == {"path": "grouped_mm"}
+    assert tuning.one_path is None and [key for key, _ in tuning.fallbacks()] == ["grouped_mm_failed"]
+    plan = parse_plan(tuning.triton_only.plans["model.layers.0.mlp"])
+    assert plan["path"] == "triton" and [cfg["BLOCK_M"] for _, cfg in plan["ranges"]] == [16, 64]
+    (entry,) = tuning.triton_only.table["shapes"].values()
+    assert entry["path"] == "triton" and all(row["runs"] != "grouped_mm" for row in entry["buckets"].values())
+
+    def triton_only_works(shape, tokens, name):
+        return 1.0 if name == "triton small" else 2.0
+    plain = tune_moe([_region("model.layers.0.mlp")], None, torch.bfloat16, "cuda", 1024,
+                     measure=FakeTimes(triton_only_works), candidates=candidates)
+    assert plain.triton_only is None and plain.fallbacks() == []  # nothing of grouped_mm to give up
+
+
+def test_a_grouped_mm_path_aotinductor_cannot_lower_falls_back_to_triton_only(hf_model_dir, tmp_path, monkeypatch):
+    """Where AOTInductor fails on a program whose MoE blocks run the grouped_mm path, the compile
+    lowers the tuner's Triton-only plan instead, says so, and records why in the manifest and
+    `moe-runtime inspect`."""
+    import io
+
+    from rich.console import Console
+
+    from moec.artifact import open_artifact
+    from moec.artifact.summary import render_summary
+    from moec.compiler import pipeline
+    from moec.compiler.passes.moe_tuning import MoeTuning
+    from moec.compiler.recipe import parse_recipe
+    from moec.ops.triton.configs import encode_plan, parse_plan
+
+    paths = ["model.layers.0.mlp", "model.layers.1.mlp"]
+    gmm = encode_plan({"path": "grouped_mm"})
+
+    def table(path):
+        entry = {"layers": paths, "path": path, "ranges": [], "buckets": {}}
+        return {"device": "cuda", "timer": "injected", "shapes": {"E4 top-2 H64 I128 silu float32": entry}}
+
+    def tuned(*args, **kwargs):
+        return MoeTuning(table("grouped_mm"), dict.fromkeys(paths, gmm), {}, None,
+                         MoeTuning(table("triton"), dict.fromkeys(paths, "")))
+
+    real_compile, attempts = pipeline.compile_graph, []
+
+    def compile_graph(ep, package_path):
+        plans = [n.args[6] if len(n.args) > 6 else n.kwargs.get("plan", "")
+                 for n in ep.graph.nodes if n.target is torch.ops.moec.fused_moe.default]
+        assert plans, "no fused_moe call in the program"
+        grouped = any((parse_plan(p) or {}).get("path") == "grouped_mm" for p in plans)
+        attempts.append(grouped)
+        if grouped:
+            raise RuntimeError("CppCompileError: aoti_torch_cuda__grouped_mm was not declared\nmore lines")
+        return real_compile(ep, package_path)
+
+    monkeypatch.setattr(pipeline, "tune_moe", tuned)
+    monkeypatch.setattr(pipeline, "compile_graph", compile_graph)
+    out = io.StringIO()
+    pipeline.compile_recipe(parse_recipe(tiny_recipe_dict(hf_model_dir, name="no-gmm")), tmp_path / "no-gmm",
+                            console=Console(file=out, width=200))
+    assert attempts == [True, False]
+    assert ("AOTInductor failed on the program with the grouped_mm path (RuntimeError: CppCompileError: "
+            "aoti_torch_cuda__grouped_mm was not declared); lowering again with the Triton kernels only") in out.getvalue()
+    artifact = open_artifact(tmp_path / "no-gmm")
+    moe = artifact.manifest.kernels["moe"]
+    assert moe["grouped_mm_failed"].startswith("RuntimeError: CppCompileError")
+    assert all(entry["path"] == "triton" for entry in moe["shapes"].values())
+    assert "Triton kernels only: AOTInductor failed on the grouped_mm path" in render_summary(artifact)
 
 
 def test_a_branch_aotinductor_cannot_lower_falls_back_to_one_path_per_block(hf_model_dir, tmp_path, monkeypatch):

@@ -40,6 +40,8 @@ def moe_kernel_lines(table: dict) -> list[str]:
     if table.get("switch_failed"):
         lines.append(f"  one path per block: AOTInductor failed on the Triton/grouped_mm branches "
                      f"({table['switch_failed']})")
+    if table.get("grouped_mm_failed"):
+        lines.append(f"  Triton kernels only: AOTInductor failed on the grouped_mm path ({table['grouped_mm_failed']})")
     for key, entry in shapes.items():
         ranges = entry.get("ranges") or []
         switch = entry.get("grouped_mm_above")

@@ -66,17 +66,25 @@ def _region_table(regions: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def one_path_after(tuning: MoeTuning, error: Exception, console: Console) -> MoeTuning:
-    """The tuning to lower when AOTInductor failed on a program with Triton/grouped_mm branches
-    (upstream bugs have failed exactly there, torch 2.11 on an H200): one path per block, chosen
-    from the same measurements, with why in the manifest's table. Slower above the switch, never
-    a failed compile for it."""
+FALLBACK_SAYS = {
+    "switch_failed": "AOTInductor failed on the program with Triton/grouped_mm branches",
+    "grouped_mm_failed": "AOTInductor failed on the program with the grouped_mm path",
+}
+FALLBACK_DOES = {"switch_failed": "lowering again with one path per MoE block",
+                 "grouped_mm_failed": "lowering again with the Triton kernels only"}
+
+
+def fallback_after(key: str, tuning: MoeTuning, error: Exception, console: Console) -> MoeTuning:
+    """The tuning to lower when AOTInductor failed on the program (upstream bugs have failed on
+    the Triton/grouped_mm branches, torch 2.11 on an H200): `tuning`, one of the tuner's fallbacks
+    chosen from the same measurements, with why in the manifest's table under `key`. Slower where
+    the path it gives up was faster, never a failed compile for it."""
     why = f"{type(error).__name__}: {first_line(error, 300)}"
-    console.print(f"  [yellow]AOTInductor failed on the program with Triton/grouped_mm branches[/] ({escape(why)}); "
-                  "lowering again with one path per MoE block", soft_wrap=True, highlight=False, markup=True)
-    one_path = copy.deepcopy(tuning.one_path)
-    one_path.table["switch_failed"] = why
-    return one_path
+    console.print(f"  [yellow]{FALLBACK_SAYS[key]}[/] ({escape(why)}); {FALLBACK_DOES[key]}",
+                  soft_wrap=True, highlight=False, markup=True)
+    fallback = copy.deepcopy(tuning)
+    fallback.table[key] = why
+    return fallback
 
 
 @contextmanager
@@ -166,13 +174,21 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
             with stages.stage("lower", f"AOTInductor for {recipe.device}"):
                 # weights first: AOTInductor's decomposition run may drop the program's constants
                 save_weights(ep, writer.tmp / "weights.safetensors")
+                fallbacks = tuning.fallbacks()
                 try:
                     compile_graph(ep, writer.tmp / "model.pt2")
-                except Exception as e:  # noqa: BLE001  only a branch's failure is retried, once
-                    if tuning.one_path is None:
+                except Exception as e:  # noqa: BLE001  retried with each of the tuner's fallbacks, in turn
+                    if not fallbacks:
                         raise
-                    tuning = one_path_after(tuning, e, console)
-                    compile_graph(apply_moe_plans(unplanned, step, tuning.plans), writer.tmp / "model.pt2")
+                    for i, (key, fallback) in enumerate(fallbacks):
+                        tuning = fallback_after(key, fallback, e, console)
+                        try:
+                            compile_graph(apply_moe_plans(unplanned, step, tuning.plans), writer.tmp / "model.pt2")
+                            break
+                        except Exception as again:  # noqa: BLE001
+                            if i == len(fallbacks) - 1:
+                                raise
+                            e = again
             with stages.stage("package", str(out_dir)):
                 tok_dir = writer.tmp / "tokenizer"
                 tok_dir.mkdir()

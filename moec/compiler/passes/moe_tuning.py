@@ -52,7 +52,8 @@ SWITCH_GAIN = 0.02
 # the branch (gpu_op_check-h200-2026-12-03T1417: the buffer-reuse planner's "Start index 4 out of
 # bounds", then a call to a `_grouped_mm` C shim 2.11 lacks); moec.compiler.lower works around both,
 # and the 8-layer Mixtral-shape compile lowered its branches on the H200 (e2e_decode-h200-2026-12-03T1644).
-# Where lowering still fails, the compiler lowers `MoeTuning.one_path` instead (pipeline.py).
+# Where lowering still fails, the compiler lowers `MoeTuning.one_path` instead, then
+# `MoeTuning.triton_only` (pipeline.py).
 CUDA_SWITCH = True
 GROUPED_MM = "grouped_mm"
 CPU_NOTE = ("device cpu: fused_moe runs the PyTorch reference (moe_experts + weighted combine); "
@@ -100,6 +101,17 @@ class MoeTuning:
     # the same measurements chosen without switches (one path per block), where any block has
     # one: what the compiler lowers if AOTInductor cannot lower the branch
     one_path: MoeTuning | None = None
+    # the same measurements with the Triton kernels only, where any block runs grouped_mm at some
+    # T: what the compiler lowers if AOTInductor cannot lower the grouped_mm path at all
+    triton_only: MoeTuning | None = None
+
+    def fallbacks(self) -> list[tuple[str, MoeTuning]]:
+        """What to lower, in order, if AOTInductor fails on this tuning's program: (the manifest
+        table's key for why, the tuning)."""
+        out = [("switch_failed", self.one_path)] if self.one_path is not None else []
+        if self.triton_only is not None and all(t.plans != self.triton_only.plans for _, t in out):
+            out.append(("grouped_mm_failed", self.triton_only))
+        return out
 
 
 def token_buckets(max_tokens: int) -> list[int]:
@@ -228,6 +240,8 @@ def tune_moe(regions: list[dict], model: torch.nn.Module, dtype: torch.dtype, de
              "timer": timer.describe() if timer else "injected", "shapes": {}}
     plans, switch_points = {}, {}
     one_path_table, one_path_plans = copy.deepcopy(table), {}
+    triton_table, triton_plans = copy.deepcopy(table), {}
+    triton_ok = True  # every shape has a Triton plan for every bucket
     for shape, members in shapes.items():
         results: dict[int, dict[str, Measurement]] = {}
         failed: dict[str, str] = {}  # a candidate that fails once is not trusted for this shape at all
@@ -276,10 +290,22 @@ def tune_moe(regions: list[dict], model: torch.nn.Module, dtype: torch.dtype, de
             shape_plans.update({r["path"]: encode_plan(plan) for r in members})
             if switch is not None:
                 switch_points.update({r["path"]: switch for r in members})
+        triton_results = {b: {n: m for n, m in results[b].items() if n != GROUPED_MM} for b in buckets}
+        try:
+            plan, rows, _ = choose(buckets, triton_results, [c for c in everything if c.path == "triton"], False)
+        except LoweringError:
+            triton_ok = False
+        else:
+            triton_table["shapes"][shape.key] = {"layers": [r["path"] for r in members], "path": "triton",
+                                                 "ranges": [{"max_tokens": hi, "config": config_name(cfg)}
+                                                            for hi, cfg in plan["ranges"]], "buckets": rows}
+            triton_plans.update({r["path"]: encode_plan(plan) for r in members})
     if timer is not None:
         timer.release()
     one_path = MoeTuning(one_path_table, one_path_plans) if switch_points else None
-    return MoeTuning(table, plans, switch_points, one_path)
+    uses_grouped_mm = bool(switch_points) or any(e["path"] == GROUPED_MM for e in table["shapes"].values())
+    triton_only = MoeTuning(triton_table, triton_plans) if uses_grouped_mm and triton_ok else None
+    return MoeTuning(table, plans, switch_points, one_path, triton_only)
 
 
 def compiled_grouped_mm(backend: str | Callable = "inductor") -> Callable[..., torch.Tensor]:
