@@ -548,53 +548,67 @@ def test_grouped_mm_everywhere_keeps_a_triton_only_fallback():
     assert plain.triton_only is None and plain.fallbacks() == []  # nothing of grouped_mm to give up
 
 
-def test_a_grouped_mm_path_aotinductor_cannot_lower_falls_back_to_triton_only(hf_model_dir, tmp_path, monkeypatch):
-    """Where AOTInductor fails on a program whose MoE blocks run the grouped_mm path, the compile
-    lowers the tuner's Triton-only plan instead, says so, and records why in the manifest and
-    `moe-runtime inspect`."""
+def compile_with_failing_lowering(hf_model_dir, tmp_path, monkeypatch, tuning, fails, name: str):
+    """Compile the tiny recipe with `tuning` in place of the tuner's, AOTInductor failing on every
+    program for which `fails(program)` holds (its message: `fails.message`). Returns (for each
+    lowering attempt whether it failed, what the compile printed, the artifact)."""
     import io
 
     from rich.console import Console
 
     from moec.artifact import open_artifact
-    from moec.artifact.summary import render_summary
     from moec.compiler import pipeline
-    from moec.compiler.passes.moe_tuning import MoeTuning
-    from moec.compiler.recipe import parse_recipe
-    from moec.ops.triton.configs import encode_plan, parse_plan
-
-    paths = ["model.layers.0.mlp", "model.layers.1.mlp"]
-    gmm = encode_plan({"path": "grouped_mm"})
-
-    def table(path):
-        entry = {"layers": paths, "path": path, "ranges": [], "buckets": {}}
-        return {"device": "cuda", "timer": "injected", "shapes": {"E4 top-2 H64 I128 silu float32": entry}}
-
-    def tuned(*args, **kwargs):
-        return MoeTuning(table("grouped_mm"), dict.fromkeys(paths, gmm), {}, None,
-                         MoeTuning(table("triton"), dict.fromkeys(paths, "")))
 
     real_compile, attempts = pipeline.compile_graph, []
 
     def compile_graph(ep, package_path):
+        attempts.append(fails(ep))
+        if attempts[-1]:
+            raise RuntimeError(fails.message + "\nmore lines")
+        return real_compile(ep, package_path)
+
+    monkeypatch.setattr(pipeline, "tune_moe", lambda *args, **kwargs: tuning)
+    monkeypatch.setattr(pipeline, "compile_graph", compile_graph)
+    out = io.StringIO()
+    pipeline.compile_recipe(parse_recipe(tiny_recipe_dict(hf_model_dir, name=name)), tmp_path / name,
+                            console=Console(file=out, width=200))
+    return attempts, out.getvalue(), open_artifact(tmp_path / name)
+
+
+MOE_PATHS = ["model.layers.0.mlp", "model.layers.1.mlp"]
+
+
+def moe_table(path: str, switch: int | None = None) -> dict:
+    """A tuner table with the tiny model's one MoE shape running `path` (grouped_mm above `switch`)."""
+    entry = {"layers": MOE_PATHS, "path": path, "ranges": [] if path != "triton" else
+             [{"max_tokens": None, "config": "M16N64K64G1w4s3"}], **({"grouped_mm_above": switch} if switch else {}),
+             "buckets": {}}
+    return {"device": "cuda", "timer": "injected", "shapes": {"E4 top-2 H64 I128 silu float32": entry}}
+
+
+def test_a_grouped_mm_path_aotinductor_cannot_lower_falls_back_to_triton_only(hf_model_dir, tmp_path, monkeypatch):
+    """Where AOTInductor fails on a program whose MoE blocks run the grouped_mm path, the compile
+    lowers the tuner's Triton-only plan instead, says so, and records why in the manifest and
+    `moe-runtime inspect`."""
+    from moec.artifact.summary import render_summary
+    from moec.compiler.passes.moe_tuning import MoeTuning
+    from moec.ops.triton.configs import encode_plan, parse_plan
+
+    tuning = MoeTuning(moe_table("grouped_mm"), dict.fromkeys(MOE_PATHS, encode_plan({"path": "grouped_mm"})), {},
+                       None, MoeTuning(moe_table("triton"), dict.fromkeys(MOE_PATHS, "")))
+
+    def runs_grouped_mm(ep):
         plans = [n.args[6] if len(n.args) > 6 else n.kwargs.get("plan", "")
                  for n in ep.graph.nodes if n.target is torch.ops.moec.fused_moe.default]
         assert plans, "no fused_moe call in the program"
-        grouped = any((parse_plan(p) or {}).get("path") == "grouped_mm" for p in plans)
-        attempts.append(grouped)
-        if grouped:
-            raise RuntimeError("CppCompileError: aoti_torch_cuda__grouped_mm was not declared\nmore lines")
-        return real_compile(ep, package_path)
+        return any((parse_plan(p) or {}).get("path") == "grouped_mm" for p in plans)
 
-    monkeypatch.setattr(pipeline, "tune_moe", tuned)
-    monkeypatch.setattr(pipeline, "compile_graph", compile_graph)
-    out = io.StringIO()
-    pipeline.compile_recipe(parse_recipe(tiny_recipe_dict(hf_model_dir, name="no-gmm")), tmp_path / "no-gmm",
-                            console=Console(file=out, width=200))
+    runs_grouped_mm.message = "CppCompileError: aoti_torch_cuda__grouped_mm was not declared"
+    attempts, printed, artifact = compile_with_failing_lowering(hf_model_dir, tmp_path, monkeypatch, tuning,
+                                                                runs_grouped_mm, "no-gmm")
     assert attempts == [True, False]
     assert ("AOTInductor failed on the program with the grouped_mm path (RuntimeError: CppCompileError: "
-            "aoti_torch_cuda__grouped_mm was not declared); lowering again with the Triton kernels only") in out.getvalue()
-    artifact = open_artifact(tmp_path / "no-gmm")
+            "aoti_torch_cuda__grouped_mm was not declared); lowering again with the Triton kernels only") in printed
     moe = artifact.manifest.kernels["moe"]
     assert moe["grouped_mm_failed"].startswith("RuntimeError: CppCompileError")
     assert all(entry["path"] == "triton" for entry in moe["shapes"].values())
@@ -605,46 +619,22 @@ def test_a_branch_aotinductor_cannot_lower_falls_back_to_one_path_per_block(hf_m
     """Where AOTInductor fails on the program with Triton/grouped_mm branches, the compile lowers
     the tuner's one-path choice instead (from the same measurements), says so, and records why in
     the manifest and `moe-runtime inspect`: a slower prefill, never a failed compile for it."""
-    import io
-
-    from rich.console import Console
-
-    from moec.artifact import open_artifact
     from moec.artifact.summary import render_summary
-    from moec.compiler import pipeline
     from moec.compiler.passes.moe_tuning import MoeTuning
-    from moec.compiler.recipe import parse_recipe
     from moec.runtime import Engine
 
-    paths = ["model.layers.0.mlp", "model.layers.1.mlp"]
+    tuning = MoeTuning(moe_table("triton", 5), dict.fromkeys(MOE_PATHS, ""), dict.fromkeys(MOE_PATHS, 5),
+                       MoeTuning(moe_table("triton"), dict.fromkeys(MOE_PATHS, "")))
 
-    def table(switch):
-        entry = {"layers": paths, "path": "triton", "ranges": [{"max_tokens": None, "config": "M16N64K64G1w4s3"}],
-                 **({"grouped_mm_above": switch} if switch else {}), "buckets": {}}
-        return {"device": "cuda", "timer": "injected", "shapes": {"E4 top-2 H64 I128 silu float32": entry}}
+    def branched(ep):
+        return any(n.target is torch.ops.higher_order.cond for n in ep.graph.nodes)
 
-    def tuned(*args, **kwargs):
-        return MoeTuning(table(5), dict.fromkeys(paths, ""), dict.fromkeys(paths, 5),
-                         MoeTuning(table(None), dict.fromkeys(paths, "")))
-
-    real_compile, attempts = pipeline.compile_graph, []
-
-    def compile_graph(ep, package_path):
-        branched = any(n.target is torch.ops.higher_order.cond for n in ep.graph.nodes)
-        attempts.append(branched)
-        if branched:
-            raise RuntimeError("InductorError: ValueError: Start index 4 out of bounds [0, 3]\nmore lines")
-        return real_compile(ep, package_path)
-
-    monkeypatch.setattr(pipeline, "tune_moe", tuned)
-    monkeypatch.setattr(pipeline, "compile_graph", compile_graph)
-    out = io.StringIO()
-    pipeline.compile_recipe(parse_recipe(tiny_recipe_dict(hf_model_dir, name="fallback")), tmp_path / "fallback",
-                            console=Console(file=out, width=200))
+    branched.message = "InductorError: ValueError: Start index 4 out of bounds [0, 3]"
+    attempts, printed, artifact = compile_with_failing_lowering(hf_model_dir, tmp_path, monkeypatch, tuning,
+                                                                branched, "fallback")
     assert attempts == [True, False]
     assert "AOTInductor failed on the program with Triton/grouped_mm branches (RuntimeError: InductorError: " \
-           "ValueError: Start index 4 out of bounds [0, 3]); lowering again with one path per MoE block" in out.getvalue()
-    artifact = open_artifact(tmp_path / "fallback")
+           "ValueError: Start index 4 out of bounds [0, 3]); lowering again with one path per MoE block" in printed
     moe = artifact.manifest.kernels["moe"]
     assert moe["switch_failed"].startswith("RuntimeError: InductorError: ValueError: Start index 4")
     assert all("grouped_mm_above" not in entry for entry in moe["shapes"].values())
