@@ -86,6 +86,13 @@ _VARIANTS = [
     # compile-time tuning)
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4,
      "down": {"BLOCK_N": 256, "BLOCK_K": 64, "num_stages": 3}},
+    # many small experts (Qwen3-30B-A3B: 128 of I = 768): at one token, narrow tiles so the 8 hit
+    # experts' weights spread over more programs; at 64-128 tokens (a few rows per expert), wide N
+    # with 8 warps. From vLLM's tuned table for this shape on the H100 (its BLOCK_N spans gate and
+    # up together: twice ours); not yet timed here
+    {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4,
+     "down": {"BLOCK_N": 32}},
+    {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 8, "num_stages": 3},
 ]
 
 
