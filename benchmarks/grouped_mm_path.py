@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.measure import L2Flusher, environment, log, time_fn, write_json  # noqa: E402
-from benchmarks.moe_layer import SHAPES  # noqa: E402
+from benchmarks.moe_layer import SHAPES, profile_kernels  # noqa: E402
 from moec.compiler.passes.moe_tuning import compiled_grouped_mm  # noqa: E402
 from moec.ops.fused_moe import fused_moe_grouped_mm  # noqa: E402
 from moec.ops.moe_combine import moe_combine_ref  # noqa: E402
@@ -108,18 +108,6 @@ def compiled(fn, inductor_options: dict, dynamic: bool):
     return run
 
 
-def profile_top(fn, top: int = 6) -> list[dict]:
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-    rows = [{"name": e.key[:110], "us_per_call": e.self_device_time_total / 3}
-            for e in prof.key_averages() if e.self_device_time_total > 0]
-    return sorted(rows, key=lambda r: -r["us_per_call"])[:top]
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results")
@@ -176,7 +164,7 @@ def main(argv=None) -> int:
                         case["first_call_s"] = time.perf_counter() - t0
                         case["max_rel_err"] = ((got - ref).abs().max() / ref.abs().max()).item()
                         case["timing"] = time_fn(lambda: run(hidden, w13, w2, w, ids), device, flush=flush)
-                        case["profile"] = profile_top(lambda: run(hidden, w13, w2, w, ids))
+                        case["profile"] = profile_kernels(lambda: run(hidden, w13, w2, w, ids), device, top=6)
                     except Exception as e:  # noqa: BLE001 - a failed variant is a result
                         case["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                     result["cases"].append(case)

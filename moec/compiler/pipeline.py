@@ -174,21 +174,19 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
             with stages.stage("lower", f"AOTInductor for {recipe.device}"):
                 # weights first: AOTInductor's decomposition run may drop the program's constants
                 save_weights(ep, writer.tmp / "weights.safetensors")
-                fallbacks = tuning.fallbacks()
-                try:
-                    compile_graph(ep, writer.tmp / "model.pt2")
-                except Exception as e:  # noqa: BLE001  retried with each of the tuner's fallbacks, in turn
-                    if not fallbacks:
-                        raise
-                    for i, (key, fallback) in enumerate(fallbacks):
-                        tuning = fallback_after(key, fallback, e, console)
-                        try:
-                            compile_graph(apply_moe_plans(unplanned, step, tuning.plans), writer.tmp / "model.pt2")
-                            break
-                        except Exception as again:  # noqa: BLE001
-                            if i == len(fallbacks) - 1:
-                                raise
-                            e = again
+                # the tuning's program, then each of the tuner's fallbacks while AOTInductor fails
+                attempts, error = [(None, tuning), *tuning.fallbacks()], None
+                for i, (key, attempt) in enumerate(attempts):
+                    if key is not None:
+                        tuning = fallback_after(key, attempt, error, console)
+                    try:
+                        compile_graph(ep if key is None else apply_moe_plans(unplanned, step, tuning.plans),
+                                      writer.tmp / "model.pt2")
+                        break
+                    except Exception as e:  # noqa: BLE001
+                        if i == len(attempts) - 1:
+                            raise
+                        error = e
             with stages.stage("package", str(out_dir)):
                 tok_dir = writer.tmp / "tokenizer"
                 tok_dir.mkdir()

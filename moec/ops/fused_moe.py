@@ -61,14 +61,16 @@ def fused_moe_grouped_mm(
         row_kernels = hidden.is_cuda and moe_permute is not None
     if row_kernels:
         x = moe_permute.gather_rows(hidden, order, top_k)
-        gate_up = torch._grouped_mm(x, w13.transpose(-2, -1), offs=offs)  # [T*K, 2I], sorted rows
+    else:
+        x = hidden.index_select(0, order // top_k)
+    gate_up = torch._grouped_mm(x, w13.transpose(-2, -1), offs=offs)  # [T*K, 2I], sorted rows
+    if row_kernels:
         h = moe_permute.gated_act(gate_up, activation)
-        y = torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs)  # [T*K, H], sorted rows
+    else:
+        h = ACTIVATIONS[activation](gate_up[:, : two_i // 2]) * gate_up[:, two_i // 2 :]
+    y = torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs)  # [T*K, H], sorted rows
+    if row_kernels:
         return moe_permute.combine_rows(y, position, topk_weights)
-    x = hidden.index_select(0, order // top_k)
-    gate_up = torch._grouped_mm(x, w13.transpose(-2, -1), offs=offs)
-    h = ACTIVATIONS[activation](gate_up[:, : two_i // 2]) * gate_up[:, two_i // 2 :]
-    y = torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs)
     rows = y.index_select(0, position)  # back to assignment order
     return moe_combine_ref(rows.view(num_tokens, top_k, hidden_size), topk_weights)
 

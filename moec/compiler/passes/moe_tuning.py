@@ -140,6 +140,19 @@ def block_weights(model: torch.nn.Module, path: str) -> dict[str, torch.Tensor]:
     return {role: block.get_parameter(getattr(spec, role)) for role in ("router_weight", "gate_up_proj", "down_proj")}
 
 
+def table_entry(members: list[dict], plan: dict, rows: dict, switch: int | None) -> dict:
+    """One MoE shape's row of the manifest's tuning table: its blocks, the chosen plan, where
+    grouped_mm takes over (if it does), and what each bucket measured."""
+    return {
+        "layers": [r["path"] for r in members],
+        "path": plan["path"],
+        "ranges": ([{"max_tokens": hi, "config": config_name(cfg)} for hi, cfg in plan["ranges"]]
+                   if plan["path"] == "triton" else []),
+        **({"grouped_mm_above": switch} if switch is not None else {}),
+        "buckets": rows,
+    }
+
+
 def choose(buckets: list[int], results: dict[int, dict[str, Measurement]],
            candidates: list[Candidate], allow_switch: bool = True) -> tuple[dict, dict, int | None]:
     """From every candidate's measurement per bucket: (plan, table rows per bucket, switch): the
@@ -279,14 +292,7 @@ def tune_moe(regions: list[dict], model: torch.nn.Module, dtype: torch.dtype, de
                 plan, rows, switch = choose(buckets, results, everything, allow)
             except LoweringError as e:
                 raise LoweringError(f"MoE block {members[0]['path']} ({shape.key}): {e}") from None
-            shape_table["shapes"][shape.key] = {
-                "layers": [r["path"] for r in members],
-                "path": plan["path"],
-                "ranges": ([{"max_tokens": hi, "config": config_name(cfg)} for hi, cfg in plan["ranges"]]
-                           if plan["path"] == "triton" else []),
-                **({"grouped_mm_above": switch} if switch is not None else {}),
-                "buckets": rows,
-            }
+            shape_table["shapes"][shape.key] = table_entry(members, plan, rows, switch)
             shape_plans.update({r["path"]: encode_plan(plan) for r in members})
             if switch is not None:
                 switch_points.update({r["path"]: switch for r in members})
@@ -296,9 +302,7 @@ def tune_moe(regions: list[dict], model: torch.nn.Module, dtype: torch.dtype, de
         except LoweringError:
             triton_ok = False
         else:
-            triton_table["shapes"][shape.key] = {"layers": [r["path"] for r in members], "path": "triton",
-                                                 "ranges": [{"max_tokens": hi, "config": config_name(cfg)}
-                                                            for hi, cfg in plan["ranges"]], "buckets": rows}
+            triton_table["shapes"][shape.key] = table_entry(members, plan, rows, None)
             triton_plans.update({r["path"]: encode_plan(plan) for r in members})
     if timer is not None:
         timer.release()

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from moec.ops.triton.grouped_gemm import ACTIVATION_CODES, _activation
+from moec.ops.triton.grouped_gemm import ACTIVATION_CODES, _activation, unit_last_stride
 
 BLOCK_COLS = 1024  # columns per program: 2 KiB of a bf16 row, 8 elements a thread at 4 warps
 
@@ -65,14 +65,10 @@ def _combine_rows_kernel(rows_ptr, position_ptr, weights_ptr, out_ptr, n_cols, t
     tl.store(out_ptr + token * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _unit_cols(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def gather_rows(src: torch.Tensor, index: torch.Tensor, divisor: int) -> torch.Tensor:
     """src [N, C], index [R] → [R, C], row r = src[index[r] // divisor] (the assignments sorted
     by expert: index = the sort's order, divisor = top_k)."""
-    src = _unit_cols(src)
+    src = unit_last_stride(src)
     out = torch.empty(index.shape[0], src.shape[1], dtype=src.dtype, device=src.device)
     wrap_triton(_gather_rows_kernel)[(index.shape[0], triton.cdiv(src.shape[1], BLOCK_COLS))](
         src, index, out, src.shape[1], divisor, src.stride(0), out.stride(0), BLOCK=BLOCK_COLS, num_warps=4)
@@ -81,7 +77,7 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor, divisor: int) -> torch.T
 
 def gated_act(x: torch.Tensor, activation: str) -> torch.Tensor:
     """x [R, 2I] (gate columns, then up columns) → [R, I] = act(gate) * up."""
-    x = _unit_cols(x)
+    x = unit_last_stride(x)
     inter = x.shape[1] // 2
     out = torch.empty(x.shape[0], inter, dtype=x.dtype, device=x.device)
     wrap_triton(_gated_act_kernel)[(x.shape[0], triton.cdiv(inter, BLOCK_COLS))](
@@ -92,7 +88,7 @@ def gated_act(x: torch.Tensor, activation: str) -> torch.Tensor:
 def combine_rows(rows: torch.Tensor, position: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
     """rows [T*K, C] in expert order, position [T*K] (assignment t*K + k's row), topk_weights
     f32 [T, K] → [T, C]: each token's rows weighted and summed in a fixed order (deterministic)."""
-    rows = _unit_cols(rows)
+    rows = unit_last_stride(rows)
     num_tokens, top_k = topk_weights.shape
     weights = topk_weights.contiguous()
     out = torch.empty(num_tokens, rows.shape[1], dtype=rows.dtype, device=rows.device)
