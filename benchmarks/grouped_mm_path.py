@@ -117,6 +117,14 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--static", action="store_true", help="also compile each variant with static shapes")
     args = p.parse_args(argv)
+    for flag, given, known in (("--shapes", args.shapes, SHAPES), ("--variants", args.variants, VARIANTS)):
+        unknown = sorted(set(given.split(",")) - set(known))
+        if unknown:
+            p.error(f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+    try:
+        tokens = [int(t) for t in args.tokens.split(",")]
+    except ValueError:
+        p.error(f"--tokens wants a comma list of token counts, e.g. 4096,16384; got {args.tokens!r}")
     if not torch.cuda.is_available():
         print("grouped_mm_path.py: needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -126,7 +134,6 @@ def main(argv=None) -> int:
     flush = L2Flusher(device)
     result = {"benchmark": "grouped_mm_path", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "env": environment(device, args.commit), "cases": []}
-    tokens = [int(t) for t in args.tokens.split(",")]
     modes = [True, False] if args.static else [True]
     for shape in args.shapes.split(","):
         spec = SHAPES[shape]
