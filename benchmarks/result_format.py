@@ -203,7 +203,9 @@ def from_step_kernels(doc: dict) -> dict:
     for row in doc.get("router", []):
         built = next((v for k, v in row["variants"].items() if k.endswith("(built in)") or k == "as built"), None)
         if built:
-            metrics.append(metric(f"router/T={row['tokens']}/us", built["us"], "us", "lower", roofline=row["bound_us"]))
+            shape = row.get("shape", "mixtral")  # rows before the Qwen3 shape was added are Mixtral's
+            name = f"router/T={row['tokens']}/us" if shape == "mixtral" else f"router/{shape}/T={row['tokens']}/us"
+            metrics.append(metric(name, built["us"], "us", "lower", roofline=row["bound_us"]))
     for row in doc.get("kv_write", []):
         built = row["paths"].get("triton (built in)")
         if built:
