@@ -222,12 +222,12 @@ def _kernel_name(kwargs) -> str:
 
 
 @outer_only
-@pytest.mark.parametrize("num_experts", [8, 128])
+@pytest.mark.parametrize("num_experts", [8, 128, 256])
 def test_router_launches_one_config_per_token_count(num_experts):
     """The router's token ranges chain from T = 1 up with no gap or overlap, so for any T exactly
     one launch config runs; the few-token one (decode) splits H over programs (Mixtral's 8
-    experts: 16 of 256 columns each, then one program sums them) or, for many experts, walks H
-    in fewer, longer steps."""
+    experts: 16 of 256 columns each, then one program sums them; Qwen3's 128 likewise) or, for
+    more experts than that was measured with, walks H in fewer, longer steps."""
     from moec.ops.triton import router
     from moec.ops.triton.router import SMALL_T, SPLIT_H, launch_configs
     from moec.ops.triton.token_gate import token_range_gate
@@ -239,7 +239,7 @@ def test_router_launches_one_config_per_token_count(num_experts):
         assert sum(token_range_gate(t, lo, hi) for lo, hi, *_ in configs) == 1, t
     (_, _, small_t, small_h, split), (_, _, _, large_h, large_split) = configs
     assert small_t >= 16 and small_h >= large_h and not large_split  # tl.dot's M; never more steps
-    assert split == (num_experts <= 16)
+    assert split == (num_experts <= 128)
     if num_experts <= 16:
         assert small_h == SPLIT_H and 4096 // small_h == 16  # Mixtral at decode: 16 programs over H
 
@@ -712,13 +712,12 @@ def test_interp_router_long_hidden(num_tokens, hidden_size, split_max_t, monkeyp
 
 @interp_only
 @pytest.mark.parametrize("num_tokens", [1, 5, 40])
-def test_interp_router_split_over_many_experts(num_tokens, monkeypatch):
-    """The split path let in for Qwen3's 128 experts (SPLIT_MAX_E_PAD raised, as
-    benchmarks/step_kernels.py times it): 8 experts of 128 chosen as the reference chooses."""
+def test_interp_router_split_over_many_experts(num_tokens):
+    """The split path for Qwen3's 128 experts (built in since step_kernels-h200-2026-12-03T2135):
+    8 experts of 128 chosen as the reference chooses, one and several row blocks of partials."""
     from moec.ops.moe_router import moe_router_ref
     from moec.ops.triton import router
 
-    monkeypatch.setattr(router, "SPLIT_MAX_E_PAD", 256)
     assert router.launch_configs(128)[0][4]  # the few-token launch is the split one
     g = torch.Generator().manual_seed(num_tokens)
     hidden = torch.randn(num_tokens, 600, generator=g).to(torch.float16)
@@ -756,6 +755,7 @@ def check_align(ids: torch.Tensor, num_experts: int, block_m: int, sorted_ids, e
         (50, 5, 1, "one", 16),  # all tokens on expert 3
         (300, 7, 3, "random", 32),  # 900 assignments: several chunks
         (100, 256, 8, "random", 16),  # wide one-hot, several chunks
+        (45, 128, 3, "random", 16),  # one chunk that ends inside its fifth sub-step of 32
         (20, 5, 2, "random", 64),
     ],
 )

@@ -22,7 +22,10 @@ two, which do not depend on BLOCK_M; `align_scatter` the third, per config `fuse
            assignments of that expert in earlier chunks + its rank within the chunk; the
            padding slots, num_post and expert_ids are written here too
 The ranks come from a cumulative sum over a one-hot [SUB, E] tile rather than atomics, so the
-order within an expert is the assignment order: deterministic, like a stable sort.
+order within an expert is the assignment order: deterministic, like a stable sort. A chunk stops
+at its last assignment: the scatter's sub-steps over Qwen3's 128 experts cost ~1.5 us each on the
+H200, and a decode step of 4 tokens (32 assignments) ran all 8 of them, 13 us
+(moe_layer-h200-2026-12-03T2135).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def _align_count_kernel(
 ):
     pid = tl.program_id(0)
     hist = tl.zeros((E_PAD,), dtype=tl.int32)
-    for s in range(0, CHUNK, SUB):
+    for s in range(0, tl.minimum(num_assign - pid * CHUNK, CHUNK), SUB):  # the chunk's real assignments
         offs = pid * CHUNK + s + tl.arange(0, SUB)
         e = tl.load(ids_ptr + offs, mask=offs < num_assign, other=-1)
         hist += tl.sum(_one_hot(e, E_PAD), axis=0)
@@ -106,7 +109,7 @@ def _align_scatter_kernel(
 
     # this chunk's assignments → their slots
     run = pstart + tl.load(offsets_ptr + pid * E_PAD + cols)
-    for s in range(0, CHUNK, SUB):
+    for s in range(0, tl.minimum(num_assign - pid * CHUNK, CHUNK), SUB):  # the chunk's real assignments
         offs = pid * CHUNK + s + tl.arange(0, SUB)
         e = tl.load(ids_ptr + offs, mask=offs < num_assign, other=-1)
         oh = _one_hot(e, E_PAD)

@@ -144,9 +144,11 @@ MAX_EXPERTS = 256  # a block of rows of logits per program, held in registers
 SMALL_T = 16  # rows per program of the few-token launch (tl.dot's M)
 # columns of H per program of the split path (a module value, so a benchmark can vary it); None:
 # one program walks H in steps of 8192 // E_PAD instead, as it also does for more than
-# SPLIT_MAX_E_PAD padded experts (not measured split: Qwen3's 128 would sum 32+ partials)
+# SPLIT_MAX_E_PAD padded experts. Qwen3-30B-A3B's 128 experts (H200,
+# step_kernels-h200-2026-12-03T2135): split 12.8 / 13.4 / 13.8 / 19.7 us at 1 / 16 / 256 / 1024
+# tokens, one program over H 23.4 / 24.0 / 23.2 / 24.4. 256 padded experts are not measured.
 SPLIT_H: int | None = 256
-SPLIT_MAX_E_PAD = 32
+SPLIT_MAX_E_PAD = 128
 # the split path runs up to this many tokens (in row blocks of SMALL_T), the row-block launch
 # above it. A module value for benchmarks/step_kernels.py. On the H200 (Mixtral's router,
 # step_kernels-h200-2026-12-03T1634) the split path took 9.2 / 9.5 / 13.1 / 25.5 us at 64 / 256 /
