@@ -30,9 +30,9 @@ in a CUDA graph and its replays timed (median of CUDA events, L2 flushed before 
              experts and Qwen3's 128: the few-token path with H split over programs of 128, 256
              (built in) or 512 columns, and unsplit (one program walking H in steps of 512), by
              setting router.SPLIT_H; the split path run up to 16, 256 or 4096 tokens
-             (router.SPLIT_MAX_T); for Qwen3, whose 128 experts the built-in router does not split,
-             the split path let in (router.SPLIT_MAX_E_PAD); against hidden + gate bytes over copy
-             bandwidth
+             (router.SPLIT_MAX_T); for more experts than the built-in router splits
+             (router.SPLIT_MAX_E_PAD: Qwen3's 128 since step_kernels-h200-2026-12-03T2135), unsplit
+             and the split path let in; against hidden + gate bytes over copy bandwidth
 
 Writes OUT/step_kernels.json and OUT/step_kernels.png (prefill TFLOP/s per config against the
 bound), then prints a table per part. GPU only: exits 2 without CUDA.
@@ -299,9 +299,10 @@ def run_dense(dev, ceil: dict, flush) -> list[dict]:
 
 
 def router_variants(router, num_experts: int) -> dict[str, dict]:
-    """name -> the router module values it sets. Mixtral's few experts: the split width over H,
-    unsplit, and the split path's token limit; Qwen3's many (E_PAD 128, past SPLIT_MAX_E_PAD: the
-    built-in walks H in one program): the split path let in, up to 16 or to SPLIT_MAX_T tokens."""
+    """name -> the router module values it sets. Experts the built-in router splits H for (up to
+    SPLIT_MAX_E_PAD padded: Mixtral's 8, Qwen3's 128): the split width over H, unsplit, and the
+    split path's token limit; more than that (the built-in walks H in one program): the split
+    path let in, up to 16 or to SPLIT_MAX_T tokens."""
     if num_experts > router.SPLIT_MAX_E_PAD:
         let_in = {"SPLIT_H": router.SPLIT_H or 256, "SPLIT_MAX_E_PAD": 256}
         return {"unsplit (built in)": {}, **{f"split H {let_in['SPLIT_H']} up to {t} tokens": {**let_in, "SPLIT_MAX_T": t}
