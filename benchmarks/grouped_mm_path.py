@@ -23,7 +23,9 @@ variant compiles afresh (torch._dynamo.reset()), its dynamic graph first at the 
 
 `--graph` also times and profiles each as a CUDA-graph replay: moe_layer-h200-2026-12-03T2225
 found moec's path 2.5-6% slower than transformers' compiled block replayed and level with it
-launched directly, with the same kernel time in an (eager) profile.
+launched directly, with the same kernel time in an (eager) profile. Each variant's replays are
+timed in a block of their own, and then all the variants' replays again interleaved round by
+round (`measure.time_interleaved`), so that clock drift over a block cannot pass for a difference.
 
 Writes OUT/grouped_mm_path.json and prints a table. GPU only: exits 2 without CUDA.
 """
@@ -40,7 +42,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.measure import L2Flusher, environment, log, time_fn, time_graph, write_json  # noqa: E402
+from benchmarks.measure import (  # noqa: E402
+    L2Flusher,
+    environment,
+    log,
+    time_fn,
+    time_graph,
+    time_interleaved,
+    write_json,
+)
 from benchmarks.moe_layer import SHAPES, profile_kernels  # noqa: E402
 from moec.compiler.passes.moe_tuning import compiled_grouped_mm  # noqa: E402
 from moec.ops.fused_moe import fused_moe_grouped_mm  # noqa: E402
@@ -146,7 +156,7 @@ def main(argv=None) -> int:
         g = torch.Generator(device=device).manual_seed(0)
         w13 = torch.randn(E, 2 * I, H, generator=g, device=device, dtype=dtype).mul_(H ** -0.5)
         w2 = torch.randn(E, H, I, generator=g, device=device, dtype=dtype).mul_(I ** -0.5)
-        inputs = {}
+        inputs, graphs = {}, {T: {} for T in tokens}
         for T in tokens:
             hidden = torch.randn(T, H, generator=g, device=device, dtype=dtype)
             w, ids = torch.randn(T, E, generator=g, device=device).softmax(-1).topk(K, dim=-1)
@@ -181,7 +191,7 @@ def main(argv=None) -> int:
                             case["timing_graph"], (_, graph) = time_graph(lambda: run(hidden, w13, w2, w, ids), device,
                                                                           flush=flush)
                             case["profile_graph"] = profile_kernels(graph.replay, device, top=6)
-                            del graph
+                            graphs[T][f"{v}{'' if dyn else '-static'}"] = graph
                     except Exception as e:  # noqa: BLE001 - a failed variant is a result
                         case["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                     result["cases"].append(case)
@@ -191,7 +201,13 @@ def main(argv=None) -> int:
                            + ("" if "timing_graph" not in case else
                               f"\n{'':39s}replayed {case['timing_graph']['median_ms']:.3f} ms  "
                               + ", ".join(f"{r['name'][:40]} {r['us_per_call']:.0f}" for r in case["profile_graph"][:5]))))
-        del inputs
+        for T, by_variant in graphs.items():  # the replays again, side by side: the same clocks for all
+            if len(by_variant) > 1:
+                timed = time_interleaved({v: g.replay for v, g in by_variant.items()}, device, flush=flush)
+                result.setdefault("interleaved", []).append({"shape": shape, "tokens": T, "timing_graph": timed})
+                log(f"{shape:14s} T={T:6d} replays interleaved: "
+                    + ", ".join(f"{v} {t['median_ms']:.3f}" for v, t in timed.items()))
+        del inputs, graphs
         del w13, w2
         torch.cuda.empty_cache()
         write_json(out / "grouped_mm_path.json", result)  # after each shape: a cut run keeps what it measured

@@ -203,6 +203,50 @@ def time_fn(
     return out
 
 
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    device: torch.device,
+    *,
+    flush: L2Flusher | None = None,
+    rounds: int = 30,
+) -> dict[str, dict]:
+    """Median time of each fn in ms, timed in rounds: each round calls every fn once, the order
+    rotated round by round. Timed one block after another, fns that run for milliseconds meet the
+    GPU at different clocks (power and heat build up over a block), which a 2-6% comparison
+    cannot tell from the code; interleaved, every fn sees the same drift.
+    CUDA: an event pair around each call, L2 flushed before each (outside the pair)."""
+    names = list(fns)
+    for name in names:  # warm-up, in order
+        fns[name]()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    pending = []
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            if flush is not None:
+                flush()
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fns[name]()
+                end.record()
+                pending.append((name, start, end))
+            else:
+                t = time.perf_counter()
+                fns[name]()
+                times[name].append((time.perf_counter() - t) * 1e3)
+    _sync(device)
+    for name, start, end in pending:
+        times[name].append(start.elapsed_time(end))
+    out = {}
+    for name in names:
+        out[name] = summarize(times[name])
+        out[name]["flushed_l2"] = flush is not None and flush.buf is not None
+        out[name]["timer"] = ("cuda_events" if device.type == "cuda" else "perf_counter") + ", interleaved"
+    return out
+
+
 def capture_graph(fn: Callable[[], object], device: torch.device, warmup: int = 3):
     """Warm fn up on a side stream, capture one call in a CUDA graph. Returns (graph, output)."""
     stream = torch.cuda.Stream(device)

@@ -25,6 +25,9 @@ The CUDA-graph replays (moec, torch._grouped_mm, HF compile; the sweep's configs
 numbers to judge kernels by: the artifact launches its kernels from C++ (AOTInductor) or replays
 its decode step as a graph, so Python's per-launch cost (tens of microseconds per Triton launch,
 which made eager moec 2.2 ms at T=1 against 0.28 ms replayed on the H100) is not what it pays.
+Each is timed in a block of its own, then the three replays again round by round, order rotated
+(`*_graph_interleaved`): milliseconds-long calls meet drifting clocks over a block, and the
+interleaved medians are the ones to compare paths by where they differ by a few percent.
 
 Timing (measure.py): CUDA events around each call, L2 flushed before each call, median of >= 20
 calls after warm-up. Phase 1 measures every path of every case; phase 2 then sweeps configs,
@@ -68,6 +71,7 @@ from measure import (  # noqa: E402
     metric,
     time_fn,
     time_graph,
+    time_interleaved,
     write_json,
 )
 
@@ -98,6 +102,11 @@ PATH_LABELS = {
     "hf_eager": "transformers block, experts_implementation=eager",
     "hf_compile": "transformers block, experts_implementation=grouped_mm, torch.compile",
     "hf_compile_graph": "transformers grouped_mm + torch.compile, CUDA-graph replay",
+    "moec_graph_interleaved": "moec, CUDA-graph replay, timed round by round with the other replays",
+    "grouped_mm_graph_interleaved": "the grouped_mm path, CUDA-graph replay, timed round by round with the other "
+                                    "replays",
+    "hf_compile_graph_interleaved": "transformers grouped_mm + torch.compile, CUDA-graph replay, timed round by "
+                                    "round with the other replays",
 }
 HF_COMPILE_PEER = "transformers experts_implementation=grouped_mm + torch.compile (default mode, dynamic=False)"
 HF_EAGER_PEER = "transformers experts_implementation=eager"
@@ -613,12 +622,20 @@ def measure_case(layer: Layer, T: int, ctx: dict) -> dict:
             case["timings"][name] = t
     if device.type == "cuda" and T <= args.graph_max_tokens:
         gt = {k: v for k, v in timing.items() if k != "warmup"}
+        graphs = {}
         for name in ("moec", "grouped_mm", "hf_compile"):
             if name in case["timings"]:
                 r = attempt(f"{name}_graph", lambda name=name: time_graph(paths[name], device, flush=flush, **gt))
                 if r is not None:
                     case["timings"][f"{name}_graph"] = r[0]
+                    graphs[name] = r[1][1]
                     del r
+        if len(graphs) > 1:  # the same replays again, round by round: one clock drift for all
+            r = attempt("graphs_interleaved", lambda: time_interleaved({n: g.replay for n, g in graphs.items()}, device,
+                                                                       flush=flush, rounds=max(gt["min_iters"], 30)))
+            for name, t in (r or {}).items():
+                case["timings"][f"{name}_graph_interleaved"] = t
+        del graphs
     elif device.type != "cuda":
         case["skipped"]["graphs"] = "CUDA graphs need a GPU"
     if T in ctx["profile_tokens"]:
@@ -794,7 +811,8 @@ def case_metrics(case: dict) -> list[dict]:
     out = [metric(p + "roofline_ms", roof["roofline_ms"], "ms", "bound",
                   how=f"{roof['bound']}-bound; bytes {roof['bytes']}, flops {roof['flops']:.4g}")]
     for k in ("moec", "moec_graph", "moec_best", "moec_tuned", "moec_ops", "grouped_mm", "grouped_mm_graph",
-              "hf_eager", "hf_compile", "hf_compile_graph"):
+              "hf_eager", "hf_compile", "hf_compile_graph", "moec_graph_interleaved", "grouped_mm_graph_interleaved",
+              "hf_compile_graph_interleaved"):
         if k in tm:
             out.append(metric(p + f"{k}_ms", tm[k], "ms", "lower", what=PATH_LABELS[k],
                               config=case["timings"][k].get("config")))

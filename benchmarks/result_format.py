@@ -218,11 +218,14 @@ def from_step_kernels(doc: dict) -> dict:
 
 def from_grouped_mm_path(doc: dict) -> dict:
     """Each formulation's time per shape, token count and shape mode (T symbolic or static),
-    launched directly and, where timed (`--graph`), as a CUDA-graph replay."""
+    launched directly and, where timed (`--graph`), as a CUDA-graph replay, alone and interleaved."""
     metrics = [metric(f"{c['shape']}/T={c['tokens']}/{c['variant']}{'' if c['dynamic'] else '_static'}{suffix}_ms",
                       c[key]["median_ms"], "ms", "lower", max_rel_err=c.get("max_rel_err"))
                for c in doc.get("cases", []) for key, suffix in (("timing", ""), ("timing_graph", "_replayed"))
                if key in c]
+    metrics += [metric(f"{row['shape']}/T={row['tokens']}/{variant}_replayed_interleaved_ms", t["median_ms"], "ms",
+                       "lower", how="CUDA-graph replays of every variant timed round by round, order rotated")
+                for row in doc.get("interleaved", []) for variant, t in row["timing_graph"].items()]
     device = doc["env"]["device"]
     return _converted(doc | {"versions": doc["env"].get("versions", {})}, device.get("kind", "cuda"),
                       device.get("name"), doc.get("commit") or doc["env"].get("commit"), metrics)

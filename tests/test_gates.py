@@ -458,3 +458,24 @@ def test_gpu_gate_flicker_refuses_an_unknown_benchmark():
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_gate.sh"), "--flicker", "3", "serve"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "e2e_decode or moe_layer" in proc.stdout
+
+
+def test_interleaved_timing_rotates_the_order_and_times_each_fn_every_round():
+    import time
+
+    import measure
+
+    calls = []
+
+    def slow():
+        calls.append("slow")
+        time.sleep(0.004)
+
+    def fast():
+        calls.append("fast")
+
+    timed = measure.time_interleaved({"slow": slow, "fast": fast}, torch.device("cpu"), rounds=6)
+    assert timed["slow"]["n"] == timed["fast"]["n"] == 6
+    assert timed["slow"]["median_ms"] >= 4.0 > timed["fast"]["median_ms"]
+    rounds = [calls[i:i + 2] for i in range(2, len(calls), 2)]  # after the warm-up pair
+    assert rounds[0] == ["slow", "fast"] and rounds[1] == ["fast", "slow"]
