@@ -185,7 +185,7 @@ def test_triton_path_traces_with_symbolic_tokens(top_k):
     (vr,) = ep.range_constraints.values()
     assert (vr.lower, vr.upper) == (1, 32768)
     launches = [n for n in ep.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
-    assert len(launches) == 6  # 3 align + the one-token assignment + 2 GEMMs: no K-way sum, down accumulates
+    assert len(launches) == 7  # 3 align + 2 GEMMs, and the one-token GEMMs: no K-way sum, down accumulates
 
 
 @outer_only
@@ -279,9 +279,9 @@ def test_router_launches_one_config_per_token_count(num_experts):
 def test_plan_gates_each_range_by_token_count():
     """A per-range plan under export with a symbolic T: every range's kernels are in the graph,
     their grids are integer expressions of T (no guard: T keeps its whole range), and evaluated
-    for a concrete T exactly the range holding T launches; the histograms and the scatter for
-    T > 1, the direct assignment (no histograms) for T = 1."""
-    from moec.ops.triton.configs import encode_plan, parse_plan
+    for a concrete T exactly the range holding T launches; the histograms, the scatter and the
+    GEMMs for T > 1, the first range's direct GEMMs alone (no histograms, no scatter) for T = 1."""
+    from moec.ops.triton.configs import encode_plan, parse_plan, split_config
     from moec.ops.triton.fused_moe import fused_moe
 
     plan = parse_plan(encode_plan({"path": "triton", "ranges": PLAN_RANGES}))
@@ -298,8 +298,9 @@ def test_plan_gates_each_range_by_token_count():
     (vr,) = ep.range_constraints.values()
     assert (vr.lower, vr.upper) == (1, 32768)
     names = [_kernel_name(n.kwargs) for n in ep.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
-    assert names == ["_align_count_kernel", "_align_scan_kernel"] + ["_align_scatter_kernel", "_align_direct_kernel",
-                                                                     "_gate_up_kernel", "_down_kernel"] * 3
+    per_range = ["_align_scatter_kernel", "_gate_up_kernel", "_down_kernel"]
+    assert names == ["_align_count_kernel", "_align_scan_kernel"] + per_range + ["_gate_up_kernel", "_down_kernel"] \
+        + per_range * 2
 
     class GridsOnly(torch.fx.Interpreter):
         """Runs the graph's size arithmetic and records each launch's grid; launches nothing."""
@@ -317,11 +318,14 @@ def test_plan_gates_each_range_by_token_count():
         w, i = routing(num_tokens, 5, 2, "random")
         run.run(torch.randn(num_tokens, 72), w, i)
         many = num_tokens > 1
-        assert [g > 0 for _, g in run.grids[:2]] == [many, many]
-        per_range = [run.grids[2 + 4 * r: 6 + 4 * r] for r in range(3)]
-        for r, launches in enumerate(per_range):
-            on = r == active
-            assert [g > 0 for _, g in launches] == [on and many, on and not many, on, on], (num_tokens, r, launches)
+        on = [g > 0 for _, g in run.grids]
+        assert on[:2] == [many, many]
+        assert on[2:7] == [active == 0 and many] * 3 + [not many] * 2, (num_tokens, run.grids)
+        assert on[7:] == [active == 1] * 3 + [active == 2] * 3, (num_tokens, run.grids)
+        if not many:  # one row block per assignment (top-2) times the column blocks
+            gate_up_cfg, down_cfg = split_config(PLAN_RANGES[0][1])
+            assert [g for _, g in run.grids[5:7]] == [2 * -(-40 // gate_up_cfg["BLOCK_N"]),
+                                                      2 * -(-72 // down_cfg["BLOCK_N"])]
 
 
 @outer_only
@@ -357,12 +361,12 @@ def test_inductor_sees_the_zeroing_and_the_accumulation(monkeypatch):
     for n in ep.graph.nodes:
         if "triton_kernel_wrapper" in str(n.target):
             kwargs = {k: v.meta["val"] if isinstance(v, torch.fx.Node) else v for k, v in n.kwargs["kwargs"].items()}
-            written[_kernel_name(n.kwargs)] = sorted(
-                get_mutated_tensors(n.kwargs["kernel_idx"], n.kwargs["constant_args_idx"], kwargs, {}))
-    assert written["_gate_up_kernel"] == ["out_ptr", "zero_ptr"]
-    assert written["_down_kernel"] == ["out_ptr"]
-    assert written["_align_scatter_kernel"] == ["expert_ids_ptr", "num_post_ptr", "sorted_ptr"]
-    assert written["_align_direct_kernel"] == ["expert_ids_ptr", "num_post_ptr", "sorted_ptr"]
+            written.setdefault(_kernel_name(n.kwargs), set()).add(tuple(sorted(
+                get_mutated_tensors(n.kwargs["kernel_idx"], n.kwargs["constant_args_idx"], kwargs, {}))))
+    # every launch of a kernel (the one-token GEMMs too): read-only routing inputs stay read-only
+    assert written["_gate_up_kernel"] == {("out_ptr", "zero_ptr")}
+    assert written["_down_kernel"] == {("out_ptr",)}
+    assert written["_align_scatter_kernel"] == {("expert_ids_ptr", "num_post_ptr", "sorted_ptr")}
 
 
 @outer_only
@@ -510,7 +514,7 @@ def test_kernels_compile_for_h100():
     from moec.ops.triton.configs import DYNAMIC_CONFIG, candidate_configs, down_variants, split_config
 
     bf16, i32 = "*bf16", "*i32"
-    idx = {"sorted_ptr": i32, "expert_ids_ptr": i32, "num_post_ptr": i32}
+    idx = {"sorted_ptr": i32, "expert_ids_ptr": i32, "num_post_ptr": i32, "ids_ptr": "*i64"}
     seen = set()
     for cfg in [c for base in candidate_configs() for c in (base, *down_variants(base))]:
         gate_up, down = split_config(cfg)
@@ -528,21 +532,24 @@ def test_kernels_compile_for_h100():
                 {"MUL_WEIGHT": True, "ACCUMULATE": True},
             ),
         ):
-            key = (kernel.fn.__name__, tuple(sorted(c.items())))
-            if key in seen:
-                continue
-            seen.add(key)
-            consts = {k: c[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")} | extra | {"IEEE": False}
-            compiled = compile_for_sm90(kernel, ptrs | idx, consts, c["num_warps"], c["num_stages"])
-            assert compiled.metadata.shared <= H100_SMEM, (key, compiled.metadata.shared)
-            # pipelined: several stages of the A and B tiles are in shared memory at once
-            halves = 2 if kernel is grouped_gemm._gate_up_kernel else 1
-            stage = 2 * c["BLOCK_K"] * (c["BLOCK_M"] + halves * c["BLOCK_N"])
-            assert compiled.metadata.shared >= 2 * stage, (key, compiled.metadata.shared, stage)
+            # the one-token (DIRECT) variants run the decode configs' tiles
+            for direct in (False, True) if c["BLOCK_M"] == 16 else (False,):
+                key = (kernel.fn.__name__, tuple(sorted(c.items())), direct)
+                if key in seen:
+                    continue
+                seen.add(key)
+                consts = {k: c[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")} | extra
+                consts |= {"IEEE": False, "DIRECT": direct}
+                compiled = compile_for_sm90(kernel, ptrs | idx, consts, c["num_warps"], c["num_stages"])
+                assert compiled.metadata.shared <= H100_SMEM, (key, compiled.metadata.shared)
+                # pipelined: several stages of the A and B tiles are in shared memory at once
+                halves = 2 if kernel is grouped_gemm._gate_up_kernel else 1
+                stage = 2 * c["BLOCK_K"] * (c["BLOCK_M"] + halves * c["BLOCK_N"])
+                assert compiled.metadata.shared >= 2 * stage, (key, compiled.metadata.shared, stage)
     _, down = split_config(DYNAMIC_CONFIG)
     for dtype, ptx_type in (("bf16", "bf16"), ("fp16", "f16"), ("fp32", "f32")):
         consts = {k: down[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
-        consts |= {"MUL_WEIGHT": True, "ACCUMULATE": True, "IEEE": dtype == "fp32"}
+        consts |= {"MUL_WEIGHT": True, "ACCUMULATE": True, "IEEE": dtype == "fp32", "DIRECT": False}
         ptrs = {"a_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "topk_weights_ptr": "*fp32"}
         ptx = compile_for_sm90(grouped_gemm._down_kernel, ptrs | idx, consts, down["num_warps"], 3).asm["ptx"]
         ops = set(re.findall(r"\b(?:atom|red)\.global\.[\w.]+", ptx))
@@ -559,11 +566,6 @@ def test_kernels_compile_for_h100():
             align._align_scatter_kernel,
             {"ids_ptr": "*i64", "offsets_ptr": i32, "totals_ptr": i32} | idx,
             {"CHUNK": 256, "SUB": 16, "E_PAD": 256, "BLOCK_M": 128, "BLOCK_B": 16, "BLOCK_J": 8},
-        ),
-        (
-            align._align_direct_kernel,
-            {"ids_ptr": "*i64"} | idx,
-            {"BLOCK_M": 16, "A_PAD": 8},
         ),
         (  # MAX_EXPERTS experts, with counts
             router._router_kernel,
@@ -770,20 +772,26 @@ def test_interp_align(num_tokens, num_experts, top_k, case, block_m):
 
 
 @interp_only
-@pytest.mark.parametrize("num_experts,top_k,block_m", [(5, 1, 16), (5, 2, 16), (16, 8, 32), (256, 3, 64)])
-def test_interp_direct_assignments(num_experts, top_k, block_m):
-    """One token: block a holds assignment a alone (then padding) and belongs to its expert."""
-    from moec.ops.triton.align import align_scatter, direct_assignments, expert_histograms
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,block_m", [(1, 5, 1, 16), (1, 16, 8, 32), (3, 5, 2, 16)])
+def test_interp_direct_gemms(num_tokens, num_experts, top_k, block_m):
+    """DIRECT: each assignment its own row block, its expert read from topk_ids (what one token
+    runs, and right for any T), with the output poisoned: gate/up zeroes it, down adds into it."""
+    from moec.ops.triton.fused_moe import fused_moe_ref
+    from moec.ops.triton.grouped_gemm import down_grouped, gate_up_grouped
 
-    _, ids = routing(1, num_experts, top_k, "random", seed=top_k)
+    dtype = torch.float32
+    w13, w2 = moe_weights(num_experts, 72, 40, dtype)
+    x = torch.randn(num_tokens, 72, generator=torch.Generator().manual_seed(num_tokens))
+    weights, ids = routing(num_tokens, num_experts, top_k, "random", seed=top_k)
+    cfg = dict(CFG_A, BLOCK_M=block_m)
+    out = torch.full((num_tokens, 72), float("nan"))
     with poisoned_empty():
-        hist = expert_histograms(ids, num_experts, gate=0)
-        sorted_ids, expert_ids, num_post = align_scatter(hist, block_m, gate=0)
-        direct_assignments(hist, top_k, block_m, sorted_ids, expert_ids, num_post)
-    assert num_post.item() == top_k * block_m
-    assert expert_ids[:top_k].tolist() == ids[0].tolist()
-    blocks = sorted_ids[: top_k * block_m].view(top_k, block_m)
-    assert blocks[:, 0].tolist() == list(range(top_k)) and (blocks[:, 1:] == top_k).all()
+        inter = gate_up_grouped(x, w13, None, None, None, top_k, cfg, zero_out=out if top_k > 1 else None,
+                                direct_ids=ids)
+        down_grouped(inter, w2, weights, None, None, None, cfg, out=out, direct_ids=ids)
+    close(out, fused_moe_ref(x, w13, w2, weights, ids, "silu"), dtype)
+    with pytest.raises(ValueError, match="align buffers"):
+        gate_up_grouped(x, w13, None, None, None, top_k, cfg)
 
 
 @interp_only

@@ -11,8 +11,8 @@ GEMMs stop there. EM = T*K + min(T*K, E)*(BLOCK_M-1) bounds num_post for any rou
 experts that received a token are padded), and depends on shapes only: no host sync.
 
 A single token (decode at batch 1) needs none of this: its K assignments go to K distinct
-experts, so assignment a alone is block a (`direct_assignments`, one tiny launch instead of
-three; `fused_moe` gates the two paths by T).
+experts, so assignment a alone is block a, and the GEMMs read its expert from topk_ids themselves
+(`grouped_gemm`'s DIRECT; `fused_moe` gates the two paths by T).
 
 Three launches, all sized from shapes, none data-dependent (`expert_histograms` runs the first
 two, which do not depend on BLOCK_M; `align_scatter` the third, per config `fused_moe` runs):
@@ -137,19 +137,6 @@ def _align_scatter_kernel(
         tl.store(expert_ids_ptr + bs, ex, mask=bs < num_blocks)
 
 
-@triton.jit
-def _align_direct_kernel(
-    ids_ptr, sorted_ptr, expert_ids_ptr, num_post_ptr, num_assign, BLOCK_M: tl.constexpr, A_PAD: tl.constexpr
-):
-    a = tl.arange(0, A_PAD)
-    ok = a < num_assign
-    tl.store(expert_ids_ptr + a, tl.load(ids_ptr + a, mask=ok, other=0).to(tl.int32), mask=ok)
-    j = tl.arange(0, BLOCK_M)
-    rows = tl.where(j[None, :] == 0, a[:, None], num_assign)  # block a: assignment a, then padding
-    tl.store(sorted_ptr + a[:, None] * BLOCK_M + j[None, :], rows, mask=ok[:, None])
-    tl.store(num_post_ptr, num_assign * BLOCK_M)
-
-
 def _next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
@@ -238,17 +225,6 @@ def align_scatter(hist: ExpertHistograms, block_m: int, gate=1) -> tuple[torch.T
         num_warps=4,
     )
     return sorted_ids, expert_ids, num_post
-
-
-def direct_assignments(hist: ExpertHistograms, top_k: int, block_m: int, sorted_ids: torch.Tensor,
-                       expert_ids: torch.Tensor, num_post: torch.Tensor, gate=1) -> None:
-    """For one token: assignment a as block a of expert ids[a] (the flat ids `hist` holds; its
-    counts are not needed), written into the buffers `align_scatter` returned (the same layout,
-    so the GEMMs cannot tell). `gate` as there."""
-    wrap_triton(_align_direct_kernel)[(gate,)](
-        hist.ids, sorted_ids, expert_ids, num_post, top_k, BLOCK_M=block_m, A_PAD=_next_pow2(max(top_k, 2)),
-        num_warps=1,
-    )
 
 
 def moe_align_block_size(

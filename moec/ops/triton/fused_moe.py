@@ -4,8 +4,10 @@ and the plain-PyTorch composition of the existing references to compare with.
 Launches, all sized from shapes (no host sync, no data-dependent shapes, so the sequence can be
 captured in a CUDA graph and traced with a symbolic token count): 2 for the expert histograms,
 then per config a scatter (align), the gate/up GEMM (which also zeroes the output) and the down
-GEMM (which accumulates into it): 5 for one config. A single token (T = 1) replaces the
-histograms and the scatter with one launch that makes each assignment its own block: 3.
+GEMM (which accumulates into it): 5 for one config. A single token (T = 1) runs the two GEMMs
+alone, each assignment its own row block with its expert read straight from topk_ids (DIRECT):
+2 launches, none before the first GEMM. The first range (the one holding T = 1) compiles both
+variants of its GEMMs in, gated by T = 1 and T > 1.
 
 A tuned plan (`configs.parse_plan`) gives a config per token range. Every config of the plan is
 compiled in, and each of its launches has its grid multiplied by a gate: 1 when T is in the
@@ -26,7 +28,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from moec.ops.moe_combine import moe_combine_ref
 from moec.ops.moe_experts import moe_experts_ref
-from moec.ops.triton.align import align_scatter, direct_assignments, expert_histograms
+from moec.ops.triton.align import align_scatter, expert_histograms
 from moec.ops.triton.configs import DYNAMIC_CONFIG, default_config, split_config
 from moec.ops.triton.grouped_gemm import ACTIVATION_CODES, unit_last_stride, down_grouped, gate_up_grouped
 from moec.ops.triton.token_gate import token_range_gate
@@ -112,15 +114,27 @@ def fused_moe(
     lo = 0
     for hi, gate_up_cfg, down_cfg in launches:
         gate = token_range_gate(num_tokens, lo, hi)
-        lo = hi
-        if isinstance(gate, int) and gate == 0:
+        holds_one, lo = lo == 0, hi  # T = 1 lies in the first range only
+        if _never(gate):
             continue
-        align = align_scatter(hist, gate_up_cfg["BLOCK_M"], gate * many)
-        direct_assignments(hist, top_k, gate_up_cfg["BLOCK_M"], *align, gate=gate * one)
-        gate_up_grouped(hidden, w13, *align, top_k, gate_up_cfg, activation, out=inter,
-                        zero_out=out if top_k > 1 else None, gate=gate)
-        down_grouped(inter, w2, topk_weights, *align, down_cfg, out=out, gate=gate)
+        zero_out = out if top_k > 1 else None
+        if not _never(gate * many):
+            align = align_scatter(hist, gate_up_cfg["BLOCK_M"], gate * many)
+            gate_up_grouped(hidden, w13, *align, top_k, gate_up_cfg, activation, out=inter, zero_out=zero_out,
+                            gate=gate * many)
+            down_grouped(inter, w2, topk_weights, *align, down_cfg, out=out, gate=gate * many)
+        if holds_one and not _never(gate * one):
+            # one token: the same two GEMMs, each assignment its own row block read from topk_ids
+            gate_up_grouped(hidden, w13, None, None, None, top_k, gate_up_cfg, activation, out=inter,
+                            zero_out=zero_out, gate=gate * one, direct_ids=topk_ids)
+            down_grouped(inter, w2, topk_weights, None, None, None, down_cfg, out=out, gate=gate * one,
+                         direct_ids=topk_ids)
     return out
+
+
+def _never(gate) -> bool:
+    """A gate known to be 0 here (a concrete token count outside the range): nothing to launch."""
+    return isinstance(gate, int) and gate == 0
 
 
 def fused_moe_ref(

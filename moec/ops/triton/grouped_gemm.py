@@ -81,6 +81,17 @@ def _block_coords(pid, em, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
+def _direct_block(pid, num_assign, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """DIRECT (one token): row block m is assignment m alone, then padding rows (num_assign), so
+    no align launch has to run before the GEMM. -> (pid_m, pid_n, assign [BLOCK_M] int64).
+    (No pointers pass into helpers: Inductor's mutation analysis would take them as written.)"""
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_pid_n
+    assign = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_assign).to(tl.int64)
+    return pid_m, pid % num_pid_n, assign
+
+
+@triton.jit
 def _gate_up_kernel(
     x_ptr,
     w_ptr,
@@ -88,6 +99,7 @@ def _gate_up_kernel(
     sorted_ptr,
     expert_ids_ptr,
     num_post_ptr,
+    ids_ptr,
     num_assign,
     top_k,
     em,
@@ -108,15 +120,19 @@ def _gate_up_kernel(
     IEEE: tl.constexpr,
     ZERO_OUT: tl.constexpr,
     BLOCK_Z: tl.constexpr,
+    DIRECT: tl.constexpr,
 ):
-    pid_m, pid_n = _block_coords(tl.program_id(0), em, N, BLOCK_M, BLOCK_N, GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(num_post_ptr):
-        return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    assign = tl.load(sorted_ptr + offs_m).to(tl.int64)
+    if DIRECT:  # the grid is exactly the assignments' blocks: none is dead
+        pid_m, pid_n, assign = _direct_block(tl.program_id(0), num_assign, N, BLOCK_M, BLOCK_N)
+        expert = tl.load(ids_ptr + pid_m).to(tl.int64)
+    else:
+        pid_m, pid_n = _block_coords(tl.program_id(0), em, N, BLOCK_M, BLOCK_N, GROUP_M)
+        if pid_m * BLOCK_M >= tl.load(num_post_ptr):
+            return
+        assign = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     row_ok = assign < num_assign
     token = assign // top_k
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
 
     if ZERO_OUT:  # the down GEMM's accumulator: row t zeroed by the block holding assignment t*K + 0
         first = row_ok & (assign % top_k == 0)
@@ -167,6 +183,7 @@ def _down_kernel(
     sorted_ptr,
     expert_ids_ptr,
     num_post_ptr,
+    ids_ptr,
     num_assign,
     top_k,
     em,
@@ -183,14 +200,18 @@ def _down_kernel(
     MUL_WEIGHT: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     IEEE: tl.constexpr,
+    DIRECT: tl.constexpr,
 ):
-    pid_m, pid_n = _block_coords(tl.program_id(0), em, N, BLOCK_M, BLOCK_N, GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(num_post_ptr):
-        return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    assign = tl.load(sorted_ptr + offs_m).to(tl.int64)
+    if DIRECT:  # the grid is exactly the assignments' blocks: none is dead
+        pid_m, pid_n, assign = _direct_block(tl.program_id(0), num_assign, N, BLOCK_M, BLOCK_N)
+        expert = tl.load(ids_ptr + pid_m).to(tl.int64)
+    else:
+        pid_m, pid_n = _block_coords(tl.program_id(0), em, N, BLOCK_M, BLOCK_N, GROUP_M)
+        if pid_m * BLOCK_M >= tl.load(num_post_ptr):
+            return
+        assign = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     row_ok = assign < num_assign
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < N
@@ -234,8 +255,20 @@ def _dot_ieee(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
-def _grid_m_n(em, n_cols: int, cfg: dict, gate=1) -> tuple:
-    return (triton.cdiv(em, cfg["BLOCK_M"]) * triton.cdiv(n_cols, cfg["BLOCK_N"]) * gate,)
+def _grid_m_n(em, n_cols: int, cfg: dict, gate=1, direct: bool = False) -> tuple:
+    """Row blocks x column blocks; `direct`: em is the assignment count, one block each."""
+    row_blocks = em if direct else triton.cdiv(em, cfg["BLOCK_M"])
+    return (row_blocks * triton.cdiv(n_cols, cfg["BLOCK_N"]) * gate,)
+
+
+def _align_args(sorted_ids, expert_ids, num_post, direct_ids) -> tuple:
+    """The kernels' four routing pointers: the align buffers, or (direct) the flat topk_ids alone."""
+    if direct_ids is None:
+        if sorted_ids is None or expert_ids is None or num_post is None:
+            raise ValueError("grouped GEMM: give the align buffers (sorted_ids, expert_ids, num_post) or direct_ids")
+        return sorted_ids, expert_ids, num_post, sorted_ids
+    flat = direct_ids.reshape(-1)
+    return flat, flat, flat, flat  # only ids_ptr is read under DIRECT
 
 
 def _zero_block(hidden_size: int, inter_size: int, block_n: int) -> int:
@@ -248,19 +281,21 @@ def _zero_block(hidden_size: int, inter_size: int, block_n: int) -> int:
 def gate_up_grouped(
     hidden: torch.Tensor,
     w13: torch.Tensor,
-    sorted_ids: torch.Tensor,
-    expert_ids: torch.Tensor,
-    num_post: torch.Tensor,
+    sorted_ids: torch.Tensor | None,
+    expert_ids: torch.Tensor | None,
+    num_post: torch.Tensor | None,
     top_k: int,
     cfg: dict,
     activation: str = "silu",
     out: torch.Tensor | None = None,
     zero_out: torch.Tensor | None = None,
     gate=1,
+    direct_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """hidden [T, H], w13 [E, 2I, H] → act(gate)·up per assignment, [T*K, I] in assignment order
     (into `out` if given: contiguous [T*K, I]). `zero_out` [T, H] (unit column stride), if given,
-    is zeroed on the way: the down GEMM's accumulator."""
+    is zeroed on the way: the down GEMM's accumulator. `direct_ids` (topk_ids, contiguous; for one
+    token) replaces the align buffers: each assignment is its own row block."""
     hidden, w13 = unit_last_stride(hidden), unit_last_stride(w13)
     num_tokens, hidden_size = hidden.shape
     inter = w13.shape[1] // 2
@@ -270,14 +305,14 @@ def gate_up_grouped(
     if zero_out is not None and zero_out.stride(1) != 1:
         raise ValueError("gate_up_grouped: zero_out must have unit column stride")
     zeroed = out if zero_out is None else zero_out  # unused by the kernel when ZERO_OUT is off
-    em = sorted_ids.shape[0]
-    wrap_triton(_gate_up_kernel)[_grid_m_n(em, inter, cfg, gate)](
+    direct = direct_ids is not None
+    routing = _align_args(sorted_ids, expert_ids, num_post, direct_ids)
+    em = num_assign if direct else sorted_ids.shape[0]
+    wrap_triton(_gate_up_kernel)[_grid_m_n(em, inter, cfg, gate, direct)](
         hidden,
         w13,
         out,
-        sorted_ids,
-        expert_ids,
-        num_post,
+        *routing,
         num_assign,
         top_k,
         em,
@@ -298,6 +333,7 @@ def gate_up_grouped(
         IEEE=_dot_ieee(hidden.dtype),
         ZERO_OUT=zero_out is not None,
         BLOCK_Z=_zero_block(hidden_size, inter, cfg["BLOCK_N"]),
+        DIRECT=direct,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
@@ -308,20 +344,22 @@ def down_grouped(
     inter: torch.Tensor,
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
-    sorted_ids: torch.Tensor,
-    expert_ids: torch.Tensor,
-    num_post: torch.Tensor,
+    sorted_ids: torch.Tensor | None,
+    expert_ids: torch.Tensor | None,
+    num_post: torch.Tensor | None,
     cfg: dict,
     out: torch.Tensor | None = None,
     mul_weight: bool = True,
     gate=1,
+    direct_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """inter [T*K, I], w2 [E, H, I], topk_weights [T, K] → out [T, H], out[t] = sum over k of
     token t's k-th expert output, times its routing weight when `mul_weight`.
 
     With K > 1 the rows are atomically added into `out`, which must hold zeros (gate/up's
     `zero_out` writes them; without `out`, a zeroed one is allocated). With K == 1 they are
-    stored: `out` may hold anything. `out`: [T, H] with unit column stride.
+    stored: `out` may hold anything. `out`: [T, H] with unit column stride. `direct_ids` as in
+    `gate_up_grouped`.
     """
     inter, w2 = unit_last_stride(inter), unit_last_stride(w2)
     num_assign, inter_size = inter.shape
@@ -335,15 +373,15 @@ def down_grouped(
     weights = topk_weights.reshape(-1)
     if not weights.is_contiguous():
         weights = weights.contiguous()
-    em = sorted_ids.shape[0]
-    wrap_triton(_down_kernel)[_grid_m_n(em, hidden_size, cfg, gate)](
+    direct = direct_ids is not None
+    routing = _align_args(sorted_ids, expert_ids, num_post, direct_ids)
+    em = num_assign if direct else sorted_ids.shape[0]
+    wrap_triton(_down_kernel)[_grid_m_n(em, hidden_size, cfg, gate, direct)](
         inter,
         w2,
         out,
         weights,
-        sorted_ids,
-        expert_ids,
-        num_post,
+        *routing,
         num_assign,
         top_k,
         em,
@@ -360,6 +398,7 @@ def down_grouped(
         MUL_WEIGHT=bool(mul_weight),
         ACCUMULATE=top_k > 1,
         IEEE=_dot_ieee(inter.dtype),
+        DIRECT=direct,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
