@@ -30,7 +30,8 @@ in a CUDA graph and its replays timed (median of CUDA events, L2 flushed before 
              experts and Qwen3's 128: the few-token path with H split over programs of 128, 256
              (built in) or 512 columns, and unsplit (one program walking H in steps of 512), by
              setting router.SPLIT_H; the split path run up to 16, 256 or 4096 tokens
-             (router.SPLIT_MAX_T); for more experts than the built-in router splits
+             (router.SPLIT_MAX_T); the split path's second launch (sum, softmax, top-k) on 1 or
+             2 warps (router.FINAL_WARPS); for more experts than the built-in router splits
              (router.SPLIT_MAX_E_PAD: Qwen3's 128 since step_kernels-h200-2026-12-03T2135), unsplit
              and the split path let in; against hidden + gate bytes over copy bandwidth
 
@@ -65,6 +66,7 @@ DECODE_CONTEXT = 512
 ROUTER_TOKENS = (1, 4, 16, 64, 256, 1024, 4096)
 ROUTER_SPLIT_H = (None, 128, 256, 512)
 ROUTER_SPLIT_MAX_T = (16, 256, 4096)  # the split path's token limit (router.SPLIT_MAX_T), at SPLIT_H built in
+ROUTER_FINAL_WARPS = (1, 2, 4)  # warps of the split path's second launch (router.FINAL_WARPS)
 SPLIT_COUNTS = (8, 16, 32)
 COMBINE_HEADS = (1, 2, 8)
 KV_WRITE_TOKENS = (1, 8, 32, 128, 4096)
@@ -311,6 +313,8 @@ def router_variants(router, num_experts: int) -> dict[str, dict]:
            {"SPLIT_H": h} for h in ROUTER_SPLIT_H}
     out.update({f"split H {router.SPLIT_H} up to {t} tokens": {"SPLIT_MAX_T": t} for t in ROUTER_SPLIT_MAX_T
                 if t != router.SPLIT_MAX_T})
+    out.update({f"split H {h}, second launch {w} warp{'s' if w > 1 else ''}": {"SPLIT_H": h, "FINAL_WARPS": w}
+                for h in (128, router.SPLIT_H) for w in ROUTER_FINAL_WARPS if w != router.FINAL_WARPS})
     return out
 
 

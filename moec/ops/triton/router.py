@@ -155,6 +155,10 @@ SPLIT_MAX_E_PAD = 128
 # 1024 / 4096 tokens, the row blocks 19.1 / 18.8 / 19.5 / 24.4 (32 steps of 128 over H, one
 # after another): split up to 1024
 SPLIT_MAX_T = 1024
+# warps of the split path's second launch (sum of the partials, softmax, top-k): its K rounds of
+# row reductions are latency, and fewer warps reduce with shuffles and fewer barriers. A module
+# value for benchmarks/step_kernels.py; 4 until a run says otherwise
+FINAL_WARPS = 4
 
 
 def _next_pow2(n: int) -> int:
@@ -219,6 +223,6 @@ def fused_router(
         wrap_triton(_router_kernel)[(triton.cdiv(num_tokens, block_t) * gate,)](
             hidden, gate_weight, weights, ids, counts, partial, part_rows, num_splits, num_tokens, num_experts,
             hidden_size, hidden.stride(0), gate_weight.stride(0), BLOCK_T=block_t, BLOCK_H=block_h,
-            FROM_PARTIALS=split, **meta,
+            FROM_PARTIALS=split, **(meta | {"num_warps": FINAL_WARPS} if split else meta),
         )
     return weights, ids, counts if count else None
