@@ -779,6 +779,16 @@ def finalize_case(case: dict) -> None:
         "speedup_vs_grouped_mm": _div(tm.get("grouped_mm"), tm.get("moec")),
         "graph_speedup_vs_grouped_mm_graph": _div(tm.get("grouped_mm_graph"), tm.get("moec_graph")),
     }
+    # the tuner's pick where it was also timed round by round with transformers' replay (the
+    # grouped_mm path, or the default config): a comparison no clock drift over a block can bias
+    pick = (case["timings"].get("moec_tuned") or {}).get("config")
+    tuned = {"grouped_mm": tm.get("grouped_mm_graph_interleaved"), "default": tm.get("moec_graph_interleaved")}.get(pick)
+    if tuned is not None and tm.get("hf_compile_graph_interleaved") is not None:
+        case["derived"]["moec_tuned_interleaved_over_roofline"] = _div(tuned, roof)
+        case["derived"]["tuned_interleaved_speedup_vs_hf_compile_graph"] = _div(tm["hf_compile_graph_interleaved"], tuned)
+    for name in ("grouped_mm", "hf_compile"):
+        if tm.get(f"{name}_graph_interleaved") is not None:
+            case["derived"][f"{name}_interleaved_over_roofline"] = _div(tm[f"{name}_graph_interleaved"], roof)
 
 
 def C_default(T: int, layer: Layer) -> dict | None:
@@ -817,13 +827,18 @@ def case_metrics(case: dict) -> list[dict]:
             out.append(metric(p + f"{k}_ms", tm[k], "ms", "lower", what=PATH_LABELS[k],
                               config=case["timings"][k].get("config")))
     for k, peer in (("moec_over_roofline", ROOF_PEER), ("moec_graph_over_roofline", ROOF_PEER),
-                    ("moec_best_over_roofline", ROOF_PEER), ("moec_tuned_over_roofline", ROOF_PEER)):
+                    ("moec_best_over_roofline", ROOF_PEER), ("moec_tuned_over_roofline", ROOF_PEER),
+                    ("moec_tuned_interleaved_over_roofline", ROOF_PEER),
+                    ("grouped_mm_interleaved_over_roofline", ROOF_PEER),
+                    ("hf_compile_interleaved_over_roofline", ROOF_PEER)):
         if d.get(k) is not None:
             out.append(metric(p + k, d[k], "x", "lower", peer=peer))
     for k, peer in (("speedup_vs_hf_compile", HF_COMPILE_PEER), ("speedup_vs_hf_eager", HF_EAGER_PEER),
                     ("best_speedup_vs_hf_compile", HF_COMPILE_PEER),
                     ("graph_speedup_vs_hf_compile_graph", HF_COMPILE_PEER + ", both CUDA-graph replays"),
                     ("tuned_speedup_vs_hf_compile_graph", HF_COMPILE_PEER + ", both CUDA-graph replays"),
+                    ("tuned_interleaved_speedup_vs_hf_compile_graph",
+                     HF_COMPILE_PEER + ", both CUDA-graph replays, timed round by round"),
                     ("speedup_vs_grouped_mm", PATH_LABELS["grouped_mm"]),
                     ("graph_speedup_vs_grouped_mm_graph", PATH_LABELS["grouped_mm_graph"])):
         if d.get(k) is not None:
@@ -903,7 +918,7 @@ def _fmt(v, nd=3):
 def table(cases: list[dict]) -> str:
     head = ["shape", "T", "roof ms", "moec ms", "ratio", "graph ms", "g.ratio", "tuned ms", "t.ratio", "best ms",
             "gmm ms", "gmm graph", "HF eager", "HF compile", "HFc graph", "x compile", "g.x compile", "t.x compile",
-            "ok", "tuned choice"]
+            "t.ratio i", "t.x i", "ok", "tuned choice"]
     rows = [head]
     for c in cases:
         tm = {k: v["median_ms"] for k, v in c["timings"].items()}
@@ -918,6 +933,8 @@ def table(cases: list[dict]) -> str:
                      _fmt(tm.get("grouped_mm_graph")), _fmt(tm.get("hf_eager")), _fmt(tm.get("hf_compile")),
                      _fmt(tm.get("hf_compile_graph")), _fmt(d["speedup_vs_hf_compile"], 2),
                      _fmt(d["graph_speedup_vs_hf_compile_graph"], 2), _fmt(d.get("tuned_speedup_vs_hf_compile_graph"), 2),
+                     _fmt(d.get("moec_tuned_interleaved_over_roofline"), 2),
+                     _fmt(d.get("tuned_interleaved_speedup_vs_hf_compile_graph"), 2),
                      ok, (c["timings"].get("moec_tuned") or {}).get("config", "-")])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     return "\n".join("  ".join(x.rjust(w) if i not in (0, len(head) - 1) else x.ljust(w)
@@ -1194,7 +1211,8 @@ def main(argv=None) -> int:
     log("ratio = time/roofline; graph = CUDA-graph replay; tuned = what the compiler's tuner picks at this T "
         "(its fastest candidate, grouped_mm included, CUDA-graph replays); best = fastest config of the sweep; gmm = "
         "torch._grouped_mm path; x compile = HF compile time / moec time; g.x / t.x compile = the same, CUDA-graph "
-        "replays, moec's default / tuned; ok(e): e = max abs err / max|HF eager|")
+        "replays, moec's default / tuned; t.ratio i / t.x i = the tuned ratio and speed-up where the pick (grouped_mm "
+        "or default) was timed round by round with HF compile's replay; ok(e): e = max abs err / max|HF eager|")
     log(table(result["cases"]))
     return 0 if result["all_correct"] else 1
 

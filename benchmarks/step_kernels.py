@@ -31,7 +31,7 @@ in a CUDA graph and its replays timed (median of CUDA events, L2 flushed before 
              (built in) or 512 columns, and unsplit (one program walking H in steps of 512), by
              setting router.SPLIT_H; the split path run up to 16, 256 or 4096 tokens
              (router.SPLIT_MAX_T); the split path's second launch (sum, softmax, top-k) on 1 or
-             2 warps (router.FINAL_WARPS); for more experts than the built-in router splits
+             2 or 8 warps (router.FINAL_WARPS); for more experts than the built-in router splits
              (router.SPLIT_MAX_E_PAD: Qwen3's 128 since step_kernels-h200-2026-12-03T2135), unsplit
              and the split path let in; against hidden + gate bytes over copy bandwidth
 
@@ -66,7 +66,7 @@ DECODE_CONTEXT = 512
 ROUTER_TOKENS = (1, 4, 16, 64, 256, 1024, 4096)
 ROUTER_SPLIT_H = (None, 128, 256, 512)
 ROUTER_SPLIT_MAX_T = (16, 256, 4096)  # the split path's token limit (router.SPLIT_MAX_T), at SPLIT_H built in
-ROUTER_FINAL_WARPS = (1, 2, 4)  # warps of the split path's second launch (router.FINAL_WARPS)
+ROUTER_FINAL_WARPS = (1, 2, 4, 8)  # warps of the split path's second launch (router.FINAL_WARPS)
 SPLIT_COUNTS = (8, 16, 32)
 COMBINE_HEADS = (1, 2, 8)
 KV_WRITE_TOKENS = (1, 8, 32, 128, 4096)
