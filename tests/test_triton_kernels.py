@@ -191,7 +191,8 @@ def test_triton_path_traces_with_symbolic_tokens(top_k):
 @outer_only
 def test_grouped_mm_row_kernels_trace_with_symbolic_tokens():
     """The grouped_mm path's CUDA body (the row kernels between the two grouped GEMMs) under
-    export with a dynamic token count: T keeps its range, and the three row moves are launches."""
+    export with a dynamic token count: T keeps its range, the expert order is the three align
+    launches (no sort) and the three row moves are launches."""
     from moec.ops.fused_moe import fused_moe_grouped_mm
 
     w13, w2 = moe_weights(5, 72, 40, torch.bfloat16)
@@ -207,8 +208,10 @@ def test_grouped_mm_row_kernels_trace_with_symbolic_tokens():
     (vr,) = ep.range_constraints.values()
     assert (vr.lower, vr.upper) == (1, 32768)
     launches = [_kernel_name(n.kwargs) for n in ep.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
-    assert launches == ["_gather_rows_kernel", "_gated_act_kernel", "_combine_rows_kernel"]
+    assert launches == ["_align_count_kernel", "_align_scan_kernel", "_align_scatter_kernel", "_gather_rows_kernel",
+                        "_gated_act_kernel", "_combine_rows_kernel"]
     assert sum("_grouped_mm" in str(n.target) for n in ep.graph.nodes) == 2
+    assert not any("sort" in str(n.target) for n in ep.graph.nodes)
 
 
 # a config per token range: T <= 4, 4 < T <= 12, T > 12, each with its own BLOCK_M
@@ -562,10 +565,14 @@ def test_kernels_compile_for_h100():
             {"counts_ptr": i32, "offsets_ptr": i32, "totals_ptr": i32},
             {"E_PAD": 256, "BLOCK_E": 32, "BLOCK_P": 128},
         ),
-        (
-            align._align_scatter_kernel,
-            {"ids_ptr": "*i64", "offsets_ptr": i32, "totals_ptr": i32} | idx,
-            {"CHUNK": 256, "SUB": 16, "E_PAD": 256, "BLOCK_M": 128, "BLOCK_B": 16, "BLOCK_J": 8},
+        *(
+            (
+                align._align_scatter_kernel,
+                {"ids_ptr": "*i64", "offsets_ptr": i32, "totals_ptr": i32, "position_ptr": i32, "ends_ptr": i32} | idx,
+                {"CHUNK": 256, "SUB": 16, "E_PAD": 256, "BLOCK_M": block_m, "BLOCK_B": 16, "BLOCK_J": block_j,
+                 "ORDER": order},
+            )
+            for block_m, block_j, order in ((128, 8, False), (1, 1, True))  # a GEMM block; the grouped_mm order
         ),
         (  # MAX_EXPERTS experts, with counts
             router._router_kernel,
@@ -851,6 +858,27 @@ def test_interp_row_moves(dtype, num_tokens, top_k, case, cols):
     with poisoned_empty():
         got = combine_rows(rows, position, weights)
     close(got, moe_combine_ref(rows[position].view(num_tokens, top_k, cols), weights), dtype)
+
+
+@interp_only
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,case",
+                         [(1, 5, 2, "random"), (23, 5, 3, "empty"), (300, 5, 1, "one"), (200, 128, 8, "random"),
+                          (9, 1024, 2, "random")])
+def test_interp_expert_order_is_the_stable_sort(num_tokens, num_experts, top_k, case):
+    """align.expert_order (the grouped_mm path's ordering, no sort): the stable sort's indices,
+    each expert's end row, and the inverse permutation, over chunk boundaries (300 assignments
+    on one expert, 1600 over 128) and with experts that receive nothing."""
+    from moec.ops.triton.align import expert_order
+
+    _, ids = routing(num_tokens, num_experts, top_k, case)
+    with poisoned_empty():
+        order, ends, position = expert_order(ids, num_experts)
+    flat = ids.reshape(-1)
+    sorted_experts, want = torch.sort(flat, stable=True)
+    assert order.dtype == ends.dtype == position.dtype == torch.int32
+    assert torch.equal(order.long(), want)
+    assert torch.equal(ends.long(), torch.searchsorted(sorted_experts, torch.arange(num_experts), right=True))
+    assert torch.equal(order.long()[position.long()], torch.arange(flat.numel()))
 
 
 @interp_only

@@ -28,9 +28,12 @@ from moec.ops.triton.configs import parse_plan
 
 if importlib.util.find_spec("triton") is not None:
     from moec.ops.triton import moe_permute
+    from moec.ops.triton.align import expert_order
+    from moec.ops.triton.configs import MAX_EXPERTS
     from moec.ops.triton.fused_moe import fused_moe as fused_moe_triton
 else:  # CPU-only install: the reference path needs no Triton
-    fused_moe_triton = moe_permute = None
+    fused_moe_triton = moe_permute = expert_order = None
+    MAX_EXPERTS = 0
 
 
 def fused_moe_grouped_mm(
@@ -45,20 +48,25 @@ def fused_moe_grouped_mm(
     """The CUTLASS alternative the tuner times against the Triton kernels: assignments sorted by
     expert (stable), `torch._grouped_mm` for gate/up and for down, the activation between, and
     the weighted sum per token in fp32 in a fixed order (deterministic). Static shapes only: the
-    per-expert row ends come from a searchsorted, not a bincount.
+    per-expert row ends come from a scan or a searchsorted, not a bincount.
 
-    `row_kernels` (default: on CUDA tensors) moves the rows with the Triton kernels of
-    `moec.ops.triton.moe_permute`, whose launch configs do not depend on the token count Inductor
-    compiled for; otherwise the same steps are aten ops (the reference, and what runs on CPU)."""
+    `row_kernels` (default: on CUDA tensors) orders the assignments with the align kernels
+    (`align.expert_order`: three small launches, where a stable sort is a radix sort of many) and
+    moves the rows with the Triton kernels of `moec.ops.triton.moe_permute`, whose launch configs
+    do not depend on the token count Inductor compiled for; otherwise the same steps are aten ops
+    (the reference, and what runs on CPU)."""
     num_tokens, hidden_size = hidden.shape
     top_k = topk_ids.shape[1]
     num_experts, two_i, _ = w13.shape
-    sorted_experts, order = torch.sort(topk_ids.reshape(-1), stable=True)
-    experts = torch.arange(num_experts, device=hidden.device, dtype=sorted_experts.dtype)
-    offs = torch.searchsorted(sorted_experts, experts, right=True).to(torch.int32)
-    position = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device))
     if row_kernels is None:
         row_kernels = hidden.is_cuda and moe_permute is not None
+    if row_kernels and num_experts <= MAX_EXPERTS:  # the align kernels' count/scan/scatter, no radix sort
+        order, offs, position = expert_order(topk_ids, num_experts)
+    else:
+        sorted_experts, order = torch.sort(topk_ids.reshape(-1), stable=True)
+        experts = torch.arange(num_experts, device=hidden.device, dtype=sorted_experts.dtype)
+        offs = torch.searchsorted(sorted_experts, experts, right=True).to(torch.int32)
+        position = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device))
     if row_kernels:
         x = moe_permute.gather_rows(hidden, order, top_k)
     else:

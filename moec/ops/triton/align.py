@@ -91,15 +91,21 @@ def _align_scatter_kernel(
     sorted_ptr,
     expert_ids_ptr,
     num_post_ptr,
+    position_ptr,  # ORDER: [T*K] each assignment's slot
+    ends_ptr,  # ORDER: [E] each expert's end slot
     num_assign,
     num_chunks,
+    num_experts,
     CHUNK: tl.constexpr,
     SUB: tl.constexpr,
     E_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_J: tl.constexpr,
+    ORDER: tl.constexpr,
 ):
+    """ORDER (BLOCK_M == 1, no padding): the stable expert order, each assignment's slot in it and
+    each expert's end, instead of the blocks' experts and num_post."""
     pid = tl.program_id(0)
     cols = tl.arange(0, E_PAD)
     total = tl.load(totals_ptr + cols)
@@ -117,8 +123,14 @@ def _align_scatter_kernel(
         pos = tl.sum((incl - 1 + run[None, :]) * oh, axis=1)
         known = tl.sum(oh, axis=1) > 0  # masked lanes (and out-of-range ids) match no expert
         tl.store(sorted_ptr + pos, offs, mask=known)
+        if ORDER:
+            tl.store(position_ptr + offs, pos, mask=known)
         run += tl.sum(oh, axis=0)
 
+    if ORDER:
+        if pid == 0:
+            tl.store(ends_ptr + cols, pend, mask=cols < num_experts)
+        return
     num_post = tl.sum(padded, axis=0)
     if pid == 0:
         tl.store(num_post_ptr, num_post)
@@ -214,17 +226,42 @@ def align_scatter(hist: ExpertHistograms, block_m: int, gate=1) -> tuple[torch.T
         sorted_ids,
         expert_ids,
         num_post,
+        sorted_ids,  # position: unused without ORDER
+        sorted_ids,  # ends: unused without ORDER
         num_assign,
         hist.num_chunks,
+        hist.num_experts,
         CHUNK=CHUNK,
         SUB=hist.sub,
         E_PAD=e_pad,
         BLOCK_M=block_m,
         BLOCK_B=max(16, 4096 // e_pad),
         BLOCK_J=min(block_m, max(1, 2048 // e_pad)),
+        ORDER=False,
         num_warps=4,
     )
     return sorted_ids, expert_ids, num_post
+
+
+def expert_order(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """topk_ids [T, K] → (order, ends, position), int32: the T*K assignments sorted by expert,
+    stably (what torch.sort(stable=True) of the flat ids gives as indices), each expert's end row
+    in that order (the grouped GEMM's offsets) and each assignment's row (order's inverse). For
+    the `torch._grouped_mm` path: the count, scan and scatter launches above, with no padding,
+    where the sort was a radix sort of 8 passes and 10 memsets (59 us of Qwen3-30B-A3B's 0.64 ms
+    at 1024 tokens, moe_layer-h100-2026-12-06T0450) and searchsorted and an index_copy_ followed."""
+    hist = expert_histograms(topk_ids, num_experts)
+    num_assign = hist.ids.shape[0]
+    device = hist.ids.device
+    order = torch.empty(num_assign, dtype=torch.int32, device=device)
+    position = torch.empty(num_assign, dtype=torch.int32, device=device)
+    ends = torch.empty(num_experts, dtype=torch.int32, device=device)
+    wrap_triton(_align_scatter_kernel)[(hist.num_chunks,)](
+        hist.ids, hist.offsets, hist.totals, order, order, order, position, ends, num_assign, hist.num_chunks,
+        num_experts, CHUNK=CHUNK, SUB=hist.sub, E_PAD=hist.e_pad, BLOCK_M=1, BLOCK_B=16, BLOCK_J=1, ORDER=True,
+        num_warps=4,
+    )
+    return order, ends, position
 
 
 def moe_align_block_size(
