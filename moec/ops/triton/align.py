@@ -226,8 +226,8 @@ def align_scatter(hist: ExpertHistograms, block_m: int, gate=1) -> tuple[torch.T
         sorted_ids,
         expert_ids,
         num_post,
-        sorted_ids,  # position: unused without ORDER
-        sorted_ids,  # ends: unused without ORDER
+        hist.totals,  # position: unused without ORDER (a read-only input: no written tensor is passed twice)
+        hist.totals,  # ends: unused without ORDER
         num_assign,
         hist.num_chunks,
         hist.num_experts,
@@ -257,7 +257,9 @@ def expert_order(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor
     position = torch.empty(num_assign, dtype=torch.int32, device=device)
     ends = torch.empty(num_experts, dtype=torch.int32, device=device)
     wrap_triton(_align_scatter_kernel)[(hist.num_chunks,)](
-        hist.ids, hist.offsets, hist.totals, order, order, order, position, ends, num_assign, hist.num_chunks,
+        # expert_ids and num_post are unused under ORDER: a read-only input stands in (no written
+        # tensor is passed twice)
+        hist.ids, hist.offsets, hist.totals, order, hist.totals, hist.totals, position, ends, num_assign, hist.num_chunks,
         num_experts, CHUNK=CHUNK, SUB=hist.sub, E_PAD=hist.e_pad, BLOCK_M=1, BLOCK_B=16, BLOCK_J=1, ORDER=True,
         num_warps=4,
     )

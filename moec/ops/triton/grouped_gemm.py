@@ -304,7 +304,9 @@ def gate_up_grouped(
         out = torch.empty(num_assign, inter, dtype=hidden.dtype, device=hidden.device)
     if zero_out is not None and zero_out.stride(1) != 1:
         raise ValueError("gate_up_grouped: zero_out must have unit column stride")
-    zeroed = out if zero_out is None else zero_out  # unused by the kernel when ZERO_OUT is off
+    # unused by the kernel when ZERO_OUT is off: a read-only input stands in (a written tensor
+    # passed twice would alias two kernel arguments)
+    zeroed = hidden if zero_out is None else zero_out
     direct = direct_ids is not None
     routing = _align_args(sorted_ids, expert_ids, num_post, direct_ids)
     em = num_assign if direct else sorted_ids.shape[0]
