@@ -156,8 +156,9 @@ SPLIT_MAX_E_PAD = 128
 # after another): split up to 1024
 SPLIT_MAX_T = 1024
 # warps of the split path's second launch (sum of the partials, softmax, top-k): its K rounds of
-# row reductions are latency, and fewer warps reduce with shuffles and fewer barriers. A module
-# value for benchmarks/step_kernels.py; 4 until a run says otherwise
+# row reductions are latency. A module value for benchmarks/step_kernels.py. H100, 2026-12-06
+# (its log, in moe_layer-h100-2026-12-06T0445's notes): on 1 or 2 warps it was slower, Qwen3's
+# router at one token 19.3 / 15.8 us against 13.1 on 4 (Mixtral 8.8 / 9.1 against 8.4); 8 not run
 FINAL_WARPS = 4
 
 
