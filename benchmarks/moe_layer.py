@@ -107,6 +107,10 @@ PATH_LABELS = {
                                     "replays",
     "hf_compile_graph_interleaved": "transformers grouped_mm + torch.compile, CUDA-graph replay, timed round by "
                                     "round with the other replays",
+    "dense_bmm_graph": "the experts' two GEMMs alone as cuBLAS torch.bmm over the experts hit, T*K rows spread "
+                       "evenly, CUDA-graph replay: the GEMMs' own ceiling at this T",
+    "dense_bmm_graph_interleaved": "the cuBLAS bmm ceiling, CUDA-graph replay, timed round by round with the "
+                                   "other replays",
 }
 HF_COMPILE_PEER = "transformers experts_implementation=grouped_mm + torch.compile (default mode, dynamic=False)"
 HF_EAGER_PEER = "transformers experts_implementation=eager"
@@ -313,6 +317,24 @@ class Layer:
         if self.mode is not None:
             return self._fused_router(hidden, self.gate_w, self.K, self.renormalize, count=False)[:2]
         return torch.ops.moec.moe_router(hidden, self.gate_w, self.K, self.renormalize)
+
+    def dense_bmm(self, T: int, experts_hit: int):
+        """The same GEMM work as cuBLAS batched GEMMs, the easiest form it can take: the experts
+        that were hit, T*K rows spread evenly over them, already in expert order (no routing,
+        gather, padding, activation or weighted sum; random intermediate). What no grouped kernel
+        can be expected to beat: the ceiling of the GEMMs themselves at this T. -> a callable."""
+        rows = -(-T * self.K // experts_hit)
+        g = torch.Generator(device=self.device).manual_seed(T)
+        x = torch.randn(experts_hit, rows, self.H, generator=g, device=self.device, dtype=self.dtype)
+        h = torch.randn(experts_hit, rows, self.I, generator=g, device=self.device, dtype=self.dtype)
+        w13, w2 = self.w13[:experts_hit].transpose(1, 2), self.w2[:experts_hit].transpose(1, 2)
+        gate_up = torch.empty(experts_hit, rows, 2 * self.I, device=self.device, dtype=self.dtype)
+        down = torch.empty(experts_hit, rows, self.H, device=self.device, dtype=self.dtype)
+
+        def run():
+            torch.bmm(x, w13, out=gate_up)
+            return torch.bmm(h, w2, out=down)
+        return run
 
     # paths ------------------------------------------------------------------------------------
     def moec(self, hidden, config=None):
@@ -630,6 +652,13 @@ def measure_case(layer: Layer, T: int, ctx: dict) -> dict:
                     case["timings"][f"{name}_graph"] = r[0]
                     graphs[name] = r[1][1]
                     del r
+        # the GEMMs' own ceiling at this T (cuBLAS bmm, evenly spread rows), timed alongside
+        bmm = attempt("dense_bmm_graph", lambda: time_graph(layer.dense_bmm(T, case["routing"]["experts_hit"]),
+                                                            device, flush=flush, **gt))
+        if bmm is not None:
+            case["timings"]["dense_bmm_graph"] = bmm[0]
+            graphs["dense_bmm"] = bmm[1][1]
+            del bmm
         if len(graphs) > 1:  # the same replays again, round by round: one clock drift for all
             r = attempt("graphs_interleaved", lambda: time_interleaved({n: g.replay for n, g in graphs.items()}, device,
                                                                        flush=flush, rounds=max(gt["min_iters"], 30)))
@@ -786,7 +815,7 @@ def finalize_case(case: dict) -> None:
     if tuned is not None and tm.get("hf_compile_graph_interleaved") is not None:
         case["derived"]["moec_tuned_interleaved_over_roofline"] = _div(tuned, roof)
         case["derived"]["tuned_interleaved_speedup_vs_hf_compile_graph"] = _div(tm["hf_compile_graph_interleaved"], tuned)
-    for name in ("grouped_mm", "hf_compile"):
+    for name in ("grouped_mm", "hf_compile", "dense_bmm"):
         if tm.get(f"{name}_graph_interleaved") is not None:
             case["derived"][f"{name}_interleaved_over_roofline"] = _div(tm[f"{name}_graph_interleaved"], roof)
 
@@ -822,7 +851,7 @@ def case_metrics(case: dict) -> list[dict]:
                   how=f"{roof['bound']}-bound; bytes {roof['bytes']}, flops {roof['flops']:.4g}")]
     for k in ("moec", "moec_graph", "moec_best", "moec_tuned", "moec_ops", "grouped_mm", "grouped_mm_graph",
               "hf_eager", "hf_compile", "hf_compile_graph", "moec_graph_interleaved", "grouped_mm_graph_interleaved",
-              "hf_compile_graph_interleaved"):
+              "hf_compile_graph_interleaved", "dense_bmm_graph", "dense_bmm_graph_interleaved"):
         if k in tm:
             out.append(metric(p + f"{k}_ms", tm[k], "ms", "lower", what=PATH_LABELS[k],
                               config=case["timings"][k].get("config")))
@@ -830,7 +859,8 @@ def case_metrics(case: dict) -> list[dict]:
                     ("moec_best_over_roofline", ROOF_PEER), ("moec_tuned_over_roofline", ROOF_PEER),
                     ("moec_tuned_interleaved_over_roofline", ROOF_PEER),
                     ("grouped_mm_interleaved_over_roofline", ROOF_PEER),
-                    ("hf_compile_interleaved_over_roofline", ROOF_PEER)):
+                    ("hf_compile_interleaved_over_roofline", ROOF_PEER),
+                    ("dense_bmm_interleaved_over_roofline", ROOF_PEER)):
         if d.get(k) is not None:
             out.append(metric(p + k, d[k], "x", "lower", peer=peer))
     for k, peer in (("speedup_vs_hf_compile", HF_COMPILE_PEER), ("speedup_vs_hf_eager", HF_EAGER_PEER),
@@ -918,7 +948,7 @@ def _fmt(v, nd=3):
 def table(cases: list[dict]) -> str:
     head = ["shape", "T", "roof ms", "moec ms", "ratio", "graph ms", "g.ratio", "tuned ms", "t.ratio", "best ms",
             "gmm ms", "gmm graph", "HF eager", "HF compile", "HFc graph", "x compile", "g.x compile", "t.x compile",
-            "t.ratio i", "t.x i", "ok", "tuned choice"]
+            "t.ratio i", "t.x i", "bmm ratio", "ok", "tuned choice"]
     rows = [head]
     for c in cases:
         tm = {k: v["median_ms"] for k, v in c["timings"].items()}
@@ -935,7 +965,7 @@ def table(cases: list[dict]) -> str:
                      _fmt(d["graph_speedup_vs_hf_compile_graph"], 2), _fmt(d.get("tuned_speedup_vs_hf_compile_graph"), 2),
                      _fmt(d.get("moec_tuned_interleaved_over_roofline"), 2),
                      _fmt(d.get("tuned_interleaved_speedup_vs_hf_compile_graph"), 2),
-                     ok, (c["timings"].get("moec_tuned") or {}).get("config", "-")])
+                     _fmt(d.get("dense_bmm_interleaved_over_roofline"), 2), ok, (c["timings"].get("moec_tuned") or {}).get("config", "-")])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     return "\n".join("  ".join(x.rjust(w) if i not in (0, len(head) - 1) else x.ljust(w)
                                for i, (x, w) in enumerate(zip(r, widths))) for r in rows)
@@ -1212,7 +1242,8 @@ def main(argv=None) -> int:
         "(its fastest candidate, grouped_mm included, CUDA-graph replays); best = fastest config of the sweep; gmm = "
         "torch._grouped_mm path; x compile = HF compile time / moec time; g.x / t.x compile = the same, CUDA-graph "
         "replays, moec's default / tuned; t.ratio i / t.x i = the tuned ratio and speed-up where the pick (grouped_mm "
-        "or default) was timed round by round with HF compile's replay; ok(e): e = max abs err / max|HF eager|")
+        "or default) was timed round by round with HF compile's replay; bmm ratio = the GEMMs alone as cuBLAS bmm over "
+        "evenly spread rows, over the roofline (their ceiling at this T); ok(e): e = max abs err / max|HF eager|")
     log(table(result["cases"]))
     return 0 if result["all_correct"] else 1
 

@@ -479,3 +479,20 @@ def test_interleaved_timing_rotates_the_order_and_times_each_fn_every_round():
     assert timed["slow"]["median_ms"] >= 4.0 > timed["fast"]["median_ms"]
     rounds = [calls[i:i + 2] for i in range(2, len(calls), 2)]  # after the warm-up pair
     assert rounds[0] == ["slow", "fast"] and rounds[1] == ["fast", "slow"]
+
+
+def test_moe_layer_dense_bmm_ceiling_does_the_routed_gemm_work():
+    """The cuBLAS bmm ceiling in `moe_layer.py` does the experts' GEMMs of the case (the
+    roofline's FLOPs less the router's, up to rounding rows up per expert) and nothing more: its
+    outputs have the shapes of the two GEMMs over the experts hit."""
+    import moe_layer
+
+    layer = moe_layer.Layer("qwen3-tiny", moe_layer.TINY_SHAPES["qwen3-tiny"], "cpu", torch.float32, None, 0, 0)
+    for tokens, hit in ((1, 4), (16, 8), (33, 8)):
+        down = layer.dense_bmm(tokens, hit)()
+        rows = -(-tokens * layer.K // hit)
+        assert down.shape == (hit, rows, layer.H)
+        roof = moe_layer.roofline(layer, tokens, hit, 1000.0, 100.0)
+        gemm_flops = roof["flops"] - 2.0 * tokens * layer.H * layer.E
+        bmm_flops = 2.0 * hit * rows * (layer.H * 2 * layer.I + layer.I * layer.H)
+        assert gemm_flops <= bmm_flops < gemm_flops * (1 + hit / (tokens * layer.K))

@@ -21,6 +21,10 @@ two, which do not depend on BLOCK_M; `align_scatter` the third, per config `fuse
   scatter  per chunk: each assignment's slot = padded start of its expert + earlier
            assignments of that expert in earlier chunks + its rank within the chunk; the
            padding slots, num_post and expert_ids are written here too
+Up to CHUNK assignments (a decode step of up to 32 tokens at top-8) there is one chunk: the
+scatter counts it itself and the count and scan launches are gated off (their grids times 0), so
+the align is one launch where small steps pay for each launch (Qwen3-30B-A3B at 4 tokens on the
+H100: 1.6 + 1.7 us of kernels and their gaps in a 123 us step, moe_layer-h100-2026-12-06T0445).
 The ranks come from a cumulative sum over a one-hot [SUB, E] tile rather than atomics, so the
 order within an expert is the assignment order: deterministic, like a stable sort. A chunk stops
 at its last assignment: the scatter's sub-steps over Qwen3's 128 experts cost ~1.5 us each on the
@@ -38,6 +42,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from moec.ops.triton.configs import MAX_EXPERTS
+from moec.ops.triton.token_gate import token_range_gate
 
 CHUNK = 256  # assignments per program in the count and scatter kernels
 
@@ -108,13 +113,21 @@ def _align_scatter_kernel(
     each expert's end, instead of the blocks' experts and num_post."""
     pid = tl.program_id(0)
     cols = tl.arange(0, E_PAD)
-    total = tl.load(totals_ptr + cols)
+    if num_chunks == 1:  # the only chunk: its histogram is the whole one (count and scan gated off)
+        total = tl.zeros((E_PAD,), dtype=tl.int32)
+        for s in range(0, num_assign, SUB):
+            offs = s + tl.arange(0, SUB)
+            total += tl.sum(_one_hot(tl.load(ids_ptr + offs, mask=offs < num_assign, other=-1), E_PAD), axis=0)
+        before = tl.zeros((E_PAD,), dtype=tl.int32)
+    else:
+        total = tl.load(totals_ptr + cols)
+        before = tl.load(offsets_ptr + pid * E_PAD + cols)
     padded = (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     pend = tl.cumsum(padded, axis=0)
     pstart = pend - padded
 
     # this chunk's assignments → their slots
-    run = pstart + tl.load(offsets_ptr + pid * E_PAD + cols)
+    run = pstart + before
     for s in range(0, tl.minimum(num_assign - pid * CHUNK, CHUNK), SUB):  # the chunk's real assignments
         offs = pid * CHUNK + s + tl.arange(0, SUB)
         e = tl.load(ids_ptr + offs, mask=offs < num_assign, other=-1)
@@ -180,7 +193,9 @@ class ExpertHistograms:
 
 def expert_histograms(topk_ids: torch.Tensor, num_experts: int, gate=1) -> ExpertHistograms:
     """topk_ids [T, K] (any int dtype, values in [0, E)) → per-chunk, per-expert counts, scanned.
-    `gate` (0 or 1, maybe symbolic) multiplies the grids: gated to 0, nothing is computed."""
+    `gate` (0 or 1, maybe symbolic) multiplies the grids: gated to 0, nothing is computed. With one
+    chunk (T*K <= CHUNK) nothing is either: offsets and totals stay unwritten, and the scatter,
+    which reads them only for several chunks, counts its chunk itself."""
     if not 1 <= num_experts <= MAX_EXPERTS:
         raise ValueError(f"moe_align_block_size: {num_experts} experts; supported 1..{MAX_EXPERTS}")
     ids = topk_ids.reshape(-1)
@@ -198,6 +213,8 @@ def expert_histograms(topk_ids: torch.Tensor, num_experts: int, gate=1) -> Exper
     sub = min(CHUNK, max(16, 4096 // e_pad))
     block_e = min(e_pad, 32)
 
+    # one chunk (T*K <= CHUNK): the scatter counts it itself, these two do not run
+    gate = gate * token_range_gate(topk_ids.shape[0], CHUNK // topk_ids.shape[1], None)
     wrap_triton(_align_count_kernel)[(num_chunks * gate,)](
         ids, counts, num_assign, CHUNK=CHUNK, SUB=sub, E_PAD=e_pad, num_warps=4
     )

@@ -2,9 +2,10 @@
 and the plain-PyTorch composition of the existing references to compare with.
 
 Launches, all sized from shapes (no host sync, no data-dependent shapes, so the sequence can be
-captured in a CUDA graph and traced with a symbolic token count): 2 for the expert histograms,
-then per config a scatter (align), the gate/up GEMM (which also zeroes the output) and the down
-GEMM (which accumulates into it): 5 for one config. A single token (T = 1) runs the two GEMMs
+captured in a CUDA graph and traced with a symbolic token count): 2 for the expert histograms
+(above `align.CHUNK` assignments only: below, the scatter counts its one chunk itself), then per
+config a scatter (align), the gate/up GEMM (which also zeroes the output) and the down GEMM
+(which accumulates into it): 3 to 5 for one config. A single token (T = 1) runs the two GEMMs
 alone, each assignment its own row block with its expert read straight from topk_ids (DIRECT):
 2 launches, none before the first GEMM. The first range (the one holding T = 1) compiles both
 variants of its GEMMs in, gated by T = 1 and T > 1.
