@@ -226,6 +226,64 @@ def test_tuner_keeps_the_fastest_and_records_the_table(tiny_artifact):
     assert "E128 top-8 H2048 I768 silu bfloat16  (model.layers.2.mlp): grouped_mm" in text
 
 
+class FakeDrift(FakeTimes):
+    """Times in blocks drift: `times` is the first timing, `side_by_side` what the same candidates
+    measure round by round (`retime`)."""
+
+    def __init__(self, times, side_by_side):
+        super().__init__(times)
+        self.side_by_side, self.retimed = side_by_side, []
+
+    def retime(self, shape, tokens, candidates):
+        self.retimed.append((tokens, [c.name for c in candidates]))
+        return {c.name: self.side_by_side(tokens, c.name) for c in candidates}
+
+
+def test_tuner_retimes_the_finalists_side_by_side_and_keeps_that_choice(tiny_artifact):
+    """Timed in blocks, 'triton a' looks 5% faster than grouped_mm at 4096 tokens; timed round by
+    round, grouped_mm is 4% faster: the plan follows the round-by-round times, the table shows both,
+    and a candidate 30% behind (or one that failed) is never re-timed."""
+    from moec.artifact import Manifest
+    from moec.artifact.summary import render_summary
+    from moec.compiler.passes.moe_tuning import FINALISTS, Candidate, finalists, tune_moe
+    from moec.ops.triton.configs import parse_plan
+
+    def cfg(bm):
+        return {"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}
+
+    candidates = [Candidate("triton a", "triton", cfg(16)), Candidate("triton slow", "triton", cfg(64)),
+                  Candidate("triton broken", "triton", cfg(32)), Candidate("grouped_mm", "grouped_mm")]
+
+    def blocks(shape, tokens, name):
+        return {"triton a": 1.0, "triton slow": 1.3, "triton broken": None, "grouped_mm": 1.05}[name]
+
+    def side_by_side(tokens, name):
+        return {"triton a": 1.0, "grouped_mm": 0.96 if tokens >= 2048 else 1.1}[name]
+
+    measure = FakeDrift(blocks, side_by_side)
+    tuning = tune_moe([_region("model.layers.0.mlp")], None, torch.bfloat16, "cuda", 4096, measure=measure,
+                      candidates=candidates)
+    assert {tuple(names) for _, names in measure.retimed} == {("triton a", "grouped_mm")}
+    assert len(measure.retimed) == 13  # every bucket, 1 .. 4096
+    (entry,) = tuning.table["shapes"].values()
+    row = entry["buckets"]["4096"]
+    assert row["runs"] == row["fastest"] == "grouped_mm" and row["ms"] == 0.96
+    assert row["first_timing"] == {"triton a": 1.0, "grouped_mm": 1.05}
+    assert row["candidates"]["triton slow"] == 1.3 and "first_timing" in entry["buckets"]["1"]
+    assert tuning.switches == {"model.layers.0.mlp": 1024}  # grouped_mm above 1024: 2048 and 4096
+    assert parse_plan(tuning.plans["model.layers.0.mlp"]) == {"path": "triton", "ranges": [(None, cfg(16))]}
+    manifest = json.loads((tiny_artifact / "manifest.json").read_text())
+    manifest["kernels"] = {"moe": tuning.table}
+    assert "T>1024 grouped_mm" in render_summary(Manifest.model_validate(manifest))
+
+    # the fastest of each path first, then the rest by time; never more than FINALISTS
+    paths = {f"t{i}": "triton" for i in range(6)} | {"grouped_mm": "grouped_mm"}
+    times = {f"t{i}": 1.0 + i / 100 for i in range(6)} | {"grouped_mm": 1.1}
+    assert finalists(times, paths) == ["t0", "grouped_mm", "t1", "t2"][:FINALISTS]
+    assert finalists({"t0": 1.0, "grouped_mm": 1.2}, paths) == ["t0"]  # 20% behind: not a finalist
+    assert finalists({}, paths) == []
+
+
 def test_tuner_switches_to_grouped_mm_where_it_wins_and_inspect_says_so(tiny_artifact):
     """Triton faster up to 64 tokens, grouped_mm 20% faster from 128 on (as the H200 measured on the
     Mixtral shape at 1024+): the plan runs Triton up to 64 and grouped_mm above, the table and

@@ -6,8 +6,12 @@ on the target GPU with the real weights of the shape's first block and routing f
 router: the Triton configs of `moec.ops.triton.configs.candidate_configs` and the
 `torch._grouped_mm` path. Each is checked against the PyTorch reference, then timed; then the
 fastest Triton config is timed again with each of `down_variants` in place of its down-GEMM
-settings (the two GEMMs' shapes differ, and so can their best tiles). The fastest correct one is
-kept. Nothing is tuned at run time.
+settings (the two GEMMs' shapes differ, and so can their best tiles). The finalists (within
+FINALIST_MARGIN of the bucket's fastest, at most FINALISTS, the best of each path among them) are
+then timed again round by round, in a rotating order, where the measure can (`CudaMeasure.retime`):
+timed one candidate after another, in blocks, a replay's median drifted by up to 15% on an H100
+at 4096+ tokens (moe_layer-h100-2026-12-06T0446), as much as the finalists differ. The fastest
+correct one is kept. Nothing is tuned at run time.
 
 How the choice reaches the compiled graph: as the `plan` string constant of each `fused_moe`
 call (`apply_moe_plans`). A Triton plan holds one config per token range and `fused_moe` gates
@@ -44,6 +48,10 @@ from moec.ops.moe_experts import moe_experts_ref
 from moec.ops.triton.configs import candidate_configs, config_name, down_variants, encode_plan
 
 RANGE_TOLERANCE = 0.03  # keep the current range's config while within 3% of the bucket's best
+# candidates within this of a bucket's fastest (timed in blocks) are timed again round by round,
+# at most FINALISTS of them: the drift between blocks seen on an H100 is up to 15%
+FINALIST_MARGIN = 0.15
+FINALISTS = 4
 # A Triton/grouped_mm switch (a branch in the graph) must make some bucket 2% faster than the best
 # single path, and the mean over buckets no slower. Not 2% on the mean: the buckets weigh alike
 # there, so a 16% loss at 4096 tokens (the H200's Mixtral layer, where prefill runs) counted as 1.2%.
@@ -86,10 +94,24 @@ class Candidate:
 class Measurement:
     ms: float | None = None  # median time; None if the candidate failed
     error: str | None = None
+    block_ms: float | None = None  # where `ms` is from the round-by-round re-timing: the first timing
 
 
-# measure(shape, tokens, candidate) -> Measurement: run, check and time one candidate
+# measure(shape, tokens, candidate) -> Measurement: run, check and time one candidate. A measure
+# may also have retime(shape, tokens, [candidate, ...]) -> {name: ms}: time candidates that
+# already passed, round by round, so one drift of the clock applies to all of them alike
 Measure = Callable[[MoeShape, int, Candidate], Measurement]
+
+
+def finalists(times: dict[str, float], path_of: dict[str, str]) -> list[str]:
+    """The candidates worth timing again side by side: those within FINALIST_MARGIN of the
+    fastest, the fastest of each path among them first, then the rest by time, FINALISTS at most."""
+    if not times:
+        return []
+    near = sorted((n for n, ms in times.items() if ms <= min(times.values()) * (1 + FINALIST_MARGIN)),
+                  key=times.get)
+    heads = [next(n for n in near if path_of[n] == p) for p in dict.fromkeys(path_of[n] for n in near)]
+    return [*heads, *(n for n in near if n not in heads)][:FINALISTS]
 
 
 @dataclass
@@ -221,6 +243,9 @@ def choose(buckets: list[int], results: dict[int, dict[str, Measurement]],
             "candidates": {n: round(m.ms, 4) if m.ms is not None else f"error: {m.error}"
                            for n, m in results[b].items()},
         }
+        retimed = {n: round(m.block_ms, 4) for n, m in results[b].items() if m.block_ms is not None}
+        if retimed:  # the candidates' times above are round by round; these were their first
+            rows[str(b)]["first_timing"] = retimed
     return plan, rows, switch
 
 
@@ -270,6 +295,16 @@ def tune_moe(regions: list[dict], model: torch.nn.Module, dtype: torch.dtype, de
                 m = Measurement(error=failed[c.name])
             results[b][c.name] = m
 
+        def retime(b: int, by_name: dict[str, Candidate]) -> None:
+            ok = {n: m.ms for n, m in results[b].items() if m.ms is not None}
+            names = finalists(ok, {n: by_name[n].path for n in ok})
+            if len(names) < 2:
+                return
+            for name, ms in measure.retime(shape, b, [by_name[n] for n in names]).items():
+                if ms is None:  # passed alone but not replayed with the others: keep its first timing
+                    continue
+                results[b][name] = Measurement(ms=ms, block_ms=results[b][name].ms)
+
         for b in buckets:
             results[b] = {}
             for c in candidates:
@@ -282,6 +317,8 @@ def tune_moe(regions: list[dict], model: torch.nn.Module, dtype: torch.dtype, de
                     if c.name not in results[b]:
                         refined.setdefault(c.name, c)
                         run(b, c)
+            if hasattr(measure, "retime"):
+                retime(b, {c.name: c for c in [*candidates, *refined.values()]})
         for b in buckets:  # nor at the token counts it passed before failing
             for name, why in failed.items():
                 if results[b].get(name, Measurement()).ms is not None:
@@ -346,6 +383,7 @@ class CudaMeasure:
     MIN_REPLAYS = 10
     MAX_REPLAYS = 100
     TARGET_MS = 200.0  # timed replays per candidate and bucket aim at about this much GPU time
+    RETIME_ROUNDS = 20  # rounds of the finalists' side-by-side re-timing
 
     def __init__(self, weights: dict[MoeShape, dict[str, torch.Tensor]], renormalize: dict[MoeShape, bool],
                  seed: int = 0):
@@ -359,7 +397,9 @@ class CudaMeasure:
         return (f"CUDA-graph replays (plain launches where capture fails), L2 flushed before each outside "
                 f"the events, median of {self.MIN_REPLAYS}-{self.MAX_REPLAYS}; each output checked against "
                 f"the PyTorch reference first; the grouped_mm path through torch.compile (T symbolic), as "
-                f"Inductor compiles it into the artifact")
+                f"Inductor compiles it into the artifact; the finalists (within {FINALIST_MARGIN:.0%} of the "
+                f"fastest, up to {FINALISTS}) timed again round by round in a rotating order, "
+                f"{self.RETIME_ROUNDS} rounds")
 
     def _inputs(self, shape: MoeShape, tokens: int):
         key = (shape, tokens)
@@ -376,19 +416,19 @@ class CudaMeasure:
             self.inputs[key] = (args, want)
         return self.inputs[key]
 
-    def __call__(self, shape: MoeShape, tokens: int, candidate: Candidate) -> Measurement:
+    def _runner(self, shape: MoeShape, tokens: int, candidate: Candidate) -> Callable[[], torch.Tensor]:
         from moec.ops.triton.fused_moe import fused_moe as fused_moe_triton
 
-        args, want = self._inputs(shape, tokens)
+        args, _ = self._inputs(shape, tokens)
         if candidate.path == GROUPED_MM:
             if self.grouped_mm is None:
                 self.grouped_mm = compiled_grouped_mm()
+            return lambda: self.grouped_mm(*args)
+        return lambda: fused_moe_triton(*args, config=candidate.config)
 
-            def run():
-                return self.grouped_mm(*args)
-        else:
-            def run():
-                return fused_moe_triton(*args, config=candidate.config)
+    def __call__(self, shape: MoeShape, tokens: int, candidate: Candidate) -> Measurement:
+        _, want = self._inputs(shape, tokens)
+        run = self._runner(shape, tokens, candidate)
         try:
             got = run()  # compiles a Triton config the first time
             torch.cuda.synchronize()
@@ -402,7 +442,27 @@ class CudaMeasure:
             torch.cuda.synchronize()
             return Measurement(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
 
-    def _time(self, run) -> float:
+    def retime(self, shape: MoeShape, tokens: int, candidates: list[Candidate]) -> dict[str, float | None]:
+        """Candidates that passed `__call__`, each captured once, then replayed round by round
+        (the order rotating each round): the median of RETIME_ROUNDS each. None for one that fails."""
+        calls = {}
+        for c in candidates:
+            try:
+                calls[c.name] = self._capture(self._runner(shape, tokens, c))
+            except Exception:  # noqa: BLE001 - it was timed alone; the tuner keeps that timing
+                torch.cuda.synchronize()
+                calls[c.name] = None
+        live = [n for n, call in calls.items() if call is not None]
+        events: dict[str, list] = {n: [] for n in live}
+        for r in range(self.RETIME_ROUNDS):
+            for n in live[r % len(live):] + live[:r % len(live)]:
+                events[n].append(self._timed(calls[n]))
+        torch.cuda.synchronize()
+        out = {n: statistics.median(s.elapsed_time(e) for s, e in ev) for n, ev in events.items()}
+        return {c.name: out.get(c.name) for c in candidates}
+
+    def _capture(self, run) -> Callable[[], object]:
+        """run's launches as one CUDA-graph replay (or run itself where capture fails), warmed up."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up off the default stream, as capture wants
@@ -419,6 +479,10 @@ class CudaMeasure:
             call = run
         call()
         torch.cuda.synchronize()
+        return call
+
+    def _time(self, run) -> float:
+        call = self._capture(run)
         probe = [self._timed(call) for _ in range(3)]
         torch.cuda.synchronize()
         estimate = statistics.median(s.elapsed_time(e) for s, e in probe)
