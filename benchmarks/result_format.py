@@ -163,7 +163,7 @@ def from_gpu_op_check(doc: dict) -> dict:
             metrics.append(metric(f"{row['op']}/{how}/{row['case']}/rel_error", row["rel_error"], "ratio", "lower",
                                   peer="the op's reference in fp32 on the same bf16 inputs",
                                   threshold=doc["tolerance"]))
-    return _converted(doc, "cuda", doc["device"], None, metrics)
+    return _converted(doc, "cuda", doc["device"], doc.get("commit"), metrics)  # set by hand where recorded
 
 
 def from_offload(doc: dict) -> dict:
@@ -237,7 +237,7 @@ def from_cuda_tiny_check(doc: dict) -> dict:
     metrics = [metric("compile_s", doc["compile_s"], "s", "lower"), *_check_metrics({"prompts": prompts}),
                metric("tokens_per_s_batch3", doc["tokens_per_s_batch3"], "tokens/s", "higher",
                       how="engine.generate of 3 prompts x 64 tokens, second run")]
-    return _converted(doc, "cuda", doc["device"], None, metrics)
+    return _converted(doc, "cuda", doc["device"], doc.get("commit"), metrics)  # set by hand where recorded
 
 
 def from_e2e_decode(doc: dict) -> dict:
