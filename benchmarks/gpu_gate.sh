@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_gate.sh                      on the GPU machine: run both, then compare
 #   bash benchmarks/gpu_gate.sh --compare DIR [BENCH ...]
 #                                                    anywhere: compare the newest DIR/<bench>-<kind>-*.json
+#                                                    that measured every shape (not a --shapes run)
 #                                                    (kind: $GPU_KIND, default h100; benches: moe_layer e2e_decode)
 #
 # As one device call: command `GIT_COMMIT=<sha> bash benchmarks/gpu_gate.sh`, timeout_s 600, and
@@ -49,7 +50,19 @@ compare() {  # compare DIR KIND BENCH...: gate.py on the newest result of each b
     return 2
   fi
   for bench in "$@"; do
-    result=$(ls "$dir/$bench-$kind-"*.json 2>/dev/null | sort | tail -n 1)
+    # the newest result that measured every shape: a run of some shapes only (moe_layer --shapes, one
+    # device call per shape for the full sweeps) is not a gate run, and is passed over, saying so
+    result=$("$PY" - "$dir" "$bench" "$kind" <<'PICK'
+import json, pathlib, sys
+d, bench, kind = sys.argv[1:]
+for p in sorted(pathlib.Path(d).glob(f"{bench}-{kind}-*.json"), reverse=True):
+    shapes = (json.loads(p.read_text()).get("args") or {}).get("shapes")
+    if not shapes:
+        print(p)
+        break
+    print(f"gpu_gate: passing over {p.name} (--shapes {shapes}: not every shape)", file=sys.stderr)
+PICK
+)
     if [[ -z $result ]]; then
       echo "gpu_gate: FAIL no $bench result ($dir/$bench-$kind-*.json): the benchmark did not finish"
       status=1

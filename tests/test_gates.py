@@ -286,6 +286,29 @@ def test_gpu_gate_passes_the_committed_h100_result_and_fails_a_slower_one(tmp_pa
     assert "no e2e_decode result" in proc.stdout
 
 
+def test_gpu_gate_passes_over_a_newer_run_of_some_shapes_only(tmp_path):
+    """A full sweep runs one shape per device call (`moe_layer.py --shapes ...`): such a result is
+    not a gate run, so `--compare` gates the newest run of every shape and says what it passed
+    over; that run regressed still fails."""
+    gate_run = json.loads((ROOT / "benchmarks" / "results" / "moe_layer-h100-2026-12-06T0631.json").read_text())
+    assert not (gate_run.get("args") or {}).get("shapes")
+    (tmp_path / "moe_layer-h100-2026-12-01.json").write_text(json.dumps(gate_run))
+    partial = copy.deepcopy(gate_run)
+    partial["args"] = {**(partial.get("args") or {}), "shapes": "mixtral-8x7b"}
+    partial["metrics"] = [m for m in partial["metrics"] if not m["name"].startswith("qwen3")]
+    (tmp_path / "moe_layer-h100-2026-12-02.json").write_text(json.dumps(partial))
+    proc = gpu_gate_compare(tmp_path, "moe_layer")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "passing over moe_layer-h100-2026-12-02.json" in proc.stderr
+    assert "moe_layer-h100-2026-12-01.json against" in proc.stdout
+    for m in gate_run["metrics"]:
+        if m["name"] == "qwen3-30b-a3b/T=16/moec_graph_ms":
+            m["value"] *= 1.3
+    (tmp_path / "moe_layer-h100-2026-12-01.json").write_text(json.dumps(gate_run))
+    proc = gpu_gate_compare(tmp_path, "moe_layer")
+    assert proc.returncode == 1 and "REGRESSION qwen3-30b-a3b/T=16/moec_graph_ms" in proc.stdout
+
+
 def test_flicker_check_gates_every_run_and_names_the_one_that_failed(tmp_path):
     """`gpu_gate.sh --compare-each`: each of a flicker check's runs against the baseline; one run
     half as fast at batch 8 fails the check, naming the metric, while the other runs pass."""
