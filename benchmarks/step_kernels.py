@@ -35,6 +35,13 @@ in a CUDA graph and its replays timed (median of CUDA events, L2 flushed before 
              (router.SPLIT_MAX_E_PAD: Qwen3's 128 since step_kernels-h200-2026-12-03T2135), unsplit
              and the split path let in; against hidden + gate bytes over copy bandwidth
 
+  direct     the routed experts at 1..16 tokens (Mixtral's and Qwen3's expert shapes): fused_moe
+             as it runs above one token (one align launch up to 256 assignments, then the two
+             GEMMs) against the DIRECT GEMMs alone (each assignment its own row block, its expert
+             read from topk_ids: no align launch, but an expert two tokens chose is read twice),
+             both replayed and timed round by round, both checked against the reference; against
+             the bytes of the experts hit over copy bandwidth: where DIRECT could run above T = 1
+
 Writes OUT/step_kernels.json and OUT/step_kernels.png (prefill TFLOP/s per config against the
 bound), then prints a table per part. GPU only: exits 2 without CUDA.
 """
@@ -55,7 +62,8 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from measure import L2Flusher, copy_bandwidth, environment, matmul_rate, time_graph, write_json  # noqa: E402
+from measure import (  # noqa: E402
+    L2Flusher, copy_bandwidth, environment, matmul_rate, time_graph, time_interleaved, write_json)
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -72,7 +80,9 @@ COMBINE_HEADS = (1, 2, 8)
 KV_WRITE_TOKENS = (1, 8, 32, 128, 4096)
 DENSE_SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "lm_head": (32000, 4096)}  # [N, K] weights
 DENSE_TOKENS = (1, 4, 16)
-PARTS = ("router", "decode", "splits", "kv_write", "dense", "prefill")
+PARTS = ("router", "decode", "splits", "kv_write", "dense", "prefill", "direct")
+DIRECT_SHAPES = {"mixtral": (4096, 14336, 8, 2), "qwen3": (2048, 768, 128, 8)}  # hidden, inter, experts, top-k
+DIRECT_TOKENS = (1, 2, 4, 8, 16)
 GEMV_CONFIGS = [(16, 256, 4), (32, 256, 4), (16, 512, 3), (32, 128, 5), (64, 256, 3)]  # BLOCK_N, BLOCK_K, stages
 STACKED_UP_TO = 256  # the torch path's switch from one stacked index_copy_ to one a plane
 
@@ -351,6 +361,48 @@ def run_router(dev, ceil: dict, flush) -> list[dict]:
     return rows
 
 
+def run_direct(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts=DIRECT_TOKENS) -> list[dict]:
+    from moec.ops.triton.configs import default_config, split_config
+    from moec.ops.triton.fused_moe import fused_moe, fused_moe_ref
+    from moec.ops.triton.grouped_gemm import down_grouped, gate_up_grouped
+
+    gen = torch.Generator().manual_seed(5)
+    rows = []
+    for shape, (hidden_size, inter, experts, top_k) in shapes.items():
+        w13 = (torch.randn(experts, 2 * inter, hidden_size, generator=gen) * hidden_size ** -0.5).to(dev, DTYPE)
+        w2 = (torch.randn(experts, hidden_size, inter, generator=gen) * inter ** -0.5).to(dev, DTYPE)
+        for tokens in token_counts:
+            x = torch.randn(tokens, hidden_size, generator=gen).to(dev, DTYPE)
+            probs, ids = torch.randn(tokens, experts, generator=gen).softmax(-1).topk(top_k, dim=-1)
+            weights, ids = (probs / probs.sum(-1, keepdim=True)).to(dev), ids.to(dev)
+            cfg = default_config(tokens, experts, top_k)
+            gate_up_cfg, down_cfg = split_config(cfg)
+
+            def direct():
+                out = torch.empty(tokens, hidden_size, device=dev, dtype=DTYPE)
+                h = gate_up_grouped(x, w13, None, None, None, top_k, gate_up_cfg, zero_out=out, direct_ids=ids)
+                return down_grouped(h, w2, weights, None, None, None, down_cfg, out=out, direct_ids=ids)
+
+            calls = {"aligned (built in)": lambda: fused_moe(x, w13, w2, weights, ids, "silu", config=cfg),
+                     "direct": direct}
+            want = fused_moe_ref(x.float(), w13.float(), w2.float(), weights, ids, "silu")
+            hit = ids.unique().numel()
+            bound_us = hit * 3 * hidden_size * inter * 2 / (ceil["copy_gb_s"] * 1e9) * 1e6
+            row = {"shape": shape, "tokens": tokens, "experts_hit": hit, "bound_us": bound_us, "paths": {}}
+            graphs = {}
+            for name, call in calls.items():
+                t, (out, graph) = time_graph(call, dev, flush=flush)
+                err = ((out.float() - want).abs().max() / want.abs().max()).item()
+                row["paths"][name] = {"us": t["median_ms"] * 1e3, "over_bound": t["median_ms"] * 1e3 / bound_us,
+                                      "rel_error": err, "ok": err <= 2e-2}
+                graphs[name] = graph
+            for name, t in time_interleaved({n: g.replay for n, g in graphs.items()}, dev, flush=flush,
+                                            rounds=40).items():
+                row["paths"][name]["us_interleaved"] = t["median_ms"] * 1e3
+            rows.append(row)
+    return rows
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -418,6 +470,11 @@ def print_tables(result: dict) -> None:
         built = r["paths"].get("F.linear (cuBLAS, built in)", {})
         print(f"  {r['weight']:8s} T={r['tokens']:2d} bound {r['bound_us']:.1f}  cuBLAS {built.get('us', float('nan')):.1f}"
               f"  best {best[0]} {best[1]:.1f}")
+    print("experts at few tokens, aligned vs DIRECT (us, replayed alone / round by round; x bound)")
+    for r in result.get("direct", []):
+        cells = "  ".join(f"{n} {c['us']:.1f} / {c.get('us_interleaved', float('nan')):.1f} ({c['over_bound']:.2f}x)"
+                          f"{'' if c['ok'] else ' WRONG'}" for n, c in r["paths"].items())
+        print(f"  {r['shape']:8s} T={r['tokens']:3d} hit {r['experts_hit']:3d} bound {r['bound_us']:.1f}  {cells}")
     print("router (us)")
     for r in result.get("router", []):
         cells = "  ".join(f"{n} {c['us']:.1f}" if "us" in c else f"{n} failed" for n, c in r["variants"].items())
@@ -446,7 +503,7 @@ def main() -> int:
     print(f"ceilings: copy {ceil['copy_gb_s']:.0f} GB/s, matmul {ceil['matmul_tflop_s']:.0f} TFLOP/s", flush=True)
     parts = {"router": lambda: run_router(dev, ceil, flush), "decode": lambda: run_decode(dev, ceil, flush),
              "splits": lambda: run_splits(dev, ceil, flush), "kv_write": lambda: run_kv_write(dev, ceil, flush),
-             "dense": lambda: run_dense(dev, ceil, flush),
+             "dense": lambda: run_dense(dev, ceil, flush), "direct": lambda: run_direct(dev, ceil, flush),
              "prefill": lambda: run_prefill(dev, ceil, flush, start + args.budget_s)}
     for part in args.parts.split(","):
         result[part] = parts[part]()

@@ -1000,3 +1000,31 @@ def test_gelu_tanh_formula():
     x = torch.linspace(-6, 6, 97)
     assert torch.allclose(x * torch.sigmoid(2 * 0.7978845608028654 * (x + 0.044715 * x**3)),
                           F.gelu(x, approximate="tanh"), atol=1e-6)
+
+
+@interp_only
+def test_interp_step_kernels_direct_part_checks_both_paths(monkeypatch):
+    """`benchmarks/step_kernels.py --parts direct` (the aligned experts against the DIRECT GEMMs at
+    few tokens) on a toy shape: both paths run and match the reference, the bound counts the
+    experts hit. The CUDA-graph timers stand in for themselves here: the kernels run once."""
+    import types
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import step_kernels
+
+    def once(fn, device, flush=None, **_):
+        out = fn()
+        return {"median_ms": 1.0}, (out, types.SimpleNamespace(replay=fn))
+
+    monkeypatch.setattr(step_kernels, "DTYPE", torch.float32)  # the interpreter has no bf16
+    monkeypatch.setattr(step_kernels, "time_graph", once)
+    monkeypatch.setattr(step_kernels, "time_interleaved",
+                        lambda fns, device, flush=None, rounds=30: {n: {"median_ms": 2.0} for n in fns})
+    rows = step_kernels.run_direct(torch.device("cpu"), {"copy_gb_s": 1000.0}, None,
+                                   shapes={"toy": (72, 40, 16, 4)}, token_counts=(1, 3, 8))
+    assert [r["tokens"] for r in rows] == [1, 3, 8]
+    for r in rows:
+        assert 4 <= r["experts_hit"] <= min(16, 4 * r["tokens"])
+        assert r["bound_us"] == pytest.approx(r["experts_hit"] * 3 * 72 * 40 * 2 / 1e12 * 1e6)
+        assert set(r["paths"]) == {"aligned (built in)", "direct"}
+        assert all(p["ok"] and p["us_interleaved"] == 2000.0 for p in r["paths"].values()), r
