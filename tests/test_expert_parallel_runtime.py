@@ -178,7 +178,8 @@ def test_serve_across_two_ranks_then_stop_cleanly(ep2_artifact, tiny_artifact):
         assert any(x.startswith("moec:expert_rank_imbalance{") for x in lines)
         leader.send_signal(signal.SIGTERM)
         codes = (leader.wait(timeout=60), follower.wait(timeout=60))
-        assert codes == (0, 0), f"exit codes {codes}; rank 0 printed:\n{leader.stdout.read()[-3000:]}"
+        assert codes == (0, 0), (f"exit codes {codes}; rank 0 printed:\n{leader.stdout.read()[-3000:]}\n"
+                                 f"rank 1 printed:\n{follower.stdout.read()[-3000:]}")
     finally:
         for p in (leader, follower):
             if p.poll() is None:

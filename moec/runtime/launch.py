@@ -11,6 +11,7 @@ instead of a hang.
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import os
 import uuid
@@ -41,6 +42,20 @@ def join_group_from_env() -> None:
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, timeout=dt.timedelta(seconds=collective_timeout_s()))
+    atexit.register(leave_group)
+
+
+def leave_group() -> None:
+    """Destroy the process group while the interpreter is still whole. Left to the interpreter's
+    teardown, gloo's worker threads can still hold work whose tensors need the GIL to be freed,
+    and a rank that stopped cleanly dies of SIGABRT (a follower's exit code -6 after `serve` shut
+    down, once in CI on 2026-12-06). Ranks started by `--nproc` leave through os._exit, with no
+    teardown to crash in; under torchrun or a launcher's environment this runs at exit."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - a group that already failed has nothing left to tear down
+            pass
 
 
 def is_rank_zero() -> bool:
