@@ -42,7 +42,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from moec.ops.triton.configs import MAX_EXPERTS
-from moec.ops.triton.token_gate import token_range_gate
+from moec.ops.triton.token_gate import never, token_range_gate
 
 CHUNK = 256  # assignments per program in the count and scatter kernels
 
@@ -215,12 +215,13 @@ def expert_histograms(topk_ids: torch.Tensor, num_experts: int, gate=1) -> Exper
 
     # one chunk (T*K <= CHUNK): the scatter counts it itself, these two do not run
     gate = gate * token_range_gate(topk_ids.shape[0], CHUNK // topk_ids.shape[1], None)
-    wrap_triton(_align_count_kernel)[(num_chunks * gate,)](
-        ids, counts, num_assign, CHUNK=CHUNK, SUB=sub, E_PAD=e_pad, num_warps=4
-    )
-    wrap_triton(_align_scan_kernel)[(e_pad // block_e * gate,)](
-        counts, offsets, totals, num_chunks, E_PAD=e_pad, BLOCK_E=block_e, BLOCK_P=4096 // block_e, num_warps=4
-    )
+    if not never(gate):
+        wrap_triton(_align_count_kernel)[(num_chunks * gate,)](
+            ids, counts, num_assign, CHUNK=CHUNK, SUB=sub, E_PAD=e_pad, num_warps=4
+        )
+        wrap_triton(_align_scan_kernel)[(e_pad // block_e * gate,)](
+            counts, offsets, totals, num_chunks, E_PAD=e_pad, BLOCK_E=block_e, BLOCK_P=4096 // block_e, num_warps=4
+        )
     return ExpertHistograms(ids, offsets, totals, num_experts, num_chunks, e_pad, sub)
 
 

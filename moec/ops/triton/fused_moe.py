@@ -32,7 +32,7 @@ from moec.ops.moe_experts import moe_experts_ref
 from moec.ops.triton.align import align_scatter, expert_histograms
 from moec.ops.triton.configs import DYNAMIC_CONFIG, default_config, split_config
 from moec.ops.triton.grouped_gemm import ACTIVATION_CODES, unit_last_stride, down_grouped, gate_up_grouped
-from moec.ops.triton.token_gate import token_range_gate
+from moec.ops.triton.token_gate import never, token_range_gate
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -116,26 +116,21 @@ def fused_moe(
     for hi, gate_up_cfg, down_cfg in launches:
         gate = token_range_gate(num_tokens, lo, hi)
         holds_one, lo = lo == 0, hi  # T = 1 lies in the first range only
-        if _never(gate):
+        if never(gate):
             continue
         zero_out = out if top_k > 1 else None
-        if not _never(gate * many):
+        if not never(gate * many):
             align = align_scatter(hist, gate_up_cfg["BLOCK_M"], gate * many)
             gate_up_grouped(hidden, w13, *align, top_k, gate_up_cfg, activation, out=inter, zero_out=zero_out,
                             gate=gate * many)
             down_grouped(inter, w2, topk_weights, *align, down_cfg, out=out, gate=gate * many)
-        if holds_one and not _never(gate * one):
+        if holds_one and not never(gate * one):
             # one token: the same two GEMMs, each assignment its own row block read from topk_ids
             gate_up_grouped(hidden, w13, None, None, None, top_k, gate_up_cfg, activation, out=inter,
                             zero_out=zero_out, gate=gate * one, direct_ids=topk_ids)
             down_grouped(inter, w2, topk_weights, None, None, None, down_cfg, out=out, gate=gate * one,
                          direct_ids=topk_ids)
     return out
-
-
-def _never(gate) -> bool:
-    """A gate known to be 0 here (a concrete token count outside the range): nothing to launch."""
-    return isinstance(gate, int) and gate == 0
 
 
 def fused_moe_ref(

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from moec.ops.triton.token_gate import token_range_gate
+from moec.ops.triton.token_gate import never, token_range_gate
 
 
 @triton.jit
@@ -209,7 +209,7 @@ def fused_router(
                 IEEE=hidden.dtype == torch.float32, num_warps=4, num_stages=3)
     for lo, hi, block_t, block_h, split in launch_configs(num_experts):
         gate = token_range_gate(num_tokens, lo, hi)
-        if isinstance(gate, int) and gate == 0:
+        if never(gate):
             continue
         num_splits = triton.cdiv(hidden_size, block_h) if split else 1
         part_rows = triton.cdiv(hi, block_t) * block_t if split else 0  # the range's most tokens, whole blocks

@@ -24,3 +24,8 @@ def token_range_gate(num_tokens, lo: int, hi: int | None):
     if hi is not None:
         gate = gate * torch.sym_max(1 - num_tokens // (hi + 1), 0)
     return gate
+
+
+def never(gate) -> bool:
+    """A gate known to be 0 here (a concrete token count outside the range): nothing to launch."""
+    return isinstance(gate, int) and gate == 0
