@@ -261,14 +261,15 @@ def _grid_m_n(em, n_cols: int, cfg: dict, gate=1, direct: bool = False) -> tuple
     return (row_blocks * triton.cdiv(n_cols, cfg["BLOCK_N"]) * gate,)
 
 
-def _align_args(sorted_ids, expert_ids, num_post, direct_ids) -> tuple:
-    """The kernels' four routing pointers: the align buffers, or (direct) the flat topk_ids alone."""
+def _align_args(sorted_ids, expert_ids, num_post, direct_ids, num_assign) -> tuple[tuple, object, bool]:
+    """(the kernels' four routing pointers, em, direct): the align buffers and their length, or
+    (direct) the flat topk_ids alone and one row block per assignment."""
     if direct_ids is None:
         if sorted_ids is None or expert_ids is None or num_post is None:
             raise ValueError("grouped GEMM: give the align buffers (sorted_ids, expert_ids, num_post) or direct_ids")
-        return sorted_ids, expert_ids, num_post, sorted_ids
+        return (sorted_ids, expert_ids, num_post, sorted_ids), sorted_ids.shape[0], False
     flat = direct_ids.reshape(-1)
-    return flat, flat, flat, flat  # only ids_ptr is read under DIRECT
+    return (flat, flat, flat, flat), num_assign, True  # only ids_ptr is read under DIRECT
 
 
 def _zero_block(hidden_size: int, inter_size: int, block_n: int) -> int:
@@ -307,9 +308,7 @@ def gate_up_grouped(
     # unused by the kernel when ZERO_OUT is off: a read-only input stands in (a written tensor
     # passed twice would alias two kernel arguments)
     zeroed = hidden if zero_out is None else zero_out
-    direct = direct_ids is not None
-    routing = _align_args(sorted_ids, expert_ids, num_post, direct_ids)
-    em = num_assign if direct else sorted_ids.shape[0]
+    routing, em, direct = _align_args(sorted_ids, expert_ids, num_post, direct_ids, num_assign)
     wrap_triton(_gate_up_kernel)[_grid_m_n(em, inter, cfg, gate, direct)](
         hidden,
         w13,
@@ -375,9 +374,7 @@ def down_grouped(
     weights = topk_weights.reshape(-1)
     if not weights.is_contiguous():
         weights = weights.contiguous()
-    direct = direct_ids is not None
-    routing = _align_args(sorted_ids, expert_ids, num_post, direct_ids)
-    em = num_assign if direct else sorted_ids.shape[0]
+    routing, em, direct = _align_args(sorted_ids, expert_ids, num_post, direct_ids, num_assign)
     wrap_triton(_down_kernel)[_grid_m_n(em, hidden_size, cfg, gate, direct)](
         inter,
         w2,
