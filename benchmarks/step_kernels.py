@@ -63,7 +63,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from measure import (  # noqa: E402
-    L2Flusher, copy_bandwidth, environment, matmul_rate, time_graph, time_interleaved, write_json)
+    L2Flusher, capture_graph, copy_bandwidth, environment, matmul_rate, time_graph, time_interleaved, write_json)
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -80,9 +80,20 @@ COMBINE_HEADS = (1, 2, 8)
 KV_WRITE_TOKENS = (1, 8, 32, 128, 4096)
 DENSE_SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "lm_head": (32000, 4096)}  # [N, K] weights
 DENSE_TOKENS = (1, 4, 16)
-PARTS = ("router", "decode", "splits", "kv_write", "dense", "prefill", "direct")
+PARTS = ("router", "decode", "splits", "kv_write", "dense", "prefill", "direct", "gemm")
 DIRECT_SHAPES = {"mixtral": (4096, 14336, 8, 2), "qwen3": (2048, 768, 128, 8)}  # hidden, inter, experts, top-k
 DIRECT_TOKENS = (1, 2, 4, 8, 16)
+GEMM_TOKENS = {"mixtral": (1024, 4096), "qwen3": (1024, 4096, 16384)}
+# gate/up tiles the tuner picked at these token counts (moe_layer-h100-2026-12-06T0604/T0609) and
+# the 64-row one; each runs with the gate/up GEMM as one dot and as two
+GEMM_CONFIGS = [
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 16, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+]
+GEMM_DOWN = [{"BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+             {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4}]
 GEMV_CONFIGS = [(16, 256, 4), (32, 256, 4), (16, 512, 3), (32, 128, 5), (64, 256, 3)]  # BLOCK_N, BLOCK_K, stages
 STACKED_UP_TO = 256  # the torch path's switch from one stacked index_copy_ to one a plane
 
@@ -403,6 +414,85 @@ def run_direct(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_count
     return rows
 
 
+def run_gemm(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts: dict = GEMM_TOKENS,
+             configs: list = GEMM_CONFIGS, down_settings: list = GEMM_DOWN, rounds: int = 20) -> list[dict]:
+    """The two grouped GEMMs alone (after align) where the layer is compute-bound, in TFLOP/s of
+    the routed work: gate/up as one dot and as two under each tile, down under each setting,
+    against PyTorch's CUTLASS grouped GEMM (torch._grouped_mm) on the same routed rows sorted by
+    expert, and cuBLAS bmm on the same rows spread evenly (no routing: the GEMMs' floor)."""
+    from moec.ops.triton import grouped_gemm
+    from moec.ops.triton.align import moe_align_block_size
+    from moec.ops.triton.grouped_gemm import down_grouped, gate_up_grouped
+
+    gen = torch.Generator().manual_seed(6)
+    rows = []
+    saved = grouped_gemm.GATE_UP_ONE_DOT
+    for shape, (hidden_size, inter, experts, top_k) in shapes.items():
+        w13 = (torch.randn(experts, 2 * inter, hidden_size, generator=gen) * hidden_size ** -0.5).to(dev, DTYPE)
+        w2 = (torch.randn(experts, hidden_size, inter, generator=gen) * inter ** -0.5).to(dev, DTYPE)
+        for tokens in token_counts.get(shape, ()):
+            assign = tokens * top_k
+            x = torch.randn(tokens, hidden_size, generator=gen).to(dev, DTYPE)
+            probs, ids = torch.randn(tokens, experts, generator=gen).softmax(-1).topk(top_k, dim=-1)
+            weights, ids = (probs / probs.sum(-1, keepdim=True)).to(dev), ids.to(dev)
+            order = ids.flatten().argsort(stable=True)
+            x_sorted = x[order // top_k]
+            offs = torch.bincount(ids.flatten(), minlength=experts).cumsum(0).to(torch.int32)
+            h_sorted = torch.randn(assign, inter, generator=gen).to(dev, DTYPE)
+            even = -(-assign // experts)
+            x_even = torch.randn(experts, even, hidden_size, generator=gen).to(dev, DTYPE)
+            h_even = torch.randn(experts, even, inter, generator=gen).to(dev, DTYPE)
+            flops_up, flops_down = 2.0 * assign * hidden_size * 2 * inter, 2.0 * assign * inter * hidden_size
+            aligned = {}
+            calls, outs, flops = {}, {}, {}
+            for cfg in configs:
+                bm = cfg["BLOCK_M"]
+                if bm not in aligned:
+                    aligned[bm] = moe_align_block_size(ids, experts, bm)
+                name = "M{BLOCK_M}N{BLOCK_N}K{BLOCK_K}G{GROUP_M}w{num_warps}s{num_stages}".format(**cfg)
+                for one in (True, False):
+                    grouped_gemm.GATE_UP_ONE_DOT = one
+                    graph, out = capture_graph(lambda c=cfg: gate_up_grouped(x, w13, *aligned[c["BLOCK_M"]], top_k, c), dev)
+                    key = f"gate_up {name} {'one dot' if one else 'two dots'}"
+                    calls[key], outs[key], flops[key] = graph.replay, out, flops_up
+            grouped_gemm.GATE_UP_ONE_DOT = saved
+            for d in down_settings:
+                cfg = {**configs[0], **d}
+                name = "N{BLOCK_N}K{BLOCK_K}w{num_warps}s{num_stages}".format(**cfg)
+                inter_rows = torch.randn(assign, inter, generator=gen).to(dev, DTYPE)
+                graph, out = capture_graph(
+                    lambda c=cfg, h=inter_rows: down_grouped(h, w2, weights, *aligned[c["BLOCK_M"]], c), dev)
+                calls[f"down {name}"], outs[f"down {name}"], flops[f"down {name}"] = graph.replay, out, flops_down
+            peers = {
+                "gate_up grouped_mm (CUTLASS)": (lambda: torch._grouped_mm(x_sorted, w13.transpose(1, 2), offs=offs), flops_up),
+                "gate_up bmm (even rows)": (lambda: torch.bmm(x_even, w13.transpose(1, 2)), flops_up),
+                "down grouped_mm (CUTLASS)": (lambda: torch._grouped_mm(h_sorted, w2.transpose(1, 2), offs=offs), flops_down),
+                "down bmm (even rows)": (lambda: torch.bmm(h_even, w2.transpose(1, 2)), flops_down),
+            }
+            for key, (fn, f) in peers.items():
+                graph, out = capture_graph(fn, dev)
+                calls[key], outs[key], flops[key] = graph.replay, out, f
+            # gate/up checked against fp32 per assignment; the dot variants against each other
+            rows_x = x.float()[torch.arange(assign, device=dev) // top_k]
+            flat = ids.flatten()
+            want = torch.empty(assign, inter, device=dev)
+            for e in flat.unique().tolist():
+                sel = (flat == e).nonzero().squeeze(1)
+                gu = rows_x[sel] @ w13[e].float().t()
+                want[sel] = F.silu(gu[:, :inter]) * gu[:, inter:]
+            errors = {k: ((o.float() - want).abs().max() / want.abs().max()).item()
+                      for k, o in outs.items() if k.startswith("gate_up M")}
+            times = time_interleaved(calls, dev, flush=flush, rounds=rounds)
+            row = {"shape": shape, "tokens": tokens, "assignments": assign, "rows_per_expert": even,
+                   "padded_rows": {bm: int(a[2].item()) for bm, a in aligned.items()}, "kernels": {}}
+            for key, t in times.items():
+                row["kernels"][key] = {"us": t["median_ms"] * 1e3, "tflop_s": flops[key] / (t["median_ms"] * 1e-3) / 1e12,
+                                       "rel_error": errors.get(key), "ok": errors.get(key, 0.0) <= 2e-2}
+            rows.append(row)
+            print(f"  gemm {shape} T={tokens} done", flush=True)
+    return rows
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -475,6 +565,11 @@ def print_tables(result: dict) -> None:
         cells = "  ".join(f"{n} {c['us']:.1f} / {c.get('us_interleaved', float('nan')):.1f} ({c['over_bound']:.2f}x)"
                           f"{'' if c['ok'] else ' WRONG'}" for n, c in r["paths"].items())
         print(f"  {r['shape']:8s} T={r['tokens']:3d} hit {r['experts_hit']:3d} bound {r['bound_us']:.1f}  {cells}")
+    print("grouped GEMMs alone (us, round by round; TFLOP/s of the routed work)")
+    for r in result.get("gemm", []):
+        print(f"  {r['shape']} T={r['tokens']} ({r['rows_per_expert']} rows per expert; padded {r['padded_rows']})")
+        for n, c in r["kernels"].items():
+            print(f"    {n:42s} {c['us']:9.1f} us {c['tflop_s']:6.0f} TFLOP/s{'' if c['ok'] else ' WRONG'}")
     print("router (us)")
     for r in result.get("router", []):
         cells = "  ".join(f"{n} {c['us']:.1f}" if "us" in c else f"{n} failed" for n, c in r["variants"].items())
@@ -504,6 +599,7 @@ def main() -> int:
     parts = {"router": lambda: run_router(dev, ceil, flush), "decode": lambda: run_decode(dev, ceil, flush),
              "splits": lambda: run_splits(dev, ceil, flush), "kv_write": lambda: run_kv_write(dev, ceil, flush),
              "dense": lambda: run_dense(dev, ceil, flush), "direct": lambda: run_direct(dev, ceil, flush),
+             "gemm": lambda: run_gemm(dev, ceil, flush),
              "prefill": lambda: run_prefill(dev, ceil, flush, start + args.budget_s)}
     for part in args.parts.split(","):
         result[part] = parts[part]()

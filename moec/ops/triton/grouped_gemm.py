@@ -53,6 +53,10 @@ from torch.library import wrap_triton
 # activation code (a constexpr) per `moec.ops.moe_experts.ACTIVATIONS` name
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 
+# gate/up as one dot over interleaved gate and up columns (True) or two dots, one per half
+# (benchmarks/step_kernels.py's `gemm` part times both)
+GATE_UP_ONE_DOT = True
+
 
 @triton.jit
 def _activation(x, ACT: tl.constexpr):
@@ -121,6 +125,7 @@ def _gate_up_kernel(
     ZERO_OUT: tl.constexpr,
     BLOCK_Z: tl.constexpr,
     DIRECT: tl.constexpr,
+    ONE_DOT: tl.constexpr,
 ):
     if DIRECT:  # the grid is exactly the assignments' blocks: none is dead
         pid_m, pid_n, assign = _direct_block(tl.program_id(0), num_assign, N, BLOCK_M, BLOCK_N)
@@ -143,32 +148,53 @@ def _gate_up_kernel(
             z_ptrs = zero_ptr + token[:, None] * stride_zm + offs_z[None, :]
             tl.store(z_ptrs, zeros, mask=first[:, None] & (offs_z < zero_cols)[None, :])
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :]
-    g_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
-    u_ptrs = g_ptrs + N * stride_wn
+    if ONE_DOT:
+        # one [BLOCK_K, 2*BLOCK_N] weight tile with the gate and up columns interleaved (tile
+        # column 2j is gate column j, 2j+1 is up column j) and one dot: the A tile is read from
+        # shared memory once per step, not twice, and the MMA is twice as wide. The accumulator
+        # holds adjacent columns in one thread, so the split below pairs registers.
+        offs_c = tl.arange(0, 2 * BLOCK_N)
+        offs_n = pid_n * BLOCK_N + offs_c // 2
+        w_ptrs = w_ptr + expert * stride_we + (offs_n + (offs_c % 2) * N)[None, :] * stride_wn + offs_k[:, None]
+        w_col_ok = offs_n < N
+        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(K, BLOCK_K)):
+            k_ok = offs_k < K - kb * BLOCK_K
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & w_col_ok[None, :], other=0.0)
+            if IEEE:
+                acc = tl.dot(a, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, w, acc)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        acc_g, acc_u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        g_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
+        u_ptrs = g_ptrs + N * stride_wn
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(K, BLOCK_K)):
+            k_ok = offs_k < K - kb * BLOCK_K
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b_ok = k_ok[:, None] & (offs_n < N)[None, :]
+            g = tl.load(g_ptrs, mask=b_ok, other=0.0)
+            u = tl.load(u_ptrs, mask=b_ok, other=0.0)
+            if IEEE:
+                acc_g = tl.dot(a, g, acc_g, input_precision="ieee")
+                acc_u = tl.dot(a, u, acc_u, input_precision="ieee")
+            else:
+                acc_g = tl.dot(a, g, acc_g)
+                acc_u = tl.dot(a, u, acc_u)
+            a_ptrs += BLOCK_K
+            g_ptrs += BLOCK_K
+            u_ptrs += BLOCK_K
 
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - kb * BLOCK_K
-        k_ok = offs_k < k_left
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b_ok = k_ok[:, None] & col_ok[None, :]
-        g = tl.load(g_ptrs, mask=b_ok, other=0.0)
-        u = tl.load(u_ptrs, mask=b_ok, other=0.0)
-        if IEEE:
-            acc_g = tl.dot(a, g, acc_g, input_precision="ieee")
-            acc_u = tl.dot(a, u, acc_u, input_precision="ieee")
-        else:
-            acc_g = tl.dot(a, g, acc_g)
-            acc_u = tl.dot(a, u, acc_u)
-        a_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K
-        u_ptrs += BLOCK_K
-
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < N
     h = _activation(acc_g, ACT) * acc_u
     o_ptrs = out_ptr + assign[:, None] * stride_om + offs_n[None, :]
     tl.store(o_ptrs, h.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -335,6 +361,7 @@ def gate_up_grouped(
         ZERO_OUT=zero_out is not None,
         BLOCK_Z=_zero_block(hidden_size, inter, cfg["BLOCK_N"]),
         DIRECT=direct,
+        ONE_DOT=GATE_UP_ONE_DOT,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
