@@ -456,12 +456,13 @@ def run_gemm(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts:
                     key = f"gate_up {name} {'one dot' if one else 'two dots'}"
                     calls[key], outs[key], flops[key] = graph.replay, out, flops_up
             grouped_gemm.GATE_UP_ONE_DOT = saved
+            # one input for every down launch, alive as long as the graphs that read it
+            inter_rows = torch.randn(assign, inter, generator=gen).to(dev, DTYPE)
             for d in down_settings:
                 cfg = {**configs[0], **d}
                 name = "N{BLOCK_N}K{BLOCK_K}w{num_warps}s{num_stages}".format(**cfg)
-                inter_rows = torch.randn(assign, inter, generator=gen).to(dev, DTYPE)
                 graph, out = capture_graph(
-                    lambda c=cfg, h=inter_rows: down_grouped(h, w2, weights, *aligned[c["BLOCK_M"]], c), dev)
+                    lambda c=cfg: down_grouped(inter_rows, w2, weights, *aligned[c["BLOCK_M"]], c), dev)
                 calls[f"down {name}"], outs[f"down {name}"], flops[f"down {name}"] = graph.replay, out, flops_down
             peers = {
                 "gate_up grouped_mm (CUTLASS)": (lambda: torch._grouped_mm(x_sorted, w13.transpose(1, 2), offs=offs), flops_up),
