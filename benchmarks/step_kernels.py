@@ -84,17 +84,21 @@ PARTS = ("router", "decode", "splits", "kv_write", "dense", "prefill", "direct",
 DIRECT_SHAPES = {"mixtral": (4096, 14336, 8, 2), "qwen3": (2048, 768, 128, 8)}  # hidden, inter, experts, top-k
 DIRECT_TOKENS = (1, 2, 4, 8, 16)
 GEMM_TOKENS = {"mixtral": (1024, 4096), "qwen3": (1024, 4096, 16384)}
-# gate/up tiles the tuner picked at these token counts (moe_layer-h100-2026-12-06T0604/T0609) and
-# the 64-row one; each runs with the gate/up GEMM as one dot and as two
+# gate/up tiles the tuner picked at these token counts (moe_layer-h100-2026-12-06T0604/T0609), as
+# one launch per tile and persistent, and a 64-row one; the first also with gate/up as two dots
+_TILE = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8}
 GEMM_CONFIGS = [
-    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
-    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 16, "num_warps": 8, "num_stages": 3},
-    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+    {**_TILE, "GROUP_M": 8, "num_stages": 4},
+    {**_TILE, "GROUP_M": 8, "num_stages": 4, "PERSISTENT": True},
+    {**_TILE, "GROUP_M": 16, "num_stages": 3},
+    {**_TILE, "GROUP_M": 16, "num_stages": 3, "PERSISTENT": True},
     {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
 ]
 GEMM_DOWN = [{"BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
-             {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4}]
-GEMV_CONFIGS = [(16, 256, 4), (32, 256, 4), (16, 512, 3), (32, 128, 5), (64, 256, 3)]  # BLOCK_N, BLOCK_K, stages
+             {"BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "PERSISTENT": True},
+             {"BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
+             {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
+             {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, "PERSISTENT": True}]
 STACKED_UP_TO = 256  # the torch path's switch from one stacked index_copy_ to one a plane
 
 
@@ -422,6 +426,7 @@ def run_gemm(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts:
     expert, and cuBLAS bmm on the same rows spread evenly (no routing: the GEMMs' floor)."""
     from moec.ops.triton import grouped_gemm
     from moec.ops.triton.align import moe_align_block_size
+    from moec.ops.triton.configs import config_name
     from moec.ops.triton.grouped_gemm import down_grouped, gate_up_grouped
 
     gen = torch.Generator().manual_seed(6)
@@ -449,8 +454,8 @@ def run_gemm(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts:
                 bm = cfg["BLOCK_M"]
                 if bm not in aligned:
                     aligned[bm] = moe_align_block_size(ids, experts, bm)
-                name = "M{BLOCK_M}N{BLOCK_N}K{BLOCK_K}G{GROUP_M}w{num_warps}s{num_stages}".format(**cfg)
-                for one in (True, False):
+                name = config_name(cfg)
+                for one in (True, False) if cfg is configs[0] else (True,):
                     grouped_gemm.GATE_UP_ONE_DOT = one
                     graph, out = capture_graph(lambda c=cfg: gate_up_grouped(x, w13, *aligned[c["BLOCK_M"]], top_k, c), dev)
                     key = f"gate_up {name} {'one dot' if one else 'two dots'}"
@@ -459,8 +464,8 @@ def run_gemm(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts:
             # one input for every down launch, alive as long as the graphs that read it
             inter_rows = torch.randn(assign, inter, generator=gen).to(dev, DTYPE)
             for d in down_settings:
-                cfg = {**configs[0], **d}
-                name = "N{BLOCK_N}K{BLOCK_K}w{num_warps}s{num_stages}".format(**cfg)
+                cfg = {**configs[0], "PERSISTENT": False, **d}
+                name = "N{BLOCK_N}K{BLOCK_K}w{num_warps}s{num_stages}".format(**cfg) + ("P" if cfg["PERSISTENT"] else "")
                 graph, out = capture_graph(
                     lambda c=cfg: down_grouped(inter_rows, w2, weights, *aligned[c["BLOCK_M"]], c), dev)
                 calls[f"down {name}"], outs[f"down {name}"], flops[f"down {name}"] = graph.replay, out, flops_down
@@ -473,7 +478,8 @@ def run_gemm(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts:
             for key, (fn, f) in peers.items():
                 graph, out = capture_graph(fn, dev)
                 calls[key], outs[key], flops[key] = graph.replay, out, f
-            # gate/up checked against fp32 per assignment; the dot variants against each other
+            times = time_interleaved(calls, dev, flush=flush, rounds=rounds)
+            # gate/up checked against fp32 per assignment, after the replays wrote the outputs
             rows_x = x.float()[torch.arange(assign, device=dev) // top_k]
             flat = ids.flatten()
             want = torch.empty(assign, inter, device=dev)
@@ -481,9 +487,15 @@ def run_gemm(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts:
                 sel = (flat == e).nonzero().squeeze(1)
                 gu = rows_x[sel] @ w13[e].float().t()
                 want[sel] = F.silu(gu[:, :inter]) * gu[:, inter:]
-            errors = {k: ((o.float() - want).abs().max() / want.abs().max()).item()
-                      for k, o in outs.items() if k.startswith("gate_up M")}
-            times = time_interleaved(calls, dev, flush=flush, rounds=rounds)
+            # down: each token's K rows, weighted and summed
+            want_down = torch.zeros(tokens, hidden_size, device=dev)
+            flat_w = weights.flatten()
+            for e in flat.unique().tolist():
+                sel = (flat == e).nonzero().squeeze(1)
+                want_down.index_add_(0, sel // top_k, (inter_rows[sel].float() @ w2[e].float().t()) * flat_w[sel, None])
+            errors = {k: ((o.float() - (want if k.startswith("gate_up") else want_down)).abs().max()
+                          / (want if k.startswith("gate_up") else want_down).abs().max()).item()
+                      for k, o in outs.items() if k.startswith(("gate_up M", "down N"))}
             row = {"shape": shape, "tokens": tokens, "assignments": assign, "rows_per_expert": even,
                    "padded_rows": {bm: int(a[2].item()) for bm, a in aligned.items()}, "kernels": {}}
             for key, t in times.items():

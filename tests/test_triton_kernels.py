@@ -44,6 +44,8 @@ CFG_B = {
     "BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 1, "num_warps": 4, "num_stages": 2,
     "down": {"BLOCK_N": 16, "BLOCK_K": 64, "GROUP_M": 3},
 }
+# persistent: off CUDA a launch has 4 programs, so each loops over several tiles
+CFG_P = dict(CFG_A, GROUP_M=3, PERSISTENT=True)
 
 
 @contextlib.contextmanager
@@ -528,7 +530,7 @@ def test_kernels_compile_for_h100():
                 grouped_gemm._gate_up_kernel,
                 gate_up,
                 {"x_ptr": bf16, "w_ptr": bf16, "out_ptr": bf16, "zero_ptr": bf16},
-                {"ACT": 0, "ZERO_OUT": True, "BLOCK_Z": 32, "ONE_DOT": True},
+                {"ACT": 0, "ZERO_OUT": True, "BLOCK_Z": 32, "ZERO_STEPS": 2, "ONE_DOT": True},
             ),
             (
                 grouped_gemm._down_kernel,
@@ -544,7 +546,7 @@ def test_kernels_compile_for_h100():
                     continue
                 seen.add(key)
                 consts = {k: c[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")} | extra
-                consts |= {"IEEE": False, "DIRECT": direct}
+                consts |= {"IEEE": False, "DIRECT": direct, "PERSISTENT": c["PERSISTENT"]}
                 compiled = compile_for_sm90(kernel, ptrs | idx, consts, c["num_warps"], c["num_stages"])
                 assert compiled.metadata.shared <= H100_SMEM, (key, compiled.metadata.shared)
                 # pipelined: several stages of the A and B tiles are in shared memory at once
@@ -554,7 +556,7 @@ def test_kernels_compile_for_h100():
     _, down = split_config(DYNAMIC_CONFIG)
     for dtype, ptx_type in (("bf16", "bf16"), ("fp16", "f16"), ("fp32", "f32")):
         consts = {k: down[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
-        consts |= {"MUL_WEIGHT": True, "ACCUMULATE": True, "IEEE": dtype == "fp32", "DIRECT": False}
+        consts |= {"MUL_WEIGHT": True, "ACCUMULATE": True, "IEEE": dtype == "fp32", "DIRECT": False, "PERSISTENT": False}
         ptrs = {"a_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "topk_weights_ptr": "*fp32"}
         ptx = compile_for_sm90(grouped_gemm._down_kernel, ptrs | idx, consts, down["num_warps"], 3).asm["ptx"]
         ops = set(re.findall(r"\b(?:atom|red)\.global\.[\w.]+", ptx))
@@ -634,7 +636,7 @@ def test_configs():
 
 @outer_only
 def test_plans_round_trip_and_validate():
-    from moec.ops.triton.configs import candidate_configs, config_name, encode_plan, parse_plan
+    from moec.ops.triton.configs import candidate_configs, config_name, encode_plan, parse_plan, split_config
 
     assert parse_plan("") is None
     plan = {"path": "triton", "ranges": PLAN_RANGES}
@@ -643,6 +645,9 @@ def test_plans_round_trip_and_validate():
     names = [config_name(c) for c in candidate_configs()]
     assert len(names) == len(set(names)) and names[0] == "M16N64K128G1w4s4"
     assert config_name(CFG_B) == "M32N32K16G1w4s2|dN16K64G3"
+    assert config_name(dict(CFG_B, PERSISTENT=True, down={"PERSISTENT": False})) == "M32N32K16G1w4s2P|dP0"
+    with pytest.raises(ValueError, match="PERSISTENT"):
+        split_config(dict(CFG_A, PERSISTENT=1))
     bad = [
         "not json",
         '{"path": "triton"}',
@@ -901,7 +906,8 @@ def test_interp_grouped_mm_path_with_row_kernels(num_tokens, top_k, case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(
     "num_tokens,top_k,case,cfg",
-    [(1, 2, "random", CFG_A), (23, 3, "empty", CFG_B), (17, 1, "one", CFG_A), (40, 4, "random", CFG_B)],
+    [(1, 2, "random", CFG_A), (23, 3, "empty", CFG_B), (17, 1, "one", CFG_A), (40, 4, "random", CFG_B),
+     (23, 3, "empty", CFG_P), (40, 1, "random", CFG_P)],
 )
 def test_interp_grouped_gemms(dtype, num_tokens, top_k, case, cfg):
     """Each GEMM on its own against the per-assignment reference: gate/up (zeroing the output
@@ -945,6 +951,9 @@ def test_interp_grouped_gemms(dtype, num_tokens, top_k, case, cfg):
         (20, 2, "one", None, "silu"),  # default config table
         (9, 2, "random", CFG_A, "gelu"),
         (9, 3, "random", CFG_B, "gelu_tanh"),
+        (33, 2, "random", CFG_P, "silu"),  # persistent, T = 1 (DIRECT, one program a tile) beside
+        (1, 3, "random", CFG_P, "silu"),
+        (19, 2, "random", dict(CFG_B, PERSISTENT=True, down={"PERSISTENT": False}), "silu"),
     ],
 )
 def test_interp_fused_moe(dtype, num_tokens, top_k, case, cfg, activation):
@@ -1058,4 +1067,5 @@ def test_interp_step_kernels_gemm_part_checks_both_dot_forms(monkeypatch):
         assert kernels[key]["ok"] and kernels[key]["rel_error"] < 1e-4, kernels[key]
     flops_up = 2.0 * 18 * 72 * 80
     assert kernels["gate_up bmm (even rows)"]["tflop_s"] == pytest.approx(flops_up / 2e-3 / 1e12)
-    assert "down N32K16w4s2" in kernels and "down grouped_mm (CUTLASS)" in kernels
+    assert kernels["down N32K16w4s2"]["ok"] and kernels["down N32K16w4s2"]["rel_error"] < 1e-4, kernels
+    assert "down grouped_mm (CUTLASS)" in kernels and kernels["down grouped_mm (CUTLASS)"]["rel_error"] is None

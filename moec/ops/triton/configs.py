@@ -8,6 +8,8 @@ A config is a plain dict, one per `fused_moe` call:
 BLOCK_M is shared by both GEMMs (the sort/align step pads every expert to a multiple of it).
 In the gate/up GEMM, BLOCK_N is the width of *each* half: a program computes BLOCK_N gate
 columns and the matching BLOCK_N up columns, so its tile is effectively BLOCK_M x 2*BLOCK_N.
+"PERSISTENT": true (optional, default false; the down GEMM may override it) launches about one
+program per SM, each looping over tiles, instead of one program per tile.
 
 The default table is keyed by a token-count bucket: the average number of rows each expert's
 GEMM sees, ceil(T * top_k / E), which is what sets the GEMM shape (T tokens on Mixtral's 8
@@ -148,9 +150,10 @@ def config_name(cfg: dict) -> str:
     """A short label: 'M16N64K128G1w4s4' for the gate/up launch, '|d…' for the down overrides."""
     gate_up, down = split_config(cfg)
     name = "M{BLOCK_M}N{BLOCK_N}K{BLOCK_K}G{GROUP_M}w{num_warps}s{num_stages}".format(**gate_up)
-    diff = {k: v for k, v in down.items() if gate_up[k] != v}
+    name += "P" if gate_up["PERSISTENT"] else ""
+    diff = {k: int(v) if isinstance(v, bool) else v for k, v in down.items() if gate_up[k] != v}
     if diff:
-        abbr = {"BLOCK_N": "N", "BLOCK_K": "K", "GROUP_M": "G", "num_warps": "w", "num_stages": "s"}
+        abbr = {"BLOCK_N": "N", "BLOCK_K": "K", "GROUP_M": "G", "num_warps": "w", "num_stages": "s", "PERSISTENT": "P"}
         name += "|d" + "".join(f"{abbr[k]}{v}" for k, v in sorted(diff.items(), key=lambda kv: list(abbr).index(kv[0])))
     return name
 
@@ -181,15 +184,16 @@ def split_config(config: dict) -> tuple[dict, dict]:
     missing = [k for k in _KEYS if k not in config]
     if missing:
         raise ValueError(f"MoE config: missing {missing}")
-    unknown = set(config) - set(_KEYS) - {"down"}
+    unknown = set(config) - set(_KEYS) - {"down", "PERSISTENT"}
     if unknown:
         raise ValueError(f"MoE config: unknown keys {sorted(unknown)}")
-    gate_up = {k: config[k] for k in _KEYS}
+    gate_up = {k: config[k] for k in _KEYS} | {"PERSISTENT": config.get("PERSISTENT", False)}
     down = dict(gate_up)
     extra = config.get("down") or {}
-    bad = set(extra) - (set(_KEYS) - {"BLOCK_M"})
+    overridable = set(_KEYS) - {"BLOCK_M"} | {"PERSISTENT"}
+    bad = set(extra) - overridable
     if bad:
-        raise ValueError(f"MoE config: down may override {sorted(set(_KEYS) - {'BLOCK_M'})}, not {sorted(bad)}")
+        raise ValueError(f"MoE config: down may override {sorted(overridable)}, not {sorted(bad)}")
     down.update(extra)
     for cfg in (gate_up, down):
         for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
@@ -201,6 +205,8 @@ def split_config(config: dict) -> tuple[dict, dict]:
             raise ValueError(f"MoE config: GROUP_M must be a positive int, got {cfg['GROUP_M']!r}")
         if not isinstance(cfg["num_stages"], int) or cfg["num_stages"] < 1:
             raise ValueError(f"MoE config: num_stages must be a positive int, got {cfg['num_stages']!r}")
+        if not isinstance(cfg["PERSISTENT"], bool):
+            raise ValueError(f"MoE config: PERSISTENT must be true or false, got {cfg['PERSISTENT']!r}")
     return gate_up, down
 
 

@@ -106,7 +106,6 @@ def _gate_up_kernel(
     ids_ptr,
     num_assign,
     top_k,
-    em,
     N,
     K,
     stride_xm,
@@ -124,80 +123,92 @@ def _gate_up_kernel(
     IEEE: tl.constexpr,
     ZERO_OUT: tl.constexpr,
     BLOCK_Z: tl.constexpr,
+    ZERO_STEPS: tl.constexpr,
     DIRECT: tl.constexpr,
     ONE_DOT: tl.constexpr,
+    PERSISTENT: tl.constexpr,
 ):
-    if DIRECT:  # the grid is exactly the assignments' blocks: none is dead
-        pid_m, pid_n, assign = _direct_block(tl.program_id(0), num_assign, N, BLOCK_M, BLOCK_N)
-        expert = tl.load(ids_ptr + pid_m).to(tl.int64)
+    # tiles of live row blocks only (dead ones, past num_post, are never visited); one per program,
+    # or (PERSISTENT: a grid of about one program per SM) strided over the programs in a loop
+    # that Triton flattens, so one tile's epilogue overlaps the next one's first loads
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    if DIRECT:  # one row block per assignment: none is dead
+        live_rows = num_assign * BLOCK_M
     else:
-        pid_m, pid_n = _block_coords(tl.program_id(0), em, N, BLOCK_M, BLOCK_N, GROUP_M)
-        if pid_m * BLOCK_M >= tl.load(num_post_ptr):
-            return
-        assign = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    row_ok = assign < num_assign
-    token = assign // top_k
+        live_rows = tl.load(num_post_ptr)
+    num_tiles = tl.cdiv(live_rows, BLOCK_M) * num_pid_n
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=PERSISTENT):
+        if DIRECT:
+            pid_m, pid_n, assign = _direct_block(tile, num_assign, N, BLOCK_M, BLOCK_N)
+            expert = tl.load(ids_ptr + pid_m).to(tl.int64)
+        else:
+            pid_m, pid_n = _block_coords(tile, live_rows, N, BLOCK_M, BLOCK_N, GROUP_M)
+            assign = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+            expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+        row_ok = assign < num_assign
+        token = assign // top_k
 
-    if ZERO_OUT:  # the down GEMM's accumulator: row t zeroed by the block holding assignment t*K + 0
-        first = row_ok & (assign % top_k == 0)
-        step = tl.cdiv(N, BLOCK_N) * BLOCK_Z
-        zeros = tl.zeros((BLOCK_M, BLOCK_Z), dtype=zero_ptr.dtype.element_ty)
-        for z0 in range(pid_n * BLOCK_Z, zero_cols, step):
-            offs_z = z0 + tl.arange(0, BLOCK_Z)
-            z_ptrs = zero_ptr + token[:, None] * stride_zm + offs_z[None, :]
-            tl.store(z_ptrs, zeros, mask=first[:, None] & (offs_z < zero_cols)[None, :])
+        if ZERO_OUT:  # the down GEMM's accumulator: row t zeroed by the block holding assignment t*K + 0
+            first = row_ok & (assign % top_k == 0)
+            step = tl.cdiv(N, BLOCK_N) * BLOCK_Z
+            zeros = tl.zeros((BLOCK_M, BLOCK_Z), dtype=zero_ptr.dtype.element_ty)
+            # unrolled (ZERO_STEPS from the shapes): a loop here would be a second inner loop,
+            # which keeps Triton from flattening the tile loop of a persistent launch
+            for zi in tl.static_range(ZERO_STEPS):
+                offs_z = pid_n * BLOCK_Z + zi * step + tl.arange(0, BLOCK_Z)
+                z_ptrs = zero_ptr + token[:, None] * stride_zm + offs_z[None, :]
+                tl.store(z_ptrs, zeros, mask=first[:, None] & (offs_z < zero_cols)[None, :])
 
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :]
-    if ONE_DOT:
-        # one [BLOCK_K, 2*BLOCK_N] weight tile with the gate and up columns interleaved (tile
-        # column 2j is gate column j, 2j+1 is up column j) and one dot: the A tile is read from
-        # shared memory once per step, not twice, and the MMA is twice as wide. The accumulator
-        # holds adjacent columns in one thread, so the split below pairs registers.
-        offs_c = tl.arange(0, 2 * BLOCK_N)
-        offs_n = pid_n * BLOCK_N + offs_c // 2
-        w_ptrs = w_ptr + expert * stride_we + (offs_n + (offs_c % 2) * N)[None, :] * stride_wn + offs_k[:, None]
-        w_col_ok = offs_n < N
-        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
-        for kb in range(0, tl.cdiv(K, BLOCK_K)):
-            k_ok = offs_k < K - kb * BLOCK_K
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_ok[:, None] & w_col_ok[None, :], other=0.0)
-            if IEEE:
-                acc = tl.dot(a, w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, w, acc)
-            a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
-        acc_g, acc_u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
-    else:
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :]
+        if ONE_DOT:
+            # one [BLOCK_K, 2*BLOCK_N] weight tile with the gate and up columns interleaved (tile
+            # column 2j is gate column j, 2j+1 is up column j) and one dot: the A tile is read from
+            # shared memory once per step, not twice, and the MMA is twice as wide. The accumulator
+            # holds adjacent columns in one thread, so the split below pairs registers.
+            offs_c = tl.arange(0, 2 * BLOCK_N)
+            offs_n = pid_n * BLOCK_N + offs_c // 2
+            w_ptrs = w_ptr + expert * stride_we + (offs_n + (offs_c % 2) * N)[None, :] * stride_wn + offs_k[:, None]
+            w_col_ok = offs_n < N
+            acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+            for kb in range(0, tl.cdiv(K, BLOCK_K)):
+                k_ok = offs_k < K - kb * BLOCK_K
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=k_ok[:, None] & w_col_ok[None, :], other=0.0)
+                if IEEE:
+                    acc = tl.dot(a, w, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, w, acc)
+                a_ptrs += BLOCK_K
+                w_ptrs += BLOCK_K
+            acc_g, acc_u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
+        else:
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            g_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
+            u_ptrs = g_ptrs + N * stride_wn
+            acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for kb in range(0, tl.cdiv(K, BLOCK_K)):
+                k_ok = offs_k < K - kb * BLOCK_K
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                b_ok = k_ok[:, None] & (offs_n < N)[None, :]
+                g = tl.load(g_ptrs, mask=b_ok, other=0.0)
+                u = tl.load(u_ptrs, mask=b_ok, other=0.0)
+                if IEEE:
+                    acc_g = tl.dot(a, g, acc_g, input_precision="ieee")
+                    acc_u = tl.dot(a, u, acc_u, input_precision="ieee")
+                else:
+                    acc_g = tl.dot(a, g, acc_g)
+                    acc_u = tl.dot(a, u, acc_u)
+                a_ptrs += BLOCK_K
+                g_ptrs += BLOCK_K
+                u_ptrs += BLOCK_K
+
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        g_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
-        u_ptrs = g_ptrs + N * stride_wn
-        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb in range(0, tl.cdiv(K, BLOCK_K)):
-            k_ok = offs_k < K - kb * BLOCK_K
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b_ok = k_ok[:, None] & (offs_n < N)[None, :]
-            g = tl.load(g_ptrs, mask=b_ok, other=0.0)
-            u = tl.load(u_ptrs, mask=b_ok, other=0.0)
-            if IEEE:
-                acc_g = tl.dot(a, g, acc_g, input_precision="ieee")
-                acc_u = tl.dot(a, u, acc_u, input_precision="ieee")
-            else:
-                acc_g = tl.dot(a, g, acc_g)
-                acc_u = tl.dot(a, u, acc_u)
-            a_ptrs += BLOCK_K
-            g_ptrs += BLOCK_K
-            u_ptrs += BLOCK_K
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = offs_n < N
-    h = _activation(acc_g, ACT) * acc_u
-    o_ptrs = out_ptr + assign[:, None] * stride_om + offs_n[None, :]
-    tl.store(o_ptrs, h.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        col_ok = offs_n < N
+        h = _activation(acc_g, ACT) * acc_u
+        o_ptrs = out_ptr + assign[:, None] * stride_om + offs_n[None, :]
+        tl.store(o_ptrs, h.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -212,7 +223,6 @@ def _down_kernel(
     ids_ptr,
     num_assign,
     top_k,
-    em,
     N,
     K,
     stride_am,
@@ -227,47 +237,53 @@ def _down_kernel(
     ACCUMULATE: tl.constexpr,
     IEEE: tl.constexpr,
     DIRECT: tl.constexpr,
+    PERSISTENT: tl.constexpr,
 ):
-    if DIRECT:  # the grid is exactly the assignments' blocks: none is dead
-        pid_m, pid_n, assign = _direct_block(tl.program_id(0), num_assign, N, BLOCK_M, BLOCK_N)
-        expert = tl.load(ids_ptr + pid_m).to(tl.int64)
+    num_pid_n = tl.cdiv(N, BLOCK_N)  # the tile loop as in _gate_up_kernel
+    if DIRECT:
+        live_rows = num_assign * BLOCK_M
     else:
-        pid_m, pid_n = _block_coords(tl.program_id(0), em, N, BLOCK_M, BLOCK_N, GROUP_M)
-        if pid_m * BLOCK_M >= tl.load(num_post_ptr):
-            return
-        assign = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    row_ok = assign < num_assign
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + assign[:, None] * stride_am + offs_k[None, :]
-    b_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - kb * BLOCK_K
-        k_ok = offs_k < k_left
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
+        live_rows = tl.load(num_post_ptr)
+    num_tiles = tl.cdiv(live_rows, BLOCK_M) * num_pid_n
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=PERSISTENT):
+        if DIRECT:
+            pid_m, pid_n, assign = _direct_block(tile, num_assign, N, BLOCK_M, BLOCK_N)
+            expert = tl.load(ids_ptr + pid_m).to(tl.int64)
         else:
-            acc = tl.dot(a, b, acc)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+            pid_m, pid_n = _block_coords(tile, live_rows, N, BLOCK_M, BLOCK_N, GROUP_M)
+            assign = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+            expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+        row_ok = assign < num_assign
 
-    if MUL_WEIGHT:
-        w = tl.load(topk_weights_ptr + assign, mask=row_ok, other=0.0).to(tl.float32)
-        acc = acc * w[:, None]
-    token = assign // top_k
-    o_ptrs = out_ptr + token[:, None] * stride_om + offs_n[None, :]
-    o_ok = row_ok[:, None] & col_ok[None, :]
-    if ACCUMULATE:
-        tl.atomic_add(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_ok, sem="relaxed")
-    else:
-        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_ok)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < N
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + assign[:, None] * stride_am + offs_k[None, :]
+        b_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(K, BLOCK_K)):
+            k_left = K - kb * BLOCK_K
+            k_ok = offs_k < k_left
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if IEEE:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+
+        if MUL_WEIGHT:
+            w = tl.load(topk_weights_ptr + assign, mask=row_ok, other=0.0).to(tl.float32)
+            acc = acc * w[:, None]
+        token = assign // top_k
+        o_ptrs = out_ptr + token[:, None] * stride_om + offs_n[None, :]
+        o_ok = row_ok[:, None] & col_ok[None, :]
+        if ACCUMULATE:
+            tl.atomic_add(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_ok, sem="relaxed")
+        else:
+            tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_ok)
 
 
 def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
@@ -281,10 +297,23 @@ def _dot_ieee(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
-def _grid_m_n(em, n_cols: int, cfg: dict, gate=1, direct: bool = False) -> tuple:
-    """Row blocks x column blocks; `direct`: em is the assignment count, one block each."""
+def _sm_count(device: torch.device) -> int:
+    """Programs of a persistent launch: one per SM (the compute-bound tiles fill an SM's shared
+    memory, so one resident program each); 4 off CUDA (the interpreter), so tiles still stride."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _grid_m_n(em, n_cols: int, cfg: dict, gate=1, direct: bool = False, device=None) -> tuple:
+    """Row blocks x column blocks (`direct`: em is the assignment count, one block each); for a
+    persistent config, at most one program per SM, each looping over tiles."""
     row_blocks = em if direct else triton.cdiv(em, cfg["BLOCK_M"])
-    return (row_blocks * triton.cdiv(n_cols, cfg["BLOCK_N"]) * gate,)
+    tiles = row_blocks * triton.cdiv(n_cols, cfg["BLOCK_N"])
+    if cfg.get("PERSISTENT") and not direct:
+        sms = _sm_count(device)
+        tiles = min(tiles, sms) if isinstance(tiles, int) else torch.sym_min(tiles, sms)
+    return (tiles * gate,)
 
 
 def _align_args(sorted_ids, expert_ids, num_post, direct_ids, num_assign) -> tuple[tuple, object, bool]:
@@ -298,11 +327,14 @@ def _align_args(sorted_ids, expert_ids, num_post, direct_ids, num_assign) -> tup
     return (flat, flat, flat, flat), num_assign, True  # only ids_ptr is read under DIRECT
 
 
-def _zero_block(hidden_size: int, inter_size: int, block_n: int) -> int:
-    """Columns of the output each gate/up program zeroes per step: the row's H columns spread
-    over the block's cdiv(I, BLOCK_N) column programs, a power of two in [16, 256]."""
-    per_program = -(-hidden_size // -(-inter_size // block_n))
-    return min(256, max(16, 1 << (per_program - 1).bit_length()))
+def _zero_block(hidden_size: int, inter_size: int, block_n: int) -> tuple[int, int]:
+    """(BLOCK_Z, ZERO_STEPS): columns of the output each gate/up program zeroes per step — the
+    row's H columns spread over the block's cdiv(I, BLOCK_N) column programs, a power of two in
+    [16, 256] — and the steps that take to cover H."""
+    programs = -(-inter_size // block_n)
+    per_program = -(-hidden_size // programs)
+    block_z = min(256, max(16, 1 << (per_program - 1).bit_length()))
+    return block_z, -(-hidden_size // (programs * block_z))
 
 
 def gate_up_grouped(
@@ -335,14 +367,14 @@ def gate_up_grouped(
     # passed twice would alias two kernel arguments)
     zeroed = hidden if zero_out is None else zero_out
     routing, em, direct = _align_args(sorted_ids, expert_ids, num_post, direct_ids, num_assign)
-    wrap_triton(_gate_up_kernel)[_grid_m_n(em, inter, cfg, gate, direct)](
+    zero_block, zero_steps = _zero_block(hidden_size, inter, cfg["BLOCK_N"])
+    wrap_triton(_gate_up_kernel)[_grid_m_n(em, inter, cfg, gate, direct, hidden.device)](
         hidden,
         w13,
         out,
         *routing,
         num_assign,
         top_k,
-        em,
         inter,
         hidden_size,
         hidden.stride(0),
@@ -359,9 +391,11 @@ def gate_up_grouped(
         ACT=ACTIVATION_CODES[activation],
         IEEE=_dot_ieee(hidden.dtype),
         ZERO_OUT=zero_out is not None,
-        BLOCK_Z=_zero_block(hidden_size, inter, cfg["BLOCK_N"]),
+        BLOCK_Z=zero_block,
+        ZERO_STEPS=zero_steps if zero_out is not None else 0,
         DIRECT=direct,
         ONE_DOT=GATE_UP_ONE_DOT,
+        PERSISTENT=bool(cfg.get("PERSISTENT")) and not direct,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
@@ -402,7 +436,7 @@ def down_grouped(
     if not weights.is_contiguous():
         weights = weights.contiguous()
     routing, em, direct = _align_args(sorted_ids, expert_ids, num_post, direct_ids, num_assign)
-    wrap_triton(_down_kernel)[_grid_m_n(em, hidden_size, cfg, gate, direct)](
+    wrap_triton(_down_kernel)[_grid_m_n(em, hidden_size, cfg, gate, direct, inter.device)](
         inter,
         w2,
         out,
@@ -410,7 +444,6 @@ def down_grouped(
         *routing,
         num_assign,
         top_k,
-        em,
         hidden_size,
         inter_size,
         inter.stride(0),
@@ -425,6 +458,7 @@ def down_grouped(
         ACCUMULATE=top_k > 1,
         IEEE=_dot_ieee(inter.dtype),
         DIRECT=direct,
+        PERSISTENT=bool(cfg.get("PERSISTENT")) and not direct,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
