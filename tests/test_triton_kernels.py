@@ -336,6 +336,103 @@ def test_plan_gates_each_range_by_token_count():
 
 
 @outer_only
+@pytest.mark.parametrize("first_hi,direct_max", [(4, 2), (1, 1)])
+def test_direct_runs_up_to_direct_tokens_within_the_first_range(first_hi, direct_max):
+    """With many experts (16, top-2: T*K <= E/4 up to T = 2) DIRECT runs above one token — the
+    two GEMMs alone, no histograms, no scatter — but never past the first range, whose config
+    it runs; evaluated for a concrete T, exactly one of DIRECT and the aligned path launches."""
+    from moec.ops.triton.configs import encode_plan, parse_plan
+    from moec.ops.triton.fused_moe import direct_tokens, fused_moe
+
+    assert direct_tokens(16, 2) == 2 and direct_tokens(128, 8) == 4 and direct_tokens(8, 2) == 1
+    plan = parse_plan(encode_plan({"path": "triton", "ranges": [(first_hi, CFG_A), (None, CFG_B)]}))
+    w13, w2 = moe_weights(16, 72, 40, torch.float32)
+
+    class Block(torch.nn.Module):
+        def forward(self, x, weights, ids):
+            return fused_moe(x, w13, w2, weights, ids, "silu", plan=plan)
+
+    weights, ids = routing(7, 16, 2, "random")
+    tokens = torch.export.Dim("tokens", min=1, max=32768)
+    ep = torch.export.export(Block(), (torch.randn(7, 72), weights, ids), dynamic_shapes=({0: tokens},) * 3,
+                             strict=False)
+
+    class GridsOnly(torch.fx.Interpreter):
+        def call_function(self, target, args, kwargs):
+            if "triton_kernel_wrapper" in str(target):
+                self.grids.append((_kernel_name(kwargs), kwargs["grid"][0][0]))
+                return None
+            return super().call_function(target, args, kwargs)
+
+    for num_tokens in range(1, 6):
+        run = GridsOnly(ep.module())
+        run.grids = []
+        w, i = routing(num_tokens, 16, 2, "random")
+        run.run(torch.randn(num_tokens, 72), w, i)
+        names = [n for n, g in run.grids if g > 0]
+        if num_tokens <= direct_max:
+            assert names == ["_gate_up_kernel", "_down_kernel"], (num_tokens, run.grids)
+        else:
+            assert "_align_scatter_kernel" in names and len(names) == 3, (num_tokens, run.grids)
+
+
+@outer_only
+def test_persistent_grid_is_a_symbolic_min_of_tiles_and_sms():
+    """A persistent config's grid under export with a symbolic T: min(tiles, SMs) — no guard on
+    T — so a few tiles get a program each and many get one program per SM (4 off CUDA); its
+    down GEMM, not persistent, one program per tile."""
+    from moec.ops.triton.configs import encode_plan, parse_plan, split_config
+    from moec.ops.triton.fused_moe import fused_moe
+
+    plan = parse_plan(encode_plan({"path": "triton", "ranges": [(None, dict(CFG_P, down={"PERSISTENT": False}))]}))
+    w13, w2 = moe_weights(5, 72, 40, torch.float32)
+
+    class Block(torch.nn.Module):
+        def forward(self, x, weights, ids):
+            return fused_moe(x, w13, w2, weights, ids, "silu", plan=plan)
+
+    weights, ids = routing(7, 5, 2, "random")
+    tokens = torch.export.Dim("tokens", min=1, max=32768)
+    ep = torch.export.export(Block(), (torch.randn(7, 72), weights, ids), dynamic_shapes=({0: tokens},) * 3,
+                             strict=False)
+
+    class GridsOnly(torch.fx.Interpreter):
+        def call_function(self, target, args, kwargs):
+            if "triton_kernel_wrapper" in str(target):
+                self.grids.append((_kernel_name(kwargs), kwargs["grid"][0][0]))
+                return None
+            return super().call_function(target, args, kwargs)
+
+    gate_up, down = split_config(plan["ranges"][0][1])
+    for num_tokens in (2, 300):
+        run = GridsOnly(ep.module())
+        run.grids = []
+        w, i = routing(num_tokens, 5, 2, "random")
+        run.run(torch.randn(num_tokens, 72), w, i)
+        grids = dict((n, g) for n, g in run.grids if g > 0 and n in ("_gate_up_kernel", "_down_kernel"))
+        em = 2 * num_tokens + min(2 * num_tokens, 5) * (gate_up["BLOCK_M"] - 1)
+        tiles = -(-em // gate_up["BLOCK_M"]) * -(-40 // gate_up["BLOCK_N"])
+        assert grids["_gate_up_kernel"] == min(tiles, 4), (num_tokens, run.grids)
+        assert grids["_down_kernel"] == -(-em // down["BLOCK_M"]) * -(-72 // down["BLOCK_N"])
+
+
+@interp_only
+@pytest.mark.parametrize("case", ["random", "one"])
+def test_interp_fused_moe_direct_above_one_token(case):
+    """DIRECT at two tokens (16 experts, top-2): right whether the tokens share an expert (read
+    twice) or not."""
+    from moec.ops.triton.fused_moe import direct_tokens, fused_moe
+
+    assert direct_tokens(16, 2) == 2
+    w13, w2 = moe_weights(16, 72, 40, torch.float32)
+    x = torch.randn(2, 72, generator=torch.Generator().manual_seed(8))
+    weights, ids = routing(2, 16, 2, case)
+    with poisoned_empty():
+        got = fused_moe(x, w13, w2, weights, ids, "silu", config=CFG_A)
+    close(got, reference(x, w13, w2, weights, ids), torch.float32)
+
+
+@outer_only
 def test_inductor_sees_the_zeroing_and_the_accumulation(monkeypatch):
     """Inductor orders and allocates user kernels by the tensors their TTIR writes: gate/up must
     count as writing the output it zeroes, and down (atomics) as writing it too. The analysis

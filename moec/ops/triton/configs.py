@@ -51,13 +51,21 @@ _HUGE = {
     "BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4,
     "down": {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
 }
+# compute-bound: gate/up persistent (one program per SM looping over tiles), down one program per
+# tile. The fastest of step_kernels-h100-2026-12-06T0804's tiles at 256+ rows per expert: 645 and
+# 603 TFLOP/s for Mixtral's and Qwen3's gate/up at 4096 and 16384 tokens, 15-20% above the same
+# tile one program per tile; a persistent down was 2.4-3.6x slower there
+_PERSISTENT = {
+    "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 16, "num_warps": 8, "num_stages": 3,
+    "PERSISTENT": True, "down": {"BLOCK_N": 256, "BLOCK_K": 64, "num_stages": 4, "PERSISTENT": False},
+}
 
 # rows-per-expert bucket (upper bound) -> config
 DEFAULT_CONFIGS: dict[int, dict] = {
     1: _SMALL, 4: _SMALL, 16: _SMALL,
     64: _MEDIUM,
     256: _LARGE,
-    1024: _HUGE, 4096: _HUGE, 16384: _HUGE, 32768: _HUGE,
+    1024: _PERSISTENT, 4096: _PERSISTENT, 16384: _PERSISTENT, 32768: _PERSISTENT,
 }
 
 # Used when the token count is symbolic (an exported graph with a dynamic token dimension):
@@ -95,6 +103,10 @@ _VARIANTS = [
     {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4,
      "down": {"BLOCK_N": 32}},
     {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 8, "num_stages": 3},
+    # the old 1024+ default (one program per tile, narrow gate/up), and the table's persistent
+    # tile with a 4-stage gate/up pipeline (it fits: 224 KiB of shared memory)
+    _HUGE,
+    {**_PERSISTENT, "GROUP_M": 8, "num_stages": 4},
 ]
 
 

@@ -5,10 +5,11 @@ Launches, all sized from shapes (no host sync, no data-dependent shapes, so the 
 captured in a CUDA graph and traced with a symbolic token count): 2 for the expert histograms
 (above `align.CHUNK` assignments only: below, the scatter counts its one chunk itself), then per
 config a scatter (align), the gate/up GEMM (which also zeroes the output) and the down GEMM
-(which accumulates into it): 3 to 5 for one config. A single token (T = 1) runs the two GEMMs
-alone, each assignment its own row block with its expert read straight from topk_ids (DIRECT):
-2 launches, none before the first GEMM. The first range (the one holding T = 1) compiles both
-variants of its GEMMs in, gated by T = 1 and T > 1.
+(which accumulates into it): 3 to 5 for one config. A few tokens (T = 1, and up to
+`direct_tokens` where experts are many: 4 for Qwen3-30B-A3B) run the two GEMMs alone, each
+assignment its own row block with its expert read straight from topk_ids (DIRECT): 2 launches,
+none before the first GEMM. The first range (the one holding T = 1) compiles both variants of
+its GEMMs in, gated by T <= direct_tokens and above.
 
 A tuned plan (`configs.parse_plan`) gives a config per token range. Every config of the plan is
 compiled in, and each of its launches has its grid multiplied by a gate: 1 when T is in the
@@ -35,6 +36,16 @@ from moec.ops.triton.grouped_gemm import ACTIVATION_CODES, unit_last_stride, dow
 from moec.ops.triton.token_gate import never, token_range_gate
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def direct_tokens(num_experts: int, top_k: int) -> int:
+    """Token counts up to this run DIRECT (no align launch; each assignment its own row block):
+    while T*K <= E/4, so that few experts are chosen twice, since DIRECT reads such an expert's
+    weights once per assignment. At least 1. On an H100 (step_kernels-h100-2026-12-06T0757):
+    Qwen3-30B-A3B's experts (E=128, K=8) at 2 and 4 tokens took 72 and 117 us DIRECT against 78
+    and 122 aligned, at 8 tokens 211 against 192; Mixtral's (E=8, K=2) at 4 tokens 882 against
+    602."""
+    return max(1, num_experts // (4 * top_k))
 
 
 def select_config(num_tokens, num_experts: int, top_k: int) -> dict:
@@ -109,26 +120,30 @@ def fused_moe(
     hidden, w13, w2 = unit_last_stride(hidden), unit_last_stride(w13), unit_last_stride(w2)
     out = torch.empty(num_tokens, hidden_size, dtype=hidden.dtype, device=hidden.device)
     inter = torch.empty(num_tokens * top_k, two_i // 2, dtype=hidden.dtype, device=hidden.device)
-    # one token skips the histograms and the scatter: its assignments are the blocks themselves
-    one, many = token_range_gate(num_tokens, 0, 1), token_range_gate(num_tokens, 1, None)
-    hist = expert_histograms(topk_ids, num_experts, many)
+    # up to direct_max tokens skip the histograms and the scatter: their assignments are the
+    # blocks themselves (DIRECT), with the first range's config
+    first_hi = launches[0][0]
+    direct_max = direct_tokens(num_experts, top_k)
+    direct_max = direct_max if first_hi is None else min(direct_max, first_hi)
+    direct, aligned = token_range_gate(num_tokens, 0, direct_max), token_range_gate(num_tokens, direct_max, None)
+    hist = expert_histograms(topk_ids, num_experts, aligned)
     lo = 0
     for hi, gate_up_cfg, down_cfg in launches:
         gate = token_range_gate(num_tokens, lo, hi)
-        holds_one, lo = lo == 0, hi  # T = 1 lies in the first range only
+        first, lo = lo == 0, hi
         if never(gate):
             continue
         zero_out = out if top_k > 1 else None
-        if not never(gate * many):
-            align = align_scatter(hist, gate_up_cfg["BLOCK_M"], gate * many)
+        if not never(gate * aligned):
+            align = align_scatter(hist, gate_up_cfg["BLOCK_M"], gate * aligned)
             gate_up_grouped(hidden, w13, *align, top_k, gate_up_cfg, activation, out=inter, zero_out=zero_out,
-                            gate=gate * many)
-            down_grouped(inter, w2, topk_weights, *align, down_cfg, out=out, gate=gate * many)
-        if holds_one and not never(gate * one):
-            # one token: the same two GEMMs, each assignment its own row block read from topk_ids
+                            gate=gate * aligned)
+            down_grouped(inter, w2, topk_weights, *align, down_cfg, out=out, gate=gate * aligned)
+        if first and not never(gate * direct):
+            # the same two GEMMs, each assignment its own row block, its expert read from topk_ids
             gate_up_grouped(hidden, w13, None, None, None, top_k, gate_up_cfg, activation, out=inter,
-                            zero_out=zero_out, gate=gate * one, direct_ids=topk_ids)
-            down_grouped(inter, w2, topk_weights, None, None, None, down_cfg, out=out, gate=gate * one,
+                            zero_out=zero_out, gate=gate * direct, direct_ids=topk_ids)
+            down_grouped(inter, w2, topk_weights, None, None, None, down_cfg, out=out, gate=gate * direct,
                          direct_ids=topk_ids)
     return out
 

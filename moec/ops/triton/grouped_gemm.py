@@ -128,16 +128,24 @@ def _gate_up_kernel(
     ONE_DOT: tl.constexpr,
     PERSISTENT: tl.constexpr,
 ):
-    # tiles of live row blocks only (dead ones, past num_post, are never visited); one per program,
-    # or (PERSISTENT: a grid of about one program per SM) strided over the programs in a loop
-    # that Triton flattens, so one tile's epilogue overlaps the next one's first loads
+    # tiles of live row blocks only (dead ones, past num_post, are skipped): one per program, or
+    # (PERSISTENT: a grid of about one program per SM) strided over the programs in a loop that
+    # Triton flattens, so one tile's epilogue overlaps the next one's first loads. One tile is a
+    # loop of one iteration known at compile time, which folds away: straight-line code.
     num_pid_n = tl.cdiv(N, BLOCK_N)
     if DIRECT:  # one row block per assignment: none is dead
         live_rows = num_assign * BLOCK_M
     else:
         live_rows = tl.load(num_post_ptr)
     num_tiles = tl.cdiv(live_rows, BLOCK_M) * num_pid_n
-    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=PERSISTENT):
+    if PERSISTENT:
+        my_tiles = tl.cdiv(num_tiles - tl.program_id(0), tl.num_programs(0))
+    else:
+        if tl.program_id(0) >= num_tiles:
+            return
+        my_tiles = 1
+    for i in tl.range(0, my_tiles, flatten=PERSISTENT):
+        tile = tl.program_id(0) + i * tl.num_programs(0)
         if DIRECT:
             pid_m, pid_n, assign = _direct_block(tile, num_assign, N, BLOCK_M, BLOCK_N)
             expert = tl.load(ids_ptr + pid_m).to(tl.int64)
@@ -245,7 +253,14 @@ def _down_kernel(
     else:
         live_rows = tl.load(num_post_ptr)
     num_tiles = tl.cdiv(live_rows, BLOCK_M) * num_pid_n
-    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=PERSISTENT):
+    if PERSISTENT:
+        my_tiles = tl.cdiv(num_tiles - tl.program_id(0), tl.num_programs(0))
+    else:
+        if tl.program_id(0) >= num_tiles:
+            return
+        my_tiles = 1
+    for i in tl.range(0, my_tiles, flatten=PERSISTENT):
+        tile = tl.program_id(0) + i * tl.num_programs(0)
         if DIRECT:
             pid_m, pid_n, assign = _direct_block(tile, num_assign, N, BLOCK_M, BLOCK_N)
             expert = tl.load(ids_ptr + pid_m).to(tl.int64)
