@@ -293,25 +293,12 @@ def _down_kernel(
             w = tl.load(topk_weights_ptr + assign, mask=row_ok, other=0.0).to(tl.float32)
             acc = acc * w[:, None]
         token = assign // top_k
-        if PERSISTENT:
-            lo, hi = tl.split(tl.permute(tl.reshape(acc.to(out_ptr.dtype.element_ty), (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            offs_h = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
-            for half in tl.static_range(2):
-                part = lo if half == 0 else hi
-                cols = offs_h + half * (BLOCK_N // 2)
-                o_ptrs = out_ptr + token[:, None] * stride_om + cols[None, :]
-                o_ok = row_ok[:, None] & (cols < N)[None, :]
-                if ACCUMULATE:
-                    tl.atomic_add(o_ptrs, part, mask=o_ok, sem="relaxed")
-                else:
-                    tl.store(o_ptrs, part, mask=o_ok)
+        o_ptrs = out_ptr + token[:, None] * stride_om + offs_n[None, :]
+        o_ok = row_ok[:, None] & col_ok[None, :]
+        if ACCUMULATE:
+            tl.atomic_add(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_ok, sem="relaxed")
         else:
-            o_ptrs = out_ptr + token[:, None] * stride_om + offs_n[None, :]
-            o_ok = row_ok[:, None] & col_ok[None, :]
-            if ACCUMULATE:
-                tl.atomic_add(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_ok, sem="relaxed")
-            else:
-                tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_ok)
+            tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_ok)
 
 
 def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
