@@ -185,8 +185,9 @@ def from_offload(doc: dict) -> dict:
 
 def from_step_kernels(doc: dict) -> dict:
     """The fastest passing config per prefill size (and SDPA's time beside it), the compiled
-    step's decode attention per batch, the built-in router per token count, and the K/V write
-    per token count (the torch path beside it)."""
+    step's decode attention per batch, the built-in router per token count, the K/V write per
+    token count (the torch path beside it), the experts at few tokens per path, and the grouped
+    GEMMs' rate per kernel form."""
     metrics = []
     for row in doc.get("prefill", []):
         ok = [c for c in row["configs"].values() if c.get("ok")]
@@ -211,6 +212,17 @@ def from_step_kernels(doc: dict) -> dict:
         if built:
             metrics.append(metric(f"kv_write/T={row['tokens']}/us", built["us"], "us", "lower", roofline=row["bound_us"],
                                   peer="torch index_copy_", peer_value=row["paths"]["torch index_copy_"]["us"]))
+    for row in doc.get("direct", []):
+        for name, path in row["paths"].items():
+            if path.get("ok"):
+                tag = "aligned" if name.startswith("aligned") else name
+                metrics.append(metric(f"experts_few_tokens/{row['shape']}/T={row['tokens']}/{tag}_us",
+                                      path.get("us_interleaved", path["us"]), "us", "lower", roofline=row["bound_us"]))
+    for row in doc.get("gemm", []):  # kernels whose output check failed are left out (ok false)
+        for name, kernel in row["kernels"].items():
+            if kernel.get("ok") is not False:
+                metrics.append(metric(f"grouped_gemm/{row['shape']}/T={row['tokens']}/{name.replace(' ', '_')}_tflop_s",
+                                      kernel["tflop_s"], "TFLOP/s", "higher"))
     device = doc["env"]["device"]
     return _converted(doc | {"date": doc["env"]["date"], "versions": doc["env"].get("versions", {})},
                       device.get("kind", "cuda"), device.get("name"), doc["env"].get("commit"), metrics)
