@@ -192,9 +192,11 @@ def test_triton_path_traces_with_symbolic_tokens(top_k):
 
 @outer_only
 def test_grouped_mm_row_kernels_trace_with_symbolic_tokens():
-    """The grouped_mm path's CUDA body (the row kernels between the two grouped GEMMs) under
-    export with a dynamic token count: T keeps its range, the expert order is the three align
-    launches (no sort) and the three row moves are launches."""
+    """The grouped_mm path's CUDA body under export with a dynamic token count: T keeps its
+    range, the expert order is the align launches (no sort: the histograms once, a scatter for
+    the order and one into the gate/up GEMM's blocks), gate/up is the Triton GEMM writing rows
+    in the sorted order (no gather of x, no activation pass), then CUTLASS's down GEMM and the
+    combine launch."""
     from moec.ops.fused_moe import fused_moe_grouped_mm
 
     w13, w2 = moe_weights(5, 72, 40, torch.bfloat16)
@@ -210,9 +212,9 @@ def test_grouped_mm_row_kernels_trace_with_symbolic_tokens():
     (vr,) = ep.range_constraints.values()
     assert (vr.lower, vr.upper) == (1, 32768)
     launches = [_kernel_name(n.kwargs) for n in ep.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
-    assert launches == ["_align_count_kernel", "_align_scan_kernel", "_align_scatter_kernel", "_gather_rows_kernel",
-                        "_gated_act_kernel", "_combine_rows_kernel"]
-    assert sum("_grouped_mm" in str(n.target) for n in ep.graph.nodes) == 2
+    assert launches == ["_align_count_kernel", "_align_scan_kernel", "_align_scatter_kernel", "_align_scatter_kernel",
+                        "_gate_up_kernel", "_combine_rows_kernel"]
+    assert sum("_grouped_mm" in str(n.target) for n in ep.graph.nodes) == 1
     assert not any("sort" in str(n.target) for n in ep.graph.nodes)
 
 
@@ -626,8 +628,8 @@ def test_kernels_compile_for_h100():
             (
                 grouped_gemm._gate_up_kernel,
                 gate_up,
-                {"x_ptr": bf16, "w_ptr": bf16, "out_ptr": bf16, "zero_ptr": bf16},
-                {"ACT": 0, "ZERO_OUT": True, "BLOCK_Z": 32, "ZERO_STEPS": 2, "ONE_DOT": True},
+                {"x_ptr": bf16, "w_ptr": bf16, "out_ptr": bf16, "zero_ptr": bf16, "rows_ptr": i32},
+                {"ACT": 0, "ZERO_OUT": True, "BLOCK_Z": 32, "ZERO_STEPS": 2, "ONE_DOT": True, "OUT_ROWS": False},
             ),
             (
                 grouped_gemm._down_kernel,

@@ -261,14 +261,18 @@ def align_scatter(hist: ExpertHistograms, block_m: int, gate=1) -> tuple[torch.T
     return sorted_ids, expert_ids, num_post
 
 
-def expert_order(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def expert_order(topk_ids: torch.Tensor, num_experts: int,
+                 hist: ExpertHistograms | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """topk_ids [T, K] → (order, ends, position), int32: the T*K assignments sorted by expert,
     stably (what torch.sort(stable=True) of the flat ids gives as indices), each expert's end row
     in that order (the grouped GEMM's offsets) and each assignment's row (order's inverse). For
     the `torch._grouped_mm` path: the count, scan and scatter launches above, with no padding,
     where the sort was a radix sort of 8 passes and 10 memsets (49 + 11 us of Qwen3-30B-A3B's 0.64 ms
-    at 1024 tokens, moe_layer-h100-2026-12-06T0450) and searchsorted and an index_copy_ followed."""
-    hist = expert_histograms(topk_ids, num_experts)
+    at 1024 tokens, moe_layer-h100-2026-12-06T0450) and searchsorted and an index_copy_ followed.
+    `hist`: these ids' histograms if already counted (the grouped_mm path's gate/up GEMM also
+    scatters them into blocks of its own BLOCK_M)."""
+    if hist is None:
+        hist = expert_histograms(topk_ids, num_experts)
     num_assign = hist.ids.shape[0]
     device = hist.ids.device
     order = torch.empty(num_assign, dtype=torch.int32, device=device)

@@ -60,6 +60,12 @@ _PERSISTENT = {
     "PERSISTENT": True, "down": {"BLOCK_N": 256, "BLOCK_K": 64, "num_stages": 4, "PERSISTENT": False},
 }
 
+# The grouped_mm path's gate/up GEMM on CUDA (only its gate/up settings are used; CUTLASS runs the
+# down GEMM): the persistent tile, which beat torch._grouped_mm's gate/up on the same routed rows
+# from 1024 to 16384 tokens on both MoE shapes in step_kernels-h100-2026-12-06T0804, before
+# counting the gather of x and the activation pass that GEMM needs around it
+GROUPED_MM_GATE_UP = _PERSISTENT
+
 # rows-per-expert bucket (upper bound) -> config
 DEFAULT_CONFIGS: dict[int, dict] = {
     1: _SMALL, 4: _SMALL, 16: _SMALL,

@@ -115,6 +115,7 @@ def _gate_up_kernel(
     zero_ptr,
     zero_cols,
     stride_zm,
+    rows_ptr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -127,6 +128,7 @@ def _gate_up_kernel(
     DIRECT: tl.constexpr,
     ONE_DOT: tl.constexpr,
     PERSISTENT: tl.constexpr,
+    OUT_ROWS: tl.constexpr,
 ):
     # tiles of live row blocks only (dead ones, past num_post, are skipped): one per program, or
     # (PERSISTENT: a grid of about one program per SM) strided over the programs in a loop that
@@ -215,7 +217,11 @@ def _gate_up_kernel(
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N
         h = _activation(acc_g, ACT) * acc_u
-        o_ptrs = out_ptr + assign[:, None] * stride_om + offs_n[None, :]
+        if OUT_ROWS:  # assignment a's row goes to out[rows[a]] (the grouped_mm path's sorted order)
+            out_row = tl.load(rows_ptr + assign, mask=row_ok, other=0).to(tl.int64)
+        else:
+            out_row = assign
+        o_ptrs = out_ptr + out_row[:, None] * stride_om + offs_n[None, :]
         tl.store(o_ptrs, h.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -365,11 +371,13 @@ def gate_up_grouped(
     zero_out: torch.Tensor | None = None,
     gate=1,
     direct_ids: torch.Tensor | None = None,
+    out_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """hidden [T, H], w13 [E, 2I, H] → act(gate)·up per assignment, [T*K, I] in assignment order
-    (into `out` if given: contiguous [T*K, I]). `zero_out` [T, H] (unit column stride), if given,
-    is zeroed on the way: the down GEMM's accumulator. `direct_ids` (topk_ids, contiguous; for one
-    token) replaces the align buffers: each assignment is its own row block."""
+    (into `out` if given: contiguous [T*K, I]), or with `out_rows` (int32 [T*K], a permutation)
+    assignment a at row out_rows[a]. `zero_out` [T, H] (unit column stride), if given, is zeroed
+    on the way: the down GEMM's accumulator. `direct_ids` (topk_ids, contiguous; for few tokens)
+    replaces the align buffers: each assignment is its own row block."""
     hidden, w13 = unit_last_stride(hidden), unit_last_stride(w13)
     num_tokens, hidden_size = hidden.shape
     inter = w13.shape[1] // 2
@@ -399,6 +407,7 @@ def gate_up_grouped(
         zeroed,
         0 if zero_out is None else zero_out.shape[1],
         zeroed.stride(0),
+        routing[0] if out_rows is None else out_rows,  # unused without OUT_ROWS: a read-only stand-in
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"],
@@ -411,6 +420,7 @@ def gate_up_grouped(
         DIRECT=direct,
         ONE_DOT=GATE_UP_ONE_DOT,
         PERSISTENT=bool(cfg.get("PERSISTENT")) and not direct,
+        OUT_ROWS=out_rows is not None,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
