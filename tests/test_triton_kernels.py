@@ -228,6 +228,41 @@ def _kernel_name(kwargs) -> str:
     return kernel_side_table.get_kernel(kwargs["kernel_idx"]).fn.__name__
 
 
+def _export_fused_moe(plan: dict, num_experts: int = 5):
+    """fused_moe (hidden 72, inter 40, top-2) under a parsed plan, exported with a symbolic T."""
+    from moec.ops.triton.fused_moe import fused_moe
+
+    w13, w2 = moe_weights(num_experts, 72, 40, torch.float32)
+
+    class Block(torch.nn.Module):
+        def forward(self, x, weights, ids):
+            return fused_moe(x, w13, w2, weights, ids, "silu", plan=plan)
+
+    weights, ids = routing(7, num_experts, 2, "random")
+    tokens = torch.export.Dim("tokens", min=1, max=32768)
+    return torch.export.export(Block(), (torch.randn(7, 72), weights, ids), dynamic_shapes=({0: tokens},) * 3,
+                               strict=False)
+
+
+class _GridsOnly(torch.fx.Interpreter):
+    """Runs a graph's size arithmetic and records each launch's (kernel, grid); launches nothing."""
+
+    def call_function(self, target, args, kwargs):
+        if "triton_kernel_wrapper" in str(target):
+            self.grids.append((_kernel_name(kwargs), kwargs["grid"][0][0]))
+            return None
+        return super().call_function(target, args, kwargs)
+
+
+def _launch_grids(gm, num_tokens: int, num_experts: int = 5) -> list[tuple[str, int]]:
+    """Each launch's (kernel, grid) of an exported fused_moe (`_export_fused_moe`) at T tokens."""
+    run = _GridsOnly(gm)
+    run.grids = []
+    w, i = routing(num_tokens, num_experts, 2, "random")
+    run.run(torch.randn(num_tokens, 72), w, i)
+    return run.grids
+
+
 @outer_only
 @pytest.mark.parametrize("num_experts", [8, 128, 256])
 def test_router_launches_one_config_per_token_count(num_experts):
@@ -291,19 +326,9 @@ def test_plan_gates_each_range_by_token_count():
     direct GEMMs alone (no histograms, no scatter) for T = 1."""
     from moec.ops.triton.align import CHUNK
     from moec.ops.triton.configs import encode_plan, parse_plan, split_config
-    from moec.ops.triton.fused_moe import fused_moe
 
     plan = parse_plan(encode_plan({"path": "triton", "ranges": PLAN_RANGES}))
-    w13, w2 = moe_weights(5, 72, 40, torch.float32)
-
-    class Block(torch.nn.Module):
-        def forward(self, x, weights, ids):
-            return fused_moe(x, w13, w2, weights, ids, "silu", plan=plan)
-
-    weights, ids = routing(7, 5, 2, "random")
-    tokens = torch.export.Dim("tokens", min=1, max=32768)
-    ep = torch.export.export(Block(), (torch.randn(7, 72), weights, ids), dynamic_shapes=({0: tokens},) * 3,
-                             strict=False)
+    ep = _export_fused_moe(plan)
     (vr,) = ep.range_constraints.values()
     assert (vr.lower, vr.upper) == (1, 32768)
     names = [_kernel_name(n.kwargs) for n in ep.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
@@ -311,30 +336,18 @@ def test_plan_gates_each_range_by_token_count():
     assert names == ["_align_count_kernel", "_align_scan_kernel"] + per_range + ["_gate_up_kernel", "_down_kernel"] \
         + per_range * 2
 
-    class GridsOnly(torch.fx.Interpreter):
-        """Runs the graph's size arithmetic and records each launch's grid; launches nothing."""
-
-        def call_function(self, target, args, kwargs):
-            if "triton_kernel_wrapper" in str(target):
-                self.grids.append((_kernel_name(kwargs), kwargs["grid"][0][0]))
-                return None
-            return super().call_function(target, args, kwargs)
-
     gm = ep.module()
     for num_tokens, active in ((1, 0), (4, 0), (5, 1), (12, 1), (13, 2), (128, 2), (129, 2), (1000, 2), (32768, 2)):
-        run = GridsOnly(gm)
-        run.grids = []
-        w, i = routing(num_tokens, 5, 2, "random")
-        run.run(torch.randn(num_tokens, 72), w, i)
+        grids = _launch_grids(gm, num_tokens)
         many = num_tokens > 1
-        on = [g > 0 for _, g in run.grids]
+        on = [g > 0 for _, g in grids]
         assert on[:2] == [num_tokens * 2 > CHUNK] * 2  # one chunk: the scatter counts it itself
-        assert on[2:7] == [active == 0 and many] * 3 + [not many] * 2, (num_tokens, run.grids)
-        assert on[7:] == [active == 1] * 3 + [active == 2] * 3, (num_tokens, run.grids)
+        assert on[2:7] == [active == 0 and many] * 3 + [not many] * 2, (num_tokens, grids)
+        assert on[7:] == [active == 1] * 3 + [active == 2] * 3, (num_tokens, grids)
         if not many:  # one row block per assignment (top-2) times the column blocks
             gate_up_cfg, down_cfg = split_config(PLAN_RANGES[0][1])
-            assert [g for _, g in run.grids[5:7]] == [2 * -(-40 // gate_up_cfg["BLOCK_N"]),
-                                                      2 * -(-72 // down_cfg["BLOCK_N"])]
+            assert [g for _, g in grids[5:7]] == [2 * -(-40 // gate_up_cfg["BLOCK_N"]),
+                                                  2 * -(-72 // down_cfg["BLOCK_N"])]
 
 
 @outer_only
@@ -344,38 +357,18 @@ def test_direct_runs_up_to_direct_tokens_within_the_first_range(first_hi, direct
     two GEMMs alone, no histograms, no scatter — but never past the first range, whose config
     it runs; evaluated for a concrete T, exactly one of DIRECT and the aligned path launches."""
     from moec.ops.triton.configs import encode_plan, parse_plan
-    from moec.ops.triton.fused_moe import direct_tokens, fused_moe
+    from moec.ops.triton.fused_moe import direct_tokens
 
     assert direct_tokens(16, 2) == 2 and direct_tokens(128, 8) == 4 and direct_tokens(8, 2) == 1
     plan = parse_plan(encode_plan({"path": "triton", "ranges": [(first_hi, CFG_A), (None, CFG_B)]}))
-    w13, w2 = moe_weights(16, 72, 40, torch.float32)
-
-    class Block(torch.nn.Module):
-        def forward(self, x, weights, ids):
-            return fused_moe(x, w13, w2, weights, ids, "silu", plan=plan)
-
-    weights, ids = routing(7, 16, 2, "random")
-    tokens = torch.export.Dim("tokens", min=1, max=32768)
-    ep = torch.export.export(Block(), (torch.randn(7, 72), weights, ids), dynamic_shapes=({0: tokens},) * 3,
-                             strict=False)
-
-    class GridsOnly(torch.fx.Interpreter):
-        def call_function(self, target, args, kwargs):
-            if "triton_kernel_wrapper" in str(target):
-                self.grids.append((_kernel_name(kwargs), kwargs["grid"][0][0]))
-                return None
-            return super().call_function(target, args, kwargs)
-
+    gm = _export_fused_moe(plan, num_experts=16).module()
     for num_tokens in range(1, 6):
-        run = GridsOnly(ep.module())
-        run.grids = []
-        w, i = routing(num_tokens, 16, 2, "random")
-        run.run(torch.randn(num_tokens, 72), w, i)
-        names = [n for n, g in run.grids if g > 0]
+        grids = _launch_grids(gm, num_tokens, num_experts=16)
+        names = [n for n, g in grids if g > 0]
         if num_tokens <= direct_max:
-            assert names == ["_gate_up_kernel", "_down_kernel"], (num_tokens, run.grids)
+            assert names == ["_gate_up_kernel", "_down_kernel"], (num_tokens, grids)
         else:
-            assert "_align_scatter_kernel" in names and len(names) == 3, (num_tokens, run.grids)
+            assert "_align_scatter_kernel" in names and len(names) == 3, (num_tokens, grids)
 
 
 @outer_only
@@ -384,37 +377,16 @@ def test_persistent_grid_is_a_symbolic_min_of_tiles_and_sms():
     T — so a few tiles get a program each and many get one program per SM (4 off CUDA); its
     down GEMM, not persistent, one program per tile."""
     from moec.ops.triton.configs import encode_plan, parse_plan, split_config
-    from moec.ops.triton.fused_moe import fused_moe
 
     plan = parse_plan(encode_plan({"path": "triton", "ranges": [(None, dict(CFG_P, down={"PERSISTENT": False}))]}))
-    w13, w2 = moe_weights(5, 72, 40, torch.float32)
-
-    class Block(torch.nn.Module):
-        def forward(self, x, weights, ids):
-            return fused_moe(x, w13, w2, weights, ids, "silu", plan=plan)
-
-    weights, ids = routing(7, 5, 2, "random")
-    tokens = torch.export.Dim("tokens", min=1, max=32768)
-    ep = torch.export.export(Block(), (torch.randn(7, 72), weights, ids), dynamic_shapes=({0: tokens},) * 3,
-                             strict=False)
-
-    class GridsOnly(torch.fx.Interpreter):
-        def call_function(self, target, args, kwargs):
-            if "triton_kernel_wrapper" in str(target):
-                self.grids.append((_kernel_name(kwargs), kwargs["grid"][0][0]))
-                return None
-            return super().call_function(target, args, kwargs)
-
+    gm = _export_fused_moe(plan).module()
     gate_up, down = split_config(plan["ranges"][0][1])
     for num_tokens in (2, 300):
-        run = GridsOnly(ep.module())
-        run.grids = []
-        w, i = routing(num_tokens, 5, 2, "random")
-        run.run(torch.randn(num_tokens, 72), w, i)
-        grids = dict((n, g) for n, g in run.grids if g > 0 and n in ("_gate_up_kernel", "_down_kernel"))
+        launched = _launch_grids(gm, num_tokens)
+        grids = dict((n, g) for n, g in launched if g > 0 and n in ("_gate_up_kernel", "_down_kernel"))
         em = 2 * num_tokens + min(2 * num_tokens, 5) * (gate_up["BLOCK_M"] - 1)
         tiles = -(-em // gate_up["BLOCK_M"]) * -(-40 // gate_up["BLOCK_N"])
-        assert grids["_gate_up_kernel"] == min(tiles, 4), (num_tokens, run.grids)
+        assert grids["_gate_up_kernel"] == min(tiles, 4), (num_tokens, launched)
         assert grids["_down_kernel"] == -(-em // down["BLOCK_M"]) * -(-72 // down["BLOCK_N"])
 
 
