@@ -41,6 +41,11 @@ in a CUDA graph and its replays timed (median of CUDA events, L2 flushed before 
              read from topk_ids: no align launch, but an expert two tokens chose is read twice),
              both replayed and timed round by round, both checked against the reference; against
              the bytes of the experts hit over copy bandwidth: where DIRECT could run above T = 1
+  gemm       the two grouped GEMMs alone (after align) at 1024..16384 tokens (Mixtral's and Qwen3's
+             expert shapes), in TFLOP/s of the routed work: gate/up under the tuner's large tiles,
+             one program per tile and persistent; down under a few tiles; against CUTLASS's
+             grouped GEMM (torch._grouped_mm) on the same routed rows and cuBLAS bmm on the same
+             rows spread evenly; each Triton output checked against fp32
 
 Writes OUT/step_kernels.json and OUT/step_kernels.png (prefill TFLOP/s per config against the
 bound), then prints a table per part. GPU only: exits 2 without CUDA.
@@ -85,7 +90,8 @@ DIRECT_SHAPES = {"mixtral": (4096, 14336, 8, 2), "qwen3": (2048, 768, 128, 8)}  
 DIRECT_TOKENS = (1, 2, 4, 8, 16)
 GEMM_TOKENS = {"mixtral": (1024, 4096), "qwen3": (1024, 4096, 16384)}
 # gate/up tiles the tuner picked at these token counts (moe_layer-h100-2026-12-06T0604/T0609), as
-# one launch per tile and persistent, and a 64-row one; the first also with gate/up as two dots
+# one launch per tile and persistent, and a 64-row one (gate/up as two dots, timed here until
+# 2026-12-06T0804, was 2-13% slower than one and is gone)
 _TILE = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8}
 GEMM_CONFIGS = [
     {**_TILE, "GROUP_M": 8, "num_stages": 4},
@@ -421,17 +427,15 @@ def run_direct(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_count
 def run_gemm(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts: dict = GEMM_TOKENS,
              configs: list = GEMM_CONFIGS, down_settings: list = GEMM_DOWN, rounds: int = 20) -> list[dict]:
     """The two grouped GEMMs alone (after align) where the layer is compute-bound, in TFLOP/s of
-    the routed work: gate/up as one dot and as two under each tile, down under each setting,
+    the routed work: gate/up under each tile, down under each setting,
     against PyTorch's CUTLASS grouped GEMM (torch._grouped_mm) on the same routed rows sorted by
     expert, and cuBLAS bmm on the same rows spread evenly (no routing: the GEMMs' floor)."""
-    from moec.ops.triton import grouped_gemm
     from moec.ops.triton.align import moe_align_block_size
     from moec.ops.triton.configs import config_name
     from moec.ops.triton.grouped_gemm import down_grouped, gate_up_grouped
 
     gen = torch.Generator().manual_seed(6)
     rows = []
-    saved = grouped_gemm.GATE_UP_ONE_DOT
     for shape, (hidden_size, inter, experts, top_k) in shapes.items():
         w13 = (torch.randn(experts, 2 * inter, hidden_size, generator=gen) * hidden_size ** -0.5).to(dev, DTYPE)
         w2 = (torch.randn(experts, hidden_size, inter, generator=gen) * inter ** -0.5).to(dev, DTYPE)
@@ -454,13 +458,9 @@ def run_gemm(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts:
                 bm = cfg["BLOCK_M"]
                 if bm not in aligned:
                     aligned[bm] = moe_align_block_size(ids, experts, bm)
-                name = config_name(cfg)
-                for one in (True, False) if cfg is configs[0] else (True,):
-                    grouped_gemm.GATE_UP_ONE_DOT = one
-                    graph, out = capture_graph(lambda c=cfg: gate_up_grouped(x, w13, *aligned[c["BLOCK_M"]], top_k, c), dev)
-                    key = f"gate_up {name} {'one dot' if one else 'two dots'}"
-                    calls[key], outs[key], flops[key] = graph.replay, out, flops_up
-            grouped_gemm.GATE_UP_ONE_DOT = saved
+                key = f"gate_up {config_name(cfg)}"
+                graph, out = capture_graph(lambda c=cfg: gate_up_grouped(x, w13, *aligned[c["BLOCK_M"]], top_k, c), dev)
+                calls[key], outs[key], flops[key] = graph.replay, out, flops_up
             # one input for every down launch, alive as long as the graphs that read it
             inter_rows = torch.randn(assign, inter, generator=gen).to(dev, DTYPE)
             for d in down_settings:

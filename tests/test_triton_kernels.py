@@ -601,7 +601,7 @@ def test_kernels_compile_for_h100():
                 grouped_gemm._gate_up_kernel,
                 gate_up,
                 {"x_ptr": bf16, "w_ptr": bf16, "out_ptr": bf16, "zero_ptr": bf16, "rows_ptr": i32},
-                {"ACT": 0, "ZERO_OUT": True, "BLOCK_Z": 32, "ZERO_STEPS": 2, "ONE_DOT": True, "OUT_ROWS": False},
+                {"ACT": 0, "ZERO_OUT": True, "BLOCK_Z": 32, "ZERO_STEPS": 2, "OUT_ROWS": False},
             ),
             (
                 grouped_gemm._down_kernel,
@@ -1111,32 +1111,29 @@ def test_interp_step_kernels_direct_part_checks_both_paths(monkeypatch):
 
 
 @interp_only
-def test_interp_step_kernels_gemm_part_checks_both_dot_forms(monkeypatch):
-    """`benchmarks/step_kernels.py --parts gemm` on a toy shape: gate/up as one dot and as two
-    under each tile, both checked against fp32 per assignment; the module switch is restored."""
+def test_interp_step_kernels_gemm_part_checks_each_kernel(monkeypatch):
+    """`benchmarks/step_kernels.py --parts gemm` on a toy shape: gate/up one program per tile and
+    persistent, and down, each checked against fp32; the peers timed beside them, unchecked."""
     import types
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import step_kernels
-    from moec.ops.triton import grouped_gemm
 
     monkeypatch.setattr(step_kernels, "DTYPE", torch.float32)
     monkeypatch.setattr(step_kernels, "capture_graph", lambda fn, device: (types.SimpleNamespace(replay=fn), fn()))
     monkeypatch.setattr(step_kernels, "time_interleaved",
                         lambda fns, device, flush=None, rounds=30: {n: {"median_ms": 2.0} for n in fns})
-    configs = [{"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2}]
+    configs = [{"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2},
+               {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2,
+                "PERSISTENT": True}]
     down = [{"BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2}]  # on the first tile's rows
-    before = grouped_gemm.GATE_UP_ONE_DOT
     rows = step_kernels.run_gemm(torch.device("cpu"), {}, None, shapes={"toy": (72, 40, 6, 2)},
                                  token_counts={"toy": (9,)}, configs=configs, down_settings=down)
-    assert grouped_gemm.GATE_UP_ONE_DOT is before
     (row,) = rows
     assert row["assignments"] == 18 and 18 <= row["padded_rows"][16] <= 18 + 6 * 15
     kernels = row["kernels"]
-    for form in ("one dot", "two dots"):
-        key = f"gate_up M16N16K32G2w4s2 {form}"
-        assert kernels[key]["ok"] and kernels[key]["rel_error"] < 1e-4, kernels[key]
+    for key in ("gate_up M16N16K32G2w4s2", "gate_up M16N16K32G2w4s2P", "down N32K16w4s2"):
+        assert kernels[key]["ok"] and kernels[key]["rel_error"] < 1e-4, (key, kernels)
     flops_up = 2.0 * 18 * 72 * 80
     assert kernels["gate_up bmm (even rows)"]["tflop_s"] == pytest.approx(flops_up / 2e-3 / 1e12)
-    assert kernels["down N32K16w4s2"]["ok"] and kernels["down N32K16w4s2"]["rel_error"] < 1e-4, kernels
     assert "down grouped_mm (CUTLASS)" in kernels and kernels["down grouped_mm (CUTLASS)"]["rel_error"] is None
