@@ -479,23 +479,21 @@ def run_gemm(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts:
                 graph, out = capture_graph(fn, dev)
                 calls[key], outs[key], flops[key] = graph.replay, out, f
             times = time_interleaved(calls, dev, flush=flush, rounds=rounds)
-            # gate/up checked against fp32 per assignment, after the replays wrote the outputs
-            rows_x = x.float()[torch.arange(assign, device=dev) // top_k]
-            flat = ids.flatten()
-            want = torch.empty(assign, inter, device=dev)
+            # checked against fp32, after the replays wrote the outputs: gate/up per assignment,
+            # down as each token's K rows weighted and summed
+            flat, flat_w = ids.flatten(), weights.flatten()
+            want = {"gate_up": torch.empty(assign, inter, device=dev),
+                    "down": torch.zeros(tokens, hidden_size, device=dev)}
             for e in flat.unique().tolist():
                 sel = (flat == e).nonzero().squeeze(1)
-                gu = rows_x[sel] @ w13[e].float().t()
-                want[sel] = F.silu(gu[:, :inter]) * gu[:, inter:]
-            # down: each token's K rows, weighted and summed
-            want_down = torch.zeros(tokens, hidden_size, device=dev)
-            flat_w = weights.flatten()
-            for e in flat.unique().tolist():
-                sel = (flat == e).nonzero().squeeze(1)
-                want_down.index_add_(0, sel // top_k, (inter_rows[sel].float() @ w2[e].float().t()) * flat_w[sel, None])
-            errors = {k: ((o.float() - (want if k.startswith("gate_up") else want_down)).abs().max()
-                          / (want if k.startswith("gate_up") else want_down).abs().max()).item()
-                      for k, o in outs.items() if k.startswith(("gate_up M", "down N"))}
+                gu = x[sel // top_k].float() @ w13[e].float().t()
+                want["gate_up"][sel] = F.silu(gu[:, :inter]) * gu[:, inter:]
+                want["down"].index_add_(0, sel // top_k, (inter_rows[sel].float() @ w2[e].float().t()) * flat_w[sel, None])
+            errors = {}
+            for k, o in outs.items():
+                if k.startswith(("gate_up M", "down N")):
+                    ref = want[k.split()[0]]
+                    errors[k] = ((o.float() - ref).abs().max() / ref.abs().max()).item()
             row = {"shape": shape, "tokens": tokens, "assignments": assign, "rows_per_expert": even,
                    "padded_rows": {bm: int(a[2].item()) for bm, a in aligned.items()}, "kernels": {}}
             for key, t in times.items():

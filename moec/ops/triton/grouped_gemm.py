@@ -173,9 +173,9 @@ def _gate_up_kernel(
         a_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :]
         # tile column 2j is gate column j, 2j+1 is up column j
         offs_c = tl.arange(0, 2 * BLOCK_N)
-        offs_n = pid_n * BLOCK_N + offs_c // 2
-        w_ptrs = w_ptr + expert * stride_we + (offs_n + (offs_c % 2) * N)[None, :] * stride_wn + offs_k[:, None]
-        w_col_ok = offs_n < N
+        pair = pid_n * BLOCK_N + offs_c // 2  # the gate/up column pair of each tile column
+        w_ptrs = w_ptr + expert * stride_we + (pair + (offs_c % 2) * N)[None, :] * stride_wn + offs_k[:, None]
+        w_col_ok = pair < N
         acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
         for kb in range(0, tl.cdiv(K, BLOCK_K)):
             k_ok = offs_k < K - kb * BLOCK_K
@@ -301,12 +301,13 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _grid_m_n(em, n_cols: int, cfg: dict, gate=1, direct: bool = False, device=None) -> tuple:
-    """Row blocks x column blocks (`direct`: em is the assignment count, one block each); for a
-    persistent config, at most one program per SM, each looping over tiles."""
+def _grid_m_n(em, n_cols: int, cfg: dict, gate=1, direct: bool = False, persistent: bool = False,
+              device=None) -> tuple:
+    """Row blocks x column blocks (`direct`: em is the assignment count, one block each); with
+    `persistent`, at most one program per SM, each looping over tiles."""
     row_blocks = em if direct else triton.cdiv(em, cfg["BLOCK_M"])
     tiles = row_blocks * triton.cdiv(n_cols, cfg["BLOCK_N"])
-    if cfg.get("PERSISTENT") and not direct:
+    if persistent:
         sms = _sm_count(device)
         tiles = min(tiles, sms) if isinstance(tiles, int) else torch.sym_min(tiles, sms)
     return (tiles * gate,)
@@ -366,7 +367,8 @@ def gate_up_grouped(
     zeroed = hidden if zero_out is None else zero_out
     routing, em, direct = _align_args(sorted_ids, expert_ids, num_post, direct_ids, num_assign)
     zero_block, zero_steps = _zero_block(hidden_size, inter, cfg["BLOCK_N"])
-    wrap_triton(_gate_up_kernel)[_grid_m_n(em, inter, cfg, gate, direct, hidden.device)](
+    persistent = bool(cfg.get("PERSISTENT")) and not direct  # DIRECT's few tiles: one program each
+    wrap_triton(_gate_up_kernel)[_grid_m_n(em, inter, cfg, gate, direct, persistent, hidden.device)](
         hidden,
         w13,
         out,
@@ -393,7 +395,7 @@ def gate_up_grouped(
         BLOCK_Z=zero_block,
         ZERO_STEPS=zero_steps if zero_out is not None else 0,
         DIRECT=direct,
-        PERSISTENT=bool(cfg.get("PERSISTENT")) and not direct,
+        PERSISTENT=persistent,
         OUT_ROWS=out_rows is not None,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
@@ -435,7 +437,8 @@ def down_grouped(
     if not weights.is_contiguous():
         weights = weights.contiguous()
     routing, em, direct = _align_args(sorted_ids, expert_ids, num_post, direct_ids, num_assign)
-    wrap_triton(_down_kernel)[_grid_m_n(em, hidden_size, cfg, gate, direct, inter.device)](
+    persistent = bool(cfg.get("PERSISTENT")) and not direct
+    wrap_triton(_down_kernel)[_grid_m_n(em, hidden_size, cfg, gate, direct, persistent, inter.device)](
         inter,
         w2,
         out,
@@ -457,7 +460,7 @@ def down_grouped(
         ACCUMULATE=top_k > 1,
         IEEE=_dot_ieee(inter.dtype),
         DIRECT=direct,
-        PERSISTENT=bool(cfg.get("PERSISTENT")) and not direct,
+        PERSISTENT=persistent,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
