@@ -243,6 +243,24 @@ def from_grouped_mm_path(doc: dict) -> dict:
                       device.get("name"), doc.get("commit") or doc["env"].get("commit"), metrics)
 
 
+def from_gemm_profile(doc: dict) -> dict:
+    """Each profiled kernel's duration, DRAM bytes and L2 hit rate under ncu (one launch each)."""
+    wanted = {"gpu__time_duration.sum": ("us", 1e-3, "lower"), "dram__bytes_read.sum": ("dram_read_bytes", 1, "lower"),
+              "lts__t_sector_hit_rate.pct": ("l2_hit_pct", 1, "higher")}
+    units = {"ns": 1, "nsecond": 1, "us": 1e3, "usecond": 1e3, "ms": 1e6, "msecond": 1e6,
+             "byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}
+    metrics = []
+    for k in doc["kernels"]:
+        for name, (tag, scale, direction) in wanted.items():
+            m = k["metrics"].get(name)
+            if m is not None:
+                metrics.append(metric(f"{k['label'].replace(' ', '_')}/{tag}", m["value"] * scale,
+                                      "us" if tag == "us" else "bytes" if "bytes" in tag else "%", direction))
+    device = doc["env"]["device"]
+    return _converted(doc | {"date": doc["env"]["date"], "versions": doc["env"].get("versions", {})},
+                      device.get("kind", "cuda"), device.get("name"), doc["env"].get("commit"), metrics)
+
+
 def from_cuda_tiny_check(doc: dict) -> dict:
     prompts = [{"logits_rel_error": e, "greedy_identical_16": g}
                for e, g in zip(doc["logits_rel_error"], doc["greedy_16_identical"])]
@@ -299,6 +317,7 @@ def from_bench(doc: dict) -> dict:
 CONVERTERS = {"cpu_tiny": from_cpu_tiny, "serve": from_serve, "moe_layer": from_moe_layer,
               "cuda_tiny_check": from_cuda_tiny_check, "e2e_decode": from_e2e_decode, "gpu_op_check": from_gpu_op_check,
               "offload": from_offload, "step_kernels": from_step_kernels, "grouped_mm_path": from_grouped_mm_path,
+              "gemm_profile": from_gemm_profile,
               "moe-runtime bench": from_bench}
 
 

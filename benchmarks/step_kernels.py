@@ -100,11 +100,14 @@ GEMM_CONFIGS = [
     {**_TILE, "GROUP_M": 16, "num_stages": 3, "PERSISTENT": True},
     {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
 ]
-GEMM_DOWN = [{"BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
-             {"BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "PERSISTENT": True},
-             {"BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
-             {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
-             {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, "PERSISTENT": True}]
+# down tiles (over configs[0]'s BLOCK_M): the default table's (GROUP_M 16, 4 stages) first; one
+# program per tile (persistent downs spilled registers and were 2.4-3.6x slower in
+# step_kernels-h100-2026-12-06T0804). Each runs on A rows gathered by assignment (what fused_moe
+# ran until 2026-12-06) and on A rows in sorted_ids' slots (contiguous per row block)
+GEMM_DOWN = [{"BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 16, "num_warps": 8, "num_stages": 4},
+             {"BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+             {"BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 16, "num_warps": 8, "num_stages": 3},
+             {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 16, "num_warps": 8, "num_stages": 4}]
 STACKED_UP_TO = 256  # the torch path's switch from one stacked index_copy_ to one a plane
 
 
@@ -461,14 +464,38 @@ def run_gemm(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts:
                 key = f"gate_up {config_name(cfg)}"
                 graph, out = capture_graph(lambda c=cfg: gate_up_grouped(x, w13, *aligned[c["BLOCK_M"]], top_k, c), dev)
                 calls[key], outs[key], flops[key] = graph.replay, out, flops_up
-            # one input for every down launch, alive as long as the graphs that read it
+            # the persistent gate/up tiles again, each row written to its sorted_ids slot (the
+            # down's contiguous A rows)
+            for cfg in configs:
+                if cfg.get("PERSISTENT") and cfg["BLOCK_M"] == configs[0]["BLOCK_M"]:
+                    key = f"gate_up {config_name(cfg)} sorted"
+                    graph, out = capture_graph(lambda c=cfg: gate_up_grouped(
+                        x, w13, *aligned[c["BLOCK_M"]], top_k, c, sorted_out=True), dev)
+                    calls[key], outs[key], flops[key] = graph.replay, out, flops_up
+            sorted_ids, _, num_post = aligned[configs[0]["BLOCK_M"]]
+            slot_ids = sorted_ids[: int(num_post.item())].long()
+            slots = (slot_ids < assign).nonzero().squeeze(1)  # slots[i] holds assignment live[i]
+            live = slot_ids[slots]
+            # one input for every down launch, alive as long as the graphs that read it: by
+            # assignment, and the same rows in sorted_ids' slots (padding slots random: a read of
+            # one would show)
             inter_rows = torch.randn(assign, inter, generator=gen).to(dev, DTYPE)
-            for d in down_settings:
+            inter_slots = torch.randn(sorted_ids.shape[0], inter, generator=gen).to(dev, DTYPE)
+            inter_slots[slots] = inter_rows[live]
+            one_per_row = weights.reshape(-1, 1)  # K = 1: each assignment's row stored, not added
+            for i, d in enumerate(down_settings):
                 cfg = {**configs[0], "PERSISTENT": False, **d}
-                name = "N{BLOCK_N}K{BLOCK_K}w{num_warps}s{num_stages}".format(**cfg) + ("P" if cfg["PERSISTENT"] else "")
-                graph, out = capture_graph(
-                    lambda c=cfg: down_grouped(inter_rows, w2, weights, *aligned[c["BLOCK_M"]], c), dev)
-                calls[f"down {name}"], outs[f"down {name}"], flops[f"down {name}"] = graph.replay, out, flops_down
+                name = "M{BLOCK_M}N{BLOCK_N}K{BLOCK_K}G{GROUP_M}w{num_warps}s{num_stages}".format(**cfg)
+                routing = aligned[cfg["BLOCK_M"]]
+                variants = {"gathered": lambda c=cfg: down_grouped(inter_rows, w2, weights, *routing, c),
+                            "sorted": lambda c=cfg: down_grouped(inter_slots, w2, weights, *routing, c, a_sorted=True)}
+                if i == 0:  # the atomic adds left out: what the epilogue costs
+                    variants["sorted rows-stored"] = lambda c=cfg: down_grouped(
+                        inter_slots, w2, one_per_row, *routing, c, a_sorted=True)
+                for layout, fn in variants.items():
+                    key = f"down {name} {layout}"
+                    graph, out = capture_graph(fn, dev)
+                    calls[key], outs[key], flops[key] = graph.replay, out, flops_down
             peers = {
                 "gate_up grouped_mm (CUTLASS)": (lambda: torch._grouped_mm(x_sorted, w13.transpose(1, 2), offs=offs), flops_up),
                 "gate_up bmm (even rows)": (lambda: torch.bmm(x_even, w13.transpose(1, 2)), flops_up),
@@ -483,17 +510,22 @@ def run_gemm(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts:
             # down as each token's K rows weighted and summed
             flat, flat_w = ids.flatten(), weights.flatten()
             want = {"gate_up": torch.empty(assign, inter, device=dev),
-                    "down": torch.zeros(tokens, hidden_size, device=dev)}
+                    "rows": torch.empty(assign, hidden_size, device=dev)}
             for e in flat.unique().tolist():
                 sel = (flat == e).nonzero().squeeze(1)
                 gu = x[sel // top_k].float() @ w13[e].float().t()
                 want["gate_up"][sel] = F.silu(gu[:, :inter]) * gu[:, inter:]
-                want["down"].index_add_(0, sel // top_k, (inter_rows[sel].float() @ w2[e].float().t()) * flat_w[sel, None])
+                want["rows"][sel] = (inter_rows[sel].float() @ w2[e].float().t()) * flat_w[sel, None]
+            want["down"] = want["rows"].view(tokens, top_k, hidden_size).sum(1)
             errors = {}
             for k, o in outs.items():
-                if k.startswith(("gate_up M", "down N")):
-                    ref = want[k.split()[0]]
-                    errors[k] = ((o.float() - ref).abs().max() / ref.abs().max()).item()
+                if not k.startswith(("gate_up M", "down M")):
+                    continue
+                if k.endswith(" sorted") and k.startswith("gate_up"):
+                    o, ref = o[slots], want["gate_up"][live]
+                else:
+                    ref = want["rows" if k.endswith("rows-stored") else k.split()[0]]
+                errors[k] = ((o.float() - ref).abs().max() / ref.abs().max()).item()
             row = {"shape": shape, "tokens": tokens, "assignments": assign, "rows_per_expert": even,
                    "padded_rows": {bm: int(a[2].item()) for bm, a in aligned.items()}, "kernels": {}}
             for key, t in times.items():

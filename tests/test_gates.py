@@ -519,3 +519,27 @@ def test_moe_layer_dense_bmm_ceiling_does_the_routed_gemm_work():
         gemm_flops = roof["flops"] - 2.0 * tokens * layer.H * layer.E
         bmm_flops = 2.0 * hit * rows * (layer.H * 2 * layer.I + layer.I * layer.H)
         assert gemm_flops <= bmm_flops < gemm_flops * (1 + hit / (tokens * layer.K))
+
+
+def test_gemm_profile_reads_ncu_csv_in_base_units_and_converts():
+    """ncu's raw CSV (its own unit per column, thousands separators, its log lines between) →
+    per-kernel metrics in ns and bytes → the common format."""
+    import gemm_profile
+
+    text = ('==PROF== Connected to process 1\n'
+            '"ID","Kernel Name","gpu__time_duration.sum","dram__bytes_read.sum","lts__t_sector_hit_rate.pct",'
+            '"smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio"\n'
+            '"","","usecond","Gbyte","%","ratio"\n'
+            '"0","mixtral/T=4096/down sorted","1,944.50","1.25","81.2","0.4"\n'
+            '"1","mixtral/T=4096/down CUTLASS","1,483","0.9","90","0.1"\n==PROF== Disconnected\n')
+    recs = gemm_profile.parse_raw_csv(text)
+    assert [r["Kernel Name"] for r in recs] == ["mixtral/T=4096/down sorted", "mixtral/T=4096/down CUTLASS"]
+    assert recs[0]["gpu__time_duration.sum"] == {"value": pytest.approx(1944500.0), "unit": "ns"}
+    assert recs[1]["dram__bytes_read.sum"] == {"value": pytest.approx(9e8), "unit": "byte"}
+    env = {"date": "2026-12-06T10:00:00+00:00", "commit": "abc", "device": {"kind": "cuda", "name": "NVIDIA H100"}}
+    kernels = [{"label": r["Kernel Name"], "metrics": {k: v for k, v in r.items() if isinstance(v, dict)}} for r in recs]
+    doc = result_format.to_result({"benchmark": "gemm_profile", "env": env, "kernels": kernels})
+    got = {m["name"]: m["value"] for m in doc["metrics"]}
+    assert got["mixtral/T=4096/down_sorted/us"] == pytest.approx(1944.5)
+    assert got["mixtral/T=4096/down_CUTLASS/dram_read_bytes"] == pytest.approx(9e8)
+    assert doc["device_kind"] == "h100"
