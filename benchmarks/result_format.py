@@ -254,7 +254,7 @@ def from_gemm_profile(doc: dict) -> dict:
         for name, (tag, scale, direction) in wanted.items():
             m = k["metrics"].get(name)
             if m is not None:
-                metrics.append(metric(f"{k['label'].replace(' ', '_')}/{tag}", m["value"] * scale,
+                metrics.append(metric(f"{k['label'].replace(' ', '_')}/{tag}", m * scale,
                                       "us" if tag == "us" else "bytes" if "bytes" in tag else "%", direction))
     device = doc["env"]["device"]
     return _converted(doc | {"date": doc["env"]["date"], "versions": doc["env"].get("versions", {})},

@@ -100,14 +100,20 @@ GEMM_CONFIGS = [
     {**_TILE, "GROUP_M": 16, "num_stages": 3, "PERSISTENT": True},
     {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
 ]
-# down tiles (over configs[0]'s BLOCK_M): the default table's (GROUP_M 16, 4 stages) first; one
-# program per tile (persistent downs spilled registers and were 2.4-3.6x slower in
-# step_kernels-h100-2026-12-06T0804). Each runs on A rows gathered by assignment (what fused_moe
-# ran until 2026-12-06) and on A rows in sorted_ids' slots (contiguous per row block)
+# down tiles (over configs[0]'s BLOCK_M, one program per tile): the default table's (GROUP_M 16,
+# 4 stages: 196 KB of shared memory and ~200 registers a thread, so one program per SM, whose
+# atomic epilogue nothing overlaps) first, then tiles two of which fit on an SM (<= 113 KB of
+# shared memory, <= 128 registers at 8 warps): the 128x256 tile's per-tile cost was what its
+# atomic adds cost (15% at Qwen3's shape, K = 8: step_kernels-h100-2026-12-06T0920) and more.
+# Persistent downs spilled registers and were 2.4-3.6x slower (step_kernels-h100-2026-12-06T0804);
+# A rows read in sorted_ids' slots (contiguous per row block) instead of gathered by assignment
+# were 0-11% slower (T0920)
 GEMM_DOWN = [{"BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 16, "num_warps": 8, "num_stages": 4},
-             {"BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
-             {"BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 16, "num_warps": 8, "num_stages": 3},
-             {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 16, "num_warps": 8, "num_stages": 4}]
+             {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 16, "num_warps": 8, "num_stages": 3},
+             {"BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 16, "num_warps": 8, "num_stages": 4},
+             {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 16, "num_warps": 4, "num_stages": 3},
+             {"BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 16, "num_warps": 4, "num_stages": 4},
+             {"BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 16, "num_warps": 4, "num_stages": 3}]
 STACKED_UP_TO = 256  # the torch path's switch from one stacked index_copy_ to one a plane
 
 
@@ -464,36 +470,18 @@ def run_gemm(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts:
                 key = f"gate_up {config_name(cfg)}"
                 graph, out = capture_graph(lambda c=cfg: gate_up_grouped(x, w13, *aligned[c["BLOCK_M"]], top_k, c), dev)
                 calls[key], outs[key], flops[key] = graph.replay, out, flops_up
-            # the persistent gate/up tiles again, each row written to its sorted_ids slot (the
-            # down's contiguous A rows)
-            for cfg in configs:
-                if cfg.get("PERSISTENT") and cfg["BLOCK_M"] == configs[0]["BLOCK_M"]:
-                    key = f"gate_up {config_name(cfg)} sorted"
-                    graph, out = capture_graph(lambda c=cfg: gate_up_grouped(
-                        x, w13, *aligned[c["BLOCK_M"]], top_k, c, sorted_out=True), dev)
-                    calls[key], outs[key], flops[key] = graph.replay, out, flops_up
-            sorted_ids, _, num_post = aligned[configs[0]["BLOCK_M"]]
-            slot_ids = sorted_ids[: int(num_post.item())].long()
-            slots = (slot_ids < assign).nonzero().squeeze(1)  # slots[i] holds assignment live[i]
-            live = slot_ids[slots]
-            # one input for every down launch, alive as long as the graphs that read it: by
-            # assignment, and the same rows in sorted_ids' slots (padding slots random: a read of
-            # one would show)
+            # one input for every down launch, alive as long as the graphs that read it
             inter_rows = torch.randn(assign, inter, generator=gen).to(dev, DTYPE)
-            inter_slots = torch.randn(sorted_ids.shape[0], inter, generator=gen).to(dev, DTYPE)
-            inter_slots[slots] = inter_rows[live]
             one_per_row = weights.reshape(-1, 1)  # K = 1: each assignment's row stored, not added
             for i, d in enumerate(down_settings):
                 cfg = {**configs[0], "PERSISTENT": False, **d}
                 name = "M{BLOCK_M}N{BLOCK_N}K{BLOCK_K}G{GROUP_M}w{num_warps}s{num_stages}".format(**cfg)
                 routing = aligned[cfg["BLOCK_M"]]
-                variants = {"gathered": lambda c=cfg: down_grouped(inter_rows, w2, weights, *routing, c),
-                            "sorted": lambda c=cfg: down_grouped(inter_slots, w2, weights, *routing, c, a_sorted=True)}
+                variants = {f"down {name}": lambda c=cfg: down_grouped(inter_rows, w2, weights, *routing, c)}
                 if i == 0:  # the atomic adds left out: what the epilogue costs
-                    variants["sorted rows-stored"] = lambda c=cfg: down_grouped(
-                        inter_slots, w2, one_per_row, *routing, c, a_sorted=True)
-                for layout, fn in variants.items():
-                    key = f"down {name} {layout}"
+                    variants[f"down {name} rows-stored"] = lambda c=cfg: down_grouped(
+                        inter_rows, w2, one_per_row, *routing, c)
+                for key, fn in variants.items():
                     graph, out = capture_graph(fn, dev)
                     calls[key], outs[key], flops[key] = graph.replay, out, flops_down
             peers = {
@@ -521,10 +509,7 @@ def run_gemm(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts:
             for k, o in outs.items():
                 if not k.startswith(("gate_up M", "down M")):
                     continue
-                if k.endswith(" sorted") and k.startswith("gate_up"):
-                    o, ref = o[slots], want["gate_up"][live]
-                else:
-                    ref = want["rows" if k.endswith("rows-stored") else k.split()[0]]
+                ref = want["rows" if k.endswith("rows-stored") else k.split()[0]]
                 errors[k] = ((o.float() - ref).abs().max() / ref.abs().max()).item()
             row = {"shape": shape, "tokens": tokens, "assignments": assign, "rows_per_expert": even,
                    "padded_rows": {bm: int(a[2].item()) for bm, a in aligned.items()}, "kernels": {}}

@@ -537,7 +537,8 @@ def test_gemm_profile_reads_ncu_csv_in_base_units_and_converts():
     assert recs[0]["gpu__time_duration.sum"] == {"value": pytest.approx(1944500.0), "unit": "ns"}
     assert recs[1]["dram__bytes_read.sum"] == {"value": pytest.approx(9e8), "unit": "byte"}
     env = {"date": "2026-12-06T10:00:00+00:00", "commit": "abc", "device": {"kind": "cuda", "name": "NVIDIA H100"}}
-    kernels = [{"label": r["Kernel Name"], "metrics": {k: v for k, v in r.items() if isinstance(v, dict)}} for r in recs]
+    kernels = [{"label": r["Kernel Name"], "metrics": {k: v["value"] for k, v in r.items() if isinstance(v, dict)}}
+               for r in recs]
     doc = result_format.to_result({"benchmark": "gemm_profile", "env": env, "kernels": kernels})
     got = {m["name"]: m["value"] for m in doc["metrics"]}
     assert got["mixtral/T=4096/down_sorted/us"] == pytest.approx(1944.5)

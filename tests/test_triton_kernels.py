@@ -601,13 +601,13 @@ def test_kernels_compile_for_h100():
                 grouped_gemm._gate_up_kernel,
                 gate_up,
                 {"x_ptr": bf16, "w_ptr": bf16, "out_ptr": bf16, "zero_ptr": bf16, "rows_ptr": i32},
-                {"ACT": 0, "ZERO_OUT": True, "BLOCK_Z": 32, "ZERO_STEPS": 2, "OUT_ORDER": 0},
+                {"ACT": 0, "ZERO_OUT": True, "BLOCK_Z": 32, "ZERO_STEPS": 2, "OUT_ROWS": False},
             ),
             (
                 grouped_gemm._down_kernel,
                 down,
                 {"a_ptr": bf16, "w_ptr": bf16, "out_ptr": bf16, "topk_weights_ptr": "*fp32"},
-                {"MUL_WEIGHT": True, "ACCUMULATE": True, "A_SORTED": False},
+                {"MUL_WEIGHT": True, "ACCUMULATE": True},
             ),
         ):
             # the one-token (DIRECT) variants run the decode configs' tiles
@@ -1009,23 +1009,6 @@ def test_interp_grouped_gemms(dtype, num_tokens, top_k, case, cfg):
     with poisoned_empty():  # without `out`, down allocates (and for K > 1 zeroes) its own
         close(down_grouped(want_inter.to(dtype), w2, weights, *align, down_cfg), want_out, dtype)
 
-    # the sorted layout: gate/up writes each assignment's row to its sorted_ids slot, down reads
-    # a block's rows there (padding slots hold NaN: read into an output, they would show)
-    sorted_ids, _, num_post = align
-    slot_ids = sorted_ids[: int(num_post)].long()
-    slots = (slot_ids < num_tokens * top_k).nonzero().squeeze(1)
-    live = slot_ids[slots]
-    with poisoned_empty():
-        got_slots = gate_up_grouped(x, w13, *align, top_k, gate_up_cfg, sorted_out=True)
-    assert got_slots.shape == (sorted_ids.shape[0], inter)
-    close(got_slots[slots], want_inter[live], dtype)
-    inter_slots = torch.full((sorted_ids.shape[0], inter), float("nan"), dtype=dtype)
-    inter_slots[slots] = want_inter[live].to(dtype)
-    with poisoned_empty():
-        close(down_grouped(inter_slots, w2, weights, *align, down_cfg, a_sorted=True), want_out, dtype)
-    with pytest.raises(ValueError, match="sorted_out"):
-        gate_up_grouped(x, w13, None, None, None, top_k, gate_up_cfg, sorted_out=True, direct_ids=ids)
-
 
 @interp_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -1149,8 +1132,8 @@ def test_interp_step_kernels_gemm_part_checks_each_kernel(monkeypatch):
     (row,) = rows
     assert row["assignments"] == 18 and 18 <= row["padded_rows"][16] <= 18 + 6 * 15
     kernels = row["kernels"]
-    for key in ("gate_up M16N16K32G2w4s2", "gate_up M16N16K32G2w4s2P", "gate_up M16N16K32G2w4s2P sorted",
-                "down M16N32K16G2w4s2 gathered", "down M16N32K16G2w4s2 sorted", "down M16N32K16G2w4s2 sorted rows-stored"):
+    for key in ("gate_up M16N16K32G2w4s2", "gate_up M16N16K32G2w4s2P", "down M16N32K16G2w4s2",
+                "down M16N32K16G2w4s2 rows-stored"):
         assert kernels[key]["ok"] and kernels[key]["rel_error"] < 1e-4, (key, kernels)
     flops_up = 2.0 * 18 * 72 * 80
     assert kernels["gate_up bmm (even rows)"]["tflop_s"] == pytest.approx(flops_up / 2e-3 / 1e12)

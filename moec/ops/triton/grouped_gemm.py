@@ -128,7 +128,7 @@ def _gate_up_kernel(
     ZERO_STEPS: tl.constexpr,
     DIRECT: tl.constexpr,
     PERSISTENT: tl.constexpr,
-    OUT_ORDER: tl.constexpr,
+    OUT_ROWS: tl.constexpr,
 ):
     # tiles of live row blocks only (dead ones, past num_post, are skipped): one per program, or
     # (PERSISTENT: a grid of about one program per SM) strided over the programs in a loop that
@@ -192,10 +192,8 @@ def _gate_up_kernel(
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N
         h = _activation(acc_g, ACT) * acc_u
-        if OUT_ORDER == 1:  # assignment a's row goes to out[rows[a]] (the grouped_mm path's sorted order)
+        if OUT_ROWS:  # assignment a's row goes to out[rows[a]] (the grouped_mm path's sorted order)
             out_row = tl.load(rows_ptr + assign, mask=row_ok, other=0).to(tl.int64)
-        elif OUT_ORDER == 2:  # the row's slot in sorted_ids (padding slots: masked, left unwritten)
-            out_row = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         else:
             out_row = assign
         o_ptrs = out_ptr + out_row[:, None] * stride_om + offs_n[None, :]
@@ -229,7 +227,6 @@ def _down_kernel(
     IEEE: tl.constexpr,
     DIRECT: tl.constexpr,
     PERSISTENT: tl.constexpr,
-    A_SORTED: tl.constexpr,
 ):
     num_pid_n = tl.cdiv(N, BLOCK_N)  # the tile loop as in _gate_up_kernel
     if DIRECT:
@@ -257,11 +254,7 @@ def _down_kernel(
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N
         offs_k = tl.arange(0, BLOCK_K)
-        if A_SORTED:  # row i of the block is slot pid_m*BLOCK_M + i of sorted_ids: contiguous rows
-            a_row = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        else:
-            a_row = assign
-        a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :]
+        a_ptrs = a_ptr + assign[:, None] * stride_am + offs_k[None, :]
         b_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -355,24 +348,18 @@ def gate_up_grouped(
     gate=1,
     direct_ids: torch.Tensor | None = None,
     out_rows: torch.Tensor | None = None,
-    sorted_out: bool = False,
 ) -> torch.Tensor:
     """hidden [T, H], w13 [E, 2I, H] → act(gate)·up per assignment, [T*K, I] in assignment order
-    (into `out` if given: contiguous [T*K, I]); with `out_rows` (int32 [T*K], a permutation)
-    assignment a at row out_rows[a]; with `sorted_out`, each assignment at its slot in sorted_ids
-    ([len(sorted_ids), I], padding slots left unwritten: what `down_grouped(a_sorted=True)`
-    reads). `zero_out` [T, H] (unit column stride), if given, is zeroed
+    (into `out` if given: contiguous [T*K, I]), or with `out_rows` (int32 [T*K], a permutation)
+    assignment a at row out_rows[a]. `zero_out` [T, H] (unit column stride), if given, is zeroed
     on the way: the down GEMM's accumulator. `direct_ids` (topk_ids, contiguous; for few tokens)
     replaces the align buffers: each assignment is its own row block."""
     hidden, w13 = unit_last_stride(hidden), unit_last_stride(w13)
     num_tokens, hidden_size = hidden.shape
     inter = w13.shape[1] // 2
     num_assign = num_tokens * top_k
-    if sorted_out and (direct_ids is not None or out_rows is not None):
-        raise ValueError("gate_up_grouped: sorted_out orders rows by the align slots; not with direct_ids or out_rows")
     if out is None:
-        rows = sorted_ids.shape[0] if sorted_out else num_assign
-        out = torch.empty(rows, inter, dtype=hidden.dtype, device=hidden.device)
+        out = torch.empty(num_assign, inter, dtype=hidden.dtype, device=hidden.device)
     if zero_out is not None and zero_out.stride(1) != 1:
         raise ValueError("gate_up_grouped: zero_out must have unit column stride")
     # unused by the kernel when ZERO_OUT is off: a read-only input stands in (a written tensor
@@ -397,7 +384,7 @@ def gate_up_grouped(
         zeroed,
         0 if zero_out is None else zero_out.shape[1],
         zeroed.stride(0),
-        routing[0] if out_rows is None else out_rows,  # unused unless OUT_ORDER == 1: a read-only stand-in
+        routing[0] if out_rows is None else out_rows,  # unused without OUT_ROWS: a read-only stand-in
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"],
@@ -409,7 +396,7 @@ def gate_up_grouped(
         ZERO_STEPS=zero_steps if zero_out is not None else 0,
         DIRECT=direct,
         PERSISTENT=persistent,
-        OUT_ORDER=1 if out_rows is not None else 2 if sorted_out else 0,
+        OUT_ROWS=out_rows is not None,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
@@ -428,12 +415,9 @@ def down_grouped(
     mul_weight: bool = True,
     gate=1,
     direct_ids: torch.Tensor | None = None,
-    a_sorted: bool = False,
 ) -> torch.Tensor:
     """inter [T*K, I], w2 [E, H, I], topk_weights [T, K] → out [T, H], out[t] = sum over k of
-    token t's k-th expert output, times its routing weight when `mul_weight`. With `a_sorted`,
-    inter's rows are in sorted_ids' slots ([len(sorted_ids), I], as `gate_up_grouped(sorted_out=
-    True)` writes them): each row block's A rows are contiguous instead of gathered.
+    token t's k-th expert output, times its routing weight when `mul_weight`.
 
     With K > 1 the rows are atomically added into `out`, which must hold zeros (gate/up's
     `zero_out` writes them; without `out`, a zeroed one is allocated). With K == 1 they are
@@ -441,11 +425,8 @@ def down_grouped(
     `gate_up_grouped`.
     """
     inter, w2 = unit_last_stride(inter), unit_last_stride(w2)
-    inter_size = inter.shape[1]
+    num_assign, inter_size = inter.shape
     num_tokens, top_k = topk_weights.shape
-    num_assign = num_tokens * top_k
-    if a_sorted and direct_ids is not None:
-        raise ValueError("down_grouped: a_sorted reads rows by the align slots; not with direct_ids")
     hidden_size = w2.shape[1]
     if out is None:
         alloc = torch.empty if top_k == 1 else torch.zeros
@@ -480,7 +461,6 @@ def down_grouped(
         IEEE=_dot_ieee(inter.dtype),
         DIRECT=direct,
         PERSISTENT=persistent,
-        A_SORTED=bool(a_sorted),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
