@@ -544,3 +544,29 @@ def test_gemm_profile_reads_ncu_csv_in_base_units_and_converts():
     assert got["mixtral/T=4096/down_sorted/us"] == pytest.approx(1944.5)
     assert got["mixtral/T=4096/down_CUTLASS/dram_read_bytes"] == pytest.approx(9e8)
     assert doc["device_kind"] == "h100"
+
+
+def test_moe_layer_tuned_pick_retimes_the_finalists_round_by_round():
+    """The sweep's pick is decided on the finalists (its fastest tuner configs and the grouped_mm
+    path) timed round by round, not on block medians taken seconds apart: a config whose block
+    median looked best but runs slower now is not picked, and configs past FINALISTS are not run."""
+    import types
+
+    import moe_layer
+
+    ran = []
+
+    def moec(hidden, cfg):
+        ran.append(cfg["name"])
+        time.sleep(cfg["sleep"])
+
+    layer = types.SimpleNamespace(moec=moec, grouped_mm=lambda hidden: time.sleep(0.004))
+    good = [{"name": n, "config": {"name": n, "sleep": s}, "tuner": True}
+            for n, s in (("a", 0.02), ("b", 0.0), ("c", 0.01), ("d", 0.0))]
+    timed = {"a": 1.0, "b": 2.0, "c": 3.0, "d": 9.0, "grouped_mm": 5.0}  # block medians: "a" looked fastest
+    case = {"errors": {}}
+    ctx = {"device": torch.device("cpu"), "flush": None}
+    final = moe_layer.attempt_final(layer, None, case, good, timed, ctx)
+    assert final["config"] == "b" and set(final["finalists_ms"]) == {"a", "b", "c", "grouped_mm"}
+    assert final["finalists_ms"]["a"] > final["finalists_ms"]["grouped_mm"] > final["median_ms"]
+    assert "d" not in ran and final["timer"].endswith("interleaved")
