@@ -193,8 +193,8 @@ def test_triton_path_traces_with_symbolic_tokens(top_k):
 @outer_only
 def test_grouped_mm_row_kernels_trace_with_symbolic_tokens():
     """The grouped_mm path's CUDA body under export with a dynamic token count: T keeps its
-    range, the expert order is the align launches (no sort: the histograms once, a scatter for
-    the order and one into the gate/up GEMM's blocks), gate/up is the Triton GEMM writing rows
+    range, the expert order is the align launches (no sort: the histograms once, then one
+    scatter into the gate/up GEMM's blocks that also gives each row's place in the order), gate/up is the Triton GEMM writing rows
     in the sorted order (no gather of x, no activation pass), then CUTLASS's down GEMM and the
     combine launch."""
     from moec.ops.fused_moe import fused_moe_grouped_mm
@@ -212,8 +212,8 @@ def test_grouped_mm_row_kernels_trace_with_symbolic_tokens():
     (vr,) = ep.range_constraints.values()
     assert (vr.lower, vr.upper) == (1, 32768)
     launches = [_kernel_name(n.kwargs) for n in ep.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
-    assert launches == ["_align_count_kernel", "_align_scan_kernel", "_align_scatter_kernel", "_align_scatter_kernel",
-                        "_gate_up_kernel", "_combine_rows_kernel"]
+    assert launches == ["_align_count_kernel", "_align_scan_kernel", "_align_scatter_kernel", "_gate_up_kernel",
+                        "_combine_rows_kernel"]
     assert sum("_grouped_mm" in str(n.target) for n in ep.graph.nodes) == 1
     assert not any("sort" in str(n.target) for n in ep.graph.nodes)
 
@@ -647,7 +647,7 @@ def test_kernels_compile_for_h100():
                 {"CHUNK": 256, "SUB": 16, "E_PAD": 256, "BLOCK_M": block_m, "BLOCK_B": 16, "BLOCK_J": block_j,
                  "ORDER": order},
             )
-            for block_m, block_j, order in ((128, 8, False), (1, 1, True))  # a GEMM block; the grouped_mm order
+            for block_m, block_j, order in ((128, 8, False), (128, 8, True))  # a GEMM block; with the grouped_mm order
         ),
         (  # MAX_EXPERTS experts, with counts
             router._router_kernel,
@@ -942,21 +942,29 @@ def test_interp_row_moves(dtype, num_tokens, top_k, case, cols):
 @pytest.mark.parametrize("num_tokens,num_experts,top_k,case",
                          [(1, 5, 2, "random"), (23, 5, 3, "empty"), (300, 5, 1, "one"), (200, 128, 8, "random"),
                           (9, 1024, 2, "random")])
-def test_interp_expert_order_is_the_stable_sort(num_tokens, num_experts, top_k, case):
-    """align.expert_order (the grouped_mm path's ordering, no sort): the stable sort's indices,
-    each expert's end row, and the inverse permutation, over chunk boundaries (300 assignments
-    on one expert, 1600 over 128) and with experts that receive nothing."""
-    from moec.ops.triton.align import expert_order
+def test_interp_align_order_is_the_stable_sort(num_tokens, num_experts, top_k, case):
+    """align_scatter(order=True) (the grouped_mm path's ordering, no sort, from the gate/up's own
+    scatter): each expert's end row and each assignment's row in the stable sort's order, over
+    chunk boundaries (300 assignments on one expert, 1600 over 128) and with experts that receive
+    nothing; the padded blocks are the ones the launch without the order writes."""
+    from moec.ops.triton.align import align_scatter, expert_histograms
 
     _, ids = routing(num_tokens, num_experts, top_k, case)
-    with poisoned_empty():
-        order, ends, position = expert_order(ids, num_experts)
     flat = ids.reshape(-1)
     sorted_experts, want = torch.sort(flat, stable=True)
-    assert order.dtype == ends.dtype == position.dtype == torch.int32
-    assert torch.equal(order.long(), want)
-    assert torch.equal(ends.long(), torch.searchsorted(sorted_experts, torch.arange(num_experts), right=True))
-    assert torch.equal(order.long()[position.long()], torch.arange(flat.numel()))
+    for block_m in (1, 16):
+        with poisoned_empty():
+            hist = expert_histograms(ids, num_experts)
+            sorted_ids, expert_ids, num_post, ends, position = align_scatter(hist, block_m, order=True)
+            plain = align_scatter(expert_histograms(ids, num_experts), block_m)
+        assert ends.dtype == position.dtype == torch.int32
+        assert torch.equal(ends.long(), torch.searchsorted(sorted_experts, torch.arange(num_experts), right=True))
+        assert torch.equal(position.long().sort().values, torch.arange(flat.numel()))  # a permutation
+        order = torch.empty_like(want).index_copy_(0, position.long(), torch.arange(flat.numel()))
+        assert torch.equal(order, want)
+        used = int(num_post)
+        assert used == int(plain[2]) and torch.equal(sorted_ids[:used], plain[0][:used])
+        assert torch.equal(expert_ids[: used // block_m], plain[1][: used // block_m])
 
 
 @interp_only

@@ -28,12 +28,12 @@ from moec.ops.triton.configs import parse_plan
 
 if importlib.util.find_spec("triton") is not None:
     from moec.ops.triton import moe_permute
-    from moec.ops.triton.align import align_scatter, expert_histograms, expert_order
+    from moec.ops.triton.align import align_scatter, expert_histograms
     from moec.ops.triton.configs import GROUPED_MM_GATE_UP, MAX_EXPERTS, split_config
     from moec.ops.triton.fused_moe import fused_moe as fused_moe_triton
     from moec.ops.triton.grouped_gemm import gate_up_grouped
 else:  # CPU-only install: the reference path needs no Triton
-    fused_moe_triton = moe_permute = expert_order = None
+    fused_moe_triton = moe_permute = None
     MAX_EXPERTS = 0
 
 
@@ -52,7 +52,8 @@ def fused_moe_grouped_mm(
     per-expert row ends come from a scan or a searchsorted, not a bincount.
 
     `row_kernels` (default: on CUDA tensors) orders the assignments with the align kernels
-    (`align.expert_order`: three small launches, where a stable sort is a radix sort of many),
+    (count, scan and one scatter, `align_scatter(order=True)`, which also gives the gate/up's
+    padded blocks; a stable sort is a radix sort of many launches),
     runs gate/up as the Triton GEMM (`configs.GROUPED_MM_GATE_UP`: the activation fused, x read
     in place, each row written where the sorted order puts it: no gather of x, no [T*K, 2I]
     pre-activation, no activation pass) and combines with the Triton kernels of
@@ -66,10 +67,10 @@ def fused_moe_grouped_mm(
         row_kernels = hidden.is_cuda and moe_permute is not None
     if row_kernels and num_experts <= MAX_EXPERTS:  # the align kernels' count/scan/scatter, no radix sort
         hist = expert_histograms(topk_ids, num_experts)
-        _, offs, position = expert_order(topk_ids, num_experts, hist)
         gate_up_cfg, _ = split_config(GROUPED_MM_GATE_UP)
-        h = gate_up_grouped(hidden, w13, *align_scatter(hist, gate_up_cfg["BLOCK_M"]), top_k, gate_up_cfg,
-                            activation, out_rows=position)  # [T*K, I], sorted rows
+        # one scatter: the gate/up's padded blocks, and each row's place in the unpadded order
+        *align, offs, position = align_scatter(hist, gate_up_cfg["BLOCK_M"], order=True)
+        h = gate_up_grouped(hidden, w13, *align, top_k, gate_up_cfg, activation, out_rows=position)  # [T*K, I], sorted rows
         y = torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs)  # [T*K, H], sorted rows
         return moe_permute.combine_rows(y, position, topk_weights)
     sorted_experts, order = torch.sort(topk_ids.reshape(-1), stable=True)

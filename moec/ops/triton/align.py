@@ -109,8 +109,8 @@ def _align_scatter_kernel(
     BLOCK_J: tl.constexpr,
     ORDER: tl.constexpr,
 ):
-    """ORDER (BLOCK_M == 1, no padding): the stable expert order, each assignment's slot in it and
-    each expert's end, instead of the blocks' experts and num_post."""
+    """ORDER: also each assignment's row in the unpadded stable expert order and each expert's
+    end row there (the grouped_mm path's `position` and offsets)."""
     pid = tl.program_id(0)
     cols = tl.arange(0, E_PAD)
     if num_chunks == 1:  # the only chunk: its histogram is the whole one (count and scan gated off)
@@ -126,24 +126,26 @@ def _align_scatter_kernel(
     pend = tl.cumsum(padded, axis=0)
     pstart = pend - padded
 
-    # this chunk's assignments → their slots
+    # this chunk's assignments → their slots (and, ORDER, their unpadded rows)
     run = pstart + before
+    uend = tl.cumsum(total, axis=0)
+    urun = uend - total + before
     for s in range(0, tl.minimum(num_assign - pid * CHUNK, CHUNK), SUB):  # the chunk's real assignments
         offs = pid * CHUNK + s + tl.arange(0, SUB)
         e = tl.load(ids_ptr + offs, mask=offs < num_assign, other=-1)
         oh = _one_hot(e, E_PAD)
-        incl = tl.cumsum(oh, axis=0)
-        pos = tl.sum((incl - 1 + run[None, :]) * oh, axis=1)
+        rank = tl.cumsum(oh, axis=0) - 1  # earlier assignments of the same expert in this sub-step
+        pos = tl.sum((rank + run[None, :]) * oh, axis=1)
         known = tl.sum(oh, axis=1) > 0  # masked lanes (and out-of-range ids) match no expert
         tl.store(sorted_ptr + pos, offs, mask=known)
         if ORDER:
-            tl.store(position_ptr + offs, pos, mask=known)
-        run += tl.sum(oh, axis=0)
+            tl.store(position_ptr + offs, tl.sum((rank + urun[None, :]) * oh, axis=1), mask=known)
+        step = tl.sum(oh, axis=0)
+        run += step
+        urun += step
 
-    if ORDER:
-        if pid == 0:
-            tl.store(ends_ptr + cols, pend, mask=cols < num_experts)
-        return
+    if ORDER and pid == 0:
+        tl.store(ends_ptr + cols, uend, mask=cols < num_experts)
     num_post = tl.sum(padded, axis=0)
     if pid == 0:
         tl.store(num_post_ptr, num_post)
@@ -225,9 +227,15 @@ def expert_histograms(topk_ids: torch.Tensor, num_experts: int, gate=1) -> Exper
     return ExpertHistograms(ids, offsets, totals, num_experts, num_chunks, e_pad, sub)
 
 
-def align_scatter(hist: ExpertHistograms, block_m: int, gate=1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The scatter launch for one BLOCK_M → (sorted_ids, expert_ids, num_post). `gate` (0 or 1,
-    maybe symbolic) multiplies the grid: gated to 0, nothing is launched or written."""
+def align_scatter(hist: ExpertHistograms, block_m: int, gate=1, order: bool = False) -> tuple:
+    """The scatter launch for one BLOCK_M → (sorted_ids, expert_ids, num_post). With `order`, also
+    (ends, position), int32, from the same launch: the assignments in the stable expert order with
+    no padding (what torch.sort(stable=True) of the flat ids orders), each expert's end row in it
+    (`torch._grouped_mm`'s offsets) and each assignment's row. For the grouped_mm path, where a
+    stable sort was a radix sort of 8 passes and 10 memsets (49 + 11 us of Qwen3-30B-A3B's 0.64 ms
+    at 1024 tokens, moe_layer-h100-2026-12-06T0450) followed by a searchsorted and an index_copy_,
+    and until 2026-12-06 a second scatter launch of its own. `gate` (0 or 1, maybe symbolic)
+    multiplies the grid: gated to 0, nothing is launched or written."""
     if block_m < 1 or block_m & (block_m - 1):
         raise ValueError(f"moe_align_block_size: BLOCK_M must be a power of two, got {block_m}")
     num_assign = hist.ids.shape[0]
@@ -236,6 +244,11 @@ def align_scatter(hist: ExpertHistograms, block_m: int, gate=1) -> tuple[torch.T
     sorted_ids = torch.empty(em, dtype=torch.int32, device=device)
     expert_ids = torch.empty(triton.cdiv(em, block_m), dtype=torch.int32, device=device)
     num_post = torch.empty(1, dtype=torch.int32, device=device)
+    if order:
+        position = torch.empty(num_assign, dtype=torch.int32, device=device)
+        ends = torch.empty(hist.num_experts, dtype=torch.int32, device=device)
+    else:  # unused without ORDER: a read-only input stands in (no written tensor is passed twice)
+        position = ends = hist.totals
     e_pad = hist.e_pad
     wrap_triton(_align_scatter_kernel)[(hist.num_chunks * gate,)](
         hist.ids,
@@ -244,8 +257,8 @@ def align_scatter(hist: ExpertHistograms, block_m: int, gate=1) -> tuple[torch.T
         sorted_ids,
         expert_ids,
         num_post,
-        hist.totals,  # position: unused without ORDER (a read-only input: no written tensor is passed twice)
-        hist.totals,  # ends: unused without ORDER
+        position,
+        ends,
         num_assign,
         hist.num_chunks,
         hist.num_experts,
@@ -255,37 +268,12 @@ def align_scatter(hist: ExpertHistograms, block_m: int, gate=1) -> tuple[torch.T
         BLOCK_M=block_m,
         BLOCK_B=max(16, 4096 // e_pad),
         BLOCK_J=min(block_m, max(1, 2048 // e_pad)),
-        ORDER=False,
+        ORDER=order,
         num_warps=4,
     )
+    if order:
+        return sorted_ids, expert_ids, num_post, ends, position
     return sorted_ids, expert_ids, num_post
-
-
-def expert_order(topk_ids: torch.Tensor, num_experts: int,
-                 hist: ExpertHistograms | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """topk_ids [T, K] → (order, ends, position), int32: the T*K assignments sorted by expert,
-    stably (what torch.sort(stable=True) of the flat ids gives as indices), each expert's end row
-    in that order (the grouped GEMM's offsets) and each assignment's row (order's inverse). For
-    the `torch._grouped_mm` path: the count, scan and scatter launches above, with no padding,
-    where the sort was a radix sort of 8 passes and 10 memsets (49 + 11 us of Qwen3-30B-A3B's 0.64 ms
-    at 1024 tokens, moe_layer-h100-2026-12-06T0450) and searchsorted and an index_copy_ followed.
-    `hist`: these ids' histograms if already counted (the grouped_mm path's gate/up GEMM also
-    scatters them into blocks of its own BLOCK_M)."""
-    if hist is None:
-        hist = expert_histograms(topk_ids, num_experts)
-    num_assign = hist.ids.shape[0]
-    device = hist.ids.device
-    order = torch.empty(num_assign, dtype=torch.int32, device=device)
-    position = torch.empty(num_assign, dtype=torch.int32, device=device)
-    ends = torch.empty(num_experts, dtype=torch.int32, device=device)
-    wrap_triton(_align_scatter_kernel)[(hist.num_chunks,)](
-        # expert_ids and num_post are unused under ORDER: a read-only input stands in (no written
-        # tensor is passed twice)
-        hist.ids, hist.offsets, hist.totals, order, hist.totals, hist.totals, position, ends, num_assign, hist.num_chunks,
-        num_experts, CHUNK=CHUNK, SUB=hist.sub, E_PAD=hist.e_pad, BLOCK_M=1, BLOCK_B=16, BLOCK_J=1, ORDER=True,
-        num_warps=4,
-    )
-    return order, ends, position
 
 
 def moe_align_block_size(
