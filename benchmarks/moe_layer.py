@@ -6,7 +6,7 @@ One run measures, on the same random inputs and weights:
               with the default config table; its CUDA-graph replay at every token count; and a
               sweep of candidate configs: every one the compiler's tuner times, whose fastest (or
               the grouped_mm path, if faster; the finalists replayed round by round, as the tuner
-              decides) is `moec_tuned`, what a compiled artifact runs at that T; then a few more
+              decides them) is `moec_tuned`, what a compiled artifact runs at that T; then a few more
               (table rows, vLLM-style variants) to find ones to add
   moec_ops    the registered ops the compiler lowers to, dispatched eagerly:
               `torch.ops.moec.moe_router` (PyTorch reference router) + `torch.ops.moec.fused_moe`
@@ -797,23 +797,22 @@ def sweep_case(layer: Layer, case: dict, ctx: dict) -> None:
     finalize_case(case)
 
 
-FINALISTS = 3  # the sweep's fastest tuner configs retimed round by round with the grouped_mm path
-
-
 def attempt_final(layer: Layer, hidden, case: dict, good: list[dict], timed: dict, ctx: dict) -> dict | None:
-    """The tuner's pick decided as the compiler's tuner decides it: its finalists (the sweep's
-    FINALISTS fastest tuner configs, and the grouped_mm path) replayed round by round, order
-    rotated, so that no clock drift between the sweep's blocks and phase 1 (seconds apart, the
-    GPU hotter by then) ranks them. -> moec_tuned's timing (with every finalist's median), or
-    None where the replays fail (the block medians' pick stands)."""
+    """The tuner's pick decided as the compiler's tuner decides it: its finalists
+    (`moe_tuning.finalists`: within 15% of the fastest block median, the fastest of each path
+    first, 4 at most) replayed round by round, order rotated, so that no clock drift between the
+    sweep's blocks and phase 1 (seconds apart, the GPU hotter by then: its power cap) ranks them.
+    -> moec_tuned's timing (with every finalist's median), or None where there is one finalist
+    or the replays fail (the block medians' pick stands)."""
+    from moec.compiler.passes.moe_tuning import GROUPED_MM, finalists
+
     device, flush = ctx["device"], ctx["flush"]
     by_name = {s["name"]: s["config"] for s in good if s["tuner"]}
-    names = sorted((n for n in timed if n in by_name), key=timed.get)[:FINALISTS]
-    fns = {n: (lambda cfg=by_name[n]: layer.moec(hidden, cfg)) for n in names}
-    if "grouped_mm" in timed:
-        fns["grouped_mm"] = lambda: layer.grouped_mm(hidden)
-    if len(fns) < 2:
+    names = finalists(timed, {n: GROUPED_MM if n == GROUPED_MM else "triton" for n in timed})
+    if len(names) < 2:
         return None
+    fns = {n: (lambda: layer.grouped_mm(hidden)) if n == GROUPED_MM else
+           (lambda cfg=by_name[n]: layer.moec(hidden, cfg)) for n in names}
     try:
         if device.type == "cuda":  # (graph, output) pairs: the outputs stay alive with their graphs
             graphs = {n: capture_graph(fn, device) for n, fn in fns.items()}
