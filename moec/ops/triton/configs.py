@@ -132,9 +132,9 @@ _DOWN_SMALL_M = [  # BLOCK_M <= 32: decode, streaming the weights
 ]
 _DOWN_LARGE_M = [  # BLOCK_M >= 64: prefill, compute
     # 128x128 in 3 stages: two programs fit on an SM at BLOCK_M 128 (96 KB of shared memory, ~110
-    # registers), so one's atomic epilogue overlaps the other's loads: 1149 us against 1464 in 4
-    # stages (one a SM) and 1202 for the 128x256 tile at Qwen3-30B-A3B's 16384 tokens on an H100
-    # (step_kernels-h100-2026-12-06T0924); 5% slower than 128x256 at Mixtral's 4096
+    # registers), so one's atomic epilogue overlaps the other's loads: 1149 us against 1202 for the
+    # 128x256 tile at Qwen3-30B-A3B's 16384 tokens on an H100 (step_kernels-h100-2026-12-06T0924)
+    # and 1464 for this tile in 4 stages (one an SM; …T0920); 5% slower than 128x256 at Mixtral's 4096
     {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
     {"BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
     {"BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
