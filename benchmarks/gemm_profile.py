@@ -39,10 +39,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 
 from measure import environment, write_json  # noqa: E402
+from step_kernels import DIRECT_SHAPES as SHAPES, DTYPE, expert_weights, routed_tokens  # noqa: E402
 
-SHAPES = {"mixtral": (4096, 14336, 8, 2), "qwen3": (2048, 768, 128, 8)}  # hidden, inter, experts, top-k
 CASES = [("mixtral", 1024), ("mixtral", 4096), ("qwen3", 4096), ("qwen3", 16384)]
-DTYPE = torch.bfloat16
 SECTIONS = ("SpeedOfLight", "MemoryWorkloadAnalysis", "ComputeWorkloadAnalysis", "Occupancy", "LaunchStats",
             "WarpStateStats")
 METRICS = ("gpu__time_duration.sum", "dram__bytes_read.sum", "dram__bytes_write.sum", "lts__t_sector_hit_rate.pct",
@@ -69,11 +68,8 @@ def kernel_calls(shape: str, tokens: int, dev) -> dict:
 
     hidden_size, inter, experts, top_k = SHAPES[shape]
     gen = torch.Generator().manual_seed(tokens)
-    w13 = (torch.randn(experts, 2 * inter, hidden_size, generator=gen) * hidden_size ** -0.5).to(dev, DTYPE)
-    w2 = (torch.randn(experts, hidden_size, inter, generator=gen) * inter ** -0.5).to(dev, DTYPE)
-    x = torch.randn(tokens, hidden_size, generator=gen).to(dev, DTYPE)
-    probs, ids = torch.randn(tokens, experts, generator=gen).softmax(-1).topk(top_k, dim=-1)
-    weights, ids = (probs / probs.sum(-1, keepdim=True)).to(dev), ids.to(dev)
+    w13, w2 = expert_weights(hidden_size, inter, experts, gen, dev)
+    x, weights, ids = routed_tokens(tokens, hidden_size, experts, top_k, gen, dev)
     gate_up_cfg, down_cfg = split_config(default_config(tokens, experts, top_k))
     align = moe_align_block_size(ids, experts, gate_up_cfg["BLOCK_M"])
     assign = tokens * top_k

@@ -247,9 +247,7 @@ def from_gemm_profile(doc: dict) -> dict:
     """Each profiled kernel's duration, DRAM bytes and L2 hit rate under ncu (one launch each)."""
     wanted = {"gpu__time_duration.sum": ("us", 1e-3, "lower"), "dram__bytes_read.sum": ("dram_read_bytes", 1, "lower"),
               "lts__t_sector_hit_rate.pct": ("l2_hit_pct", 1, "higher")}
-    units = {"ns": 1, "nsecond": 1, "us": 1e3, "usecond": 1e3, "ms": 1e6, "msecond": 1e6,
-             "byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}
-    metrics = []
+    metrics = []  # gemm_profile stores times in ns and sizes in bytes
     for k in doc["kernels"]:
         for name, (tag, scale, direction) in wanted.items():
             m = k["metrics"].get(name)

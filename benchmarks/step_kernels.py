@@ -391,6 +391,20 @@ def run_router(dev, ceil: dict, flush) -> list[dict]:
     return rows
 
 
+def expert_weights(hidden_size: int, inter: int, experts: int, gen: torch.Generator, dev) -> tuple:
+    """Random w13 [E, 2I, H] and w2 [E, H, I], scaled so activations stay O(1)."""
+    w13 = (torch.randn(experts, 2 * inter, hidden_size, generator=gen) * hidden_size ** -0.5).to(dev, DTYPE)
+    w2 = (torch.randn(experts, hidden_size, inter, generator=gen) * inter ** -0.5).to(dev, DTYPE)
+    return w13, w2
+
+
+def routed_tokens(tokens: int, hidden_size: int, experts: int, top_k: int, gen: torch.Generator, dev) -> tuple:
+    """Random hidden states and a random top-k routing of them: (x, topk_weights f32, topk_ids)."""
+    x = torch.randn(tokens, hidden_size, generator=gen).to(dev, DTYPE)
+    probs, ids = torch.randn(tokens, experts, generator=gen).softmax(-1).topk(top_k, dim=-1)
+    return x, (probs / probs.sum(-1, keepdim=True)).to(dev), ids.to(dev)
+
+
 def run_direct(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts=DIRECT_TOKENS) -> list[dict]:
     from moec.ops.triton.configs import default_config, split_config
     from moec.ops.triton.fused_moe import fused_moe, fused_moe_ref
@@ -399,12 +413,9 @@ def run_direct(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_count
     gen = torch.Generator().manual_seed(5)
     rows = []
     for shape, (hidden_size, inter, experts, top_k) in shapes.items():
-        w13 = (torch.randn(experts, 2 * inter, hidden_size, generator=gen) * hidden_size ** -0.5).to(dev, DTYPE)
-        w2 = (torch.randn(experts, hidden_size, inter, generator=gen) * inter ** -0.5).to(dev, DTYPE)
+        w13, w2 = expert_weights(hidden_size, inter, experts, gen, dev)
         for tokens in token_counts:
-            x = torch.randn(tokens, hidden_size, generator=gen).to(dev, DTYPE)
-            probs, ids = torch.randn(tokens, experts, generator=gen).softmax(-1).topk(top_k, dim=-1)
-            weights, ids = (probs / probs.sum(-1, keepdim=True)).to(dev), ids.to(dev)
+            x, weights, ids = routed_tokens(tokens, hidden_size, experts, top_k, gen, dev)
             cfg = default_config(tokens, experts, top_k)
             gate_up_cfg, down_cfg = split_config(cfg)
 
@@ -446,13 +457,10 @@ def run_gemm(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts:
     gen = torch.Generator().manual_seed(6)
     rows = []
     for shape, (hidden_size, inter, experts, top_k) in shapes.items():
-        w13 = (torch.randn(experts, 2 * inter, hidden_size, generator=gen) * hidden_size ** -0.5).to(dev, DTYPE)
-        w2 = (torch.randn(experts, hidden_size, inter, generator=gen) * inter ** -0.5).to(dev, DTYPE)
+        w13, w2 = expert_weights(hidden_size, inter, experts, gen, dev)
         for tokens in token_counts.get(shape, ()):
             assign = tokens * top_k
-            x = torch.randn(tokens, hidden_size, generator=gen).to(dev, DTYPE)
-            probs, ids = torch.randn(tokens, experts, generator=gen).softmax(-1).topk(top_k, dim=-1)
-            weights, ids = (probs / probs.sum(-1, keepdim=True)).to(dev), ids.to(dev)
+            x, weights, ids = routed_tokens(tokens, hidden_size, experts, top_k, gen, dev)
             order = ids.flatten().argsort(stable=True)
             x_sorted = x[order // top_k]
             offs = torch.bincount(ids.flatten(), minlength=experts).cumsum(0).to(torch.int32)
@@ -475,7 +483,7 @@ def run_gemm(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts:
             one_per_row = weights.reshape(-1, 1)  # K = 1: each assignment's row stored, not added
             for i, d in enumerate(down_settings):
                 cfg = {**configs[0], "PERSISTENT": False, **d}
-                name = "M{BLOCK_M}N{BLOCK_N}K{BLOCK_K}G{GROUP_M}w{num_warps}s{num_stages}".format(**cfg)
+                name = config_name(cfg)  # one program per tile: no "P"
                 routing = aligned[cfg["BLOCK_M"]]
                 variants = {f"down {name}": lambda c=cfg: down_grouped(inter_rows, w2, weights, *routing, c)}
                 if i == 0:  # the atomic adds left out: what the epilogue costs
