@@ -218,7 +218,7 @@ def from_step_kernels(doc: dict) -> dict:
                 tag = "aligned" if name.startswith("aligned") else name
                 metrics.append(metric(f"experts_few_tokens/{row['shape']}/T={row['tokens']}/{tag}_us",
                                       path.get("us_interleaved", path["us"]), "us", "lower", roofline=row["bound_us"]))
-    for row in doc.get("gemm", []):  # kernels whose output check failed are left out (ok false)
+    for row in [*doc.get("gemm", []), *doc.get("middle", [])]:  # kernels whose check failed: left out
         for name, kernel in row["kernels"].items():
             if kernel.get("ok") is not False:
                 metrics.append(metric(f"grouped_gemm/{row['shape']}/T={row['tokens']}/{name.replace(' ', '_')}_tflop_s",

@@ -390,6 +390,23 @@ def test_persistent_grid_is_a_symbolic_min_of_tiles_and_sms():
         assert grids["_down_kernel"] == -(-em // down["BLOCK_M"]) * -(-72 // down["BLOCK_N"])
 
 
+def test_resident_programs_by_shared_memory_and_registers():
+    """Programs of a persistent launch per SM (sm_90: 228 KiB of shared memory): two of the
+    64-row, 4-warp tile (96 KiB, 4 stages), one of the 128 x 256 gate/up tile (8 warps, 144 KiB);
+    registers cap 4 warps at two whatever the memory, and nothing goes below one."""
+    from moec.ops.triton.grouped_gemm import resident_programs
+
+    sm90 = 233472
+    m64 = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}
+    assert resident_programs(m64, 128, 2, sm90) == 2  # gate/up: 2 * BLOCK_N columns
+    assert resident_programs(dict(m64, num_stages=2), 128, 2, sm90) == 2  # 4 by memory, 2 by registers
+    assert resident_programs(dict(m64, num_warps=8), 128, 2, sm90) == 1
+    assert resident_programs(m64, 128, 4, sm90) == 1  # fp32: 192 KiB
+    big = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+    assert resident_programs(big, 256, 2, sm90) == 1
+    assert resident_programs(big, 256, 4, sm90) == 1  # over the SM's memory: still one
+
+
 @interp_only
 @pytest.mark.parametrize("case", ["random", "one"])
 def test_interp_fused_moe_direct_above_one_token(case):
@@ -1134,14 +1151,17 @@ def test_interp_step_kernels_gemm_part_checks_each_kernel(monkeypatch):
     configs = [{"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2},
                {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2,
                 "PERSISTENT": True}]
-    down = [{"BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2, "num_warps": 4, "num_stages": 2}]  # on the first tile's rows
+    down = [{"BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2, "num_warps": 4, "num_stages": 2},  # on the first tile's rows
+            {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2, "num_warps": 4, "num_stages": 2,
+             "PERSISTENT": True}]  # its own rows, aligned for it
     rows = step_kernels.run_gemm(torch.device("cpu"), {}, None, shapes={"toy": (72, 40, 6, 2)},
                                  token_counts={"toy": (9,)}, configs=configs, down_settings=down)
     (row,) = rows
     assert row["assignments"] == 18 and 18 <= row["padded_rows"][16] <= 18 + 6 * 15
+    assert 18 <= row["padded_rows"][32] <= 18 + 6 * 31
     kernels = row["kernels"]
     for key in ("gate_up M16N16K32G2w4s2", "gate_up M16N16K32G2w4s2P", "down M16N32K16G2w4s2",
-                "down M16N32K16G2w4s2 rows-stored"):
+                "down M16N32K16G2w4s2 rows-stored", "down M32N32K16G2w4s2P"):
         assert kernels[key]["ok"] and kernels[key]["rel_error"] < 1e-4, (key, kernels)
     flops_up = 2.0 * 18 * 72 * 80
     assert kernels["gate_up bmm (even rows)"]["tflop_s"] == pytest.approx(flops_up / 2e-3 / 1e12)

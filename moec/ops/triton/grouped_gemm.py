@@ -3,8 +3,8 @@
 Both kernels take the sort/align output: block b covers sorted_ids[b*BLOCK_M : (b+1)*BLOCK_M],
 all assignments of expert expert_ids[b]; padding entries (== T*K) are masked rows. The grid is
 sized for the worst case (EM rows) and programs past the live tiles (num_post rows) return at
-once, so nothing is read back to the host. A PERSISTENT config launches about one program per
-SM instead, each looping over tiles.
+once, so nothing is read back to the host. A PERSISTENT config launches as many programs as the
+SMs hold at once instead (`resident_programs`), each looping over tiles.
 
 gate/up: inter[a, n] = act(x[a // K] · w13[e, n]) * (x[a // K] · w13[e, I + n]). One program
 owns BLOCK_N gate columns *and* the matching BLOCK_N up columns, read as one weight tile with
@@ -131,9 +131,9 @@ def _gate_up_kernel(
     OUT_ROWS: tl.constexpr,
 ):
     # tiles of live row blocks only (dead ones, past num_post, are skipped): one per program, or
-    # (PERSISTENT: a grid of about one program per SM) strided over the programs in a loop that
-    # Triton flattens, so one tile's epilogue overlaps the next one's first loads. One tile is a
-    # loop of one iteration known at compile time, which folds away: straight-line code.
+    # (PERSISTENT: a grid of the programs the SMs hold at once) strided over the programs in a
+    # loop that Triton flattens, so one tile's epilogue overlaps the next one's first loads. One
+    # tile is a loop of one iteration known at compile time, which folds away: straight-line code.
     num_pid_n = tl.cdiv(N, BLOCK_N)
     if DIRECT:  # one row block per assignment: none is dead
         live_rows = num_assign * BLOCK_M
@@ -294,22 +294,43 @@ def _dot_ieee(dtype: torch.dtype) -> bool:
 
 
 def _sm_count(device: torch.device) -> int:
-    """Programs of a persistent launch: one per SM (the compute-bound tiles fill an SM's shared
-    memory, so one resident program each); 4 off CUDA (the interpreter), so tiles still stride."""
+    """SMs a persistent launch spreads over; 4 off CUDA (the interpreter), so tiles still stride."""
     if device.type != "cuda":
         return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# what bounds the programs an SM holds at once, per the CUDA occupancy rules: 64K registers
+# (a program's own count is only known after Triton compiles it, so at most 255 a thread is
+# assumed: 2 programs of 4 warps, 1 of 8) and the shared memory of an SM (sm_90: 228 KiB, 1 KiB
+# of it reserved per program)
+SM_REGISTERS, MAX_REGS_PER_THREAD, SMEM_RESERVED_PER_PROGRAM = 65536, 255, 1024
+
+
+def resident_programs(cfg: dict, n_width: int, elem_bytes: int, smem_per_sm: int) -> int:
+    """Programs of `cfg`'s tile that fit on one SM at once (at least 1): the pipeline's shared
+    memory (num_stages copies of the [BLOCK_M, BLOCK_K] and [BLOCK_K, n_width] operand tiles)
+    against the SM's, and registers at the most a thread may take. A persistent launch of small
+    tiles (64 rows, 4 warps: 96 KiB) then keeps two programs an SM loading, as one launch per
+    tile would; compute-bound tiles (128 x 256, 8 warps) stay at one."""
+    by_regs = SM_REGISTERS // (cfg["num_warps"] * 32 * MAX_REGS_PER_THREAD)
+    tile_bytes = cfg["num_stages"] * (cfg["BLOCK_M"] + n_width) * cfg["BLOCK_K"] * elem_bytes
+    return max(1, min(by_regs, smem_per_sm // (tile_bytes + SMEM_RESERVED_PER_PROGRAM)))
+
+
 def _grid_m_n(em, n_cols: int, cfg: dict, gate=1, direct: bool = False, persistent: bool = False,
-              device=None) -> tuple:
+              device=None, n_width: int | None = None, elem_bytes: int = 2) -> tuple:
     """Row blocks x column blocks (`direct`: em is the assignment count, one block each); with
-    `persistent`, at most one program per SM, each looping over tiles."""
+    `persistent`, at most as many programs as the SMs hold at once (`resident_programs` of a tile
+    n_width columns wide, BLOCK_N if not given; one a "SM" off CUDA), each looping over tiles."""
     row_blocks = em if direct else triton.cdiv(em, cfg["BLOCK_M"])
     tiles = row_blocks * triton.cdiv(n_cols, cfg["BLOCK_N"])
     if persistent:
-        sms = _sm_count(device)
-        tiles = min(tiles, sms) if isinstance(tiles, int) else torch.sym_min(tiles, sms)
+        programs = _sm_count(device)
+        if device.type == "cuda":
+            smem = torch.cuda.get_device_properties(device).shared_memory_per_multiprocessor
+            programs *= resident_programs(cfg, n_width or cfg["BLOCK_N"], elem_bytes, smem)
+        tiles = min(tiles, programs) if isinstance(tiles, int) else torch.sym_min(tiles, programs)
     return (tiles * gate,)
 
 
@@ -368,7 +389,8 @@ def gate_up_grouped(
     routing, em, direct = _align_args(sorted_ids, expert_ids, num_post, direct_ids, num_assign)
     zero_block, zero_steps = _zero_block(hidden_size, inter, cfg["BLOCK_N"])
     persistent = bool(cfg.get("PERSISTENT")) and not direct  # DIRECT's few tiles: one program each
-    wrap_triton(_gate_up_kernel)[_grid_m_n(em, inter, cfg, gate, direct, persistent, hidden.device)](
+    grid = _grid_m_n(em, inter, cfg, gate, direct, persistent, hidden.device, 2 * cfg["BLOCK_N"], hidden.element_size())
+    wrap_triton(_gate_up_kernel)[grid](
         hidden,
         w13,
         out,
@@ -438,7 +460,8 @@ def down_grouped(
         weights = weights.contiguous()
     routing, em, direct = _align_args(sorted_ids, expert_ids, num_post, direct_ids, num_assign)
     persistent = bool(cfg.get("PERSISTENT")) and not direct
-    wrap_triton(_down_kernel)[_grid_m_n(em, hidden_size, cfg, gate, direct, persistent, inter.device)](
+    grid = _grid_m_n(em, hidden_size, cfg, gate, direct, persistent, inter.device, elem_bytes=inter.element_size())
+    wrap_triton(_down_kernel)[grid](
         inter,
         w2,
         out,
