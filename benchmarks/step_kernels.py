@@ -26,14 +26,16 @@ in a CUDA graph and its replays timed (median of CUDA events, L2 flushed before 
              under a few tile configs, against the weight bytes over copy bandwidth: whether a
              small-T dense path in the compiler would pay (the H200 profile: Q/K/V and O at
              75% and 66% of copy bandwidth at batch 1)
-  router     the fused router as the step runs it (no counts) at T = 1..4096, for Mixtral's 8
+  router     the fused router as the step runs it (no counts) at T = 1..16384, for Mixtral's 8
              experts and Qwen3's 128: the few-token path with H split over programs of 128, 256
              (built in) or 512 columns, and unsplit (one program walking H in steps of 512), by
              setting router.SPLIT_H; the split path run up to 16, 256 or 4096 tokens
              (router.SPLIT_MAX_T); the split path's second launch (sum, softmax, top-k) on 1 or
              2 or 8 warps (router.FINAL_WARPS); for more experts than the built-in router splits
              (router.SPLIT_MAX_E_PAD: Qwen3's 128 since step_kernels-h200-2026-12-03T2135), unsplit
-             and the split path let in; against hidden + gate bytes over copy bandwidth
+             and the split path let in; the row-block launch (above the split path) with more
+             tokens a program (router.ROW_BLOCK_T/_H, ROW_WARPS), alone and from 64 tokens; against
+             hidden + gate bytes over copy bandwidth
 
   direct     the routed experts at 1..16 tokens (Mixtral's and Qwen3's expert shapes): fused_moe
              as it runs above one token (one align launch up to 256 assignments, then the two
@@ -76,10 +78,13 @@ ROUTER_SHAPES = {"mixtral": (8, 4096, 2), "qwen3": (128, 2048, 8)}  # experts, h
 PREFILL_TOKENS = (1024, 2048, 4096, 8192)
 DECODE_BATCHES = (1, 8, 32, 128)
 DECODE_CONTEXT = 512
-ROUTER_TOKENS = (1, 4, 16, 64, 256, 1024, 4096)
+ROUTER_TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 ROUTER_SPLIT_H = (None, 128, 256, 512)
 ROUTER_SPLIT_MAX_T = (16, 256, 4096)  # the split path's token limit (router.SPLIT_MAX_T), at SPLIT_H built in
 ROUTER_FINAL_WARPS = (1, 2, 4, 8)  # warps of the split path's second launch (router.FINAL_WARPS)
+# the row-block launch's tokens x H columns a program and its warps (router.ROW_BLOCK_T/_H,
+# ROW_WARPS), each also with the split path stopped at 64 tokens (the row blocks from there)
+ROUTER_ROW_BLOCKS = ((32, 64, 4), (64, 64, 4), (64, 64, 8), (64, 128, 8), (128, 64, 8))
 SPLIT_COUNTS = (8, 16, 32)
 COMBINE_HEADS = (1, 2, 8)
 KV_WRITE_TOKENS = (1, 8, 32, 128, 4096)
@@ -380,6 +385,10 @@ def router_variants(router, num_experts: int) -> dict[str, dict]:
                 if t != router.SPLIT_MAX_T})
     out.update({f"split H {h}, second launch {w} warp{'s' if w > 1 else ''}": {"SPLIT_H": h, "FINAL_WARPS": w}
                 for h in (128, router.SPLIT_H) for w in ROUTER_FINAL_WARPS if w != router.FINAL_WARPS})
+    for bt, bh, w in ROUTER_ROW_BLOCKS:
+        rows = {"ROW_BLOCK_T": bt, "ROW_BLOCK_H": bh, "ROW_WARPS": w}
+        out[f"row blocks {bt}x{bh} w{w}"] = rows
+        out[f"row blocks {bt}x{bh} w{w} from 64 tokens"] = {**rows, "SPLIT_MAX_T": 64}
     return out
 
 

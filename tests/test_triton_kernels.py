@@ -792,17 +792,21 @@ def test_interp_router(num_tokens, num_experts, top_k, renorm, dtype):
 
 
 @interp_only
-@pytest.mark.parametrize("split_max_t", [16, 64])
+@pytest.mark.parametrize("split_max_t,row_block", [(16, None), (64, None), (16, (64, 32, 8))])
 @pytest.mark.parametrize("num_tokens,hidden_size", [(1, 4096), (16, 600), (17, 600), (45, 200), (70, 40)])
-def test_interp_router_long_hidden(num_tokens, hidden_size, split_max_t, monkeypatch):
+def test_interp_router_long_hidden(num_tokens, hidden_size, split_max_t, row_block, monkeypatch):
     """Hidden sizes past one BLOCK_H step (and not a multiple of it), several row blocks, either
-    side of the split launch (T <= 16, and up to 64: several row blocks of partials): the
-    fused logits equal F.linear's rounded to the input dtype, so the routing is the reference's."""
+    side of the split launch (T <= 16, and up to 64: several row blocks of partials), row blocks
+    of the built-in size and of 64 tokens (8 warps, 32 columns a step): the fused logits equal
+    F.linear's rounded to the input dtype, so the routing is the reference's."""
     from moec.ops.moe_router import moe_router_ref
     from moec.ops.triton import router
     from moec.ops.triton.router import fused_router
 
     monkeypatch.setattr(router, "SPLIT_MAX_T", split_max_t)
+    if row_block:
+        for name, value in zip(("ROW_BLOCK_T", "ROW_BLOCK_H", "ROW_WARPS"), row_block):
+            monkeypatch.setattr(router, name, value)
 
     g = torch.Generator().manual_seed(hidden_size)
     hidden = torch.randn(num_tokens, hidden_size, generator=g).to(torch.float16)

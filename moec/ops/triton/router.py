@@ -160,6 +160,13 @@ SPLIT_MAX_T = 1024
 # (its log, in moe_layer-h100-2026-12-06T0445's notes): on 1 or 2 warps it was slower, Qwen3's
 # router at one token 19.3 / 15.8 us against 13.1 on 4 (Mixtral 8.8 / 9.1 against 8.4); 8 not run
 FINAL_WARPS = 4
+# the row-block launch (above the few-token one): tokens and H columns a program takes per step,
+# and its warps; None: 16 x 64 where experts pad to 128 or more, else 32 x 128. A program reads
+# the whole gate weight (Qwen3's 128 x 2048: 512 KB) from L2 for its BLOCK_T rows. Module values
+# for benchmarks/step_kernels.py
+ROW_BLOCK_T: int | None = None
+ROW_BLOCK_H: int | None = None
+ROW_WARPS = 4
 
 
 def _next_pow2(n: int) -> int:
@@ -174,7 +181,8 @@ def launch_configs(num_experts: int) -> list[tuple[int, int | None, int, int, bo
     split = SPLIT_H is not None and e_pad <= SPLIT_MAX_E_PAD
     top = SPLIT_MAX_T if split else SMALL_T
     small = (0, top, SMALL_T, SPLIT_H if split else max(64, min(512, 8192 // e_pad)), split)
-    large = (top, None, 16 if e_pad >= 128 else 32, 64 if e_pad >= 128 else 128, False)
+    large = (top, None, ROW_BLOCK_T or (16 if e_pad >= 128 else 32), ROW_BLOCK_H or (64 if e_pad >= 128 else 128),
+             False)
     return [small, large]
 
 
@@ -224,6 +232,6 @@ def fused_router(
         wrap_triton(_router_kernel)[(triton.cdiv(num_tokens, block_t) * gate,)](
             hidden, gate_weight, weights, ids, counts, partial, part_rows, num_splits, num_tokens, num_experts,
             hidden_size, hidden.stride(0), gate_weight.stride(0), BLOCK_T=block_t, BLOCK_H=block_h,
-            FROM_PARTIALS=split, **(meta | {"num_warps": FINAL_WARPS} if split else meta),
+            FROM_PARTIALS=split, **(meta | {"num_warps": FINAL_WARPS if split else ROW_WARPS}),
         )
     return weights, ids, counts if count else None
