@@ -37,12 +37,14 @@ in a CUDA graph and its replays timed (median of CUDA events, L2 flushed before 
              tokens a program (router.ROW_BLOCK_T/_H, ROW_WARPS), alone and from 64 tokens; against
              hidden + gate bytes over copy bandwidth
 
-  direct     the routed experts at 1..16 tokens (Mixtral's and Qwen3's expert shapes): fused_moe
+  direct     the routed experts at 1..64 tokens (Mixtral's and Qwen3's expert shapes): fused_moe
              as it runs above one token (one align launch up to 256 assignments, then the two
-             GEMMs) against the DIRECT GEMMs alone (each assignment its own row block, its expert
-             read from topk_ids: no align launch, but an expert two tokens chose is read twice),
-             both replayed and timed round by round, both checked against the reference; against
-             the bytes of the experts hit over copy bandwidth: where DIRECT could run above T = 1
+             GEMMs), the same with persistent GEMMs (programs for live tiles only; at the
+             resident_programs grid and at twice it), against the DIRECT GEMMs alone (each
+             assignment its own row block, its expert read from topk_ids: no align launch, but an
+             expert two tokens chose is read twice), under the default table's config and the
+             tuner's one-token pick on Qwen3, all replayed and timed round by round, all checked
+             against the reference; against the bytes of the experts hit over copy bandwidth
   gemm       the two grouped GEMMs alone (after align) at 1024..16384 tokens (Mixtral's and Qwen3's
              expert shapes), in TFLOP/s of the routed work: gate/up under the tuner's large tiles,
              one program per tile and persistent; down under a few tiles; against CUTLASS's
@@ -92,7 +94,13 @@ DENSE_SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "lm_head": (32000, 
 DENSE_TOKENS = (1, 4, 16)
 PARTS = ("router", "decode", "splits", "kv_write", "dense", "prefill", "direct", "gemm", "middle")
 DIRECT_SHAPES = {"mixtral": (4096, 14336, 8, 2), "qwen3": (2048, 768, 128, 8)}  # hidden, inter, experts, top-k
-DIRECT_TOKENS = (1, 2, 4, 8, 16)
+DIRECT_TOKENS = (1, 2, 4, 8, 16, 32, 64)
+# the tuner's pick at one token on Qwen3's shape (moe_layer-h100-2026-12-06T0936), beside the
+# default table's config; each also aligned with persistent GEMMs: only live tiles get programs
+# (one launch per tile dispatches the worst case's programs, most of which return at once), at
+# the resident_programs grid (255 registers a thread assumed) and at twice it (128 assumed)
+DIRECT_DECODE_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4,
+                        "down": {"BLOCK_N": 32, "BLOCK_K": 128, "num_stages": 5}}
 GEMM_TOKENS = {"mixtral": (1024, 4096), "qwen3": (1024, 4096, 16384)}
 # gate/up tiles the tuner picked at these token counts (moe_layer-h100-2026-12-06T0604/T0609), as
 # one launch per tile and persistent, and a 64-row one (gate/up as two dots, timed here until
@@ -440,8 +448,10 @@ def routed_tokens(tokens: int, hidden_size: int, experts: int, top_k: int, gen: 
 
 
 def run_direct(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts=DIRECT_TOKENS) -> list[dict]:
+    from moec.ops.triton import fused_moe as moe_module
+    from moec.ops.triton import grouped_gemm
     from moec.ops.triton.configs import default_config, split_config
-    from moec.ops.triton.fused_moe import fused_moe, fused_moe_ref
+    from moec.ops.triton.fused_moe import fused_moe_ref
     from moec.ops.triton.grouped_gemm import down_grouped, gate_up_grouped
 
     gen = torch.Generator().manual_seed(5)
@@ -450,16 +460,31 @@ def run_direct(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_count
         w13, w2 = expert_weights(hidden_size, inter, experts, gen, dev)
         for tokens in token_counts:
             x, weights, ids = routed_tokens(tokens, hidden_size, experts, top_k, gen, dev)
-            cfg = default_config(tokens, experts, top_k)
-            gate_up_cfg, down_cfg = split_config(cfg)
 
-            def direct():
-                out = torch.empty(tokens, hidden_size, device=dev, dtype=DTYPE)
-                h = gate_up_grouped(x, w13, None, None, None, top_k, gate_up_cfg, zero_out=out, direct_ids=ids)
-                return down_grouped(h, w2, weights, None, None, None, down_cfg, out=out, direct_ids=ids)
+            def aligned(cfg, regs=grouped_gemm.MAX_REGS_PER_THREAD):
+                """fused_moe aligned at every T (no DIRECT below direct_tokens); `regs`: the
+                registers a thread resident_programs assumes (fewer: more programs an SM)."""
+                saved = moe_module.direct_tokens, grouped_gemm.MAX_REGS_PER_THREAD
+                moe_module.direct_tokens, grouped_gemm.MAX_REGS_PER_THREAD = (lambda e, k: 0), regs
+                try:
+                    return moe_module.fused_moe(x, w13, w2, weights, ids, "silu", config=cfg)
+                finally:
+                    moe_module.direct_tokens, grouped_gemm.MAX_REGS_PER_THREAD = saved
 
-            calls = {"aligned (built in)": lambda: fused_moe(x, w13, w2, weights, ids, "silu", config=cfg),
-                     "direct": direct}
+            calls = {}
+            for label, cfg in (("", default_config(tokens, experts, top_k)), (" M16N16", DIRECT_DECODE_CONFIG)):
+                gate_up_cfg, down_cfg = split_config(cfg)
+
+                def direct(gate_up_cfg=gate_up_cfg, down_cfg=down_cfg):
+                    out = torch.empty(tokens, hidden_size, device=dev, dtype=DTYPE)
+                    h = gate_up_grouped(x, w13, None, None, None, top_k, gate_up_cfg, zero_out=out, direct_ids=ids)
+                    return down_grouped(h, w2, weights, None, None, None, down_cfg, out=out, direct_ids=ids)
+
+                persistent = {**cfg, "PERSISTENT": True, "down": {**cfg.get("down", {}), "PERSISTENT": True}}
+                calls |= {f"aligned{label or ' (built in)'}": lambda c=cfg: aligned(c),
+                          f"aligned persistent{label}": lambda c=persistent: aligned(c),
+                          f"aligned persistent x2{label}": lambda c=persistent: aligned(c, regs=128),
+                          f"direct{label}": direct}
             want = fused_moe_ref(x.float(), w13.float(), w2.float(), weights, ids, "silu")
             hit = ids.unique().numel()
             bound_us = hit * 3 * hidden_size * inter * 2 / (ceil["copy_gb_s"] * 1e9) * 1e6

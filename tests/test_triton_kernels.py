@@ -1113,9 +1113,9 @@ def test_gelu_tanh_formula():
 
 @interp_only
 def test_interp_step_kernels_direct_part_checks_both_paths(monkeypatch):
-    """`benchmarks/step_kernels.py --parts direct` (the aligned experts against the DIRECT GEMMs at
-    few tokens) on a toy shape: both paths run and match the reference, the bound counts the
-    experts hit. The CUDA-graph timers stand in for themselves here: the kernels run once."""
+    """`benchmarks/step_kernels.py --parts direct` (the aligned experts, one program per tile and
+    persistent, against the DIRECT GEMMs at few tokens, under two configs) on a toy shape: every
+    path runs and matches the reference, the bound counts the experts hit. The CUDA-graph timers stand in for themselves here: the kernels run once."""
     import types
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -1135,7 +1135,8 @@ def test_interp_step_kernels_direct_part_checks_both_paths(monkeypatch):
     for r in rows:
         assert 4 <= r["experts_hit"] <= min(16, 4 * r["tokens"])
         assert r["bound_us"] == pytest.approx(r["experts_hit"] * 3 * 72 * 40 * 2 / 1e12 * 1e6)
-        assert set(r["paths"]) == {"aligned (built in)", "direct"}
+        assert set(r["paths"]) == {f"{p}{label}" for label in ("", " M16N16") for p in (
+            "aligned persistent", "aligned persistent x2", "direct")} | {"aligned (built in)", "aligned M16N16"}
         assert all(p["ok"] and p["us_interleaved"] == 2000.0 for p in r["paths"].values()), r
 
 
