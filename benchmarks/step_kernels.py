@@ -34,7 +34,8 @@ in a CUDA graph and its replays timed (median of CUDA events, L2 flushed before 
              2 or 8 warps (router.FINAL_WARPS); for more experts than the built-in router splits
              (router.SPLIT_MAX_E_PAD: Qwen3's 128 since step_kernels-h200-2026-12-03T2135), unsplit
              and the split path let in; the row-block launch (above the split path) with more
-             tokens a program (router.ROW_BLOCK_T/_H, ROW_WARPS), alone and from 64 tokens; against
+             tokens a program (router.ROW_BLOCK_T/_H, ROW_WARPS), alone and from 64 tokens, and
+             without the wide row blocks above 4096 tokens (router.WIDE_FROM_T); against
              hidden + gate bytes over copy bandwidth
 
   direct     the routed experts at 1..64 tokens (Mixtral's and Qwen3's expert shapes): fused_moe
@@ -84,8 +85,9 @@ ROUTER_TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 ROUTER_SPLIT_H = (None, 128, 256, 512)
 ROUTER_SPLIT_MAX_T = (16, 256, 4096)  # the split path's token limit (router.SPLIT_MAX_T), at SPLIT_H built in
 ROUTER_FINAL_WARPS = (1, 2, 4, 8)  # warps of the split path's second launch (router.FINAL_WARPS)
-# the row-block launch's tokens x H columns a program and its warps (router.ROW_BLOCK_T/_H,
-# ROW_WARPS), each also with the split path stopped at 64 tokens (the row blocks from there)
+# every row-block launch's tokens x H columns a program and its warps (router.ROW_BLOCK_T/_H,
+# ROW_WARPS; no wide range), each also with the split path stopped at 64 tokens (the row blocks
+# from there); and the built-in row blocks without their wide range (router.WIDE_FROM_T None)
 ROUTER_ROW_BLOCKS = ((32, 64, 4), (64, 64, 4), (64, 64, 8), (64, 128, 8), (128, 64, 8))
 SPLIT_COUNTS = (8, 16, 32)
 COMBINE_HEADS = (1, 2, 8)
@@ -393,8 +395,9 @@ def router_variants(router, num_experts: int) -> dict[str, dict]:
                 if t != router.SPLIT_MAX_T})
     out.update({f"split H {h}, second launch {w} warp{'s' if w > 1 else ''}": {"SPLIT_H": h, "FINAL_WARPS": w}
                 for h in (128, router.SPLIT_H) for w in ROUTER_FINAL_WARPS if w != router.FINAL_WARPS})
+    out["no wide row blocks"] = {"WIDE_FROM_T": None}
     for bt, bh, w in ROUTER_ROW_BLOCKS:
-        rows = {"ROW_BLOCK_T": bt, "ROW_BLOCK_H": bh, "ROW_WARPS": w}
+        rows = {"ROW_BLOCK_T": bt, "ROW_BLOCK_H": bh, "ROW_WARPS": w, "WIDE_FROM_T": None}
         out[f"row blocks {bt}x{bh} w{w}"] = rows
         out[f"row blocks {bt}x{bh} w{w} from 64 tokens"] = {**rows, "SPLIT_MAX_T": 64}
     return out
@@ -504,14 +507,35 @@ def run_direct(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_count
 
 
 def run_gemm(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts: dict = GEMM_TOKENS,
-             configs: list = GEMM_CONFIGS, down_settings: list = GEMM_DOWN, rounds: int = 20) -> list[dict]:
+             configs: list = GEMM_CONFIGS, down_settings: list = GEMM_DOWN, rounds: int = 20,
+             one_per_sm: bool = False) -> list[dict]:
     """The two grouped GEMMs alone (after align) where the layer is compute-bound, in TFLOP/s of
-    the routed work: gate/up under each tile, down under each setting,
+    the routed work: gate/up under each tile, down under each setting (`one_per_sm`: each
+    persistent 4-warp one also at one program an SM, "1/SM", against resident_programs' grid),
     against PyTorch's CUTLASS grouped GEMM (torch._grouped_mm) on the same routed rows sorted by
     expert, and cuBLAS bmm on the same rows spread evenly (no routing: the GEMMs' floor)."""
+    from moec.ops.triton import grouped_gemm
     from moec.ops.triton.align import moe_align_block_size
     from moec.ops.triton.configs import config_name
     from moec.ops.triton.grouped_gemm import down_grouped, gate_up_grouped
+
+    def one_program_an_sm(fn):
+        """fn launched with resident_programs at 1 (the most registers a 4-warp thread can hold
+        taken as twice the limit)."""
+        def run():
+            saved, grouped_gemm.MAX_REGS_PER_THREAD = grouped_gemm.MAX_REGS_PER_THREAD, 512
+            try:
+                return fn()
+            finally:
+                grouped_gemm.MAX_REGS_PER_THREAD = saved
+        return run
+
+    def with_one_per_sm(key: str, fn, cfg: dict) -> dict:
+        """{key: fn}, and {key + " 1/SM": fn at one program an SM} where that is another grid."""
+        out = {key: fn}
+        if one_per_sm and cfg.get("PERSISTENT") and cfg["num_warps"] <= 4:
+            out[f"{key} 1/SM"] = one_program_an_sm(fn)
+        return out
 
     gen = torch.Generator().manual_seed(6)
     rows = []
@@ -534,9 +558,10 @@ def run_gemm(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts:
                 bm = cfg["BLOCK_M"]
                 if bm not in aligned:
                     aligned[bm] = moe_align_block_size(ids, experts, bm)
-                key = f"gate_up {config_name(cfg)}"
-                graph, out = capture_graph(lambda c=cfg: gate_up_grouped(x, w13, *aligned[c["BLOCK_M"]], top_k, c), dev)
-                calls[key], outs[key], flops[key] = graph.replay, out, flops_up
+                for key, fn in with_one_per_sm(f"gate_up {config_name(cfg)}", lambda c=cfg: gate_up_grouped(
+                        x, w13, *aligned[c["BLOCK_M"]], top_k, c), cfg).items():
+                    graph, out = capture_graph(fn, dev)
+                    calls[key], outs[key], flops[key] = graph.replay, out, flops_up
             # one input for every down launch, alive as long as the graphs that read it
             inter_rows = torch.randn(assign, inter, generator=gen).to(dev, DTYPE)
             one_per_row = weights.reshape(-1, 1)  # K = 1: each assignment's row stored, not added
@@ -546,10 +571,11 @@ def run_gemm(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts:
                 if cfg["BLOCK_M"] not in aligned:
                     aligned[cfg["BLOCK_M"]] = moe_align_block_size(ids, experts, cfg["BLOCK_M"])
                 routing = aligned[cfg["BLOCK_M"]]
-                variants = {f"down {name}": lambda c=cfg: down_grouped(inter_rows, w2, weights, *routing, c)}
+                variants = with_one_per_sm(f"down {name}", lambda c=cfg, r=routing: down_grouped(
+                    inter_rows, w2, weights, *r, c), cfg)
                 if i == 0:  # the atomic adds left out: what the epilogue costs
-                    variants[f"down {name} rows-stored"] = lambda c=cfg: down_grouped(
-                        inter_rows, w2, one_per_row, *routing, c)
+                    variants[f"down {name} rows-stored"] = lambda c=cfg, r=routing: down_grouped(
+                        inter_rows, w2, one_per_row, *r, c)
                 for key, fn in variants.items():
                     graph, out = capture_graph(fn, dev)
                     calls[key], outs[key], flops[key] = graph.replay, out, flops_down
@@ -698,7 +724,7 @@ def main() -> int:
              "dense": lambda: run_dense(dev, ceil, flush), "direct": lambda: run_direct(dev, ceil, flush),
              "gemm": lambda: run_gemm(dev, ceil, flush),
              "middle": lambda: run_gemm(dev, ceil, flush, token_counts=MIDDLE_TOKENS, configs=MIDDLE_CONFIGS,
-                                        down_settings=MIDDLE_DOWN),
+                                        down_settings=MIDDLE_DOWN, one_per_sm=True),
              "prefill": lambda: run_prefill(dev, ceil, flush, start + args.budget_s)}
     for part in args.parts.split(","):
         result[part] = parts[part]()

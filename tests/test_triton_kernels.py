@@ -269,9 +269,10 @@ def test_router_launches_one_config_per_token_count(num_experts):
     """The router's token ranges chain from T = 1 up with no gap or overlap, so for any T exactly
     one launch config runs; the few-token one (decode) splits H over programs (Mixtral's 8
     experts: 16 of 256 columns each, then one program sums them; Qwen3's 128 likewise) or, for
-    more experts than that was measured with, walks H in fewer, longer steps."""
+    more experts than that was measured with, walks H in fewer, longer steps; where experts pad
+    to 128 or more, row blocks of 64 tokens take over above WIDE_FROM_T."""
     from moec.ops.triton import router
-    from moec.ops.triton.router import SMALL_T, SPLIT_H, launch_configs
+    from moec.ops.triton.router import SMALL_T, SPLIT_H, WIDE_BLOCK_T, WIDE_FROM_T, launch_configs
     from moec.ops.triton.token_gate import token_range_gate
 
     configs = launch_configs(num_experts)
@@ -279,8 +280,10 @@ def test_router_launches_one_config_per_token_count(num_experts):
     assert all(a[1] == b[0] for a, b in zip(configs, configs[1:]))
     for t in range(1, 3 * SMALL_T):
         assert sum(token_range_gate(t, lo, hi) for lo, hi, *_ in configs) == 1, t
-    (_, _, small_t, small_h, split), (_, _, _, large_h, large_split) = configs
+    (_, _, small_t, small_h, split), (_, wide_from, _, large_h, large_split), *wide = configs
     assert small_t >= 16 and small_h >= large_h and not large_split  # tl.dot's M; never more steps
+    assert wide_from == (WIDE_FROM_T if num_experts >= 128 else None)
+    assert [w[2] for w in wide] == ([WIDE_BLOCK_T] if num_experts >= 128 else [])
     assert split == (num_experts <= 128)
     if num_experts <= 16:
         assert small_h == SPLIT_H and 4096 // small_h == 16  # Mixtral at decode: 16 programs over H
@@ -309,12 +312,13 @@ def test_router_launches_one_config_per_token_count(num_experts):
 
     top = configs[0][1]  # the few-token launch's last T: SPLIT_MAX_T where H is split
     assert top == (router.SPLIT_MAX_T if split else SMALL_T)
-    for t in sorted({1, SMALL_T, SMALL_T + 1, top, top + 1, 2000}):
+    for t in sorted({1, SMALL_T, SMALL_T + 1, top, top + 1, 2000, WIDE_FROM_T, WIDE_FROM_T + 1}):
         run = GridsOnly(ep.module())
         run.grids = []
         run.run(torch.randn(t, 72))
         small_launches = [t <= top] * (2 if split else 1)  # the split path: partial sums, then the rest
-        assert [g > 0 for g in run.grids] == [*small_launches, t > top], (t, run.grids)
+        rows = [top < t <= WIDE_FROM_T, t > WIDE_FROM_T] if wide else [t > top]
+        assert [g > 0 for g in run.grids] == [*small_launches, *rows], (t, run.grids)
 
 
 @outer_only
@@ -819,14 +823,19 @@ def test_interp_router_long_hidden(num_tokens, hidden_size, split_max_t, row_blo
 
 
 @interp_only
-@pytest.mark.parametrize("num_tokens", [1, 5, 40])
-def test_interp_router_split_over_many_experts(num_tokens):
+@pytest.mark.parametrize("num_tokens", [1, 5, 40, 100])
+def test_interp_router_split_over_many_experts(num_tokens, monkeypatch):
     """The split path for Qwen3's 128 experts (built in since step_kernels-h200-2026-12-03T2135):
-    8 experts of 128 chosen as the reference chooses, one and several row blocks of partials."""
+    8 experts of 128 chosen as the reference chooses, one and several row blocks of partials;
+    past the split path (here from 17 tokens) 16-token row blocks, and past WIDE_FROM_T (here
+    from 65) the wide ones, 64 tokens a program with a partial last block."""
     from moec.ops.moe_router import moe_router_ref
     from moec.ops.triton import router
 
+    monkeypatch.setattr(router, "SPLIT_MAX_T", 16)
+    monkeypatch.setattr(router, "WIDE_FROM_T", 64)
     assert router.launch_configs(128)[0][4]  # the few-token launch is the split one
+    assert [c[:3] for c in router.launch_configs(128)[1:]] == [(16, 64, 16), (64, None, router.WIDE_BLOCK_T)]
     g = torch.Generator().manual_seed(num_tokens)
     hidden = torch.randn(num_tokens, 600, generator=g).to(torch.float16)
     gate = (torch.randn(128, 600, generator=g) / 600**0.5).to(torch.float16)
@@ -1160,13 +1169,14 @@ def test_interp_step_kernels_gemm_part_checks_each_kernel(monkeypatch):
             {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2, "num_warps": 4, "num_stages": 2,
              "PERSISTENT": True}]  # its own rows, aligned for it
     rows = step_kernels.run_gemm(torch.device("cpu"), {}, None, shapes={"toy": (72, 40, 6, 2)},
-                                 token_counts={"toy": (9,)}, configs=configs, down_settings=down)
+                                 token_counts={"toy": (9,)}, configs=configs, down_settings=down, one_per_sm=True)
     (row,) = rows
     assert row["assignments"] == 18 and 18 <= row["padded_rows"][16] <= 18 + 6 * 15
     assert 18 <= row["padded_rows"][32] <= 18 + 6 * 31
     kernels = row["kernels"]
     for key in ("gate_up M16N16K32G2w4s2", "gate_up M16N16K32G2w4s2P", "down M16N32K16G2w4s2",
-                "down M16N32K16G2w4s2 rows-stored", "down M32N32K16G2w4s2P"):
+                "down M16N32K16G2w4s2 rows-stored", "down M32N32K16G2w4s2P", "gate_up M16N16K32G2w4s2P 1/SM",
+                "down M32N32K16G2w4s2P 1/SM"):
         assert kernels[key]["ok"] and kernels[key]["rel_error"] < 1e-4, (key, kernels)
     flops_up = 2.0 * 18 * 72 * 80
     assert kernels["gate_up bmm (even rows)"]["tflop_s"] == pytest.approx(flops_up / 2e-3 / 1e12)

@@ -160,13 +160,20 @@ SPLIT_MAX_T = 1024
 # (its log, in moe_layer-h100-2026-12-06T0445's notes): on 1 or 2 warps it was slower, Qwen3's
 # router at one token 19.3 / 15.8 us against 13.1 on 4 (Mixtral 8.8 / 9.1 against 8.4); 8 not run
 FINAL_WARPS = 4
-# the row-block launch (above the few-token one): tokens and H columns a program takes per step,
-# and its warps; None: 16 x 64 where experts pad to 128 or more, else 32 x 128. A program reads
-# the whole gate weight (Qwen3's 128 x 2048: 512 KB) from L2 for its BLOCK_T rows. Module values
-# for benchmarks/step_kernels.py
+# the row-block launches (above the few-token one): tokens and H columns a program takes per
+# step, and warps; None: 16 x 64 where experts pad to 128 or more, else 32 x 128. Module values
+# for benchmarks/step_kernels.py, which set every row-block launch (and WIDE_FROM_T None) with them
 ROW_BLOCK_T: int | None = None
 ROW_BLOCK_H: int | None = None
 ROW_WARPS = 4
+# above WIDE_FROM_T tokens, where experts pad to 128 or more, row blocks of WIDE_BLOCK_T tokens:
+# every program reads the whole gate weight (Qwen3's 128 x 2048: 512 KB) from L2 for its rows, so
+# 4x the rows a program is 4x less of that traffic. H100 (step_kernels-h100-2026-12-06T1049):
+# Qwen3's router at 16384 tokens 48.5 us against 66.7 for 16-token blocks; at 4096, 28.4 against
+# 27.0 (and 32 x 64: 28.6), so not below. Mixtral's 8 experts: no change at 4096 or 16384 (61.6
+# against 61.5..64.3 for every block tried)
+WIDE_FROM_T: int | None = 4096
+WIDE_BLOCK_T, WIDE_BLOCK_H = 64, 64
 
 
 def _next_pow2(n: int) -> int:
@@ -176,14 +183,15 @@ def _next_pow2(n: int) -> int:
 def launch_configs(num_experts: int) -> list[tuple[int, int | None, int, int, bool]]:
     """(lo, hi, BLOCK_T, BLOCK_H, split) per token range lo < T <= hi: the few-token launch (H
     split over programs of BLOCK_H columns, or one program with long steps), then row blocks
-    that keep the [BLOCK_T, E_PAD] logits in registers."""
+    that keep the [BLOCK_T, E_PAD] logits in registers, wider ones above WIDE_FROM_T tokens
+    where experts are many."""
     e_pad = max(_next_pow2(num_experts), 16)  # tl.dot's N
     split = SPLIT_H is not None and e_pad <= SPLIT_MAX_E_PAD
     top = SPLIT_MAX_T if split else SMALL_T
     small = (0, top, SMALL_T, SPLIT_H if split else max(64, min(512, 8192 // e_pad)), split)
-    large = (top, None, ROW_BLOCK_T or (16 if e_pad >= 128 else 32), ROW_BLOCK_H or (64 if e_pad >= 128 else 128),
-             False)
-    return [small, large]
+    wide = WIDE_FROM_T if WIDE_FROM_T is not None and e_pad >= 128 and WIDE_FROM_T > top else None
+    rows = (top, wide, ROW_BLOCK_T or (16 if e_pad >= 128 else 32), ROW_BLOCK_H or (64 if e_pad >= 128 else 128), False)
+    return [small, rows] + ([(wide, None, WIDE_BLOCK_T, WIDE_BLOCK_H, False)] if wide is not None else [])
 
 
 def fused_router(
