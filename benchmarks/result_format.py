@@ -215,7 +215,7 @@ def from_step_kernels(doc: dict) -> dict:
     for row in doc.get("direct", []):
         for name, path in row["paths"].items():
             if path.get("ok"):
-                tag = "aligned" if name.startswith("aligned") else name
+                tag = "aligned" if name == "aligned (built in)" else name.replace(" ", "_")
                 metrics.append(metric(f"experts_few_tokens/{row['shape']}/T={row['tokens']}/{tag}_us",
                                       path.get("us_interleaved", path["us"]), "us", "lower", roofline=row["bound_us"]))
     for row in [*doc.get("gemm", []), *doc.get("middle", [])]:  # kernels whose check failed: left out
