@@ -38,6 +38,9 @@ in a CUDA graph and its replays timed (median of CUDA events, L2 flushed before 
              without the wide row blocks above 4096 tokens (router.WIDE_FROM_T); against
              hidden + gate bytes over copy bandwidth
 
+  gemv       the DIRECT GEMMs alone at one token (and two on Qwen3's shape) under tiles around the
+             tuner's picks, each checked against fp32 and timed round by round, in GB/s of the
+             hit experts' weights and over copy bandwidth: what the one-token layer is made of
   direct     the routed experts at 1..64 tokens (Mixtral's and Qwen3's expert shapes): fused_moe
              as it runs above one token (one align launch up to 256 assignments, then the two
              GEMMs), the same with persistent GEMMs (programs for live tiles only; at the
@@ -94,7 +97,7 @@ COMBINE_HEADS = (1, 2, 8)
 KV_WRITE_TOKENS = (1, 8, 32, 128, 4096)
 DENSE_SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "lm_head": (32000, 4096)}  # [N, K] weights
 DENSE_TOKENS = (1, 4, 16)
-PARTS = ("router", "decode", "splits", "kv_write", "dense", "prefill", "direct", "gemm", "middle")
+PARTS = ("router", "decode", "splits", "kv_write", "dense", "prefill", "direct", "gemm", "middle", "gemv")
 DIRECT_SHAPES = {"mixtral": (4096, 14336, 8, 2), "qwen3": (2048, 768, 128, 8)}  # hidden, inter, experts, top-k
 DIRECT_TOKENS = (1, 2, 4, 8, 16, 32, 64)
 # the tuner's pick at one token on Qwen3's shape (moe_layer-h100-2026-12-06T0936), beside the
@@ -154,6 +157,14 @@ MIDDLE_DOWN = [{"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num
                {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 16, "num_warps": 8, "num_stages": 3},
                {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 16, "num_warps": 8, "num_stages": 4},
                {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 16, "num_warps": 8, "num_stages": 3}]
+# "gemv": the DIRECT GEMMs at one token, each alone, under tiles around the tuner's picks (Qwen3:
+# gate/up M16N16K128 w4 s4, down N32 K128 w4 s5; moe_layer-h100-2026-12-06T0936), in bytes of
+# the experts hit over the time against copy bandwidth: at one token they are the layer
+GEMV_TOKENS = {"mixtral": (1,), "qwen3": (1, 2)}
+GEMV_GATE_UP = [(16, 128, 4, 4), (16, 64, 4, 6), (16, 256, 4, 3), (16, 512, 4, 2), (16, 128, 2, 4), (16, 128, 1, 4),
+                (16, 128, 8, 4), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4)]  # BLOCK_N, BLOCK_K, warps, stages
+GEMV_DOWN = [(32, 128, 4, 5), (16, 128, 4, 4), (16, 256, 4, 3), (16, 64, 4, 6), (16, 128, 2, 4), (32, 128, 2, 4),
+             (32, 64, 4, 6), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 4)]
 STACKED_UP_TO = 256  # the torch path's switch from one stacked index_copy_ to one a plane
 
 
@@ -506,6 +517,61 @@ def run_direct(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_count
     return rows
 
 
+def run_gemv(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts: dict = GEMV_TOKENS,
+             gate_up_tiles=GEMV_GATE_UP, down_tiles=GEMV_DOWN, rounds: int = 40) -> list[dict]:
+    """Each DIRECT GEMM alone at few tokens under each tile (BLOCK_M 16), replayed round by round,
+    checked against fp32 first (the down's output zeroed for that one call; its replays then add
+    into it, which the timing does not mind): GB/s of the hit experts' weights, and that over
+    copy bandwidth."""
+    from moec.ops.triton.grouped_gemm import down_grouped, gate_up_grouped
+
+    gen = torch.Generator().manual_seed(7)
+    rows = []
+    for shape, (hidden_size, inter, experts, top_k) in shapes.items():
+        w13, w2 = expert_weights(hidden_size, inter, experts, gen, dev)
+        for tokens in token_counts.get(shape, ()):
+            x, weights, ids = routed_tokens(tokens, hidden_size, experts, top_k, gen, dev)
+            h = torch.randn(tokens * top_k, inter, generator=gen).to(dev, DTYPE)
+            flat = ids.flatten()
+            want_up = torch.cat([F.silu(g) * u for g, u in (
+                (x[a // top_k].float() @ w13[e].float().t()).split(inter) for a, e in enumerate(flat.tolist()))]).view(-1, inter)
+            want_down = torch.zeros(tokens, hidden_size, device=dev)
+            for a, e in enumerate(flat.tolist()):
+                want_down[a // top_k] += (h[a].float() @ w2[e].float().t()) * weights.flatten()[a]
+            hit = flat.unique().numel()
+            bytes_up, bytes_down = (hit * n * inter * hidden_size * w13.element_size() for n in (2, 1))
+            calls, meta = {}, {}
+            for kind, tiles in (("gate_up", gate_up_tiles), ("down", down_tiles)):
+                for bn, bk, warps, stages in tiles:
+                    cfg = {"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1, "num_warps": warps,
+                           "num_stages": stages}
+                    name = f"{kind} N{bn} K{bk} w{warps} s{stages}"
+                    try:
+                        if kind == "gate_up":
+                            fn = lambda c=cfg: gate_up_grouped(x, w13, None, None, None, top_k, c, direct_ids=ids)  # noqa: E731
+                            err = ((fn().float() - want_up).abs().max() / want_up.abs().max()).item()
+                        else:
+                            out = torch.zeros(tokens, hidden_size, device=dev, dtype=DTYPE)
+                            fn = lambda c=cfg, o=out: down_grouped(h, w2, weights, None, None, None, c, out=o,  # noqa: E731
+                                                                   direct_ids=ids)
+                            err = ((fn().float() - want_down).abs().max() / want_down.abs().max()).item()
+                        graph, _ = capture_graph(fn, dev)
+                    except Exception as exc:  # a tile that does not compile: recorded, not fatal
+                        meta[name] = {"error": f"{type(exc).__name__}: {exc}"[:300], "ok": False}
+                        continue
+                    calls[name] = graph.replay
+                    meta[name] = {"bytes": bytes_up if kind == "gate_up" else bytes_down, "rel_error": err,
+                                  "ok": err <= 2e-2}
+            row = {"shape": shape, "tokens": tokens, "experts_hit": hit, "kernels": meta}
+            for name, t in time_interleaved(calls, dev, flush=flush, rounds=rounds).items():
+                us = t["median_ms"] * 1e3
+                meta[name] |= {"us": us, "gb_s": meta[name]["bytes"] / us / 1e3,
+                               "of_copy": meta[name]["bytes"] / us / 1e3 / ceil["copy_gb_s"]}
+            rows.append(row)
+            print(f"  gemv {shape} T={tokens} done", flush=True)
+    return rows
+
+
 def run_gemm(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts: dict = GEMM_TOKENS,
              configs: list = GEMM_CONFIGS, down_settings: list = GEMM_DOWN, rounds: int = 20,
              one_per_sm: bool = False) -> list[dict]:
@@ -693,6 +759,12 @@ def print_tables(result: dict) -> None:
         print(f"  {r['shape']} T={r['tokens']} ({r['rows_per_expert']} rows per expert; padded {r['padded_rows']})")
         for n, c in r["kernels"].items():
             print(f"    {n:42s} {c['us']:9.1f} us {c['tflop_s']:6.0f} TFLOP/s{'' if c['ok'] else ' WRONG'}")
+    print("DIRECT GEMMs at few tokens alone (us; GB/s of the hit experts; over copy bandwidth)")
+    for r in result.get("gemv", []):
+        print(f"  {r['shape']} T={r['tokens']} ({r['experts_hit']} experts hit)")
+        for n, c in r["kernels"].items():
+            print(f"    {n:28s} " + (f"{c['us']:7.1f} us {c['gb_s']:6.0f} GB/s {c['of_copy']:5.2f}{'' if c['ok'] else ' WRONG'}"
+                                     if "us" in c else f"failed: {c.get('error', '')[:80]}"))
     print("router (us)")
     for r in result.get("router", []):
         cells = "  ".join(f"{n} {c['us']:.1f}" if "us" in c else f"{n} failed" for n, c in r["variants"].items())
@@ -723,6 +795,7 @@ def main() -> int:
              "splits": lambda: run_splits(dev, ceil, flush), "kv_write": lambda: run_kv_write(dev, ceil, flush),
              "dense": lambda: run_dense(dev, ceil, flush), "direct": lambda: run_direct(dev, ceil, flush),
              "gemm": lambda: run_gemm(dev, ceil, flush),
+             "gemv": lambda: run_gemv(dev, ceil, flush),
              "middle": lambda: run_gemm(dev, ceil, flush, token_counts=MIDDLE_TOKENS, configs=MIDDLE_CONFIGS,
                                         down_settings=MIDDLE_DOWN, one_per_sm=True),
              "prefill": lambda: run_prefill(dev, ceil, flush, start + args.budget_s)}

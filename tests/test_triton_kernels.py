@@ -1150,6 +1150,32 @@ def test_interp_step_kernels_direct_part_checks_both_paths(monkeypatch):
 
 
 @interp_only
+def test_interp_step_kernels_gemv_part_checks_each_tile(monkeypatch):
+    """`benchmarks/step_kernels.py --parts gemv` on a toy shape: each DIRECT GEMM tile checked
+    against fp32 (a wrong tile would say so), and its rate from the hit experts' bytes."""
+    import types
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import step_kernels
+
+    monkeypatch.setattr(step_kernels, "DTYPE", torch.float32)
+    monkeypatch.setattr(step_kernels, "capture_graph", lambda fn, device: (types.SimpleNamespace(replay=fn), fn()))
+    monkeypatch.setattr(step_kernels, "time_interleaved",
+                        lambda fns, device, flush=None, rounds=30: {n: {"median_ms": 2e-3} for n in fns})
+    rows = step_kernels.run_gemv(torch.device("cpu"), {"copy_gb_s": 1000.0}, None, shapes={"toy": (72, 40, 6, 2)},
+                                 token_counts={"toy": (1, 3)}, gate_up_tiles=[(16, 32, 4, 2), (32, 64, 4, 2)],
+                                 down_tiles=[(16, 32, 4, 2), (32, 16, 4, 2)])
+    assert [r["tokens"] for r in rows] == [1, 3]
+    for r in rows:
+        assert set(r["kernels"]) == {"gate_up N16 K32 w4 s2", "gate_up N32 K64 w4 s2", "down N16 K32 w4 s2",
+                                     "down N32 K16 w4 s2"}
+        for name, k in r["kernels"].items():
+            assert k["ok"] and k["rel_error"] < 1e-4, (name, k)
+            per_expert = 2 * 40 * 72 * 4 if name.startswith("gate_up") else 72 * 40 * 4
+            assert k["bytes"] == r["experts_hit"] * per_expert and k["gb_s"] == pytest.approx(k["bytes"] / 2e3)
+
+
+@interp_only
 def test_interp_step_kernels_gemm_part_checks_each_kernel(monkeypatch):
     """`benchmarks/step_kernels.py --parts gemm` on a toy shape: gate/up one program per tile and
     persistent, and down, each checked against fp32; the peers timed beside them, unchecked."""
