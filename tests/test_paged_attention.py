@@ -216,6 +216,26 @@ def test_write_kv_kernel_compiles_for_h100():
 
 
 @outer_only
+def test_sequence_tiles_under_compile_with_one_sequence():
+    """The tiles' query counts under torch.compile(dynamic=True), one sequence (a static B of 1)
+    and several: as eager for every T. Counted with index_add_ into the one-element buffer they
+    were T rounded up to Inductor's block on CUDA (its atomic add lost its mask), and on CPU the
+    graph did not compile."""
+    from moec.ops.paged_tiles import sequence_tiles
+
+    one = torch.compile(lambda s: sequence_tiles(s, 1, 16, 32), dynamic=True, fullgraph=True)
+    for t in (4, 11, 3, 37):
+        ids = torch.zeros(t, dtype=torch.int64)
+        assert one(ids).tolist() == sequence_tiles(ids, 1, 16, 32).tolist() == [[0], [t], [-(-t // 16)], [-(-t // 32)]]
+    many = torch.compile(lambda s, b: sequence_tiles(s, b.shape[0], 16), dynamic=True, fullgraph=True)
+    for t, b in ((11, 2), (40, 3), (5, 5)):
+        ids = torch.sort(torch.randint(0, b, (t,), generator=torch.Generator().manual_seed(t))).values
+        counts = torch.bincount(ids, minlength=b)
+        want = [(counts.cumsum(0) - counts).tolist(), counts.tolist(), (-(-counts // 16)).cumsum(0).tolist()]
+        assert many(ids, torch.empty(b, 1)).tolist() == sequence_tiles(ids, b, 16).tolist() == want
+
+
+@outer_only
 def test_rejects_unsupported_inputs():
     from moec.ops.triton.paged_attention import paged_attention
 

@@ -49,8 +49,14 @@ def step_tile_tokens(num_heads: int, kv_heads: int, head_dim: int) -> tuple[int,
 def sequence_tiles(seq_ids: torch.Tensor, num_seqs, *block_ms: int) -> torch.Tensor:
     """[2 + len(block_ms), B] int32: per sequence its first query row, its query count, then for
     each BLOCK_M the cumulative number of tiles up to and including it. No host sync."""
-    ones = torch.ones_like(seq_ids, dtype=torch.int32)
-    counts = torch.zeros(num_seqs, dtype=torch.int32, device=seq_ids.device).index_add_(0, seq_ids, ones)
+    # counted by comparison, not by index_add_ of ones: Inductor lowers that add into a one-element
+    # buffer (one sequence, a static B) as an atomic add whose index folds to a constant, and then
+    # on CUDA (torch 2.11) drops its mask, so every lane of the last block counts and T comes out
+    # rounded up to the block (under torch.compile(dynamic=True) a prefill of 3, 5 or 11 tokens
+    # attended wrongly, rel. error 0.6-1.3: gpu_op_check-h100-2026-12-06T1104), and on CPU (2.13)
+    # fails to compile. B x T compares, fused into one reduction
+    seqs = torch.arange(num_seqs, dtype=seq_ids.dtype, device=seq_ids.device)
+    counts = (seq_ids[None, :] == seqs[:, None]).sum(1, dtype=torch.int32)
     first = torch.cumsum(counts, 0, dtype=torch.int32) - counts
     ends = [torch.cumsum(torch.div(counts + (m - 1), m, rounding_mode="floor"), 0, dtype=torch.int32)
             for m in block_ms]
