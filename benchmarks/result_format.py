@@ -186,8 +186,8 @@ def from_offload(doc: dict) -> dict:
 def from_step_kernels(doc: dict) -> dict:
     """The fastest passing config per prefill size (and SDPA's time beside it), the compiled
     step's decode attention per batch, the built-in router per token count, the K/V write per
-    token count (the torch path beside it), the experts at few tokens per path, and the grouped
-    GEMMs' rate per kernel form."""
+    token count (the torch path beside it), the experts at few tokens per path, the grouped
+    GEMMs' rate per kernel form, and the DIRECT GEMMs' bandwidth per tile."""
     metrics = []
     for row in doc.get("prefill", []):
         ok = [c for c in row["configs"].values() if c.get("ok")]
@@ -223,6 +223,11 @@ def from_step_kernels(doc: dict) -> dict:
             if kernel.get("ok") is not False:
                 metrics.append(metric(f"grouped_gemm/{row['shape']}/T={row['tokens']}/{name.replace(' ', '_')}_tflop_s",
                                       kernel["tflop_s"], "TFLOP/s", "higher"))
+    for row in doc.get("gemv", []):  # DIRECT GEMMs alone at few tokens: bandwidth of the hit experts
+        for name, kernel in row["kernels"].items():
+            if kernel.get("ok") and "gb_s" in kernel:
+                metrics.append(metric(f"direct_gemm/{row['shape']}/T={row['tokens']}/{name.replace(' ', '_')}_gb_s",
+                                      kernel["gb_s"], "GB/s", "higher"))
     device = doc["env"]["device"]
     return _converted(doc | {"date": doc["env"]["date"], "versions": doc["env"].get("versions", {})},
                       device.get("kind", "cuda"), device.get("name"), doc["env"].get("commit"), metrics)
@@ -254,6 +259,11 @@ def from_gemm_profile(doc: dict) -> dict:
             if m is not None:
                 metrics.append(metric(f"{k['label'].replace(' ', '_')}/{tag}", m * scale,
                                       "us" if tag == "us" else "bytes" if "bytes" in tag else "%", direction))
+    for row in doc.get("gemv", []):  # DIRECT GEMMs alone at few tokens: bandwidth of the hit experts
+        for name, kernel in row["kernels"].items():
+            if kernel.get("ok") and "gb_s" in kernel:
+                metrics.append(metric(f"direct_gemm/{row['shape']}/T={row['tokens']}/{name.replace(' ', '_')}_gb_s",
+                                      kernel["gb_s"], "GB/s", "higher"))
     device = doc["env"]["device"]
     return _converted(doc | {"date": doc["env"]["date"], "versions": doc["env"].get("versions", {})},
                       device.get("kind", "cuda"), device.get("name"), doc["env"].get("commit"), metrics)
