@@ -270,7 +270,7 @@ def test_router_launches_one_config_per_token_count(num_experts):
     one launch config runs; the few-token one (decode) splits H over programs (Mixtral's 8
     experts: 16 of 256 columns each, then one program sums them; Qwen3's 128 likewise) or, for
     more experts than that was measured with, walks H in fewer, longer steps; where experts pad
-    to 128 or more, row blocks of 64 tokens take over above WIDE_FROM_T."""
+    to 128, row blocks of 64 tokens take over above WIDE_FROM_T."""
     from moec.ops.triton import router
     from moec.ops.triton.router import SMALL_T, SPLIT_H, WIDE_BLOCK_T, WIDE_FROM_T, launch_configs
     from moec.ops.triton.token_gate import token_range_gate
@@ -282,8 +282,8 @@ def test_router_launches_one_config_per_token_count(num_experts):
         assert sum(token_range_gate(t, lo, hi) for lo, hi, *_ in configs) == 1, t
     (_, _, small_t, small_h, split), (_, wide_from, _, large_h, large_split), *wide = configs
     assert small_t >= 16 and small_h >= large_h and not large_split  # tl.dot's M; never more steps
-    assert wide_from == (WIDE_FROM_T if num_experts >= 128 else None)
-    assert [w[2] for w in wide] == ([WIDE_BLOCK_T] if num_experts >= 128 else [])
+    assert wide_from == (WIDE_FROM_T if num_experts == 128 else None)
+    assert [w[2] for w in wide] == ([WIDE_BLOCK_T] if num_experts == 128 else [])
     assert split == (num_experts <= 128)
     if num_experts <= 16:
         assert small_h == SPLIT_H and 4096 // small_h == 16  # Mixtral at decode: 16 programs over H

@@ -166,12 +166,13 @@ FINAL_WARPS = 4
 ROW_BLOCK_T: int | None = None
 ROW_BLOCK_H: int | None = None
 ROW_WARPS = 4
-# above WIDE_FROM_T tokens, where experts pad to 128 or more, row blocks of WIDE_BLOCK_T tokens:
-# every program reads the whole gate weight (Qwen3's 128 x 2048: 512 KB) from L2 for its rows, so
-# 4x the rows a program is 4x less of that traffic. H100 (step_kernels-h100-2026-12-06T1049):
+# above WIDE_FROM_T tokens, where experts pad to 128, row blocks of WIDE_BLOCK_T tokens: every
+# program reads the whole gate weight (Qwen3's 128 x 2048: 512 KB) from L2 for its rows, so 4x
+# the rows a program is 4x less of that traffic. H100 (step_kernels-h100-2026-12-06T1049):
 # Qwen3's router at 16384 tokens 48.5 us against 66.7 for 16-token blocks; at 4096, 28.4 against
 # 27.0 (and 32 x 64: 28.6), so not below. Mixtral's 8 experts: no change at 4096 or 16384 (61.6
-# against 61.5..64.3 for every block tried)
+# against 61.5..64.3 for every block tried). 256 padded experts keep 16-token blocks: 64 x 256
+# logits spill registers on sm_90 (320 bytes), and nothing there was measured
 WIDE_FROM_T: int | None = 4096
 WIDE_BLOCK_T, WIDE_BLOCK_H = 64, 64
 
@@ -184,12 +185,12 @@ def launch_configs(num_experts: int) -> list[tuple[int, int | None, int, int, bo
     """(lo, hi, BLOCK_T, BLOCK_H, split) per token range lo < T <= hi: the few-token launch (H
     split over programs of BLOCK_H columns, or one program with long steps), then row blocks
     that keep the [BLOCK_T, E_PAD] logits in registers, wider ones above WIDE_FROM_T tokens
-    where experts are many."""
+    where experts pad to 128."""
     e_pad = max(_next_pow2(num_experts), 16)  # tl.dot's N
     split = SPLIT_H is not None and e_pad <= SPLIT_MAX_E_PAD
     top = SPLIT_MAX_T if split else SMALL_T
     small = (0, top, SMALL_T, SPLIT_H if split else max(64, min(512, 8192 // e_pad)), split)
-    wide = WIDE_FROM_T if WIDE_FROM_T is not None and e_pad >= 128 and WIDE_FROM_T > top else None
+    wide = WIDE_FROM_T if WIDE_FROM_T is not None and e_pad == 128 and WIDE_FROM_T > top else None
     rows = (top, wide, ROW_BLOCK_T or (16 if e_pad >= 128 else 32), ROW_BLOCK_H or (64 if e_pad >= 128 else 128), False)
     return [small, rows] + ([(wide, None, WIDE_BLOCK_T, WIDE_BLOCK_H, False)] if wide is not None else [])
 
