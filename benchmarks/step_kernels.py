@@ -54,6 +54,10 @@ in a CUDA graph and its replays timed (median of CUDA events, L2 flushed before 
              one program per tile and persistent; down under a few tiles; against CUTLASS's
              grouped GEMM (torch._grouped_mm) on the same routed rows and cuBLAS bmm on the same
              rows spread evenly; each Triton output checked against fp32
+  middle     the same at 64 and 256 rows per expert (Mixtral at 256 tokens, Qwen3 at 1024 and
+             4096): 64- and 128-row tiles one program per tile and persistent, each persistent
+             4-warp tile also at one program an SM ("1/SM") against resident_programs' grid, each
+             down setting at its own BLOCK_M
 
 Writes OUT/step_kernels.json and OUT/step_kernels.png (prefill TFLOP/s per config against the
 bound), then prints a table per part. GPU only: exits 2 without CUDA.
@@ -103,7 +107,8 @@ DIRECT_TOKENS = (1, 2, 4, 8, 16, 32, 64)
 # the tuner's pick at one token on Qwen3's shape (moe_layer-h100-2026-12-06T0936), beside the
 # default table's config; each also aligned with persistent GEMMs: only live tiles get programs
 # (one launch per tile dispatches the worst case's programs, most of which return at once), at
-# the resident_programs grid (255 registers a thread assumed) and at twice it (128 assumed)
+# the resident_programs grid (255 registers a thread assumed) and at twice it (128 assumed).
+# H100 (step_kernels-h100-2026-12-06T1052): persistent within -2% to +6% of one a tile, no gain
 DIRECT_DECODE_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4,
                         "down": {"BLOCK_N": 32, "BLOCK_K": 128, "num_stages": 5}}
 GEMM_TOKENS = {"mixtral": (1024, 4096), "qwen3": (1024, 4096, 16384)}
@@ -136,7 +141,8 @@ GEMM_DOWN = [{"BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 16, "num_warps": 8, "num
 # tokens and Qwen3's 1024: 1.06x and 1.33x the roofline in moe_layer-h100-2026-12-06T0941/T0936,
 # against 1.05x and 1.3x targets), and Qwen3's 4096 (256 rows): the tuner's picks there one
 # program per tile and persistent, with as many programs as the SMs hold (two of a 64-row,
-# 4-warp tile); each down setting at its own BLOCK_M
+# 4-warp tile); each down setting at its own BLOCK_M. H100 (…T1046, …T1056): at 64 rows the
+# GEMMs at cuBLAS bmm's time on even rows; at 256 the 128-row tiles' padding (1.23x the rows)
 MIDDLE_TOKENS = {"mixtral": (256,), "qwen3": (1024, 4096)}
 _M64 = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
 MIDDLE_CONFIGS = [
