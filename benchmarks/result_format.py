@@ -93,6 +93,13 @@ def _converted(doc: dict, device_type: str, device: str, commit: str | None, met
     return out
 
 
+def _converted_from_env(doc: dict, metrics: list[dict]) -> dict:
+    """A result whose date, versions, device and commit sit in its "env" block (measure.environment)."""
+    device = doc["env"]["device"]
+    return _converted(doc | {"date": doc["env"]["date"], "versions": doc["env"].get("versions", {})},
+                      device.get("kind", "cuda"), device.get("name"), doc["env"].get("commit"), metrics)
+
+
 def _cpu_name(device: dict) -> str:
     return f"{device.get('processor', 'cpu')} ({device.get('cores')} cores)"
 
@@ -228,9 +235,7 @@ def from_step_kernels(doc: dict) -> dict:
             if kernel.get("ok") and "gb_s" in kernel:
                 metrics.append(metric(f"direct_gemm/{row['shape']}/T={row['tokens']}/{name.replace(' ', '_')}_gb_s",
                                       kernel["gb_s"], "GB/s", "higher"))
-    device = doc["env"]["device"]
-    return _converted(doc | {"date": doc["env"]["date"], "versions": doc["env"].get("versions", {})},
-                      device.get("kind", "cuda"), device.get("name"), doc["env"].get("commit"), metrics)
+    return _converted_from_env(doc, metrics)
 
 
 def from_grouped_mm_path(doc: dict) -> dict:
@@ -259,14 +264,7 @@ def from_gemm_profile(doc: dict) -> dict:
             if m is not None:
                 metrics.append(metric(f"{k['label'].replace(' ', '_')}/{tag}", m * scale,
                                       "us" if tag == "us" else "bytes" if "bytes" in tag else "%", direction))
-    for row in doc.get("gemv", []):  # DIRECT GEMMs alone at few tokens: bandwidth of the hit experts
-        for name, kernel in row["kernels"].items():
-            if kernel.get("ok") and "gb_s" in kernel:
-                metrics.append(metric(f"direct_gemm/{row['shape']}/T={row['tokens']}/{name.replace(' ', '_')}_gb_s",
-                                      kernel["gb_s"], "GB/s", "higher"))
-    device = doc["env"]["device"]
-    return _converted(doc | {"date": doc["env"]["date"], "versions": doc["env"].get("versions", {})},
-                      device.get("kind", "cuda"), device.get("name"), doc["env"].get("commit"), metrics)
+    return _converted_from_env(doc, metrics)
 
 
 def from_cuda_tiny_check(doc: dict) -> dict:
