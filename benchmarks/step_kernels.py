@@ -66,9 +66,11 @@ bound), then prints a table per part. GPU only: exits 2 without CUDA.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -397,6 +399,16 @@ def run_dense(dev, ceil: dict, flush) -> list[dict]:
     return rows
 
 
+@contextlib.contextmanager
+def module_values(module, **values):
+    """`module`'s attributes set to `values` inside the block, restored after, exception or not:
+    how a part times a module value other than the built-in one."""
+    with contextlib.ExitStack() as stack:
+        for name, value in values.items():
+            stack.enter_context(mock.patch.object(module, name, value))
+        yield
+
+
 def router_variants(router, num_experts: int) -> dict[str, dict]:
     """name -> the router module values it sets. Experts the built-in router splits H for (up to
     SPLIT_MAX_E_PAD padded: Mixtral's 8, Qwen3's 128): the split width over H, unsplit, and the
@@ -435,20 +447,15 @@ def run_router(dev, ceil: dict, flush) -> list[dict]:
             bound_us = (tokens + experts) * hidden_size * 2 / (ceil["copy_gb_s"] * 1e9) * 1e6
             row = {"shape": shape, "tokens": tokens, "bound_us": bound_us, "variants": {}}
             for name, values in variants.items():
-                saved = {k: getattr(router, k) for k in values}
                 try:
-                    for k, v in values.items():
-                        setattr(router, k, v)
-                    call = lambda: router.fused_router(hidden, gate, top_k, True, count=False)  # noqa: E731
-                    t, (out, _) = time_graph(call, dev, flush=flush)
+                    with module_values(router, **values):
+                        call = lambda: router.fused_router(hidden, gate, top_k, True, count=False)  # noqa: E731
+                        t, (out, _) = time_graph(call, dev, flush=flush)
                     same = (out[1].sort(1).values == want_ids.sort(1).values).float().mean().item()
                     row["variants"][name] = {"us": t["median_ms"] * 1e3, "over_bound": t["median_ms"] * 1e3 / bound_us,
                                              "same_experts": same}
                 except Exception as exc:  # a variant that does not compile: recorded, not fatal
                     row["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-                finally:
-                    for k, v in saved.items():
-                        setattr(router, k, v)
             rows.append(row)
     return rows
 
@@ -484,12 +491,9 @@ def run_direct(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_count
             def aligned(cfg, regs=grouped_gemm.MAX_REGS_PER_THREAD):
                 """fused_moe aligned at every T (no DIRECT below direct_tokens); `regs`: the
                 registers a thread resident_programs assumes (fewer: more programs an SM)."""
-                saved = moe_module.direct_tokens, grouped_gemm.MAX_REGS_PER_THREAD
-                moe_module.direct_tokens, grouped_gemm.MAX_REGS_PER_THREAD = (lambda e, k: 0), regs
-                try:
+                with module_values(moe_module, direct_tokens=lambda e, k: 0), \
+                        module_values(grouped_gemm, MAX_REGS_PER_THREAD=regs):
                     return moe_module.fused_moe(x, w13, w2, weights, ids, "silu", config=cfg)
-                finally:
-                    moe_module.direct_tokens, grouped_gemm.MAX_REGS_PER_THREAD = saved
 
             calls = {}
             for label, cfg in (("", default_config(tokens, experts, top_k)), (" M16N16", DIRECT_DECODE_CONFIG)):
@@ -595,11 +599,8 @@ def run_gemm(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts:
         """fn launched with resident_programs at 1 (the most registers a 4-warp thread can hold
         taken as twice the limit)."""
         def run():
-            saved, grouped_gemm.MAX_REGS_PER_THREAD = grouped_gemm.MAX_REGS_PER_THREAD, 512
-            try:
+            with module_values(grouped_gemm, MAX_REGS_PER_THREAD=512):
                 return fn()
-            finally:
-                grouped_gemm.MAX_REGS_PER_THREAD = saved
         return run
 
     def with_one_per_sm(key: str, fn, cfg: dict) -> dict:

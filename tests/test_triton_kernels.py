@@ -1149,6 +1149,29 @@ def test_interp_step_kernels_direct_part_checks_both_paths(monkeypatch):
         assert all(p["ok"] and p["us_interleaved"] == 2000.0 for p in r["paths"].values()), r
 
 
+@outer_only
+def test_step_kernels_module_values_restore_and_router_variants_name_real_values():
+    """step_kernels' module_values sets a module's attributes for a block and restores them after,
+    also when the block raises; every router variant names module values the router has (patching
+    one it lacks would raise, and the variant would be recorded as failed)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import step_kernels
+
+    from moec.ops.triton import router
+
+    built_in = (router.SPLIT_H, router.WIDE_FROM_T)
+    with step_kernels.module_values(router, SPLIT_H=128, WIDE_FROM_T=None):
+        assert (router.SPLIT_H, router.WIDE_FROM_T) == (128, None)
+    with pytest.raises(RuntimeError), step_kernels.module_values(router, SPLIT_H=512):
+        raise RuntimeError
+    with step_kernels.module_values(router):  # no values: nothing set
+        pass
+    assert (router.SPLIT_H, router.WIDE_FROM_T) == built_in
+    for experts in (8, 128, 256):
+        for values in step_kernels.router_variants(router, experts).values():
+            assert all(hasattr(router, name) for name in values), values
+
+
 @interp_only
 def test_interp_step_kernels_gemv_part_checks_each_tile(monkeypatch):
     """`benchmarks/step_kernels.py --parts gemv` on a toy shape: each DIRECT GEMM tile checked
