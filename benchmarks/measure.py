@@ -3,8 +3,9 @@
 - `environment`: device, versions, commit and date, recorded with every result.
 - `copy_bandwidth`, `matmul_rate`: the two ceilings, measured in the same run as the numbers
   they bound (device-to-device copy counting bytes read + written; a large bf16 matmul).
-- `time_fn`: CUDA events around each call, the L2 flushed before each one (a write of
-  max(256 MiB, 2 x L2) between calls, outside the timed region), warm-up first, median of many.
+- `time_fn`: CUDA events around each call, the L2 flushed before each one (a read of
+  max(256 MiB, 2 x L2) between calls, outside the timed region: `L2Flusher`), warm-up first,
+  median of many.
   On CPU a host clock (no flush): used only for the logic smoke test.
 - `time_graph`: the same callable captured once in a CUDA graph and its replays timed, for
   cases where launch overhead dominates.
@@ -141,18 +142,35 @@ def summarize(times_ms: list[float]) -> dict:
 
 
 class L2Flusher:
-    """Writes max(256 MiB, 2 x L2) before each timed call, so no call finds the previous call's
-    weights or activations in L2. A no-op on CPU."""
+    """Reads max(256 MiB, 2 x L2) before each timed call, so that no call finds the previous
+    call's weights or activations in L2. A no-op on CPU.
 
-    def __init__(self, device: torch.device):
-        self.buf = None
+    A read, not a write (`how="write"`, zeros, the flush of `triton.testing.do_bench`, was this
+    class's flush until 2026-12-06): a written flush leaves the L2 full of dirty lines, and the
+    timed call's own reads then evict them, writing up to the L2's 50 MB back to DRAM inside the
+    timed region. No step of a model pays that: there the L2 holds what the previous kernels read
+    (the last layer's weights), not what they wrote. H100, 2026-12-06 (`l2_flush.py`): one read of
+    128 MB took 62.1 us after a written flush, 52.3 after a read one and 51.5 with none; Qwen3's
+    one-token MoE layer 53.6, 45.0 and 44.3 us (its 8 kernels' bytes are 75 MB, more than the L2)."""
+
+    HOW = ("read", "write")
+
+    def __init__(self, device: torch.device, how: str = "read"):
+        if how not in self.HOW:
+            raise ValueError(f"L2Flusher: how={how!r}; choose one of {', '.join(self.HOW)}")
+        self.how, self.buf, self._total = how, None, None
         if device.type == "cuda":
             l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 0
             nbytes = max(256 << 20, 2 * l2)
-            self.buf = torch.empty(nbytes // 4, dtype=torch.int32, device=device)
+            self.buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+            self._total = torch.empty((), dtype=torch.float32, device=device)
 
     def __call__(self) -> None:
-        if self.buf is not None:
+        if self.buf is None:
+            return
+        if self.how == "read":
+            torch.sum(self.buf, dim=0, out=self._total)
+        else:
             self.buf.zero_()
 
 
@@ -199,6 +217,8 @@ def time_fn(
             times.append((time.perf_counter() - t) * 1e3)
     out = summarize(times)
     out["flushed_l2"] = flush is not None and flush.buf is not None
+    if out["flushed_l2"]:
+        out["l2_flush"] = flush.how
     out["timer"] = "cuda_events" if device.type == "cuda" else "perf_counter"
     return out
 
@@ -243,6 +263,8 @@ def time_interleaved(
     for name in names:
         out[name] = summarize(times[name])
         out[name]["flushed_l2"] = flush is not None and flush.buf is not None
+        if out[name]["flushed_l2"]:
+            out[name]["l2_flush"] = flush.how
         out[name]["timer"] = ("cuda_events" if device.type == "cuda" else "perf_counter") + ", interleaved"
     return out
 

@@ -571,3 +571,19 @@ def test_moe_layer_tuned_pick_retimes_the_finalists_round_by_round():
     assert final["config"] == "b" and set(final["finalists_ms"]) == {"a", "b", "c", "grouped_mm"}
     assert final["finalists_ms"]["a"] > final["finalists_ms"]["grouped_mm"] > final["median_ms"]
     assert "d" not in ran and final["timer"].endswith("interleaved")
+
+
+def test_l2_flusher_names_its_flush_and_refuses_an_unknown_one():
+    """The timed-call flush is a read unless asked to write (see measure.L2Flusher: a written
+    flush leaves dirty lines that the timed call writes back); on CPU it holds nothing."""
+    import measure
+
+    cpu = torch.device("cpu")
+    assert measure.L2Flusher(cpu).how == "read" and measure.L2Flusher(cpu, how="write").how == "write"
+    flush = measure.L2Flusher(cpu)
+    flush()  # a no-op without a GPU
+    assert flush.buf is None
+    timed = measure.time_fn(lambda: None, cpu, flush=flush, warmup=1, min_iters=2, max_iters=2, target_s=0)
+    assert timed["flushed_l2"] is False and "l2_flush" not in timed
+    with pytest.raises(ValueError, match="how='zeros'; choose one of read, write"):
+        measure.L2Flusher(cpu, how="zeros")
