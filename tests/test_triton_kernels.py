@@ -638,7 +638,7 @@ def test_kernels_compile_for_h100():
                     continue
                 seen.add(key)
                 consts = {k: c[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")} | extra
-                consts |= {"IEEE": False, "DIRECT": direct, "PERSISTENT": c["PERSISTENT"]}
+                consts |= {"IEEE": False, "DIRECT": direct, "PERSISTENT": c["PERSISTENT"], "TOPK_PAD": 8}
                 compiled = compile_for_sm90(kernel, ptrs | idx, consts, c["num_warps"], c["num_stages"])
                 assert compiled.metadata.shared <= H100_SMEM, (key, compiled.metadata.shared)
                 # pipelined: several stages of the A and B tiles are in shared memory at once
@@ -648,7 +648,8 @@ def test_kernels_compile_for_h100():
     _, down = split_config(DYNAMIC_CONFIG)
     for dtype, ptx_type in (("bf16", "bf16"), ("fp16", "f16"), ("fp32", "f32")):
         consts = {k: down[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
-        consts |= {"MUL_WEIGHT": True, "ACCUMULATE": True, "IEEE": dtype == "fp32", "DIRECT": False, "PERSISTENT": False}
+        consts |= {"MUL_WEIGHT": True, "ACCUMULATE": True, "IEEE": dtype == "fp32", "DIRECT": False, "PERSISTENT": False,
+                   "TOPK_PAD": 8}
         ptrs = {"a_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "topk_weights_ptr": "*fp32"}
         ptx = compile_for_sm90(grouped_gemm._down_kernel, ptrs | idx, consts, down["num_warps"], 3).asm["ptx"]
         ops = set(re.findall(r"\b(?:atom|red)\.global\.[\w.]+", ptx))
@@ -887,26 +888,40 @@ def test_interp_align(num_tokens, num_experts, top_k, case, block_m):
 
 
 @interp_only
-@pytest.mark.parametrize("num_tokens,num_experts,top_k,block_m", [(1, 5, 1, 16), (1, 16, 8, 32), (3, 5, 2, 16)])
-def test_interp_direct_gemms(num_tokens, num_experts, top_k, block_m):
-    """DIRECT: each assignment its own row block, its expert read from topk_ids (what one token
-    runs, and right for any T), with the output poisoned: gate/up zeroes it, down adds into it."""
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,block_m,case", [
+    (1, 5, 1, 16, "random"), (1, 16, 8, 32, "random"), (3, 5, 2, 16, "random"),
+    (6, 8, 3, 16, "random"),  # tokens share experts: each expert computed once, for all its tokens
+    (16, 6, 2, 16, "one"),  # every token on expert 3, T = BLOCK_M
+    (5, 4, 1, 16, "one"),  # K = 1: rows stored, not added
+])
+def test_interp_direct_gemms(num_tokens, num_experts, top_k, block_m, case):
+    """DIRECT: a row block per assignment, its expert read from topk_ids, each expert's rows (one
+    per token that chose it) computed by the block of its first assignment; int64 and int32 ids;
+    the output poisoned: gate/up zeroes it, down adds into it. More tokens than BLOCK_M: refused."""
     from moec.ops.triton.fused_moe import fused_moe_ref
     from moec.ops.triton.grouped_gemm import down_grouped, gate_up_grouped
 
     dtype = torch.float32
     w13, w2 = moe_weights(num_experts, 72, 40, dtype)
     x = torch.randn(num_tokens, 72, generator=torch.Generator().manual_seed(num_tokens))
-    weights, ids = routing(num_tokens, num_experts, top_k, "random", seed=top_k)
+    weights, ids = routing(num_tokens, num_experts, top_k, case, seed=top_k)
     cfg = dict(CFG_A, BLOCK_M=block_m)
-    out = torch.full((num_tokens, 72), float("nan"))
-    with poisoned_empty():
-        inter = gate_up_grouped(x, w13, None, None, None, top_k, cfg, zero_out=out if top_k > 1 else None,
-                                direct_ids=ids)
-        down_grouped(inter, w2, weights, None, None, None, cfg, out=out, direct_ids=ids)
-    close(out, fused_moe_ref(x, w13, w2, weights, ids, "silu"), dtype)
+    want = fused_moe_ref(x, w13, w2, weights, ids, "silu")
+    for id_dtype in (torch.int64, torch.int32):
+        out = torch.full((num_tokens, 72), float("nan"))
+        with poisoned_empty():
+            inter = gate_up_grouped(x, w13, None, None, None, top_k, cfg, zero_out=out if top_k > 1 else None,
+                                    direct_ids=ids.to(id_dtype))
+            down_grouped(inter, w2, weights, None, None, None, cfg, out=out, direct_ids=ids.to(id_dtype))
+        close(out, want, dtype)
     with pytest.raises(ValueError, match="align buffers"):
         gate_up_grouped(x, w13, None, None, None, top_k, cfg)
+    more = torch.randn(block_m + 1, 72)
+    many_w, many_ids = routing(block_m + 1, num_experts, top_k, "random")
+    with pytest.raises(ValueError, match=f"at most BLOCK_M = {block_m} tokens"):
+        gate_up_grouped(more, w13, None, None, None, top_k, cfg, direct_ids=many_ids)
+    with pytest.raises(ValueError, match=f"at most BLOCK_M = {block_m} tokens"):
+        down_grouped(torch.randn((block_m + 1) * top_k, 40), w2, many_w, None, None, None, cfg, direct_ids=many_ids)
 
 
 @interp_only

@@ -6,9 +6,10 @@ captured in a CUDA graph and traced with a symbolic token count): 2 for the expe
 (above `align.CHUNK` assignments only: below, the scatter counts its one chunk itself), then per
 config a scatter (align), the gate/up GEMM (which also zeroes the output) and the down GEMM
 (which accumulates into it): 3 to 5 for one config. A few tokens (T = 1, and up to
-`direct_tokens` where experts are many: 4 for Qwen3-30B-A3B) run the two GEMMs alone, each
-assignment its own row block with its expert read straight from topk_ids (DIRECT): 2 launches,
-none before the first GEMM. The first range (the one holding T = 1) compiles both variants of
+`direct_tokens` where experts are many: 4 for Qwen3-30B-A3B) run the two GEMMs alone, a row
+block per assignment with its expert read straight from topk_ids, each expert's rows (one per
+token that chose it) computed by the block of its first assignment (DIRECT): 2 launches, none
+before the first GEMM. The first range (the one holding T = 1) compiles both variants of
 its GEMMs in, gated by T <= direct_tokens and above.
 
 A tuned plan (`configs.parse_plan`) gives a config per token range. Every config of the plan is
@@ -39,12 +40,12 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def direct_tokens(num_experts: int, top_k: int) -> int:
-    """Token counts up to this run DIRECT (no align launch; each assignment its own row block):
-    while T*K <= E/4, so that few experts are chosen twice, since DIRECT reads such an expert's
-    weights once per assignment. At least 1. On an H100 (step_kernels-h100-2026-12-06T0757):
-    Qwen3-30B-A3B's experts (E=128, K=8) at 2 and 4 tokens took 72 and 117 us DIRECT against 78
-    and 122 aligned, at 8 tokens 211 against 192; Mixtral's (E=8, K=2) at 4 tokens 882 against
-    602."""
+    """Token counts up to this run DIRECT (no align launch; a row block per assignment): while
+    T*K <= E/4 (and T <= BLOCK_M, which `fused_moe` adds). At least 1. On an H100
+    (step_kernels-h100-2026-12-06T0757), when DIRECT still read an expert once per assignment
+    that chose it: Qwen3-30B-A3B's experts (E=128, K=8) at 2 and 4 tokens took 72 and 117 us
+    DIRECT against 78 and 122 aligned, at 8 tokens 211 against 192; Mixtral's (E=8, K=2) at 4
+    tokens 882 against 602. Since then DIRECT reads each expert once."""
     return max(1, num_experts // (4 * top_k))
 
 
@@ -123,7 +124,7 @@ def fused_moe(
     # up to direct_max tokens skip the histograms and the scatter: their assignments are the
     # blocks themselves (DIRECT), with the first range's config
     first_hi = launches[0][0]
-    direct_max = direct_tokens(num_experts, top_k)
+    direct_max = min(direct_tokens(num_experts, top_k), launches[0][1]["BLOCK_M"], launches[0][2]["BLOCK_M"])
     direct_max = direct_max if first_hi is None else min(direct_max, first_hi)
     direct, aligned = token_range_gate(num_tokens, 0, direct_max), token_range_gate(num_tokens, direct_max, None)
     hist = expert_histograms(topk_ids, num_experts, aligned)

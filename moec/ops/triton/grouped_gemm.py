@@ -86,14 +86,19 @@ def _block_coords(pid, em, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
-def _direct_block(pid, num_assign, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """DIRECT (one token): row block m is assignment m alone, then padding rows (num_assign), so
-    no align launch has to run before the GEMM. -> (pid_m, pid_n, assign [BLOCK_M] int64).
-    (No pointers pass into helpers: Inductor's mutation analysis would take them as written.)"""
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // num_pid_n
-    assign = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_assign).to(tl.int64)
-    return pid_m, pid % num_pid_n, assign
+def _direct_rows(pid_m, expert, ids, top_k, num_assign, BLOCK_M: tl.constexpr, TOPK_PAD: tl.constexpr):
+    """DIRECT (a few tokens, no align launch before the GEMM): program m starts from assignment m
+    and its expert, read from topk_ids; row r of its block is token r's assignment to that expert
+    (a token chooses an expert at most once), padding (num_assign) where token r did not choose
+    it. Only the program of the expert's first assignment keeps its rows: the others get none
+    and skip their loads, so an expert two tokens chose is read once, not once per assignment.
+    `ids`: the [BLOCK_M, TOPK_PAD] topk_ids of tokens 0..BLOCK_M-1 (-1 past T and K), which
+    needs T <= BLOCK_M. -> assign [BLOCK_M] int64. (No pointers pass into helpers: Inductor's
+    mutation analysis would take them as written.)"""
+    a = tl.arange(0, BLOCK_M)[:, None] * top_k + tl.arange(0, TOPK_PAD)[None, :]
+    row = tl.min(tl.where(ids == expert, a, num_assign), axis=1)
+    mine = tl.min(row, axis=0) == pid_m
+    return tl.where(mine, row, num_assign).to(tl.int64)
 
 
 @triton.jit
@@ -129,6 +134,7 @@ def _gate_up_kernel(
     DIRECT: tl.constexpr,
     PERSISTENT: tl.constexpr,
     OUT_ROWS: tl.constexpr,
+    TOPK_PAD: tl.constexpr,
 ):
     # tiles of live row blocks only (dead ones, past num_post, are skipped): one per program, or
     # (PERSISTENT: a grid of the programs the SMs hold at once) strided over the programs in a
@@ -148,9 +154,15 @@ def _gate_up_kernel(
         my_tiles = 1
     for i in tl.range(0, my_tiles, flatten=PERSISTENT):
         tile = tl.program_id(0) + i * tl.num_programs(0)
+        k_steps = tl.cdiv(K, BLOCK_K)
         if DIRECT:
-            pid_m, pid_n, assign = _direct_block(tile, num_assign, N, BLOCK_M, BLOCK_N)
+            pid_m, pid_n = tile // num_pid_n, tile % num_pid_n
             expert = tl.load(ids_ptr + pid_m).to(tl.int64)
+            tok, kk = tl.arange(0, BLOCK_M), tl.arange(0, TOPK_PAD)
+            ids = tl.load(ids_ptr + tok[:, None] * top_k + kk[None, :], other=-1,
+                          mask=(tok < num_assign // top_k)[:, None] & (kk < top_k)[None, :]).to(tl.int32)
+            assign = _direct_rows(pid_m, expert.to(tl.int32), ids, top_k, num_assign, BLOCK_M, TOPK_PAD)
+            k_steps = tl.where(tl.min(assign, axis=0) < num_assign, k_steps, 0)  # not its expert's first
         else:
             pid_m, pid_n = _block_coords(tile, live_rows, N, BLOCK_M, BLOCK_N, GROUP_M)
             assign = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -177,7 +189,7 @@ def _gate_up_kernel(
         w_ptrs = w_ptr + expert * stride_we + (pair + (offs_c % 2) * N)[None, :] * stride_wn + offs_k[:, None]
         w_col_ok = pair < N
         acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
-        for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        for kb in range(0, k_steps):
             k_ok = offs_k < K - kb * BLOCK_K
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[:, None] & w_col_ok[None, :], other=0.0)
@@ -227,6 +239,7 @@ def _down_kernel(
     IEEE: tl.constexpr,
     DIRECT: tl.constexpr,
     PERSISTENT: tl.constexpr,
+    TOPK_PAD: tl.constexpr,
 ):
     num_pid_n = tl.cdiv(N, BLOCK_N)  # the tile loop as in _gate_up_kernel
     if DIRECT:
@@ -242,9 +255,15 @@ def _down_kernel(
         my_tiles = 1
     for i in tl.range(0, my_tiles, flatten=PERSISTENT):
         tile = tl.program_id(0) + i * tl.num_programs(0)
+        k_steps = tl.cdiv(K, BLOCK_K)
         if DIRECT:
-            pid_m, pid_n, assign = _direct_block(tile, num_assign, N, BLOCK_M, BLOCK_N)
+            pid_m, pid_n = tile // num_pid_n, tile % num_pid_n
             expert = tl.load(ids_ptr + pid_m).to(tl.int64)
+            tok, kk = tl.arange(0, BLOCK_M), tl.arange(0, TOPK_PAD)
+            ids = tl.load(ids_ptr + tok[:, None] * top_k + kk[None, :], other=-1,
+                          mask=(tok < num_assign // top_k)[:, None] & (kk < top_k)[None, :]).to(tl.int32)
+            assign = _direct_rows(pid_m, expert.to(tl.int32), ids, top_k, num_assign, BLOCK_M, TOPK_PAD)
+            k_steps = tl.where(tl.min(assign, axis=0) < num_assign, k_steps, 0)  # not its expert's first
         else:
             pid_m, pid_n = _block_coords(tile, live_rows, N, BLOCK_M, BLOCK_N, GROUP_M)
             assign = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -258,7 +277,7 @@ def _down_kernel(
         b_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        for kb in range(0, k_steps):
             k_left = K - kb * BLOCK_K
             k_ok = offs_k < k_left
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -345,6 +364,14 @@ def _align_args(sorted_ids, expert_ids, num_post, direct_ids, num_assign) -> tup
     return (flat, flat, flat, flat), num_assign, True  # only ids_ptr is read under DIRECT
 
 
+def _check_direct_tokens(num_tokens, block_m: int, who: str) -> None:
+    """DIRECT's row blocks hold one row per token (`_direct_rows`): at most BLOCK_M tokens. A
+    symbolic count is the caller's to bound (`fused_moe` gates DIRECT to T <= BLOCK_M)."""
+    if isinstance(num_tokens, int) and num_tokens > block_m:
+        raise ValueError(f"{who}: direct_ids take at most BLOCK_M = {block_m} tokens (a row block's rows are "
+                         f"the tokens), got {num_tokens}; pass the align buffers for more")
+
+
 def _zero_block(hidden_size: int, inter_size: int, block_n: int) -> tuple[int, int]:
     """(BLOCK_Z, ZERO_STEPS): columns of the output each gate/up program zeroes per step — the
     row's H columns spread over the block's cdiv(I, BLOCK_N) column programs, a power of two in
@@ -373,8 +400,9 @@ def gate_up_grouped(
     """hidden [T, H], w13 [E, 2I, H] → act(gate)·up per assignment, [T*K, I] in assignment order
     (into `out` if given: contiguous [T*K, I]), or with `out_rows` (int32 [T*K], a permutation)
     assignment a at row out_rows[a]. `zero_out` [T, H] (unit column stride), if given, is zeroed
-    on the way: the down GEMM's accumulator. `direct_ids` (topk_ids, contiguous; for few tokens)
-    replaces the align buffers: each assignment is its own row block."""
+    on the way: the down GEMM's accumulator. `direct_ids` (topk_ids, contiguous; at most BLOCK_M
+    tokens) replaces the align buffers: a row block per assignment, each expert computed by the
+    block of its first assignment for every token that chose it (`_direct_rows`)."""
     hidden, w13 = unit_last_stride(hidden), unit_last_stride(w13)
     num_tokens, hidden_size = hidden.shape
     inter = w13.shape[1] // 2
@@ -387,6 +415,8 @@ def gate_up_grouped(
     # passed twice would alias two kernel arguments)
     zeroed = hidden if zero_out is None else zero_out
     routing, em, direct = _align_args(sorted_ids, expert_ids, num_post, direct_ids, num_assign)
+    if direct:
+        _check_direct_tokens(num_tokens, cfg["BLOCK_M"], "gate_up_grouped")
     zero_block, zero_steps = _zero_block(hidden_size, inter, cfg["BLOCK_N"])
     persistent = bool(cfg.get("PERSISTENT")) and not direct  # DIRECT's few tiles: one program each
     grid = _grid_m_n(em, inter, cfg, gate, direct, persistent, hidden.device, 2 * cfg["BLOCK_N"], hidden.element_size())
@@ -419,6 +449,7 @@ def gate_up_grouped(
         DIRECT=direct,
         PERSISTENT=persistent,
         OUT_ROWS=out_rows is not None,
+        TOPK_PAD=triton.next_power_of_2(top_k),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
@@ -459,6 +490,8 @@ def down_grouped(
     if not weights.is_contiguous():
         weights = weights.contiguous()
     routing, em, direct = _align_args(sorted_ids, expert_ids, num_post, direct_ids, num_assign)
+    if direct:
+        _check_direct_tokens(num_tokens, cfg["BLOCK_M"], "down_grouped")
     persistent = bool(cfg.get("PERSISTENT")) and not direct
     grid = _grid_m_n(em, hidden_size, cfg, gate, direct, persistent, inter.device, elem_bytes=inter.element_size())
     wrap_triton(_down_kernel)[grid](
@@ -484,6 +517,7 @@ def down_grouped(
         IEEE=_dot_ieee(inter.dtype),
         DIRECT=direct,
         PERSISTENT=persistent,
+        TOPK_PAD=triton.next_power_of_2(top_k),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
