@@ -44,9 +44,10 @@ in a CUDA graph and its replays timed (median of CUDA events, L2 flushed before 
   direct     the routed experts at 1..64 tokens (Mixtral's and Qwen3's expert shapes): fused_moe
              as it runs above one token (one align launch up to 256 assignments, then the two
              GEMMs), the same with persistent GEMMs (programs for live tiles only; at the
-             resident_programs grid and at twice it), against the DIRECT GEMMs alone (each
-             assignment its own row block, its expert read from topk_ids: no align launch, but an
-             expert two tokens chose is read twice), under the default table's config and the
+             resident_programs grid and at twice it), against the DIRECT GEMMs alone up to
+             BLOCK_M tokens (a row block per assignment, its expert read from topk_ids: no align
+             launch; each expert read once since e77f2cf, twice when two tokens chose it before),
+             under the default table's config and the
              tuner's one-token pick on Qwen3, all replayed and timed round by round, all checked
              against the reference; against the bytes of the experts hit over copy bandwidth
   gemm       the two grouped GEMMs alone (after align) at 1024..16384 tokens (Mixtral's and Qwen3's
@@ -507,8 +508,9 @@ def run_direct(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_count
                 persistent = {**cfg, "PERSISTENT": True, "down": {**cfg.get("down", {}), "PERSISTENT": True}}
                 calls |= {f"aligned{label or ' (built in)'}": lambda c=cfg: aligned(c),
                           f"aligned persistent{label}": lambda c=persistent: aligned(c),
-                          f"aligned persistent x2{label}": lambda c=persistent: aligned(c, regs=128),
-                          f"direct{label}": direct}
+                          f"aligned persistent x2{label}": lambda c=persistent: aligned(c, regs=128)}
+                if tokens <= gate_up_cfg["BLOCK_M"]:  # DIRECT's rows are the tokens
+                    calls[f"direct{label}"] = direct
             want = fused_moe_ref(x.float(), w13.float(), w2.float(), weights, ids, "silu")
             hit = ids.unique().numel()
             bound_us = hit * 3 * hidden_size * inter * 2 / (ceil["copy_gb_s"] * 1e9) * 1e6
