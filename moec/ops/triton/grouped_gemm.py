@@ -158,11 +158,14 @@ def _gate_up_kernel(
         if DIRECT:
             pid_m, pid_n = tile // num_pid_n, tile % num_pid_n
             expert = tl.load(ids_ptr + pid_m).to(tl.int64)
-            tok, kk = tl.arange(0, BLOCK_M), tl.arange(0, TOPK_PAD)
-            ids = tl.load(ids_ptr + tok[:, None] * top_k + kk[None, :], other=-1,
-                          mask=(tok < num_assign // top_k)[:, None] & (kk < top_k)[None, :]).to(tl.int32)
-            assign = _direct_rows(pid_m, expert.to(tl.int32), ids, top_k, num_assign, BLOCK_M, TOPK_PAD)
-            k_steps = tl.where(tl.min(assign, axis=0) < num_assign, k_steps, 0)  # not its expert's first
+            if num_assign > top_k:  # tokens may share an expert: its first assignment's block reads it
+                tok, kk = tl.arange(0, BLOCK_M), tl.arange(0, TOPK_PAD)
+                ids = tl.load(ids_ptr + tok[:, None] * top_k + kk[None, :], other=-1,
+                              mask=(tok < num_assign // top_k)[:, None] & (kk < top_k)[None, :]).to(tl.int32)
+                assign = _direct_rows(pid_m, expert.to(tl.int32), ids, top_k, num_assign, BLOCK_M, TOPK_PAD)
+                k_steps = tl.where(tl.min(assign, axis=0) < num_assign, k_steps, 0)  # not its expert's first
+            else:  # one token, whose K experts are distinct: row 0 is the assignment, nothing to wait for
+                assign = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_assign).to(tl.int64)
         else:
             pid_m, pid_n = _block_coords(tile, live_rows, N, BLOCK_M, BLOCK_N, GROUP_M)
             assign = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -259,11 +262,14 @@ def _down_kernel(
         if DIRECT:
             pid_m, pid_n = tile // num_pid_n, tile % num_pid_n
             expert = tl.load(ids_ptr + pid_m).to(tl.int64)
-            tok, kk = tl.arange(0, BLOCK_M), tl.arange(0, TOPK_PAD)
-            ids = tl.load(ids_ptr + tok[:, None] * top_k + kk[None, :], other=-1,
-                          mask=(tok < num_assign // top_k)[:, None] & (kk < top_k)[None, :]).to(tl.int32)
-            assign = _direct_rows(pid_m, expert.to(tl.int32), ids, top_k, num_assign, BLOCK_M, TOPK_PAD)
-            k_steps = tl.where(tl.min(assign, axis=0) < num_assign, k_steps, 0)  # not its expert's first
+            if num_assign > top_k:  # tokens may share an expert: its first assignment's block reads it
+                tok, kk = tl.arange(0, BLOCK_M), tl.arange(0, TOPK_PAD)
+                ids = tl.load(ids_ptr + tok[:, None] * top_k + kk[None, :], other=-1,
+                              mask=(tok < num_assign // top_k)[:, None] & (kk < top_k)[None, :]).to(tl.int32)
+                assign = _direct_rows(pid_m, expert.to(tl.int32), ids, top_k, num_assign, BLOCK_M, TOPK_PAD)
+                k_steps = tl.where(tl.min(assign, axis=0) < num_assign, k_steps, 0)  # not its expert's first
+            else:  # one token, whose K experts are distinct: row 0 is the assignment, nothing to wait for
+                assign = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_assign).to(tl.int64)
         else:
             pid_m, pid_n = _block_coords(tile, live_rows, N, BLOCK_M, BLOCK_N, GROUP_M)
             assign = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
