@@ -86,19 +86,19 @@ def _block_coords(pid, em, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
-def _direct_rows(pid_m, expert, ids, top_k, num_assign, BLOCK_M: tl.constexpr, TOPK_PAD: tl.constexpr):
-    """DIRECT (a few tokens, no align launch before the GEMM): program m starts from assignment m
-    and its expert, read from topk_ids; row r of its block is token r's assignment to that expert
-    (a token chooses an expert at most once), padding (num_assign) where token r did not choose
-    it. Only the program of the expert's first assignment keeps its rows: the others get none
-    and skip their loads, so an expert two tokens chose is read once, not once per assignment.
-    `ids`: the [BLOCK_M, TOPK_PAD] topk_ids of tokens 0..BLOCK_M-1 (-1 past T and K), which
-    needs T <= BLOCK_M. -> assign [BLOCK_M] int64. (No pointers pass into helpers: Inductor's
-    mutation analysis would take them as written.)"""
+def _direct_rows(pid_m, expert, ids, top_k, num_assign, k_steps, BLOCK_M: tl.constexpr, TOPK_PAD: tl.constexpr):
+    """DIRECT over several tokens (no align launch before the GEMM): program m starts from
+    assignment m and its expert, read from topk_ids; row r of its block is token r's assignment
+    to that expert (a token chooses an expert at most once), padding (num_assign) where token r
+    did not choose it. Only the block of the expert's first assignment keeps its rows; the others
+    get none and no K steps, so an expert two tokens chose is read once, not once per assignment.
+    `ids`: the [BLOCK_M, TOPK_PAD] topk_ids of tokens 0..BLOCK_M-1 (-1 past T and K), which needs
+    T <= BLOCK_M. -> (assign [BLOCK_M] int64, k_steps). (No pointers pass into helpers:
+    Inductor's mutation analysis would take them as written.)"""
     a = tl.arange(0, BLOCK_M)[:, None] * top_k + tl.arange(0, TOPK_PAD)[None, :]
-    row = tl.min(tl.where(ids == expert, a, num_assign), axis=1)
+    row = tl.min(tl.where(ids.to(tl.int32) == expert.to(tl.int32), a, num_assign), axis=1)
     mine = tl.min(row, axis=0) == pid_m
-    return tl.where(mine, row, num_assign).to(tl.int64)
+    return tl.where(mine, row, num_assign).to(tl.int64), tl.where(mine, k_steps, 0)
 
 
 @triton.jit
@@ -161,9 +161,8 @@ def _gate_up_kernel(
             if num_assign > top_k:  # tokens may share an expert: its first assignment's block reads it
                 tok, kk = tl.arange(0, BLOCK_M), tl.arange(0, TOPK_PAD)
                 ids = tl.load(ids_ptr + tok[:, None] * top_k + kk[None, :], other=-1,
-                              mask=(tok < num_assign // top_k)[:, None] & (kk < top_k)[None, :]).to(tl.int32)
-                assign = _direct_rows(pid_m, expert.to(tl.int32), ids, top_k, num_assign, BLOCK_M, TOPK_PAD)
-                k_steps = tl.where(tl.min(assign, axis=0) < num_assign, k_steps, 0)  # not its expert's first
+                              mask=(tok < num_assign // top_k)[:, None] & (kk < top_k)[None, :])
+                assign, k_steps = _direct_rows(pid_m, expert, ids, top_k, num_assign, k_steps, BLOCK_M, TOPK_PAD)
             else:  # one token, whose K experts are distinct: row 0 is the assignment, nothing to wait for
                 assign = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_assign).to(tl.int64)
         else:
@@ -265,9 +264,8 @@ def _down_kernel(
             if num_assign > top_k:  # tokens may share an expert: its first assignment's block reads it
                 tok, kk = tl.arange(0, BLOCK_M), tl.arange(0, TOPK_PAD)
                 ids = tl.load(ids_ptr + tok[:, None] * top_k + kk[None, :], other=-1,
-                              mask=(tok < num_assign // top_k)[:, None] & (kk < top_k)[None, :]).to(tl.int32)
-                assign = _direct_rows(pid_m, expert.to(tl.int32), ids, top_k, num_assign, BLOCK_M, TOPK_PAD)
-                k_steps = tl.where(tl.min(assign, axis=0) < num_assign, k_steps, 0)  # not its expert's first
+                              mask=(tok < num_assign // top_k)[:, None] & (kk < top_k)[None, :])
+                assign, k_steps = _direct_rows(pid_m, expert, ids, top_k, num_assign, k_steps, BLOCK_M, TOPK_PAD)
             else:  # one token, whose K experts are distinct: row 0 is the assignment, nothing to wait for
                 assign = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_assign).to(tl.int64)
         else:
