@@ -1074,7 +1074,7 @@ def main(argv=None) -> int:
         "dtype": str(dtype).replace("torch.", ""),
         "args": vars(args),
         "method": {
-            "timer": "CUDA events around each call, L2 flushed (write of max(256 MiB, 2 x L2)) before each "
+            "timer": "CUDA events around each call, L2 flushed (a read of max(256 MiB, 2 x L2)) before each "
                      "call outside the events, warm-up first, median of >= %d calls" % iters
                      if device.type == "cuda" else "perf_counter (CPU logic test)",
             "graph": f"CUDA-graph replay timings for T <= {args.graph_max_tokens}",

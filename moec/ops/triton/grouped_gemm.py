@@ -86,14 +86,23 @@ def _block_coords(pid, em, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
+def _token_ids_tile(num_assign, top_k, BLOCK_M: tl.constexpr, TOPK_PAD: tl.constexpr):
+    """Offsets into the flat topk_ids of tokens 0..BLOCK_M-1 as a [BLOCK_M, TOPK_PAD] tile, and
+    the mask of those that exist (rows below T, columns below K)."""
+    tok, k = tl.arange(0, BLOCK_M), tl.arange(0, TOPK_PAD)
+    return tok[:, None] * top_k + k[None, :], (tok < num_assign // top_k)[:, None] & (k < top_k)[None, :]
+
+
+@triton.jit
 def _direct_rows(pid_m, expert, ids, top_k, num_assign, k_steps, BLOCK_M: tl.constexpr, TOPK_PAD: tl.constexpr):
     """DIRECT over several tokens (no align launch before the GEMM): program m starts from
     assignment m and its expert, read from topk_ids; row r of its block is token r's assignment
     to that expert (a token chooses an expert at most once), padding (num_assign) where token r
     did not choose it. Only the block of the expert's first assignment keeps its rows; the others
     get none and no K steps, so an expert two tokens chose is read once, not once per assignment.
-    `ids`: the [BLOCK_M, TOPK_PAD] topk_ids of tokens 0..BLOCK_M-1 (-1 past T and K), which needs
-    T <= BLOCK_M. -> (assign [BLOCK_M] int64, k_steps). (No pointers pass into helpers:
+    One token needs none of this (its K experts are distinct: row 0 is the assignment, and its
+    first weight loads wait on nothing). `ids`: the [BLOCK_M, TOPK_PAD] topk_ids of tokens
+    0..BLOCK_M-1 (-1 past T and K, `_token_ids_tile`), which needs T <= BLOCK_M. -> (assign [BLOCK_M] int64, k_steps). (No pointers pass into helpers:
     Inductor's mutation analysis would take them as written.)"""
     a = tl.arange(0, BLOCK_M)[:, None] * top_k + tl.arange(0, TOPK_PAD)[None, :]
     row = tl.min(tl.where(ids.to(tl.int32) == expert.to(tl.int32), a, num_assign), axis=1)
@@ -158,13 +167,11 @@ def _gate_up_kernel(
         if DIRECT:
             pid_m, pid_n = tile // num_pid_n, tile % num_pid_n
             expert = tl.load(ids_ptr + pid_m).to(tl.int64)
-            if num_assign > top_k:  # tokens may share an expert: its first assignment's block reads it
-                tok, kk = tl.arange(0, BLOCK_M), tl.arange(0, TOPK_PAD)
-                ids = tl.load(ids_ptr + tok[:, None] * top_k + kk[None, :], other=-1,
-                              mask=(tok < num_assign // top_k)[:, None] & (kk < top_k)[None, :])
+            assign = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_assign).to(tl.int64)  # one token's
+            if num_assign > top_k:  # several: an expert may be shared (`_direct_rows`)
+                offs, ok = _token_ids_tile(num_assign, top_k, BLOCK_M, TOPK_PAD)
+                ids = tl.load(ids_ptr + offs, mask=ok, other=-1)
                 assign, k_steps = _direct_rows(pid_m, expert, ids, top_k, num_assign, k_steps, BLOCK_M, TOPK_PAD)
-            else:  # one token, whose K experts are distinct: row 0 is the assignment, nothing to wait for
-                assign = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_assign).to(tl.int64)
         else:
             pid_m, pid_n = _block_coords(tile, live_rows, N, BLOCK_M, BLOCK_N, GROUP_M)
             assign = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -261,13 +268,11 @@ def _down_kernel(
         if DIRECT:
             pid_m, pid_n = tile // num_pid_n, tile % num_pid_n
             expert = tl.load(ids_ptr + pid_m).to(tl.int64)
-            if num_assign > top_k:  # tokens may share an expert: its first assignment's block reads it
-                tok, kk = tl.arange(0, BLOCK_M), tl.arange(0, TOPK_PAD)
-                ids = tl.load(ids_ptr + tok[:, None] * top_k + kk[None, :], other=-1,
-                              mask=(tok < num_assign // top_k)[:, None] & (kk < top_k)[None, :])
+            assign = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_assign).to(tl.int64)  # one token's
+            if num_assign > top_k:  # several: an expert may be shared (`_direct_rows`)
+                offs, ok = _token_ids_tile(num_assign, top_k, BLOCK_M, TOPK_PAD)
+                ids = tl.load(ids_ptr + offs, mask=ok, other=-1)
                 assign, k_steps = _direct_rows(pid_m, expert, ids, top_k, num_assign, k_steps, BLOCK_M, TOPK_PAD)
-            else:  # one token, whose K experts are distinct: row 0 is the assignment, nothing to wait for
-                assign = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_assign).to(tl.int64)
         else:
             pid_m, pid_n = _block_coords(tile, live_rows, N, BLOCK_M, BLOCK_N, GROUP_M)
             assign = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
