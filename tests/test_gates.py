@@ -588,3 +588,27 @@ def test_l2_flusher_names_its_flush_and_refuses_an_unknown_one():
     assert timed["flushed_l2"] is False and "l2_flush" not in timed
     with pytest.raises(ValueError, match="how='zeros'; choose one of read, write"):
         measure.L2Flusher(cpu, how="zeros")
+
+
+def test_l2_flush_result_loads_and_its_table_names_every_flush(capsys):
+    """`benchmarks/l2_flush.py` (GPU only: it refuses a machine without one in one line) writes the
+    common result format: its metrics from rows as the GPU run makes them load and gate."""
+    import l2_flush
+    from result_format import new_result, to_result
+
+    if not torch.cuda.is_available():
+        assert l2_flush.main(["--out", "/nonexistent"]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
+    reads = [{"mb": 16, "write": 17.3, "read": 15.0, "none": 12.1}]
+    layer = {"shape": "qwen3-30b-a3b", "tokens": 1, "layers": 8, "roofline_us": [25.0] * 8,
+             **{f"{kind}_{n}_us": v for kind in ("one", "per_layer") for n, v in (("write", 53.8), ("read", 45.5),
+                                                                                  ("none", 44.6))}}
+    layer["one_over_roofline"] = {n: layer[f"one_{n}_us"] / 25.0 for n in ("write", "read", "none")}
+    layer["per_layer_over_roofline"] = {n: layer[f"per_layer_{n}_us"] / 25.0 for n in ("write", "read", "none")}
+    doc = new_result("l2_flush", "cuda", "NVIDIA H100 80GB HBM3", l2_flush.metrics(reads, [layer], 3000.0), {})
+    loaded = to_result(doc)
+    names = {m["name"] for m in loaded["metrics"]}
+    assert {"read_16MB/write_flush_us", "qwen3-30b-a3b/T=1/one_replay_read_flush_us",
+            "qwen3-30b-a3b/T=1/per_layer_of_8_none_flush_us"} <= names and loaded["device_kind"] == "h100"
+    table = l2_flush.table(reads, [layer])
+    assert "sum of  16 MB" in table and "1.82x (read)" in table
