@@ -149,9 +149,9 @@ class L2Flusher:
     class's flush until 2026-12-06): a written flush leaves the L2 full of dirty lines, and the
     timed call's own reads then evict them, writing up to the L2's 50 MB back to DRAM inside the
     timed region. No step of a model pays that: there the L2 holds what the previous kernels read
-    (the last layer's weights), not what they wrote. H100, 2026-12-06 (`l2_flush.py`): one read of
-    128 MB took 62.1 us after a written flush, 52.3 after a read one and 51.5 with none; Qwen3's
-    one-token MoE layer 53.6, 45.0 and 44.3 us (its 8 kernels' bytes are 75 MB, more than the L2)."""
+    (the last layer's weights), not what they wrote. H100 (`l2_flush-h100-2026-12-06T1301.json`):
+    one read of 128 MB took 61.9 us after a written flush, 52.5 after a read one and 51.9 with
+    none; Qwen3's one-token MoE layer 53.8, 45.5 and 44.6 us (its bytes, 75 MB, exceed the L2)."""
 
     HOW = ("read", "write")
 
