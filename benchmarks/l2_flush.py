@@ -45,8 +45,11 @@ LAYER_TOKENS = (1, 4)
 LAYERS = {"qwen3-30b-a3b": 8, "mixtral-8x7b": 3}  # 8 x 1.2 GB and 3 x 2.8 GB of expert weights
 
 
+FLUSHES = ("write", "read", "none")  # the flushes each timing runs after, in table order
+
+
 def flushes(dev) -> dict:
-    return {"write": L2Flusher(dev, how="write"), "read": L2Flusher(dev, how="read"), "none": None}
+    return {name: None if name == "none" else L2Flusher(dev, how=name) for name in FLUSHES}
 
 
 def run_reads(dev, flush: dict) -> list[dict]:
@@ -114,10 +117,10 @@ def run_layers(dev, flush: dict, copy_gbs: float, tflops: float) -> list[dict]:
 def metrics(reads: list[dict], layers: list[dict], copy_gbs: float) -> list[dict]:
     out = [metric("copy_bandwidth", copy_gbs, "GB/s", "higher")]
     for r in reads:
-        out += [metric(f"read_{r['mb']}MB/{n}_flush_us", r[n], "us", "lower") for n in ("write", "read", "none")]
+        out += [metric(f"read_{r['mb']}MB/{n}_flush_us", r[n], "us", "lower") for n in FLUSHES]
     for r in layers:
         key = f"{r['shape']}/T={r['tokens']}"
-        for n in ("write", "read", "none"):
+        for n in FLUSHES:
             out.append(metric(f"{key}/one_replay_{n}_flush_us", r[f"one_{n}_us"], "us", "lower",
                               over_roofline=r["one_over_roofline"][n]))
             out.append(metric(f"{key}/per_layer_of_{r['layers']}_{n}_flush_us", r[f"per_layer_{n}_us"], "us",
@@ -131,7 +134,7 @@ def table(reads: list[dict], layers: list[dict]) -> str:
         lines.append(f"sum of {r['mb']:>3} MB                     {r['write']:7.1f} {r['read']:7.1f} {r['none']:7.1f}")
     for r in layers:
         for kind, label in (("one", "one replay"), ("per_layer", f"per layer of {r['layers']}")):
-            cells = " ".join(f"{r[f'{kind}_{n}_us']:7.1f}" for n in ("write", "read", "none"))
+            cells = " ".join(f"{r[f'{kind}_{n}_us']:7.1f}" for n in FLUSHES)
             ratio = r[f"{kind}_over_roofline"]["read"]
             lines.append(f"{r['shape'][:12]:12} T={r['tokens']} {label:16} {cells}   {ratio:.2f}x (read)")
     return "\n".join(lines)

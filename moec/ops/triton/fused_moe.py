@@ -124,7 +124,8 @@ def fused_moe(
     # up to direct_max tokens skip the histograms and the scatter: their assignments are the
     # blocks themselves (DIRECT), with the first range's config
     first_hi = launches[0][0]
-    direct_max = min(direct_tokens(num_experts, top_k), launches[0][1]["BLOCK_M"], launches[0][2]["BLOCK_M"])
+    # DIRECT's row blocks hold one row per token: at most BLOCK_M (shared by both GEMMs) tokens
+    direct_max = min(direct_tokens(num_experts, top_k), launches[0][1]["BLOCK_M"])
     direct_max = direct_max if first_hi is None else min(direct_max, first_hi)
     direct, aligned = token_range_gate(num_tokens, 0, direct_max), token_range_gate(num_tokens, direct_max, None)
     hist = expert_histograms(topk_ids, num_experts, aligned)

@@ -87,25 +87,26 @@ def _block_coords(pid, em, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 @triton.jit
 def _token_ids_tile(num_assign, top_k, BLOCK_M: tl.constexpr, TOPK_PAD: tl.constexpr):
-    """Offsets into the flat topk_ids of tokens 0..BLOCK_M-1 as a [BLOCK_M, TOPK_PAD] tile, and
-    the mask of those that exist (rows below T, columns below K)."""
+    """Offsets into the flat topk_ids of tokens 0..BLOCK_M-1 as a [BLOCK_M, TOPK_PAD] tile (each
+    entry's assignment number t*K + k), and the mask of those that exist (rows below T, columns
+    below K)."""
     tok, k = tl.arange(0, BLOCK_M), tl.arange(0, TOPK_PAD)
     return tok[:, None] * top_k + k[None, :], (tok < num_assign // top_k)[:, None] & (k < top_k)[None, :]
 
 
 @triton.jit
-def _direct_rows(pid_m, expert, ids, top_k, num_assign, k_steps, BLOCK_M: tl.constexpr, TOPK_PAD: tl.constexpr):
+def _direct_rows(pid_m, expert, ids, offs, num_assign, k_steps):
     """DIRECT over several tokens (no align launch before the GEMM): program m starts from
     assignment m and its expert, read from topk_ids; row r of its block is token r's assignment
     to that expert (a token chooses an expert at most once), padding (num_assign) where token r
     did not choose it. Only the block of the expert's first assignment keeps its rows; the others
     get none and no K steps, so an expert two tokens chose is read once, not once per assignment.
     One token needs none of this (its K experts are distinct: row 0 is the assignment, and its
-    first weight loads wait on nothing). `ids`: the [BLOCK_M, TOPK_PAD] topk_ids of tokens
-    0..BLOCK_M-1 (-1 past T and K, `_token_ids_tile`), which needs T <= BLOCK_M. -> (assign [BLOCK_M] int64, k_steps). (No pointers pass into helpers:
-    Inductor's mutation analysis would take them as written.)"""
-    a = tl.arange(0, BLOCK_M)[:, None] * top_k + tl.arange(0, TOPK_PAD)[None, :]
-    row = tl.min(tl.where(ids.to(tl.int32) == expert.to(tl.int32), a, num_assign), axis=1)
+    first weight loads wait on nothing). `ids` and `offs`: the topk_ids of tokens 0..BLOCK_M-1 (-1
+    past T and K) and their assignment numbers, `_token_ids_tile`'s tile, which needs T <= BLOCK_M.
+    -> (assign [BLOCK_M] int64, k_steps). (No pointers pass into helpers: Inductor's mutation
+    analysis would take them as written.)"""
+    row = tl.min(tl.where(ids.to(tl.int32) == expert.to(tl.int32), offs, num_assign), axis=1)
     mine = tl.min(row, axis=0) == pid_m
     return tl.where(mine, row, num_assign).to(tl.int64), tl.where(mine, k_steps, 0)
 
@@ -171,7 +172,7 @@ def _gate_up_kernel(
             if num_assign > top_k:  # several: an expert may be shared (`_direct_rows`)
                 offs, ok = _token_ids_tile(num_assign, top_k, BLOCK_M, TOPK_PAD)
                 ids = tl.load(ids_ptr + offs, mask=ok, other=-1)
-                assign, k_steps = _direct_rows(pid_m, expert, ids, top_k, num_assign, k_steps, BLOCK_M, TOPK_PAD)
+                assign, k_steps = _direct_rows(pid_m, expert, ids, offs, num_assign, k_steps)
         else:
             pid_m, pid_n = _block_coords(tile, live_rows, N, BLOCK_M, BLOCK_N, GROUP_M)
             assign = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -272,7 +273,7 @@ def _down_kernel(
             if num_assign > top_k:  # several: an expert may be shared (`_direct_rows`)
                 offs, ok = _token_ids_tile(num_assign, top_k, BLOCK_M, TOPK_PAD)
                 ids = tl.load(ids_ptr + offs, mask=ok, other=-1)
-                assign, k_steps = _direct_rows(pid_m, expert, ids, top_k, num_assign, k_steps, BLOCK_M, TOPK_PAD)
+                assign, k_steps = _direct_rows(pid_m, expert, ids, offs, num_assign, k_steps)
         else:
             pid_m, pid_n = _block_coords(tile, live_rows, N, BLOCK_M, BLOCK_N, GROUP_M)
             assign = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
