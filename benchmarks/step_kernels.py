@@ -99,12 +99,21 @@ ROUTER_FINAL_WARPS = (1, 2, 4, 8)  # warps of the split path's second launch (ro
 # ROW_WARPS; no wide range), each also with the split path stopped at 64 tokens (the row blocks
 # from there); and the built-in row blocks without their wide range (router.WIDE_FROM_T None)
 ROUTER_ROW_BLOCKS = ((32, 64, 4), (64, 64, 4), (64, 64, 8), (64, 128, 8), (128, 64, 8))
+# the split path's partial launch with more tokens a program above some T (router.SPLIT_WIDE_FROM_T,
+# SPLIT_WIDE_BLOCK_T): (from, tokens a program), at these token counts
+ROUTER_WIDE = ((64, 64), (64, 32), (256, 64), (256, 128))
+ROUTER_WIDE_TOKENS = (64, 128, 256, 512, 1024)
+# the align's count and scatter: assignments a program (align.CHUNK) and warps (align.ALIGN_WARPS)
+ALIGN_SHAPES = {"mixtral": (8, 2), "qwen3": (128, 8)}  # experts, top-k
+ALIGN_TOKENS = (32, 64, 256, 1024, 4096, 16384)
+ALIGN_VARIANTS = ((128, 4), (64, 4), (256, 8), (128, 8), (64, 8), (256, 16), (128, 16))
+ALIGN_ORDER_FROM = 4096  # from here the scatter also writes the grouped_mm path's order, on 128-row blocks
 SPLIT_COUNTS = (8, 16, 32)
 COMBINE_HEADS = (1, 2, 8)
 KV_WRITE_TOKENS = (1, 8, 32, 128, 4096)
 DENSE_SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "lm_head": (32000, 4096)}  # [N, K] weights
 DENSE_TOKENS = (1, 4, 16)
-PARTS = ("router", "decode", "splits", "kv_write", "dense", "prefill", "direct", "gemm", "middle", "gemv")
+PARTS = ("router", "router_wide", "align", "decode", "splits", "kv_write", "dense", "prefill", "direct", "gemm", "middle", "gemv")
 DIRECT_SHAPES = {"mixtral": (4096, 14336, 8, 2), "qwen3": (2048, 768, 128, 8)}  # hidden, inter, experts, top-k
 DIRECT_TOKENS = (1, 2, 4, 8, 16, 32, 64)
 # the tuner's pick at one token on Qwen3's shape (moe_layer-h100-2026-12-06T0936), beside the
@@ -433,16 +442,17 @@ def router_variants(router, num_experts: int) -> dict[str, dict]:
     return out
 
 
-def run_router(dev, ceil: dict, flush) -> list[dict]:
+def run_router(dev, ceil: dict, flush, tokens=ROUTER_TOKENS, variants_of=None) -> list[dict]:
     from moec.ops.moe_router import moe_router_ref
     from moec.ops.triton import router
 
     gen = torch.Generator().manual_seed(3)
     rows = []
+    token_counts = tokens
     for shape, (experts, hidden_size, top_k) in ROUTER_SHAPES.items():
         gate = (torch.randn(experts, hidden_size, generator=gen) * hidden_size ** -0.5).to(dev, DTYPE)
-        variants = router_variants(router, experts)
-        for tokens in ROUTER_TOKENS:
+        variants = (variants_of or (lambda e: router_variants(router, e)))(experts)
+        for tokens in token_counts:
             hidden = torch.randn(tokens, hidden_size, generator=gen).to(dev, DTYPE)
             want_ids = moe_router_ref(hidden.float(), gate.float(), top_k, True)[1]
             bound_us = (tokens + experts) * hidden_size * 2 / (ceil["copy_gb_s"] * 1e9) * 1e6
@@ -455,6 +465,49 @@ def run_router(dev, ceil: dict, flush) -> list[dict]:
                     same = (out[1].sort(1).values == want_ids.sort(1).values).float().mean().item()
                     row["variants"][name] = {"us": t["median_ms"] * 1e3, "over_bound": t["median_ms"] * 1e3 / bound_us,
                                              "same_experts": same}
+                except Exception as exc:  # a variant that does not compile: recorded, not fatal
+                    row["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            rows.append(row)
+    return rows
+
+
+def run_router_wide(dev, ceil: dict, flush) -> list[dict]:
+    """The split path's partial launch taking more tokens a program from some T on
+    (router.SPLIT_WIDE_FROM_T / SPLIT_WIDE_BLOCK_T), against the built-in router."""
+    from moec.ops.triton import router
+
+    variants = {"built in": {}, **{f"partials {bt} tokens from {lo}": {"SPLIT_WIDE_FROM_T": lo, "SPLIT_WIDE_BLOCK_T": bt}
+                                   for lo, bt in ROUTER_WIDE}}
+    return run_router(dev, ceil, flush, tokens=ROUTER_WIDE_TOKENS, variants_of=lambda experts: variants)
+
+
+def run_align(dev, ceil: dict, flush) -> list[dict]:
+    """The align (histograms + one scatter, with the grouped_mm path's order from 4096 tokens)
+    by assignments a program and warps; every variant's outputs equal to the built-in one's."""
+    from moec.ops.triton import align
+
+    gen = torch.Generator().manual_seed(5)
+    variants = {"built in": {}, **{f"chunk {c} w{w}": {"CHUNK": c, "ALIGN_WARPS": w} for c, w in ALIGN_VARIANTS}}
+    rows = []
+    for shape, (experts, top_k) in ALIGN_SHAPES.items():
+        for tokens in ALIGN_TOKENS:
+            ids = torch.randn(tokens, experts, generator=gen).topk(top_k, dim=-1).indices.to(dev)
+            block_m, order = (128, True) if tokens >= ALIGN_ORDER_FROM else (64, False)
+            bound_us = tokens * top_k * (8 + 4 + 4) / (ceil["copy_gb_s"] * 1e9) * 1e6  # ids in, slots out
+            row = {"shape": shape, "tokens": tokens, "block_m": block_m, "order": order, "bound_us": bound_us,
+                   "variants": {}}
+            want = None
+            for name, values in variants.items():
+                try:
+                    with module_values(align, **values):
+                        call = lambda: align.align_scatter(  # noqa: E731
+                            align.expert_histograms(ids, experts), block_m, order=order)
+                        t, (out, _) = time_graph(call, dev, flush=flush)
+                    num_post = int(out[2].item())
+                    got = [out[0][:num_post], out[1][:num_post // block_m], *out[3:]]
+                    want = got if want is None else want
+                    same = all(torch.equal(a, b) for a, b in zip(got, want))
+                    row["variants"][name] = {"us": t["median_ms"] * 1e3, "same_as_built_in": same}
                 except Exception as exc:  # a variant that does not compile: recorded, not fatal
                     row["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             rows.append(row)
@@ -774,8 +827,13 @@ def print_tables(result: dict) -> None:
         for n, c in r["kernels"].items():
             print(f"    {n:28s} " + (f"{c['us']:7.1f} us {c['gb_s']:6.0f} GB/s {c['of_copy']:5.2f}{'' if c['ok'] else ' WRONG'}"
                                      if "us" in c else f"failed: {c.get('error', '')[:80]}"))
+    print("align: histograms + scatter (us; same = outputs equal to the built-in one's)")
+    for r in result.get("align", []):
+        cells = "  ".join(f"{n} {c['us']:.1f}{'' if c['same_as_built_in'] else ' DIFFERS'}" if "us" in c
+                          else f"{n} failed" for n, c in r["variants"].items())
+        print(f"  {r['shape']:8s} T={r['tokens']:5d} M{r['block_m']}{' order' if r['order'] else ''}  {cells}")
     print("router (us)")
-    for r in result.get("router", []):
+    for r in [*result.get("router", []), *result.get("router_wide", [])]:
         cells = "  ".join(f"{n} {c['us']:.1f}" if "us" in c else f"{n} failed" for n, c in r["variants"].items())
         print(f"  {r['shape']:8s} T={r['tokens']:5d} bound {r['bound_us']:.2f}  {cells}")
 
@@ -800,7 +858,8 @@ def main() -> int:
     ceil = {"copy_gb_s": copy_bandwidth(dev)["value"], "matmul_tflop_s": matmul_rate(dev)["value"]}
     result = {"benchmark": "step_kernels", "env": environment(dev), "ceilings": ceil}
     print(f"ceilings: copy {ceil['copy_gb_s']:.0f} GB/s, matmul {ceil['matmul_tflop_s']:.0f} TFLOP/s", flush=True)
-    parts = {"router": lambda: run_router(dev, ceil, flush), "decode": lambda: run_decode(dev, ceil, flush),
+    parts = {"router": lambda: run_router(dev, ceil, flush), "router_wide": lambda: run_router_wide(dev, ceil, flush),
+             "align": lambda: run_align(dev, ceil, flush), "decode": lambda: run_decode(dev, ceil, flush),
              "splits": lambda: run_splits(dev, ceil, flush), "kv_write": lambda: run_kv_write(dev, ceil, flush),
              "dense": lambda: run_dense(dev, ceil, flush), "direct": lambda: run_direct(dev, ceil, flush),
              "gemm": lambda: run_gemm(dev, ceil, flush),

@@ -327,9 +327,10 @@ def test_plan_gates_each_range_by_token_count():
     their grids are integer expressions of T (no guard: T keeps its whole range), and evaluated
     for a concrete T exactly the range holding T launches; the histograms, the scatter and the
     GEMMs for T > 1 (the histograms only above one chunk of assignments), the first range's
-    direct GEMMs alone (no histograms, no scatter) for T = 1."""
+    direct GEMMs alone (no histograms, no scatter) up to `direct_tokens`."""
     from moec.ops.triton.align import CHUNK
     from moec.ops.triton.configs import encode_plan, parse_plan, split_config
+    from moec.ops.triton.fused_moe import direct_tokens
 
     plan = parse_plan(encode_plan({"path": "triton", "ranges": PLAN_RANGES}))
     ep = _export_fused_moe(plan)
@@ -341,38 +342,47 @@ def test_plan_gates_each_range_by_token_count():
         + per_range * 2
 
     gm = ep.module()
-    for num_tokens, active in ((1, 0), (4, 0), (5, 1), (12, 1), (13, 2), (128, 2), (129, 2), (1000, 2), (32768, 2)):
+    few = direct_tokens(5, 2)  # T*K <= E: 2 tokens
+    assert few == 2
+    for num_tokens, active in ((1, 0), (2, 0), (3, 0), (4, 0), (5, 1), (12, 1), (13, 2), (128, 2), (129, 2),
+                               (1000, 2), (32768, 2)):
         grids = _launch_grids(gm, num_tokens)
-        many = num_tokens > 1
+        many = num_tokens > few
         on = [g > 0 for _, g in grids]
         assert on[:2] == [num_tokens * 2 > CHUNK] * 2  # one chunk: the scatter counts it itself
         assert on[2:7] == [active == 0 and many] * 3 + [not many] * 2, (num_tokens, grids)
         assert on[7:] == [active == 1] * 3 + [active == 2] * 3, (num_tokens, grids)
         if not many:  # one row block per assignment (top-2) times the column blocks
             gate_up_cfg, down_cfg = split_config(PLAN_RANGES[0][1])
-            assert [g for _, g in grids[5:7]] == [2 * -(-40 // gate_up_cfg["BLOCK_N"]),
-                                                  2 * -(-72 // down_cfg["BLOCK_N"])]
+            assert [g for _, g in grids[5:7]] == [2 * num_tokens * -(-40 // gate_up_cfg["BLOCK_N"]),
+                                                  2 * num_tokens * -(-72 // down_cfg["BLOCK_N"])]
 
 
 @outer_only
-@pytest.mark.parametrize("first_hi,direct_max", [(4, 2), (1, 1)])
-def test_direct_runs_up_to_direct_tokens_within_the_first_range(first_hi, direct_max):
-    """With many experts (16, top-2: T*K <= E/4 up to T = 2) DIRECT runs above one token — the
-    two GEMMs alone, no histograms, no scatter — but never past the first range, whose config
-    it runs; evaluated for a concrete T, exactly one of DIRECT and the aligned path launches."""
+@pytest.mark.parametrize("num_experts,first_hi", [(16, 8), (16, 3), (16, 1), (64, 3)])
+def test_direct_runs_in_every_range_up_to_direct_tokens(num_experts, first_hi):
+    """DIRECT (the two GEMMs alone, no histograms, no scatter) runs for T*K <= E in whichever
+    range holds T, with that range's config, up to its BLOCK_M (a row block's rows are the
+    tokens), and the aligned path above; evaluated for a concrete T, exactly one of them launches.
+    16 experts, top-2: DIRECT up to 8 tokens; 64: up to 32, so up to BLOCK_M (16, 32) per range."""
     from moec.ops.triton.configs import encode_plan, parse_plan
     from moec.ops.triton.fused_moe import direct_tokens
 
-    assert direct_tokens(16, 2) == 2 and direct_tokens(128, 8) == 4 and direct_tokens(8, 2) == 1
-    plan = parse_plan(encode_plan({"path": "triton", "ranges": [(first_hi, CFG_A), (None, CFG_B)]}))
-    gm = _export_fused_moe(plan, num_experts=16).module()
-    for num_tokens in range(1, 6):
-        grids = _launch_grids(gm, num_tokens, num_experts=16)
+    assert direct_tokens(16, 2) == 8 and direct_tokens(128, 8) == 16 and direct_tokens(8, 2) == 4
+    assert direct_tokens(4, 8) == 1
+    ranges = [(first_hi, CFG_A), (None, CFG_B)]
+    plan = parse_plan(encode_plan({"path": "triton", "ranges": ranges}))
+    gm = _export_fused_moe(plan, num_experts=num_experts).module()
+    for num_tokens in range(1, 36):
+        cfg = CFG_A if num_tokens <= first_hi else CFG_B
+        grids = _launch_grids(gm, num_tokens, num_experts=num_experts)
         names = [n for n, g in grids if g > 0]
-        if num_tokens <= direct_max:
+        if num_tokens <= min(num_experts // 2, cfg["BLOCK_M"]):
             assert names == ["_gate_up_kernel", "_down_kernel"], (num_tokens, grids)
+            gate_up_grid = next(g for n, g in grids if g > 0)
+            assert gate_up_grid == 2 * num_tokens * -(-40 // cfg["BLOCK_N"]), (num_tokens, grids)  # its config's
         else:
-            assert "_align_scatter_kernel" in names and len(names) == 3, (num_tokens, grids)
+            assert names[-3:] == ["_align_scatter_kernel", "_gate_up_kernel", "_down_kernel"], (num_tokens, grids)
 
 
 @outer_only
@@ -385,7 +395,7 @@ def test_persistent_grid_is_a_symbolic_min_of_tiles_and_sms():
     plan = parse_plan(encode_plan({"path": "triton", "ranges": [(None, dict(CFG_P, down={"PERSISTENT": False}))]}))
     gm = _export_fused_moe(plan).module()
     gate_up, down = split_config(plan["ranges"][0][1])
-    for num_tokens in (2, 300):
+    for num_tokens in (3, 300):  # past direct_tokens(5, 2)
         launched = _launch_grids(gm, num_tokens)
         grids = dict((n, g) for n, g in launched if g > 0 and n in ("_gate_up_kernel", "_down_kernel"))
         em = 2 * num_tokens + min(2 * num_tokens, 5) * (gate_up["BLOCK_M"] - 1)
@@ -418,7 +428,7 @@ def test_interp_fused_moe_direct_above_one_token(case):
     twice) or not."""
     from moec.ops.triton.fused_moe import direct_tokens, fused_moe
 
-    assert direct_tokens(16, 2) == 2
+    assert direct_tokens(16, 2) >= 2
     w13, w2 = moe_weights(16, 72, 40, torch.float32)
     x = torch.randn(2, 72, generator=torch.Generator().manual_seed(8))
     weights, ids = routing(2, 16, 2, case)
@@ -1114,6 +1124,24 @@ def test_interp_fused_moe_plan(num_tokens):
 
 
 @interp_only
+@pytest.mark.parametrize("num_tokens", [2, 3, 8, 9])
+def test_interp_fused_moe_plan_direct_in_a_later_range(num_tokens):
+    """16 experts, top-2, a plan whose first range ends at 2 tokens: 3 to 8 tokens run DIRECT
+    with the second range's config (BLOCK_M 32, its own down tile), 9 the aligned path."""
+    from moec.ops.triton.configs import encode_plan, parse_plan
+    from moec.ops.triton.fused_moe import direct_tokens, fused_moe, fused_moe_ref
+
+    assert direct_tokens(16, 2) == 8
+    plan = parse_plan(encode_plan({"path": "triton", "ranges": [(2, CFG_A), (None, CFG_B)]}))
+    w13, w2 = moe_weights(16, 72, 40, torch.float32)
+    x = torch.randn(num_tokens, 72, generator=torch.Generator().manual_seed(num_tokens))
+    weights, ids = routing(num_tokens, 16, 2, "random", seed=num_tokens)
+    with poisoned_empty():
+        got = fused_moe(x, w13, w2, weights, ids, "silu", plan=plan)
+    close(got, fused_moe_ref(x, w13, w2, weights, ids, "silu"), torch.float32)
+
+
+@interp_only
 def test_interp_fused_moe_noncontiguous_hidden():
     """A strided hidden (a column slice of a wider buffer) goes through the strides."""
     from moec.ops.triton.fused_moe import fused_moe, fused_moe_ref
@@ -1162,6 +1190,40 @@ def test_interp_step_kernels_direct_part_checks_both_paths(monkeypatch):
         assert set(r["paths"]) == {f"{p}{label}" for label in ("", " M16N16") for p in (
             "aligned persistent", "aligned persistent x2", "direct")} | {"aligned (built in)", "aligned M16N16"}
         assert all(p["ok"] and p["us_interleaved"] == 2000.0 for p in r["paths"].values()), r
+
+
+@interp_only
+def test_interp_step_kernels_align_and_router_wide_parts(monkeypatch):
+    """`step_kernels.py --parts align,router_wide` on toy shapes: every align variant (assignments
+    a program, warps) writes what the built-in one does, with and without the grouped_mm order,
+    over one chunk and several; every wide-partials router picks the reference's experts."""
+    import types
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import step_kernels
+
+    def once(fn, device, flush=None, **_):
+        out = fn()
+        return {"median_ms": 1.0}, (out, types.SimpleNamespace(replay=fn))
+
+    monkeypatch.setattr(step_kernels, "DTYPE", torch.float32)
+    monkeypatch.setattr(step_kernels, "time_graph", once)
+    monkeypatch.setattr(step_kernels, "ALIGN_SHAPES", {"toy": (16, 4)})
+    monkeypatch.setattr(step_kernels, "ALIGN_TOKENS", (3, 40, 130))
+    monkeypatch.setattr(step_kernels, "ALIGN_ORDER_FROM", 100)
+    rows = step_kernels.run_align(torch.device("cpu"), {"copy_gb_s": 1000.0}, None)
+    assert [(r["tokens"], r["order"]) for r in rows] == [(3, False), (40, False), (130, True)]
+    for r in rows:
+        assert len(r["variants"]) == 1 + len(step_kernels.ALIGN_VARIANTS)
+        assert all(v.get("same_as_built_in") for v in r["variants"].values()), r
+
+    monkeypatch.setattr(step_kernels, "ROUTER_SHAPES", {"toy": (16, 64, 4)})
+    monkeypatch.setattr(step_kernels, "ROUTER_WIDE_TOKENS", (70, 130))
+    monkeypatch.setattr(step_kernels, "ROUTER_WIDE", ((64, 64), (64, 32), (100, 128)))
+    rows = step_kernels.run_router_wide(torch.device("cpu"), {"copy_gb_s": 1000.0}, None)
+    assert [r["tokens"] for r in rows] == [70, 130]
+    for r in rows:
+        assert len(r["variants"]) == 4 and all(v.get("same_experts") == 1.0 for v in r["variants"].values()), r
 
 
 @outer_only

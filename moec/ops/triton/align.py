@@ -45,6 +45,15 @@ from moec.ops.triton.configs import MAX_EXPERTS
 from moec.ops.triton.token_gate import never, token_range_gate
 
 CHUNK = 256  # assignments per program in the count and scatter kernels
+# warps of the count and scatter kernels; a sub-step takes 1024 * ALIGN_WARPS // E_PAD
+# assignments (a [SUB, E_PAD] one-hot tile: 32 elements a thread), so more warps are fewer
+# sub-steps one after another. A module value for benchmarks/step_kernels.py
+ALIGN_WARPS = 4
+
+
+def sub_step(e_pad: int) -> int:
+    """Assignments per sub-step of the count and scatter kernels (a power of two <= CHUNK)."""
+    return min(CHUNK, max(16, 1024 * ALIGN_WARPS // e_pad))
 
 
 @triton.jit
@@ -212,14 +221,14 @@ def expert_histograms(topk_ids: torch.Tensor, num_experts: int, gate=1) -> Exper
     counts = torch.empty(num_chunks * e_pad, dtype=torch.int32, device=device)
     offsets = torch.empty(num_chunks * e_pad, dtype=torch.int32, device=device)
     totals = torch.empty(e_pad, dtype=torch.int32, device=device)
-    sub = min(CHUNK, max(16, 4096 // e_pad))
+    sub = sub_step(e_pad)
     block_e = min(e_pad, 32)
 
     # one chunk (T*K <= CHUNK): the scatter counts it itself, these two do not run
     gate = gate * token_range_gate(topk_ids.shape[0], CHUNK // topk_ids.shape[1], None)
     if not never(gate):
         wrap_triton(_align_count_kernel)[(num_chunks * gate,)](
-            ids, counts, num_assign, CHUNK=CHUNK, SUB=sub, E_PAD=e_pad, num_warps=4
+            ids, counts, num_assign, CHUNK=CHUNK, SUB=sub, E_PAD=e_pad, num_warps=ALIGN_WARPS
         )
         wrap_triton(_align_scan_kernel)[(e_pad // block_e * gate,)](
             counts, offsets, totals, num_chunks, E_PAD=e_pad, BLOCK_E=block_e, BLOCK_P=4096 // block_e, num_warps=4
@@ -269,7 +278,7 @@ def align_scatter(hist: ExpertHistograms, block_m: int, gate=1, order: bool = Fa
         BLOCK_B=max(16, 4096 // e_pad),
         BLOCK_J=min(block_m, max(1, 2048 // e_pad)),
         ORDER=order,
-        num_warps=4,
+        num_warps=ALIGN_WARPS,
     )
     if order:
         return sorted_ids, expert_ids, num_post, ends, position

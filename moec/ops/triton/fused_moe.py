@@ -6,11 +6,11 @@ captured in a CUDA graph and traced with a symbolic token count): 2 for the expe
 (above `align.CHUNK` assignments only: below, the scatter counts its one chunk itself), then per
 config a scatter (align), the gate/up GEMM (which also zeroes the output) and the down GEMM
 (which accumulates into it): 3 to 5 for one config. A few tokens (T = 1, and up to
-`direct_tokens` where experts are many: 4 for Qwen3-30B-A3B) run the two GEMMs alone, a row
+`direct_tokens`: 16 for Qwen3-30B-A3B, 4 for Mixtral) run the two GEMMs alone, a row
 block per assignment with its expert read straight from topk_ids, each expert's rows (one per
 token that chose it) computed by the block of its first assignment (DIRECT): 2 launches, none
-before the first GEMM. The first range (the one holding T = 1) compiles both variants of
-its GEMMs in, gated by T <= direct_tokens and above.
+before the first GEMM. A range that holds such token counts compiles both variants of its GEMMs
+in, gated by T <= direct_tokens (and its BLOCK_M) and above.
 
 A tuned plan (`configs.parse_plan`) gives a config per token range. Every config of the plan is
 compiled in, and each of its launches has its grid multiplied by a gate: 1 when T is in the
@@ -41,12 +41,12 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 def direct_tokens(num_experts: int, top_k: int) -> int:
     """Token counts up to this run DIRECT (no align launch; a row block per assignment): while
-    T*K <= E/4 (and T <= BLOCK_M, which `fused_moe` adds). At least 1. On an H100
-    (step_kernels-h100-2026-12-06T0757), when DIRECT still read an expert once per assignment
-    that chose it: Qwen3-30B-A3B's experts (E=128, K=8) at 2 and 4 tokens took 72 and 117 us
-    DIRECT against 78 and 122 aligned, at 8 tokens 211 against 192; Mixtral's (E=8, K=2) at 4
-    tokens 882 against 602. Since then DIRECT reads each expert once."""
-    return max(1, num_experts // (4 * top_k))
+    T*K <= E, i.e. no more assignments than experts (and T <= BLOCK_M, which `fused_moe` adds).
+    At least 1. On an H100 (step_kernels-h100-2026-12-06T1429), with DIRECT reading each expert
+    once: Qwen3-30B-A3B's experts (E=128, K=8) at 4, 8 and 16 tokens took 110, 176 and 263 us
+    DIRECT against 116, 185 and 275 aligned; Mixtral's (E=8, K=2) at 2 and 4 tokens 477 and 588
+    against 480 and 592, and at 8 tokens (past the rule) 947 against 949, or 933 persistent."""
+    return max(1, num_experts // top_k)
 
 
 def select_config(num_tokens, num_experts: int, top_k: int) -> dict:
@@ -121,31 +121,33 @@ def fused_moe(
     hidden, w13, w2 = unit_last_stride(hidden), unit_last_stride(w13), unit_last_stride(w2)
     out = torch.empty(num_tokens, hidden_size, dtype=hidden.dtype, device=hidden.device)
     inter = torch.empty(num_tokens * top_k, two_i // 2, dtype=hidden.dtype, device=hidden.device)
-    # up to direct_max tokens skip the histograms and the scatter: their assignments are the
-    # blocks themselves (DIRECT), with the first range's config
-    first_hi = launches[0][0]
-    # DIRECT's row blocks hold one row per token: at most BLOCK_M (shared by both GEMMs) tokens
-    direct_max = min(direct_tokens(num_experts, top_k), launches[0][1]["BLOCK_M"])
-    direct_max = direct_max if first_hi is None else min(direct_max, first_hi)
-    direct, aligned = token_range_gate(num_tokens, 0, direct_max), token_range_gate(num_tokens, direct_max, None)
-    hist = expert_histograms(topk_ids, num_experts, aligned)
-    lo = 0
+    # DIRECT (no histograms, no scatter: each assignment its own row block) runs in every range
+    # for its T up to direct_tokens and its config's BLOCK_M (a row block holds one row per
+    # token), the aligned path for the rest of the range: the config the tuner timed at a T runs
+    # there the way it was timed
+    cap = direct_tokens(num_experts, top_k)
+    spans, lo = [], 0
     for hi, gate_up_cfg, down_cfg in launches:
-        gate = token_range_gate(num_tokens, lo, hi)
-        first, lo = lo == 0, hi
-        if never(gate):
-            continue
-        zero_out = out if top_k > 1 else None
-        if not never(gate * aligned):
-            align = align_scatter(hist, gate_up_cfg["BLOCK_M"], gate * aligned)
+        direct_hi = min(cap, gate_up_cfg["BLOCK_M"]) if hi is None else min(cap, gate_up_cfg["BLOCK_M"], hi)
+        direct_hi = max(direct_hi, lo)  # the range starts past DIRECT: none
+        spans.append((lo, direct_hi, hi, gate_up_cfg, down_cfg))
+        lo = hi
+    direct_any = sum(token_range_gate(num_tokens, lo, direct_hi) for lo, direct_hi, *_ in spans if direct_hi > lo)
+    hist = expert_histograms(topk_ids, num_experts, 1 - direct_any)
+    zero_out = out if top_k > 1 else None
+    for lo, direct_hi, hi, gate_up_cfg, down_cfg in spans:
+        direct = token_range_gate(num_tokens, lo, direct_hi) if direct_hi > lo else 0
+        aligned = token_range_gate(num_tokens, direct_hi, hi) if hi is None or hi > direct_hi else 0
+        if not never(aligned):
+            align = align_scatter(hist, gate_up_cfg["BLOCK_M"], aligned)
             gate_up_grouped(hidden, w13, *align, top_k, gate_up_cfg, activation, out=inter, zero_out=zero_out,
-                            gate=gate * aligned)
-            down_grouped(inter, w2, topk_weights, *align, down_cfg, out=out, gate=gate * aligned)
-        if first and not never(gate * direct):
+                            gate=aligned)
+            down_grouped(inter, w2, topk_weights, *align, down_cfg, out=out, gate=aligned)
+        if not never(direct):
             # the same two GEMMs, each assignment its own row block, its expert read from topk_ids
             gate_up_grouped(hidden, w13, None, None, None, top_k, gate_up_cfg, activation, out=inter,
-                            zero_out=zero_out, gate=gate * direct, direct_ids=topk_ids)
-            down_grouped(inter, w2, topk_weights, None, None, None, down_cfg, out=out, gate=gate * direct,
+                            zero_out=zero_out, gate=direct, direct_ids=topk_ids)
+            down_grouped(inter, w2, topk_weights, None, None, None, down_cfg, out=out, gate=direct,
                          direct_ids=topk_ids)
     return out
 

@@ -175,6 +175,12 @@ ROW_WARPS = 4
 # logits spill registers on sm_90 (320 bytes), and nothing there was measured
 WIDE_FROM_T: int | None = 4096
 WIDE_BLOCK_T, WIDE_BLOCK_H = 64, 64
+# above SPLIT_WIDE_FROM_T tokens (and up to SPLIT_MAX_T) the split path's partial launch takes
+# SPLIT_WIDE_BLOCK_T tokens a program instead of SMALL_T: each program reads its BLOCK_H columns
+# of the whole gate weight (Qwen3's: 64 KB) from L2 for its rows, so 16-token programs at 1024
+# tokens read 32 MB of it. The second launch keeps SMALL_T rows a program. None: off
+SPLIT_WIDE_FROM_T: int | None = None
+SPLIT_WIDE_BLOCK_T = 64
 
 
 def _next_pow2(n: int) -> int:
@@ -183,16 +189,20 @@ def _next_pow2(n: int) -> int:
 
 def launch_configs(num_experts: int) -> list[tuple[int, int | None, int, int, bool]]:
     """(lo, hi, BLOCK_T, BLOCK_H, split) per token range lo < T <= hi: the few-token launch (H
-    split over programs of BLOCK_H columns, or one program with long steps), then row blocks
+    split over programs of BLOCK_H columns and BLOCK_T tokens, their sums taken SMALL_T tokens a
+    program; or one program with long steps), maybe in two ranges (SPLIT_WIDE_FROM_T), then row blocks
     that keep the [BLOCK_T, E_PAD] logits in registers, wider ones above WIDE_FROM_T tokens
     where experts pad to 128."""
     e_pad = max(_next_pow2(num_experts), 16)  # tl.dot's N
     split = SPLIT_H is not None and e_pad <= SPLIT_MAX_E_PAD
     top = SPLIT_MAX_T if split else SMALL_T
-    small = (0, top, SMALL_T, SPLIT_H if split else max(64, min(512, 8192 // e_pad)), split)
+    split_wide = SPLIT_WIDE_FROM_T if split and SPLIT_WIDE_FROM_T is not None and SPLIT_WIDE_FROM_T < top else None
+    small = [(0, split_wide or top, SMALL_T, SPLIT_H if split else max(64, min(512, 8192 // e_pad)), split)]
+    if split_wide is not None:
+        small.append((split_wide, top, SPLIT_WIDE_BLOCK_T, SPLIT_H, True))
     wide = WIDE_FROM_T if WIDE_FROM_T is not None and e_pad == 128 and WIDE_FROM_T > top else None
     rows = (top, wide, ROW_BLOCK_T or (16 if e_pad >= 128 else 32), ROW_BLOCK_H or (64 if e_pad >= 128 else 128), False)
-    return [small, rows] + ([(wide, None, WIDE_BLOCK_T, WIDE_BLOCK_H, False)] if wide is not None else [])
+    return [*small, rows] + ([(wide, None, WIDE_BLOCK_T, WIDE_BLOCK_H, False)] if wide is not None else [])
 
 
 def fused_router(
@@ -230,6 +240,7 @@ def fused_router(
             continue
         num_splits = triton.cdiv(hidden_size, block_h) if split else 1
         part_rows = triton.cdiv(hi, block_t) * block_t if split else 0  # the range's most tokens, whole blocks
+        final_t = SMALL_T if split else block_t  # the split path sums partials SMALL_T tokens a program
         partial = (torch.empty(num_splits, part_rows, e_pad, dtype=torch.float32, device=hidden.device) if split
                    else weights)  # unread without FROM_PARTIALS
         if split:
@@ -238,9 +249,9 @@ def fused_router(
                 gate_weight.stride(0), E_PAD=e_pad, BLOCK_T=block_t, BLOCK_H=block_h, IEEE=meta["IEEE"], num_warps=4,
                 num_stages=1,
             )
-        wrap_triton(_router_kernel)[(triton.cdiv(num_tokens, block_t) * gate,)](
+        wrap_triton(_router_kernel)[(triton.cdiv(num_tokens, final_t) * gate,)](
             hidden, gate_weight, weights, ids, counts, partial, part_rows, num_splits, num_tokens, num_experts,
-            hidden_size, hidden.stride(0), gate_weight.stride(0), BLOCK_T=block_t, BLOCK_H=block_h,
+            hidden_size, hidden.stride(0), gate_weight.stride(0), BLOCK_T=final_t, BLOCK_H=block_h,
             FROM_PARTIALS=split, **(meta | {"num_warps": FINAL_WARPS if split else ROW_WARPS}),
         )
     return weights, ids, counts if count else None
