@@ -50,17 +50,19 @@ compare() {  # compare DIR KIND BENCH...: gate.py on the newest result of each b
     return 2
   fi
   for bench in "$@"; do
-    # the newest result that measured every shape: a run of some shapes only (moe_layer --shapes, one
-    # device call per shape for the full sweeps) is not a gate run, and is passed over, saying so
+    # the newest result that measured every shape and token count: a run of some shapes only
+    # (moe_layer --shapes, one device call per shape for the full sweeps) or some token counts only
+    # (--tokens) is not a gate run, and is passed over, saying so
     result=$("$PY" - "$dir" "$bench" "$kind" <<'PICK'
 import json, pathlib, sys
 d, bench, kind = sys.argv[1:]
 for p in sorted(pathlib.Path(d).glob(f"{bench}-{kind}-*.json"), reverse=True):
-    shapes = (json.loads(p.read_text()).get("args") or {}).get("shapes")
-    if not shapes:
+    args = json.loads(p.read_text()).get("args") or {}
+    if not args.get("shapes") and not args.get("tokens"):
         print(p)
         break
-    print(f"gpu_gate: passing over {p.name} (--shapes {shapes}: not every shape)", file=sys.stderr)
+    some = f"--shapes {args['shapes']}" if args.get("shapes") else f"--tokens {args['tokens']}"
+    print(f"gpu_gate: passing over {p.name} ({some}: not a gate run)", file=sys.stderr)
 PICK
 )
     if [[ -z $result ]]; then

@@ -106,7 +106,9 @@ ROUTER_WIDE_TOKENS = (64, 128, 256, 512, 1024)
 # the align's count and scatter: assignments a program (align.CHUNK) and warps (align.ALIGN_WARPS)
 ALIGN_SHAPES = {"mixtral": (8, 2), "qwen3": (128, 8)}  # experts, top-k
 ALIGN_TOKENS = (32, 64, 256, 1024, 4096, 16384)
-ALIGN_VARIANTS = ((128, 4), (64, 4), (256, 8), (128, 8), (64, 8), (256, 16), (128, 16))
+# (chunk, warps, the scan's experts a program: align.SCAN_BLOCK_E)
+ALIGN_VARIANTS = ((256, 4, 32), (64, 4, 32), (128, 8, 32), (64, 8, 32), (64, 8, 8), (128, 4, 8), (64, 8, 16),
+                  (128, 8, 8))
 ALIGN_ORDER_FROM = 4096  # from here the scatter also writes the grouped_mm path's order, on 128-row blocks
 SPLIT_COUNTS = (8, 16, 32)
 COMBINE_HEADS = (1, 2, 8)
@@ -487,7 +489,8 @@ def run_align(dev, ceil: dict, flush) -> list[dict]:
     from moec.ops.triton import align
 
     gen = torch.Generator().manual_seed(5)
-    variants = {"built in": {}, **{f"chunk {c} w{w}": {"CHUNK": c, "ALIGN_WARPS": w} for c, w in ALIGN_VARIANTS}}
+    variants = {"built in": {}, **{f"chunk {c} w{w} scan {e}": {"CHUNK": c, "ALIGN_WARPS": w, "SCAN_BLOCK_E": e}
+                                   for c, w, e in ALIGN_VARIANTS}}
     rows = []
     for shape, (experts, top_k) in ALIGN_SHAPES.items():
         for tokens in ALIGN_TOKENS:

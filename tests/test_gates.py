@@ -287,8 +287,8 @@ def test_gpu_gate_passes_the_committed_h100_result_and_fails_a_slower_one(tmp_pa
 
 
 def test_gpu_gate_passes_over_a_newer_run_of_some_shapes_only(tmp_path):
-    """A full sweep runs one shape per device call (`moe_layer.py --shapes ...`): such a result is
-    not a gate run, so `--compare` gates the newest run of every shape and says what it passed
+    """A full sweep runs one shape per device call (`moe_layer.py --shapes ...`), a check of a
+    change a few token counts (`--tokens`): such a result is not a gate run, so `--compare` gates the newest run of every shape and says what it passed
     over; that run regressed still fails."""
     # the gate run the H100 baseline was accepted from
     gate_run = json.loads((ROOT / "benchmarks" / "results" / "moe_layer-h100-2026-12-06T1309.json").read_text())
@@ -298,9 +298,14 @@ def test_gpu_gate_passes_over_a_newer_run_of_some_shapes_only(tmp_path):
     partial["args"] = {**(partial.get("args") or {}), "shapes": "mixtral-8x7b"}
     partial["metrics"] = [m for m in partial["metrics"] if not m["name"].startswith("qwen3")]
     (tmp_path / "moe_layer-h100-2026-12-02.json").write_text(json.dumps(partial))
+    few_tokens = copy.deepcopy(gate_run)  # and a newer one of some token counts (--tokens)
+    few_tokens["args"] = {**(few_tokens.get("args") or {}), "tokens": "1,4,16"}
+    few_tokens["metrics"] = [m for m in few_tokens["metrics"] if "/T=1/" in m["name"] or "/T=4/" in m["name"]]
+    (tmp_path / "moe_layer-h100-2026-12-03.json").write_text(json.dumps(few_tokens))
     proc = gpu_gate_compare(tmp_path, "moe_layer")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "passing over moe_layer-h100-2026-12-02.json" in proc.stderr
+    assert "passing over moe_layer-h100-2026-12-02.json (--shapes mixtral-8x7b" in proc.stderr
+    assert "passing over moe_layer-h100-2026-12-03.json (--tokens 1,4,16" in proc.stderr
     assert "moe_layer-h100-2026-12-01.json against" in proc.stdout
     for m in gate_run["metrics"]:
         if m["name"] == "qwen3-30b-a3b/T=16/moec_graph_ms":

@@ -269,10 +269,12 @@ def test_router_launches_one_config_per_token_count(num_experts):
     """The router's token ranges chain from T = 1 up with no gap or overlap, so for any T exactly
     one launch config runs; the few-token one (decode) splits H over programs (Mixtral's 8
     experts: 16 of 256 columns each, then one program sums them; Qwen3's 128 likewise) or, for
-    more experts than that was measured with, walks H in fewer, longer steps; where experts pad
+    more experts than that was measured with, walks H in fewer, longer steps; above
+    SPLIT_WIDE_FROM_T the split path's partials take 64 tokens a program; where experts pad
     to 128, row blocks of 64 tokens take over above WIDE_FROM_T."""
     from moec.ops.triton import router
-    from moec.ops.triton.router import SMALL_T, SPLIT_H, WIDE_BLOCK_T, WIDE_FROM_T, launch_configs
+    from moec.ops.triton.router import (SMALL_T, SPLIT_H, SPLIT_WIDE_BLOCK_T, SPLIT_WIDE_FROM_T, WIDE_BLOCK_T,
+                                        WIDE_FROM_T, launch_configs)
     from moec.ops.triton.token_gate import token_range_gate
 
     configs = launch_configs(num_experts)
@@ -280,7 +282,11 @@ def test_router_launches_one_config_per_token_count(num_experts):
     assert all(a[1] == b[0] for a, b in zip(configs, configs[1:]))
     for t in range(1, 3 * SMALL_T):
         assert sum(token_range_gate(t, lo, hi) for lo, hi, *_ in configs) == 1, t
-    (_, _, small_t, small_h, split), (_, wide_from, _, large_h, large_split), *wide = configs
+    split = num_experts <= 128
+    few = [c for c in configs if c[4]] if split else configs[:1]  # the few-token launches
+    assert [c[2] for c in few] == ([SMALL_T, SPLIT_WIDE_BLOCK_T] if split else [SMALL_T])
+    assert [c[1] for c in few] == ([SPLIT_WIDE_FROM_T, router.SPLIT_MAX_T] if split else [SMALL_T])
+    (_, _, small_t, small_h, _), ((_, wide_from, _, large_h, large_split), *wide) = few[0], configs[len(few):]
     assert small_t >= 16 and small_h >= large_h and not large_split  # tl.dot's M; never more steps
     assert wide_from == (WIDE_FROM_T if num_experts == 128 else None)
     assert [w[2] for w in wide] == ([WIDE_BLOCK_T] if num_experts == 128 else [])
@@ -310,13 +316,14 @@ def test_router_launches_one_config_per_token_count(num_experts):
                 return None
             return super().call_function(target, args, kwargs)
 
-    top = configs[0][1]  # the few-token launch's last T: SPLIT_MAX_T where H is split
-    assert top == (router.SPLIT_MAX_T if split else SMALL_T)
-    for t in sorted({1, SMALL_T, SMALL_T + 1, top, top + 1, 2000, WIDE_FROM_T, WIDE_FROM_T + 1}):
+    top = few[-1][1]  # the few-token launches' last T: SPLIT_MAX_T where H is split
+    mid = SPLIT_WIDE_FROM_T
+    for t in sorted({1, SMALL_T, SMALL_T + 1, mid, mid + 1, top, top + 1, 2000, WIDE_FROM_T, WIDE_FROM_T + 1}):
         run = GridsOnly(ep.module())
         run.grids = []
         run.run(torch.randn(t, 72))
-        small_launches = [t <= top] * (2 if split else 1)  # the split path: partial sums, then the rest
+        # the split path: partial sums, then the rest, over 16-token partials and then 64-token ones
+        small_launches = [t <= mid] * 2 + [mid < t <= top] * 2 if split else [t <= top]
         rows = [top < t <= WIDE_FROM_T, t > WIDE_FROM_T] if wide else [t > top]
         assert [g > 0 for g in run.grids] == [*small_launches, *rows], (t, run.grids)
 
@@ -328,7 +335,7 @@ def test_plan_gates_each_range_by_token_count():
     for a concrete T exactly the range holding T launches; the histograms, the scatter and the
     GEMMs for T > 1 (the histograms only above one chunk of assignments), the first range's
     direct GEMMs alone (no histograms, no scatter) up to `direct_tokens`."""
-    from moec.ops.triton.align import CHUNK
+    from moec.ops.triton.align import chunk_size
     from moec.ops.triton.configs import encode_plan, parse_plan, split_config
     from moec.ops.triton.fused_moe import direct_tokens
 
@@ -349,7 +356,7 @@ def test_plan_gates_each_range_by_token_count():
         grids = _launch_grids(gm, num_tokens)
         many = num_tokens > few
         on = [g > 0 for _, g in grids]
-        assert on[:2] == [num_tokens * 2 > CHUNK] * 2  # one chunk: the scatter counts it itself
+        assert on[:2] == [num_tokens * 2 > chunk_size(8)] * 2  # one chunk: the scatter counts it itself
         assert on[2:7] == [active == 0 and many] * 3 + [not many] * 2, (num_tokens, grids)
         assert on[7:] == [active == 1] * 3 + [active == 2] * 3, (num_tokens, grids)
         if not many:  # one row block per assignment (top-2) times the column blocks
@@ -807,18 +814,21 @@ def test_interp_router(num_tokens, num_experts, top_k, renorm, dtype):
 
 
 @interp_only
-@pytest.mark.parametrize("split_max_t,row_block", [(16, None), (64, None), (16, (64, 32, 8))])
+@pytest.mark.parametrize("split_max_t,row_block,split_wide", [(16, None, None), (64, None, None),
+                                                              (16, (64, 32, 8), None), (128, None, 20)])
 @pytest.mark.parametrize("num_tokens,hidden_size", [(1, 4096), (16, 600), (17, 600), (45, 200), (70, 40)])
-def test_interp_router_long_hidden(num_tokens, hidden_size, split_max_t, row_block, monkeypatch):
+def test_interp_router_long_hidden(num_tokens, hidden_size, split_max_t, row_block, split_wide, monkeypatch):
     """Hidden sizes past one BLOCK_H step (and not a multiple of it), several row blocks, either
-    side of the split launch (T <= 16, and up to 64: several row blocks of partials), row blocks
-    of the built-in size and of 64 tokens (8 warps, 32 columns a step): the fused logits equal
-    F.linear's rounded to the input dtype, so the routing is the reference's."""
+    side of the split launch (T <= 16, and up to 64: several row blocks of partials; up to 128
+    with 64-token partials from 21 tokens, one partial block over several 16-token sums), row
+    blocks of the built-in size and of 64 tokens (8 warps, 32 columns a step): the fused logits
+    equal F.linear's rounded to the input dtype, so the routing is the reference's."""
     from moec.ops.moe_router import moe_router_ref
     from moec.ops.triton import router
     from moec.ops.triton.router import fused_router
 
     monkeypatch.setattr(router, "SPLIT_MAX_T", split_max_t)
+    monkeypatch.setattr(router, "SPLIT_WIDE_FROM_T", split_wide)
     if row_block:
         for name, value in zip(("ROW_BLOCK_T", "ROW_BLOCK_H", "ROW_WARPS"), row_block):
             monkeypatch.setattr(router, name, value)

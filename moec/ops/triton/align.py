@@ -16,12 +16,12 @@ experts, so assignment a alone is block a, and the GEMMs read its expert from to
 
 Three launches, all sized from shapes, none data-dependent (`expert_histograms` runs the first
 two, which do not depend on BLOCK_M; `align_scatter` the third, per config `fused_moe` runs):
-  count    one program per CHUNK assignments: that chunk's per-expert histogram
+  count    one program per chunk of assignments (`chunk_size`): its per-expert histogram
   scan     per expert, the exclusive prefix of the histograms over chunks, and the totals
   scatter  per chunk: each assignment's slot = padded start of its expert + earlier
            assignments of that expert in earlier chunks + its rank within the chunk; the
            padding slots, num_post and expert_ids are written here too
-Up to CHUNK assignments (a decode step of up to 32 tokens at top-8) there is one chunk: the
+Up to one chunk of assignments (16 tokens at top-8 over 128 experts) there is one chunk: the
 scatter counts it itself and the count and scan launches are gated off (their grids times 0), so
 the align is one launch where small steps pay for each launch (Qwen3-30B-A3B at 4 tokens on the
 H100: 1.6 + 1.7 us of kernels and their gaps in a 123 us step, moe_layer-h100-2026-12-06T0445).
@@ -44,16 +44,29 @@ from torch.library import wrap_triton
 from moec.ops.triton.configs import MAX_EXPERTS
 from moec.ops.triton.token_gate import never, token_range_gate
 
-CHUNK = 256  # assignments per program in the count and scatter kernels
-# warps of the count and scatter kernels; a sub-step takes 1024 * ALIGN_WARPS // E_PAD
-# assignments (a [SUB, E_PAD] one-hot tile: 32 elements a thread), so more warps are fewer
-# sub-steps one after another. A module value for benchmarks/step_kernels.py
+# assignments per program of the count and scatter kernels; None: `chunk_size`'s choice by the
+# padded expert count. Each program walks its chunk in sub-steps one after another, each a
+# [SUB, E_PAD] one-hot tile (32 elements a thread: SUB = 1024 * ALIGN_WARPS // E_PAD), so where
+# experts are many a chunk is many sub-steps. H100 (step_kernels-h100-2026-12-06T1438), the
+# histograms and one scatter replayed: Qwen3's 128 experts at 64 / 1024 / 4096 / 16384 tokens
+# 34.6 / 35.2 / 42.1 / 75.2 us in chunks of 256 (8 sub-steps), 22.7 / 23.3 / 30.9 / 67.3 in
+# chunks of 128; chunks of 64 on 8 warps (one sub-step) 15.7 / 15.8 / 35.1 / 113.1 (the scan
+# over 4x the chunks). Mixtral's 8 experts (one sub-step of 256): 6.7 to 12.8 us, within 1 us
+# for every chunk tried. Module values for benchmarks/step_kernels.py, as are the warps and the
+# scan's experts a program
+CHUNK: int | None = None
 ALIGN_WARPS = 4
+SCAN_BLOCK_E = 32
+
+
+def chunk_size(e_pad: int) -> int:
+    """Assignments per program of the count and scatter kernels."""
+    return CHUNK or (128 if e_pad >= 128 else 256)
 
 
 def sub_step(e_pad: int) -> int:
-    """Assignments per sub-step of the count and scatter kernels (a power of two <= CHUNK)."""
-    return min(CHUNK, max(16, 1024 * ALIGN_WARPS // e_pad))
+    """Assignments per sub-step of the count and scatter kernels (a power of two <= the chunk)."""
+    return min(chunk_size(e_pad), max(16, 1024 * ALIGN_WARPS // e_pad))
 
 
 @triton.jit
@@ -199,13 +212,14 @@ class ExpertHistograms:
     num_experts: int
     num_chunks: object  # int or SymInt
     e_pad: int
+    chunk: int
     sub: int
 
 
 def expert_histograms(topk_ids: torch.Tensor, num_experts: int, gate=1) -> ExpertHistograms:
     """topk_ids [T, K] (any int dtype, values in [0, E)) → per-chunk, per-expert counts, scanned.
     `gate` (0 or 1, maybe symbolic) multiplies the grids: gated to 0, nothing is computed. With one
-    chunk (T*K <= CHUNK) nothing is either: offsets and totals stay unwritten, and the scatter,
+    chunk (T*K <= chunk_size) nothing is either: offsets and totals stay unwritten, and the scatter,
     which reads them only for several chunks, counts its chunk itself."""
     if not 1 <= num_experts <= MAX_EXPERTS:
         raise ValueError(f"moe_align_block_size: {num_experts} experts; supported 1..{MAX_EXPERTS}")
@@ -215,25 +229,26 @@ def expert_histograms(topk_ids: torch.Tensor, num_experts: int, gate=1) -> Exper
     num_assign = ids.shape[0]
     device = ids.device
     e_pad = max(_next_pow2(num_experts), 2)
-    num_chunks = triton.cdiv(num_assign, CHUNK)
+    chunk = chunk_size(e_pad)
+    num_chunks = triton.cdiv(num_assign, chunk)
     # [num_chunks, E_PAD] row-major, kept 1-D: a 2-D buffer with a symbolic leading dim that can
     # be 1 makes export guard on it (contiguity check) and specialise the token count
     counts = torch.empty(num_chunks * e_pad, dtype=torch.int32, device=device)
     offsets = torch.empty(num_chunks * e_pad, dtype=torch.int32, device=device)
     totals = torch.empty(e_pad, dtype=torch.int32, device=device)
     sub = sub_step(e_pad)
-    block_e = min(e_pad, 32)
+    block_e = min(e_pad, SCAN_BLOCK_E)
 
-    # one chunk (T*K <= CHUNK): the scatter counts it itself, these two do not run
-    gate = gate * token_range_gate(topk_ids.shape[0], CHUNK // topk_ids.shape[1], None)
+    # one chunk (T*K <= chunk): the scatter counts it itself, these two do not run
+    gate = gate * token_range_gate(topk_ids.shape[0], chunk // topk_ids.shape[1], None)
     if not never(gate):
         wrap_triton(_align_count_kernel)[(num_chunks * gate,)](
-            ids, counts, num_assign, CHUNK=CHUNK, SUB=sub, E_PAD=e_pad, num_warps=ALIGN_WARPS
+            ids, counts, num_assign, CHUNK=chunk, SUB=sub, E_PAD=e_pad, num_warps=ALIGN_WARPS
         )
         wrap_triton(_align_scan_kernel)[(e_pad // block_e * gate,)](
             counts, offsets, totals, num_chunks, E_PAD=e_pad, BLOCK_E=block_e, BLOCK_P=4096 // block_e, num_warps=4
         )
-    return ExpertHistograms(ids, offsets, totals, num_experts, num_chunks, e_pad, sub)
+    return ExpertHistograms(ids, offsets, totals, num_experts, num_chunks, e_pad, chunk, sub)
 
 
 def align_scatter(hist: ExpertHistograms, block_m: int, gate=1, order: bool = False) -> tuple:
@@ -271,7 +286,7 @@ def align_scatter(hist: ExpertHistograms, block_m: int, gate=1, order: bool = Fa
         num_assign,
         hist.num_chunks,
         hist.num_experts,
-        CHUNK=CHUNK,
+        CHUNK=hist.chunk,
         SUB=hist.sub,
         E_PAD=e_pad,
         BLOCK_M=block_m,

@@ -177,9 +177,12 @@ WIDE_FROM_T: int | None = 4096
 WIDE_BLOCK_T, WIDE_BLOCK_H = 64, 64
 # above SPLIT_WIDE_FROM_T tokens (and up to SPLIT_MAX_T) the split path's partial launch takes
 # SPLIT_WIDE_BLOCK_T tokens a program instead of SMALL_T: each program reads its BLOCK_H columns
-# of the whole gate weight (Qwen3's: 64 KB) from L2 for its rows, so 16-token programs at 1024
-# tokens read 32 MB of it. The second launch keeps SMALL_T rows a program. None: off
-SPLIT_WIDE_FROM_T: int | None = None
+# of the gate weight (Qwen3's: 64 KB) from L2 for its rows, so 16-token programs at 1024 tokens
+# read 32 MB of it. The second launch keeps SMALL_T rows a program. None: off. H100
+# (step_kernels-h100-2026-12-06T1438): Qwen3's router at 256 / 512 / 1024 tokens 13.7 / 14.7 /
+# 19.1 us with 16-token partials, 13.5 / 13.7 / 14.9 with 64 from 256 tokens (64 from 64 tokens:
+# 14.0 against 13.3 at 128); Mixtral's 9.7 / 10.4 / 12.9 against 9.4 / 10.6 / 12.0
+SPLIT_WIDE_FROM_T: int | None = 256
 SPLIT_WIDE_BLOCK_T = 64
 
 
