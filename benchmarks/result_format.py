@@ -194,7 +194,8 @@ def from_step_kernels(doc: dict) -> dict:
     """The fastest passing config per prefill size (and SDPA's time beside it), the compiled
     step's decode attention per batch, the built-in router per token count, the K/V write per
     token count (the torch path beside it), the experts at few tokens per path, the grouped
-    GEMMs' rate per kernel form, and the DIRECT GEMMs' bandwidth per tile."""
+    GEMMs' rate per kernel form, the DIRECT GEMMs' bandwidth per tile, and every variant of
+    the router's partials and of the align."""
     metrics = []
     for row in doc.get("prefill", []):
         ok = [c for c in row["configs"].values() if c.get("ok")]
@@ -214,6 +215,16 @@ def from_step_kernels(doc: dict) -> dict:
             shape = row.get("shape", "mixtral")  # rows before the Qwen3 shape was added are Mixtral's
             name = f"router/T={row['tokens']}/us" if shape == "mixtral" else f"router/{shape}/T={row['tokens']}/us"
             metrics.append(metric(name, built["us"], "us", "lower", roofline=row["bound_us"]))
+    for row in doc.get("router_wide", []):  # the split path's partials by tokens a program
+        for name, v in row["variants"].items():
+            if "us" in v:
+                metrics.append(metric(f"router_wide/{row['shape']}/T={row['tokens']}/{name.replace(' ', '_')}_us",
+                                      v["us"], "us", "lower", roofline=row["bound_us"]))
+    for row in doc.get("align", []):  # the histograms and a scatter by chunk, warps, scan width
+        for name, v in row["variants"].items():
+            if v.get("same_as_built_in"):
+                metrics.append(metric(f"align/{row['shape']}/T={row['tokens']}/{name.replace(' ', '_')}_us",
+                                      v["us"], "us", "lower", roofline=row["bound_us"]))
     for row in doc.get("kv_write", []):
         built = row["paths"].get("triton (built in)")
         if built:
