@@ -893,7 +893,9 @@ def check_align(ids: torch.Tensor, num_experts: int, block_m: int, sorted_ids, e
         (50, 5, 1, "one", 16),  # all tokens on expert 3
         (300, 7, 3, "random", 32),  # 900 assignments: several chunks
         (100, 256, 8, "random", 16),  # wide one-hot, several chunks
-        (45, 128, 3, "random", 16),  # one chunk that ends inside its fifth sub-step of 32
+        (45, 128, 3, "random", 16),  # two chunks of 128, the second ending inside its first sub-step of 32
+        (15, 128, 3, "random", 16),  # one chunk that ends inside its second sub-step
+        (200, 128, 8, "random", 64),  # 13 chunks, the scan in 16 programs of 8 experts
         (20, 5, 2, "random", 64),
     ],
 )

@@ -52,11 +52,13 @@ from moec.ops.triton.token_gate import never, token_range_gate
 # 34.6 / 35.2 / 42.1 / 75.2 us in chunks of 256 (8 sub-steps), 22.7 / 23.3 / 30.9 / 67.3 in
 # chunks of 128; chunks of 64 on 8 warps (one sub-step) 15.7 / 15.8 / 35.1 / 113.1 (the scan
 # over 4x the chunks). Mixtral's 8 experts (one sub-step of 256): 6.7 to 12.8 us, within 1 us
-# for every chunk tried. Module values for benchmarks/step_kernels.py, as are the warps and the
-# scan's experts a program
+# for every chunk tried. The scan takes SCAN_BLOCK_E experts a program over every chunk: 8
+# against 32, Qwen3's 29.6 / 59.3 us against 30.8 / 67.2 at 4096 / 16384 tokens, the same below
+# (step_kernels-h100-2026-12-06T1549). Module values for benchmarks/step_kernels.py, as are the
+# warps
 CHUNK: int | None = None
 ALIGN_WARPS = 4
-SCAN_BLOCK_E = 32
+SCAN_BLOCK_E = 8
 
 
 def chunk_size(e_pad: int) -> int:
