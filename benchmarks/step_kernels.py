@@ -103,10 +103,11 @@ ROUTER_ROW_BLOCKS = ((32, 64, 4), (64, 64, 4), (64, 64, 8), (64, 128, 8), (128, 
 # SPLIT_WIDE_BLOCK_T): (from, tokens a program), at these token counts
 ROUTER_WIDE = ((64, 64), (64, 32), (256, 64), (256, 128))
 ROUTER_WIDE_TOKENS = (64, 128, 256, 512, 1024)
-# the align's count and scatter: assignments a program (align.CHUNK) and warps (align.ALIGN_WARPS)
+# the align's count, scan and scatter: assignments a program (align.CHUNK), warps (align.ALIGN_WARPS) and
+# the scan's experts a program (align.SCAN_BLOCK_E)
 ALIGN_SHAPES = {"mixtral": (8, 2), "qwen3": (128, 8)}  # experts, top-k
 ALIGN_TOKENS = (32, 64, 256, 1024, 4096, 16384)
-# (chunk, warps, the scan's experts a program: align.SCAN_BLOCK_E)
+# (chunk, warps, scan experts)
 ALIGN_VARIANTS = ((256, 4, 32), (64, 4, 32), (128, 8, 32), (64, 8, 32), (64, 8, 8), (128, 4, 8), (64, 8, 16),
                   (128, 8, 8))
 ALIGN_ORDER_FROM = 4096  # from here the scatter also writes the grouped_mm path's order, on 128-row blocks
@@ -444,13 +445,14 @@ def router_variants(router, num_experts: int) -> dict[str, dict]:
     return out
 
 
-def run_router(dev, ceil: dict, flush, tokens=ROUTER_TOKENS, variants_of=None) -> list[dict]:
+def run_router(dev, ceil: dict, flush, token_counts=ROUTER_TOKENS, variants_of=None) -> list[dict]:
+    """The router by token count under each variant (`variants_of(experts)`: name -> router module
+    values; default `router_variants`), every variant's experts checked against the reference's."""
     from moec.ops.moe_router import moe_router_ref
     from moec.ops.triton import router
 
     gen = torch.Generator().manual_seed(3)
     rows = []
-    token_counts = tokens
     for shape, (experts, hidden_size, top_k) in ROUTER_SHAPES.items():
         gate = (torch.randn(experts, hidden_size, generator=gen) * hidden_size ** -0.5).to(dev, DTYPE)
         variants = (variants_of or (lambda e: router_variants(router, e)))(experts)
@@ -480,12 +482,13 @@ def run_router_wide(dev, ceil: dict, flush) -> list[dict]:
 
     variants = {"built in": {}, **{f"partials {bt} tokens from {lo}": {"SPLIT_WIDE_FROM_T": lo, "SPLIT_WIDE_BLOCK_T": bt}
                                    for lo, bt in ROUTER_WIDE}}
-    return run_router(dev, ceil, flush, tokens=ROUTER_WIDE_TOKENS, variants_of=lambda experts: variants)
+    return run_router(dev, ceil, flush, token_counts=ROUTER_WIDE_TOKENS, variants_of=lambda experts: variants)
 
 
 def run_align(dev, ceil: dict, flush) -> list[dict]:
     """The align (histograms + one scatter, with the grouped_mm path's order from 4096 tokens)
-    by assignments a program and warps; every variant's outputs equal to the built-in one's."""
+    by assignments a program, warps and the scan's width; every variant's outputs equal to the
+    built-in one's."""
     from moec.ops.triton import align
 
     gen = torch.Generator().manual_seed(5)
