@@ -287,8 +287,9 @@ def test_gpu_gate_passes_the_committed_h100_result_and_fails_a_slower_one(tmp_pa
 
 
 def test_gpu_gate_passes_over_a_newer_run_of_some_shapes_only(tmp_path):
-    """A full sweep runs one shape per device call (`moe_layer.py --shapes ...`), a check of a
-    change a few token counts (`--tokens`): such a result is not a gate run, so `--compare` gates the newest run of every shape and says what it passed
+    """A full sweep runs one shape per device call (`moe_layer.py --shapes ...`), and a check of
+    a change may run a few token counts (`--tokens`): neither result is a gate run, so
+    `--compare` gates the newest run of every shape and token count and says what it passed
     over; that run regressed still fails."""
     # the gate run the H100 baseline was accepted from
     gate_run = json.loads((ROOT / "benchmarks" / "results" / "moe_layer-h100-2026-12-06T1309.json").read_text())
