@@ -126,18 +126,16 @@ def fused_moe(
     # token), the aligned path for the rest of the range: the config the tuner timed at a T runs
     # there the way it was timed
     cap = direct_tokens(num_experts, top_k)
-    spans, lo = [], 0
+    spans, lo = [], 0  # (direct gate, aligned gate, configs) per range
     for hi, gate_up_cfg, down_cfg in launches:
-        direct_hi = min(cap, gate_up_cfg["BLOCK_M"]) if hi is None else min(cap, gate_up_cfg["BLOCK_M"], hi)
-        direct_hi = max(direct_hi, lo)  # the range starts past DIRECT: none
-        spans.append((lo, direct_hi, hi, gate_up_cfg, down_cfg))
-        lo = hi
-    direct_any = sum(token_range_gate(num_tokens, lo, direct_hi) for lo, direct_hi, *_ in spans if direct_hi > lo)
-    hist = expert_histograms(topk_ids, num_experts, 1 - direct_any)
-    zero_out = out if top_k > 1 else None
-    for lo, direct_hi, hi, gate_up_cfg, down_cfg in spans:
+        direct_hi = max(lo, min(cap, gate_up_cfg["BLOCK_M"], cap if hi is None else hi))  # lo: no DIRECT
         direct = token_range_gate(num_tokens, lo, direct_hi) if direct_hi > lo else 0
         aligned = token_range_gate(num_tokens, direct_hi, hi) if hi is None or hi > direct_hi else 0
+        spans.append((direct, aligned, gate_up_cfg, down_cfg))
+        lo = hi
+    hist = expert_histograms(topk_ids, num_experts, 1 - sum(direct for direct, *_ in spans))
+    zero_out = out if top_k > 1 else None
+    for direct, aligned, gate_up_cfg, down_cfg in spans:
         if not never(aligned):
             align = align_scatter(hist, gate_up_cfg["BLOCK_M"], aligned)
             gate_up_grouped(hidden, w13, *align, top_k, gate_up_cfg, activation, out=inter, zero_out=zero_out,
