@@ -1175,11 +1175,9 @@ def test_gelu_tanh_formula():
                           F.gelu(x, approximate="tanh"), atol=1e-6)
 
 
-@interp_only
-def test_interp_step_kernels_direct_part_checks_both_paths(monkeypatch):
-    """`benchmarks/step_kernels.py --parts direct` (the aligned experts, one program per tile and
-    persistent, against the DIRECT GEMMs at few tokens, under two configs) on a toy shape: every
-    path runs and matches the reference, the bound counts the experts hit. The CUDA-graph timers stand in for themselves here: the kernels run once."""
+def _step_kernels_run_once(monkeypatch):
+    """benchmarks/step_kernels.py with its CUDA-graph timer standing in for itself (the call runs
+    once, 1 ms) and fp32 for bf16 (the interpreter has none)."""
     import types
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -1189,8 +1187,17 @@ def test_interp_step_kernels_direct_part_checks_both_paths(monkeypatch):
         out = fn()
         return {"median_ms": 1.0}, (out, types.SimpleNamespace(replay=fn))
 
-    monkeypatch.setattr(step_kernels, "DTYPE", torch.float32)  # the interpreter has no bf16
+    monkeypatch.setattr(step_kernels, "DTYPE", torch.float32)
     monkeypatch.setattr(step_kernels, "time_graph", once)
+    return step_kernels
+
+
+@interp_only
+def test_interp_step_kernels_direct_part_checks_both_paths(monkeypatch):
+    """`benchmarks/step_kernels.py --parts direct` (the aligned experts, one program per tile and
+    persistent, against the DIRECT GEMMs at few tokens, under two configs) on a toy shape: every
+    path runs and matches the reference, the bound counts the experts hit. The CUDA-graph timers stand in for themselves here: the kernels run once."""
+    step_kernels = _step_kernels_run_once(monkeypatch)
     monkeypatch.setattr(step_kernels, "time_interleaved",
                         lambda fns, device, flush=None, rounds=30: {n: {"median_ms": 2.0} for n in fns})
     rows = step_kernels.run_direct(torch.device("cpu"), {"copy_gb_s": 1000.0}, None,
@@ -1209,17 +1216,7 @@ def test_interp_step_kernels_align_and_router_wide_parts(monkeypatch):
     """`step_kernels.py --parts align,router_wide` on toy shapes: every align variant (assignments
     a program, warps) writes what the built-in one does, with and without the grouped_mm order,
     over one chunk and several; every wide-partials router picks the reference's experts."""
-    import types
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import step_kernels
-
-    def once(fn, device, flush=None, **_):
-        out = fn()
-        return {"median_ms": 1.0}, (out, types.SimpleNamespace(replay=fn))
-
-    monkeypatch.setattr(step_kernels, "DTYPE", torch.float32)
-    monkeypatch.setattr(step_kernels, "time_graph", once)
+    step_kernels = _step_kernels_run_once(monkeypatch)
     monkeypatch.setattr(step_kernels, "ALIGN_SHAPES", {"toy": (16, 4)})
     monkeypatch.setattr(step_kernels, "ALIGN_TOKENS", (3, 40, 130))
     monkeypatch.setattr(step_kernels, "ALIGN_ORDER_FROM", 100)
