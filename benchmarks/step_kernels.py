@@ -103,13 +103,13 @@ ROUTER_ROW_BLOCKS = ((32, 64, 4), (64, 64, 4), (64, 64, 8), (64, 128, 8), (128, 
 # SPLIT_WIDE_BLOCK_T): (from, tokens a program), at these token counts
 ROUTER_WIDE = ((64, 64), (64, 32), (256, 64), (256, 128))
 ROUTER_WIDE_TOKENS = (64, 128, 256, 512, 1024)
-# the align's count, scan and scatter: assignments a program (align.CHUNK), warps (align.ALIGN_WARPS) and
-# the scan's experts a program (align.SCAN_BLOCK_E)
+# the align's count, scan and scatter: assignments a program (align.CHUNK, one chunking at every T),
+# warps (align.ALIGN_WARPS) and the scan's experts a program (align.SCAN_BLOCK_E), against the
+# built-in chunkings by T (`align.chunkings`)
 ALIGN_SHAPES = {"mixtral": (8, 2), "qwen3": (128, 8)}  # experts, top-k
-ALIGN_TOKENS = (32, 64, 256, 1024, 4096, 16384)
+ALIGN_TOKENS = (32, 64, 256, 1024, 2048, 4096, 16384)
 # (chunk, warps, scan experts)
-ALIGN_VARIANTS = ((256, 4, 32), (64, 4, 32), (128, 8, 32), (64, 8, 32), (64, 8, 8), (128, 4, 8), (64, 8, 16),
-                  (128, 8, 8))
+ALIGN_VARIANTS = ((128, 4, 8), (64, 8, 8), (256, 4, 8), (64, 4, 8), (128, 8, 8))
 ALIGN_ORDER_FROM = 4096  # from here the scatter also writes the grouped_mm path's order, on 128-row blocks
 SPLIT_COUNTS = (8, 16, 32)
 COMBINE_HEADS = (1, 2, 8)

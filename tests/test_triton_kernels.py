@@ -335,7 +335,7 @@ def test_plan_gates_each_range_by_token_count():
     for a concrete T exactly the range holding T launches; the histograms, the scatter and the
     GEMMs for T > 1 (the histograms only above one chunk of assignments), the first range's
     direct GEMMs alone (no histograms, no scatter) up to `direct_tokens`."""
-    from moec.ops.triton.align import chunk_size
+    from moec.ops.triton.align import chunkings
     from moec.ops.triton.configs import encode_plan, parse_plan, split_config
     from moec.ops.triton.fused_moe import direct_tokens
 
@@ -356,13 +356,42 @@ def test_plan_gates_each_range_by_token_count():
         grids = _launch_grids(gm, num_tokens)
         many = num_tokens > few
         on = [g > 0 for _, g in grids]
-        assert on[:2] == [num_tokens * 2 > chunk_size(8)] * 2  # one chunk: the scatter counts it itself
+        assert on[:2] == [num_tokens * 2 > chunkings(8)[0].chunk] * 2  # one chunk: the scatter counts it itself
         assert on[2:7] == [active == 0 and many] * 3 + [not many] * 2, (num_tokens, grids)
         assert on[7:] == [active == 1] * 3 + [active == 2] * 3, (num_tokens, grids)
         if not many:  # one row block per assignment (top-2) times the column blocks
             gate_up_cfg, down_cfg = split_config(PLAN_RANGES[0][1])
             assert [g for _, g in grids[5:7]] == [2 * num_tokens * -(-40 // gate_up_cfg["BLOCK_N"]),
                                                   2 * num_tokens * -(-72 // down_cfg["BLOCK_N"])]
+
+
+@outer_only
+def test_align_chunking_is_chosen_by_token_count(monkeypatch):
+    """Where experts pad to 128 or more the align has two chunkings (64 assignments on 8 warps, then
+    128 on 4 above `SMALL_CHUNK_ASSIGNMENTS`): under export with a symbolic T both are in the graph,
+    gated by T with no guard, and for a concrete T exactly one chunking's launches run, their grids
+    its chunk count (count and scan only above one chunk). 128 experts, top-2: DIRECT up to 16
+    tokens (BLOCK_M), one chunk of 64 up to 32, chunks of 64 up to 256 (512 assignments here)."""
+    from moec.ops.triton import align
+    from moec.ops.triton.configs import encode_plan, parse_plan
+
+    monkeypatch.setattr(align, "SMALL_CHUNK_ASSIGNMENTS", 512)
+    cfg = dict(CFG_B, BLOCK_M=16)
+    ep = _export_fused_moe(parse_plan(encode_plan({"path": "triton", "ranges": [(None, cfg)]})), num_experts=128)
+    (vr,) = ep.range_constraints.values()
+    assert (vr.lower, vr.upper) == (1, 32768)
+    gm = ep.module()
+    hist = ["_align_count_kernel", "_align_scan_kernel"]
+    for num_tokens in (1, 16, 17, 32, 33, 256, 257, 4000):
+        grids = _launch_grids(gm, num_tokens, num_experts=128)
+        assert [n for n, _ in grids] == hist * 2 + ["_align_scatter_kernel"] * 2 + ["_gate_up_kernel", "_down_kernel"] * 2
+        g = [grid for _, grid in grids]
+        small, large = 16 < num_tokens <= 256, num_tokens > 256
+        chunks = -(-2 * num_tokens // (64 if small else 128))
+        assert g[0:2] == ([chunks, 128 // align.SCAN_BLOCK_E] if small and num_tokens > 32 else [0, 0]), (num_tokens, g)
+        assert g[2:4] == ([chunks, 128 // align.SCAN_BLOCK_E] if large else [0, 0]), (num_tokens, g)
+        assert g[4:6] == [chunks if small else 0, chunks if large else 0], (num_tokens, g)
+        assert (g[6] > 0, g[8] > 0) == (num_tokens > 16, num_tokens <= 16), (num_tokens, g)
 
 
 @outer_only
@@ -893,9 +922,9 @@ def check_align(ids: torch.Tensor, num_experts: int, block_m: int, sorted_ids, e
         (50, 5, 1, "one", 16),  # all tokens on expert 3
         (300, 7, 3, "random", 32),  # 900 assignments: several chunks
         (100, 256, 8, "random", 16),  # wide one-hot, several chunks
-        (45, 128, 3, "random", 16),  # two chunks of 128, the second ending inside its first sub-step of 32
-        (15, 128, 3, "random", 16),  # one chunk that ends inside its second sub-step
-        (200, 128, 8, "random", 64),  # 13 chunks, the scan in 16 programs of 8 experts
+        (45, 128, 3, "random", 16),  # three chunks of 64, the last one partial
+        (15, 128, 3, "random", 16),  # one chunk, partial
+        (200, 128, 8, "random", 64),  # 25 chunks, the scan in 16 programs of 8 experts
         (20, 5, 2, "random", 64),
     ],
 )
@@ -907,6 +936,25 @@ def test_interp_align(num_tokens, num_experts, top_k, case, block_m):
         with poisoned_empty():
             out = moe_align_block_size(ids.to(id_dtype), num_experts, block_m)
         check_align(ids, num_experts, block_m, *out)
+
+
+@interp_only
+@pytest.mark.parametrize("num_tokens,top_k,case", [(45, 3, "random"), (15, 3, "random"), (200, 8, "random"),
+                                                   (90, 3, "one")])
+def test_interp_align_large_chunks(monkeypatch, num_tokens, top_k, case):
+    """Where experts pad to 128 or more, above `SMALL_CHUNK_ASSIGNMENTS` the align runs chunks of
+    128 on 4 warps (sub-steps of 32, one after another): two chunks the second ending inside its
+    first sub-step (45 x 3), one chunk ending inside its second (15 x 3), 13 chunks (200 x 8),
+    every assignment on one expert over three chunks; set to 0 here so these T take it."""
+    from moec.ops.triton import align
+
+    monkeypatch.setattr(align, "SMALL_CHUNK_ASSIGNMENTS", 0)
+    _, ids = routing(num_tokens, 128, top_k, case)
+    with poisoned_empty():
+        hist = align.expert_histograms(ids, 128)
+        out = align.align_scatter(hist, 16)
+    assert [(p.chunk, p.warps, p.sub) for p in hist.passes] == [(128, 4, 32)]
+    check_align(ids, 128, 16, *out)
 
 
 @interp_only

@@ -16,7 +16,7 @@ experts, so assignment a alone is block a, and the GEMMs read its expert from to
 
 Three launches, all sized from shapes, none data-dependent (`expert_histograms` runs the first
 two, which do not depend on BLOCK_M; `align_scatter` the third, per config `fused_moe` runs):
-  count    one program per chunk of assignments (`chunk_size`): its per-expert histogram
+  count    one program per chunk of assignments (`chunkings`): its per-expert histogram
   scan     per expert, the exclusive prefix of the histograms over chunks, and the totals
   scatter  per chunk: each assignment's slot = padded start of its expert + earlier
            assignments of that expert in earlier chunks + its rank within the chunk; the
@@ -44,31 +44,47 @@ from torch.library import wrap_triton
 from moec.ops.triton.configs import MAX_EXPERTS
 from moec.ops.triton.token_gate import never, token_range_gate
 
-# assignments per program of the count and scatter kernels; None: `chunk_size`'s choice by the
-# padded expert count. Each program walks its chunk in sub-steps one after another, each a
-# [SUB, E_PAD] one-hot tile (32 elements a thread: SUB = 1024 * ALIGN_WARPS // E_PAD), so where
-# experts are many a chunk is many sub-steps. H100 (step_kernels-h100-2026-12-06T1438), the
-# histograms and one scatter replayed: Qwen3's 128 experts at 64 / 1024 / 4096 / 16384 tokens
-# 34.6 / 35.2 / 42.1 / 75.2 us in chunks of 256 (8 sub-steps), 22.7 / 23.3 / 30.9 / 67.3 in
-# chunks of 128; chunks of 64 on 8 warps (one sub-step) 15.7 / 15.8 / 35.1 / 113.1 (the scan
-# over 4x the chunks). Mixtral's 8 experts (one sub-step of 256): 6.7 to 12.8 us, within 1 us
-# for every chunk tried. The scan takes SCAN_BLOCK_E experts a program over every chunk: 8
-# against 32, Qwen3's 29.6 / 59.3 us against 30.8 / 67.2 at 4096 / 16384 tokens, the same below
-# (step_kernels-h100-2026-12-06T1549). Module values for benchmarks/step_kernels.py, as are the
-# warps
+# How the count and scatter kernels split the assignments: chunks of CHUNK assignments a program,
+# ALIGN_WARPS warps (module values for benchmarks/step_kernels.py; CHUNK None: `chunkings`' choice).
+# Each program walks its chunk in sub-steps one after another, each a [SUB, E_PAD] one-hot tile (32
+# elements a thread: SUB = 1024 * warps // E_PAD), so where experts are many a chunk is many
+# sub-steps. H100, the histograms and one scatter replayed (step_kernels-h100-2026-12-06T1438,
+# ...T1549): Qwen3's 128 experts at 64 / 1024 / 4096 / 16384 tokens 34.6 / 35.2 / 42.1 / 75.2 us
+# in chunks of 256 on 4 warps (8 sub-steps), 22.4 / 23.2 / 29.6 / 59.3 in chunks of 128 on 4;
+# chunks of 64 on 8 warps (one sub-step) 16.0 / 15.9 / 30.8 / 97.1 (the scan over twice the
+# chunks). Mixtral's 8 experts (one sub-step of 256): 6.7 to 12.8 us, within 1 us for every chunk
+# tried. Hence two chunkings where experts pad to 128 or more, gated by T: chunks of 64 on 8 warps
+# up to SMALL_CHUNK_ASSIGNMENTS assignments, 128 on 4 above. The scan takes SCAN_BLOCK_E experts a
+# program over every chunk: 8 against 32, Qwen3's 29.6 / 59.3 us against 30.8 / 67.2 at 4096 /
+# 16384 tokens, the same below (...T1549)
 CHUNK: int | None = None
 ALIGN_WARPS = 4
 SCAN_BLOCK_E = 8
+SMALL_CHUNK_ASSIGNMENTS = 16384
 
 
-def chunk_size(e_pad: int) -> int:
-    """Assignments per program of the count and scatter kernels."""
-    return CHUNK or (128 if e_pad >= 128 else 256)
+@dataclass(frozen=True)
+class Chunking:
+    """Chunks of `chunk` assignments a program on `warps` warps, for up to `most` assignments
+    (None: any number) above the previous chunking's."""
+
+    chunk: int
+    warps: int
+    most: int | None
 
 
-def sub_step(e_pad: int) -> int:
+def chunkings(e_pad: int) -> list[Chunking]:
+    """The count and scatter kernels' chunkings, from the fewest assignments up."""
+    if CHUNK:
+        return [Chunking(CHUNK, ALIGN_WARPS, None)]
+    if e_pad >= 128:
+        return [Chunking(64, 8, SMALL_CHUNK_ASSIGNMENTS), Chunking(128, 4, None)]
+    return [Chunking(256, 4, None)]
+
+
+def sub_step(e_pad: int, chunk: int, warps: int) -> int:
     """Assignments per sub-step of the count and scatter kernels (a power of two <= the chunk)."""
-    return min(chunk_size(e_pad), max(16, 1024 * ALIGN_WARPS // e_pad))
+    return min(chunk, max(16, 1024 * warps // e_pad))
 
 
 @triton.jit
@@ -204,53 +220,72 @@ def max_padded_assignments(num_assign, num_experts: int, block_m: int):
 
 
 @dataclass
-class ExpertHistograms:
-    """The count and scan launches' results, which do not depend on BLOCK_M: one set serves every
-    config `fused_moe` compiles in (each with its own BLOCK_M scatter)."""
+class HistogramPass:
+    """One chunking's count and scan launches (`chunkings`), gated to the token counts it serves."""
 
-    ids: torch.Tensor  # [T*K] flat topk_ids
-    offsets: torch.Tensor  # [num_chunks * E_PAD] per-chunk exclusive prefix per expert
-    totals: torch.Tensor  # [E_PAD] assignments per expert
-    num_experts: int
-    num_chunks: object  # int or SymInt
-    e_pad: int
+    gate: object  # 0 or 1, or an integer expression of T
     chunk: int
     sub: int
+    warps: int
+    num_chunks: object  # int or SymInt
+    offsets: torch.Tensor  # [num_chunks * E_PAD] per-chunk exclusive prefix per expert
+    totals: torch.Tensor  # [E_PAD] assignments per expert
+
+
+@dataclass
+class ExpertHistograms:
+    """The count and scan launches' results, which do not depend on BLOCK_M: one set serves every
+    config `fused_moe` compiles in (each with its own BLOCK_M scatter). One pass per chunking;
+    for a concrete T exactly one is live (the others' gates are 0)."""
+
+    ids: torch.Tensor  # [T*K] flat topk_ids
+    num_experts: int
+    e_pad: int
+    passes: list[HistogramPass]
 
 
 def expert_histograms(topk_ids: torch.Tensor, num_experts: int, gate=1) -> ExpertHistograms:
-    """topk_ids [T, K] (any int dtype, values in [0, E)) → per-chunk, per-expert counts, scanned.
-    `gate` (0 or 1, maybe symbolic) multiplies the grids: gated to 0, nothing is computed. With one
-    chunk (T*K <= chunk_size) nothing is either: offsets and totals stay unwritten, and the scatter,
-    which reads them only for several chunks, counts its chunk itself."""
+    """topk_ids [T, K] (any int dtype, values in [0, E)) → per-chunk, per-expert counts, scanned,
+    for each chunking gated to its token counts. `gate` (0 or 1, maybe symbolic) multiplies the
+    grids: gated to 0, nothing is computed. With one chunk (T*K <= the chunk) nothing is either:
+    offsets and totals stay unwritten, and the scatter, which reads them only for several chunks,
+    counts its chunk itself."""
     if not 1 <= num_experts <= MAX_EXPERTS:
         raise ValueError(f"moe_align_block_size: {num_experts} experts; supported 1..{MAX_EXPERTS}")
     ids = topk_ids.reshape(-1)
     if not ids.is_contiguous():
         ids = ids.contiguous()
+    num_tokens, top_k = topk_ids.shape
     num_assign = ids.shape[0]
     device = ids.device
     e_pad = max(_next_pow2(num_experts), 2)
-    chunk = chunk_size(e_pad)
-    num_chunks = triton.cdiv(num_assign, chunk)
-    # [num_chunks, E_PAD] row-major, kept 1-D: a 2-D buffer with a symbolic leading dim that can
-    # be 1 makes export guard on it (contiguity check) and specialise the token count
-    counts = torch.empty(num_chunks * e_pad, dtype=torch.int32, device=device)
-    offsets = torch.empty(num_chunks * e_pad, dtype=torch.int32, device=device)
-    totals = torch.empty(e_pad, dtype=torch.int32, device=device)
-    sub = sub_step(e_pad)
     block_e = min(e_pad, SCAN_BLOCK_E)
-
-    # one chunk (T*K <= chunk): the scatter counts it itself, these two do not run
-    gate = gate * token_range_gate(topk_ids.shape[0], chunk // topk_ids.shape[1], None)
-    if not never(gate):
-        wrap_triton(_align_count_kernel)[(num_chunks * gate,)](
-            ids, counts, num_assign, CHUNK=chunk, SUB=sub, E_PAD=e_pad, num_warps=ALIGN_WARPS
-        )
-        wrap_triton(_align_scan_kernel)[(e_pad // block_e * gate,)](
-            counts, offsets, totals, num_chunks, E_PAD=e_pad, BLOCK_E=block_e, BLOCK_P=4096 // block_e, num_warps=4
-        )
-    return ExpertHistograms(ids, offsets, totals, num_experts, num_chunks, e_pad, chunk, sub)
+    passes, lo = [], 0  # lo: the previous chunking's last token count
+    for c in chunkings(e_pad):
+        hi = None if c.most is None else max(lo, c.most // top_k)
+        in_range = token_range_gate(num_tokens, lo, hi) if hi is None or hi > lo else 0
+        lo = hi
+        if never(in_range):
+            continue
+        num_chunks = triton.cdiv(num_assign, c.chunk)
+        # [num_chunks, E_PAD] row-major, kept 1-D: a 2-D buffer with a symbolic leading dim that
+        # can be 1 makes export guard on it (contiguity check) and specialise the token count
+        counts = torch.empty(num_chunks * e_pad, dtype=torch.int32, device=device)
+        offsets = torch.empty(num_chunks * e_pad, dtype=torch.int32, device=device)
+        totals = torch.empty(e_pad, dtype=torch.int32, device=device)
+        sub = sub_step(e_pad, c.chunk, c.warps)
+        # one chunk (T*K <= chunk): the scatter counts it itself, these two do not run
+        hist_gate = gate * in_range * token_range_gate(num_tokens, c.chunk // top_k, None)
+        if not never(hist_gate):
+            wrap_triton(_align_count_kernel)[(num_chunks * hist_gate,)](
+                ids, counts, num_assign, CHUNK=c.chunk, SUB=sub, E_PAD=e_pad, num_warps=c.warps
+            )
+            wrap_triton(_align_scan_kernel)[(e_pad // block_e * hist_gate,)](
+                counts, offsets, totals, num_chunks, E_PAD=e_pad, BLOCK_E=block_e, BLOCK_P=4096 // block_e,
+                num_warps=4
+            )
+        passes.append(HistogramPass(in_range, c.chunk, sub, c.warps, num_chunks, offsets, totals))
+    return ExpertHistograms(ids, num_experts, e_pad, passes)
 
 
 def align_scatter(hist: ExpertHistograms, block_m: int, gate=1, order: bool = False) -> tuple:
@@ -273,30 +308,33 @@ def align_scatter(hist: ExpertHistograms, block_m: int, gate=1, order: bool = Fa
     if order:
         position = torch.empty(num_assign, dtype=torch.int32, device=device)
         ends = torch.empty(hist.num_experts, dtype=torch.int32, device=device)
-    else:  # unused without ORDER: a read-only input stands in (no written tensor is passed twice)
-        position = ends = hist.totals
     e_pad = hist.e_pad
-    wrap_triton(_align_scatter_kernel)[(hist.num_chunks * gate,)](
-        hist.ids,
-        hist.offsets,
-        hist.totals,
-        sorted_ids,
-        expert_ids,
-        num_post,
-        position,
-        ends,
-        num_assign,
-        hist.num_chunks,
-        hist.num_experts,
-        CHUNK=hist.chunk,
-        SUB=hist.sub,
-        E_PAD=e_pad,
-        BLOCK_M=block_m,
-        BLOCK_B=max(16, 4096 // e_pad),
-        BLOCK_J=min(block_m, max(1, 2048 // e_pad)),
-        ORDER=order,
-        num_warps=ALIGN_WARPS,
-    )
+    for p in hist.passes:  # one live for a concrete T; each writes the same outputs
+        if never(p.gate) or never(gate):
+            continue
+        if not order:  # unused without ORDER: a read-only input stands in (no written tensor is passed twice)
+            position = ends = p.totals
+        wrap_triton(_align_scatter_kernel)[(p.num_chunks * p.gate * gate,)](
+            hist.ids,
+            p.offsets,
+            p.totals,
+            sorted_ids,
+            expert_ids,
+            num_post,
+            position,
+            ends,
+            num_assign,
+            p.num_chunks,
+            hist.num_experts,
+            CHUNK=p.chunk,
+            SUB=p.sub,
+            E_PAD=e_pad,
+            BLOCK_M=block_m,
+            BLOCK_B=max(16, 4096 // e_pad),
+            BLOCK_J=min(block_m, max(1, 2048 // e_pad)),
+            ORDER=order,
+            num_warps=p.warps,
+        )
     if order:
         return sorted_ids, expert_ids, num_post, ends, position
     return sorted_ids, expert_ids, num_post
