@@ -188,6 +188,30 @@ def test_serve_across_two_ranks_then_stop_cleanly(ep2_artifact, tiny_artifact):
     assert texts == [c.text for c in want]
 
 
+def test_exit_rank_flushes_then_ends_with_the_code():
+    """A rank's process ends through `launch.exit_rank` (os._exit, no interpreter teardown to abort
+    in): what it printed to piped (block-buffered) stdout and stderr still arrives, and the exit
+    code is the one given."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, torch.distributed as dist\n"
+        "from moec.runtime import launch\n"
+        f"os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT='{free_port()}')\n"
+        "dist.init_process_group('gloo', rank=0, world_size=1)\n"
+        "assert launch.in_group()\n"
+        "print('served', end='')\n"
+        "import sys; sys.stderr.write('bye')\n"
+        "launch.exit_rank(3)\n"
+        "print('unreachable')\n"
+    )
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=buffered)
+    assert (proc.returncode, proc.stdout) == (3, "served"), proc.stderr[-2000:]
+    assert proc.stderr.endswith("bye")
+
+
 def test_serve_exits_nonzero_when_a_rank_dies(ep2_artifact):
     """Rank 1 killed while idle: rank 0's next heartbeat fails, it stops serving and exits non-zero."""
     import time

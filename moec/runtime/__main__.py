@@ -1,5 +1,3 @@
-import sys
+from moec.runtime.cli import run
 
-from moec.runtime.cli import main
-
-sys.exit(main())
+run()

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from typing import NoReturn
 
 from moec.errors import run_cli
 
@@ -160,5 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(body, args.debug)
 
 
+def run() -> NoReturn:
+    """The `moe-runtime` process: main(), then its exit code. A rank of an expert-parallel group
+    ends through `launch.exit_rank` (no interpreter teardown to abort in)."""
+    code = main()
+    launch = sys.modules.get("moec.runtime.launch")  # imported only where there are ranks
+    if launch is not None and launch.in_group():
+        launch.exit_rank(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import atexit
 import datetime as dt
+import logging
 import os
+import sys
 import uuid
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -49,13 +52,34 @@ def leave_group() -> None:
     """Destroy the process group while the interpreter is still whole. Left to the interpreter's
     teardown, gloo's worker threads can still hold work whose tensors need the GIL to be freed,
     and a rank that stopped cleanly dies of SIGABRT (a follower's exit code -6 after `serve` shut
-    down, once in CI on 2026-12-06). Ranks started by `--nproc` leave through os._exit, with no
-    teardown to crash in; under torchrun or a launcher's environment this runs at exit."""
+    down, once in CI on 2026-12-06). `moe-runtime` processes end through `exit_rank`, which calls
+    this first; anything else that joined the group runs it at exit."""
     if dist.is_available() and dist.is_initialized():
         try:
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - a group that already failed has nothing left to tear down
             pass
+
+
+def in_group() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def exit_rank(code: int) -> NoReturn:
+    """End a rank's process: leave the group, flush, then os._exit(code). A rank that returns to
+    the interpreter's teardown can still die of SIGABRT there after the group is destroyed
+    ("terminate called without an active exception": a C++ thread of torch.distributed's still
+    joinable when its static owner is destroyed), a follower's exit code -6 after `serve` shut
+    down cleanly, about 1 run in 10 of the two-rank serve test on 2026-12-06. Ranks started by
+    `--nproc` end the same way (multiprocessing's children leave through os._exit)."""
+    leave_group()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more to say there
+            pass
+    os._exit(code)
 
 
 def is_rank_zero() -> bool:
