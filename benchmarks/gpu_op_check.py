@@ -4,7 +4,8 @@
 
 Seconds, not minutes: run it before anything that compiles a whole model. Each row compares an op
 (the Triton paged attention; fused_moe with the default plan, every candidate config as a one-range
-plan, a two-range plan and the grouped_mm path; and the tuner's torch.cond switch between a
+plan, a two-range plan and the grouped_mm path; the same with 128 experts, top-8, on either side of
+the align's chunking switch and through AOTInductor; and the tuner's torch.cond switch between a
 Triton plan and grouped_mm through AOTInductor) with the reference computed in fp32 on the same
 bf16 inputs, as max |a - b| / max |ref| per output. The same ops then run inside
 `torch.compile(dynamic=True)`, which hands scalars and token gates to the kernels the way
@@ -176,13 +177,77 @@ def switch_rows(compiled: bool) -> list[dict]:
     return rows
 
 
+def many_experts_rows(compiled: bool) -> list[dict]:
+    """fused_moe where experts pad to 128 or more (128 experts, top-8, small H and I), whose align
+    picks its chunking by T (`align.chunkings`: chunks of 64 up to 16384 assignments, 2048 tokens
+    here, 128 above): at token counts on either side of each gate (DIRECT up to 16 tokens, one
+    chunk up to 8, the switch between chunkings at 2048/2049), with the default plan, a two-range
+    plan and the grouped_mm path; eager, under torch.compile(dynamic=True), and exported with T
+    symbolic and compiled by AOTInductor (one artifact runs every T, both chunkings in it)."""
+    import tempfile
+
+    from moec.compiler.lower import aoti_workarounds
+    from moec.ops.moe_combine import moe_combine_ref
+    from moec.ops.moe_experts import moe_experts_ref
+    from moec.ops.triton.configs import candidate_configs, encode_plan
+
+    g = torch.Generator(device="cuda").manual_seed(2)
+    E, H, I, K = 128, 512, 256, 8
+    w13 = (torch.randn(E, 2 * I, H, device="cuda", generator=g) * 0.05).bfloat16()
+    w2 = (torch.randn(E, H, I, device="cuda", generator=g) * 0.05).bfloat16()
+    cands = candidate_configs()
+    plans = {"default": "", "grouped_mm": encode_plan({"path": "grouped_mm"}),
+             "two ranges": encode_plan({"path": "triton", "ranges": [(512, cands[0]), (None, cands[-1])]})}
+    token_counts = (1, 5, 16, 17, 300, 2048, 2049, 3000)
+
+    def routed(T):
+        hidden = torch.randn(T, H, device="cuda", generator=g).bfloat16()
+        weights, ids = torch.softmax(torch.randn(T, E, device="cuda", generator=g), -1).topk(K, -1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        ref = moe_combine_ref(moe_experts_ref(hidden.float(), w13.float(), w2.float(), ids, "silu"), weights)
+        return (hidden, w13, w2, weights, ids), ref
+
+    op = torch.ops.moec.fused_moe
+    fn = torch.compile(lambda *a: op(*a), dynamic=True, fullgraph=True) if compiled else op
+    rows = []
+    for T in token_counts:
+        args, ref = routed(T)
+        for name, plan in plans.items():
+            rows.append({"op": "fused_moe E=128", "case": f"T={T} {name}", "compiled": compiled,
+                         "rel_error": rel(fn(*args, "silu", plan), ref)})
+    if not compiled:
+        return rows
+    for name, plan in plans.items():
+        class Block(torch.nn.Module):
+            def forward(self, hidden, w13, w2, weights, ids, plan=plan):
+                return op(hidden, w13, w2, weights, ids, "silu", plan)
+
+        try:
+            args, _ = routed(7)
+            tokens = torch.export.Dim("tokens", min=1, max=4096)
+            ep = torch.export.export(Block(), args, dynamic_shapes=({0: tokens}, None, None, {0: tokens}, {0: tokens}),
+                                     strict=False)
+            with tempfile.TemporaryDirectory() as tmp:
+                with aoti_workarounds():  # as moec.compiler.lower compiles
+                    package = torch._inductor.aoti_compile_and_package(ep, package_path=f"{tmp}/many.pt2")
+                run = torch._inductor.aoti_load_package(package)
+                for T in token_counts:
+                    args, ref = routed(T)
+                    rows.append({"op": "fused_moe E=128", "case": f"T={T} {name} (aoti)", "compiled": compiled,
+                                 "rel_error": rel(run(*args), ref)})
+        except Exception as e:  # noqa: BLE001  recorded as this plan's failure
+            rows.append({"op": "fused_moe E=128", "case": f"aoti, {name}", "compiled": compiled,
+                         "error": compile_error(e)})
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
-    parser.add_argument("--parts", default="attention,moe,switch",
-                        help="comma-separated, of: attention, moe, switch (the default runs all three)")
+    parser.add_argument("--parts", default="attention,moe,many,switch",
+                        help="comma-separated, of: attention, moe, many (128 experts), switch (the default runs all)")
     args = parser.parse_args()
-    known = {"attention": attention_rows, "moe": moe_rows, "switch": switch_rows}
+    known = {"attention": attention_rows, "moe": moe_rows, "many": many_experts_rows, "switch": switch_rows}
     wanted = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(wanted) - set(known))
     if unknown or not wanted:
