@@ -208,36 +208,40 @@ def many_experts_rows(compiled: bool) -> list[dict]:
         return (hidden, w13, w2, weights, ids), ref
 
     op = torch.ops.moec.fused_moe
-    fn = torch.compile(lambda *a: op(*a), dynamic=True, fullgraph=True) if compiled else op
     rows = []
+
+    def add(row: dict) -> None:  # printed as it comes: the AOTInductor compiles take a while
+        rows.append(row)
+        print(f"  {row['case']}: {row.get('rel_error', row.get('error', ''))!s:.200}", flush=True)
+
+    if compiled:  # AOTInductor first: one artifact per plan, every T through it
+        for name, plan in plans.items():
+            class Block(torch.nn.Module):
+                def forward(self, hidden, w13, w2, weights, ids, plan=plan):
+                    return op(hidden, w13, w2, weights, ids, "silu", plan)
+
+            try:
+                args, _ = routed(7)
+                tokens = torch.export.Dim("tokens", min=1, max=4096)
+                ep = torch.export.export(Block(), args, strict=False,
+                                         dynamic_shapes=({0: tokens}, None, None, {0: tokens}, {0: tokens}))
+                with tempfile.TemporaryDirectory() as tmp:
+                    with aoti_workarounds():  # as moec.compiler.lower compiles
+                        package = torch._inductor.aoti_compile_and_package(ep, package_path=f"{tmp}/many.pt2")
+                    run = torch._inductor.aoti_load_package(package)
+                    for T in token_counts:
+                        args, ref = routed(T)
+                        add({"op": "fused_moe E=128", "case": f"T={T} {name} (aoti)", "compiled": compiled,
+                             "rel_error": rel(run(*args), ref)})
+            except Exception as e:  # noqa: BLE001  recorded as this plan's failure
+                add({"op": "fused_moe E=128", "case": f"aoti, {name}", "compiled": compiled,
+                     "error": compile_error(e)})
+    fn = torch.compile(lambda *a: op(*a), dynamic=True, fullgraph=True) if compiled else op
     for T in token_counts:
         args, ref = routed(T)
         for name, plan in plans.items():
-            rows.append({"op": "fused_moe E=128", "case": f"T={T} {name}", "compiled": compiled,
-                         "rel_error": rel(fn(*args, "silu", plan), ref)})
-    if not compiled:
-        return rows
-    for name, plan in plans.items():
-        class Block(torch.nn.Module):
-            def forward(self, hidden, w13, w2, weights, ids, plan=plan):
-                return op(hidden, w13, w2, weights, ids, "silu", plan)
-
-        try:
-            args, _ = routed(7)
-            tokens = torch.export.Dim("tokens", min=1, max=4096)
-            ep = torch.export.export(Block(), args, dynamic_shapes=({0: tokens}, None, None, {0: tokens}, {0: tokens}),
-                                     strict=False)
-            with tempfile.TemporaryDirectory() as tmp:
-                with aoti_workarounds():  # as moec.compiler.lower compiles
-                    package = torch._inductor.aoti_compile_and_package(ep, package_path=f"{tmp}/many.pt2")
-                run = torch._inductor.aoti_load_package(package)
-                for T in token_counts:
-                    args, ref = routed(T)
-                    rows.append({"op": "fused_moe E=128", "case": f"T={T} {name} (aoti)", "compiled": compiled,
-                                 "rel_error": rel(run(*args), ref)})
-        except Exception as e:  # noqa: BLE001  recorded as this plan's failure
-            rows.append({"op": "fused_moe E=128", "case": f"aoti, {name}", "compiled": compiled,
-                         "error": compile_error(e)})
+            add({"op": "fused_moe E=128", "case": f"T={T} {name}", "compiled": compiled,
+                 "rel_error": rel(fn(*args, "silu", plan), ref)})
     return rows
 
 
