@@ -70,8 +70,9 @@ def exit_rank(code: int) -> NoReturn:
     the interpreter's teardown can still die of SIGABRT there after the group is destroyed
     ("terminate called without an active exception": a C++ thread of torch.distributed's still
     joinable when its static owner is destroyed), a follower's exit code -6 after `serve` shut
-    down cleanly, about 1 run in 10 of the two-rank serve test on 2026-12-06. Ranks started by
-    `--nproc` end the same way (multiprocessing's children leave through os._exit)."""
+    down cleanly: 1 of 32 two-rank serve-and-stop runs on 2026-12-06, none of 96 through here.
+    Ranks started by `--nproc` end the same way (multiprocessing's children leave through
+    os._exit)."""
     leave_group()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):

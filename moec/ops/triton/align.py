@@ -21,7 +21,7 @@ two, which do not depend on BLOCK_M; `align_scatter` the third, per config `fuse
   scatter  per chunk: each assignment's slot = padded start of its expert + earlier
            assignments of that expert in earlier chunks + its rank within the chunk; the
            padding slots, num_post and expert_ids are written here too
-Up to one chunk of assignments (16 tokens at top-8 over 128 experts) there is one chunk: the
+Up to one chunk of assignments (8 tokens at top-8 over 128 experts) there is one chunk: the
 scatter counts it itself and the count and scan launches are gated off (their grids times 0), so
 the align is one launch where small steps pay for each launch (Qwen3-30B-A3B at 4 tokens on the
 H100: 1.6 + 1.7 us of kernels and their gaps in a 123 us step, moe_layer-h100-2026-12-06T0445).
@@ -54,7 +54,8 @@ from moec.ops.triton.token_gate import never, token_range_gate
 # chunks of 64 on 8 warps (one sub-step) 16.0 / 15.9 / 30.8 / 97.1 (the scan over twice the
 # chunks). Mixtral's 8 experts (one sub-step of 256): 6.7 to 12.8 us, within 1 us for every chunk
 # tried. Hence two chunkings where experts pad to 128 or more, gated by T: chunks of 64 on 8 warps
-# up to SMALL_CHUNK_ASSIGNMENTS assignments, 128 on 4 above. The scan takes SCAN_BLOCK_E experts a
+# up to SMALL_CHUNK_ASSIGNMENTS assignments (a module value too), 128 on 4 above: Qwen3's 16.0 /
+# 16.0 / 30.2 / 60.0 us, 17.6 at 2048 tokens (...T1715). The scan takes SCAN_BLOCK_E experts a
 # program over every chunk: 8 against 32, Qwen3's 29.6 / 59.3 us against 30.8 / 67.2 at 4096 /
 # 16384 tokens, the same below (...T1549)
 CHUNK: int | None = None

@@ -4,8 +4,9 @@ and the plain-PyTorch composition of the existing references to compare with.
 Launches, all sized from shapes (no host sync, no data-dependent shapes, so the sequence can be
 captured in a CUDA graph and traced with a symbolic token count): 2 for the expert histograms
 (above one chunk of assignments only, `align.chunkings`: below, the scatter counts its one chunk
-itself; where experts are many, one pair per chunking, gated by T), then per config a scatter (align), the gate/up GEMM (which also zeroes the output) and the down GEMM
-(which accumulates into it): 3 to 5 for one config. A few tokens (T = 1, and up to
+itself; where experts are many, one pair per chunking, gated by T), then per config a scatter
+(align; one per chunking, gated alike), the gate/up GEMM (which also zeroes the output) and the
+down GEMM (which accumulates into it): 3 to 5 launches run for one config. A few tokens (T = 1, and up to
 `direct_tokens`: 16 for Qwen3-30B-A3B, 4 for Mixtral) run the two GEMMs alone, a row
 block per assignment with its expert read straight from topk_ids, each expert's rows (one per
 token that chose it) computed by the block of its first assignment (DIRECT): 2 launches, none
