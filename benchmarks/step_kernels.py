@@ -849,6 +849,8 @@ def main() -> int:
     parser.add_argument("--out", default=".")
     parser.add_argument("--budget-s", type=float, default=240, help="the prefill sweep stops adding configs after it")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"which of {','.join(PARTS)} to run")
+    parser.add_argument("--commit", help="git commit of the tree (else git rev-parse HEAD, which a copied tree "
+                                         "may not match)")
     args = parser.parse_args()
     unknown = set(args.parts.split(",")) - set(PARTS)
     if unknown:
@@ -862,7 +864,7 @@ def main() -> int:
     out = Path(args.out)
     flush = L2Flusher(dev)
     ceil = {"copy_gb_s": copy_bandwidth(dev)["value"], "matmul_tflop_s": matmul_rate(dev)["value"]}
-    result = {"benchmark": "step_kernels", "env": environment(dev), "ceilings": ceil}
+    result = {"benchmark": "step_kernels", "env": environment(dev, args.commit), "ceilings": ceil}
     print(f"ceilings: copy {ceil['copy_gb_s']:.0f} GB/s, matmul {ceil['matmul_tflop_s']:.0f} TFLOP/s", flush=True)
     parts = {"router": lambda: run_router(dev, ceil, flush), "router_wide": lambda: run_router_wide(dev, ceil, flush),
              "align": lambda: run_align(dev, ceil, flush), "decode": lambda: run_decode(dev, ceil, flush),
