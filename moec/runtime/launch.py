@@ -48,21 +48,21 @@ def join_group_from_env() -> None:
     atexit.register(leave_group)
 
 
+def in_group() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def leave_group() -> None:
     """Destroy the process group while the interpreter is still whole. Left to the interpreter's
     teardown, gloo's worker threads can still hold work whose tensors need the GIL to be freed,
     and a rank that stopped cleanly dies of SIGABRT (a follower's exit code -6 after `serve` shut
     down, once in CI on 2026-12-06). `moe-runtime` processes end through `exit_rank`, which calls
     this first; anything else that joined the group runs it at exit."""
-    if dist.is_available() and dist.is_initialized():
+    if in_group():
         try:
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - a group that already failed has nothing left to tear down
             pass
-
-
-def in_group() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 def exit_rank(code: int) -> NoReturn:
@@ -84,7 +84,7 @@ def exit_rank(code: int) -> NoReturn:
 
 
 def is_rank_zero() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return not in_group() or dist.get_rank() == 0
 
 
 def _rank_main(argv: list[str]) -> int:
