@@ -32,6 +32,44 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
 
 
+def expert_weights(g: torch.Generator, experts: int, hidden: int, inter: int, scale: float) -> tuple:
+    """Random bf16 w13 [E, 2I, H] and w2 [E, H, I] drawn from `g` on the GPU."""
+    w13 = (torch.randn(experts, 2 * inter, hidden, device="cuda", generator=g) * scale).bfloat16()
+    w2 = (torch.randn(experts, hidden, inter, device="cuda", generator=g) * scale).bfloat16()
+    return w13, w2
+
+
+def routed(g: torch.Generator, num_tokens: int, w13: torch.Tensor, w2: torch.Tensor, top_k: int) -> tuple:
+    """T random bf16 tokens routed top-k (renormalised) over w13's experts, and fused_moe's
+    reference on them in fp32: (hidden, weights, ids, ref)."""
+    from moec.ops.moe_combine import moe_combine_ref
+    from moec.ops.moe_experts import moe_experts_ref
+
+    experts, _, hidden_size = w13.shape
+    hidden = torch.randn(num_tokens, hidden_size, device="cuda", generator=g).bfloat16()
+    weights, ids = torch.softmax(torch.randn(num_tokens, experts, device="cuda", generator=g), -1).topk(top_k, -1)
+    weights = weights / weights.sum(-1, keepdim=True)
+    ref = moe_combine_ref(moe_experts_ref(hidden.float(), w13.float(), w2.float(), ids, "silu"), weights)
+    return hidden, weights, ids, ref
+
+
+def export_tokens_dynamic(block: torch.nn.Module, args: tuple) -> torch.export.ExportedProgram:
+    """`block(hidden, w13, w2, weights, ids)` exported with the token count symbolic (1..4096)."""
+    tokens = torch.export.Dim("tokens", min=1, max=4096)
+    return torch.export.export(block, args, dynamic_shapes=({0: tokens}, None, None, {0: tokens}, {0: tokens}),
+                               strict=False)
+
+
+def aoti_load(ep: torch.export.ExportedProgram, tmp: str, name: str, configs: dict | None = None):
+    """`ep` compiled by AOTInductor as moec.compiler.lower compiles (its workarounds), loaded."""
+    from moec.compiler.lower import aoti_workarounds
+
+    with aoti_workarounds():
+        package = torch._inductor.aoti_compile_and_package(ep, package_path=f"{tmp}/{name}.pt2",
+                                                           inductor_configs=configs)
+    return torch._inductor.aoti_load_package(package)
+
+
 def paged_case(chunks, kv_heads=8, group=4, head_dim=128, block_size=16, seed=0) -> dict:
     """One step over `chunks` = [(start, num_tokens)], one per sequence, each owning shuffled
     physical blocks; the whole cache holds random values (bf16, on the GPU)."""
@@ -77,14 +115,10 @@ def attention_rows(compiled: bool) -> list[dict]:
 
 
 def moe_rows(compiled: bool) -> list[dict]:
-    from moec.ops.moe_combine import moe_combine_ref
-    from moec.ops.moe_experts import moe_experts_ref
     from moec.ops.triton.configs import candidate_configs, config_name, encode_plan
 
     g = torch.Generator(device="cuda").manual_seed(0)
-    E, H, I, K = 8, 4096, 14336, 2
-    w13 = (torch.randn(E, 2 * I, H, device="cuda", generator=g) * 0.02).bfloat16()
-    w2 = (torch.randn(E, H, I, device="cuda", generator=g) * 0.02).bfloat16()
+    w13, w2 = expert_weights(g, 8, 4096, 14336, 0.02)
     plans = {"default": "", "grouped_mm": encode_plan({"path": "grouped_mm"})}
     cands = candidate_configs()
     plans["two ranges"] = encode_plan({"path": "triton", "ranges": [(16, cands[0]), (None, cands[-1])]})
@@ -94,11 +128,7 @@ def moe_rows(compiled: bool) -> list[dict]:
     fn = torch.compile(lambda *a: op(*a), dynamic=True, fullgraph=True) if compiled else op
     rows = []
     for T in (1, 4, 33, 300):
-        hidden = torch.randn(T, H, device="cuda", generator=g).bfloat16()
-        logits = torch.randn(T, E, device="cuda", generator=g)
-        weights, ids = torch.softmax(logits, -1).topk(K, -1)
-        weights = weights / weights.sum(-1, keepdim=True)
-        ref = moe_combine_ref(moe_experts_ref(hidden.float(), w13.float(), w2.float(), ids, "silu"), weights)
+        hidden, weights, ids, ref = routed(g, T, w13, w2, 2)
         for name, plan in plans.items():
             got = fn(hidden, w13, w2, weights, ids, "silu", plan)
             rows.append({"op": "fused_moe", "case": f"T={T} {name}", "compiled": compiled, "rel_error": rel(got, ref)})
@@ -123,30 +153,19 @@ def switch_rows(compiled: bool) -> list[dict]:
         return []
     import tempfile
 
-    from moec.compiler.lower import aoti_workarounds
     from moec.compiler.passes.moe_tuning import GROUPED_MM, branch_on_tokens
-    from moec.ops.moe_combine import moe_combine_ref
-    from moec.ops.moe_experts import moe_experts_ref
     from moec.ops.triton.configs import encode_plan
 
     g = torch.Generator(device="cuda").manual_seed(1)
-    E, H, I, K, switch = 8, 1024, 1536, 2, 64
-    w13 = (torch.randn(E, 2 * I, H, device="cuda", generator=g) * 0.03).bfloat16()
-    w2 = (torch.randn(E, H, I, device="cuda", generator=g) * 0.03).bfloat16()
-
-    def routed(T):
-        hidden = torch.randn(T, H, device="cuda", generator=g).bfloat16()
-        weights, ids = torch.softmax(torch.randn(T, E, device="cuda", generator=g), -1).topk(K, -1)
-        return hidden, weights / weights.sum(-1, keepdim=True), ids
+    K, switch = 2, 64
+    w13, w2 = expert_weights(g, 8, 1024, 1536, 0.03)
 
     class Block(torch.nn.Module):
         def forward(self, hidden, w13, w2, weights, ids):  # with a residual, as in a decoder layer
             return hidden + torch.ops.moec.fused_moe(hidden, w13, w2, weights, ids, "silu", "")
 
-    hidden, weights, ids = routed(5)
-    tokens = torch.export.Dim("tokens", min=1, max=4096)
-    ep = torch.export.export(Block(), (hidden, w13, w2, weights, ids),
-                             dynamic_shapes=({0: tokens}, None, None, {0: tokens}, {0: tokens}), strict=False)
+    hidden, weights, ids, _ = routed(g, 5, w13, w2, K)
+    ep = export_tokens_dynamic(Block(), (hidden, w13, w2, weights, ids))
     gm = ep.graph_module
     node = next(n for n in gm.graph.nodes if n.target is torch.ops.moec.fused_moe.default)
     branch_on_tokens(gm, node, switch, "", encode_plan({"path": GROUPED_MM}))
@@ -160,14 +179,10 @@ def switch_rows(compiled: bool) -> list[dict]:
     for label, configs in (("reuse", {}), ("no buffer reuse", {"allow_buffer_reuse": False})):
         try:
             with tempfile.TemporaryDirectory() as tmp:
-                with aoti_workarounds():  # as moec.compiler.lower compiles
-                    package = torch._inductor.aoti_compile_and_package(ep, package_path=f"{tmp}/switch.pt2",
-                                                                       inductor_configs=configs)
-                run = torch._inductor.aoti_load_package(package)
+                run = aoti_load(ep, tmp, "switch", configs)
                 for T in (3, switch, switch + 1, 700):
-                    hidden, weights, ids = routed(T)
-                    ref = moe_combine_ref(moe_experts_ref(hidden.float(), w13.float(), w2.float(), ids, "silu"),
-                                          weights) + hidden.float()
+                    hidden, weights, ids, ref = routed(g, T, w13, w2, K)
+                    ref = ref + hidden.float()  # the block's residual
                     side = "grouped_mm" if T > switch else "triton"
                     rows.append({"op": "fused_moe switch", "case": f"T={T} {side} (aoti, {label})",
                                  "compiled": compiled, "rel_error": rel(run(hidden, w13, w2, weights, ids), ref)})
@@ -186,25 +201,17 @@ def many_experts_rows(compiled: bool) -> list[dict]:
     symbolic and compiled by AOTInductor (one artifact runs every T, both chunkings in it)."""
     import tempfile
 
-    from moec.compiler.lower import aoti_workarounds
-    from moec.ops.moe_combine import moe_combine_ref
-    from moec.ops.moe_experts import moe_experts_ref
     from moec.ops.triton.configs import candidate_configs, encode_plan
 
     g = torch.Generator(device="cuda").manual_seed(2)
-    E, H, I, K = 128, 512, 256, 8
-    w13 = (torch.randn(E, 2 * I, H, device="cuda", generator=g) * 0.05).bfloat16()
-    w2 = (torch.randn(E, H, I, device="cuda", generator=g) * 0.05).bfloat16()
+    w13, w2 = expert_weights(g, 128, 512, 256, 0.05)
     cands = candidate_configs()
     plans = {"default": "", "grouped_mm": encode_plan({"path": "grouped_mm"}),
              "two ranges": encode_plan({"path": "triton", "ranges": [(512, cands[0]), (None, cands[-1])]})}
     token_counts = (1, 5, 16, 17, 300, 2048, 2049, 3000)
 
-    def routed(T):
-        hidden = torch.randn(T, H, device="cuda", generator=g).bfloat16()
-        weights, ids = torch.softmax(torch.randn(T, E, device="cuda", generator=g), -1).topk(K, -1)
-        weights = weights / weights.sum(-1, keepdim=True)
-        ref = moe_combine_ref(moe_experts_ref(hidden.float(), w13.float(), w2.float(), ids, "silu"), weights)
+    def case(T):  # the op's arguments and its reference
+        hidden, weights, ids, ref = routed(g, T, w13, w2, 8)
         return (hidden, w13, w2, weights, ids), ref
 
     op = torch.ops.moec.fused_moe
@@ -221,16 +228,11 @@ def many_experts_rows(compiled: bool) -> list[dict]:
                     return op(hidden, w13, w2, weights, ids, "silu", plan)
 
             try:
-                args, _ = routed(7)
-                tokens = torch.export.Dim("tokens", min=1, max=4096)
-                ep = torch.export.export(Block(), args, strict=False,
-                                         dynamic_shapes=({0: tokens}, None, None, {0: tokens}, {0: tokens}))
+                ep = export_tokens_dynamic(Block(), case(7)[0])
                 with tempfile.TemporaryDirectory() as tmp:
-                    with aoti_workarounds():  # as moec.compiler.lower compiles
-                        package = torch._inductor.aoti_compile_and_package(ep, package_path=f"{tmp}/many.pt2")
-                    run = torch._inductor.aoti_load_package(package)
+                    run = aoti_load(ep, tmp, "many")
                     for T in token_counts:
-                        args, ref = routed(T)
+                        args, ref = case(T)
                         add({"op": "fused_moe E=128", "case": f"T={T} {name} (aoti)", "compiled": compiled,
                              "rel_error": rel(run(*args), ref)})
             except Exception as e:  # noqa: BLE001  recorded as this plan's failure
@@ -238,7 +240,7 @@ def many_experts_rows(compiled: bool) -> list[dict]:
                      "error": compile_error(e)})
     fn = torch.compile(lambda *a: op(*a), dynamic=True, fullgraph=True) if compiled else op
     for T in token_counts:
-        args, ref = routed(T)
+        args, ref = case(T)
         for name, plan in plans.items():
             add({"op": "fused_moe E=128", "case": f"T={T} {name}", "compiled": compiled,
                  "rel_error": rel(fn(*args, "silu", plan), ref)})
