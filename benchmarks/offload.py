@@ -7,8 +7,10 @@ In order, each heavy part in its own process:
   1. compile: `moe-compile --profile-hardware` (this machine's host link, GPU and CPU figures),
      then `moe-compile` of recipes/mixtral-8x7b-shape.yaml's synthetic model with --layers layers
      (bf16, drawn by the compiler, which keeps no second copy on disk) and `offload: {gpu_memory,
-     hardware: the profile, workload: 512 + 128}`: the plan (batch, micro-batches, placement,
-     resident layers, expert cache) and its predicted tokens/s
+     hardware: the profile, workload: 512 + 128}`, in a process capped at --gpu-memory as the run
+     is (the experts stay in host memory while compiling): the plan (batch, micro-batches,
+     placement, resident layers, expert cache), its predicted tokens/s, the compiler's peak GPU
+     memory
   2. moec: with the process capped at --gpu-memory (`set_per_process_memory_fraction`):
      `moe-runtime bench` at batch 1 and at the plan's batch (512-token prompts, 128 generated):
      decode tokens/s, expert bytes copied per step, the link's busy share; then 3 decode steps
@@ -61,6 +63,21 @@ def cap_gpu(limit: int) -> None:
 
 
 # ------------------------------------------------------------------------------- roles (subprocesses)
+def role_compile(args) -> int:
+    """`moe-compile` under the same GPU cap as the run: an offloaded model compiles on a GPU that
+    cannot hold it (the experts stay in host memory). Writes the compiler's exit code and its
+    peak GPU memory to --result."""
+    import torch
+
+    from moec.compiler.cli import main as moe_compile
+
+    cap_gpu(gib(args.gpu_memory))
+    rc = moe_compile([args.recipe, "--output", args.artifact])
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+    Path(args.result).write_text(json.dumps({"rc": rc, "peak_gpu_bytes": peak}))
+    return rc
+
+
 def role_moec(args) -> int:
     from moec.runtime.bench import BenchSettings, run_bench
 
@@ -236,12 +253,16 @@ def compile_phase(args, result: dict, work: Path, deadline: float) -> bool:
         recipe.update(device="cpu")
     (work / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     t = time.perf_counter()
-    proc = run([sys.executable, "-m", "moec.compiler", str(work / "recipe.yaml"), "--output", str(work / "artifact")],
+    compiled = work / "compile.json"
+    compiled.unlink(missing_ok=True)
+    proc = run([sys.executable, __file__, "--role", "compile", "--recipe", str(work / "recipe.yaml"),
+                "--artifact", str(work / "artifact"), "--gpu-memory", args.gpu_memory, "--result", str(compiled)],
                timeout=deadline - time.perf_counter(), capture=False)
     result["compile_s"] = time.perf_counter() - t
-    if proc.returncode != 0:
+    if proc.returncode != 0 or not compiled.is_file():
         result["error"] = "compile failed"
         return False
+    result["compile_peak_gpu_gib"] = json.loads(compiled.read_text())["peak_gpu_bytes"] / 2**30
     plan = json.loads((work / "artifact" / "manifest.json").read_text())["offload"]
     result["plan"] = {k: plan[k] for k in ("policy", "prediction", "gpu_memory", "host_memory")}
     return True
@@ -320,6 +341,10 @@ def report_phase(result: dict, out: Path) -> None:
     if plan:
         print(f"predicted {plan['prediction']['tokens_per_s']:.1f} tok/s over the workload, bound by the "
               f"{plan['prediction']['bottleneck']}")
+    if result.get("compile_s") is not None:
+        peak = result.get("compile_peak_gpu_gib")
+        print(f"compiled in {result['compile_s']:.0f} s under the cap"
+              + (f", {peak:.1f} GiB of GPU memory at most" if peak is not None else ""))
     print(f"{'batch':>5} {'moec':>9} {'accel.':>9} {'bound':>9} {'%bound':>7} {'x accel':>8} {'link busy':>9}")
     for r in result["rows"]:
         def f(v, spec):
@@ -333,7 +358,7 @@ def report_phase(result: dict, out: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--role", choices=["main", "moec", "accelerate"], default="main")
+    parser.add_argument("--role", choices=["main", "compile", "moec", "accelerate"], default="main")
     parser.add_argument("--out", default=".")
     parser.add_argument("--work", default="/tmp/moec-offload")
     parser.add_argument("--recipe", default=str(ROOT / "recipes" / "mixtral-8x7b-shape.yaml"))
@@ -356,6 +381,8 @@ def main() -> int:
     parser.add_argument("--resume-from", help="an earlier offload.json (e.g. from benchmarks/results/) to resume "
                                               "when --work holds none: say, only the accelerate baseline at one batch")
     args = parser.parse_args()
+    if args.role == "compile":
+        return role_compile(args)
     if args.role == "moec":
         return role_moec(args)
     if args.role == "accelerate":

@@ -374,6 +374,7 @@ def test_offload_benchmark_runs_in_phases_that_resume(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "offload.json").read_text())
     assert result["phases_done"] == ["compile", "moec", "accelerate", "report"]
+    assert result["compile_peak_gpu_gib"] == 0  # the compiler ran in the capped role (no GPU here)
     assert result["plan"]["policy"]["placement"] == "cpu" and result["plan"]["policy"]["micro_batches"] == 2
     assert [r["batch"] for r in result["rows"]] == [1, 4] and all(r["moec"] > 0 for r in result["rows"]), proc.stderr[-4000:]
     assert result["moec"]["offload"]["policy"]["resident_expert_layers"] == 4

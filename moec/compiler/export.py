@@ -41,8 +41,12 @@ def dynamic_shapes(max_tokens: int, max_batch: int, max_blocks_per_seq: int) -> 
 
 
 def export_step(step: PagedStep, dtype: torch.dtype, block_size: int, max_tokens: int, max_batch: int,
-                max_seq_len: int, device: str = "cpu") -> torch.export.ExportedProgram:
+                max_seq_len: int, device: str = "cpu", fake_mode=None) -> torch.export.ExportedProgram:
+    """`fake_mode`: the mode of fake parameters in `step` (`host_experts.keep_on_host`); the
+    example inputs are made fake in it too, so that export traces in that mode."""
     args = example_inputs(step.config, dtype, block_size, device)
+    if fake_mode is not None:
+        args = tuple(fake_mode.from_tensor(a) for a in args)
     shapes = dynamic_shapes(max_tokens, max_batch, -(-max_seq_len // block_size))
     with torch.no_grad():
         return torch.export.export(step, args, dynamic_shapes=shapes, strict=False)

@@ -54,20 +54,38 @@ def load_model(model_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def check_fits_device(model: torch.nn.Module, device: str, free_bytes: int | None = None) -> None:
-    """The compiler holds the whole model on the target device (export, the MoE checks and the
-    tuner run it there). A model larger than the GPU's free memory is a one-line error here, not
-    an out-of-memory traceback halfway through loading. An offloaded artifact only needs the
-    plan's budget when it runs, but compiling it still needs a GPU that holds the whole model."""
+def gpu_free_bytes() -> int:
+    """What this process may still allocate on the current GPU: the device's free memory, or less
+    where the process was capped (`torch.cuda.set_per_process_memory_fraction`, which the
+    device's free memory does not show)."""
+    free, total = torch.cuda.mem_get_info()
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda: 1.0)()
+    return min(free, int(fraction * total) - torch.cuda.memory_allocated())
+
+
+def check_fits_device(model: torch.nn.Module, device: str, free_bytes: int | None = None,
+                      host_experts=None) -> None:
+    """The compiler holds the model on the target device (export, the MoE checks and the tuner run
+    it there). A model larger than the GPU's free memory is a one-line error here, not an
+    out-of-memory traceback halfway through loading. With `host_experts` (an offloaded artifact,
+    `host_experts.keep_on_host`) the experts stay in host memory and the device holds the rest
+    and one MoE block's experts at a time."""
     if device != "cuda":
         return
     if free_bytes is None:
-        free_bytes, _ = torch.cuda.mem_get_info()
-    need = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        free_bytes = gpu_free_bytes()
+    from moec.compiler.host_experts import is_stand_in
+
+    need = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()) if not is_stand_in(t))
+    if host_experts is not None:
+        need += host_experts.largest_block_bytes
     if need > free_bytes:
         def size(n: int) -> str:
             return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
+        if host_experts is not None:
+            raise RecipeError(f"the model's dense weights and one MoE block's experts take {size(need)} and the GPU "
+                              f"has {size(free_bytes)} free; compiling an offloaded model needs that much, or free the GPU")
         raise RecipeError(f"the model's weights take {size(need)} and the GPU has {size(free_bytes)} "
-                          "free; compiling needs the whole model on the GPU (an offloaded artifact runs within "
-                          "offload.gpu_memory, but compile it on a GPU that holds the model), or free the GPU")
+                          "free; compiling needs the whole model on the GPU (add an offload block to the recipe "
+                          "to keep the experts in host memory), or free the GPU")

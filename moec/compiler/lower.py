@@ -171,12 +171,15 @@ def compile_graph(ep: torch.export.ExportedProgram, package_path: Path) -> Path:
     return package_path
 
 
-def save_weights(ep: torch.export.ExportedProgram, weights_path: Path) -> list[str]:
+def save_weights(ep: torch.export.ExportedProgram, weights_path: Path,
+                 host: dict[str, torch.Tensor] | None = None) -> list[str]:
     """Write the program's parameters, buffers and lifted constants under their FQNs, the names the
     compiled graph asks `load_constants` for. Inductor may fold a few small constants (RoPE
-    frequencies) into the library; the runtime passes only what the graph still asks for."""
+    frequencies) into the library; the runtime passes only what the graph still asks for.
+    `host`: tensors to write instead of the program's under the same names (the experts an
+    offloaded compile kept in host memory, `host_experts`, where the program holds stand-ins)."""
     tensors, seen = {}, set()
-    for name, value in {**ep.state_dict, **ep.constants}.items():
+    for name, value in {**ep.state_dict, **ep.constants, **(host or {})}.items():
         if not isinstance(value, torch.Tensor):
             continue
         t = value.detach()

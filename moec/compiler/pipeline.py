@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import shutil
 import tempfile
@@ -18,6 +19,7 @@ from moec.artifact import ArtifactWriter
 from moec.artifact.manifest import environment_fields
 from moec.artifact.summary import moe_kernel_lines
 from moec.compiler.export import export_step
+from moec.compiler.host_experts import keep_on_host
 from moec.compiler.load import check_fits_device, load_model, read_hf_config
 from moec.compiler.offload_policy import plan_offload
 from moec.compiler.lower import compile_graph, save_weights
@@ -26,7 +28,7 @@ from moec.compiler.passes.external_attention import externalize_attention
 from moec.compiler.passes.external_experts import externalize_experts
 from moec.compiler.passes.fused_projections import fuse_projections
 from moec.compiler.passes.moe_lowering import check_moe_blocks
-from moec.compiler.passes.moe_tuning import CUDA_SWITCH, MoeTuning, apply_moe_plans, tune_moe
+from moec.compiler.passes.moe_tuning import CUDA_SWITCH, MoeTuning, apply_moe_plans, region_shape, tune_moe
 from moec.compiler.recipe import Recipe
 from moec.compiler.step import PagedStep, head_dim
 from moec.errors import RecipeError, first_line
@@ -97,11 +99,14 @@ def _model_source(recipe: Recipe, stages: Stages):
 
     syn = recipe.model.synthetic
     # drawn where the model will run: a Mixtral-sized model takes minutes on a CPU, seconds on a GPU
+    # (one larger than the GPU, to offload, on the CPU)
     init = "cuda" if recipe.device == "cuda" else "cpu"
     with tempfile.TemporaryDirectory(prefix="moec-synthetic-") as tmp:
-        with stages.stage("source", f"synthetic {syn.architecture}, seed {syn.seed}, drawn on {init}, as an HF directory"):
+        with stages.stage("source", f"synthetic {syn.architecture}, seed {syn.seed}, as an HF directory"):
             model_dir = write_synthetic_model(syn.architecture, syn.config, syn.seed, Path(tmp) / "model",
-                                              dtype=syn.dtype, init_device=init)
+                                              dtype=syn.dtype, init_device=init,
+                                              progress=lambda msg: stages.console.print(f"  {msg}", style="dim",
+                                                                                        markup=False, highlight=False))
         yield model_dir
 
 
@@ -111,6 +116,8 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
     dtype = getattr(torch, recipe.dtype)
     if recipe.device == "cuda" and not torch.cuda.is_available():
         raise RecipeError("device: cuda, but this machine has no CUDA GPU; set device: cpu or compile on the GPU machine")
+    if recipe.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -118,8 +125,12 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
         with stages.stage("load", f"{hf_name(model_dir)} from safetensors ({recipe.dtype})"):
             hf_config = read_hf_config(model_dir)
             model = load_model(model_dir, dtype)
-            check_fits_device(model, recipe.device)
-            model = model.to(recipe.device)
+            # an offloaded or expert-parallel artifact's graph reads no expert weight (the runtime
+            # hands the experts to it): they stay in host memory
+            external = recipe.offload is not None or recipe.parallel.ep > 1
+            host_experts = keep_on_host(model, recipe.device) if external else None
+            check_fits_device(model, recipe.device, host_experts=host_experts)
+            model = host_experts.move_rest(model) if host_experts else model.to(recipe.device)
             if recipe.model.path is None:  # our own temporary copy: the disk holds one copy of the weights, not two
                 for weights_file in model_dir.glob("*.safetensors"):
                     weights_file.unlink()
@@ -128,10 +139,12 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
             step = PagedStep(model, max_positions=recipe.max_seq_len)
         with stages.stage("export", f"tokens ≤ {recipe.max_tokens_per_step}, batch ≤ {recipe.max_batch}"):
             ep = export_step(step, dtype, recipe.kv_block_size, recipe.max_tokens_per_step, recipe.max_batch,
-                             recipe.max_seq_len, device=recipe.device)
+                             recipe.max_seq_len, device=recipe.device,
+                             fake_mode=host_experts.fake_mode if host_experts else None)
         with stages.stage("passes", "MoE regions → moec ops, Q/K/V → one matmul; each checked on random inputs"):
             ep, regions = lower_moe(ep, step, model.config, device=recipe.device,
-                                    max_tokens=recipe.max_tokens_per_step)
+                                    max_tokens=recipe.max_tokens_per_step,
+                                    block_on_device=(lambda path: host_experts.on_device([path])) if host_experts else None)
             ep, fused = fuse_projections(ep)
         console.print(f"  {len(regions)} MoE regions lowered:\n{_region_table(regions)}")
         if fused:
@@ -153,35 +166,49 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
                        if recipe.device == "cuda" else "cpu: the MoE op runs the PyTorch reference, nothing to time")
         with stages.stage("tune", tune_detail):
             # a branch between paths lives in the graph; external experts (offload, EP) take one plan
-            tuning = tune_moe(regions, step, dtype, recipe.device, recipe.max_tokens_per_step,
-                              allow_switch=recipe.offload is None and recipe.parallel.ep == 1 and CUDA_SWITCH)
-            unplanned, ep = ep, apply_moe_plans(ep, step, tuning.plans, tuning.switches)
+            timed = {}  # the tuner times each MoE shape on its first block
+            for r in regions:
+                timed.setdefault(region_shape(r, dtype), r["path"])
+            with host_experts.on_device(timed.values()) if host_experts else contextlib.nullcontext():
+                tuning = tune_moe(regions, step, dtype, recipe.device, recipe.max_tokens_per_step,
+                                  allow_switch=recipe.offload is None and recipe.parallel.ep == 1 and CUDA_SWITCH)
         console.print("\n".join("  " + line for line in moe_kernel_lines(tuning.table)),
                       soft_wrap=True, markup=False, highlight=False)
+
+        def program(tuning: MoeTuning) -> tuple[torch.export.ExportedProgram, list[dict]]:
+            """The lowered program with `tuning`'s plans, its experts (and, offloaded to the CPU, its
+            attention) handed to the runtime where the recipe says so; and which experts those are."""
+            planned = apply_moe_plans(ep, step, tuning.plans, tuning.switches)
+            if recipe.offload is None and recipe.parallel.ep == 1:
+                return planned, []
+            planned, experts = externalize_experts(planned)
+            if recipe.offload is not None and offload["policy"]["placement"] == "cpu":
+                planned, _ = externalize_attention(planned)  # the KV cache lives on the host, attention beside it
+            return planned, experts
+
+        if host_experts:
+            host_experts.hollow(ep)
+        final, experts = program(tuning)
         if recipe.offload is not None:
-            ep, offload["experts"] = externalize_experts(ep)
-            if offload["policy"]["placement"] == "cpu":  # the KV cache lives on the host, attention beside it
-                ep, _ = externalize_attention(ep)
+            offload["experts"] = experts
             del offload["summary"]
         parallel = {}
         if recipe.parallel.ep > 1:
-            ep, layers = externalize_experts(ep)
-            parallel = {"ep": recipe.parallel.ep, "chunks": recipe.parallel.chunks, "experts": layers,
+            parallel = {"ep": recipe.parallel.ep, "chunks": recipe.parallel.chunks, "experts": experts,
                         "placement": expert_placement(regions[0]["num_experts"], recipe.parallel.ep)}
 
         config = model.config
         with ArtifactWriter(out_dir) as writer:
             with stages.stage("lower", f"AOTInductor for {recipe.device}"):
                 # weights first: AOTInductor's decomposition run may drop the program's constants
-                save_weights(ep, writer.tmp / "weights.safetensors")
+                save_weights(final, writer.tmp / "weights.safetensors", host_experts.host if host_experts else None)
                 # the tuning's program, then each of the tuner's fallbacks while AOTInductor fails
                 attempts, error = [(None, tuning), *tuning.fallbacks()], None
                 for i, (key, attempt) in enumerate(attempts):
                     if key is not None:
                         tuning = fallback_after(key, attempt, error, console)
                     try:
-                        compile_graph(ep if key is None else apply_moe_plans(unplanned, step, tuning.plans),
-                                      writer.tmp / "model.pt2")
+                        compile_graph(final if key is None else program(tuning)[0], writer.tmp / "model.pt2")
                         break
                     except Exception as e:  # noqa: BLE001
                         if i == len(attempts) - 1:
@@ -220,5 +247,6 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
                     "parallel": parallel,
                 })
     total = sum(stages.times.values())
-    console.print(f"[bold green]compiled[/] {recipe.name} → {out_dir} in {total:.1f}s")
+    peak = f", {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB of GPU memory at most" if recipe.device == "cuda" else ""
+    console.print(f"[bold green]compiled[/] {recipe.name} → {out_dir} in {total:.1f}s{peak}")
     return out_dir

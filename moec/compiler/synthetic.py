@@ -142,7 +142,8 @@ def write_synthetic_model(
     exactly `config["vocab_size"]` tokens (default 512); BOS/EOS ids come from it. Same arguments,
     byte-identical files. Returns `out_dir`. `init_device="cuda"` draws the weights on the GPU (a
     Mixtral-sized model takes minutes on a CPU, seconds there): still seeded and repeatable on one
-    GPU type, but not the same weights as a CPU draw.
+    GPU type, but not the same weights as a CPU draw; a model larger than the GPU's free memory is
+    drawn on the CPU.
 
     Raises RecipeError for an unknown architecture, a config key the architecture does not have,
     a value transformers rejects, or a vocab size the tokenizer cannot reach.
@@ -166,12 +167,20 @@ def write_synthetic_model(
         raise RecipeError(f"model.synthetic.dtype must be float32, bfloat16 or float16; got {dtype!r}")
     hf_config = _build_config(architecture, config, vocab_size, tok.token_to_id(BOS), tok.token_to_id(EOS), dtype)
 
-    say(f"initialising {architecture} with seed {seed}")
     on_gpu = torch.device(init_device).type == "cuda"
-    rng_devices = [torch.device(init_device).index or 0] if on_gpu else []
     previous_dtype = torch.get_default_dtype()
     try:
         torch.set_default_dtype(getattr(torch, dtype))  # drawn in the checkpoint's dtype: no float32 copy
+        if on_gpu:  # a model larger than the GPU (one to offload) is drawn on the CPU
+            from moec.compiler.load import gpu_free_bytes
+
+            with torch.device("meta"):
+                need = sum(p.numel() * p.element_size() for p in model_cls(hf_config).parameters())
+            if need > gpu_free_bytes():
+                say(f"{need / 2**30:.1f} GiB of weights do not fit the GPU's free memory: drawing them on the CPU")
+                on_gpu, init_device = False, "cpu"
+        say(f"initialising {architecture} with seed {seed} on {init_device}")
+        rng_devices = [torch.device(init_device).index or 0] if on_gpu else []
         with torch.random.fork_rng(devices=rng_devices), torch.device(init_device):  # caller's RNG state kept
             torch.manual_seed(seed)
             model = model_cls(hf_config)

@@ -13,6 +13,7 @@ mismatch beyond the dtype's tolerance stops the compile: no artifact is written.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import operator
 
@@ -182,11 +183,13 @@ def _inline(graph: fx.Graph, sub: fx.Graph, region: MoeRegion) -> fx.Node:
 
 def lower_moe(ep: torch.export.ExportedProgram, model: torch.nn.Module, config,
               build=replacement_graph, device: str | None = None,
-              max_tokens: int | None = None) -> tuple[torch.export.ExportedProgram, list[dict]]:
+              max_tokens: int | None = None, block_on_device=None) -> tuple[torch.export.ExportedProgram, list[dict]]:
     """A new program with every MoE region lowered to moec ops, and the regions described.
 
     `device`: the target whose kernels must run the regions (default: where the weights are);
-    `max_tokens`: the most tokens one step may hold (bounds the kernels' index arithmetic)."""
+    `max_tokens`: the most tokens one step may hold (bounds the kernels' index arithmetic);
+    `block_on_device(path)`: a context in which the block at `path` holds its real weights, where
+    the model holds stand-ins for them (`host_experts`); each block is checked inside its own."""
     gm = copy.deepcopy(ep.graph_module)
     new_ep = ep._update(gm, ep.graph_signature)
     regions = find_moe_regions(new_ep, config)
@@ -200,7 +203,8 @@ def lower_moe(ep: torch.export.ExportedProgram, model: torch.nn.Module, config,
     described = []
     for region in regions:
         sub = build(region, _out_shape(region))
-        worst = check_region(region, sub, model)
+        with block_on_device(region.path) if block_on_device else contextlib.nullcontext():
+            worst = check_region(region, sub, model)
         out = _inline(graph, sub, region)
         region.output.replace_all_uses_with(out)
         for node in reversed(region.nodes):

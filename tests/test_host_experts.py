@@ -1,0 +1,90 @@
+"""Compiling an offloaded model keeps its experts in host memory: the device holds the dense
+weights and, while a block is checked or timed, that block's experts (`moec.compiler.host_experts`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from conftest import tiny_recipe_dict
+from moec.compiler.host_experts import HostExperts, is_stand_in, keep_on_host
+from moec.compiler.load import check_fits_device, load_model
+
+EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
+def expert_names(layers: int) -> list[str]:
+    return [f"model.layers.{i}.{e}" for i in range(layers) for e in EXPERTS]
+
+
+def test_stand_ins_hold_no_data_and_a_block_is_real_only_inside_on_device(hf_model_dir):
+    model = load_model(hf_model_dir, torch.float32)
+    params = dict(model.named_parameters())
+    before = {name: params[name].detach().clone() for name in expert_names(2)}
+    dense_before = model.lm_head.weight.detach().clone()
+
+    host = keep_on_host(model, "cpu")
+    params = dict(model.named_parameters())
+    assert sorted(host.host) == sorted(before)
+    for name, want in before.items():
+        assert is_stand_in(params[name]) and params[name].shape == want.shape and params[name].dtype == want.dtype
+        assert torch.equal(host.host[name], want)  # the real tensor, kept as loaded
+    assert not any(is_stand_in(p) for n, p in params.items() if n not in before)
+
+    model = host.move_rest(model)  # moves the dense weights, leaves the stand-ins
+    assert torch.equal(model.lm_head.weight, dense_before)
+    with host.on_device(["model.layers.1.mlp"]):
+        params = dict(model.named_parameters())
+        for name in expert_names(2):
+            if name.startswith("model.layers.1."):
+                assert not is_stand_in(params[name]) and torch.equal(params[name], before[name])
+            else:
+                assert is_stand_in(params[name])
+        assert torch.equal(model.model.layers[1].mlp(torch.randn(1, 3, 64)).isfinite(), torch.ones(1, 3, 64, dtype=torch.bool))
+    assert all(is_stand_in(p) for n, p in model.named_parameters() if n in before)
+
+
+def test_an_offloaded_compile_needs_the_dense_weights_and_one_block_on_the_gpu(hf_model_dir):
+    """The check before loading counts what the device will hold: the dense weights and the
+    largest block's experts (given the free memory here; on a GPU it asks CUDA)."""
+    from moec.errors import RecipeError
+
+    model = load_model(hf_model_dir, torch.float32)
+    total = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
+    host = keep_on_host(model, "cpu")
+    block = 4 * 3 * 64 * 128 * 4  # tiny Mixtral: 4 experts of 3 x 64 x 128, fp32
+    assert host.largest_block_bytes == block
+    need = total - 2 * block + block
+    check_fits_device(model, "cuda", free_bytes=need, host_experts=host)
+    with pytest.raises(RecipeError) as info:
+        check_fits_device(model, "cuda", free_bytes=need - 1, host_experts=host)
+    assert "\n" not in str(info.value) and "dense weights and one MoE block's experts" in str(info.value)
+
+
+def test_an_offloaded_compile_places_one_block_at_a_time_and_writes_the_real_experts(hf_model_dir, tmp_path,
+                                                                                      monkeypatch):
+    from moec.compiler.pipeline import compile_recipe
+    from moec.compiler.recipe import parse_recipe
+
+    placed = []
+    on_device = HostExperts.on_device
+
+    def spy(self, paths):
+        paths = list(paths)
+        placed.append(paths)
+        return on_device(self, paths)
+
+    monkeypatch.setattr(HostExperts, "on_device", spy)
+    offload = {"gpu_memory": 8 << 20, "host_memory": "1GiB", "workload": {"prompt_len": 64, "gen_len": 32},
+               "policy": {"resident_expert_layers": 0, "batch": 2}}
+    out = compile_recipe(parse_recipe(tiny_recipe_dict(hf_model_dir, name="offloaded", offload=offload)),
+                         tmp_path / "artifact", console=Console(stderr=True, quiet=True))
+    # each block's check, then the tuner's one block for the one MoE shape (on CPU it times nothing)
+    assert placed == [["model.layers.0.mlp"], ["model.layers.1.mlp"], ["model.layers.0.mlp"]]
+
+    written = load_file(str(out / "weights.safetensors"))
+    want = load_model(hf_model_dir, torch.float32).state_dict()
+    for name in expert_names(2):
+        assert torch.equal(written[name], want[name])
