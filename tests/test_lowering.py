@@ -606,10 +606,11 @@ def test_grouped_mm_everywhere_keeps_a_triton_only_fallback():
     assert plain.triton_only is None and plain.fallbacks() == []  # nothing of grouped_mm to give up
 
 
-def compile_with_failing_lowering(hf_model_dir, tmp_path, monkeypatch, tuning, fails, name: str):
-    """Compile the tiny recipe with `tuning` in place of the tuner's, AOTInductor failing on every
-    program for which `fails(program)` holds (its message: `fails.message`). Returns (for each
-    lowering attempt whether it failed, what the compile printed, the artifact)."""
+def compile_with_failing_lowering(hf_model_dir, tmp_path, monkeypatch, tuning, fails, name: str, **recipe):
+    """Compile the tiny recipe (with `recipe`'s fields) with `tuning` in place of the tuner's,
+    AOTInductor failing on every program for which `fails(program)` holds (its message:
+    `fails.message`). Returns (for each lowering attempt whether it failed, what the compile
+    printed, the artifact)."""
     import io
 
     from rich.console import Console
@@ -628,7 +629,7 @@ def compile_with_failing_lowering(hf_model_dir, tmp_path, monkeypatch, tuning, f
     monkeypatch.setattr(pipeline, "tune_moe", lambda *args, **kwargs: tuning)
     monkeypatch.setattr(pipeline, "compile_graph", compile_graph)
     out = io.StringIO()
-    pipeline.compile_recipe(parse_recipe(tiny_recipe_dict(hf_model_dir, name=name)), tmp_path / name,
+    pipeline.compile_recipe(parse_recipe(tiny_recipe_dict(hf_model_dir, name=name, **recipe)), tmp_path / name,
                             console=Console(file=out, width=200))
     return attempts, out.getvalue(), open_artifact(tmp_path / name)
 
@@ -698,3 +699,31 @@ def test_a_branch_aotinductor_cannot_lower_falls_back_to_one_path_per_block(hf_m
     assert all("grouped_mm_above" not in entry for entry in moe["shapes"].values())
     assert "one path per block: AOTInductor failed on the Triton/grouped_mm branches" in render_summary(artifact)
     assert len(Engine.load(tmp_path / "fallback").generate("The mixture", max_tokens=4)[0].token_ids) == 4
+
+
+def test_the_fallback_of_an_offloaded_compile_keeps_its_experts_external(hf_model_dir, tmp_path, monkeypatch):
+    """Every program an offloaded compile lowers, a fallback's too, reads no expert weight: its MoE
+    blocks call `external_moe` (a fallback once lowered the tuned plans on the program from before
+    the experts were taken out, which would have written an artifact that is not offloaded)."""
+    from moec.compiler.passes.moe_tuning import MoeTuning
+    from moec.ops.triton.configs import encode_plan
+    from moec.runtime import Engine
+
+    tuning = MoeTuning(moe_table("grouped_mm"), dict.fromkeys(MOE_PATHS, encode_plan({"path": "grouped_mm"})), {},
+                       None, MoeTuning(moe_table("triton"), dict.fromkeys(MOE_PATHS, "")))
+    programs = []
+
+    def first_fails(ep):
+        programs.append({str(n.target) for n in ep.graph.nodes if str(n.target).startswith("moec.")})
+        return len(programs) == 1
+
+    first_fails.message = "CppCompileError: aoti_torch_cuda__grouped_mm was not declared"
+    offload = {"gpu_memory": 8 << 20, "host_memory": "1GiB", "workload": {"prompt_len": 64, "gen_len": 32},
+               "policy": {"resident_expert_layers": 0, "batch": 2}}
+    attempts, printed, artifact = compile_with_failing_lowering(hf_model_dir, tmp_path, monkeypatch, tuning,
+                                                                first_fails, "offloaded-fallback", offload=offload)
+    assert attempts == [True, False] and "lowering again with the Triton kernels only" in printed
+    assert all("moec.external_moe.default" in p and "moec.fused_moe.default" not in p for p in programs), programs
+    engine = Engine.load(tmp_path / "offloaded-fallback")
+    assert engine.expert_pager is not None
+    assert len(engine.generate("The mixture", max_tokens=4)[0].token_ids) == 4

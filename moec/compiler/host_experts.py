@@ -1,9 +1,9 @@
 """Compiling an offloaded model on a GPU smaller than the model: its experts stay in host memory.
 
 An offloaded or expert-parallel artifact's graph reads no expert weight
-(`passes.external_experts`): the runtime's pager streams them, or each rank loads its own. The compiler needs them on the GPU only to check a lowered MoE block against
-the block it replaces and to time the tuner's candidates, one block (one per MoE shape) at a
-time. So `keep_on_host` swaps every MoE block's expert weights for fake tensors on the target
+(`passes.external_experts`): the runtime's pager streams them, or each rank loads its own. The
+compiler needs them on the GPU only to check a lowered MoE block against the block it replaces
+and to time the tuner's candidates, one block (one per MoE shape) at a time. So `keep_on_host` swaps every MoE block's expert weights for fake tensors on the target
 device (same shape, dtype and strides, no memory: export traces them as it would the real ones)
 and keeps the real tensors where they were loaded, in host memory; `HostExperts.on_device(paths)`
 puts real copies of those blocks' experts in place for the body of a `with`, and `host` is what

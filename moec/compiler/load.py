@@ -67,8 +67,8 @@ def check_fits_device(model: torch.nn.Module, device: str, free_bytes: int | Non
                       host_experts=None) -> None:
     """The compiler holds the model on the target device (export, the MoE checks and the tuner run
     it there). A model larger than the GPU's free memory is a one-line error here, not an
-    out-of-memory traceback halfway through loading. With `host_experts` (an offloaded artifact,
-    `host_experts.keep_on_host`) the experts stay in host memory and the device holds the rest
+    out-of-memory traceback halfway through loading. With `host_experts` (an offloaded or
+    expert-parallel artifact, `host_experts.keep_on_host`) the experts stay in host memory and the device holds the rest
     and one MoE block's experts at a time."""
     if device != "cuda":
         return
@@ -85,7 +85,8 @@ def check_fits_device(model: torch.nn.Module, device: str, free_bytes: int | Non
 
         if host_experts is not None:
             raise RecipeError(f"the model's dense weights and one MoE block's experts take {size(need)} and the GPU "
-                              f"has {size(free_bytes)} free; compiling an offloaded model needs that much, or free the GPU")
+                              f"has {size(free_bytes)} free; compiling with the experts in host memory (offload, "
+                              "expert parallelism) needs that much on the GPU, or free the GPU")
         raise RecipeError(f"the model's weights take {size(need)} and the GPU has {size(free_bytes)} "
                           "free; compiling needs the whole model on the GPU (add an offload block to the recipe "
                           "to keep the experts in host memory), or free the GPU")
