@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_recipe_dict
 from moec.compiler.host_experts import HostExperts, is_stand_in, keep_on_host
-from moec.compiler.load import check_fits_device, load_model
+from moec.compiler.load import check_fits_device, fits_device, load_model
 
 EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
@@ -53,10 +53,14 @@ def test_an_offloaded_compile_needs_the_dense_weights_and_one_block_on_the_gpu(h
 
     model = load_model(hf_model_dir, torch.float32)
     total = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
+    # the whole model: whether it fits decides whether a GPU compile keeps the experts on the host
+    assert fits_device(model, "cuda", free_bytes=total) and not fits_device(model, "cuda", free_bytes=total - 1)
+    assert fits_device(model, "cpu", free_bytes=0)
     host = keep_on_host(model, "cpu")
     block = 4 * 3 * 64 * 128 * 4  # tiny Mixtral: 4 experts of 3 x 64 x 128, fp32
     assert host.largest_block_bytes == block
     need = total - 2 * block + block
+    assert fits_device(model, "cuda", free_bytes=need - block) and not fits_device(model, "cuda", free_bytes=need - block - 1)
     check_fits_device(model, "cuda", free_bytes=need, host_experts=host)
     with pytest.raises(RecipeError) as info:
         check_fits_device(model, "cuda", free_bytes=need - 1, host_experts=host)

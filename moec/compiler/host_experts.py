@@ -8,7 +8,8 @@ device (same shape, dtype and strides, no memory: export traces them as it would
 and keeps the real tensors where they were loaded, in host memory; `HostExperts.on_device(paths)`
 puts real copies of those blocks' experts in place for the body of a `with`, and `host` is what
 `save_weights` writes under the same names. The GPU then holds the dense weights and one block's
-experts, not the model (Mixtral-8x7B: 2.8 GB of experts a block, 47 GB for 16 layers).
+experts, not the model (Mixtral-8x7B: 2.8 GB of experts a block, 47 GB for 16 layers). The
+pipeline does this on a GPU that cannot hold the model, and always for the CPU.
 """
 
 from __future__ import annotations

@@ -63,20 +63,32 @@ def gpu_free_bytes() -> int:
     return min(free, int(fraction * total) - torch.cuda.memory_allocated())
 
 
+def device_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters and buffers that hold data (not `host_experts`' stand-ins)."""
+    from moec.compiler.host_experts import is_stand_in
+
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()) if not is_stand_in(t))
+
+
+def fits_device(model: torch.nn.Module, device: str, free_bytes: int | None = None) -> bool:
+    """Whether the whole model fits the target GPU's free memory (always, for the CPU)."""
+    if device != "cuda":
+        return True
+    return device_bytes(model) <= (gpu_free_bytes() if free_bytes is None else free_bytes)
+
+
 def check_fits_device(model: torch.nn.Module, device: str, free_bytes: int | None = None,
                       host_experts=None) -> None:
     """The compiler holds the model on the target device (export, the MoE checks and the tuner run
     it there). A model larger than the GPU's free memory is a one-line error here, not an
     out-of-memory traceback halfway through loading. With `host_experts` (an offloaded or
-    expert-parallel artifact, `host_experts.keep_on_host`) the experts stay in host memory and the device holds the rest
-    and one MoE block's experts at a time."""
+    expert-parallel artifact, `host_experts.keep_on_host`) the experts stay in host memory and
+    the device holds the rest and one MoE block's experts at a time."""
     if device != "cuda":
         return
     if free_bytes is None:
         free_bytes = gpu_free_bytes()
-    from moec.compiler.host_experts import is_stand_in
-
-    need = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()) if not is_stand_in(t))
+    need = device_bytes(model)
     if host_experts is not None:
         need += host_experts.largest_block_bytes
     if need > free_bytes:

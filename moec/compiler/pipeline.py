@@ -20,7 +20,7 @@ from moec.artifact.manifest import environment_fields
 from moec.artifact.summary import moe_kernel_lines
 from moec.compiler.export import export_step
 from moec.compiler.host_experts import keep_on_host
-from moec.compiler.load import check_fits_device, load_model, read_hf_config
+from moec.compiler.load import check_fits_device, fits_device, load_model, read_hf_config
 from moec.compiler.offload_policy import plan_offload
 from moec.compiler.lower import compile_graph, save_weights
 from moec.compiler.passes import lower_moe
@@ -126,9 +126,13 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
             hf_config = read_hf_config(model_dir)
             model = load_model(model_dir, dtype)
             # an offloaded or expert-parallel artifact's graph reads no expert weight (the runtime
-            # hands the experts to it): they stay in host memory
+            # hands the experts to it), so they may stay in host memory (`host_experts`): on a GPU
+            # only where the model does not fit it (where it fits, the compile is the one every GPU
+            # result so far was built with), and for the CPU, where it costs nothing and every test
+            # compile runs it
             external = recipe.offload is not None or recipe.parallel.ep > 1
-            host_experts = keep_on_host(model, recipe.device) if external else None
+            keep = external and (recipe.device != "cuda" or not fits_device(model, recipe.device))
+            host_experts = keep_on_host(model, recipe.device) if keep else None
             check_fits_device(model, recipe.device, host_experts=host_experts)
             model = host_experts.move_rest(model) if host_experts else model.to(recipe.device)
             if recipe.model.path is None:  # our own temporary copy: the disk holds one copy of the weights, not two
