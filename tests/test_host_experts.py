@@ -92,3 +92,26 @@ def test_an_offloaded_compile_places_one_block_at_a_time_and_writes_the_real_exp
     want = load_model(hf_model_dir, torch.float32).state_dict()
     for name in expert_names(2):
         assert torch.equal(written[name], want[name])
+
+
+def test_the_whole_model_path_writes_the_artifact_the_host_path_writes(hf_model_dir, tmp_path, monkeypatch):
+    """On a GPU that holds the model the experts go to the device with the rest (`experts_on_host`
+    False, the path of every GPU compile that fits): the same weights file and the same tokens
+    as the host path, and no block placed on its own."""
+    from moec.compiler.pipeline import compile_recipe
+    from moec.compiler.recipe import parse_recipe
+    from moec.runtime import Engine
+
+    offload = {"gpu_memory": 8 << 20, "host_memory": "1GiB", "workload": {"prompt_len": 64, "gen_len": 32},
+               "policy": {"resident_expert_layers": 0, "batch": 2}}
+    quiet = Console(stderr=True, quiet=True)
+    recipe = parse_recipe(tiny_recipe_dict(hf_model_dir, name="offloaded", offload=offload))
+    host = compile_recipe(recipe, tmp_path / "host", console=quiet)
+    placed = []
+    monkeypatch.setattr(HostExperts, "on_device", lambda self, paths: placed.append(paths))
+    whole = compile_recipe(recipe, tmp_path / "whole", console=quiet, experts_on_host=False)
+    assert placed == []
+    a, b = (load_file(str(d / "weights.safetensors")) for d in (host, whole))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    want, got = (Engine.load(d).generate(["The mixture of experts"], max_tokens=8)[0].token_ids for d in (host, whole))
+    assert want == got

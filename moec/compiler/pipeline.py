@@ -110,7 +110,12 @@ def _model_source(recipe: Recipe, stages: Stages):
         yield model_dir
 
 
-def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console: Console | None = None) -> Path | None:
+def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console: Console | None = None,
+                   experts_on_host: bool | None = None) -> Path | None:
+    """Compile `recipe` into an artifact at `out_dir` (None with `explain`). `experts_on_host`:
+    whether an offloaded or expert-parallel model keeps its experts in host memory while it
+    compiles (`host_experts`); None decides as the comment at the load stage says (checks pass
+    True or False to run one path where the rule would pick the other)."""
     console = console or Console(stderr=True)
     stages = Stages(console)
     dtype = getattr(torch, recipe.dtype)
@@ -131,7 +136,9 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
             # result so far was built with), and for the CPU, where it costs nothing and every test
             # compile runs it
             external = recipe.offload is not None or recipe.parallel.ep > 1
-            keep = external and (recipe.device != "cuda" or not fits_device(model, recipe.device))
+            if experts_on_host is None:
+                experts_on_host = recipe.device != "cuda" or not fits_device(model, recipe.device)
+            keep = external and experts_on_host
             host_experts = keep_on_host(model, recipe.device) if keep else None
             check_fits_device(model, recipe.device, host_experts=host_experts)
             model = host_experts.move_rest(model) if host_experts else model.to(recipe.device)
