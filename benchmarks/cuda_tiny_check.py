@@ -6,8 +6,10 @@ artifact's logits and greedy tokens with transformers eager on the same weights 
 --offload also compiles the same weights offloaded with attention and the KV cache on the CPU
 and 2 micro-batches (every expert layer streamed through the double buffer, a batch-1 expert
 cache), with the experts kept in host memory while compiling (`host_experts`, the path a model
-larger than the GPU takes), and compares its greedy tokens and logits with the plain artifact's on the same GPU:
-the pager's copy stream, the micro-batch threads and `external_attention` on CUDA.
+larger than the GPU takes), and compares its greedy tokens and logits with the plain artifact's
+on the same GPU: the pager's copy stream, the micro-batch threads and `external_attention` on
+CUDA. (`--device cpu` in bf16 reports a logits difference of 0.36 of their scale on the first
+prompt, tokens identical, with either compile path; in float32 they agree to 1e-6.)
 Writes cuda_tiny_check.json; exits non-zero if a check fails.
 """
 
