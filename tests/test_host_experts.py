@@ -13,6 +13,8 @@ from moec.compiler.host_experts import HostExperts, is_stand_in, keep_on_host
 from moec.compiler.load import check_fits_device, fits_device, load_model
 
 EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+OFFLOAD = {"gpu_memory": 8 << 20, "host_memory": "1GiB", "workload": {"prompt_len": 64, "gen_len": 32},
+           "policy": {"resident_expert_layers": 0, "batch": 2}}  # a tiny model's plan: every expert layer streamed
 
 
 def expert_names(layers: int) -> list[str]:
@@ -81,9 +83,7 @@ def test_an_offloaded_compile_places_one_block_at_a_time_and_writes_the_real_exp
         return on_device(self, paths)
 
     monkeypatch.setattr(HostExperts, "on_device", spy)
-    offload = {"gpu_memory": 8 << 20, "host_memory": "1GiB", "workload": {"prompt_len": 64, "gen_len": 32},
-               "policy": {"resident_expert_layers": 0, "batch": 2}}
-    out = compile_recipe(parse_recipe(tiny_recipe_dict(hf_model_dir, name="offloaded", offload=offload)),
+    out = compile_recipe(parse_recipe(tiny_recipe_dict(hf_model_dir, name="offloaded", offload=OFFLOAD)),
                          tmp_path / "artifact", console=Console(stderr=True, quiet=True))
     # each block's check, then the tuner's one block for the one MoE shape (on CPU it times nothing)
     assert placed == [["model.layers.0.mlp"], ["model.layers.1.mlp"], ["model.layers.0.mlp"]]
@@ -102,10 +102,8 @@ def test_the_whole_model_path_writes_the_artifact_the_host_path_writes(hf_model_
     from moec.compiler.recipe import parse_recipe
     from moec.runtime import Engine
 
-    offload = {"gpu_memory": 8 << 20, "host_memory": "1GiB", "workload": {"prompt_len": 64, "gen_len": 32},
-               "policy": {"resident_expert_layers": 0, "batch": 2}}
     quiet = Console(stderr=True, quiet=True)
-    recipe = parse_recipe(tiny_recipe_dict(hf_model_dir, name="offloaded", offload=offload))
+    recipe = parse_recipe(tiny_recipe_dict(hf_model_dir, name="offloaded", offload=OFFLOAD))
     host = compile_recipe(recipe, tmp_path / "host", console=quiet)
     placed = []
     monkeypatch.setattr(HostExperts, "on_device", lambda self, paths: placed.append(paths))

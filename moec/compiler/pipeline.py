@@ -123,6 +123,9 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
         raise RecipeError("device: cuda, but this machine has no CUDA GPU; set device: cpu or compile on the GPU machine")
     if recipe.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    # an offloaded or expert-parallel artifact's graph reads no expert weight: the runtime hands
+    # the experts to it
+    external = recipe.offload is not None or recipe.parallel.ep > 1
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -130,12 +133,9 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
         with stages.stage("load", f"{hf_name(model_dir)} from safetensors ({recipe.dtype})"):
             hf_config = read_hf_config(model_dir)
             model = load_model(model_dir, dtype)
-            # an offloaded or expert-parallel artifact's graph reads no expert weight (the runtime
-            # hands the experts to it), so they may stay in host memory (`host_experts`): on a GPU
-            # only where the model does not fit it (where it fits, the compile is the one every GPU
-            # result so far was built with), and for the CPU, where it costs nothing and every test
-            # compile runs it
-            external = recipe.offload is not None or recipe.parallel.ep > 1
+            # external experts may stay in host memory (`host_experts`): on a GPU only where the
+            # model does not fit it (where it fits, the compile is the one every GPU result so far
+            # was built with), and for the CPU, where it costs nothing and every test compile runs it
             if experts_on_host is None:
                 experts_on_host = recipe.device != "cuda" or not fits_device(model, recipe.device)
             keep = external and experts_on_host
@@ -182,7 +182,7 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
                 timed.setdefault(region_shape(r, dtype), r["path"])
             with host_experts.on_device(timed.values()) if host_experts else contextlib.nullcontext():
                 tuning = tune_moe(regions, step, dtype, recipe.device, recipe.max_tokens_per_step,
-                                  allow_switch=recipe.offload is None and recipe.parallel.ep == 1 and CUDA_SWITCH)
+                                  allow_switch=not external and CUDA_SWITCH)
         console.print("\n".join("  " + line for line in moe_kernel_lines(tuning.table)),
                       soft_wrap=True, markup=False, highlight=False)
 
@@ -190,7 +190,7 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
             """The lowered program with `tuning`'s plans, its experts (and, offloaded to the CPU, its
             attention) handed to the runtime where the recipe says so; and which experts those are."""
             planned = apply_moe_plans(ep, step, tuning.plans, tuning.switches)
-            if recipe.offload is None and recipe.parallel.ep == 1:
+            if not external:
                 return planned, []
             planned, experts = externalize_experts(planned)
             if recipe.offload is not None and offload["policy"]["placement"] == "cpu":
