@@ -111,6 +111,22 @@ def test_memory_use_by_hand():
     assert kv_gpu - kv_host_gpu == kv and kv_host - streamed_host == kv
 
 
+def test_activations_are_a_prefill_steps_tokens_however_many_micro_batches_split_it():
+    """A step's micro-batches run at once, so the GPU holds the activations of the whole step's
+    tokens: the batch's prompts, at most max_tokens_per_step. 8 prompts in 8 micro-batches hold
+    what they hold in 1 (the model counted one micro-batch's prompts before: 1/8 of it)."""
+    per_token = (2 * 64 + 2 * 3 * 128) * 4  # hidden in and out, gate/up/act rows of 2 experts, fp32
+    wl = Workload(64, 32, prefill_step_tokens=4096)
+    one, _ = memory_use(TINY, wl, OffloadPolicy(8, 1, "gpu", 0))
+    eight, _ = memory_use(TINY, wl, OffloadPolicy(8, 8, "gpu", 0))
+    single, _ = memory_use(TINY, wl, OffloadPolicy(1, 1, "gpu", 0))
+    capped, _ = memory_use(TINY, Workload(64, 32, prefill_step_tokens=128), OffloadPolicy(8, 8, "gpu", 0))
+    assert one == eight
+    assert eight - capped == (8 * 64 - 128) * per_token
+    kv_token = 2 * 2 * 2 * 16 * 4  # both layers' K and V, fp32
+    assert one - single == 7 * 64 * per_token + 7 * 96 * kv_token + 7 * 512 * 4  # + their caches and logits
+
+
 def test_roomy_gpu_keeps_everything_and_takes_the_largest_batch():
     """Documented optimum: when every weight and the whole batch's cache fit, nothing streams, the
     batch is max_batch (weights read once per step for more tokens) in one micro-batch (more would
@@ -123,8 +139,9 @@ def test_roomy_gpu_keeps_everything_and_takes_the_largest_batch():
 
 def test_tight_gpu_streams_and_respects_both_budgets():
     """Four MoE layers; GPU room for the resident weights, the double buffer (two layers' experts)
-    and half a layer more: experts stream, the link bounds, and the plan fits both budgets."""
-    wl = Workload(64, 32)
+    and half a layer more: experts stream, the link bounds, and the plan fits both budgets. Steps of
+    at most 64 tokens (the artifact's max_tokens_per_step): batch 8 prefills in 8 of them."""
+    wl = Workload(64, 32, prefill_step_tokens=64)
     four = replace(TINY, num_layers=4, moe_layers=TINY.moe_layers * 2)
     floor, _ = memory_use(four, wl, OffloadPolicy(1, 1, "cpu", 0))
     gpu_memory = int((floor + LAYER_EXPERTS // 2) / (1 - GPU_RESERVE_FRACTION))
@@ -218,7 +235,8 @@ def test_impossible_budget_is_one_line_naming_both_memories():
 def test_mixtral_on_a_24gib_h100_streams_most_experts():
     """Mixtral-8x7B (94 GB of bf16) with 24 GiB of GPU: a few layers' experts resident at most,
     the host link the bottleneck, a large batch; batch 1 bounded by copying the experts it misses."""
-    policy, pred = search(MIXTRAL_8X7B, NAMED_PROFILES["h100-sxm"], Workload(512, 128), 24 << 30, 200 << 30, 256)
+    policy, pred = search(MIXTRAL_8X7B, NAMED_PROFILES["h100-sxm"], Workload(512, 128, 4096), 24 << 30, 200 << 30,
+                          256)
     assert policy.resident_expert_layers < 8 and pred.bottleneck == "host link"
     assert policy.batch == 256 and pred.gpu_bytes <= (24 << 30) * (1 - GPU_RESERVE_FRACTION)
     # streaming the other layers' experts once per step over 55 GB/s bounds a step from below

@@ -88,18 +88,25 @@ def _resident_weight_bytes(shape: ModelShape) -> int:
     return (shape.non_expert_params + shape.vocab_size * shape.hidden_size) * shape.weight_itemsize
 
 
+def prefill_step_tokens(workload: Workload, policy: OffloadPolicy) -> int:
+    """The prompt tokens one prefill step runs: the batch's prompts, at most the artifact's
+    max_tokens_per_step (its micro-batches split the step, they do not shrink it)."""
+    tokens = policy.batch * workload.prompt_len
+    return min(tokens, workload.prefill_step_tokens) if workload.prefill_step_tokens else tokens
+
+
 def memory_use(shape: ModelShape, workload: Workload, policy: OffloadPolicy) -> tuple[int, int]:
     """(GPU bytes, host bytes) the policy needs, reserves not included."""
     layer_experts, expert, kv_token_layer = _layer_bytes(shape)
     num_moe = len(shape.moe_layers)
     streamed = num_moe - policy.resident_expert_layers
     h, w = shape.hidden_size, shape.weight_itemsize
-    micro = math.ceil(policy.batch / policy.micro_batches)
     kv = policy.batch * (workload.prompt_len + workload.gen_len) * kv_token_layer * shape.num_layers
     moe = shape.moe_layers[0]
-    # the largest live activations: one micro-batch's prompt through an MoE layer (hidden in and
-    # out, the gate/up rows of its top-k assignments), plus the batch's logits in fp32
-    activations = micro * workload.prompt_len * (2 * h + moe.top_k * 3 * moe.intermediate_size) * w
+    # the largest live activations: a prefill step's tokens through an MoE layer (hidden in and out,
+    # the gate/up rows of their top-k assignments), all at once since the step's micro-batches run
+    # together, plus the batch's logits in fp32
+    activations = prefill_step_tokens(workload, policy) * (2 * h + moe.top_k * 3 * moe.intermediate_size) * w
     activations += policy.batch * shape.vocab_size * 4
     gpu = (_resident_weight_bytes(shape) + policy.resident_expert_layers * layer_experts
            + (2 * layer_experts if streamed else 0) + policy.cache_experts * expert + activations
