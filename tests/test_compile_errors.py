@@ -48,6 +48,12 @@ def test_later_plans_only_accept_their_default(tmp_path, hf_model_dir):
     assert_one_line_error(compile_cli(write_recipe(tmp_path, both)), "parallel.ep", "offload")
 
 
+def test_an_offload_step_below_max_batch(tmp_path, hf_model_dir):
+    offload = {"gpu_memory": "1GiB", "policy": {"prefill_step_tokens": 4}}
+    path = write_recipe(tmp_path, tiny_recipe_dict(hf_model_dir, offload=offload))
+    assert_one_line_error(compile_cli(path), "prefill_step_tokens 4", "max_batch 8")
+
+
 def test_unknown_synthetic_architecture(tmp_path):
     data = {"name": "x", "device": "cpu", "model": {"synthetic": {"architecture": "GPT9ForMagic"}}}
     assert_one_line_error(compile_cli(write_recipe(tmp_path, data)), "GPT9ForMagic", "MixtralForCausalLM")

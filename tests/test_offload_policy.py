@@ -22,6 +22,7 @@ from moec.compiler.hardware_profile import (
 from moec.compiler.offload_policy import (
     GPU_RESERVE_FRACTION,
     RUNTIME_PLACEMENTS,
+    STEP_TOKENS_MAX,
     OffloadPolicy,
     Workload,
     batch1_cache_experts,
@@ -29,6 +30,7 @@ from moec.compiler.offload_policy import (
     memory_use,
     predict,
     search,
+    step_options,
 )
 from moec.errors import RecipeError
 from moec.runtime.roofline import ModelShape, MoeLayerShape
@@ -125,6 +127,26 @@ def test_activations_are_a_prefill_steps_tokens_however_many_micro_batches_split
     assert eight - capped == (8 * 64 - 128) * per_token
     kv_token = 2 * 2 * 2 * 16 * 4  # both layers' K and V, fp32
     assert one - single == 7 * 64 * per_token + 7 * 96 * kv_token + 7 * 512 * 4  # + their caches and logits
+
+
+def test_prefill_steps_grow_while_the_link_pays_for_each_and_the_gpu_holds_them():
+    """Documented optimum: every prefill step streams the experts again, so where the link bounds,
+    the plan doubles the recipe's 64-token step up to the batch's 8 x 64 prompt tokens (one stream)
+    when the GPU holds that step's activations, and stops at the largest step it holds. A pinned
+    step is kept; one below max_batch is a one-line error."""
+    wl = Workload(64, 32, prefill_step_tokens=64)
+    four = replace(TINY, num_layers=4, moe_layers=TINY.moe_layers * 2)
+    pinned = {"batch": 8, "micro_batches": 1, "placement": "gpu", "resident_expert_layers": 0, "cache_experts": 0}
+    roomy, pred = search(four, LINK_BOUND, wl, 1 << 30, 1 << 30, 8, fixed=pinned)
+    assert roomy.prefill_step_tokens == 512
+    assert pred.prefill_s < predict(four, LINK_BOUND, wl, replace(roomy, prefill_step_tokens=64)).prefill_s / 4
+    holds_128, _ = memory_use(four, wl, replace(roomy, prefill_step_tokens=128))
+    tight, _ = search(four, LINK_BOUND, wl, int(holds_128 / (1 - GPU_RESERVE_FRACTION)) + 1, 1 << 30, 8, fixed=pinned)
+    assert tight.prefill_step_tokens == 128
+    kept, _ = search(four, LINK_BOUND, wl, 1 << 30, 1 << 30, 8, fixed={**pinned, "prefill_step_tokens": 64})
+    assert kept.prefill_step_tokens == 64
+    assert step_options(Workload(64, 32, prefill_step_tokens=64), 1) == [64]  # one prompt fits one step
+    assert step_options(Workload(4096, 32, prefill_step_tokens=4096), 256)[-1] == STEP_TOKENS_MAX
 
 
 def test_roomy_gpu_keeps_everything_and_takes_the_largest_batch():

@@ -267,14 +267,15 @@ def test_serve_runs_an_offloaded_artifact_unchanged(four_layer_artifacts, reques
 # --------------------------------------------------------------- CGOPipe: CPU attention, micro-batches
 @pytest.fixture(scope="module")
 def cgopipe_artifact(four_layer_artifacts):
-    """The same model offloaded with attention and its KV cache on the CPU, batch 4 in 2 micro-batches."""
+    """The same model offloaded with attention and its KV cache on the CPU, batch 4 in 2 micro-batches;
+    the recipe's steps of 16 tokens, which the plan may raise."""
     from moec.compiler.pipeline import compile_recipe
     from moec.compiler.recipe import parse_recipe
 
     plain, _, budget = four_layer_artifacts
     offload = {"gpu_memory": budget, "host_memory": "1GiB", "workload": {"prompt_len": 64, "gen_len": 32},
                "policy": {"resident_expert_layers": 1, "batch": 4, "micro_batches": 2, "placement": "cpu"}}
-    recipe = parse_recipe(tiny_recipe_dict(plain.parent / "hf", name="cgopipe", offload=offload))
+    recipe = parse_recipe(tiny_recipe_dict(plain.parent / "hf", name="cgopipe", offload=offload, max_tokens_per_step=16))
     return compile_recipe(recipe, plain.parent / "cgopipe", console=Console(stderr=True, quiet=True))
 
 
@@ -282,8 +283,13 @@ def test_cpu_attention_in_micro_batches_generates_what_the_plain_artifact_does(f
     """Four prompts of different lengths as two micro-batches in flight at once, attention on the
     CPU beside its cache: the same tokens and logits as the plain artifact; each streamed layer
     still crosses the link once per step (shared by both micro-batches), and the device holds no
-    KV cache (a one-block placeholder)."""
+    KV cache (a one-block placeholder). The plan raised the recipe's 16-token steps (each prefill
+    step streams the experts again; its budget holds the larger step's activations), so the four
+    prompts' 86 tokens prefill in one step, where steps of 16 would take 6."""
     plain, _, budget = four_layer_artifacts
+    manifest = open_artifact(cgopipe_artifact).manifest
+    assert manifest.offload["policy"]["prefill_step_tokens"] == manifest.step.max_tokens_per_step >= 64
+    assert manifest.offload["workload"]["prefill_step_tokens"] == 16
     prompts = [*PROMPTS, "a b c d e f g h i j k l m n o p q r s t u v w x y z, and then some more letters"]
     want = Engine.load(plain).generate(prompts, max_tokens=12, record_logits=True)
     engine = Engine.load(cgopipe_artifact)
@@ -293,8 +299,10 @@ def test_cpu_attention_in_micro_batches_generates_what_the_plain_artifact_does(f
     for a, b in zip(want, got):
         assert a.token_ids == b.token_ids
         assert max((x - y).abs().max().item() for x, y in zip(a.logits, b.logits)) <= 1e-4
+    assert sum(r.prompt_tokens for r in got) == 86
 
     steps = engine.stats.steps
+    assert steps == 12  # one prefill step (its first token), 11 decode steps
     assert engine.micro_batches.steps == steps  # every step had 4 sequences: two micro-batches each
     assert engine.host_attention.calls == 2 * steps * LAYERS  # every layer of every micro-batch, on the CPU
     stats = engine.expert_pager.stats()

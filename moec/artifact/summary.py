@@ -123,7 +123,8 @@ def offload_lines(offload: dict) -> list[str]:
     pol, pred = offload.get("policy", {}), offload.get("prediction", {})
     lines = [f"  offload     batch {pol.get('batch')} in {pol.get('micro_batches')} micro-batches, attention/KV "
              f"{pol.get('placement')}, experts of {pol.get('resident_expert_layers')} of "
-             f"{len(offload.get('experts', []))} MoE layers resident, the rest streamed"]
+             f"{len(offload.get('experts', []))} MoE layers resident, the rest streamed"
+             + (f", prefill steps of up to {pol['prefill_step_tokens']} tokens" if pol.get("prefill_step_tokens") else "")]
     if pred:
         lines.append(f"              predicted {pred['tokens_per_s']:.1f} tokens/s, bound by the {pred['bottleneck']} "
                      f"(hardware: {offload.get('hardware', {}).get('name')})")

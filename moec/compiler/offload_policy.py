@@ -34,6 +34,8 @@ PLACEMENTS = ("gpu", "gpu-kv-host", "cpu")  # attention on GPU with its cache; o
 RUNTIME_PLACEMENTS = ("gpu", "cpu")  # what moec.runtime executes today: plan_offload chooses among these
 GPU_RESERVE_FRACTION = 0.10  # CUDA context, allocator slack, CUDA graphs, kernels' workspaces
 HOST_RESERVE_FRACTION = 0.10
+# the largest prefill step a plan takes: the tuner's largest token bucket (moec.ops.triton.configs)
+STEP_TOKENS_MAX = 32768
 RESOURCES = ("h2d", "d2h", "gpu", "cpu")
 
 
@@ -41,8 +43,10 @@ RESOURCES = ("h2d", "d2h", "gpu", "cpu")
 class Workload:
     prompt_len: int
     gen_len: int
-    # the artifact's max_tokens_per_step: the runtime prefills a batch's prompts in steps of at most
-    # this many tokens, and every step streams the non-resident experts again (None: one step)
+    # the recipe's max_tokens_per_step: the runtime prefills a batch's prompts in steps of at most
+    # this many tokens, and every step streams the non-resident experts again (None: one step). A
+    # policy may raise it (`OffloadPolicy.prefill_step_tokens`), spending GPU memory on
+    # activations to stream fewer times
     prefill_step_tokens: int | None = None
 
 
@@ -53,6 +57,8 @@ class OffloadPolicy:
     placement: str  # one of PLACEMENTS
     resident_expert_layers: int  # the first this many MoE layers keep their experts on the GPU
     cache_experts: int = 0  # batch-1 mode: experts an LRU cache holds on the GPU, over all streamed layers
+    # the compiled step's token limit, where the plan raises the recipe's (None: the workload's)
+    prefill_step_tokens: int | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -88,11 +94,17 @@ def _resident_weight_bytes(shape: ModelShape) -> int:
     return (shape.non_expert_params + shape.vocab_size * shape.hidden_size) * shape.weight_itemsize
 
 
+def step_limit(workload: Workload, policy: OffloadPolicy) -> int | None:
+    """The artifact's max_tokens_per_step under `policy` (None: no limit)."""
+    return policy.prefill_step_tokens or workload.prefill_step_tokens
+
+
 def prefill_step_tokens(workload: Workload, policy: OffloadPolicy) -> int:
     """The prompt tokens one prefill step runs: the batch's prompts, at most the artifact's
     max_tokens_per_step (its micro-batches split the step, they do not shrink it)."""
     tokens = policy.batch * workload.prompt_len
-    return min(tokens, workload.prefill_step_tokens) if workload.prefill_step_tokens else tokens
+    limit = step_limit(workload, policy)
+    return min(tokens, limit) if limit else tokens
 
 
 def memory_use(shape: ModelShape, workload: Workload, policy: OffloadPolicy) -> tuple[int, int]:
@@ -196,7 +208,7 @@ def _decode_step(shape: ModelShape, hw: HardwareProfile, policy: OffloadPolicy, 
 
 
 def _prefill(shape: ModelShape, hw: HardwareProfile, policy: OffloadPolicy, workload: Workload) -> float:
-    """The batch's prompts, in steps of at most `workload.prefill_step_tokens` tokens: streamed
+    """The batch's prompts, in steps of at most `step_limit` tokens: streamed
     experts cross the link once per layer per step, for all micro-batches of the step (an H200 run
     of 128 prompts of 512 tokens took 16 steps of 4096 and 13.3 s where one stream, 1.04 s, was
     predicted). Attention runs where the policy puts it: on the GPU (compute-bound there), writing
@@ -206,7 +218,7 @@ def _prefill(shape: ModelShape, hw: HardwareProfile, policy: OffloadPolicy, work
     moe = shape.moe_layers[0]
     prompt_len = workload.prompt_len
     tokens = policy.batch * prompt_len
-    steps = math.ceil(tokens / workload.prefill_step_tokens) if workload.prefill_step_tokens else 1
+    steps = math.ceil(tokens / prefill_step_tokens(workload, policy))
     flops = 2 * tokens * (shape.attention_matmul_params + shape.hidden_size * moe.num_experts
                           + moe.top_k * shape.expert_params(moe))
     attn_flops = 2 * shape.num_heads * shape.head_dim * policy.batch * prompt_len * prompt_len  # causal: half of 4·P²
@@ -288,13 +300,25 @@ def _batches(max_batch: int) -> list[int]:
     return sorted(sizes)
 
 
+def step_options(workload: Workload, batch: int) -> list[int | None]:
+    """The prefill step limits a plan may take: the recipe's max_tokens_per_step, then doubled while
+    a batch's prompts need more than one step of it, up to `STEP_TOKENS_MAX`."""
+    base = workload.prefill_step_tokens
+    if base is None:
+        return [None]
+    out = [base]
+    while out[-1] < batch * workload.prompt_len and out[-1] * 2 <= STEP_TOKENS_MAX:
+        out.append(out[-1] * 2)
+    return out
+
+
 def search(shape: ModelShape, hw: HardwareProfile, workload: Workload, gpu_memory: int, host_memory: int,
            max_batch: int, fixed: dict | None = None,
            placements: tuple[str, ...] = PLACEMENTS) -> tuple[OffloadPolicy, Prediction]:
     """The policy with the highest predicted throughput that fits both budgets (after their
     reserves); `fixed` pins any OffloadPolicy field, `placements` are those to consider. Ties go to
-    the smaller batch, then to fewer micro-batches. Raises RecipeError naming the shortfall when
-    nothing fits."""
+    the smaller batch, then to fewer micro-batches, then to the shorter prefill step. Raises
+    RecipeError naming the shortfall when nothing fits."""
     if not shape.moe_layers:
         raise RecipeError("offload: the model has no MoE layers to offload")
     fixed = dict(fixed or {})
@@ -310,8 +334,10 @@ def search(shape: ModelShape, hw: HardwareProfile, workload: Workload, gpu_memor
             [fixed["resident_expert_layers"]] if "resident_expert_layers" in fixed else range(num_moe + 1)):
         micro_options = ([fixed["micro_batches"]] if "micro_batches" in fixed
                          else [m for m in _batches(batch) if batch % m == 0])
-        for micro in micro_options:
-            policy = OffloadPolicy(batch, micro, placement, resident)
+        steps = ([fixed["prefill_step_tokens"]] if "prefill_step_tokens" in fixed
+                 else step_options(workload, batch))
+        for micro, step in itertools.product(micro_options, steps):
+            policy = OffloadPolicy(batch, micro, placement, resident, prefill_step_tokens=step)
             gpu, host = memory_use(shape, workload, policy)
             if smallest is None or (gpu - gpu_cap, host - host_cap) < smallest[0]:
                 smallest = ((gpu - gpu_cap, host - host_cap), gpu, host)
@@ -322,7 +348,7 @@ def search(shape: ModelShape, hw: HardwareProfile, workload: Workload, gpu_memor
             cache = fixed.get("cache_experts", min(streamed_experts, (gpu_cap - gpu) // expert))
             policy = replace(policy, cache_experts=int(cache))
             pred = predict(shape, hw, workload, policy)
-            key = (pred.tokens_per_s, -batch, -micro)
+            key = (pred.tokens_per_s, -batch, -micro, -(step or 0))
             if best is None or key > best[0]:
                 best = (key, policy, pred)
     if best is None:
@@ -348,7 +374,8 @@ def describe(policy: OffloadPolicy, pred: Prediction, shape: ModelShape) -> list
              else f"{batch1_cache_experts(shape, policy)} experts (the double buffer's slots)")
     return [
         f"batch {policy.batch} in {policy.micro_batches} micro-batches, attention/KV: {policy.placement}, "
-        f"{policy.resident_expert_layers} layers' experts resident, batch-1 LRU cache of {cache}",
+        f"{policy.resident_expert_layers} layers' experts resident, batch-1 LRU cache of {cache}"
+        + (f", prefill steps of up to {policy.prefill_step_tokens} tokens" if policy.prefill_step_tokens else ""),
         f"predicted {pred.tokens_per_s:.1f} tokens/s (prefill {pred.prefill_s:.3g} s, decode step "
         f"{pred.decode_step_s * 1e3:.3g} ms), bound by the {pred.bottleneck}; batch 1: {pred.batch1_tokens_per_s:.1f} tokens/s",
         f"per decode step busy: {busy}; GPU {_gib(pred.gpu_bytes)}, host {_gib(pred.host_bytes)}",

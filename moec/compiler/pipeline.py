@@ -146,8 +146,22 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
                 for weights_file in model_dir.glob("*.safetensors"):
                     weights_file.unlink()
             # shapes the kernels cannot run stop here, naming the block, before export trips on them
-            check_moe_blocks(model, model.config, recipe.device, recipe.max_tokens_per_step)
-            step = PagedStep(model, max_positions=recipe.max_seq_len)
+            blocks = check_moe_blocks(model, model.config, recipe.device, recipe.max_tokens_per_step)
+        if recipe.offload is not None:
+            # before export: the plan may raise the step's token limit (fewer prefill steps, each
+            # streaming the experts once) where its GPU budget holds the activations
+            with stages.stage("offload", "policy search over batch, micro-batches, placement and prefill step (HRM)"):
+                shape = ModelShape.from_config(hf_config, blocks, recipe.dtype)
+                offload = plan_offload(recipe.offload, shape, recipe.max_batch, recipe.max_tokens_per_step)
+                step_tokens = offload["policy"]["prefill_step_tokens"] or recipe.max_tokens_per_step
+                if step_tokens != recipe.max_tokens_per_step:
+                    recipe = recipe.model_copy(update={"max_tokens_per_step": step_tokens})
+                    check_moe_blocks(model, model.config, recipe.device, recipe.max_tokens_per_step)
+            console.print("\n".join("  " + line for line in offload["summary"]), soft_wrap=True, markup=False,
+                          highlight=False)
+            if explain:
+                return None
+        step = PagedStep(model, max_positions=recipe.max_seq_len)
         with stages.stage("export", f"tokens ≤ {recipe.max_tokens_per_step}, batch ≤ {recipe.max_batch}"):
             ep = export_step(step, dtype, recipe.kv_block_size, recipe.max_tokens_per_step, recipe.max_batch,
                              recipe.max_seq_len, device=recipe.device,
@@ -161,12 +175,6 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
         if fused:
             parts = "/".join(name.rsplit(".", 2)[-2] for name in fused[0]["parts"])
             console.print(f"  {len(fused)} groups of projections on one input fused into one matmul each ({parts}, ...)")
-        if recipe.offload is not None:
-            with stages.stage("offload", "policy search over batch, micro-batches and placement (HRM)"):
-                shape = ModelShape.from_config(hf_config, regions, recipe.dtype)
-                offload = plan_offload(recipe.offload, shape, recipe.max_batch, recipe.max_tokens_per_step)
-            console.print("\n".join("  " + line for line in offload["summary"]), soft_wrap=True, markup=False,
-                          highlight=False)
         expert_counts = sorted({r["num_experts"] for r in regions})
         if recipe.parallel.ep > 1 and (len(expert_counts) != 1 or expert_counts[0] % recipe.parallel.ep):
             raise RecipeError(f"parallel.ep {recipe.parallel.ep}: the MoE layers' {expert_counts} experts do not split "

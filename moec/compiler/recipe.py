@@ -69,6 +69,9 @@ class OffloadPolicyChoice(Strict):
     placement: Literal["gpu", "gpu-kv-host", "cpu"] | None = None  # decode attention / KV cache
     resident_expert_layers: int | None = Field(default=None, ge=0)
     cache_experts: int | None = Field(default=None, ge=0)
+    # the compiled step's token limit (prefill steps of at most this many tokens, each streaming the
+    # experts once); default: the recipe's max_tokens_per_step, doubled while it pays
+    prefill_step_tokens: int | None = Field(default=None, ge=1)
 
 
 class OffloadPlan(Strict):
@@ -116,6 +119,10 @@ class Recipe(Strict):
             self.max_tokens_per_step = max(self.max_seq_len, self.max_batch)
         if self.max_tokens_per_step < self.max_batch:
             raise ValueError("max_tokens_per_step must be at least max_batch (one decode token per sequence)")
+        step = self.offload.policy.prefill_step_tokens if self.offload and self.offload.policy != "auto" else None
+        if step is not None and step < self.max_batch:
+            raise ValueError(f"offload.policy.prefill_step_tokens {step} is below max_batch {self.max_batch} "
+                             "(one decode token per sequence); raise it or lower max_batch")
         return self
 
     def resolved_output_dir(self, base: Path) -> Path:

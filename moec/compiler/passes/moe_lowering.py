@@ -88,9 +88,11 @@ def check_supported(path: str, desc: dict, dtype: torch.dtype, device: str, max_
         raise LoweringError(f"MoE block {path}: {problem}")
 
 
-def check_moe_blocks(model: torch.nn.Module, config, device: str, max_tokens: int | None = None) -> int:
-    """`unsupported` on every MoE block of the loaded model, before export; returns how many."""
-    count = 0
+def check_moe_blocks(model: torch.nn.Module, config, device: str, max_tokens: int | None = None) -> list[dict]:
+    """`unsupported` on every MoE block of the loaded model, before export; returns each block's
+    shape (num_experts, top_k, hidden_size, intermediate_size, activation), as the regions the
+    passes find will have it."""
+    blocks = []
     for path, block in model.named_modules():
         spec = MOE_BLOCKS.get(type(block).__name__)
         if spec is None:
@@ -104,8 +106,8 @@ def check_moe_blocks(model: torch.nn.Module, config, device: str, max_tokens: in
             "activation": kernel_activation(getattr(config, "hidden_act", "silu")),
         }
         check_supported(path, desc, w13.dtype, device, max_tokens)
-        count += 1
-    return count
+        blocks.append(desc)
+    return blocks
 
 
 def replacement_graph(region: MoeRegion, out_shape: list[int]) -> fx.Graph:
