@@ -11,6 +11,7 @@ from rich.console import Console
 
 from conftest import run_cli, tiny_recipe_dict, tiny_synthetic
 from moec.artifact import open_artifact
+from moec.artifact.summary import offload_lines
 from moec.errors import ArtifactError
 from moec.runtime import Engine
 from moec.runtime.expert_pager import DeviceBudget, ExpertPager
@@ -290,6 +291,8 @@ def test_cpu_attention_in_micro_batches_generates_what_the_plain_artifact_does(f
     manifest = open_artifact(cgopipe_artifact).manifest
     assert manifest.offload["policy"]["prefill_step_tokens"] == manifest.step.max_tokens_per_step >= 64
     assert manifest.offload["workload"]["prefill_step_tokens"] == 16
+    step = manifest.step.max_tokens_per_step
+    assert f"prefill steps of up to {step} tokens" in offload_lines(manifest.offload)[0]  # what inspect shows
     prompts = [*PROMPTS, "a b c d e f g h i j k l m n o p q r s t u v w x y z, and then some more letters"]
     want = Engine.load(plain).generate(prompts, max_tokens=12, record_logits=True)
     engine = Engine.load(cgopipe_artifact)
