@@ -133,7 +133,7 @@ def test_prefill_steps_grow_while_the_link_pays_for_each_and_the_gpu_holds_them(
     """Documented optimum: every prefill step streams the experts again, so where the link bounds,
     the plan doubles the recipe's 64-token step up to the batch's 8 x 64 prompt tokens (one stream)
     when the GPU holds that step's activations, and stops at the largest step it holds. A pinned
-    step is kept; one below max_batch is a one-line error."""
+    step is kept (one below max_batch: test_compile_errors)."""
     wl = Workload(64, 32, prefill_step_tokens=64)
     four = replace(TINY, num_layers=4, moe_layers=TINY.moe_layers * 2)
     pinned = {"batch": 8, "micro_batches": 1, "placement": "gpu", "resident_expert_layers": 0, "cache_experts": 0}
