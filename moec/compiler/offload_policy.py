@@ -94,16 +94,12 @@ def _resident_weight_bytes(shape: ModelShape) -> int:
     return (shape.non_expert_params + shape.vocab_size * shape.hidden_size) * shape.weight_itemsize
 
 
-def step_limit(workload: Workload, policy: OffloadPolicy) -> int | None:
-    """The artifact's max_tokens_per_step under `policy` (None: no limit)."""
-    return policy.prefill_step_tokens or workload.prefill_step_tokens
-
-
 def prefill_step_tokens(workload: Workload, policy: OffloadPolicy) -> int:
     """The prompt tokens one prefill step runs: the batch's prompts, at most the artifact's
-    max_tokens_per_step (its micro-batches split the step, they do not shrink it)."""
+    max_tokens_per_step, the policy's or else the recipe's (its micro-batches split the step, they
+    do not shrink it)."""
     tokens = policy.batch * workload.prompt_len
-    limit = step_limit(workload, policy)
+    limit = policy.prefill_step_tokens or workload.prefill_step_tokens
     return min(tokens, limit) if limit else tokens
 
 
@@ -208,7 +204,7 @@ def _decode_step(shape: ModelShape, hw: HardwareProfile, policy: OffloadPolicy, 
 
 
 def _prefill(shape: ModelShape, hw: HardwareProfile, policy: OffloadPolicy, workload: Workload) -> float:
-    """The batch's prompts, in steps of at most `step_limit` tokens: streamed
+    """The batch's prompts, in steps of `prefill_step_tokens`: streamed
     experts cross the link once per layer per step, for all micro-batches of the step (an H200 run
     of 128 prompts of 512 tokens took 16 steps of 4096 and 13.3 s where one stream, 1.04 s, was
     predicted). Attention runs where the policy puts it: on the GPU (compute-bound there), writing
