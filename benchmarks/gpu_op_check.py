@@ -9,7 +9,9 @@ the align's chunking switch and through AOTInductor; and the tuner's torch.cond 
 Triton plan and grouped_mm through AOTInductor) with the reference computed in fp32 on the same
 bf16 inputs, as max |a - b| / max |ref| per output. The same ops then run inside
 `torch.compile(dynamic=True)`, which hands scalars and token gates to the kernels the way
-AOTInductor does. Writes gpu_op_check.json; exits 1 if a row is over its tolerance.
+AOTInductor does. Each AOTInductor artifact is compiled and run by a child process of this script
+(`in_child`): a crash there becomes that case's error row, naming the stage it died in. Writes
+gpu_op_check.json; exits 1 if a row is over its tolerance or failed.
 """
 
 from __future__ import annotations
@@ -64,10 +66,50 @@ def aoti_load(ep: torch.export.ExportedProgram, tmp: str, name: str, configs: di
     """`ep` compiled by AOTInductor as moec.compiler.lower compiles (its workarounds), loaded."""
     from moec.compiler.lower import aoti_workarounds
 
+    stage("AOTInductor compile")
     with aoti_workarounds():
         package = torch._inductor.aoti_compile_and_package(ep, package_path=f"{tmp}/{name}.pt2",
                                                            inductor_configs=configs)
+    stage("load the package")
     return torch._inductor.aoti_load_package(package)
+
+
+def stage(what: str) -> None:
+    """A child's progress (`in_child`): the last one printed says where it died."""
+    print(f"{STAGE}{what}", flush=True)
+
+
+STAGE, ROW = "STAGE ", "ROW "
+
+
+def in_child(case: str) -> list[dict]:
+    """The AOTInductor case `case` ("part:variant") run by a child process of this script: its
+    rows, and where it crashed, as an error row. AOTInductor compiled and loaded in this process
+    has ended in a segmentation fault under torch 2.11 (switch on the H200, 2026-12-03; many on the
+    H100, 2026-12-07), which took every later row with it and the JSON too."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, __file__, "--aoti-case", case], capture_output=True, text=True)
+    return child_rows(case, proc.returncode, proc.stdout, proc.stderr)
+
+
+def child_rows(case: str, returncode: int, stdout: str, stderr: str) -> list[dict]:
+    """A child's rows from its stdout, and an error row naming its last stage if it failed."""
+    import signal
+
+    part, variant = case.split(":", 1)
+    rows, last = [], "start"
+    for line in stdout.splitlines():
+        if line.startswith(ROW):
+            rows.append(json.loads(line[len(ROW):]))
+        elif line.startswith(STAGE):
+            last = line[len(STAGE):]
+    if returncode:
+        how = f"killed by {signal.Signals(-returncode).name}" if returncode < 0 else f"exit status {returncode}"
+        tail = " | ".join([line for line in stderr.strip().splitlines() if "DEBUG" not in line][-3:])
+        rows.append({"op": f"{part} (aoti child)", "case": f"aoti, {variant}", "compiled": True,
+                     "error": f"the child process was {how} during: {last}; stderr: {tail}"[:2000]})
+    return rows
 
 
 def paged_case(chunks, kv_heads=8, group=4, head_dim=128, block_size=16, seed=0) -> dict:
@@ -151,6 +193,18 @@ def switch_rows(compiled: bool) -> list[dict]:
     (`branch_on_tokens`), compiled by AOTInductor, run below and above the switch point."""
     if not compiled:
         return []
+    # With buffer reuse (as the compiler lowers) and without it, each compiled and checked in a
+    # child of its own so one failing leaves the other's rows: torch 2.11 failed the first in the
+    # reuse planner and the second on a missing `_grouped_mm` C shim (H200, 2026-12-03), both
+    # worked around now
+    return [row for label in SWITCH_VARIANTS for row in in_child(f"switch:{label}")]
+
+
+SWITCH_VARIANTS = {"reuse": {}, "no buffer reuse": {"allow_buffer_reuse": False}}
+
+
+def switch_aoti_rows(label: str) -> list[dict]:
+    """`switch_rows`' program under one of SWITCH_VARIANTS' Inductor configs (in a child)."""
     import tempfile
 
     from moec.compiler.passes.moe_tuning import GROUPED_MM, branch_on_tokens
@@ -165,6 +219,7 @@ def switch_rows(compiled: bool) -> list[dict]:
             return hidden + torch.ops.moec.fused_moe(hidden, w13, w2, weights, ids, "silu", "")
 
     hidden, weights, ids, _ = routed(g, 5, w13, w2, K)
+    stage("export")
     ep = export_tokens_dynamic(Block(), (hidden, w13, w2, weights, ids))
     gm = ep.graph_module
     node = next(n for n in gm.graph.nodes if n.target is torch.ops.moec.fused_moe.default)
@@ -172,24 +227,38 @@ def switch_rows(compiled: bool) -> list[dict]:
     gm.graph.lint()
     gm.recompile()
     ep = ep._update(gm, ep.graph_signature)
-    # With buffer reuse (as the compiler lowers) and without it, each compiled and checked on its
-    # own so one failing leaves the other's rows: torch 2.11 failed the first in the reuse planner
-    # and the second on a missing `_grouped_mm` C shim (H200, 2026-12-03), both worked around now
     rows = []
-    for label, configs in (("reuse", {}), ("no buffer reuse", {"allow_buffer_reuse": False})):
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                run = aoti_load(ep, tmp, "switch", configs)
-                for T in (3, switch, switch + 1, 700):
-                    hidden, weights, ids, ref = routed(g, T, w13, w2, K)
-                    ref = ref + hidden.float()  # the block's residual
-                    side = "grouped_mm" if T > switch else "triton"
-                    rows.append({"op": "fused_moe switch", "case": f"T={T} {side} (aoti, {label})",
-                                 "compiled": compiled, "rel_error": rel(run(hidden, w13, w2, weights, ids), ref)})
-        except Exception as e:  # noqa: BLE001  recorded as this variant's failure
-            rows.append({"op": "fused_moe switch", "case": f"aoti, {label}", "compiled": compiled,
-                         "error": compile_error(e)})
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            run = aoti_load(ep, tmp, "switch", SWITCH_VARIANTS[label])
+            for T in (3, switch, switch + 1, 700):
+                stage(f"T={T}")
+                hidden, weights, ids, ref = routed(g, T, w13, w2, K)
+                ref = ref + hidden.float()  # the block's residual
+                side = "grouped_mm" if T > switch else "triton"
+                rows.append({"op": "fused_moe switch", "case": f"T={T} {side} (aoti, {label})",
+                             "compiled": True, "rel_error": rel(run(hidden, w13, w2, weights, ids), ref)})
+    except Exception as e:  # noqa: BLE001  recorded as this variant's failure
+        rows.append({"op": "fused_moe switch", "case": f"aoti, {label}", "compiled": True, "error": compile_error(e)})
     return rows
+
+
+def many_plans() -> dict[str, str]:
+    """The plans `many_experts_rows` checks: default, grouped_mm, and two ranges of tiles."""
+    from moec.ops.triton.configs import candidate_configs, encode_plan
+
+    cands = candidate_configs()
+    return {"default": "", "grouped_mm": encode_plan({"path": "grouped_mm"}),
+            "two ranges": encode_plan({"path": "triton", "ranges": [(512, cands[0]), (None, cands[-1])]})}
+
+
+MANY_TOKENS = (1, 5, 16, 17, 300, 2048, 2049, 3000)
+
+
+def many_weights() -> tuple:
+    """(generator, w13, w2) of 128 experts, top-8's small H and I, drawn the same in every process."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    return (g, *expert_weights(g, 128, 512, 256, 0.05))
 
 
 def many_experts_rows(compiled: bool) -> list[dict]:
@@ -198,22 +267,9 @@ def many_experts_rows(compiled: bool) -> list[dict]:
     here, 128 above): at token counts on either side of each gate (DIRECT up to 16 tokens, one
     chunk up to 8, the switch between chunkings at 2048/2049), with the default plan, a two-range
     plan and the grouped_mm path; eager, under torch.compile(dynamic=True), and exported with T
-    symbolic and compiled by AOTInductor (one artifact runs every T, both chunkings in it)."""
-    import tempfile
-
-    from moec.ops.triton.configs import candidate_configs, encode_plan
-
-    g = torch.Generator(device="cuda").manual_seed(2)
-    w13, w2 = expert_weights(g, 128, 512, 256, 0.05)
-    cands = candidate_configs()
-    plans = {"default": "", "grouped_mm": encode_plan({"path": "grouped_mm"}),
-             "two ranges": encode_plan({"path": "triton", "ranges": [(512, cands[0]), (None, cands[-1])]})}
-    token_counts = (1, 5, 16, 17, 300, 2048, 2049, 3000)
-
-    def case(T):  # the op's arguments and its reference
-        hidden, weights, ids, ref = routed(g, T, w13, w2, 8)
-        return (hidden, w13, w2, weights, ids), ref
-
+    symbolic and compiled by AOTInductor (one artifact runs every T, both chunkings in it), each
+    plan's artifact in a child process (`in_child`)."""
+    g, w13, w2 = many_weights()
     op = torch.ops.moec.fused_moe
     rows = []
 
@@ -222,29 +278,47 @@ def many_experts_rows(compiled: bool) -> list[dict]:
         print(f"  {row['case']}: {row.get('rel_error', row.get('error', ''))!s:.200}", flush=True)
 
     if compiled:  # AOTInductor first: one artifact per plan, every T through it
-        for name, plan in plans.items():
-            class Block(torch.nn.Module):
-                def forward(self, hidden, w13, w2, weights, ids, plan=plan):
-                    return op(hidden, w13, w2, weights, ids, "silu", plan)
-
-            try:
-                ep = export_tokens_dynamic(Block(), case(7)[0])
-                with tempfile.TemporaryDirectory() as tmp:
-                    run = aoti_load(ep, tmp, "many")
-                    for T in token_counts:
-                        args, ref = case(T)
-                        add({"op": "fused_moe E=128", "case": f"T={T} {name} (aoti)", "compiled": compiled,
-                             "rel_error": rel(run(*args), ref)})
-            except Exception as e:  # noqa: BLE001  recorded as this plan's failure
-                add({"op": "fused_moe E=128", "case": f"aoti, {name}", "compiled": compiled,
-                     "error": compile_error(e)})
+        for name in many_plans():
+            for row in in_child(f"many:{name}"):
+                add(row)
     fn = torch.compile(lambda *a: op(*a), dynamic=True, fullgraph=True) if compiled else op
-    for T in token_counts:
-        args, ref = case(T)
-        for name, plan in plans.items():
+    for T in MANY_TOKENS:
+        hidden, weights, ids, ref = routed(g, T, w13, w2, 8)
+        for name, plan in many_plans().items():
             add({"op": "fused_moe E=128", "case": f"T={T} {name}", "compiled": compiled,
-                 "rel_error": rel(fn(*args, "silu", plan), ref)})
+                 "rel_error": rel(fn(hidden, w13, w2, weights, ids, "silu", plan), ref)})
     return rows
+
+
+def many_aoti_rows(name: str) -> list[dict]:
+    """`many_experts_rows`' AOTInductor artifact of plan `name`, every T through it (in a child)."""
+    import tempfile
+
+    plan = many_plans()[name]
+    g, w13, w2 = many_weights()
+
+    class Block(torch.nn.Module):
+        def forward(self, hidden, w13, w2, weights, ids):
+            return torch.ops.moec.fused_moe(hidden, w13, w2, weights, ids, "silu", plan)
+
+    rows = []
+    try:
+        hidden, weights, ids, _ = routed(g, 7, w13, w2, 8)
+        stage("export")
+        ep = export_tokens_dynamic(Block(), (hidden, w13, w2, weights, ids))
+        with tempfile.TemporaryDirectory() as tmp:
+            run = aoti_load(ep, tmp, "many")
+            for T in MANY_TOKENS:
+                stage(f"T={T}")
+                hidden, weights, ids, ref = routed(g, T, w13, w2, 8)
+                rows.append({"op": "fused_moe E=128", "case": f"T={T} {name} (aoti)", "compiled": True,
+                             "rel_error": rel(run(hidden, w13, w2, weights, ids), ref)})
+    except Exception as e:  # noqa: BLE001  recorded as this plan's failure
+        rows.append({"op": "fused_moe E=128", "case": f"aoti, {name}", "compiled": True, "error": compile_error(e)})
+    return rows
+
+
+AOTI_CASES = {"many": many_aoti_rows, "switch": switch_aoti_rows}
 
 
 def main() -> int:
@@ -252,7 +326,15 @@ def main() -> int:
     parser.add_argument("--out", default=".")
     parser.add_argument("--parts", default="attention,moe,many,switch",
                         help="comma-separated, of: attention, moe, many (128 experts), switch (the default runs all)")
+    parser.add_argument("--aoti-case", help="(internal) run one AOTInductor case, part:variant, and print its rows")
     args = parser.parse_args()
+    if args.aoti_case:  # a child of in_child: its rows on stdout, one JSON line each
+        import moec.ops  # noqa: F401  registers moec::*
+
+        part, variant = args.aoti_case.split(":", 1)
+        for row in AOTI_CASES[part](variant):
+            print(ROW + json.dumps(row), flush=True)
+        return 0
     known = {"attention": attention_rows, "moe": moe_rows, "many": many_experts_rows, "switch": switch_rows}
     wanted = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(wanted) - set(known))

@@ -618,3 +618,29 @@ def test_l2_flush_result_loads_and_its_table_names_every_flush(capsys):
             "qwen3-30b-a3b/T=1/per_layer_of_8_none_flush_us"} <= names and loaded["device_kind"] == "h100"
     table = l2_flush.table(reads, [layer])
     assert "sum of  16 MB" in table and "1.82x (read)" in table
+
+
+def test_gpu_op_check_child_crash_becomes_an_error_row(tmp_path, monkeypatch):
+    """gpu_op_check runs each AOTInductor case in a child process (a segmentation fault in
+    AOTInductor under torch 2.11 took every later row and the JSON with it, H100, 2026-12-07): a
+    child killed by a signal leaves the rows it printed and an error row naming the signal and the
+    stage it died in; one that exits non-zero the same with its status."""
+    import gpu_op_check
+
+    child = tmp_path / "child.py"
+    child.write_text(
+        "import json, os, signal, sys\n"
+        "print('STAGE load the package', flush=True)\n"
+        "print('ROW ' + json.dumps({'op': 'fused_moe E=128', 'case': 'T=1 default (aoti)', 'compiled': True,"
+        " 'rel_error': 0.004}), flush=True)\n"
+        "print('STAGE T=5', flush=True)\n"
+        "print('DEBUG noise', file=sys.stderr); print('the last words', file=sys.stderr, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGSEGV) if sys.argv[2] == 'many:default' else sys.exit(3)\n")
+    monkeypatch.setattr(gpu_op_check, "__file__", str(child))
+    rows = gpu_op_check.in_child("many:default")
+    assert rows[0] == {"op": "fused_moe E=128", "case": "T=1 default (aoti)", "compiled": True, "rel_error": 0.004}
+    assert len(rows) == 2 and rows[1]["case"] == "aoti, default"
+    assert rows[1]["error"].startswith("the child process was killed by SIGSEGV during: T=5; stderr: the last words")
+    died = gpu_op_check.in_child("switch:reuse")[-1]
+    assert died["op"] == "switch (aoti child)" and "exit status 3 during: T=5" in died["error"]
+    assert gpu_op_check.child_rows("many:x", 0, "ROW {\"rel_error\": 0.1}\nnoise\n", "") == [{"rel_error": 0.1}]
