@@ -270,6 +270,7 @@ def many_experts_rows(compiled: bool) -> list[dict]:
     symbolic and compiled by AOTInductor (one artifact runs every T, both chunkings in it), each
     plan's artifact in a child process (`in_child`)."""
     g, w13, w2 = many_weights()
+    plans = many_plans()
     op = torch.ops.moec.fused_moe
     rows = []
 
@@ -278,13 +279,13 @@ def many_experts_rows(compiled: bool) -> list[dict]:
         print(f"  {row['case']}: {row.get('rel_error', row.get('error', ''))!s:.200}", flush=True)
 
     if compiled:  # AOTInductor first: one artifact per plan, every T through it
-        for name in many_plans():
+        for name in plans:
             for row in in_child(f"many:{name}"):
                 add(row)
     fn = torch.compile(lambda *a: op(*a), dynamic=True, fullgraph=True) if compiled else op
     for T in MANY_TOKENS:
         hidden, weights, ids, ref = routed(g, T, w13, w2, 8)
-        for name, plan in many_plans().items():
+        for name, plan in plans.items():
             add({"op": "fused_moe E=128", "case": f"T={T} {name}", "compiled": compiled,
                  "rel_error": rel(fn(hidden, w13, w2, weights, ids, "silu", plan), ref)})
     return rows
