@@ -303,7 +303,9 @@ def accelerate_phase(args, result: dict, work: Path, deadline: float) -> None:
     import shutil
 
     shutil.rmtree(work / "artifact", ignore_errors=True)
+    t = time.perf_counter()
     write_model(Path(args.recipe), args.layers, work / "hf")
+    result["hf_write_s"] = time.perf_counter() - t  # drawing and writing the model again, before accelerate loads it
     batches = args.accelerate_batches or [r["batch"] for r in (result.get("moec") or {}).get("decode") or []] or [1]
     acc_json = work / "accelerate.json"
     left = deadline - time.perf_counter()
@@ -418,6 +420,7 @@ def main() -> int:
 
     for phase in phases:
         log(f"offload phase {phase}")
+        began = time.perf_counter()
         if phase == "compile" and not compile_phase(args, result, work, deadline):
             save()
             return 1
@@ -428,6 +431,10 @@ def main() -> int:
         if phase == "report":
             report_phase(result, out)
         result.setdefault("phases_done", []).append(phase)
+        # each phase's wall seconds (a resumed result from before these were kept has fewer than
+        # phases_done): what the next run's device calls must hold
+        result.setdefault("phase_s", []).append([phase, round(time.perf_counter() - began, 1)])
+        log(f"offload phase {phase} took {result['phase_s'][-1][1]} s")
         save()
     return 0
 

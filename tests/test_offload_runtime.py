@@ -385,6 +385,7 @@ def test_offload_benchmark_runs_in_phases_that_resume(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "offload.json").read_text())
     assert result["phases_done"] == ["compile", "moec", "accelerate", "report"]
+    assert [p for p, _ in result["phase_s"]] == result["phases_done"] and result["hf_write_s"] > 0
     assert result["compile_peak_gpu_gib"] == 0  # the compiler ran in the capped role (no GPU here)
     assert result["plan"]["policy"]["placement"] == "cpu" and result["plan"]["policy"]["micro_batches"] == 2
     assert [r["batch"] for r in result["rows"]] == [1, 4] and all(r["moec"] > 0 for r in result["rows"]), proc.stderr[-4000:]
