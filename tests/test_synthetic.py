@@ -277,3 +277,56 @@ def test_too_little_disk_is_a_one_line_error_before_writing(tmp_path, monkeypatc
     message = str(e.value)
     assert "\n" not in message and "GB free" in message and str(tmp_path / "x") in message
     assert not list((tmp_path / "x").glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("architecture", ["MixtralForCausalLM", "Qwen3MoeForCausalLM"])
+def test_a_model_drawn_by_parts_is_transformers_initialisation_in_host_memory(architecture):
+    """`draw_by_parts` (a model larger than the GPU, drawn a module at a time on it) writes every
+    saved tensor with transformers' own initialisation and leaves the model in host memory; here
+    the drawing device is the CPU, which only moves where the NaN-poisoned storage lives."""
+    import transformers
+
+    from moec.compiler.synthetic import _build_config, draw_by_parts
+
+    config_name, model_name = ARCHITECTURES[architecture]
+    config = {k: v for k, v in TINY_MIXTRAL.items() if k != "vocab_size"}
+    if architecture.startswith("Qwen3"):
+        config = {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32, "num_hidden_layers": 2,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "num_experts": 8, "num_experts_per_tok": 2,
+                  "head_dim": 16}
+    hf_config = _build_config(architecture, config, 512, 1, 2)
+    model_cls = getattr(transformers, model_name)
+    torch.manual_seed(0)
+    parts = draw_by_parts(model_cls, hf_config, "cpu")
+    torch.manual_seed(0)
+    whole = model_cls(hf_config)
+    drawn, reference = parts.state_dict(), whole.state_dict()
+    assert drawn.keys() == reference.keys()
+    std = hf_config.initializer_range
+    for name, t in drawn.items():
+        ref = reference[name]
+        assert t.device.type == "cpu" and t.shape == ref.shape and t.dtype == ref.dtype, name
+        assert torch.isfinite(t).all(), name
+        if bool((ref == ref.flatten()[0]).all()):  # norms' ones, zero biases
+            assert torch.equal(t, ref), name
+        else:  # drawn: the same law, other draws
+            assert not torch.equal(t, ref), name
+            if ref.numel() >= 256:
+                assert abs(t.float().std().item() - std) < 0.2 * std, name
+    ids = torch.tensor([[1, 17, 99, 300]])
+    assert torch.isfinite(parts(ids).logits).all()
+
+
+def test_draw_by_parts_names_a_tensor_the_initialisation_leaves_unwritten():
+    import transformers
+
+    from moec.compiler.synthetic import _build_config, draw_by_parts
+
+    class WithExtra(transformers.MixtralForCausalLM):
+        def __init__(self, config):
+            super().__init__(config)
+            self.extra = torch.nn.Parameter(torch.empty(3))  # no _init_weights case covers it
+
+    config = {k: v for k, v in TINY_MIXTRAL.items() if k != "vocab_size"}
+    with pytest.raises(RuntimeError, match=r"left extra unwritten"):
+        draw_by_parts(WithExtra, _build_config("MixtralForCausalLM", config, 512, 1, 2), "cpu")
