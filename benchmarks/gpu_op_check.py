@@ -9,9 +9,10 @@ the align's chunking switch and through AOTInductor; and the tuner's torch.cond 
 Triton plan and grouped_mm through AOTInductor) with the reference computed in fp32 on the same
 bf16 inputs, as max |a - b| / max |ref| per output. The same ops then run inside
 `torch.compile(dynamic=True)`, which hands scalars and token gates to the kernels the way
-AOTInductor does. Each AOTInductor artifact is compiled and run by a child process of this script
-(`in_child`): a crash there becomes that case's error row, naming the stage it died in. Writes
-gpu_op_check.json; exits 1 if a row is over its tolerance or failed.
+AOTInductor does. Each AOTInductor artifact is compiled and loaded as moec does (`aoti_load`),
+in a child process of this script (`in_child`): a crash or hang there becomes that case's error
+row, naming the stage it stopped in. Writes gpu_op_check.json; exits 1 if a row is over its
+tolerance or failed.
 """
 
 from __future__ import annotations
@@ -63,15 +64,20 @@ def export_tokens_dynamic(block: torch.nn.Module, args: tuple) -> torch.export.E
 
 
 def aoti_load(ep: torch.export.ExportedProgram, tmp: str, name: str, configs: dict | None = None):
-    """`ep` compiled by AOTInductor as moec.compiler.lower compiles (its workarounds), loaded."""
-    from moec.compiler.lower import aoti_workarounds
+    """`ep` compiled by AOTInductor as moec.compiler.lower compiles (its workarounds and Inductor
+    configs, `configs` on top), loaded by the runtime's loader. The packages that AOTInductor's
+    defaults build (constants inside the library) ended in a segmentation fault while loading,
+    on an H100 under torch 2.11 (2026-12-07), even in a fresh process and for a two-op program:
+    what moec ships has to be what is checked."""
+    from moec.compiler.lower import INDUCTOR_CONFIGS, aoti_workarounds
+    from moec.runtime.compiled_step import load_package
 
     stage("AOTInductor compile")
     with aoti_workarounds():
         package = torch._inductor.aoti_compile_and_package(ep, package_path=f"{tmp}/{name}.pt2",
-                                                           inductor_configs=configs)
+                                                           inductor_configs={**INDUCTOR_CONFIGS, **(configs or {})})
     stage("load the package")
-    return torch._inductor.aoti_load_package(package)
+    return load_package(package)
 
 
 def stage(what: str) -> None:
@@ -84,17 +90,26 @@ STAGE, ROW = "STAGE ", "ROW "
 
 def in_child(case: str) -> list[dict]:
     """The AOTInductor case `case` ("part:variant") run by a child process of this script: its
-    rows, and where it crashed, as an error row. AOTInductor compiled and loaded in this process
-    has ended in a segmentation fault under torch 2.11 (switch on the H200, 2026-12-03; many on the
-    H100, 2026-12-07), which took every later row with it and the JSON too."""
+    rows, and where it crashed or hung, as an error row. AOTInductor compiled and loaded in this
+    process has ended in a segmentation fault under torch 2.11 (switch on the H200, 2026-12-03; many
+    on the H100, 2026-12-07), which took every later row with it and the JSON too."""
     import subprocess
 
-    proc = subprocess.run([sys.executable, __file__, "--aoti-case", case], capture_output=True, text=True)
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--aoti-case", case], capture_output=True, text=True,
+                              timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:  # a hung child: its rows so far, and where it hung
+        text = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else (b or "")  # noqa: E731
+        return child_rows(case, None, text(e.stdout), text(e.stderr))
     return child_rows(case, proc.returncode, proc.stdout, proc.stderr)
 
 
-def child_rows(case: str, returncode: int, stdout: str, stderr: str) -> list[dict]:
-    """A child's rows from its stdout, and an error row naming its last stage if it failed."""
+CHILD_TIMEOUT_S = 300  # one case compiles one artifact and runs it at a few token counts: about a minute
+
+
+def child_rows(case: str, returncode: int | None, stdout: str, stderr: str) -> list[dict]:
+    """A child's rows from its stdout, and an error row naming its last stage if it failed
+    (`returncode` None: it was stopped after CHILD_TIMEOUT_S)."""
     import signal
 
     part, variant = case.split(":", 1)
@@ -104,8 +119,13 @@ def child_rows(case: str, returncode: int, stdout: str, stderr: str) -> list[dic
             rows.append(json.loads(line[len(ROW):]))
         elif line.startswith(STAGE):
             last = line[len(STAGE):]
-    if returncode:
-        how = f"killed by {signal.Signals(-returncode).name}" if returncode < 0 else f"exit status {returncode}"
+    if returncode != 0:
+        if returncode is None:
+            how = f"stopped after {CHILD_TIMEOUT_S} s"
+        elif returncode < 0:
+            how = f"killed by {signal.Signals(-returncode).name}"
+        else:
+            how = f"exit status {returncode}"
         tail = " | ".join([line for line in stderr.strip().splitlines() if "DEBUG" not in line][-3:])
         rows.append({"op": f"{part} (aoti child)", "case": f"aoti, {variant}", "compiled": True,
                      "error": f"the child process was {how} during: {last}; stderr: {tail}"[:2000]})

@@ -624,7 +624,8 @@ def test_gpu_op_check_child_crash_becomes_an_error_row(tmp_path, monkeypatch):
     """gpu_op_check runs each AOTInductor case in a child process (a segmentation fault in
     AOTInductor under torch 2.11 took every later row and the JSON with it, H100, 2026-12-07): a
     child killed by a signal leaves the rows it printed and an error row naming the signal and the
-    stage it died in; one that exits non-zero the same with its status."""
+    stage it died in; one that exits non-zero the same with its status, one that hangs the same
+    once it is stopped."""
     import gpu_op_check
 
     child = tmp_path / "child.py"
@@ -635,6 +636,7 @@ def test_gpu_op_check_child_crash_becomes_an_error_row(tmp_path, monkeypatch):
         " 'rel_error': 0.004}), flush=True)\n"
         "print('STAGE T=5', flush=True)\n"
         "print('DEBUG noise', file=sys.stderr); print('the last words', file=sys.stderr, flush=True)\n"
+        "import time; time.sleep(60) if sys.argv[2] == 'many:hang' else None\n"
         "os.kill(os.getpid(), signal.SIGSEGV) if sys.argv[2] == 'many:default' else sys.exit(3)\n")
     monkeypatch.setattr(gpu_op_check, "__file__", str(child))
     rows = gpu_op_check.in_child("many:default")
@@ -644,3 +646,35 @@ def test_gpu_op_check_child_crash_becomes_an_error_row(tmp_path, monkeypatch):
     died = gpu_op_check.in_child("switch:reuse")[-1]
     assert died["op"] == "switch (aoti child)" and "exit status 3 during: T=5" in died["error"]
     assert gpu_op_check.child_rows("many:x", 0, "ROW {\"rel_error\": 0.1}\nnoise\n", "") == [{"rel_error": 0.1}]
+    monkeypatch.setattr(gpu_op_check, "CHILD_TIMEOUT_S", 3)  # a hung child is stopped, its rows kept
+    hung = gpu_op_check.in_child("many:hang")
+    assert hung[0]["rel_error"] == 0.004 and hung[-1]["case"] == "aoti, hang"
+    assert hung[-1]["error"].startswith("the child process was stopped after 3 s during: T=5")
+
+
+def test_gpu_op_check_compiles_and_loads_as_moec_does(tmp_path, monkeypatch):
+    """gpu_op_check's AOTInductor cases build their package with moec's Inductor configs (the
+    weights outside the library: AOTInductor's default packages segfaulted while loading on an
+    H100 under torch 2.11) and a case's own on top, and load it with the runtime's loader; here a
+    CPU program through it."""
+    import gpu_op_check
+
+    from moec.compiler.lower import INDUCTOR_CONFIGS
+
+    class Block(torch.nn.Module):
+        def forward(self, x, w):
+            return (x @ w).relu()
+
+    seen, compile_package = [], torch._inductor.aoti_compile_and_package
+
+    def spy(ep, **kwargs):
+        seen.append(dict(kwargs["inductor_configs"]))  # torch adds its own keys to the dict it is given
+        return compile_package(ep, **kwargs)
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", spy)
+    x, w = torch.randn(6, 16), torch.randn(16, 8)
+    ep = torch.export.export(Block(), (x, w), dynamic_shapes=({0: torch.export.Dim("t", min=1, max=64)}, None))
+    run = gpu_op_check.aoti_load(ep, str(tmp_path), "block", {"allow_buffer_reuse": False})
+    assert seen == [{**INDUCTOR_CONFIGS, "allow_buffer_reuse": False}]
+    x = torch.randn(11, 16)
+    torch.testing.assert_close(run(x, w), (x @ w).relu())
