@@ -54,6 +54,22 @@ def load_model(model_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
+def copy_off_files(model: torch.nn.Module, host: dict[str, torch.Tensor] | None = None) -> None:
+    """Copy the host-memory tensors of `model`, and `host`'s (`host_experts`' real experts), out of
+    the safetensors files they were loaded from into this process's own memory. `from_pretrained`
+    leaves CPU tensors as views of the memory-mapped files, and an unlinked file keeps its disk
+    blocks while a mapping lives: the compiler's temporary copy of a synthetic model would hold
+    the disk beside the artifact it writes (the 16-layer Mixtral, 2 × 47 GB on a 64 GB disk)."""
+    from moec.compiler.host_experts import is_stand_in
+
+    with torch.no_grad():
+        for t in (*model.parameters(), *model.buffers()):
+            if t.device.type == "cpu" and not is_stand_in(t):
+                t.data = t.data.clone()
+        for name, t in (host or {}).items():
+            host[name] = t.clone()
+
+
 def gpu_free_bytes() -> int:
     """What this process may still allocate on the current GPU: the device's free memory, or less
     where the process was capped (`torch.cuda.set_per_process_memory_fraction`, which the

@@ -20,7 +20,7 @@ from moec.artifact.manifest import environment_fields
 from moec.artifact.summary import moe_kernel_lines
 from moec.compiler.export import export_step
 from moec.compiler.host_experts import keep_on_host
-from moec.compiler.load import check_fits_device, fits_device, load_model, read_hf_config
+from moec.compiler.load import check_fits_device, copy_off_files, fits_device, load_model, read_hf_config
 from moec.compiler.offload_policy import plan_offload
 from moec.compiler.lower import compile_graph, save_weights
 from moec.compiler.passes import lower_moe
@@ -143,6 +143,7 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
             check_fits_device(model, recipe.device, host_experts=host_experts)
             model = host_experts.move_rest(model) if host_experts else model.to(recipe.device)
             if recipe.model.path is None:  # our own temporary copy: the disk holds one copy of the weights, not two
+                copy_off_files(model, host_experts.host if host_experts else None)
                 for weights_file in model_dir.glob("*.safetensors"):
                     weights_file.unlink()
             # shapes the kernels cannot run stop here, naming the block, before export trips on them
