@@ -99,7 +99,7 @@ def _model_source(recipe: Recipe, stages: Stages):
 
     syn = recipe.model.synthetic
     # drawn where the model will run: a Mixtral-sized model takes minutes on a CPU, seconds on a GPU
-    # (one larger than the GPU, to offload, on the CPU)
+    # (one larger than the GPU, to offload, a module at a time on the GPU into host memory)
     init = "cuda" if recipe.device == "cuda" else "cpu"
     with tempfile.TemporaryDirectory(prefix="moec-synthetic-") as tmp:
         with stages.stage("source", f"synthetic {syn.architecture}, seed {syn.seed}, as an HF directory"):

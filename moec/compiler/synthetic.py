@@ -185,7 +185,7 @@ def write_synthetic_model(
         rng_devices = [torch.device(init_device).index or 0] if on_gpu else []
         with torch.random.fork_rng(devices=rng_devices):  # caller's RNG state kept
             torch.manual_seed(seed)
-            if on_gpu and by_parts:
+            if by_parts:
                 model = draw_by_parts(model_cls, hf_config, init_device)
             else:
                 with torch.device(init_device):
