@@ -214,3 +214,31 @@ def test_a_model_larger_than_the_gpu_is_a_one_line_error():
     msg = str(info.value)
     assert "\n" not in msg and "take 4 MiB and the GPU has 2 MiB free" in msg
     assert "free" in msg and "add an offload block" in msg
+
+
+def test_too_little_disk_for_the_artifact_is_a_one_line_error_before_tuning(tmp_path, hf_model_dir, monkeypatch):
+    """The artifact's weights (an offloaded model's host experts included) must fit the disk the
+    artifact is built on: checked before the tuner, named with both sizes; nothing is written."""
+    from rich.console import Console
+
+    from moec.compiler import pipeline
+    from moec.compiler.load import load_model
+    from moec.compiler.recipe import parse_recipe
+    from moec.errors import RecipeError
+
+    weights = sum(t.nbytes for t in load_model(hf_model_dir, torch.float32).state_dict().values())
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda path: usage._replace(free=weights - 1))
+    tuned = []
+    monkeypatch.setattr(pipeline, "tune_moe", lambda *a, **k: tuned.append(1))
+    offload = {"gpu_memory": 8 << 20, "host_memory": "1GiB", "workload": {"prompt_len": 64, "gen_len": 32},
+               "policy": {"resident_expert_layers": 0, "batch": 2}}
+    out = tmp_path / "new" / "artifact"
+    for recipe in (tiny_recipe_dict(hf_model_dir), tiny_recipe_dict(hf_model_dir, offload=offload)):
+        with pytest.raises(RecipeError) as e:
+            pipeline.compile_recipe(parse_recipe(recipe), out, console=Console(stderr=True, quiet=True))
+        message = str(e.value)
+        assert "\n" not in message and str(out) in message and "GB free" in message and "--output" in message
+    assert not tuned and not out.exists() and not list(tmp_path.glob("new/.artifact*"))
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda path: usage._replace(free=weights * 2))
+    pipeline.check_disk_for_artifact(out, weights)  # enough: no error

@@ -63,6 +63,10 @@ class HostExperts:
         return sum(self.host[name].nbytes for name in self.blocks[path])
 
     @property
+    def bytes(self) -> int:
+        return sum(t.nbytes for t in self.host.values())
+
+    @property
     def largest_block_bytes(self) -> int:
         return max((self.block_bytes(p) for p in self.blocks), default=0)
 
