@@ -241,4 +241,4 @@ def test_too_little_disk_for_the_artifact_is_a_one_line_error_before_tuning(tmp_
         assert "\n" not in message and str(out) in message and "GB free" in message and "--output" in message
     assert not tuned and not out.exists() and not list(tmp_path.glob("new/.artifact*"))
     monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda path: usage._replace(free=weights * 2))
-    pipeline.check_disk_for_artifact(out, weights)  # enough: no error
+    pipeline.check_free_disk(out, weights, "the artifact's weights", "choose another --output")  # enough: no error

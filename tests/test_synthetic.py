@@ -269,9 +269,7 @@ def test_too_little_disk_is_a_one_line_error_before_writing(tmp_path, monkeypatc
     (the 16-layer Mixtral-shaped model once filled a 64 GB disk half-way through save_pretrained)."""
     import shutil
 
-    import moec.compiler.synthetic as synthetic
-
-    monkeypatch.setattr(synthetic.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
     with pytest.raises(RecipeError) as e:
         write_synthetic_model("MixtralForCausalLM", TINY_MIXTRAL, 0, tmp_path / "x")
     message = str(e.value)

@@ -7,6 +7,7 @@ it, so a large model is never materialised twice.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -68,6 +69,19 @@ def copy_off_files(model: torch.nn.Module, host: dict[str, torch.Tensor] | None 
                 t.data = t.data.clone()
         for name, t in (host or {}).items():
             host[name] = t.clone()
+
+
+def check_free_disk(path: Path, need: int, what: str, fix: str) -> None:
+    """`what`, `need` bytes, about to be written at `path` (which may not exist yet: the nearest
+    existing parent's disk counts): a one-line error before writing, not an I/O error with half
+    of it on disk."""
+    where = Path(path).absolute()
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise RecipeError(f"{path}: {what} need {need / 1e9:.1f} GB and its disk has {free / 1e9:.1f} GB free; "
+                          f"free space there or {fix}")
 
 
 def gpu_free_bytes() -> int:

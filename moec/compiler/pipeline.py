@@ -20,7 +20,8 @@ from moec.artifact.manifest import environment_fields
 from moec.artifact.summary import moe_kernel_lines
 from moec.compiler.export import export_step
 from moec.compiler.host_experts import keep_on_host
-from moec.compiler.load import check_fits_device, copy_off_files, device_bytes, fits_device, load_model, read_hf_config
+from moec.compiler.load import (check_fits_device, check_free_disk, copy_off_files, device_bytes, fits_device,
+                               load_model, read_hf_config)
 from moec.compiler.offload_policy import plan_offload
 from moec.compiler.lower import compile_graph, save_weights
 from moec.compiler.passes import lower_moe
@@ -110,19 +111,6 @@ def _model_source(recipe: Recipe, stages: Stages):
         yield model_dir
 
 
-def check_disk_for_artifact(out_dir: Path, weight_bytes: int) -> None:
-    """A one-line error before the tuner's minutes, not an I/O error while the weights are written:
-    the artifact is built beside `out_dir` (an artifact it replaces stays until the new one is
-    complete), so that disk must hold the weights it writes."""
-    where = Path(out_dir).absolute()
-    while not where.exists():
-        where = where.parent
-    free = shutil.disk_usage(where).free
-    if free < weight_bytes:
-        raise RecipeError(f"{out_dir}: the artifact's weights need {weight_bytes / 1e9:.1f} GB and its disk has "
-                          f"{free / 1e9:.1f} GB free; free space there or choose another --output")
-
-
 def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console: Console | None = None,
                    experts_on_host: bool | None = None) -> Path | None:
     """Compile `recipe` into an artifact at `out_dir` (None with `explain`). `experts_on_host`:
@@ -194,7 +182,10 @@ def compile_recipe(recipe: Recipe, out_dir: Path, explain: bool = False, console
                               "evenly over the ranks; choose a divisor of the expert count")
         if explain:
             return None
-        check_disk_for_artifact(out_dir, device_bytes(model) + (host_experts.bytes if host_experts else 0))
+        # before the tuner's minutes: the artifact is built beside out_dir, and one it replaces stays
+        # until the new one is complete
+        check_free_disk(out_dir, device_bytes(model) + (host_experts.bytes if host_experts else 0),
+                        "the artifact's weights", "choose another --output")
         tune_detail = ("each MoE shape × token bucket: Triton configs and torch._grouped_mm timed"
                        if recipe.device == "cuda" else "cpu: the MoE op runs the PyTorch reference, nothing to time")
         with stages.stage("tune", tune_detail):

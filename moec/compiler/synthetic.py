@@ -16,7 +16,6 @@ import difflib
 import hashlib
 import json
 import re
-import shutil
 import sys
 from collections.abc import Callable
 from functools import cache
@@ -201,11 +200,10 @@ def write_synthetic_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in [*out_dir.glob("*.safetensors"), out_dir / "model.safetensors.index.json"]:
         stale.unlink(missing_ok=True)  # weights of an earlier model here would be loaded with ours
-    need = sum(p.numel() * p.element_size() for p in model.parameters())
-    free = shutil.disk_usage(out_dir).free
-    if free < need:  # found before writing, not as an I/O error with half the shards on disk
-        raise RecipeError(f"{out_dir}: the synthetic model's weights need {need / 1e9:.1f} GB and its disk has "
-                          f"{free / 1e9:.1f} GB free; free space there or write the model elsewhere")
+    from moec.compiler.load import check_free_disk
+
+    check_free_disk(out_dir, sum(p.numel() * p.element_size() for p in model.parameters()),
+                    "the synthetic model's weights", "write the model elsewhere")
     from transformers import GenerationConfig
     from transformers.utils import logging as hf_logging
 
