@@ -65,10 +65,9 @@ def export_tokens_dynamic(block: torch.nn.Module, args: tuple) -> torch.export.E
 
 def aoti_load(ep: torch.export.ExportedProgram, tmp: str, name: str, configs: dict | None = None):
     """`ep` compiled by AOTInductor as moec.compiler.lower compiles (its workarounds and Inductor
-    configs, `configs` on top), loaded by the runtime's loader. The packages that AOTInductor's
-    defaults build (constants inside the library) ended in a segmentation fault while loading,
-    on an H100 under torch 2.11 (2026-12-07), even in a fresh process and for a two-op program:
-    what moec ships has to be what is checked."""
+    configs, `configs` on top), loaded by the runtime's loader: what moec ships has to be what
+    is checked. The loader shares the process's libstdc++ first; loaded without that, every package
+    here (a two-op program too) crashed on the H100 machine under torch 2.11 (2026-12-07)."""
     from moec.compiler.lower import INDUCTOR_CONFIGS, aoti_workarounds
     from moec.runtime.compiled_step import load_package
 
@@ -91,8 +90,9 @@ STAGE, ROW = "STAGE ", "ROW "
 def in_child(case: str) -> list[dict]:
     """The AOTInductor case `case` ("part:variant") run by a child process of this script: its
     rows, and where it crashed or hung, as an error row. AOTInductor compiled and loaded in this
-    process has ended in a segmentation fault under torch 2.11 (switch on the H200, 2026-12-03; many
-    on the H100, 2026-12-07), which took every later row with it and the JSON too."""
+    process ended in a segmentation fault under torch 2.11 (switch on the H200, 2026-12-03; many
+    on the H100, 2026-12-07: a private libstdc++, see `aoti_load`), which took every later row with
+    it and the JSON too; a child keeps any such crash to its own case."""
     import subprocess
 
     try:

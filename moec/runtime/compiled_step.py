@@ -50,7 +50,9 @@ def load_package(path: str, runners: int = 1):
     machine, to log at most a warning. The artifact's own check (device, compute capability,
     torch version: `moec.artifact`) has already run and is an error, so the loader is built
     directly — what `aoti_load_package` itself falls back to. If this torch's loader has another
-    signature, `aoti_load_package` is used."""
+    signature, `aoti_load_package` is used. Every load first shares the process's libstdc++
+    (`share_process_libstdcxx`): without it a package crashed while loading on the H100 machine."""
+    share_process_libstdcxx()
     try:
         from torch._inductor.package.package import AOTICompiledModel
 
@@ -65,7 +67,6 @@ class CompiledStep:
 
     def __init__(self, artifact: Artifact, runners: int = 1):
         """`runners`: how many threads may call the step at once (see `load_package`)."""
-        share_process_libstdcxx()
         start = time.perf_counter()
         try:
             self.model = load_package(str(artifact.graph_path), runners)
