@@ -107,7 +107,14 @@ def accelerate_headroom(config, batch: int, context: int, new_tokens: int) -> in
 
     kv = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim(config) * 2 * batch * (context + new_tokens)
     tokens = batch * context
-    return kv + tokens * (16 * config.hidden_size + 3 * config.intermediate_size) * 2 + (1 << 30)
+    activations = tokens * (16 * config.hidden_size + 3 * config.intermediate_size) * 2
+    # accelerate moves an offloaded module's weights to the GPU whole for its forward: one layer's
+    # experts (2.6 GiB for Mixtral), twice for the allocator's fragments. An H100 run at 24 GiB ran
+    # out of memory at batch 1 with room left for the cache and activations only; at large batches
+    # the activations' room (freed by then) holds them.
+    inter = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    experts = 3 * (getattr(config, "num_local_experts", None) or config.num_experts) * config.hidden_size * inter * 2
+    return kv + max(activations, 2 * experts) + (1 << 30)
 
 
 def role_accelerate(args) -> int:
@@ -147,7 +154,6 @@ def role_accelerate(args) -> int:
         out["loads"].append({"max_memory_gpu": budget, "load_s": time.perf_counter() - t})
         log(f"accelerate: loaded with {budget / 2**30:.1f} GiB for weights on the GPU in {out['loads'][-1]['load_s']:.0f} s")
         Path(args.result).write_text(json.dumps(out))  # what a run stopped by its clock did get to
-        hf_step_times(model, 1, 16, 2, gen)  # CUDA and cuBLAS set up, not timed
 
     gen = torch.Generator().manual_seed(0)
     deadline = time.perf_counter() + args.seconds
@@ -161,6 +167,7 @@ def role_accelerate(args) -> int:
                 load(want)
             resident = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "cuda")
             try:
+                hf_step_times(model, 1, 16, 2, gen)  # CUDA and cuBLAS set up, not timed
                 # warmed up by a short generate after each load; then one generate call, its steps timed
                 # from inside (one prompt of batch x context tokens: two, at 128 x 512, did not finish in
                 # 477 s on the H200)
