@@ -108,3 +108,40 @@ def test_stop_string_truncates_output(engine):
     assert cut.finish_reason == "stop"
     assert stop not in cut.text
     assert full.text.startswith(cut.text)
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "top_k": 20, "seed": 3}])
+def test_logprobs_are_the_models_as_transformers_gives_them(engine, hf_model, sampling):
+    """Each token's log-probability, and the most likely ones, from the model's own distribution
+    (before temperature and top-k) as transformers computes it; asking for them changes no token."""
+    asked = engine.generate(PROMPTS[:2], max_tokens=10, logprobs=3, **sampling)
+    plain = engine.generate(PROMPTS[:2], max_tokens=10, **sampling)
+    for prompt, result, other in zip(PROMPTS, asked, plain):
+        assert result.token_ids == other.token_ids and other.logprobs is None
+        ids = engine.encode(prompt)
+        want = torch.log_softmax(hf_logits(hf_model, ids + result.token_ids[:-1])[len(ids) - 1:], dim=-1)
+        assert [lp.token for lp in result.logprobs] == result.token_ids
+        for row, lp in zip(want, result.logprobs):
+            assert abs(lp.logprob - row[lp.token].item()) <= 1e-4
+            top = row.topk(3)
+            assert len(lp.top) == 3
+            assert max(abs(got - w) for (_, got), w in zip(lp.top, top.values.tolist())) <= 1e-4
+            assert all(abs(row[i].item() - got) <= 1e-4 for i, got in lp.top)
+            if not sampling:  # greedy: the token taken is the most likely
+                assert lp.top[0][0] == lp.token
+
+
+def test_logprobs_for_one_sequence_of_a_batch(engine):
+    """Rows that ask and rows that do not share a step; 0 gives the token's own and no others."""
+    from moec.runtime.sampler import SamplingParams
+
+    seqs = [engine.new_sequence(p, SamplingParams(max_tokens=6, temperature=0, logprobs=n))
+            for p, n in zip(PROMPTS, [None, 0, 5, None])]
+    for seq in seqs:
+        engine.scheduler.add(seq)
+    while engine.scheduler.has_work():
+        engine.step()
+    assert [len(s.output_logprobs) for s in seqs] == [0, 6, 6, 0]
+    assert all(lp.top == [] and lp.logprob <= 0 for lp in seqs[1].output_logprobs)
+    assert all(len(lp.top) == 5 and lp.top[0][0] == lp.token for lp in seqs[2].output_logprobs)
+    assert engine.allocator.num_used == 0

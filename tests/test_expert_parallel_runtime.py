@@ -3,6 +3,8 @@ tokens as the ep: 1 artifact, chunked or not; a wrong number of ranks is a one-l
 
 from __future__ import annotations
 
+import asyncio
+
 import datetime
 import os
 
@@ -168,6 +170,7 @@ def test_serve_across_two_ranks_then_stop_cleanly(ep2_artifact, tiny_artifact):
     leader, follower = _start_group(ep2_artifact, port)
     try:
         texts = greedy_texts(f"http://127.0.0.1:{port}", "tiny-ep2", PROMPTS, max_tokens=10)
+        logprobs = asyncio.run(_token_logprobs(f"http://127.0.0.1:{port}", PROMPTS[:2]))  # one on each rank
         import time
 
         time.sleep(2.5)  # the group sums its expert load every 2 s for /metrics
@@ -184,8 +187,21 @@ def test_serve_across_two_ranks_then_stop_cleanly(ep2_artifact, tiny_artifact):
         for p in (leader, follower):
             if p.poll() is None:
                 p.kill()
-    want = Engine.load(tiny_artifact).generate(PROMPTS, max_tokens=10)
+    engine = Engine.load(tiny_artifact)
+    want = engine.generate(PROMPTS, max_tokens=10)
     assert texts == [c.text for c in want]
+    want = engine.generate(PROMPTS[:2], max_tokens=6, logprobs=1)
+    assert logprobs == [pytest.approx([t.logprob for t in c.logprobs], abs=1e-4) for c in want]
+
+
+async def _token_logprobs(base: str, prompts: list[str]) -> list[list[float]]:
+    """Each prompt's greedy tokens' log-probabilities, the requests sent at once."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=120) as client:
+        replies = await asyncio.gather(*(client.post(f"{base}/v1/completions", json={
+            "model": "tiny-ep2", "prompt": p, "max_tokens": 6, "temperature": 0, "logprobs": 1}) for p in prompts))
+    return [r.raise_for_status().json()["choices"][0]["logprobs"]["token_logprobs"] for r in replies]
 
 
 def test_exit_rank_flushes_then_ends_with_the_code():

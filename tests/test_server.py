@@ -124,6 +124,39 @@ def test_greedy_equals_moe_runtime_generate(client, model_name, tiny_artifact):
     assert proc.stdout.rstrip("\n") == prompt + r.choices[0].text
 
 
+def test_logprobs_through_the_openai_client(client, model_name, tiny_artifact):
+    """Completions (legacy shape) and chat (content entries), whole and streamed: the engine's
+    log-probabilities for the same greedy tokens, the top ones most likely first."""
+    from moec.runtime import Engine
+
+    prompt = "The mixture of experts"
+    want = Engine.load(tiny_artifact).generate(prompt, max_tokens=8, logprobs=2)[0].logprobs
+    r = client.completions.create(model=model_name, prompt=prompt, max_tokens=8, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(want) == r.usage.completion_tokens
+    assert lp.token_logprobs == pytest.approx([w.logprob for w in want], abs=1e-5)
+    for top, w in zip(lp.top_logprobs, want):  # keyed by text: ids that decode alike share a key
+        assert 1 <= len(top) <= 2 and max(top.values()) == pytest.approx(w.top[0][1], abs=1e-5)
+        assert all(min(abs(v - x) for _, x in w.top) <= 1e-5 for v in top.values())
+    assert "".join(lp.tokens) == r.choices[0].text and lp.text_offset[0] == 0
+    assert all(top[tok] == pytest.approx(v, abs=1e-5)  # greedy: each token is its step's most likely
+               for tok, v, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs))
+
+    messages = [{"role": "user", "content": "Hello there"}]
+    whole = client.chat.completions.create(model=model_name, messages=messages, max_tokens=6, temperature=0,
+                                           logprobs=True, top_logprobs=3)
+    content = whole.choices[0].logprobs.content
+    assert len(content) == whole.usage.completion_tokens
+    assert all(len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob == pytest.approx(c.logprob)
+               and c.bytes == list(c.token.encode()) for c in content)
+    streamed = [c for chunk in client.chat.completions.create(
+        model=model_name, messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3, stream=True)
+        for choice in chunk.choices if choice.logprobs for c in choice.logprobs.content]
+    assert [(c.token, round(c.logprob, 5)) for c in streamed] == [(c.token, round(c.logprob, 5)) for c in content]
+    plain = client.chat.completions.create(model=model_name, messages=messages, max_tokens=6, temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == whole.choices[0].message.content
+
+
 def test_chat_completion(client, model_name):
     r = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "Hello there"}],
                                        max_tokens=8, temperature=0)

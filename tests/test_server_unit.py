@@ -364,7 +364,9 @@ def test_auth(loop):
     (b'not json at all', None),
     (b'', None),
     (b'[1, 2]', None),
-    (b'{"prompt": "x", "logprobs": 3}', "logprobs"),
+    (b'{"prompt": "x", "logprobs": 21}', "logprobs"),
+    (b'{"prompt": "x", "logprobs": -1}', "logprobs"),
+    (b'{"prompt": "x", "logprobs": 2, "echo": true}', "echo"),
     (b'{"prompt": "x", "presence_penalty": 1.0}', "presence_penalty"),
 ])
 def test_completion_bad_input_is_400(client, loop, body, param):
@@ -383,6 +385,8 @@ def test_completion_bad_input_is_400(client, loop, body, param):
      "messages[0].content[0].type"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
     ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -1}, "max_completion_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
 ])
 def test_chat_bad_input_is_400(client, payload, param):
     assert_error(client.post("/v1/chat/completions", json=payload), 400, param=param)

@@ -35,7 +35,7 @@ from moec.runtime.host_attention import HostAttention
 from moec.runtime.launch import group_failed
 from moec.runtime.micro_batches import MicroBatchRunner
 from moec.runtime.kv_cache import BlockAllocator, allocate_kv_cache, blocks_needed, build_step_inputs
-from moec.runtime.sampler import Sampler, SamplingParams, make_generator
+from moec.runtime.sampler import Sampler, SamplingParams, TokenLogprob, make_generator, token_logprobs
 from moec.runtime.scheduler import Scheduler
 from moec.runtime.sequence import Sequence
 
@@ -48,6 +48,7 @@ class Completion:
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     time_to_first_token_s: float
     logits: list[torch.Tensor] | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token, where asked for
 
 
 @dataclass
@@ -80,11 +81,21 @@ class _Launched:
     host_ids: torch.Tensor
     ready: torch.cuda.Event | None
     logits: torch.Tensor | None  # kept when recording logits
+    # (rows of `sampled` that asked, their tokens' log-probabilities, the top ones and their ids)
+    logprobs: tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def token_ids(self) -> list[int]:
         if self.ready is not None:
             self.ready.synchronize()
         return self.host_ids.tolist()
+
+    def token_logprobs(self) -> dict[int, tuple[float, list[tuple[int, float]]]]:
+        """row → (the sampled token's log-probability, the most likely (id, log-probability))."""
+        if self.logprobs is None:
+            return {}
+        rows, chosen, top, top_ids = self.logprobs
+        chosen, top, top_ids = chosen.tolist(), top.tolist(), top_ids.tolist()
+        return {row: (chosen[j], list(zip(top_ids[j], top[j]))) for j, row in enumerate(rows)}
 
 
 class HostIdRing:
@@ -252,6 +263,7 @@ class Engine:
                 return [], []
         self._ahead = self._launch_ahead(launched)
         next_ids = launched.token_ids()
+        logprobs = launched.token_logprobs()
         now = time.perf_counter()  # the device has finished the step (not the one launched ahead)
         if launched.decoding:
             self.stats.decode_steps += 1
@@ -265,6 +277,9 @@ class Engine:
                 seq.logits = (seq.logits or []) + [launched.logits[row].detach().clone()]
             seq.first_token_at = seq.first_token_at or now
             seq.output_ids.append(token)
+            if row in logprobs:
+                chosen, top = logprobs[row]
+                seq.output_logprobs.append(TokenLogprob(token, chosen, top[: seq.params.logprobs]))
             text = seq.detok.push(token)
             if (token == self.eos_id and not seq.params.ignore_eos) or seq.detok.stopped:
                 seq.finish_reason = "stop"
@@ -322,9 +337,15 @@ class Engine:
         if self.record_logits:  # a step launched ahead would overwrite the graph's logits buffer
             logits = logits.clone()
         device_ids = self.sampler.sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
+        logprobs = None
+        asked = [i for i, seq in enumerate(sampled) if seq.params.logprobs is not None]
+        if asked:  # queued before a step launched ahead can overwrite a graph's logits buffer
+            rows = torch.tensor(asked, device=logits.device)
+            most = max(sampled[i].params.logprobs for i in asked)
+            logprobs = (asked, *token_logprobs(logits[rows], device_ids[rows], most))
         decoding = ahead_of is not None or all(take == 1 and seq.output_ids for seq, take in plan)
         return _Launched(sampled, decoding, device_ids, *self._host_ids.send(device_ids),
-                         logits if self.record_logits else None)
+                         logits if self.record_logits else None, logprobs)
 
     def _launch_ahead(self, launched: _Launched) -> _Launched | None:
         """Launch the step after `launched` before its tokens reach the host, so the device runs
@@ -390,8 +411,9 @@ class Engine:
 
     def generate(self, prompts: list[str | list[int]] | str, max_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
-                 ignore_eos: bool = False, record_logits: bool = False) -> list[Completion]:
-        """Complete every prompt; all of them run together as one batch."""
+                 ignore_eos: bool = False, record_logits: bool = False, logprobs: int | None = None) -> list[Completion]:
+        """Complete every prompt; all of them run together as one batch. `logprobs`: each token's
+        log-probability and the `logprobs` most likely, in `Completion.logprobs`."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if not prompts:
@@ -407,7 +429,7 @@ class Engine:
         for i, prompt in enumerate(prompts):
             params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                     seed=None if seed is None else seed + i, stop=list(stop or []),
-                                    ignore_eos=ignore_eos)
+                                    ignore_eos=ignore_eos, logprobs=logprobs)
             seqs.append(self.new_sequence(prompt, params))
             if i % self.world == self.rank:  # expert-parallel: each rank decodes its share
                 mine.append(seqs[-1])
@@ -432,6 +454,7 @@ class Engine:
                 text=seq.detok.text, token_ids=list(seq.output_ids), prompt_tokens=len(seq.prompt_ids),
                 finish_reason=seq.finish_reason, time_to_first_token_s=(seq.first_token_at or start) - start,
                 logits=[t.cpu() for t in seq.logits] if seq.logits and self.world > 1 else seq.logits,
+                logprobs=None if logprobs is None else list(seq.output_logprobs),
             )
             for seq in seqs
         ]

@@ -143,8 +143,11 @@ class EngineLoop:
     # --- the engine thread ------------------------------------------------------------------
 
     def _event(self, seq: Sequence, stream: RequestStream, text: str, new_ids: list[int]) -> None:
+        logprobs = None  # the new tokens' `TokenLogprob`s, where the request asked
+        if new_ids and seq.output_logprobs:
+            logprobs = seq.output_logprobs[len(seq.output_ids) - len(new_ids):]
         event = StreamEvent(text, new_ids, seq.finish_reason, len(seq.prompt_ids), len(seq.output_ids),
-                            time=time.perf_counter())
+                            time=time.perf_counter(), logprobs=logprobs)
         if not stream._sent_first:
             stream._sent_first = True
             event.queue_time_s = (seq.first_scheduled or event.time) - seq.arrived
@@ -225,6 +228,8 @@ class EngineLoop:
                 if self._rank_of.get(e.request_id) != 0:  # rank 0's own sequences are up to date already
                     seq.first_scheduled = seq.first_scheduled or time.perf_counter()
                     seq.output_ids.append(e.token)
+                    if e.logprob is not None:
+                        seq.output_logprobs.append(e.logprob)
                     seq.finish_reason = e.finish_reason
                 self._event(seq, stream, e.text, [e.token])
                 if e.finish_reason is not None:

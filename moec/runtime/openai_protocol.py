@@ -3,8 +3,9 @@
 Requests are validated strictly (wrong types are errors, not coerced: `"max_tokens": "5"` or
 `"temperature": NaN` is a 400 that names the parameter) and unknown fields are ignored, as vLLM
 does, so clients that send fields moec does not know keep working. Fields that would change the
-output in a way moec cannot honour (logprobs, penalties, logit_bias, tools, non-text response
-formats, image content) are refused with a 400 rather than silently ignored.
+output in a way moec cannot honour (penalties, logit_bias, tools, non-text response formats,
+image content, the prompt's logprobs) are refused with a 400 rather than silently ignored.
+logprobs are the model's own (before temperature, top-k and top-p), as vLLM reports them.
 
 Extensions beyond OpenAI's API, as in vLLM: `top_k` (0 or -1 = off) and `ignore_eos`.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, model_serializer
 
@@ -21,12 +22,15 @@ MAX_N = 16  # choices per request
 MAX_STOP = 16  # stop strings per request (SamplingParams allows the same)
 MAX_PROMPTS = 16  # prompts in one /v1/completions request
 MAX_CHOICES = 64  # prompts x n
+MAX_LOGPROBS = 20  # most likely tokens a step (SamplingParams allows the same)
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf: a token the model rules out reads as this (as vLLM)
 _INT64 = 2**63
 
 Temperature = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 StopString = Annotated[StrictStr, Field(min_length=1)]
 TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
+LogprobCount = Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)]
 
 
 class _Request(BaseModel):
@@ -80,7 +84,7 @@ class CompletionRequest(_SamplingFields):
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None  # None = 16 (OpenAI's default), cut to fit
     echo: StrictBool = False
     suffix: StrictStr | None = None
-    logprobs: StrictInt | None = None
+    logprobs: LogprobCount | None = None  # each token's and this many most likely
     best_of: StrictInt | None = None
 
     def prompts(self) -> list[str | list[int]]:
@@ -102,9 +106,12 @@ class CompletionRequest(_SamplingFields):
             raise ValueError(f"{len(prompts)} prompts x n={self.n} exceeds {MAX_CHOICES} choices per request")
         return prompts
 
+    def logprob_count(self) -> int | None:
+        return self.logprobs
+
     def unsupported(self) -> tuple[str, str] | None:
-        if self.logprobs:
-            return "logprobs", "logprobs is not supported by this server"
+        if self.logprobs is not None and self.echo:
+            return "echo", "echo with logprobs (the prompt's own log-probabilities) is not supported by this server"
         if self.suffix:
             return "suffix", "suffix is not supported by this server"
         if self.best_of is not None and self.best_of != self.n:
@@ -139,7 +146,7 @@ class ChatCompletionRequest(_SamplingFields):
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None  # deprecated by OpenAI, still sent
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None  # wins over max_tokens
     logprobs: StrictBool | None = None
-    top_logprobs: StrictInt | None = None
+    top_logprobs: LogprobCount | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: ResponseFormat | None = None
@@ -148,9 +155,14 @@ class ChatCompletionRequest(_SamplingFields):
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def logprob_count(self) -> int | None:
+        """How many most likely tokens to report with each token's own log-probability (None: off).
+        Raises ValueError for top_logprobs without logprobs, which OpenAI refuses too."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def unsupported(self) -> tuple[str, str] | None:
-        if self.logprobs or self.top_logprobs:
-            return "logprobs", "logprobs is not supported by this server"
         if self.tools:
             return "tools", "tools (function calling) are not supported by this server"
         if self.tool_choice not in (None, "none", "auto"):
@@ -186,10 +198,65 @@ def now() -> int:
     return int(time.time())
 
 
+TokenText = Callable[[int], str]  # a token id as text, alone
+
+
+def _logprob(value: float) -> float:
+    return max(value, LOGPROB_FLOOR)
+
+
+class TopLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+    @classmethod
+    def of(cls, token: int, logprob: float, text: TokenText) -> TopLogprob:
+        piece = text(token)
+        return cls(token=piece, logprob=_logprob(logprob), bytes=list(piece.encode()))
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Response):
+    content: list[ChatTokenLogprob]
+
+    @classmethod
+    def of(cls, entries: list[Any], text: TokenText) -> ChatLogprobs:
+        """From the engine's `TokenLogprob`s."""
+        return cls(content=[ChatTokenLogprob(**TopLogprob.of(e.token, e.logprob, text).model_dump(),
+                                             top_logprobs=[TopLogprob.of(t, lp, text) for t, lp in e.top])
+                            for e in entries])
+
+
+class CompletionLogprobs(_Response):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]  # where each token's text starts in the choice's text
+
+    @classmethod
+    def of(cls, entries: list[Any], text: TokenText, offset: int = 0) -> CompletionLogprobs:
+        tokens = [text(e.token) for e in entries]
+        starts = [offset]
+        for piece in tokens[:-1]:
+            starts.append(starts[-1] + len(piece))
+        tops = []
+        for e in entries:  # keyed by text: of two ids that decode alike, the more likely is kept
+            top: dict[str, float] = {}
+            for t, lp in e.top:
+                top.setdefault(text(t), _logprob(lp))
+            tops.append(top)
+        return cls(tokens=tokens, token_logprobs=[_logprob(e.logprob) for e in entries], top_logprobs=tops,
+                   text_offset=starts[: len(tokens)])
+
+
 class CompletionChoice(_Response):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None  # "stop" | "length" | "abort" (timed out or cancelled; as vLLM)
 
 
@@ -219,7 +286,7 @@ class AssistantMessage(_Response):
 class ChatChoice(_Response):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
 
 
@@ -244,7 +311,7 @@ class DeltaMessage(_Response):
 class ChatChunkChoice(_Response):
     index: int
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from moec.runtime.engine import Engine
 from moec.runtime.launch import group_failed
-from moec.runtime.sampler import SamplingParams
+from moec.runtime.sampler import SamplingParams, TokenLogprob
 from moec.runtime.sequence import Sequence
 
 HEARTBEAT_S = 0.5
@@ -42,6 +42,7 @@ class Emitted:
     text: str
     token: int
     finish_reason: str | None
+    logprob: TokenLogprob | None = None  # where the request asked
 
 
 def exchange_orders(orders: Orders | None, rank: int, world: int) -> Orders:
@@ -93,7 +94,8 @@ class RankSequences:
         busy, emitted = self.engine.lockstep_step()
         out = []
         for seq, text in emitted:
-            out.append(Emitted(seq.request_id, text, seq.output_ids[-1], seq.finish_reason))
+            logprob = seq.output_logprobs[-1] if seq.output_logprobs else None
+            out.append(Emitted(seq.request_id, text, seq.output_ids[-1], seq.finish_reason, logprob))
             if seq.finished:
                 self.by_id.pop(seq.request_id, None)
         return busy, out

@@ -14,6 +14,7 @@ import torch
 from moec.errors import RequestError
 
 MAX_STOP_STRINGS = 16
+MAX_LOGPROBS = 20  # most likely tokens reported a step (OpenAI's top_logprobs limit; vLLM's default)
 
 
 @dataclass
@@ -25,6 +26,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; n: each token's log-probability and the n most likely
 
     @property
     def greedy(self) -> bool:
@@ -43,6 +45,26 @@ class SamplingParams:
             raise RequestError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         if any(not s for s in self.stop):
             raise RequestError("stop strings must not be empty")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise RequestError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (its logits before temperature,
+    top-k or top-p, as vLLM reports by default) and the `n` most likely tokens', most likely first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits f32[N, V], the sampled ids i64[N] → (their log-probabilities f32[N], the `n` largest
+    f32[N, n] and their ids i64[N, n]), on the logits' device: the host reads them with the ids."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    top, top_ids = logp.topk(n, dim=-1) if n else (logp[:, :0], ids[:, None][:, :0])
+    return logp.gather(1, ids[:, None]).squeeze(1), top, top_ids
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:

@@ -10,7 +10,7 @@ import torch
 
 from moec.runtime.detokenizer import IncrementalDetokenizer
 from moec.runtime.kv_cache import SequenceBlocks
-from moec.runtime.sampler import SamplingParams
+from moec.runtime.sampler import SamplingParams, TokenLogprob
 
 _ids = itertools.count()
 
@@ -31,6 +31,7 @@ class Sequence:
     first_token_at: float | None = None
     num_preemptions: int = 0
     logits: list[torch.Tensor] | None = None
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, if asked
 
     @property
     def tokens(self) -> list[int]:

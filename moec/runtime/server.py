@@ -43,6 +43,7 @@ which stops the engine thread, and the process exits 0.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -341,6 +342,7 @@ def _sampling(req: Any, prompt_len: int, state: _State, chat: bool, index: int) 
         seed=_seed(req.seed, index),
         stop=req.stop_list(),
         ignore_eos=req.ignore_eos,
+        logprobs=req.logprob_count(),
     )
     params.validate()
     return params
@@ -362,6 +364,10 @@ async def _generate(request: Request, state: _State, chat: bool) -> Response:
     bad = req.unsupported()
     if bad:
         raise APIError(400, bad[1], param=bad[0], code="unsupported_parameter")
+    try:
+        req.logprob_count()
+    except ValueError as e:
+        raise APIError(400, str(e), param="top_logprobs") from None
     info.update(stream=req.stream, n=req.n)
     try:
         prepared = await asyncio.to_thread(_prepare, req, state, chat)
@@ -403,6 +409,14 @@ async def _generate(request: Request, state: _State, chat: bool) -> Response:
         return _SSEResponse(stream, run, media_type="text/event-stream",
                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return await _complete(request, run, req, state, chat, response_id, prepared, prompt_tokens, info)
+
+
+def _token_text(state: _State) -> proto.TokenText:
+    """A token id as text, alone (how logprobs name tokens); a request's repeats decoded once."""
+    tokenizer = getattr(state.loop.engine, "tokenizer", None)
+    if tokenizer is None:  # token ids in, token ids out: name tokens by id
+        return str
+    return functools.lru_cache(maxsize=4096)(lambda token: tokenizer.decode([token], skip_special_tokens=False))
 
 
 def _code_of(message: str) -> str | None:
@@ -532,10 +546,12 @@ async def _complete(request: Request, run: _Run, req: Any, state: _State, chat: 
                     prepared: _Prepared, prompt_tokens: int, info: dict[str, Any]) -> Response:
     k = len(run.streams)
     texts: list[list[str]] = [[] for _ in range(k)]
+    logprobs: list[list[Any]] = [[] for _ in range(k)]
 
     async def collect() -> None:
         async for i, ev in run.events():
             texts[i].append(ev.text)
+            logprobs[i] += ev.logprobs or []
 
     collector = asyncio.create_task(collect())
     watcher = asyncio.create_task(_wait_disconnect(request))
@@ -560,18 +576,23 @@ async def _complete(request: Request, run: _Run, req: Any, state: _State, chat: 
     completion_tokens = sum(t.completion_tokens for t in run.trackers)
     usage = proto.Usage.of(prompt_tokens, completion_tokens)
     finals = [f.finish_reason for f in run.final]
+    asked = req.logprob_count() is not None
+    text_of = _token_text(state)
     if chat:
         body = proto.ChatCompletionResponse(
             id=response_id, created=proto.now(), model=state.model_name, usage=usage,
             choices=[proto.ChatChoice(index=i, message=proto.AssistantMessage(content="".join(texts[i])),
+                                      logprobs=proto.ChatLogprobs.of(logprobs[i], text_of) if asked else None,
                                       finish_reason=finals[i]) for i in range(k)],
         )
     else:
         echo = [prepared.prompt_texts[i // n] if req.echo else "" for i in range(k)]
         body = proto.CompletionResponse(
             id=response_id, created=proto.now(), model=state.model_name, usage=usage,
-            choices=[proto.CompletionChoice(index=i, text=echo[i] + "".join(texts[i]), finish_reason=finals[i])
-                     for i in range(k)],
+            choices=[proto.CompletionChoice(
+                index=i, text=echo[i] + "".join(texts[i]), finish_reason=finals[i],
+                logprobs=proto.CompletionLogprobs.of(logprobs[i], text_of, len(echo[i])) if asked else None)
+                for i in range(k)],
         )
     return JSONResponse(body.model_dump())
 
@@ -585,17 +606,23 @@ async def _sse(run: _Run, req: Any, state: _State, chat: bool, response_id: str,
     created = proto.now()
     include_usage = req.include_usage()
     k, n = len(run.streams), req.n
+    asked, text_of = req.logprob_count() is not None, _token_text(state)
+    sent = [0] * k  # characters of each choice's text sent so far: where the next token's starts
 
-    def chunk(index: int, text: str | None, finish: str | None, role: bool = False) -> bytes:
+    def chunk(index: int, text: str | None, finish: str | None, role: bool = False,
+              logprobs: list[Any] | None = None) -> bytes:
         if chat:
             delta = proto.DeltaMessage(role="assistant" if role else None, content=text)
+            lp = proto.ChatLogprobs.of(logprobs, text_of) if asked and logprobs else None
             c = proto.ChatCompletionChunk(id=response_id, created=created, model=state.model_name,
-                                          choices=[proto.ChatChunkChoice(index=index, delta=delta,
+                                          choices=[proto.ChatChunkChoice(index=index, delta=delta, logprobs=lp,
                                                                          finish_reason=finish)])
         else:
+            lp = proto.CompletionLogprobs.of(logprobs, text_of, sent[index]) if asked and logprobs else None
+            sent[index] += len(text or "")
             c = proto.CompletionStreamResponse(id=response_id, created=created, model=state.model_name,
                                                choices=[proto.CompletionChoice(index=index, text=text or "",
-                                                                               finish_reason=finish)])
+                                                                               logprobs=lp, finish_reason=finish)])
         d = c.model_dump()
         if not include_usage:
             d.pop("usage", None)
@@ -608,8 +635,8 @@ async def _sse(run: _Run, req: Any, state: _State, chat: bool, response_id: str,
             elif req.echo and prepared.prompt_texts[i // n]:
                 yield chunk(i, prepared.prompt_texts[i // n], None)
         async for i, ev in run.events():
-            if ev.text or ev.finish_reason is not None:
-                yield chunk(i, ev.text if (ev.text or not chat) else None, ev.finish_reason)
+            if ev.text or ev.finish_reason is not None or (asked and ev.logprobs):
+                yield chunk(i, ev.text if (ev.text or not chat) else None, ev.finish_reason, logprobs=ev.logprobs)
         if include_usage:
             usage = proto.Usage.of(prompt_tokens, sum(t.completion_tokens for t in run.trackers))
             cls = proto.ChatCompletionChunk if chat else proto.CompletionStreamResponse

@@ -6,6 +6,7 @@ Its own module, free of torch and the engine, so the server can name it without 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -17,3 +18,4 @@ class StreamEvent:
     completion_tokens: int
     queue_time_s: float | None = None
     time: float = 0.0
+    logprobs: list[Any] | None = None  # `TokenLogprob`s of `token_ids`, where the request asked
