@@ -145,3 +145,22 @@ def test_logprobs_for_one_sequence_of_a_batch(engine):
     assert all(lp.top == [] and lp.logprob <= 0 for lp in seqs[1].output_logprobs)
     assert all(len(lp.top) == 5 and lp.top[0][0] == lp.token for lp in seqs[2].output_logprobs)
     assert engine.allocator.num_used == 0
+
+
+def test_penalties_and_logit_bias_against_transformers(engine, hf_model):
+    """Greedy decoding with OpenAI's penalties and a logit_bias equals a loop over transformers'
+    logits adjusted by their formula, and differs from plain greedy decoding."""
+    prompt_ids = engine.encode(PROMPTS[1])
+    plain = engine.generate(PROMPTS[1], max_tokens=16, ignore_eos=True)[0].token_ids
+    bias = {plain[0]: -5.0, plain[1]: 2.0}
+    got = engine.generate(PROMPTS[1], max_tokens=16, ignore_eos=True, presence_penalty=0.6,
+                          frequency_penalty=1.2, logit_bias=bias)[0].token_ids
+    out: list[int] = []
+    for _ in range(16):
+        logits = hf_logits(hf_model, prompt_ids + out)[-1]
+        counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.shape[0]).float()
+        logits = logits - 1.2 * counts - 0.6 * (counts > 0).float()
+        for token, value in bias.items():
+            logits[token] += value
+        out.append(int(logits.argmax()))
+    assert got == out and got != plain

@@ -68,6 +68,29 @@ def test_sampled_requests_with_seeds_are_unchanged(tiny_artifact):
     assert drive(engine, requests) == drive(plain, requests) and ahead
 
 
+def test_logprobs_and_penalties_with_steps_launched_ahead(tiny_artifact):
+    """Log-probabilities read from a step's logits before the step launched ahead reuses them:
+    the same either way. A penalised request needs its last token on the host, so its batch is
+    not launched ahead; its tokens are those of step-by-step decoding."""
+    def run(requests, overlap):
+        engine, ahead = overlapped(tiny_artifact, overlap)
+        seqs = [engine.new_sequence(p, params) for p, params in requests]
+        for seq in seqs:
+            engine.scheduler.add(seq)
+        while engine.scheduler.has_work():
+            engine.step()
+        return [(s.output_ids, [(lp.token, round(lp.logprob, 5), [t for t, _ in lp.top]) for lp in s.output_logprobs])
+                for s in seqs], ahead
+
+    asking = [(p, SamplingParams(max_tokens=12, temperature=0, logprobs=2)) for p in PROMPTS]
+    (want, _), (got, ahead) = run(asking, False), run(asking, True)
+    assert got == want and ahead and all(len(lps) == len(ids) for ids, lps in got)
+    penalised = [(p, SamplingParams(max_tokens=12, temperature=0, frequency_penalty=1.5, logit_bias={5: 1.0}))
+                 for p in PROMPTS]
+    (want, _), (got, ahead) = run(penalised, False), run(penalised, True)
+    assert got == want and not ahead
+
+
 def test_abort_and_arrival_while_a_step_runs_ahead(tiny_artifact):
     """A request aborted while a step launched ahead is running gets no token from it and frees
     its blocks; a request that arrives then is admitted at the next step and decodes exactly as

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moec.errors import RequestError
-from moec.runtime.sampler import Sampler, SamplingParams, make_generator
+from moec.runtime.sampler import Sampler, SamplingParams, adjust_logits, make_generator
 
 V = 50
 
@@ -15,10 +15,10 @@ def random_logits(n: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, V, generator=torch.Generator().manual_seed(seed)) * 3
 
 
-def sample(logits, params, generators=None):
+def sample(logits, params, generators=None, outputs=None):
     if isinstance(params, SamplingParams):
         params = [params] * logits.shape[0]
-    return Sampler().sample(logits, params, generators or [None] * logits.shape[0])
+    return Sampler().sample(logits, params, generators or [None] * logits.shape[0], outputs)
 
 
 def test_greedy_is_argmax():
@@ -97,6 +97,10 @@ def test_top_k_and_top_p_renormalise_over_their_support():
     ({"top_k": -1}, "top_k"),
     ({"stop": ["x"] * 17}, "stop"),
     ({"stop": ["ok", ""]}, "stop"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": float("nan")}, "frequency_penalty"),
+    ({"logit_bias": {3: 101.0}}, "logit_bias"),
 ])
 def test_validate_rejects(kwargs, needle):
     with pytest.raises(RequestError, match=needle) as e:
@@ -109,3 +113,32 @@ def test_validate_accepts_defaults_and_greedy():
     p = SamplingParams(temperature=0, top_p=1.0, stop=["\n\n"], seed=3)
     p.validate()
     assert p.greedy and not SamplingParams().greedy
+
+
+def test_penalties_and_logit_bias_follow_openais_formula():
+    """logit - count * frequency_penalty - (count > 0) * presence_penalty + logit_bias, per row,
+    on the rows that have them; the others, and the logits passed in, untouched."""
+    logits = random_logits(3)
+    outputs = [[4, 4, 9, 4], [4, 7], []]
+    params = [SamplingParams(temperature=0, presence_penalty=0.5, frequency_penalty=1.5),
+              SamplingParams(temperature=0),
+              SamplingParams(temperature=0, logit_bias={2: 100.0, 4: -3.0})]
+    want = logits.clone()
+    want[0, 4] -= 3 * 1.5 + 0.5
+    want[0, 9] -= 1.5 + 0.5
+    want[2, 2] += 100.0
+    want[2, 4] -= 3.0
+    before = logits.clone()
+    assert torch.equal(adjust_logits(logits, params, outputs), want)
+    assert torch.equal(logits, before)
+    assert sample(logits, params, None, outputs).tolist()[2] == 2  # the bias decides greedy rows too
+    with pytest.raises(ValueError, match="outputs"):
+        Sampler().sample(logits, params, [None] * 3)
+    plain = [SamplingParams(temperature=0)] * 3
+    assert adjust_logits(logits, plain, None) is logits  # nothing to adjust: no copy
+
+
+def test_negative_penalties_favour_repeats():
+    logits = torch.zeros(1, V)
+    params = [SamplingParams(temperature=0, frequency_penalty=-1.0)]
+    assert Sampler().sample(logits, params, [None], [[17, 3, 17]]).tolist() == [17]

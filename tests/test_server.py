@@ -157,6 +157,23 @@ def test_logprobs_through_the_openai_client(client, model_name, tiny_artifact):
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == whole.choices[0].message.content
 
 
+def test_logit_bias_and_penalties_through_the_openai_client(client, model_name, server):
+    """A +100 bias makes greedy decoding repeat its token; a bad token id is a 400, and the server
+    goes on serving."""
+    forced = client.completions.create(model=model_name, prompt="Rain", max_tokens=5, temperature=0,
+                                       logit_bias={"42": 100}, logprobs=0)
+    assert forced.choices[0].logprobs.tokens == [forced.choices[0].logprobs.tokens[0]] * 5
+    plain = client.completions.create(model=model_name, prompt="Rain", max_tokens=12, temperature=0)
+    penalised = client.completions.create(model=model_name, prompt="Rain", max_tokens=12, temperature=0,
+                                          frequency_penalty=2.0, presence_penalty=2.0)
+    assert penalised.choices[0].text != plain.choices[0].text
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    err = error_of(httpx.post(f"{server.base}/v1/completions", headers=headers, json={
+        "model": model_name, "prompt": "Rain", "max_tokens": 2, "logit_bias": {"99999999": 1}}), 400)
+    assert "logit_bias" in err["message"]
+    assert httpx.get(f"{server.base}/health").status_code == 200
+
+
 def test_chat_completion(client, model_name):
     r = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "Hello there"}],
                                        max_tokens=8, temperature=0)

@@ -204,6 +204,7 @@ def test_completion_n_seed_usage_and_lifespan(loop):
         assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}
         assert [s.params.seed for s in loop.streams] == [7, 8]
         assert all(s.params.stop == ["x"] and s.params.temperature == 0 for s in loop.streams)
+        assert all(s.params.presence_penalty == 0 and s.params.logit_bias == {} for s in loop.streams)
         assert loop.streams[0].prompt_ids == [1, 3 + ord("H"), 3 + ord("i")]  # BOS + text
     assert loop.shut_down
 
@@ -367,7 +368,10 @@ def test_auth(loop):
     (b'{"prompt": "x", "logprobs": 21}', "logprobs"),
     (b'{"prompt": "x", "logprobs": -1}', "logprobs"),
     (b'{"prompt": "x", "logprobs": 2, "echo": true}', "echo"),
-    (b'{"prompt": "x", "presence_penalty": 1.0}', "presence_penalty"),
+    (b'{"prompt": "x", "presence_penalty": 2.5}', "presence_penalty"),
+    (b'{"prompt": "x", "frequency_penalty": "1"}', "frequency_penalty"),
+    (b'{"prompt": "x", "logit_bias": {"hello": 1}}', "logit_bias"),
+    (b'{"prompt": "x", "logit_bias": {"5": 101}}', "logit_bias"),
 ])
 def test_completion_bad_input_is_400(client, loop, body, param):
     err = assert_error(client.post("/v1/completions", content=body, headers={"Content-Type": "application/json"}),
@@ -633,3 +637,12 @@ def test_serve_process_prints_address_and_exits_0_on_sigterm(tok_dir):
             proc.kill()
             proc.join()
         stderr.close()
+
+
+def test_penalties_and_logit_bias_reach_the_sampling(client, loop):
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
+                                                  "presence_penalty": 0.5, "frequency_penalty": -1,
+                                                  "logit_bias": {"17": -100, " 3": 2.5}})
+    assert r.status_code == 200, r.text
+    params = loop.streams[-1].params
+    assert (params.presence_penalty, params.frequency_penalty, params.logit_bias) == (0.5, -1.0, {17: -100.0, 3: 2.5})

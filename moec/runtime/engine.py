@@ -234,6 +234,8 @@ class Engine:
             raise RequestError(f"request needs more KV blocks than the cache holds ({self.num_blocks}); lower max_tokens")
         if max(ids) >= self.spec.vocab_size or min(ids) < 0:
             raise RequestError(f"prompt token ids must lie in [0, {self.spec.vocab_size})")
+        if params.logit_bias and not all(0 <= t < self.spec.vocab_size for t in params.logit_bias):
+            raise RequestError(f"logit_bias token ids must lie in [0, {self.spec.vocab_size})")
         detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop)
         generator = make_generator(params.seed, self.device) if params.seed is not None else None
         seq = Sequence(ids, params, detok, generator)
@@ -336,7 +338,8 @@ class Engine:
             return None
         if self.record_logits:  # a step launched ahead would overwrite the graph's logits buffer
             logits = logits.clone()
-        device_ids = self.sampler.sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
+        device_ids = self.sampler.sample(logits, [s.params for s in sampled], [s.generator for s in sampled],
+                                         [s.output_ids for s in sampled])
         logprobs = None
         asked = [i for i, seq in enumerate(sampled) if seq.params.logprobs is not None]
         if asked:  # queued before a step launched ahead can overwrite a graph's logits buffer
@@ -360,6 +363,8 @@ class Engine:
             return None
         for seq, sampled in zip(running, launched.sampled):
             if seq is not sampled or seq.finished or len(seq.output_ids) + 2 > seq.params.max_tokens:
+                return None
+            if seq.params.penalised:  # its penalties count the token still on its way to the host
                 return None
         if not self.scheduler.reserve(running, 1):
             return None
@@ -411,7 +416,9 @@ class Engine:
 
     def generate(self, prompts: list[str | list[int]] | str, max_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
-                 ignore_eos: bool = False, record_logits: bool = False, logprobs: int | None = None) -> list[Completion]:
+                 ignore_eos: bool = False, record_logits: bool = False, logprobs: int | None = None,
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                 logit_bias: dict[int, float] | None = None) -> list[Completion]:
         """Complete every prompt; all of them run together as one batch. `logprobs`: each token's
         log-probability and the `logprobs` most likely, in `Completion.logprobs`."""
         if isinstance(prompts, str):
@@ -429,7 +436,8 @@ class Engine:
         for i, prompt in enumerate(prompts):
             params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                     seed=None if seed is None else seed + i, stop=list(stop or []),
-                                    ignore_eos=ignore_eos, logprobs=logprobs)
+                                    ignore_eos=ignore_eos, logprobs=logprobs, presence_penalty=presence_penalty,
+                                    frequency_penalty=frequency_penalty, logit_bias=dict(logit_bias or {}))
             seqs.append(self.new_sequence(prompt, params))
             if i % self.world == self.rank:  # expert-parallel: each rank decodes its share
                 mine.append(seqs[-1])

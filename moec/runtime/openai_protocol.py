@@ -3,8 +3,8 @@
 Requests are validated strictly (wrong types are errors, not coerced: `"max_tokens": "5"` or
 `"temperature": NaN` is a 400 that names the parameter) and unknown fields are ignored, as vLLM
 does, so clients that send fields moec does not know keep working. Fields that would change the
-output in a way moec cannot honour (penalties, logit_bias, tools, non-text response formats,
-image content, the prompt's logprobs) are refused with a 400 rather than silently ignored.
+output in a way moec cannot honour (tools, non-text response formats, image content, the
+prompt's logprobs) are refused with a 400 rather than silently ignored.
 logprobs are the model's own (before temperature, top-k and top-p), as vLLM reports them.
 
 Extensions beyond OpenAI's API, as in vLLM: `top_k` (0 or -1 = off) and `ignore_eos`.
@@ -31,6 +31,8 @@ TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 StopString = Annotated[StrictStr, Field(min_length=1)]
 TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
 LogprobCount = Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)]
+Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]  # OpenAI's range, as SamplingParams
+LogitBias = Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]
 
 
 class _Request(BaseModel):
@@ -56,10 +58,9 @@ class _SamplingFields(_Request):
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
     ignore_eos: StrictBool = False  # extension
-    # Accepted only at values that change nothing (clients often send the defaults).
-    presence_penalty: Annotated[float, Field(allow_inf_nan=False)] | None = None
-    frequency_penalty: Annotated[float, Field(allow_inf_nan=False)] | None = None
-    logit_bias: dict[str, Any] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[StrictStr, LogitBias] | None = None  # token id (as a string) → added to its logit
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -69,13 +70,17 @@ class _SamplingFields(_Request):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    def logit_bias_ids(self) -> dict[int, float]:
+        """`logit_bias` keyed by token id. Raises ValueError for a key that is not one."""
+        out = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not key.strip().isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {key[:40]!r}")
+            out[int(key)] = float(value)
+        return out
+
     def unsupported(self) -> tuple[str, str] | None:
         """(parameter, message) for a field set to something moec cannot do, else None."""
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                return name, f"{name} is not supported by this server; leave it unset or 0"
-        if self.logit_bias:
-            return "logit_bias", "logit_bias is not supported by this server"
         return None
 
 

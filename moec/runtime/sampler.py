@@ -1,5 +1,9 @@
 """Sampling: logits → next token ids, one row per sequence, each with its own parameters.
 
+Penalties and logit_bias (OpenAI's) adjust a row's logits first: each token's logit loses
+`frequency_penalty` times its count among the tokens generated so far and `presence_penalty`
+once if it occurs at all, and gains its `logit_bias`.
+
 A seeded request draws from its own `torch.Generator`, and every row is computed on its own
 (no batch-wide choice of code path), so a seeded request gives the same tokens whatever else
 shares its batch.
@@ -15,6 +19,8 @@ from moec.errors import RequestError
 
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20  # most likely tokens reported a step (OpenAI's top_logprobs limit; vLLM's default)
+MAX_PENALTY = 2.0  # |presence_penalty|, |frequency_penalty| (OpenAI's range)
+MAX_LOGIT_BIAS = 100.0  # |a logit_bias value| (OpenAI's range)
 
 
 @dataclass
@@ -27,10 +33,18 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; n: each token's log-probability and the n most likely
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id → added to its logit
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalised(self) -> bool:
+        """Its logits depend on the tokens generated so far."""
+        return bool(self.presence_penalty or self.frequency_penalty)
 
     def validate(self) -> None:
         if self.max_tokens < 1:
@@ -47,6 +61,13 @@ class SamplingParams:
             raise RequestError("stop strings must not be empty")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise RequestError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not abs(getattr(self, name)) <= MAX_PENALTY:
+                raise RequestError(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {getattr(self, name)}")
+        for token, bias in self.logit_bias.items():
+            if not abs(bias) <= MAX_LOGIT_BIAS:
+                raise RequestError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                                   f"got {bias} for token {token}")
 
 
 @dataclass
@@ -72,14 +93,37 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], outputs: list[list[int]] | None) -> torch.Tensor:
+    """The rows' logits after their penalties and logit_bias (a copy where any row has them)."""
+    rows = [i for i, p in enumerate(params) if p.penalised or p.logit_bias]
+    if not rows:
+        return logits
+    if outputs is None and any(params[i].penalised for i in rows):
+        raise ValueError("penalties need each row's generated tokens (outputs)")
+    logits = logits.float().clone()
+    vocab = logits.shape[-1]
+    for i in rows:
+        p = params[i]
+        if p.penalised and outputs[i]:
+            counts = torch.bincount(torch.tensor(outputs[i], device=logits.device), minlength=vocab)[:vocab]
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), device=logits.device)
+            logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
+    return logits
+
+
 class Sampler:
     def sample(
-        self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+        self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+        outputs: list[list[int]] | None = None,
     ) -> torch.Tensor:
-        """logits f32[N, V] → token ids i64[N]."""
+        """logits f32[N, V] → token ids i64[N]. `outputs`: each row's tokens generated so far
+        (for its penalties; needed where a row has them)."""
         n = logits.shape[0]
         if not len(params) == len(generators) == n:
             raise ValueError(f"{n} logits rows, {len(params)} params, {len(generators)} generators")
+        logits = adjust_logits(logits, params, outputs)
         if all(p.greedy for p in params):  # the common case (and n == 0): one kernel, no row gathers
             return logits.argmax(dim=-1)
         out = torch.empty(n, dtype=torch.int64, device=logits.device)

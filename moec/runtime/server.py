@@ -343,6 +343,9 @@ def _sampling(req: Any, prompt_len: int, state: _State, chat: bool, index: int) 
         stop=req.stop_list(),
         ignore_eos=req.ignore_eos,
         logprobs=req.logprob_count(),
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        logit_bias=req.logit_bias_ids(),
     )
     params.validate()
     return params
@@ -364,10 +367,11 @@ async def _generate(request: Request, state: _State, chat: bool) -> Response:
     bad = req.unsupported()
     if bad:
         raise APIError(400, bad[1], param=bad[0], code="unsupported_parameter")
-    try:
-        req.logprob_count()
-    except ValueError as e:
-        raise APIError(400, str(e), param="top_logprobs") from None
+    for param, check in (("top_logprobs", req.logprob_count), ("logit_bias", req.logit_bias_ids)):
+        try:
+            check()
+        except ValueError as e:
+            raise APIError(400, str(e), param=param) from None
     info.update(stream=req.stream, n=req.n)
     try:
         prepared = await asyncio.to_thread(_prepare, req, state, chat)
