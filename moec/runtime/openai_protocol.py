@@ -5,7 +5,8 @@ Requests are validated strictly (wrong types are errors, not coerced: `"max_toke
 does, so clients that send fields moec does not know keep working. Fields that would change the
 output in a way moec cannot honour (tools, non-text response formats, image content, the
 prompt's logprobs) are refused with a 400 rather than silently ignored.
-logprobs are the model's own (before temperature, top-k and top-p), as vLLM reports them.
+logprobs are the model's own (before temperature, top-k, top-p, penalties and logit_bias), as vLLM
+reports them by default.
 
 Extensions beyond OpenAI's API, as in vLLM: `top_k` (0 or -1 = off) and `ignore_eos`.
 """

@@ -73,7 +73,8 @@ class SamplingParams:
 @dataclass
 class TokenLogprob:
     """A generated token's log-probability under the model (its logits before temperature,
-    top-k or top-p, as vLLM reports by default) and the `n` most likely tokens', most likely first."""
+    top-k, top-p, penalties or logit_bias, as vLLM reports by default) and the `n` most likely
+    tokens', most likely first."""
 
     token: int
     logprob: float
