@@ -150,6 +150,7 @@ def write_synthetic_model(
     """
     import torch
 
+    from moec.compiler.load import check_free_disk, gpu_free_bytes
     from moec.compiler.tokenizer_build import BOS, EOS, build_tokenizer, write_tokenizer_files
 
     say = progress or (lambda _msg: None)
@@ -171,9 +172,7 @@ def write_synthetic_model(
     previous_dtype = torch.get_default_dtype()
     try:
         torch.set_default_dtype(getattr(torch, dtype))  # drawn in the checkpoint's dtype: no float32 copy
-        if on_gpu:  # a model larger than the GPU (one to offload) is drawn on the CPU
-            from moec.compiler.load import gpu_free_bytes
-
+        if on_gpu:  # a model larger than the GPU (one to offload) is drawn a module at a time on it
             with torch.device("meta"):
                 need = sum(p.numel() * p.element_size() for p in model_cls(hf_config).parameters())
             by_parts = need > gpu_free_bytes()
@@ -200,8 +199,6 @@ def write_synthetic_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in [*out_dir.glob("*.safetensors"), out_dir / "model.safetensors.index.json"]:
         stale.unlink(missing_ok=True)  # weights of an earlier model here would be loaded with ours
-    from moec.compiler.load import check_free_disk
-
     check_free_disk(out_dir, sum(p.numel() * p.element_size() for p in model.parameters()),
                     "the synthetic model's weights", "write the model elsewhere")
     from transformers import GenerationConfig
