@@ -25,6 +25,27 @@ def test_generate_batch_of_prompts(tiny_artifact):
     assert proc.stdout.count("---") == 2
 
 
+def test_generate_logprobs_and_logit_bias(tiny_artifact):
+    """--logprobs prints one line per token with the top-N; a +100 --logit-bias makes greedy decoding
+    pick that token every time, and that token's log-probability (before the bias) is printed."""
+    proc = run_cli("moec.runtime", "generate", str(tiny_artifact), "--prompt", "Rain", "--max-tokens", "5",
+                   "--logprobs", "2", "--logit-bias", "7=100", "--presence-penalty", "0.5")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()[1:]
+    assert len(lines) == 5
+    for line in lines:
+        text, logprob, rest = line.split(maxsplit=2)
+        assert float(logprob) <= 0 and rest.startswith("top: ") and rest.count('"') == 4
+    assert len({line.split()[0] for line in lines}) == 1  # the biased token, every step
+
+
+def test_generate_bad_sampling_flags(tiny_artifact):
+    proc = run_cli("moec.runtime", "generate", str(tiny_artifact), "--prompt", "Rain", "--logprobs", "21")
+    assert proc.returncode != 0 and "logprobs must be in [0, 20]" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("moec.runtime", "generate", str(tiny_artifact), "--prompt", "Rain", "--logit-bias", "7:100")
+    assert proc.returncode == 2 and "'7:100' is not TOKEN_ID=BIAS" in proc.stderr
+
+
 def test_ep_chunks_is_checked(tiny_artifact):
     """--ep-chunks sets the overlap of an expert-parallel artifact (tests/test_expert_parallel_runtime.py
     runs chunks 1 and 3 through Engine.load); anywhere else, and below 1, it is a one-line error."""

@@ -18,6 +18,24 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _logit_bias(text: str) -> tuple[int, float]:
+    token, sep, bias = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return int(token), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not TOKEN_ID=BIAS (e.g. 13=-100)") from None
+
+
+def _print_logprobs(tokenizer, completion) -> None:
+    """One line per generated token: its text, its log-probability, and the most likely tokens'."""
+    piece = lambda token: json.dumps(tokenizer.decode([token]))  # noqa: E731 - quoted: shows spaces and newlines
+    for entry in completion.logprobs:
+        top = "  ".join(f"{piece(t)} {lp:.3f}" for t, lp in entry.top)
+        print(f"  {piece(entry.token):>16} {entry.logprob:9.4f}" + (f"   top: {top}" if top else ""))
+
+
 def _generate(args) -> int:
     from moec.artifact import open_artifact
 
@@ -30,12 +48,16 @@ def _generate(args) -> int:
     load_s = time.perf_counter() - start
     results = engine.generate(
         args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, seed=args.seed, stop=args.stop,
+        top_k=args.top_k, seed=args.seed, stop=args.stop, logprobs=args.logprobs,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+        logit_bias=dict(args.logit_bias),
     )
     if engine.rank != 0:  # expert-parallel: rank 0 speaks for the group
         return 0
     for prompt, result in zip(args.prompt, results):
         print(f"{prompt}{result.text}")
+        if result.logprobs is not None:
+            _print_logprobs(engine.tokenizer, result)
         if len(args.prompt) > 1:
             print("---")
     s = engine.stats
@@ -87,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
+    gen.add_argument("--logprobs", type=int, metavar="N",
+                     help="print each token's log-probability and the N (0-20) most likely tokens'")
+    gen.add_argument("--presence-penalty", type=float, default=0.0, help="-2..2, as OpenAI's")
+    gen.add_argument("--frequency-penalty", type=float, default=0.0, help="-2..2, as OpenAI's")
+    gen.add_argument("--logit-bias", type=_logit_bias, action="append", default=[], metavar="TOKEN_ID=BIAS",
+                     help="add BIAS (-100..100) to a token's logit; repeatable")
     gen.set_defaults(func=_generate)
 
     ins = sub.add_parser("inspect", help="summarise an artifact")
