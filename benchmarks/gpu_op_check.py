@@ -367,19 +367,29 @@ def main() -> int:
 
     start = time.perf_counter()
     rows = []
+
+    def write(complete: bool) -> dict:
+        """The JSON as it stands: rewritten after every part, so a call stopped by its clock keeps
+        the parts that finished (`complete` false until the last)."""
+        bad = [r for r in rows if "error" in r or r["rel_error"] > TOLERANCE]
+        result = {"benchmark": "gpu_op_check", "device": torch.cuda.get_device_name(),
+                  "versions": {"torch": torch.__version__, "triton": triton.__version__},
+                  "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tolerance": TOLERANCE,
+                  "parts": wanted, "complete": complete, "seconds": time.perf_counter() - start,
+                  "rows": rows, "failed": len(bad)}
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "gpu_op_check.json").write_text(json.dumps(result, indent=1))
+        return result
+
     for compiled in (False, True):
         for part in (known[name] for name in wanted):
             try:
                 rows += part(compiled)
             except Exception as e:  # noqa: BLE001  a failing part is a result: record it, go on
                 rows.append({"op": part.__name__, "compiled": compiled, "error": f"{type(e).__name__}: {e}"[:2000]})
+            write(complete=False)
+    result = write(complete=True)
     bad = [r for r in rows if "error" in r or r["rel_error"] > TOLERANCE]
-    result = {"benchmark": "gpu_op_check", "device": torch.cuda.get_device_name(),
-              "versions": {"torch": torch.__version__, "triton": triton.__version__},
-              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tolerance": TOLERANCE,
-              "seconds": time.perf_counter() - start, "rows": rows, "failed": len(bad)}
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "gpu_op_check.json").write_text(json.dumps(result, indent=1))
     for r in rows:
         mark = "FAIL" if r in bad else "ok"
         print(f"{mark:4} {'inductor' if r['compiled'] else 'eager':8} {r['op']:16} {r.get('case', ''):28} "
