@@ -138,6 +138,29 @@ def test_penalties_and_logit_bias_follow_openais_formula():
     assert adjust_logits(logits, plain, None) is logits  # nothing to adjust: no copy
 
 
+def test_batched_adjustment_equals_the_formula_row_by_row():
+    """Many rows mixing penalties, biases, both, neither and no tokens yet, in one batched pass:
+    each row equals the formula applied to that row alone."""
+    gen = torch.Generator().manual_seed(5)
+    logits = random_logits(12)
+    params, outputs = [], []
+    for i in range(12):
+        pen = i % 3 != 0
+        bias = {int(t): float(b) for t, b in zip(torch.randint(0, V, (i % 4,), generator=gen).unique(),
+                                                  torch.randn(4, generator=gen) * 50)}
+        params.append(SamplingParams(temperature=0, presence_penalty=0.25 * (i % 5) if pen else 0.0,
+                                     frequency_penalty=-0.5 + 0.2 * i if pen else 0.0, logit_bias=bias))
+        outputs.append(torch.randint(0, V, (i * 7 % 11,), generator=gen).tolist())
+    got = adjust_logits(logits, params, outputs)
+    for i, p in enumerate(params):
+        want = logits[i].clone()
+        counts = torch.bincount(torch.tensor(outputs[i], dtype=torch.int64), minlength=V).float()
+        want -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+        for t, b in p.logit_bias.items():
+            want[t] += b
+        torch.testing.assert_close(got[i], want, rtol=0, atol=1e-5)
+
+
 def test_negative_penalties_favour_repeats():
     logits = torch.zeros(1, V)
     params = [SamplingParams(temperature=0, frequency_penalty=-1.0)]

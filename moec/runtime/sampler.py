@@ -95,22 +95,32 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
 
 
 def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], outputs: list[list[int]] | None) -> torch.Tensor:
-    """The rows' logits after their penalties and logit_bias (a copy where any row has them)."""
+    """The rows' logits after their penalties and logit_bias (a copy where any row has them).
+    Batched over the rows: each step copies the penalised rows' tokens and the biases to the
+    device once (not a copy and a `bincount` per row), and counts them in one scatter."""
     rows = [i for i, p in enumerate(params) if p.penalised or p.logit_bias]
     if not rows:
         return logits
     if outputs is None and any(params[i].penalised for i in rows):
         raise ValueError("penalties need each row's generated tokens (outputs)")
     logits = logits.float().clone()
-    vocab = logits.shape[-1]
-    for i in rows:
-        p = params[i]
-        if p.penalised and outputs[i]:
-            counts = torch.bincount(torch.tensor(outputs[i], device=logits.device), minlength=vocab)[:vocab]
-            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
-        if p.logit_bias:
-            ids = torch.tensor(list(p.logit_bias), device=logits.device)
-            logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
+    device = logits.device
+    penalised = [i for i in rows if params[i].penalised and outputs[i]]
+    if penalised:
+        where = torch.tensor([[k for k, i in enumerate(penalised) for _ in outputs[i]],
+                              [t for i in penalised for t in outputs[i]]], device=device)
+        counts = logits.new_zeros(len(penalised), logits.shape[-1])
+        counts.index_put_((where[0], where[1]), logits.new_ones(()).expand(where.shape[1]), accumulate=True)
+        scale = torch.tensor([[params[i].frequency_penalty, params[i].presence_penalty] for i in penalised],
+                             device=device)
+        at = torch.tensor(penalised, device=device)
+        logits[at] -= scale[:, :1] * counts + scale[:, 1:] * (counts > 0)
+    biased = [i for i in rows if params[i].logit_bias]
+    if biased:
+        where = torch.tensor([[i for i in biased for _ in params[i].logit_bias],
+                              [t for i in biased for t in params[i].logit_bias]], device=device)
+        bias = torch.tensor([b for i in biased for b in params[i].logit_bias.values()], device=device)
+        logits.index_put_((where[0], where[1]), bias, accumulate=True)  # a row's ids are distinct
     return logits
 
 
