@@ -30,7 +30,9 @@ def _logit_bias(text: str) -> tuple[int, float]:
 
 def _print_logprobs(tokenizer, completion) -> None:
     """One line per generated token: its text, its log-probability, and the most likely tokens'."""
-    piece = lambda token: json.dumps(tokenizer.decode([token]))  # noqa: E731 - quoted: shows spaces and newlines
+    def piece(token: int) -> str:
+        return json.dumps(tokenizer.decode([token]))  # quoted: spaces and newlines show
+
     for entry in completion.logprobs:
         top = "  ".join(f"{piece(t)} {lp:.3f}" for t, lp in entry.top)
         print(f"  {piece(entry.token):>16} {entry.logprob:9.4f}" + (f"   top: {top}" if top else ""))
