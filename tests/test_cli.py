@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -25,18 +26,30 @@ def test_generate_batch_of_prompts(tiny_artifact):
     assert proc.stdout.count("---") == 2
 
 
+def logprob_lines(stdout: str) -> list[str]:
+    """The per-token lines of `generate --logprobs` (the completion's own text may hold any
+    character, "\v" and "\n" included, so lines are picked by their form, not their place)."""
+    return [line for line in stdout.split("\n") if re.match(r'^ +".*" +-?\d+\.\d{4}', line)]
+
+
 def test_generate_logprobs_and_logit_bias(tiny_artifact):
     """--logprobs prints one line per token with the top-N; a +100 --logit-bias makes greedy decoding
-    pick that token every time, and that token's log-probability (before the bias) is printed."""
+    pick that token every time, and that token's log-probability (before the bias) is printed;
+    --min-tokens 4 holds that token, also a stop token, off until the fifth token, which ends the output."""
     proc = run_cli("moec.runtime", "generate", str(tiny_artifact), "--prompt", "Rain", "--max-tokens", "5",
-                   "--logprobs", "2", "--logit-bias", "7=100", "--presence-penalty", "0.5")
+                   "--logprobs", "2", "--logit-bias", "7=100", "--presence-penalty", "0.5",
+                   "--repetition-penalty", "1.1", "--min-tokens", "4", "--stop-token-id", "7", "--min-p", "0.1")
     assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()[1:]
+    lines = logprob_lines(proc.stdout)
     assert len(lines) == 5
     for line in lines:
         text, logprob, rest = line.split(maxsplit=2)
         assert float(logprob) <= 0 and rest.startswith("top: ") and rest.count('"') == 4
-    assert len({line.split()[0] for line in lines}) == 1  # the biased token, every step
+    pieces = [line.split()[0] for line in lines]
+    assert pieces[4] not in pieces[:4]  # the biased token, held off by min_tokens, then ends it
+    proc = run_cli("moec.runtime", "generate", str(tiny_artifact), "--prompt", "Rain", "--max-tokens", "3",
+                   "--logprobs", "0", "--logit-bias", "7=100")
+    assert [line.split()[0] for line in logprob_lines(proc.stdout)] == [pieces[4]] * 3
 
 
 def test_generate_bad_sampling_flags(tiny_artifact):

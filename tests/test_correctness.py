@@ -164,3 +164,36 @@ def test_penalties_and_logit_bias_against_transformers(engine, hf_model):
             logits[token] += value
         out.append(int(logits.argmax()))
     assert got == out and got != plain
+
+
+def test_repetition_penalty_against_transformers(engine, hf_model):
+    """vLLM's repetition_penalty, greedy: a loop over transformers' logits through transformers'
+    own RepetitionPenaltyLogitsProcessor (prompt and generated tokens) picks the same tokens."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    prompt_ids = engine.encode(PROMPTS[2])
+    plain = engine.generate(PROMPTS[2], max_tokens=16, ignore_eos=True)[0].token_ids
+    got = engine.generate(PROMPTS[2], max_tokens=16, ignore_eos=True, repetition_penalty=1.8)[0].token_ids
+    penalise = RepetitionPenaltyLogitsProcessor(1.8)
+    out: list[int] = []
+    for _ in range(16):
+        ids = torch.tensor([prompt_ids + out])
+        logits = penalise(ids, hf_logits(hf_model, prompt_ids + out)[-1:])[0]
+        out.append(int(logits.argmax()))
+    assert got == out and got != plain
+
+
+def test_stop_token_ids_and_min_tokens(engine, hf_model):
+    """A stop token ends the output (kept in token_ids, not in the text, finish "stop"); below
+    min_tokens it and EOS are ruled out, so greedy decoding takes the next most likely token."""
+    plain = engine.generate(PROMPTS[0], max_tokens=12, ignore_eos=True)[0]
+    j = next(j for j in range(1, 12) if plain.token_ids[j] not in plain.token_ids[:j])
+    stopped = engine.generate(PROMPTS[0], max_tokens=12, ignore_eos=True, stop_token_ids=[plain.token_ids[j]])[0]
+    assert stopped.token_ids == plain.token_ids[: j + 1] and stopped.finish_reason == "stop"
+    assert stopped.text == engine.generate(PROMPTS[0], max_tokens=j, ignore_eos=True)[0].text
+
+    first = plain.token_ids[0]
+    held = engine.generate(PROMPTS[0], max_tokens=4, stop_token_ids=[first], min_tokens=1)[0]
+    logits = hf_logits(hf_model, engine.encode(PROMPTS[0]))[-1]
+    logits[[first, engine.eos_id]] = float("-inf")
+    assert held.token_ids[0] == int(logits.argmax()) != first

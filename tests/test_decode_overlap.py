@@ -89,6 +89,16 @@ def test_logprobs_and_penalties_with_steps_launched_ahead(tiny_artifact):
                  for p in PROMPTS]
     (want, _), (got, ahead) = run(penalised, False), run(penalised, True)
     assert got == want and not ahead
+    repeated = [(p, SamplingParams(max_tokens=12, temperature=0, repetition_penalty=1.5)) for p in PROMPTS]
+    (want, _), (got, ahead) = run(repeated, False), run(repeated, True)
+    assert got == want and not ahead
+    # min_tokens counts the token on its way to the host: no step launched ahead until it is reached
+    plain, _ = run([(p, SamplingParams(max_tokens=12, temperature=0)) for p in PROMPTS], False)
+    held = [(p, SamplingParams(max_tokens=12, temperature=0, min_tokens=6, stop_token_ids=ids[:3]))
+            for p, (ids, _) in zip(PROMPTS, plain)]
+    (want, _), (got, ahead) = run(held, False), run(held, True)
+    assert got == want and [ids[:1] for ids, _ in got] != [ids[:1] for ids, _ in plain]
+    assert all(len(ids) >= 6 for ids, _ in got) and ahead  # launched ahead once min_tokens is reached
 
 
 def test_abort_and_arrival_while_a_step_runs_ahead(tiny_artifact):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moec.errors import RequestError
-from moec.runtime.sampler import Sampler, SamplingParams, adjust_logits, make_generator
+from moec.runtime.sampler import Sampler, SamplingParams, _filtered_sorted_probs, adjust_logits, make_generator
 
 V = 50
 
@@ -101,6 +101,11 @@ def test_top_k_and_top_p_renormalise_over_their_support():
     ({"presence_penalty": 2.5}, "presence_penalty"),
     ({"frequency_penalty": float("nan")}, "frequency_penalty"),
     ({"logit_bias": {3: 101.0}}, "logit_bias"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"repetition_penalty": float("nan")}, "repetition_penalty"),
+    ({"min_p": 1.5}, "min_p"),
+    ({"min_tokens": 65}, "min_tokens"),
+    ({"stop_token_ids": list(range(65))}, "stop_token_ids"),
 ])
 def test_validate_rejects(kwargs, needle):
     with pytest.raises(RequestError, match=needle) as e:
@@ -159,6 +164,43 @@ def test_batched_adjustment_equals_the_formula_row_by_row():
         for t, b in p.logit_bias.items():
             want[t] += b
         torch.testing.assert_close(got[i], want, rtol=0, atol=1e-5)
+
+
+def test_repetition_penalty_and_min_p_match_transformers():
+    """repetition_penalty over prompt + output tokens equals transformers' processor; min_p keeps
+    the tokens transformers' MinPLogitsWarper keeps (after temperature)."""
+    from transformers import MinPLogitsWarper, RepetitionPenaltyLogitsProcessor
+
+    logits = random_logits(2)
+    prompts, outputs = [[1, 2, 2, 30], [5]], [[7, 1], []]
+    params = [SamplingParams(temperature=0, repetition_penalty=1.7), SamplingParams(temperature=0, repetition_penalty=0.6)]
+    got = adjust_logits(logits, params, outputs, prompts)
+    for i, p in enumerate(params):
+        want = RepetitionPenaltyLogitsProcessor(p.repetition_penalty)(torch.tensor([prompts[i] + outputs[i]]),
+                                                                     logits[i: i + 1].clone())
+        torch.testing.assert_close(got[i], want[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="prompts"):
+        adjust_logits(logits, params, outputs)
+
+    for min_p in (0.02, 0.3, 1.0):
+        p = SamplingParams(temperature=0.7, min_p=min_p)
+        probs, order = _filtered_sorted_probs(logits[:1], [p])
+        kept = set(order[0][probs[0] > 0].tolist())
+        warped = MinPLogitsWarper(min_p)(None, logits[:1] / 0.7)
+        assert kept == set(torch.nonzero(torch.isfinite(warped[0])).flatten().tolist())
+    draws = Sampler().sample(logits[:1].expand(8, V).clone(), [SamplingParams(temperature=2.0, min_p=1.0)] * 8, [None] * 8)
+    assert set(draws.tolist()) == {int(logits[0].argmax())}  # min_p = 1 keeps only the most likely
+
+
+def test_min_tokens_rules_out_eos_and_stop_tokens():
+    logits = random_logits(3)
+    params = [SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[4, 9]),
+              SamplingParams(temperature=0, min_tokens=2),
+              SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[4])]
+    got = adjust_logits(logits, params, [[1, 2], [1], [1, 2]], eos_id=7)
+    assert torch.isinf(got[0, [4, 7, 9]]).all() and torch.isinf(got[1, 7]) and not torch.isinf(got[1, 4])
+    assert torch.equal(got[2], logits[2])  # two tokens generated: min_tokens reached
+    assert torch.isfinite(got[0]).sum() == V - 3
 
 
 def test_negative_penalties_favour_repeats():

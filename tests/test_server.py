@@ -174,6 +174,16 @@ def test_logit_bias_and_penalties_through_the_openai_client(client, model_name, 
     assert httpx.get(f"{server.base}/health").status_code == 200
 
 
+def test_vllm_extensions_through_the_openai_client(client, model_name):
+    """vLLM's sampling extensions, sent as a vLLM user sends them (extra_body), change the output
+    (the engine's tests check each against its formula and transformers)."""
+    plain = client.completions.create(model=model_name, prompt="Rain", max_tokens=8, temperature=0)
+    repeated = client.completions.create(model=model_name, prompt="Rain", max_tokens=8, temperature=0,
+                                         extra_body={"repetition_penalty": 3.0, "min_tokens": 8, "min_p": 0.1,
+                                                     "stop_token_ids": [1]})
+    assert repeated.choices[0].finish_reason == "length" and repeated.choices[0].text != plain.choices[0].text
+
+
 def test_chat_completion(client, model_name):
     r = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "Hello there"}],
                                        max_tokens=8, temperature=0)

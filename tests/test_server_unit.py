@@ -372,6 +372,10 @@ def test_auth(loop):
     (b'{"prompt": "x", "frequency_penalty": "1"}', "frequency_penalty"),
     (b'{"prompt": "x", "logit_bias": {"hello": 1}}', "logit_bias"),
     (b'{"prompt": "x", "logit_bias": {"5": 101}}', "logit_bias"),
+    (b'{"prompt": "x", "repetition_penalty": 0}', "repetition_penalty"),
+    (b'{"prompt": "x", "min_p": 1.5}', "min_p"),
+    (b'{"prompt": "x", "min_tokens": -1}', "min_tokens"),
+    (b'{"prompt": "x", "stop_token_ids": [1, -2]}', "stop_token_ids[1]"),
 ])
 def test_completion_bad_input_is_400(client, loop, body, param):
     err = assert_error(client.post("/v1/completions", content=body, headers={"Content-Type": "application/json"}),
@@ -646,3 +650,13 @@ def test_penalties_and_logit_bias_reach_the_sampling(client, loop):
     assert r.status_code == 200, r.text
     params = loop.streams[-1].params
     assert (params.presence_penalty, params.frequency_penalty, params.logit_bias) == (0.5, -1.0, {17: -100.0, 3: 2.5})
+
+
+def test_vllm_sampling_extensions_reach_the_sampling(client, loop):
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 4, "repetition_penalty": 1.3,
+                                             "min_p": 0.05, "min_tokens": 2, "stop_token_ids": [5, 9]})
+    assert r.status_code == 200, r.text
+    params = loop.streams[-1].params
+    assert (params.repetition_penalty, params.min_p, params.min_tokens, params.stop_token_ids) == (1.3, 0.05, 2, [5, 9])
+    err = assert_error(client.post("/v1/completions", json={"prompt": "x", "max_tokens": 4, "min_tokens": 5}), 400)
+    assert "min_tokens must be in [0, max_tokens = 4]" in err["message"]

@@ -52,7 +52,8 @@ def _generate(args) -> int:
         args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed, stop=args.stop, logprobs=args.logprobs,
         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-        logit_bias=dict(args.logit_bias),
+        logit_bias=dict(args.logit_bias), repetition_penalty=args.repetition_penalty, min_p=args.min_p,
+        min_tokens=args.min_tokens, stop_token_ids=args.stop_token_id,
     )
     if engine.rank != 0:  # expert-parallel: rank 0 speaks for the group
         return 0
@@ -117,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--frequency-penalty", type=float, default=0.0, help="-2..2, as OpenAI's")
     gen.add_argument("--logit-bias", type=_logit_bias, action="append", default=[], metavar="TOKEN_ID=BIAS",
                      help="add BIAS (-100..100) to a token's logit; repeatable")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (vLLM's)")
+    gen.add_argument("--min-p", type=float, default=0.0, help="0..1 (vLLM's)")
+    gen.add_argument("--min-tokens", type=int, default=0, help="no EOS or stop token before this many tokens")
+    gen.add_argument("--stop-token-id", type=int, action="append", default=[], metavar="ID",
+                     help="a token id that ends the output; repeatable")
     gen.set_defaults(func=_generate)
 
     ins = sub.add_parser("inspect", help="summarise an artifact")

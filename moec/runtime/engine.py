@@ -187,7 +187,7 @@ class Engine:
             set_expert_executor(self.expert_executor)
             cuda_graphs = False  # the all-to-all sizes change with every step's routing
         self._busy = None  # lockstep_step's flag tensor
-        self.sampler = Sampler()
+        self.sampler = Sampler(self.eos_id)
         self.overlap = overlap  # launch a decode step ahead while the host handles the last one (`step`)
         self._ahead: _Launched | None = None
         self._host_ids = HostIdRing(spec.max_batch, self.device)
@@ -236,6 +236,8 @@ class Engine:
             raise RequestError(f"prompt token ids must lie in [0, {self.spec.vocab_size})")
         if params.logit_bias and not all(0 <= t < self.spec.vocab_size for t in params.logit_bias):
             raise RequestError(f"logit_bias token ids must lie in [0, {self.spec.vocab_size})")
+        if not all(0 <= t < self.spec.vocab_size for t in params.stop_token_ids):
+            raise RequestError(f"stop_token_ids must lie in [0, {self.spec.vocab_size})")
         detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop)
         generator = make_generator(params.seed, self.device) if params.seed is not None else None
         seq = Sequence(ids, params, detok, generator)
@@ -282,8 +284,9 @@ class Engine:
             if row in logprobs:
                 chosen, top = logprobs[row]
                 seq.output_logprobs.append(TokenLogprob(token, chosen, top[: seq.params.logprobs]))
-            text = seq.detok.push(token)
-            if (token == self.eos_id and not seq.params.ignore_eos) or seq.detok.stopped:
+            stop_token = token in seq.params.stop_token_ids  # ends the output; its text is not shown
+            text = "" if stop_token else seq.detok.push(token)
+            if (token == self.eos_id and not seq.params.ignore_eos) or stop_token or seq.detok.stopped:
                 seq.finish_reason = "stop"
             elif len(seq.output_ids) >= seq.params.max_tokens:
                 seq.finish_reason = "length"
@@ -339,7 +342,7 @@ class Engine:
         if self.record_logits:  # a step launched ahead would overwrite the graph's logits buffer
             logits = logits.clone()
         device_ids = self.sampler.sample(logits, [s.params for s in sampled], [s.generator for s in sampled],
-                                         [s.output_ids for s in sampled])
+                                         [s.output_ids for s in sampled], [s.prompt_ids for s in sampled])
         logprobs = None
         asked = [i for i, seq in enumerate(sampled) if seq.params.logprobs is not None]
         if asked:  # queued before a step launched ahead can overwrite a graph's logits buffer
@@ -364,7 +367,8 @@ class Engine:
         for seq, sampled in zip(running, launched.sampled):
             if seq is not sampled or seq.finished or len(seq.output_ids) + 2 > seq.params.max_tokens:
                 return None
-            if seq.params.penalised:  # its penalties count the token still on its way to the host
+            # its penalties count the token still on its way to the host, and min_tokens counts it
+            if seq.params.penalised or len(seq.output_ids) < seq.params.min_tokens:
                 return None
         if not self.scheduler.reserve(running, 1):
             return None
@@ -418,7 +422,8 @@ class Engine:
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
                  ignore_eos: bool = False, record_logits: bool = False, logprobs: int | None = None,
                  presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                 logit_bias: dict[int, float] | None = None) -> list[Completion]:
+                 logit_bias: dict[int, float] | None = None, repetition_penalty: float = 1.0, min_p: float = 0.0,
+                 min_tokens: int = 0, stop_token_ids: list[int] | None = None) -> list[Completion]:
         """Complete every prompt; all of them run together as one batch. `logprobs`: each token's
         log-probability and the `logprobs` most likely, in `Completion.logprobs`."""
         if isinstance(prompts, str):
@@ -437,7 +442,9 @@ class Engine:
             params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                     seed=None if seed is None else seed + i, stop=list(stop or []),
                                     ignore_eos=ignore_eos, logprobs=logprobs, presence_penalty=presence_penalty,
-                                    frequency_penalty=frequency_penalty, logit_bias=dict(logit_bias or {}))
+                                    frequency_penalty=frequency_penalty, logit_bias=dict(logit_bias or {}),
+                                    repetition_penalty=repetition_penalty, min_p=min_p, min_tokens=min_tokens,
+                                    stop_token_ids=list(stop_token_ids or []))
             seqs.append(self.new_sequence(prompt, params))
             if i % self.world == self.rank:  # expert-parallel: each rank decodes its share
                 mine.append(seqs[-1])

@@ -8,7 +8,8 @@ prompt's logprobs) are refused with a 400 rather than silently ignored.
 logprobs are the model's own (before temperature, top-k, top-p, penalties and logit_bias), as vLLM
 reports them by default.
 
-Extensions beyond OpenAI's API, as in vLLM: `top_k` (0 or -1 = off) and `ignore_eos`.
+Extensions beyond OpenAI's API, as in vLLM: `top_k` (0 or -1 = off), `ignore_eos`,
+`repetition_penalty`, `min_p`, `min_tokens` and `stop_token_ids` (see `moec.runtime.sampler`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ MAX_STOP = 16  # stop strings per request (SamplingParams allows the same)
 MAX_PROMPTS = 16  # prompts in one /v1/completions request
 MAX_CHOICES = 64  # prompts x n
 MAX_LOGPROBS = 20  # most likely tokens a step (SamplingParams allows the same)
+MAX_STOP_TOKEN_IDS = 64  # SamplingParams allows the same
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf: a token the model rules out reads as this (as vLLM)
 _INT64 = 2**63
 
@@ -62,6 +64,10 @@ class _SamplingFields(_Request):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     logit_bias: dict[StrictStr, LogitBias] | None = None  # token id (as a string) → added to its logit
+    repetition_penalty: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None  # extension
+    min_p: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None  # extension
+    min_tokens: Annotated[StrictInt, Field(ge=0)] | None = None  # extension
+    stop_token_ids: Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

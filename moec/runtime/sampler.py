@@ -1,8 +1,12 @@
 """Sampling: logits → next token ids, one row per sequence, each with its own parameters.
 
-Penalties and logit_bias (OpenAI's) adjust a row's logits first: each token's logit loses
-`frequency_penalty` times its count among the tokens generated so far and `presence_penalty`
-once if it occurs at all, and gains its `logit_bias`.
+Penalties and logit_bias adjust a row's logits first, in this order: vLLM's (and transformers')
+`repetition_penalty` divides the positive logit of every token in the prompt or generated so far
+by it and multiplies a negative one; OpenAI's `frequency_penalty` and `presence_penalty` take off
+that much per occurrence among the generated tokens, and once if it occurs at all; `logit_bias`
+adds its value; and below `min_tokens` generated tokens EOS and `stop_token_ids` are ruled out.
+Sampling then applies temperature, top-k, vLLM's `min_p` (drop a token less likely than min_p
+times the most likely) and top-p.
 
 A seeded request draws from its own `torch.Generator`, and every row is computed on its own
 (no batch-wide choice of code path), so a seeded request gives the same tokens whatever else
@@ -21,6 +25,7 @@ MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20  # most likely tokens reported a step (OpenAI's top_logprobs limit; vLLM's default)
 MAX_PENALTY = 2.0  # |presence_penalty|, |frequency_penalty| (OpenAI's range)
 MAX_LOGIT_BIAS = 100.0  # |a logit_bias value| (OpenAI's range)
+MAX_STOP_TOKEN_IDS = 64
 
 
 @dataclass
@@ -36,6 +41,10 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id → added to its logit
+    repetition_penalty: float = 1.0  # vLLM's: > 1 discourages any token of the prompt or the output
+    min_p: float = 0.0  # vLLM's: keep tokens at least min_p times as likely as the most likely
+    min_tokens: int = 0  # vLLM's: no EOS or stop_token_ids before this many generated tokens
+    stop_token_ids: list[int] = field(default_factory=list)  # vLLM's: generating one ends the output
 
     @property
     def greedy(self) -> bool:
@@ -43,8 +52,11 @@ class SamplingParams:
 
     @property
     def penalised(self) -> bool:
-        """Its logits depend on the tokens generated so far."""
-        return bool(self.presence_penalty or self.frequency_penalty)
+        """Its logits depend on which tokens were generated so far."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)
+
+    def adjusts_logits(self) -> bool:
+        return self.penalised or bool(self.logit_bias) or self.min_tokens > 0
 
     def validate(self) -> None:
         if self.max_tokens < 1:
@@ -68,6 +80,14 @@ class SamplingParams:
             if not abs(bias) <= MAX_LOGIT_BIAS:
                 raise RequestError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
                                    f"got {bias} for token {token}")
+        if not (0 < self.repetition_penalty < float("inf")):
+            raise RequestError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if not 0 <= self.min_p <= 1:
+            raise RequestError(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise RequestError(f"min_tokens must be in [0, max_tokens = {self.max_tokens}], got {self.min_tokens}")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise RequestError(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(self.stop_token_ids)}")
 
 
 @dataclass
@@ -94,26 +114,43 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], outputs: list[list[int]] | None) -> torch.Tensor:
-    """The rows' logits after their penalties and logit_bias (a copy where any row has them).
-    Batched over the rows: each step copies the penalised rows' tokens and the biases to the
-    device once (not a copy and a `bincount` per row), and counts them in one scatter."""
-    rows = [i for i, p in enumerate(params) if p.penalised or p.logit_bias]
+def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], outputs: list[list[int]] | None,
+                  prompts: list[list[int]] | None = None, eos_id: int | None = None) -> torch.Tensor:
+    """The rows' logits after their penalties, logit_bias and min_tokens (a copy where any row has
+    them; the order is the module docstring's). `outputs`: each row's generated tokens; `prompts`:
+    its prompt's (for repetition_penalty). Batched over the rows: a step copies the rows' tokens
+    and values to the device once and counts them in one scatter, not a copy and a pass per row."""
+    rows = [i for i, p in enumerate(params) if p.adjusts_logits()]
     if not rows:
         return logits
-    if outputs is None and any(params[i].penalised for i in rows):
-        raise ValueError("penalties need each row's generated tokens (outputs)")
+    if outputs is None and any(params[i].penalised or params[i].min_tokens for i in rows):
+        raise ValueError("penalties and min_tokens need each row's generated tokens (outputs)")
+    if prompts is None and any(params[i].repetition_penalty != 1 for i in rows):
+        raise ValueError("repetition_penalty needs each row's prompt tokens (prompts)")
     logits = logits.float().clone()
-    device = logits.device
-    penalised = [i for i in rows if params[i].penalised and outputs[i]]
-    if penalised:
-        where = torch.tensor([[k for k, i in enumerate(penalised) for _ in outputs[i]],
-                              [t for i in penalised for t in outputs[i]]], device=device)
-        counts = logits.new_zeros(len(penalised), logits.shape[-1])
-        counts.index_put_((where[0], where[1]), logits.new_ones(()).expand(where.shape[1]), accumulate=True)
-        scale = torch.tensor([[params[i].frequency_penalty, params[i].presence_penalty] for i in penalised],
+    device, vocab = logits.device, logits.shape[-1]
+
+    def scatter(rows_tokens: list[tuple[int, list[int]]], values: torch.Tensor | None = None) -> torch.Tensor:
+        """[len(rows_tokens), V]: how often each token occurs in each row's list (or `values` summed)."""
+        where = torch.tensor([[k for k, (_, toks) in enumerate(rows_tokens) for _ in toks],
+                              [t for _, toks in rows_tokens for t in toks]], dtype=torch.int64, device=device)
+        counts = logits.new_zeros(len(rows_tokens), vocab)
+        ones = logits.new_ones(()).expand(where.shape[1]) if values is None else values
+        return counts.index_put_((where[0], where[1]), ones, accumulate=True)
+
+    repeated = [i for i in rows if params[i].repetition_penalty != 1]
+    if repeated:
+        seen = scatter([(i, prompts[i] + outputs[i]) for i in repeated]) > 0
+        at = torch.tensor(repeated, device=device)
+        penalty = torch.tensor([params[i].repetition_penalty for i in repeated], device=device)[:, None]
+        picked = logits[at]
+        logits[at] = torch.where(seen, torch.where(picked > 0, picked / penalty, picked * penalty), picked)
+    counted = [i for i in rows if (params[i].presence_penalty or params[i].frequency_penalty) and outputs[i]]
+    if counted:
+        counts = scatter([(i, outputs[i]) for i in counted])
+        scale = torch.tensor([[params[i].frequency_penalty, params[i].presence_penalty] for i in counted],
                              device=device)
-        at = torch.tensor(penalised, device=device)
+        at = torch.tensor(counted, device=device)
         logits[at] -= scale[:, :1] * counts + scale[:, 1:] * (counts > 0)
     biased = [i for i in rows if params[i].logit_bias]
     if biased:
@@ -121,20 +158,29 @@ def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], outputs: l
                               [t for i in biased for t in params[i].logit_bias]], device=device)
         bias = torch.tensor([b for i in biased for b in params[i].logit_bias.values()], device=device)
         logits.index_put_((where[0], where[1]), bias, accumulate=True)  # a row's ids are distinct
+    early = [(i, ([] if eos_id is None else [eos_id]) + params[i].stop_token_ids)
+             for i in rows if params[i].min_tokens and len(outputs[i]) < params[i].min_tokens]
+    if early:
+        where = torch.tensor([[i for i, toks in early for _ in toks], [t for _, toks in early for t in toks]],
+                             dtype=torch.int64, device=device)
+        logits[where[0], where[1]] = float("-inf")
     return logits
 
 
 class Sampler:
+    def __init__(self, eos_id: int | None = None):
+        self.eos_id = eos_id  # what min_tokens rules out, beside a row's stop_token_ids
+
     def sample(
         self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-        outputs: list[list[int]] | None = None,
+        outputs: list[list[int]] | None = None, prompts: list[list[int]] | None = None,
     ) -> torch.Tensor:
-        """logits f32[N, V] → token ids i64[N]. `outputs`: each row's tokens generated so far
-        (for its penalties; needed where a row has them)."""
+        """logits f32[N, V] → token ids i64[N]. `outputs`: each row's tokens generated so far, and
+        `prompts` its prompt's (for its penalties and min_tokens; needed where a row has them)."""
         n = logits.shape[0]
         if not len(params) == len(generators) == n:
             raise ValueError(f"{n} logits rows, {len(params)} params, {len(generators)} generators")
-        logits = adjust_logits(logits, params, outputs)
+        logits = adjust_logits(logits, params, outputs, prompts, self.eos_id)
         if all(p.greedy for p in params):  # the common case (and n == 0): one kernel, no row gathers
             return logits.argmax(dim=-1)
         out = torch.empty(n, dtype=torch.int64, device=logits.device)
@@ -144,8 +190,8 @@ class Sampler:
             rows = torch.tensor(greedy, device=logits.device)
             out[rows] = logits[rows].argmax(dim=-1)
         # Two paths, chosen per row: rows that filter sample over sorted probabilities.
-        plain = [i for i, p in enumerate(params) if not p.greedy and p.top_k == 0 and p.top_p >= 1]
-        filtered = [i for i, p in enumerate(params) if not p.greedy and (p.top_k > 0 or p.top_p < 1)]
+        plain = [i for i, p in enumerate(params) if not p.greedy and p.top_k == 0 and p.top_p >= 1 and not p.min_p]
+        filtered = [i for i, p in enumerate(params) if not p.greedy and (p.top_k > 0 or p.top_p < 1 or p.min_p)]
         if plain:
             rows = torch.tensor(plain, device=logits.device)
             probs = torch.softmax(logits[rows] / _column([params[i].temperature for i in plain], logits), dim=-1)
@@ -163,13 +209,17 @@ def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
 
 
 def _filtered_sorted_probs(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probabilities in descending order after temperature, top-k and top-p, and the order (sorted → vocab id)."""
+    """Probabilities in descending order after temperature, top-k, min_p and top-p, and the order
+    (sorted → vocab id)."""
     scaled = logits / _column([p.temperature for p in params], logits)
     sorted_logits, order = scaled.sort(dim=-1, descending=True)
     vocab = logits.shape[-1]
     rank = torch.arange(vocab, device=logits.device)[None, :]
     top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=logits.device)[:, None]
     sorted_logits = sorted_logits.masked_fill(rank >= top_k, float("-inf"))
+    # min_p: p < min_p * p_max, i.e. logit < max logit + log(min_p); log(0) = -inf drops nothing
+    floor = sorted_logits[:, :1] + torch.log(_column([p.min_p for p in params], sorted_logits))
+    sorted_logits = sorted_logits.masked_fill((sorted_logits < floor) & (rank > 0), float("-inf"))
     probs = torch.softmax(sorted_logits, dim=-1)
     # Drop a token once the tokens before it already reach top_p; the first always stays.
     # Rows with top_p = 1 skip this, so rounding in the cumsum never trims their tail.

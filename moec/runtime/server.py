@@ -346,6 +346,10 @@ def _sampling(req: Any, prompt_len: int, state: _State, chat: bool, index: int) 
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
         logit_bias=req.logit_bias_ids(),
+        repetition_penalty=1.0 if req.repetition_penalty is None else float(req.repetition_penalty),
+        min_p=req.min_p or 0.0,
+        min_tokens=req.min_tokens or 0,
+        stop_token_ids=list(req.stop_token_ids or []),
     )
     params.validate()
     return params
