@@ -130,24 +130,23 @@ def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], outputs: l
     logits = logits.float().clone()
     device, vocab = logits.device, logits.shape[-1]
 
-    def scatter(rows_tokens: list[tuple[int, list[int]]], values: torch.Tensor | None = None) -> torch.Tensor:
-        """[len(rows_tokens), V]: how often each token occurs in each row's list (or `values` summed)."""
-        where = torch.tensor([[k for k, (_, toks) in enumerate(rows_tokens) for _ in toks],
-                              [t for _, toks in rows_tokens for t in toks]], dtype=torch.int64, device=device)
-        counts = logits.new_zeros(len(rows_tokens), vocab)
-        ones = logits.new_ones(()).expand(where.shape[1]) if values is None else values
-        return counts.index_put_((where[0], where[1]), ones, accumulate=True)
+    def count(token_lists: list[list[int]]) -> torch.Tensor:
+        """[len(token_lists), V] f32: how often each token occurs in each list (one copy, one scatter)."""
+        where = torch.tensor([[k for k, toks in enumerate(token_lists) for _ in toks],
+                              [t for toks in token_lists for t in toks]], dtype=torch.int64, device=device)
+        counts = logits.new_zeros(len(token_lists), vocab)
+        return counts.index_put_((where[0], where[1]), logits.new_ones(()).expand(where.shape[1]), accumulate=True)
 
     repeated = [i for i in rows if params[i].repetition_penalty != 1]
     if repeated:
-        seen = scatter([(i, prompts[i] + outputs[i]) for i in repeated]) > 0
+        seen = count([prompts[i] + outputs[i] for i in repeated]) > 0
         at = torch.tensor(repeated, device=device)
         penalty = torch.tensor([params[i].repetition_penalty for i in repeated], device=device)[:, None]
         picked = logits[at]
         logits[at] = torch.where(seen, torch.where(picked > 0, picked / penalty, picked * penalty), picked)
     counted = [i for i in rows if (params[i].presence_penalty or params[i].frequency_penalty) and outputs[i]]
     if counted:
-        counts = scatter([(i, outputs[i]) for i in counted])
+        counts = count([outputs[i] for i in counted])
         scale = torch.tensor([[params[i].frequency_penalty, params[i].presence_penalty] for i in counted],
                              device=device)
         at = torch.tensor(counted, device=device)
