@@ -197,3 +197,8 @@ def test_stop_token_ids_and_min_tokens(engine, hf_model):
     logits = hf_logits(hf_model, engine.encode(PROMPTS[0]))[-1]
     logits[[first, engine.eos_id]] = float("-inf")
     assert held.token_ids[0] == int(logits.argmax()) != first
+    # a stop string is held off as long: the greedy text's first piece stops at once, not below min_tokens
+    piece = plain.text[:2]
+    assert engine.generate(PROMPTS[0], max_tokens=12, ignore_eos=True, stop=[piece])[0].text == ""
+    late = engine.generate(PROMPTS[0], max_tokens=12, ignore_eos=True, stop=[piece], min_tokens=4)[0]
+    assert len(late.token_ids) >= 4 and late.text.startswith(piece)

@@ -118,6 +118,18 @@ def test_stop_strings(tok, text, stop, want):
         assert all(d == "" for d in deltas[stopped_at + 1:])
 
 
+def test_min_tokens_holds_off_stop_strings(tok):
+    """Below min_tokens no stop string is looked for (vLLM's min_tokens); from then on one that
+    ends in the new text stops it, as without min_tokens."""
+    ids = tok.encode("The fox ran. The fox sat.").ids
+    first = next(i for i in range(len(ids)) if "fox" in tok.decode(ids[: i + 1]))
+    detok = IncrementalDetokenizer(tok, [], ["fox"], min_tokens=first + 2)
+    out = "".join(detok.push(t) for t in ids)
+    assert detok.stopped and out == "The fox ran. The "
+    plain = IncrementalDetokenizer(tok, [], ["fox"])
+    assert "".join(plain.push(t) for t in ids) == "The "
+
+
 def test_possible_stop_prefix_is_held_back_until_disambiguated(tok):
     detok = IncrementalDetokenizer(tok, [], ["fox jumps"])
     out = ""

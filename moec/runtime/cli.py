@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="add BIAS (-100..100) to a token's logit; repeatable")
     gen.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (vLLM's)")
     gen.add_argument("--min-p", type=float, default=0.0, help="0..1 (vLLM's)")
-    gen.add_argument("--min-tokens", type=int, default=0, help="no EOS or stop token before this many tokens")
+    gen.add_argument("--min-tokens", type=int, default=0, help="no EOS, stop token or stop string before this many tokens")
     gen.add_argument("--stop-token-id", type=int, action="append", default=[], metavar="ID",
                      help="a token id that ends the output; repeatable")
     gen.set_defaults(func=_generate)

@@ -24,10 +24,13 @@ CONTEXT_TOKENS = 5  # prompt tokens the stream starts from
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: list[str] | None = None,
-                 skip_special_tokens: bool = True):
+                 skip_special_tokens: bool = True, min_tokens: int = 0):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.stop = [s for s in (stop or []) if s]
+        # vLLM's min_tokens: no stop string is looked for before this many tokens; from then on,
+        # one that ends in new text (as vLLM's window over the new characters)
+        self.min_tokens = min_tokens
         self.stopped = False
         self.token_ids: list[int] = []  # generated ids
         context = list(prompt_ids[-CONTEXT_TOKENS:])
@@ -101,6 +104,8 @@ class IncrementalDetokenizer:
 
     def _check_stop(self, old_len: int) -> None:
         """Cut at the earliest stop string that ends in the new text (earlier text was checked already)."""
+        if len(self.token_ids) < self.min_tokens:
+            return
         hits = [
             i for s in self.stop
             if (i := self._decoded.find(s, max(old_len - len(s) + 1, 0))) >= 0

@@ -238,7 +238,7 @@ class Engine:
             raise RequestError(f"logit_bias token ids must lie in [0, {self.spec.vocab_size})")
         if not all(0 <= t < self.spec.vocab_size for t in params.stop_token_ids):
             raise RequestError(f"stop_token_ids must lie in [0, {self.spec.vocab_size})")
-        detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop)
+        detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop, min_tokens=params.min_tokens)
         generator = make_generator(params.seed, self.device) if params.seed is not None else None
         seq = Sequence(ids, params, detok, generator)
         if request_id is not None:

@@ -4,7 +4,8 @@ Penalties and logit_bias adjust a row's logits first, in this order: vLLM's (and
 `repetition_penalty` divides the positive logit of every token in the prompt or generated so far
 by it and multiplies a negative one; OpenAI's `frequency_penalty` and `presence_penalty` take off
 that much per occurrence among the generated tokens, and once if it occurs at all; `logit_bias`
-adds its value; and below `min_tokens` generated tokens EOS and `stop_token_ids` are ruled out.
+adds its value; and below `min_tokens` generated tokens EOS and `stop_token_ids` are ruled out
+(the detokenizer holds off stop strings as long).
 Sampling then applies temperature, top-k, vLLM's `min_p` (drop a token less likely than min_p
 times the most likely) and top-p.
 
@@ -43,7 +44,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id → added to its logit
     repetition_penalty: float = 1.0  # vLLM's: > 1 discourages any token of the prompt or the output
     min_p: float = 0.0  # vLLM's: keep tokens at least min_p times as likely as the most likely
-    min_tokens: int = 0  # vLLM's: no EOS or stop_token_ids before this many generated tokens
+    min_tokens: int = 0  # vLLM's: no EOS, stop_token_ids or stop strings before this many generated tokens
     stop_token_ids: list[int] = field(default_factory=list)  # vLLM's: generating one ends the output
 
     @property
