@@ -234,10 +234,9 @@ class Engine:
             raise RequestError(f"request needs more KV blocks than the cache holds ({self.num_blocks}); lower max_tokens")
         if max(ids) >= self.spec.vocab_size or min(ids) < 0:
             raise RequestError(f"prompt token ids must lie in [0, {self.spec.vocab_size})")
-        if params.logit_bias and not all(0 <= t < self.spec.vocab_size for t in params.logit_bias):
-            raise RequestError(f"logit_bias token ids must lie in [0, {self.spec.vocab_size})")
-        if not all(0 <= t < self.spec.vocab_size for t in params.stop_token_ids):
-            raise RequestError(f"stop_token_ids must lie in [0, {self.spec.vocab_size})")
+        for what, token_ids in (("logit_bias token ids", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+            if not all(0 <= t < self.spec.vocab_size for t in token_ids):
+                raise RequestError(f"{what} must lie in [0, {self.spec.vocab_size})")
         detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop, min_tokens=params.min_tokens)
         generator = make_generator(params.seed, self.device) if params.seed is not None else None
         seq = Sequence(ids, params, detok, generator)

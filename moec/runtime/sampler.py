@@ -131,12 +131,17 @@ def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], outputs: l
     logits = logits.float().clone()
     device, vocab = logits.device, logits.shape[-1]
 
+    def index(row_ids, token_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, token) index tensors for every token of each row's list, in one copy to the device."""
+        pairs = torch.tensor([[r for r, toks in zip(row_ids, token_lists) for _ in toks],
+                              [t for toks in token_lists for t in toks]], dtype=torch.int64, device=device)
+        return pairs[0], pairs[1]
+
     def count(token_lists: list[list[int]]) -> torch.Tensor:
         """[len(token_lists), V] f32: how often each token occurs in each list (one copy, one scatter)."""
-        where = torch.tensor([[k for k, toks in enumerate(token_lists) for _ in toks],
-                              [t for toks in token_lists for t in toks]], dtype=torch.int64, device=device)
+        where = index(range(len(token_lists)), token_lists)
         counts = logits.new_zeros(len(token_lists), vocab)
-        return counts.index_put_((where[0], where[1]), logits.new_ones(()).expand(where.shape[1]), accumulate=True)
+        return counts.index_put_(where, logits.new_ones(()).expand(where[0].shape[0]), accumulate=True)
 
     repeated = [i for i in rows if params[i].repetition_penalty != 1]
     if repeated:
@@ -154,16 +159,13 @@ def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], outputs: l
         logits[at] -= scale[:, :1] * counts + scale[:, 1:] * (counts > 0)
     biased = [i for i in rows if params[i].logit_bias]
     if biased:
-        where = torch.tensor([[i for i in biased for _ in params[i].logit_bias],
-                              [t for i in biased for t in params[i].logit_bias]], device=device)
+        where = index(biased, [list(params[i].logit_bias) for i in biased])
         bias = torch.tensor([b for i in biased for b in params[i].logit_bias.values()], device=device)
-        logits.index_put_((where[0], where[1]), bias, accumulate=True)  # a row's ids are distinct
-    early = [(i, ([] if eos_id is None else [eos_id]) + params[i].stop_token_ids)
-             for i in rows if params[i].min_tokens and len(outputs[i]) < params[i].min_tokens]
+        logits.index_put_(where, bias, accumulate=True)  # a row's ids are distinct
+    early = [i for i in rows if params[i].min_tokens and len(outputs[i]) < params[i].min_tokens]
     if early:
-        where = torch.tensor([[i for i, toks in early for _ in toks], [t for _, toks in early for t in toks]],
-                             dtype=torch.int64, device=device)
-        logits[where[0], where[1]] = float("-inf")
+        ruled_out = [] if eos_id is None else [eos_id]
+        logits[index(early, [ruled_out + params[i].stop_token_ids for i in early])] = float("-inf")
     return logits
 
 
