@@ -114,13 +114,15 @@ def hf_decode_rate(model, batch: int, context: int, new_tokens: int, generator, 
             "decode_tokens_per_s": batch * (new_tokens - 1) / decode_s, "step_ms": decode_s / (new_tokens - 1) * 1e3}
 
 
-def hf_step_times(model, batch: int, context: int, new_tokens: int, generator, progress: bool = False) -> dict:
+def hf_step_times(model, batch: int, context: int, new_tokens: int, generator, progress: bool = False,
+                  on_step=None) -> dict:
     """Decode tokens/s of HF generate from ONE call: a logits processor reads the clock (after a
     sync) each time generate picks a token, so the prompt's time is the first reading and each
     decode step the gap between two. One prefill, where `hf_decode_rate` pays two: an offloaded
-    model's 128 x 512-token prompt takes minutes. The step is the median gap."""
-    import statistics
-
+    model's 128 x 512-token prompt takes minutes. The step is the median gap. `on_step(row)`, if
+    given, gets the row so far (`partial`: true) after each decode step: a caller stopped by its
+    clock before generate returns keeps the steps it did time (the H100's accelerate run at batch
+    128 was killed one second after its last token, 2026-12-07)."""
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -134,19 +136,29 @@ def hf_step_times(model, batch: int, context: int, new_tokens: int, generator, p
             if progress:
                 log(f"  generate batch {batch} x {context} tokens: token {len(self.times)} at "
                     f"{self.times[-1] - start:.1f} s")
+            if on_step is not None and len(self.times) >= 2:
+                on_step({**step_row(batch, context, start, self.times), "partial": len(self.times) < new_tokens})
             return scores
 
+    if new_tokens < 2:
+        raise ValueError(f"hf_step_times: want new_tokens >= 2 to time a decode step, got {new_tokens}")
     ids = torch.randint(3, model.config.vocab_size, (batch, context), generator=generator).to(device())
     clock = Clock()
     sync()
     start = time.perf_counter()
     model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                    do_sample=False, pad_token_id=model.config.eos_token_id, logits_processor=LogitsProcessorList([clock]))
-    steps = [b - a for a, b in zip(clock.times, clock.times[1:])]
-    if not steps:
-        raise ValueError(f"hf_step_times: want new_tokens >= 2 to time a decode step, got {new_tokens}")
+    return step_row(batch, context, start, clock.times)
+
+
+def step_row(batch: int, context: int, start: float, times: list[float]) -> dict:
+    """`hf_step_times`' row from its clock readings (two or more): the prompt's time and the
+    median gap between token picks as the decode step."""
+    import statistics
+
+    steps = [b - a for a, b in zip(times, times[1:])]
     step = statistics.median(steps)
-    return {"batch": batch, "context": context, "decode_tokens": new_tokens, "prefill_s": clock.times[0] - start,
+    return {"batch": batch, "context": context, "decode_tokens": len(times), "prefill_s": times[0] - start,
             "decode_tokens_per_s": batch / step, "step_ms": step * 1e3, "step_times_ms": [t * 1e3 for t in steps],
             "timer": "one generate call; clock read after a sync at each token pick"}
 

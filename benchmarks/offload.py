@@ -171,7 +171,12 @@ def role_accelerate(args) -> int:
                 # warmed up by a short generate after each load; then one generate call, its steps timed
                 # from inside (one prompt of batch x context tokens: two, at 128 x 512, did not finish in
                 # 477 s on the H200)
-                row = hf_step_times(model, batch, args.context, 5, gen, progress=True)
+                def keep(partial: dict) -> None:  # steps timed so far, for a run its clock stops
+                    Path(args.result).write_text(json.dumps(
+                        {**out, "decode": [*out["decode"], {**partial, "resident_gpu_bytes": resident,
+                                                            "max_memory_gpu": weights_budget}]}))
+
+                row = hf_step_times(model, batch, args.context, 5, gen, progress=True, on_step=keep)
             except torch.OutOfMemoryError:
                 want = int(weights_budget * 0.6)
                 if attempt == 2:
@@ -343,7 +348,8 @@ def report_phase(result: dict, out: Path) -> None:
         result["rows"].append({"batch": r["batch"], "moec": mine, "accelerate": other, "bound": bound,
                                "percent_of_bound": 100 * mine / bound if mine and bound else None,
                                "speedup_vs_accelerate": mine / other if mine and other else None,
-                               "link_busy_fraction": (r.get("offload") or {}).get("link_busy_fraction")})
+                               "link_busy_fraction": (r.get("offload") or {}).get("link_busy_fraction"),
+                               "accelerate_partial": bool(theirs.get(r["batch"], {}).get("partial"))})
     plot(result, out / "offload.png")
     plan = result.get("plan") or {}
     print(f"{result['model']} | {result['device']} | GPU {result['gpu_memory']} | plan {plan.get('policy')}")
@@ -361,6 +367,10 @@ def report_phase(result: dict, out: Path) -> None:
         print(f"{r['batch']:>5} {f(r['moec'], '9.1f')} {f(r['accelerate'], '9.2f')} {f(r['bound'], '9.1f')} "
               f"{f(r['percent_of_bound'], '7.1f')} {f(r['speedup_vs_accelerate'], '8.1f')} "
               f"{f(r['link_busy_fraction'], '9.2f')}")
+    for r in result["rows"]:
+        if r["accelerate_partial"]:
+            steps = len(theirs[r["batch"]]["step_times_ms"])
+            print(f"accelerate at batch {r['batch']}: from {steps} decode step(s), its run stopped by the clock")
     if result["skipped"]:
         print("skipped:", "; ".join(result["skipped"]))
 

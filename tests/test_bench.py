@@ -323,8 +323,12 @@ def test_hf_step_times_times_each_decode_step_of_one_generate_call(hf_model_dir)
     from e2e_decode import hf_step_times
 
     model = AutoModelForCausalLM.from_pretrained(hf_model_dir, dtype=torch.float32).eval()
-    row = hf_step_times(model, 3, 12, 5, torch.Generator().manual_seed(0))
+    seen = []  # the rows so far, one after each decode step: what a run killed by its clock keeps
+    row = hf_step_times(model, 3, 12, 5, torch.Generator().manual_seed(0), on_step=seen.append)
     assert row["batch"] == 3 and row["context"] == 12 and len(row["step_times_ms"]) == 4
+    assert [len(r["step_times_ms"]) for r in seen] == [1, 2, 3, 4]
+    assert [r["partial"] for r in seen] == [True, True, True, False]
+    assert seen[-1]["step_times_ms"] == row["step_times_ms"] and seen[1]["step_times_ms"] == row["step_times_ms"][:2]
     assert row["prefill_s"] > 0 and all(t > 0 for t in row["step_times_ms"])
     assert row["step_ms"] == pytest.approx(statistics.median(row["step_times_ms"]))
     assert row["decode_tokens_per_s"] == pytest.approx(3 / (row["step_ms"] / 1e3))
