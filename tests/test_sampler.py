@@ -179,6 +179,9 @@ def test_repetition_penalty_and_min_p_match_transformers():
         want = RepetitionPenaltyLogitsProcessor(p.repetition_penalty)(torch.tensor([prompts[i] + outputs[i]]),
                                                                      logits[i: i + 1].clone())
         torch.testing.assert_close(got[i], want[0], rtol=0, atol=0)
+    # the engine hands a penalised prompt over as the tensor it keeps (one copy, not one a step)
+    as_tensors = adjust_logits(logits, params, outputs, [torch.tensor(ids) for ids in prompts])
+    torch.testing.assert_close(as_tensors, got, rtol=0, atol=0)
     with pytest.raises(ValueError, match="prompts"):
         adjust_logits(logits, params, outputs)
 

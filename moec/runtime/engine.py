@@ -340,8 +340,10 @@ class Engine:
             return None
         if self.record_logits:  # a step launched ahead would overwrite the graph's logits buffer
             logits = logits.clone()
+        prompts = [s.prompt_tensor(logits.device) if s.params.repetition_penalty != 1 else s.prompt_ids
+                   for s in sampled]  # a penalised prompt stays on the device, not copied each step
         device_ids = self.sampler.sample(logits, [s.params for s in sampled], [s.generator for s in sampled],
-                                         [s.output_ids for s in sampled], [s.prompt_ids for s in sampled])
+                                         [s.output_ids for s in sampled], prompts)
         logprobs = None
         asked = [i for i, seq in enumerate(sampled) if seq.params.logprobs is not None]
         if asked:  # queued before a step launched ahead can overwrite a graph's logits buffer

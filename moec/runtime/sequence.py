@@ -32,6 +32,13 @@ class Sequence:
     num_preemptions: int = 0
     logits: list[torch.Tensor] | None = None
     output_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, if asked
+    _prompt_tensor: torch.Tensor | None = field(default=None, repr=False)
+
+    def prompt_tensor(self, device: torch.device) -> torch.Tensor:
+        """The prompt's ids on `device`, copied once: repetition_penalty reads them every step."""
+        if self._prompt_tensor is None or self._prompt_tensor.device != device:
+            self._prompt_tensor = torch.tensor(self.prompt_ids, dtype=torch.int64, device=device)
+        return self._prompt_tensor
 
     @property
     def tokens(self) -> list[int]:
