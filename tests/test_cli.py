@@ -68,6 +68,12 @@ def test_ep_chunks_is_checked(tiny_artifact):
     assert proc.returncode == 2 and "--ep-chunks: '0' is not an integer >= 1" in proc.stderr
 
 
+def test_served_model_name_is_checked(tiny_artifact):
+    """`serve --served-model-name` (used in tests/test_server.py) refuses a name with spaces before loading."""
+    proc = run_cli("moec.runtime", "serve", str(tiny_artifact), "--served-model-name", "my model")
+    assert proc.returncode == 2 and "--served-model-name: 'my model' is not a model name" in proc.stderr
+
+
 def test_inspect_human_and_json(tiny_artifact):
     proc = run_cli("moec.runtime", "inspect", str(tiny_artifact))
     assert proc.returncode == 0, proc.stderr

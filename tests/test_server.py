@@ -19,6 +19,7 @@ from openai import OpenAI
 from conftest import ROOT, run_cli
 
 API_KEY = "test-key"
+SERVED_NAME = "moec-tiny"  # --served-model-name, in place of the artifact's name
 
 
 def free_port() -> int:
@@ -91,7 +92,7 @@ def greedy_texts(base: str, model: str, prompts: list[str], max_tokens: int) -> 
 
 @pytest.fixture(scope="module")
 def server(tiny_artifact):
-    srv = Server(tiny_artifact, "--api-key", API_KEY)
+    srv = Server(tiny_artifact, "--api-key", API_KEY, "--served-model-name", SERVED_NAME)
     yield srv
     assert srv.stop() == 0
 
@@ -106,6 +107,23 @@ def model_name(client) -> str:
     models = client.models.list().data
     assert len(models) == 1
     return models[0].id
+
+
+def test_served_model_name_tokenize_and_detokenize(client, model_name, server):
+    """--served-model-name is the id clients see and send; /tokenize counts a prompt as the
+    completion's usage does; /detokenize turns the ids back into the text."""
+    assert model_name == SERVED_NAME
+    prompt = "The mixture of experts"
+    usage = client.completions.create(model=model_name, prompt=prompt, max_tokens=1).usage
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    r = httpx.post(f"{server.base}/tokenize", json={"model": model_name, "prompt": prompt}, headers=auth)
+    assert r.status_code == 200, r.text
+    assert r.json()["count"] == usage.prompt_tokens == len(r.json()["tokens"])
+    bare = httpx.post(f"{server.base}/tokenize", json={"prompt": prompt, "add_special_tokens": False},
+                      headers=auth).json()["tokens"]
+    assert httpx.post(f"{server.base}/detokenize", json={"tokens": bare}, headers=auth).json() == {"prompt": prompt}
+    r = httpx.post(f"{server.base}/detokenize", json={"tokens": [10**6]}, headers=auth)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
 
 
 def test_completion_and_usage(client, model_name):
@@ -320,7 +338,7 @@ def test_client_disconnect_frees_blocks(server, model_name):
         time.sleep(0.2)
     assert server.metric("moec:kv_cache_usage_perc") == 0
     assert server.metric("moec:num_requests_running") == 0
-    assert server.metrics()['moec:request_success_total{finished_reason="abort",model_name="tiny-mixtral"}'] >= 1
+    assert server.metrics()[f'moec:request_success_total{{finished_reason="abort",model_name="{SERVED_NAME}"}}'] >= 1
     assert httpx.get(f"{server.base}/health").status_code == 200
 
 

@@ -22,6 +22,8 @@ from types import SimpleNamespace
 import pytest
 from fastapi.testclient import TestClient
 
+import moec
+
 from moec.errors import RequestError
 from moec.runtime.chat_template import DEFAULT_CHAT_TEMPLATE, ChatTemplate
 from moec.runtime.sampler import SamplingParams
@@ -342,7 +344,37 @@ def test_auth(loop):
         assert client.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
         assert client.get("/health").status_code == 200
         assert client.get("/metrics").status_code == 200
+        assert_error(client.post("/tokenize", json={"prompt": "x"}), 401)
+        assert_error(client.post("/detokenize", json={"tokens": [5]}), 401)
     assert not [s for s in loop.streams]  # refused requests never reached the engine
+
+
+def test_tokenize_gives_the_ids_a_request_runs_on(client, loop):
+    """vLLM's /tokenize and /detokenize: a prompt's ids (BOS included unless add_special_tokens is
+    false) and chat messages' rendered ids are what the generation endpoints submit."""
+    client.post("/v1/completions", json={"prompt": "Hi there", "max_tokens": 1})
+    r = client.post("/tokenize", json={"prompt": "Hi there", "model": MODEL})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"count": len(loop.streams[-1].prompt_ids), "max_model_len": MAX_SEQ_LEN,
+                        "tokens": loop.streams[-1].prompt_ids}
+    bare = client.post("/tokenize", json={"prompt": "Hi there", "add_special_tokens": False}).json()
+    assert [1] + bare["tokens"] == r.json()["tokens"] and bare["count"] == r.json()["count"] - 1
+    messages = [{"role": "user", "content": "a"}]
+    client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1})
+    chat = client.post("/tokenize", json={"messages": messages}).json()
+    assert chat["tokens"] == loop.streams[-1].prompt_ids
+    no_prompt = client.post("/tokenize", json={"messages": messages, "add_generation_prompt": False}).json()
+    assert chat["tokens"][:no_prompt["count"]] == no_prompt["tokens"] and no_prompt["count"] < chat["count"]
+    r = client.post("/detokenize", json={"tokens": bare["tokens"]})
+    assert r.status_code == 200 and r.json() == {"prompt": "Hi there"}
+    assert client.get("/version").json() == {"version": moec.__version__}
+
+    assert_error(client.post("/tokenize", json={"prompt": "x", "messages": messages}), 400, param="prompt")
+    assert_error(client.post("/tokenize", json={}), 400, param="prompt")
+    assert_error(client.post("/tokenize", json={"prompt": 5}), 400, param="prompt")
+    assert_error(client.post("/tokenize", json={"prompt": "x", "model": "other"}), 404, code="model_not_found")
+    assert_error(client.post("/detokenize", json={"tokens": [3, -1]}), 400, param="tokens[1]")
+    assert_error(client.post("/detokenize", json={"tokens": "abc"}), 400, param="tokens")
 
 
 @pytest.mark.parametrize("body, param", [

@@ -18,6 +18,12 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _model_name(text: str) -> str:
+    if not text.strip() or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a model name: give one word, no spaces")
+    return text
+
+
 def _logit_bias(text: str) -> tuple[int, float]:
     token, sep, bias = text.partition("=")
     try:
@@ -90,7 +96,7 @@ def _serve(args) -> int:
     return serve(args.artifact, host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
                  request_timeout_s=args.request_timeout, verify=not args.no_verify,
                  shutdown_timeout_s=args.shutdown_timeout, cuda_graphs=not args.no_cuda_graphs,
-                 ep_chunks=args.ep_chunks, overlap=not args.no_overlap)
+                 ep_chunks=args.ep_chunks, overlap=not args.no_overlap, model_name=args.served_model_name)
 
 
 def _bench(args) -> int:
@@ -136,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", default=os.environ.get("MOEC_API_KEY"),
                      help="require 'Authorization: Bearer KEY' (default: $MOEC_API_KEY; /health and /metrics stay open)")
+    srv.add_argument("--served-model-name", type=_model_name, metavar="NAME",
+                     help="the model id clients send and /v1/models lists (default: the artifact's name), as vLLM's")
     srv.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429 Too Many Requests")
     srv.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request, queue time included")
     srv.add_argument("--shutdown-timeout", type=float, default=30.0,

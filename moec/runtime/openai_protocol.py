@@ -187,8 +187,40 @@ class ChatCompletionRequest(_SamplingFields):
 # --- responses -------------------------------------------------------------------------------
 
 
+class TokenizeRequest(_Request):
+    """vLLM's /tokenize: a prompt, tokenized as /v1/completions would (with the BOS a prompt gets
+    unless `add_special_tokens` is false), or chat messages, rendered as /v1/chat/completions
+    would; exactly one of the two."""
+    model: StrictStr | None = None
+    prompt: StrictStr | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    add_special_tokens: StrictBool = True
+    add_generation_prompt: StrictBool = True
+
+    def which(self) -> tuple[str, str] | None:
+        """(parameter, message) if not exactly one of prompt and messages is given, else None."""
+        if (self.prompt is None) == (self.messages is None):
+            return "prompt", "give exactly one of prompt (text) and messages (chat) to tokenize"
+        return None
+
+
+class DetokenizeRequest(_Request):
+    model: StrictStr | None = None
+    tokens: list[Annotated[StrictInt, Field(ge=0)]]
+
+
 class _Response(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class TokenizeResponse(_Response):
+    count: int
+    max_model_len: int | None
+    tokens: list[int]
+
+
+class DetokenizeResponse(_Response):
+    prompt: str
 
 
 class Usage(_Response):

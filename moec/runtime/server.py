@@ -5,6 +5,10 @@ Endpoints:
     POST /v1/completions         prompt: a string, a list of strings, a token-id list or a list of them
     POST /v1/chat/completions    messages rendered with the artifact's chat template (moec.runtime.chat_template)
     GET  /v1/models, /v1/models/{id}
+    POST /tokenize               {"prompt"} or {"messages"} → {"count", "max_model_len", "tokens"} (vLLM's),
+                                 the ids a completion or chat request with it would run on
+    POST /detokenize             {"tokens"} → {"prompt"} (vLLM's)
+    GET  /version                {"version"}
     GET  /health                 200 {"status": "ok"}; 503 once the engine thread died or shutdown began
     GET  /metrics                Prometheus text (moec.runtime.server_metrics)
 
@@ -63,6 +67,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import moec
 from moec.errors import MoecError, RequestError
 from moec.runtime import openai_protocol as proto
 from moec.runtime.chat_template import ChatTemplate
@@ -203,6 +208,31 @@ def build_app(loop: Any, model_name: str, api_key: str | None, request_timeout_s
             raise _model_not_found(model_id, state)
         return _model_card(state).model_dump()
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        req = _parse(await request.body(), proto.TokenizeRequest, state)
+        bad = req.which()
+        if bad:
+            raise APIError(400, bad[1], param=bad[0])
+        try:
+            ids = await asyncio.to_thread(_tokenize, req, state)
+        except RequestError as e:
+            raise APIError(400, str(e), param="messages" if req.messages else "prompt") from None
+        return proto.TokenizeResponse(count=len(ids), max_model_len=state.max_seq_len, tokens=ids).model_dump()
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict:
+        req = _parse(await request.body(), proto.DetokenizeRequest, state)
+        vocab = getattr(getattr(engine, "spec", None), "vocab_size", None)
+        if vocab is not None and any(t >= vocab for t in req.tokens):
+            raise APIError(400, f"tokens must lie in [0, {vocab}): this model's vocabulary", param="tokens")
+        text = await asyncio.to_thread(engine.tokenizer.decode, list(req.tokens))
+        return proto.DetokenizeResponse(prompt=text).model_dump()
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": moec.__version__}
+
     @app.get("/health")
     async def health() -> Response:
         if state.draining:
@@ -283,19 +313,46 @@ class _Prepared:
     prompt_texts: list[str]  # for echo
 
 
+def _parse(body: bytes, model_cls: type, state: _State) -> Any:
+    """A request body as `model_cls`, or the 400 (bad JSON, wrong types) or 404 (another model)."""
+    try:
+        req = model_cls.model_validate_json(body)
+    except ValidationError as e:
+        message, param = proto.describe_validation_error(e)
+        raise APIError(400, message, param=param) from None
+    if req.model is not None and req.model != state.model_name:
+        raise _model_not_found(req.model, state)
+    return req
+
+
+def _chat_ids(messages: list[Any], add_generation_prompt: bool, state: _State) -> list[int]:
+    """Chat messages rendered with the artifact's template and tokenized."""
+    if state.chat_template is None:
+        raise APIError(400, "this model has no tokenizer to render chat messages with", param="messages")
+    rendered = []
+    for m in messages:
+        msg = {"role": m.role, "content": m.text()}
+        if m.name:
+            msg["name"] = m.name
+        rendered.append(msg)
+    return state.chat_template.encode(state.loop.engine.tokenizer, rendered, add_generation_prompt)
+
+
+def _tokenize(req: proto.TokenizeRequest, state: _State) -> list[int]:
+    """/tokenize's ids: what `_prepare` makes of the same prompt or messages (off the event loop)."""
+    if req.messages is not None:
+        return _chat_ids(req.messages, req.add_generation_prompt, state)
+    engine = state.loop.engine
+    if req.add_special_tokens:
+        return list(engine.encode(req.prompt))
+    return list(engine.tokenizer.encode(req.prompt, add_special_tokens=False).ids)
+
+
 def _prepare(req: Any, state: _State, chat: bool) -> _Prepared:
     """Tokenize (off the event loop: called in a thread)."""
     engine = state.loop.engine
     if chat:
-        if state.chat_template is None:
-            raise APIError(400, "this model has no tokenizer to render chat messages with", param="messages")
-        messages = []
-        for m in req.messages:
-            msg = {"role": m.role, "content": m.text()}
-            if m.name:
-                msg["name"] = m.name
-            messages.append(msg)
-        ids = state.chat_template.encode(engine.tokenizer, messages, req.add_generation_prompt)
+        ids = _chat_ids(req.messages, req.add_generation_prompt, state)
         if not ids:
             raise APIError(400, "the chat template rendered these messages as no tokens", param="messages")
         return _Prepared([ids], [""])
@@ -359,15 +416,7 @@ async def _generate(request: Request, state: _State, chat: bool) -> Response:
     info = request.scope.setdefault("moec.log", {})
     arrival = request.scope.get("moec.arrival") or time.perf_counter()
     state.check_serving()
-    body = await request.body()
-    model_cls = proto.ChatCompletionRequest if chat else proto.CompletionRequest
-    try:
-        req = model_cls.model_validate_json(body)
-    except ValidationError as e:
-        message, param = proto.describe_validation_error(e)
-        raise APIError(400, message, param=param) from None
-    if req.model is not None and req.model != state.model_name:
-        raise _model_not_found(req.model, state)
+    req = _parse(await request.body(), proto.ChatCompletionRequest if chat else proto.CompletionRequest, state)
     bad = req.unsupported()
     if bad:
         raise APIError(400, bad[1], param=bad[0], code="unsupported_parameter")
