@@ -236,9 +236,9 @@ def from_step_kernels(doc: dict) -> dict:
                 tag = "aligned" if name == "aligned (built in)" else name.replace(" ", "_")
                 metrics.append(metric(f"experts_few_tokens/{row['shape']}/T={row['tokens']}/{tag}_us",
                                       path.get("us_interleaved", path["us"]), "us", "lower", roofline=row["bound_us"]))
-    for row in [*doc.get("gemm", []), *doc.get("middle", [])]:  # kernels whose check failed: left out
+    for row in [*doc.get("gemm", []), *doc.get("middle", []), *doc.get("tma", [])]:  # failed checks left out
         for name, kernel in row["kernels"].items():
-            if kernel.get("ok") is not False:
+            if kernel.get("ok") is not False and "tflop_s" in kernel:
                 metrics.append(metric(f"grouped_gemm/{row['shape']}/T={row['tokens']}/{name.replace(' ', '_')}_tflop_s",
                                       kernel["tflop_s"], "TFLOP/s", "higher"))
     for row in doc.get("gemv", []):  # DIRECT GEMMs alone at few tokens: bandwidth of the hit experts

@@ -55,6 +55,9 @@ in a CUDA graph and its replays timed (median of CUDA events, L2 flushed before 
              one program per tile and persistent; down under a few tiles; against CUTLASS's
              grouped GEMM (torch._grouped_mm) on the same routed rows and cuBLAS bmm on the same
              rows spread evenly; each Triton output checked against fp32
+  tma        a prototype gate/up on TMA descriptors (tma_gate_up.py), without and with Triton's
+             warp specialisation, against moec's gate/up, CUTLASS and cuBLAS bmm at the ridge and
+             above (Mixtral at 1024 and 4096 tokens, Qwen3 at 4096 and 16384), each checked against fp32
   middle     the same at 64 and 256 rows per expert (Mixtral at 256 tokens, Qwen3 at 1024 and
              4096): 64- and 128-row tiles one program per tile and persistent, each persistent
              4-warp tile also at one program an SM ("1/SM") against resident_programs' grid, each
@@ -116,7 +119,8 @@ COMBINE_HEADS = (1, 2, 8)
 KV_WRITE_TOKENS = (1, 8, 32, 128, 4096)
 DENSE_SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "lm_head": (32000, 4096)}  # [N, K] weights
 DENSE_TOKENS = (1, 4, 16)
-PARTS = ("router", "router_wide", "align", "decode", "splits", "kv_write", "dense", "prefill", "direct", "gemm", "middle", "gemv")
+PARTS = ("router", "router_wide", "align", "decode", "splits", "kv_write", "dense", "prefill", "direct", "gemm", "middle",
+         "gemv", "tma")
 DIRECT_SHAPES = {"mixtral": (4096, 14336, 8, 2), "qwen3": (2048, 768, 128, 8)}  # hidden, inter, experts, top-k
 DIRECT_TOKENS = (1, 2, 4, 8, 16, 32, 64)
 # the tuner's pick at one token on Qwen3's shape (moe_layer-h100-2026-12-06T0936), beside the
@@ -187,6 +191,21 @@ GEMV_GATE_UP = [(16, 128, 4, 4), (16, 64, 4, 6), (16, 256, 4, 3), (16, 512, 4, 2
 GEMV_DOWN = [(32, 128, 4, 5), (16, 128, 4, 4), (16, 256, 4, 3), (16, 64, 4, 6), (16, 128, 2, 4), (32, 128, 2, 4),
              (32, 64, 4, 6), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 4)]
 STACKED_UP_TO = 256  # the torch path's switch from one stacked index_copy_ to one a plane
+# "tma": the prototype gate/up on TMA descriptors (benchmarks/tma_gate_up.py), without and with
+# Triton's warp specialisation (of the K loop one tile a program, of the tile loop persistent),
+# against moec's gate/up (the tuner's persistent picks at these T), CUTLASS and cuBLAS bmm, where
+# the layer misses its targets at the ridge and above (issue 3)
+TMA_TOKENS = {"mixtral": (1024, 4096), "qwen3": (4096, 16384)}
+_TMA = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8}
+TMA_CONFIGS = [
+    {**_TMA, "num_stages": 3}, {**_TMA, "num_stages": 4},
+    {**_TMA, "num_stages": 3, "PERSISTENT": True},
+    {**_TMA, "num_stages": 3, "WS": True}, {**_TMA, "num_stages": 4, "WS": True},
+    {**_TMA, "num_stages": 3, "PERSISTENT": True, "WS": True},
+    {**_TMA, "num_stages": 4, "PERSISTENT": True, "WS": True},
+    {**_TMA, "num_warps": 4, "num_stages": 3, "WS": True},
+    {**_TMA, "num_warps": 4, "num_stages": 3, "PERSISTENT": True, "WS": True},
+]
 
 
 def prefill_candidates() -> dict[str, dict]:
@@ -750,6 +769,90 @@ def run_gemm(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts:
     return rows
 
 
+def run_tma(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts: dict = TMA_TOKENS,
+            rounds: int = 20) -> list[dict]:
+    """The prototype TMA gate/up (`tma_gate_up.py`) under TMA_CONFIGS against moec's gate/up
+    (GEMM_CONFIGS' persistent tiles), CUTLASS's grouped GEMM on the same routed rows and cuBLAS
+    bmm on them spread evenly, in TFLOP/s of the routed work, each Triton output checked against
+    fp32. The prototype's operand layout (rows gathered into blocks, weights interleaved by
+    column block) is made before the timing; the gather's own time is reported beside it. A
+    config that fails to compile or run is an entry with its error."""
+    from moec.ops.triton.align import moe_align_block_size
+    from moec.ops.triton.configs import config_name
+    from moec.ops.triton.grouped_gemm import gate_up_grouped
+    from tma_gate_up import gather_blocks, interleave_blocks, tma_gate_up
+
+    def tma_name(cfg: dict) -> str:
+        launch = "persistent" if cfg.get("PERSISTENT") else "a tile a program"
+        return (f"gate_up TMA{' WS' if cfg.get('WS') else ''} {launch} M{cfg['BLOCK_M']}N{cfg['BLOCK_N']}"
+                f"K{cfg['BLOCK_K']} w{cfg['num_warps']}s{cfg['num_stages']}")
+
+    gen = torch.Generator().manual_seed(7)
+    rows = []
+    for shape, (hidden_size, inter, experts, top_k) in shapes.items():
+        w13, _ = expert_weights(hidden_size, inter, experts, gen, dev)
+        w_blocks = interleave_blocks(w13, _TMA["BLOCK_N"])
+        for tokens in token_counts.get(shape, ()):
+            assign = tokens * top_k
+            x, _, ids = routed_tokens(tokens, hidden_size, experts, top_k, gen, dev)
+            a, block_expert, slot = gather_blocks(x, ids, experts, _TMA["BLOCK_M"])
+            token_of = (torch.arange(assign, device=dev) // top_k)
+            order = ids.flatten().argsort(stable=True)
+            x_sorted = x[order // top_k]
+            offs = torch.bincount(ids.flatten(), minlength=experts).cumsum(0).to(torch.int32)
+            x_even = torch.randn(experts, -(-assign // experts), hidden_size, generator=gen).to(dev, DTYPE)
+            flops = 2.0 * assign * hidden_size * 2 * inter
+            calls, outs, errors_of = {}, {}, {}
+            for cfg in [c for c in GEMM_CONFIGS if c.get("PERSISTENT")]:
+                routing = moe_align_block_size(ids, experts, cfg["BLOCK_M"])
+                graph, out = capture_graph(lambda c=cfg, r=routing: gate_up_grouped(x, w13, *r, top_k, c), dev)
+                key = f"gate_up moec {config_name(cfg)}"
+                calls[key], outs[key] = graph.replay, ("assignment", out)
+            for cfg in TMA_CONFIGS:
+                key = tma_name(cfg)
+                try:
+                    tma_gate_up(a, w_blocks, block_expert, experts, cfg)  # compiled outside the capture
+                    graph, out = capture_graph(lambda c=cfg: tma_gate_up(a, w_blocks, block_expert, experts, c), dev)
+                except Exception as e:  # noqa: BLE001 - a config Triton cannot build: its error is the result
+                    errors_of[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                    continue
+                calls[key], outs[key] = graph.replay, ("slot", out)
+            gather = torch.empty_like(a)
+            peers = {
+                "gather into blocks (the prototype's A, not in its time)": lambda: gather.index_copy_(0, slot, x[token_of]),
+                "gate_up grouped_mm (CUTLASS)": lambda: torch._grouped_mm(x_sorted, w13.transpose(1, 2), offs=offs),
+                "gate_up bmm (even rows)": lambda: torch.bmm(x_even, w13.transpose(1, 2)),
+            }
+            for key, fn in peers.items():
+                graph, _ = capture_graph(fn, dev)
+                calls[key] = graph.replay
+            times = time_interleaved(calls, dev, flush=flush, rounds=rounds)
+            flat = ids.flatten()
+            want = torch.empty(assign, inter, device=dev)
+            for e in flat.unique().tolist():
+                sel = (flat == e).nonzero().squeeze(1)
+                gu = x[sel // top_k].float() @ w13[e].float().t()
+                want[sel] = F.silu(gu[:, :inter]) * gu[:, inter:]
+            row = {"shape": shape, "tokens": tokens, "assignments": assign, "rows_per_expert": -(-assign // experts),
+                   "padded_rows": {_TMA["BLOCK_M"]: a.shape[0]}, "kernels": {}}
+            for key, t in times.items():
+                entry = {"us": t["median_ms"] * 1e3, "tflop_s": flops / (t["median_ms"] * 1e-3) / 1e12}
+                if key in outs:
+                    form, o = outs[key]
+                    got = o[slot] if form == "slot" else o
+                    entry["rel_error"] = ((got.float() - want).abs().max() / want.abs().max()).item()
+                    entry["ok"] = entry["rel_error"] <= 2e-2
+                if key.startswith("gather"):
+                    entry.pop("tflop_s")
+                    entry["gb_s"] = 2 * assign * hidden_size * x.element_size() / (t["median_ms"] * 1e-3) / 1e9
+                row["kernels"][key] = entry
+            for key, err in errors_of.items():
+                row["kernels"][key] = {"error": err, "ok": False}
+            rows.append(row)
+            print(f"  tma {shape} T={tokens} done", flush=True)
+    return rows
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -823,10 +926,15 @@ def print_tables(result: dict) -> None:
                           f"{'' if c['ok'] else ' WRONG'}" for n, c in r["paths"].items())
         print(f"  {r['shape']:8s} T={r['tokens']:3d} hit {r['experts_hit']:3d} bound {r['bound_us']:.1f}  {cells}")
     print("grouped GEMMs alone (us, round by round; TFLOP/s of the routed work)")
-    for r in [*result.get("gemm", []), *result.get("middle", [])]:
+    for r in [*result.get("gemm", []), *result.get("middle", []), *result.get("tma", [])]:
         print(f"  {r['shape']} T={r['tokens']} ({r['rows_per_expert']} rows per expert; padded {r['padded_rows']})")
         for n, c in r["kernels"].items():
-            print(f"    {n:42s} {c['us']:9.1f} us {c['tflop_s']:6.0f} TFLOP/s{'' if c['ok'] else ' WRONG'}")
+            if "error" in c:
+                print(f"    {n:42s} failed: {c['error'][:100]}")
+            elif "tflop_s" in c:
+                print(f"    {n:42s} {c['us']:9.1f} us {c['tflop_s']:6.0f} TFLOP/s{'' if c.get('ok', True) else ' WRONG'}")
+            else:
+                print(f"    {n:42s} {c['us']:9.1f} us {c['gb_s']:6.0f} GB/s")
     print("DIRECT GEMMs at few tokens alone (us; GB/s of the hit experts; over copy bandwidth)")
     for r in result.get("gemv", []):
         print(f"  {r['shape']} T={r['tokens']} ({r['experts_hit']} experts hit)")
@@ -872,6 +980,7 @@ def main() -> int:
              "dense": lambda: run_dense(dev, ceil, flush), "direct": lambda: run_direct(dev, ceil, flush),
              "gemm": lambda: run_gemm(dev, ceil, flush),
              "gemv": lambda: run_gemv(dev, ceil, flush),
+             "tma": lambda: run_tma(dev, ceil, flush),
              "middle": lambda: run_gemm(dev, ceil, flush, token_counts=MIDDLE_TOKENS, configs=MIDDLE_CONFIGS,
                                         down_settings=MIDDLE_DOWN, one_per_sm=True),
              "prefill": lambda: run_prefill(dev, ceil, flush, start + args.budget_s)}

@@ -1,0 +1,134 @@
+"""A prototype gate/up grouped GEMM on Hopper's TMA, with Triton's warp specialisation: is it
+the missing piece at the ridge (issue 3)?
+
+moec's gate/up GEMM (`moec/ops/triton/grouped_gemm.py`) gathers its A rows through the token
+index and its interleaved gate/up weight columns through pointers, and one set of warps both
+loads and multiplies (software pipelining). CUTLASS's grouped GEMM, which it trails where the
+layer is compute-bound, loads through TMA in a producer warp while consumer warpgroups run the
+MMAs. Triton 3.6 runs Meta's automatic warp specialisation on sm_90 for loops marked
+`warp_specialize=True` whose loads are tensor descriptors (TMA), so this kernel takes its
+operands in the layout TMA wants, made by a pass before it that the timing leaves out:
+
+- A: the routed rows gathered into expert-major blocks of BLOCK_M rows (`gather_blocks`), the
+  padding rows zero: [blocks * BLOCK_M, H], contiguous.
+- W: each expert's w13 with its gate and up rows interleaved by column block
+  (`interleave_blocks`): rows [2 j BN, 2 j BN + BN) are gate columns [j BN, (j + 1) BN), the
+  next BN rows the same up columns, so one [2 BN, BK] descriptor load feeds one dot of width
+  2 BN, as moec's kernel's interleaved columns do. A compiler would store w13 this way.
+
+The output is act(gate) * up for every row of every block ([blocks * BLOCK_M, I]; padding rows
+come out zero). `step_kernels.py --parts tma` times it against moec's kernel, CUTLASS's and
+cuBLAS bmm on the same rows and checks it against fp32. Requires H and I to be multiples of 8
+(16-byte TMA strides in bf16) and I a multiple of BLOCK_N.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile_coords(tile, num_blocks, num_pid_n, GROUP_M: tl.constexpr):
+    """Grouped ordering: GROUP_M row blocks share each column block's weights in L2."""
+    in_group = GROUP_M * num_pid_n
+    first_m = (tile // in_group) * GROUP_M
+    group_m = tl.minimum(num_blocks - first_m, GROUP_M)
+    return first_m + (tile % in_group) % group_m, (tile % in_group) // group_m
+
+
+@triton.jit
+def _gate_up_tile(a_desc, w_desc, out_ptr, block_expert_ptr, pid_m, pid_n, N, K, stride_om,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WS_K: tl.constexpr):
+    expert = tl.load(block_expert_ptr + pid_m)
+    w_row = expert * 2 * N + pid_n * 2 * BLOCK_N
+    acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+    for kb in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WS_K):
+        a = a_desc.load([pid_m * BLOCK_M, kb * BLOCK_K])
+        w = w_desc.load([w_row, kb * BLOCK_K])
+        acc = tl.dot(a, w.T, acc)
+    gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+    h = gate / (1.0 + tl.exp(-gate)) * up  # SiLU(gate) * up
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :], h.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _tma_gate_up_kernel(a_ptr, w_ptr, out_ptr, block_expert_ptr, num_blocks, num_experts, N, K, stride_om,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr, WS: tl.constexpr):
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[num_blocks * BLOCK_M, K], strides=[K, 1],
+                                       block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[num_experts * 2 * N, K], strides=[K, 1],
+                                       block_shape=[2 * BLOCK_N, BLOCK_K])
+    num_pid_n = N // BLOCK_N
+    num_tiles = num_blocks * num_pid_n
+    if PERSISTENT:  # warp specialisation of the tile loop: producer and consumers across tiles
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), warp_specialize=WS):
+            pid_m, pid_n = _tile_coords(tile, num_blocks, num_pid_n, GROUP_M)
+            _gate_up_tile(a_desc, w_desc, out_ptr, block_expert_ptr, pid_m, pid_n, N, K, stride_om,
+                          BLOCK_M, BLOCK_N, BLOCK_K, False)
+    else:  # one tile a program, the K loop specialised
+        pid_m, pid_n = _tile_coords(tl.program_id(0), num_blocks, num_pid_n, GROUP_M)
+        _gate_up_tile(a_desc, w_desc, out_ptr, block_expert_ptr, pid_m, pid_n, N, K, stride_om,
+                      BLOCK_M, BLOCK_N, BLOCK_K, WS)
+
+
+def gather_blocks(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple:
+    """The routed rows of `x` [T, H] in expert-major blocks of `block_m` rows (zeros pad each
+    expert's last block): (a [blocks * block_m, H], block_expert int32 [blocks], slot [T*K]: the
+    row of a holding assignment t*K + k)."""
+    top_k = topk_ids.shape[1]
+    flat = topk_ids.flatten()
+    counts = torch.bincount(flat, minlength=num_experts)
+    padded = (counts + block_m - 1) // block_m * block_m
+    starts = padded.cumsum(0) - padded
+    order = flat.argsort(stable=True)
+    rank = torch.arange(flat.numel(), device=x.device) - (counts.cumsum(0) - counts)[flat[order]]
+    slot = torch.empty_like(flat)
+    slot[order] = starts[flat[order]] + rank
+    a = x.new_zeros(int(padded.sum()), x.shape[1])
+    a[slot] = x[torch.arange(flat.numel(), device=x.device) // top_k]
+    block_expert = torch.repeat_interleave(torch.arange(num_experts, device=x.device), padded // block_m)
+    return a, block_expert.to(torch.int32), slot
+
+
+def interleave_blocks(w13: torch.Tensor, block_n: int) -> torch.Tensor:
+    """w13 [E, 2I, H] (gate rows then up rows) → [E * 2I, H] with gate and up rows interleaved by
+    blocks of `block_n`: each expert's rows [2 j bn, 2 j bn + bn) gate, the next bn up."""
+    experts, two_i, hidden = w13.shape
+    inter = two_i // 2
+    if inter % block_n:
+        raise ValueError(f"interleave_blocks: the intermediate size {inter} is not a multiple of BLOCK_N {block_n}")
+    gate = w13[:, :inter].reshape(experts, inter // block_n, block_n, hidden)
+    up = w13[:, inter:].reshape(experts, inter // block_n, block_n, hidden)
+    return torch.stack([gate, up], dim=2).reshape(experts * two_i, hidden).contiguous()
+
+
+def tma_gate_up(a: torch.Tensor, w_blocks: torch.Tensor, block_expert: torch.Tensor, num_experts: int,
+                cfg: dict, num_programs: int | None = None) -> torch.Tensor:
+    """act(a · gate) * (a · up) per block's expert: [rows of a, I]. `cfg`: BLOCK_M, BLOCK_N,
+    BLOCK_K, GROUP_M, num_warps, num_stages, PERSISTENT, WS; `num_programs` for a persistent
+    launch (default: the SMs)."""
+    rows, hidden = a.shape
+    inter = w_blocks.shape[0] // (2 * num_experts)
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    if rows % bm or inter % bn or hidden % 8:
+        raise ValueError(f"tma_gate_up: rows {rows} (BLOCK_M {bm}), I {inter} (BLOCK_N {bn}), H {hidden} (8)")
+    out = torch.empty(rows, inter, device=a.device, dtype=a.dtype)
+    tiles = rows // bm * (inter // bn)
+    if cfg.get("PERSISTENT"):
+        programs = num_programs or (torch.cuda.get_device_properties(a.device).multi_processor_count
+                                    if a.is_cuda else 4)
+        grid = (max(1, min(programs, tiles)),)
+    else:
+        grid = (tiles,)
+    # device-side descriptors are written to global scratch, which Triton asks the allocator for
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=a.device))
+    _tma_gate_up_kernel[grid](a, w_blocks, out, block_expert, rows // bm, num_experts, inter, hidden,
+                              out.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"],
+                              GROUP_M=cfg["GROUP_M"], PERSISTENT=bool(cfg.get("PERSISTENT")),
+                              WS=bool(cfg.get("WS")), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out
