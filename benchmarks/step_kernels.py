@@ -196,15 +196,16 @@ STACKED_UP_TO = 256  # the torch path's switch from one stacked index_copy_ to o
 # against moec's gate/up (the tuner's persistent picks at these T), CUTLASS and cuBLAS bmm, where
 # the layer misses its targets at the ridge and above (issue 3)
 TMA_TOKENS = {"mixtral": (1024, 4096), "qwen3": (4096, 16384)}
-_TMA = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8}
+_TMA = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}
+# Triton 3.6's Hopper warp specialisation applies at num_warps=4 (then 12 warps: a producer and two
+# 64-row consumer warpgroups); without it, 8 warps as moec's own large tiles
 TMA_CONFIGS = [
-    {**_TMA, "num_stages": 3}, {**_TMA, "num_stages": 4},
-    {**_TMA, "num_stages": 3, "PERSISTENT": True},
-    {**_TMA, "num_stages": 3, "WS": True}, {**_TMA, "num_stages": 4, "WS": True},
-    {**_TMA, "num_stages": 3, "PERSISTENT": True, "WS": True},
-    {**_TMA, "num_stages": 4, "PERSISTENT": True, "WS": True},
-    {**_TMA, "num_warps": 4, "num_stages": 3, "WS": True},
+    {**_TMA, "num_warps": 8, "num_stages": 3}, {**_TMA, "num_warps": 8, "num_stages": 3, "PERSISTENT": True},
+    {**_TMA, "num_warps": 4, "num_stages": 3, "WS": True}, {**_TMA, "num_warps": 4, "num_stages": 4, "WS": True},
     {**_TMA, "num_warps": 4, "num_stages": 3, "PERSISTENT": True, "WS": True},
+    {**_TMA, "num_warps": 4, "num_stages": 4, "PERSISTENT": True, "WS": True},
+    {**_TMA, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "WS": True},
+    {**_TMA, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "PERSISTENT": True, "WS": True},
 ]
 
 
@@ -774,13 +775,13 @@ def run_tma(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts: 
     """The prototype TMA gate/up (`tma_gate_up.py`) under TMA_CONFIGS against moec's gate/up
     (GEMM_CONFIGS' persistent tiles), CUTLASS's grouped GEMM on the same routed rows and cuBLAS
     bmm on them spread evenly, in TFLOP/s of the routed work, each Triton output checked against
-    fp32. The prototype's operand layout (rows gathered into blocks, weights interleaved by
-    column block) is made before the timing; the gather's own time is reported beside it. A
+    fp32. The prototype's rows, gathered into blocks, are made before the timing; the gather's
+    own time is reported beside it. A
     config that fails to compile or run is an entry with its error."""
     from moec.ops.triton.align import moe_align_block_size
     from moec.ops.triton.configs import config_name
     from moec.ops.triton.grouped_gemm import gate_up_grouped
-    from tma_gate_up import gather_blocks, interleave_blocks, tma_gate_up
+    from tma_gate_up import gather_blocks, tma_gate_up
 
     def tma_name(cfg: dict) -> str:
         launch = "persistent" if cfg.get("PERSISTENT") else "a tile a program"
@@ -791,7 +792,6 @@ def run_tma(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts: 
     rows = []
     for shape, (hidden_size, inter, experts, top_k) in shapes.items():
         w13, _ = expert_weights(hidden_size, inter, experts, gen, dev)
-        w_blocks = interleave_blocks(w13, _TMA["BLOCK_N"])
         for tokens in token_counts.get(shape, ()):
             assign = tokens * top_k
             x, _, ids = routed_tokens(tokens, hidden_size, experts, top_k, gen, dev)
@@ -811,8 +811,8 @@ def run_tma(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts: 
             for cfg in TMA_CONFIGS:
                 key = tma_name(cfg)
                 try:
-                    tma_gate_up(a, w_blocks, block_expert, experts, cfg)  # compiled outside the capture
-                    graph, out = capture_graph(lambda c=cfg: tma_gate_up(a, w_blocks, block_expert, experts, c), dev)
+                    tma_gate_up(a, w13, block_expert, cfg)  # compiled outside the capture
+                    graph, out = capture_graph(lambda c=cfg: tma_gate_up(a, w13, block_expert, c), dev)
                 except Exception as e:  # noqa: BLE001 - a config Triton cannot build: its error is the result
                     errors_of[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
                     continue

@@ -8,13 +8,15 @@ layer is compute-bound, loads through TMA in a producer warp while consumer warp
 MMAs. Triton 3.6 runs Meta's automatic warp specialisation on sm_90 for loops marked
 `warp_specialize=True` whose loads are tensor descriptors (TMA), so this kernel takes its
 operands in the layout TMA wants, made by a pass before it that the timing leaves out:
-
-- A: the routed rows gathered into expert-major blocks of BLOCK_M rows (`gather_blocks`), the
-  padding rows zero: [blocks * BLOCK_M, H], contiguous.
-- W: each expert's w13 with its gate and up rows interleaved by column block
-  (`interleave_blocks`): rows [2 j BN, 2 j BN + BN) are gate columns [j BN, (j + 1) BN), the
-  next BN rows the same up columns, so one [2 BN, BK] descriptor load feeds one dot of width
-  2 BN, as moec's kernel's interleaved columns do. A compiler would store w13 this way.
+the routed rows gathered into expert-major blocks of BLOCK_M rows (`gather_blocks`), padding
+rows zero: [blocks * BLOCK_M, H], contiguous. The weights are w13 as they are ([E, 2I, H], seen
+as [E * 2I, H]): a tile loads its gate rows and its up rows as two descriptor tiles and runs two
+dots into two accumulators, so the activation is elementwise. (One dot over gate and up rows
+interleaved, as moec's kernel does, ends in a split of the accumulator, which Triton 3.6's
+Hopper warp specialisation pass fails on; so does a 64-row tile. It applies at num_warps=4 and
+then runs 12 warps: a producer warpgroup issuing the TMA loads and two consumer warpgroups of
+64 rows each, as CUTLASS's cooperative kernel; at num_warps=8 it silently does nothing. Checked
+by compiling for sm_90 on a CPU machine: 168 registers, no spills.)
 
 The output is act(gate) * up for every row of every block ([blocks * BLOCK_M, I]; padding rows
 come out zero). `step_kernels.py --parts tma` times it against moec's kernel, CUTLASS's and
@@ -41,15 +43,14 @@ def _tile_coords(tile, num_blocks, num_pid_n, GROUP_M: tl.constexpr):
 @triton.jit
 def _gate_up_tile(a_desc, w_desc, out_ptr, block_expert_ptr, pid_m, pid_n, N, K, stride_om,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WS_K: tl.constexpr):
-    expert = tl.load(block_expert_ptr + pid_m)
-    w_row = expert * 2 * N + pid_n * 2 * BLOCK_N
-    acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+    gate_row = tl.load(block_expert_ptr + pid_m) * 2 * N + pid_n * BLOCK_N  # the up rows are N further
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WS_K):
         a = a_desc.load([pid_m * BLOCK_M, kb * BLOCK_K])
-        w = w_desc.load([w_row, kb * BLOCK_K])
-        acc = tl.dot(a, w.T, acc)
-    gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
-    h = gate / (1.0 + tl.exp(-gate)) * up  # SiLU(gate) * up
+        acc_gate = tl.dot(a, w_desc.load([gate_row, kb * BLOCK_K]).T, acc_gate)
+        acc_up = tl.dot(a, w_desc.load([gate_row + N, kb * BLOCK_K]).T, acc_up)
+    h = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up  # SiLU(gate) * up
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :], h.to(out_ptr.dtype.element_ty))
@@ -62,7 +63,7 @@ def _tma_gate_up_kernel(a_ptr, w_ptr, out_ptr, block_expert_ptr, num_blocks, num
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[num_blocks * BLOCK_M, K], strides=[K, 1],
                                        block_shape=[BLOCK_M, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[num_experts * 2 * N, K], strides=[K, 1],
-                                       block_shape=[2 * BLOCK_N, BLOCK_K])
+                                       block_shape=[BLOCK_N, BLOCK_K])
     num_pid_n = N // BLOCK_N
     num_tiles = num_blocks * num_pid_n
     if PERSISTENT:  # warp specialisation of the tile loop: producer and consumers across tiles
@@ -95,25 +96,13 @@ def gather_blocks(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, blo
     return a, block_expert.to(torch.int32), slot
 
 
-def interleave_blocks(w13: torch.Tensor, block_n: int) -> torch.Tensor:
-    """w13 [E, 2I, H] (gate rows then up rows) → [E * 2I, H] with gate and up rows interleaved by
-    blocks of `block_n`: each expert's rows [2 j bn, 2 j bn + bn) gate, the next bn up."""
-    experts, two_i, hidden = w13.shape
-    inter = two_i // 2
-    if inter % block_n:
-        raise ValueError(f"interleave_blocks: the intermediate size {inter} is not a multiple of BLOCK_N {block_n}")
-    gate = w13[:, :inter].reshape(experts, inter // block_n, block_n, hidden)
-    up = w13[:, inter:].reshape(experts, inter // block_n, block_n, hidden)
-    return torch.stack([gate, up], dim=2).reshape(experts * two_i, hidden).contiguous()
-
-
-def tma_gate_up(a: torch.Tensor, w_blocks: torch.Tensor, block_expert: torch.Tensor, num_experts: int,
-                cfg: dict, num_programs: int | None = None) -> torch.Tensor:
-    """act(a · gate) * (a · up) per block's expert: [rows of a, I]. `cfg`: BLOCK_M, BLOCK_N,
+def tma_gate_up(a: torch.Tensor, w13: torch.Tensor, block_expert: torch.Tensor, cfg: dict,
+                num_programs: int | None = None) -> torch.Tensor:
+    """act(a · gate) * (a · up) per block's expert (w13 [E, 2I, H]): [rows of a, I]. `cfg`: BLOCK_M, BLOCK_N,
     BLOCK_K, GROUP_M, num_warps, num_stages, PERSISTENT, WS; `num_programs` for a persistent
     launch (default: the SMs)."""
     rows, hidden = a.shape
-    inter = w_blocks.shape[0] // (2 * num_experts)
+    num_experts, inter = w13.shape[0], w13.shape[1] // 2
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     if rows % bm or inter % bn or hidden % 8:
         raise ValueError(f"tma_gate_up: rows {rows} (BLOCK_M {bm}), I {inter} (BLOCK_N {bn}), H {hidden} (8)")
@@ -127,7 +116,7 @@ def tma_gate_up(a: torch.Tensor, w_blocks: torch.Tensor, block_expert: torch.Ten
         grid = (tiles,)
     # device-side descriptors are written to global scratch, which Triton asks the allocator for
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=a.device))
-    _tma_gate_up_kernel[grid](a, w_blocks, out, block_expert, rows // bm, num_experts, inter, hidden,
+    _tma_gate_up_kernel[grid](a, w13, out, block_expert, rows // bm, num_experts, inter, hidden,
                               out.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"],
                               GROUP_M=cfg["GROUP_M"], PERSISTENT=bool(cfg.get("PERSISTENT")),
                               WS=bool(cfg.get("WS")), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

@@ -341,7 +341,7 @@ TMA_CHECK = """
 import sys
 import torch, torch.nn.functional as F
 sys.path.insert(0, "benchmarks")
-from tma_gate_up import gather_blocks, interleave_blocks, tma_gate_up
+from tma_gate_up import gather_blocks, tma_gate_up
 g = torch.Generator().manual_seed(0)
 T, H, I, E, K, BM, BN = 7, 32, 48, 3, 2, 16, 16
 x, w13 = torch.randn(T, H, generator=g), torch.randn(E, 2 * I, H, generator=g)
@@ -355,7 +355,7 @@ padding[slot] = False
 for persistent in (False, True):
     for ws in (False, True):
         cfg = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2, PERSISTENT=persistent, WS=ws)
-        out = tma_gate_up(a, interleave_blocks(w13, BN), block_expert, E, cfg, num_programs=3)
+        out = tma_gate_up(a, w13, block_expert, cfg, num_programs=3)
         print(persistent, ws, (out[slot] - want).abs().max().item(), out[padding].abs().max().item())
 """
 
