@@ -55,8 +55,8 @@ in a CUDA graph and its replays timed (median of CUDA events, L2 flushed before 
              one program per tile and persistent; down under a few tiles; against CUTLASS's
              grouped GEMM (torch._grouped_mm) on the same routed rows and cuBLAS bmm on the same
              rows spread evenly; each Triton output checked against fp32
-  tma        a prototype gate/up on TMA descriptors (tma_gate_up.py), without and with Triton's
-             warp specialisation, against moec's gate/up, CUTLASS and cuBLAS bmm at the ridge and
+  tma        prototype gate/up and down GEMMs on TMA descriptors (tma_grouped_gemm.py), without
+             and with Triton's warp specialisation, against moec's, CUTLASS and cuBLAS bmm at the ridge and
              above (Mixtral at 1024 and 4096 tokens, Qwen3 at 4096 and 16384), each checked against fp32
   middle     the same at 64 and 256 rows per expert (Mixtral at 256 tokens, Qwen3 at 1024 and
              4096): 64- and 128-row tiles one program per tile and persistent, each persistent
@@ -191,9 +191,9 @@ GEMV_GATE_UP = [(16, 128, 4, 4), (16, 64, 4, 6), (16, 256, 4, 3), (16, 512, 4, 2
 GEMV_DOWN = [(32, 128, 4, 5), (16, 128, 4, 4), (16, 256, 4, 3), (16, 64, 4, 6), (16, 128, 2, 4), (32, 128, 2, 4),
              (32, 64, 4, 6), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 4)]
 STACKED_UP_TO = 256  # the torch path's switch from one stacked index_copy_ to one a plane
-# "tma": the prototype gate/up on TMA descriptors (benchmarks/tma_gate_up.py), without and with
-# Triton's warp specialisation (of the K loop one tile a program, of the tile loop persistent),
-# against moec's gate/up (the tuner's persistent picks at these T), CUTLASS and cuBLAS bmm, where
+# "tma": the prototype grouped GEMMs on TMA descriptors (benchmarks/tma_grouped_gemm.py), without
+# and with Triton's warp specialisation (of the K loop one tile a program, of the tile loop
+# persistent), against moec's GEMMs, CUTLASS and cuBLAS bmm, where
 # the layer misses its targets at the ridge and above (issue 3)
 TMA_TOKENS = {"mixtral": (1024, 4096), "qwen3": (4096, 16384)}
 _TMA = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}
@@ -206,6 +206,12 @@ TMA_CONFIGS = [
     {**_TMA, "num_warps": 4, "num_stages": 4, "PERSISTENT": True, "WS": True},
     {**_TMA, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "WS": True},
     {**_TMA, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "PERSISTENT": True, "WS": True},
+]
+TMA_DOWN_CONFIGS = [
+    {**_TMA, "num_warps": 8, "num_stages": 4},
+    {**_TMA, "num_warps": 4, "num_stages": 4, "WS": True}, {**_TMA, "num_warps": 4, "num_stages": 4, "PERSISTENT": True, "WS": True},
+    {**_TMA, "BLOCK_N": 256, "num_warps": 4, "num_stages": 3, "WS": True},
+    {**_TMA, "BLOCK_N": 256, "num_warps": 4, "num_stages": 3, "PERSISTENT": True, "WS": True},
 ]
 
 
@@ -772,81 +778,105 @@ def run_gemm(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts:
 
 def run_tma(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts: dict = TMA_TOKENS,
             rounds: int = 20) -> list[dict]:
-    """The prototype TMA gate/up (`tma_gate_up.py`) under TMA_CONFIGS against moec's gate/up
-    (GEMM_CONFIGS' persistent tiles), CUTLASS's grouped GEMM on the same routed rows and cuBLAS
-    bmm on them spread evenly, in TFLOP/s of the routed work, each Triton output checked against
-    fp32. The prototype's rows, gathered into blocks, are made before the timing; the gather's
-    own time is reported beside it. A
+    """The prototype TMA grouped GEMMs (`tma_grouped_gemm.py`) under TMA_CONFIGS (gate/up) and
+    TMA_DOWN_CONFIGS (down, its weighted rows stored in their slots) against moec's gate/up
+    (GEMM_CONFIGS' persistent tiles) and down (GEMM_DOWN's default, atomic adds into token order),
+    CUTLASS's grouped GEMM on the same routed rows and cuBLAS bmm on them spread evenly, in TFLOP/s
+    of the routed work, each Triton output checked against fp32. The prototypes' rows, gathered
+    into blocks, are made before the timing; the gather's own time is reported beside them. A
     config that fails to compile or run is an entry with its error."""
     from moec.ops.triton.align import moe_align_block_size
     from moec.ops.triton.configs import config_name
-    from moec.ops.triton.grouped_gemm import gate_up_grouped
-    from tma_gate_up import gather_blocks, tma_gate_up
+    from moec.ops.triton.grouped_gemm import down_grouped, gate_up_grouped
+    from tma_grouped_gemm import gather_blocks, slot_weights, tma_down, tma_gate_up
 
-    def tma_name(cfg: dict) -> str:
+    def tma_name(op: str, cfg: dict) -> str:
         launch = "persistent" if cfg.get("PERSISTENT") else "a tile a program"
-        return (f"gate_up TMA{' WS' if cfg.get('WS') else ''} {launch} M{cfg['BLOCK_M']}N{cfg['BLOCK_N']}"
+        return (f"{op} TMA{' WS' if cfg.get('WS') else ''} {launch} M{cfg['BLOCK_M']}N{cfg['BLOCK_N']}"
                 f"K{cfg['BLOCK_K']} w{cfg['num_warps']}s{cfg['num_stages']}")
 
     gen = torch.Generator().manual_seed(7)
     rows = []
     for shape, (hidden_size, inter, experts, top_k) in shapes.items():
-        w13, _ = expert_weights(hidden_size, inter, experts, gen, dev)
+        w13, w2 = expert_weights(hidden_size, inter, experts, gen, dev)
         for tokens in token_counts.get(shape, ()):
             assign = tokens * top_k
-            x, _, ids = routed_tokens(tokens, hidden_size, experts, top_k, gen, dev)
+            x, weights, ids = routed_tokens(tokens, hidden_size, experts, top_k, gen, dev)
             a, block_expert, slot = gather_blocks(x, ids, experts, _TMA["BLOCK_M"])
-            token_of = (torch.arange(assign, device=dev) // top_k)
+            scale = slot_weights(weights, slot, a.shape[0])
+            inter_rows = torch.randn(assign, inter, generator=gen).to(dev, DTYPE)  # the down's input, by assignment
+            h_blocks = torch.zeros(a.shape[0], inter, device=dev, dtype=DTYPE)
+            h_blocks[slot] = inter_rows
+            token_of = torch.arange(assign, device=dev) // top_k
             order = ids.flatten().argsort(stable=True)
-            x_sorted = x[order // top_k]
+            x_sorted, h_sorted = x[order // top_k], inter_rows[order]
             offs = torch.bincount(ids.flatten(), minlength=experts).cumsum(0).to(torch.int32)
-            x_even = torch.randn(experts, -(-assign // experts), hidden_size, generator=gen).to(dev, DTYPE)
-            flops = 2.0 * assign * hidden_size * 2 * inter
-            calls, outs, errors_of = {}, {}, {}
+            even = -(-assign // experts)
+            x_even = torch.randn(experts, even, hidden_size, generator=gen).to(dev, DTYPE)
+            h_even = torch.randn(experts, even, inter, generator=gen).to(dev, DTYPE)
+            flops = {"gate_up": 2.0 * assign * hidden_size * 2 * inter, "down": 2.0 * assign * inter * hidden_size}
+            calls, outs, failed = {}, {}, {}  # outs: key -> (what it computes, how its rows are kept, tensor)
             for cfg in [c for c in GEMM_CONFIGS if c.get("PERSISTENT")]:
                 routing = moe_align_block_size(ids, experts, cfg["BLOCK_M"])
                 graph, out = capture_graph(lambda c=cfg, r=routing: gate_up_grouped(x, w13, *r, top_k, c), dev)
                 key = f"gate_up moec {config_name(cfg)}"
-                calls[key], outs[key] = graph.replay, ("assignment", out)
-            for cfg in TMA_CONFIGS:
-                key = tma_name(cfg)
+                calls[key], outs[key] = graph.replay, ("gate_up", "assignment", out)
+            down_cfg = {**GEMM_CONFIGS[0], "PERSISTENT": False, **GEMM_DOWN[0]}
+            routing = moe_align_block_size(ids, experts, down_cfg["BLOCK_M"])
+            graph, out = capture_graph(lambda: down_grouped(inter_rows, w2, weights, *routing, down_cfg), dev)
+            key = f"down moec {config_name(down_cfg)}"
+            calls[key], outs[key] = graph.replay, ("down", "token", out)
+            prototypes = [("gate_up", c, lambda c: tma_gate_up(a, w13, block_expert, c)) for c in TMA_CONFIGS]
+            prototypes += [("down", c, lambda c: tma_down(h_blocks, w2, block_expert, scale, c)) for c in TMA_DOWN_CONFIGS]
+            for op, cfg, fn in prototypes:
+                key = tma_name(op, cfg)
                 try:
-                    tma_gate_up(a, w13, block_expert, cfg)  # compiled outside the capture
-                    graph, out = capture_graph(lambda c=cfg: tma_gate_up(a, w13, block_expert, c), dev)
+                    fn(cfg)  # compiled outside the capture
+                    graph, out = capture_graph(lambda c=cfg, f=fn: f(c), dev)
                 except Exception as e:  # noqa: BLE001 - a config Triton cannot build: its error is the result
-                    errors_of[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                    failed[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
                     continue
-                calls[key], outs[key] = graph.replay, ("slot", out)
+                calls[key], outs[key] = graph.replay, (op, "slot", out)
             gather = torch.empty_like(a)
             peers = {
-                "gather into blocks (the prototype's A, not in its time)": lambda: gather.index_copy_(0, slot, x[token_of]),
-                "gate_up grouped_mm (CUTLASS)": lambda: torch._grouped_mm(x_sorted, w13.transpose(1, 2), offs=offs),
-                "gate_up bmm (even rows)": lambda: torch.bmm(x_even, w13.transpose(1, 2)),
+                "gather into blocks (the prototypes' A, not in their time)": (
+                    lambda: gather.index_copy_(0, slot, x[token_of]), None),
+                "gate_up grouped_mm (CUTLASS)": (
+                    lambda: torch._grouped_mm(x_sorted, w13.transpose(1, 2), offs=offs), "gate_up"),
+                "gate_up bmm (even rows)": (lambda: torch.bmm(x_even, w13.transpose(1, 2)), "gate_up"),
+                "down grouped_mm (CUTLASS)": (
+                    lambda: torch._grouped_mm(h_sorted, w2.transpose(1, 2), offs=offs), "down"),
+                "down bmm (even rows)": (lambda: torch.bmm(h_even, w2.transpose(1, 2)), "down"),
             }
-            for key, fn in peers.items():
+            for key, (fn, _) in peers.items():
                 graph, _ = capture_graph(fn, dev)
                 calls[key] = graph.replay
             times = time_interleaved(calls, dev, flush=flush, rounds=rounds)
-            flat = ids.flatten()
-            want = torch.empty(assign, inter, device=dev)
+            flat, flat_w = ids.flatten(), weights.flatten()
+            want = {"gate_up": torch.empty(assign, inter, device=dev), "rows": torch.empty(assign, hidden_size, device=dev)}
             for e in flat.unique().tolist():
                 sel = (flat == e).nonzero().squeeze(1)
                 gu = x[sel // top_k].float() @ w13[e].float().t()
-                want[sel] = F.silu(gu[:, :inter]) * gu[:, inter:]
-            row = {"shape": shape, "tokens": tokens, "assignments": assign, "rows_per_expert": -(-assign // experts),
+                want["gate_up"][sel] = F.silu(gu[:, :inter]) * gu[:, inter:]
+                want["rows"][sel] = (inter_rows[sel].float() @ w2[e].float().t()) * flat_w[sel, None]
+            want_token = want["rows"].view(tokens, top_k, hidden_size).sum(1)
+            row = {"shape": shape, "tokens": tokens, "assignments": assign, "rows_per_expert": even,
                    "padded_rows": {_TMA["BLOCK_M"]: a.shape[0]}, "kernels": {}}
             for key, t in times.items():
-                entry = {"us": t["median_ms"] * 1e3, "tflop_s": flops / (t["median_ms"] * 1e-3) / 1e12}
-                if key in outs:
-                    form, o = outs[key]
-                    got = o[slot] if form == "slot" else o
-                    entry["rel_error"] = ((got.float() - want).abs().max() / want.abs().max()).item()
-                    entry["ok"] = entry["rel_error"] <= 2e-2
-                if key.startswith("gather"):
-                    entry.pop("tflop_s")
+                op = outs[key][0] if key in outs else peers[key][1]
+                entry = {"us": t["median_ms"] * 1e3}
+                if op is None:  # the gather: bytes read and written
                     entry["gb_s"] = 2 * assign * hidden_size * x.element_size() / (t["median_ms"] * 1e-3) / 1e9
+                else:
+                    entry["tflop_s"] = flops[op] / (t["median_ms"] * 1e-3) / 1e12
+                if key in outs:
+                    op, kept, o = outs[key]
+                    got = o[slot] if kept == "slot" else o
+                    ref = want_token if kept == "token" else want["gate_up" if op == "gate_up" else "rows"]
+                    entry["rel_error"] = ((got.float() - ref).abs().max() / ref.abs().max()).item()
+                    entry["ok"] = entry["rel_error"] <= 2e-2
                 row["kernels"][key] = entry
-            for key, err in errors_of.items():
+            for key, err in failed.items():
                 row["kernels"][key] = {"error": err, "ok": False}
             rows.append(row)
             print(f"  tma {shape} T={tokens} done", flush=True)

@@ -341,30 +341,35 @@ TMA_CHECK = """
 import sys
 import torch, torch.nn.functional as F
 sys.path.insert(0, "benchmarks")
-from tma_gate_up import gather_blocks, tma_gate_up
+from tma_grouped_gemm import gather_blocks, slot_weights, tma_down, tma_gate_up
 g = torch.Generator().manual_seed(0)
 T, H, I, E, K, BM, BN = 7, 32, 48, 3, 2, 16, 16
-x, w13 = torch.randn(T, H, generator=g), torch.randn(E, 2 * I, H, generator=g)
+x, w13, w2 = torch.randn(T, H, generator=g), torch.randn(E, 2 * I, H, generator=g), torch.randn(E, H, I, generator=g)
 ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
 ids[:, 0] = 0  # expert 0 gets 7 rows (a block and padding), another gets few
+weights = torch.rand(T, K, generator=g)
 a, block_expert, slot = gather_blocks(x, ids, E, BM)
-flat = ids.flatten()
+scale = slot_weights(weights, slot, a.shape[0])
+flat, flat_w = ids.flatten(), weights.flatten()
 want = torch.stack([F.silu(x[i // K] @ w13[flat[i], :I].T) * (x[i // K] @ w13[flat[i], I:].T) for i in range(T * K)])
+want_down = torch.stack([flat_w[i] * (want[i] @ w2[flat[i]].T) for i in range(T * K)])
 padding = torch.ones(a.shape[0], dtype=torch.bool)
 padding[slot] = False
 for persistent in (False, True):
     for ws in (False, True):
         cfg = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2, PERSISTENT=persistent, WS=ws)
-        out = tma_gate_up(a, w13, block_expert, cfg, num_programs=3)
-        print(persistent, ws, (out[slot] - want).abs().max().item(), out[padding].abs().max().item())
+        h = tma_gate_up(a, w13, block_expert, cfg, num_programs=3)
+        out = tma_down(h, w2, block_expert, scale, cfg, num_programs=3)
+        print(persistent, ws, (h[slot] - want).abs().max().item(), h[padding].abs().max().item(),
+              ((out[slot] - want_down).abs().max() / want_down.abs().max()).item(), out[padding].abs().max().item())
 """
 
 
-def test_tma_gate_up_prototype_under_interpreter(tmp_path):
-    """benchmarks/tma_gate_up.py (the TMA gate/up `step_kernels.py --parts tma` times on the GPU)
-    against the per-assignment reference under TRITON_INTERPRET, one tile a program and
-    persistent (3 programs over 8 tiles), with and without warp specialisation: every routed row
-    right, every padding row zero."""
+def test_tma_grouped_gemm_prototypes_under_interpreter(tmp_path):
+    """benchmarks/tma_grouped_gemm.py (the TMA GEMMs `step_kernels.py --parts tma` times on the
+    GPU) against the per-assignment reference under TRITON_INTERPRET, one tile a program and
+    persistent (3 programs over 8 tiles), with and without warp specialisation: the gate/up's
+    rows, then the down's weighted rows from them, every routed row right, every padding row zero."""
     from conftest import ROOT
 
     proc = subprocess.run([sys.executable, "-c", TMA_CHECK], cwd=ROOT, capture_output=True, text=True,
@@ -372,5 +377,6 @@ def test_tma_gate_up_prototype_under_interpreter(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [line.split() for line in proc.stdout.splitlines()]
     assert [(p, w) for p, w, *_ in lines] == [("False", "False"), ("False", "True"), ("True", "False"), ("True", "True")]
-    for *_, err, pad in lines:
+    for *_, err, pad, down_err, down_pad in lines:
         assert float(err) < 1e-4 and float(pad) == 0.0
+        assert float(down_err) < 1e-5 and float(down_pad) == 0.0
