@@ -110,6 +110,20 @@ def test_stop_string_truncates_output(engine):
     assert full.text.startswith(cut.text)
 
 
+def test_streamed_pieces_join_to_each_completions_text(engine):
+    """generate(on_text=...) (what `moe-runtime generate` prints as it decodes): each prompt's
+    pieces, in order, are its completion's text, stop strings held back and cut as in the text."""
+    full = engine.generate(PROMPTS[1], max_tokens=24)[0]
+    stop = full.text[6:8]
+    pieces = {0: [], 1: []}
+    results = engine.generate(PROMPTS[1:3], max_tokens=24, stop=[stop],
+                              on_text=lambda i, piece: pieces[i].append(piece))
+    assert results[0].finish_reason == "stop" and stop not in results[0].text
+    for i, r in enumerate(results):
+        assert "".join(pieces[i]) == r.text and all(pieces[i])
+    assert len(pieces[1]) > 1  # piece by piece, not once at the end
+
+
 @pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "top_k": 20, "seed": 3}])
 def test_logprobs_are_the_models_as_transformers_gives_them(engine, hf_model, sampling):
     """Each token's log-probability, and the most likely ones, from the model's own distribution

@@ -54,17 +54,22 @@ def _generate(args) -> int:
     engine = Engine.load(artifact, cuda_graphs=not args.no_cuda_graphs, ep_chunks=args.ep_chunks,
                          overlap=not args.no_overlap)
     load_s = time.perf_counter() - start
+    # one prompt in one process: its text is printed as it is decoded; a batch when it is done
+    stream = len(args.prompt) == 1 and engine.world == 1
+    if stream:
+        print(args.prompt[0], end="", flush=True)
     results = engine.generate(
         args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed, stop=args.stop, logprobs=args.logprobs,
         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
         logit_bias=dict(args.logit_bias), repetition_penalty=args.repetition_penalty, min_p=args.min_p,
         min_tokens=args.min_tokens, stop_token_ids=args.stop_token_id,
+        on_text=(lambda _, piece: print(piece, end="", flush=True)) if stream else None,
     )
     if engine.rank != 0:  # expert-parallel: rank 0 speaks for the group
         return 0
     for prompt, result in zip(args.prompt, results):
-        print(f"{prompt}{result.text}")
+        print("" if stream else f"{prompt}{result.text}")
         if result.logprobs is not None:
             _print_logprobs(engine.tokenizer, result)
         if len(args.prompt) > 1:

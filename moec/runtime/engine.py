@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -424,9 +425,12 @@ class Engine:
                  ignore_eos: bool = False, record_logits: bool = False, logprobs: int | None = None,
                  presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                  logit_bias: dict[int, float] | None = None, repetition_penalty: float = 1.0, min_p: float = 0.0,
-                 min_tokens: int = 0, stop_token_ids: list[int] | None = None) -> list[Completion]:
+                 min_tokens: int = 0, stop_token_ids: list[int] | None = None,
+                 on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
         """Complete every prompt; all of them run together as one batch. `logprobs`: each token's
-        log-probability and the `logprobs` most likely, in `Completion.logprobs`."""
+        log-probability and the `logprobs` most likely, in `Completion.logprobs`. `on_text(i,
+        piece)`: each piece of prompt i's text as it is decoded (the pieces join to its
+        `Completion.text`; one process, not expert-parallel)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if not prompts:
@@ -438,6 +442,8 @@ class Engine:
             )
         if self.scheduler.has_work():
             raise RuntimeError("generate() cannot run while the engine is serving other requests")
+        if on_text is not None and self.world > 1:
+            raise RuntimeError("generate(on_text=...) streams in one process; expert-parallel ranks do not")
         seqs, mine = [], []
         for i, prompt in enumerate(prompts):
             params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -456,8 +462,13 @@ class Engine:
             for seq in mine:
                 self.scheduler.add(seq)
             if self.world == 1:
+                index = {id(seq): i for i, seq in enumerate(seqs)}
                 while self.scheduler.has_work():
-                    self.step()
+                    emitted, _ = self.step()
+                    if on_text is not None:
+                        for seq, text in emitted:
+                            if text:
+                                on_text(index[id(seq)], text)
             else:
                 self._lockstep()
         finally:
