@@ -560,6 +560,33 @@ def routed_tokens(tokens: int, hidden_size: int, experts: int, top_k: int, gen: 
     return x, (probs / probs.sum(-1, keepdim=True)).to(dev), ids.to(dev)
 
 
+def routed_cases(dev, shapes: dict, token_counts: dict, seed: int):
+    """(shape, (hidden, inter, experts, top_k), tokens, w13, w2, x, weights, ids) for each shape's
+    token counts: one set of expert weights a shape, a fresh routing a token count."""
+    gen = torch.Generator().manual_seed(seed)
+    for shape, dims in shapes.items():
+        hidden_size, inter, experts, top_k = dims
+        w13, w2 = expert_weights(hidden_size, inter, experts, gen, dev)
+        for tokens in token_counts.get(shape, ()):
+            yield (shape, dims, tokens, w13, w2, *routed_tokens(tokens, hidden_size, experts, top_k, gen, dev))
+
+
+def expert_references(x, weights, ids, w13, w2, inter_rows) -> dict:
+    """fp32 references per assignment: "gate_up" (SiLU(x·gate) * x·up), "rows" (inter_rows · w2^T
+    times the routing weight) and "down" (each token's K rows summed)."""
+    top_k, inter = ids.shape[1], w13.shape[1] // 2
+    flat, flat_w = ids.flatten(), weights.flatten()
+    want = {"gate_up": torch.empty(flat.numel(), inter, device=x.device),
+            "rows": torch.empty(flat.numel(), w2.shape[1], device=x.device)}
+    for e in flat.unique().tolist():
+        sel = (flat == e).nonzero().squeeze(1)
+        gu = x[sel // top_k].float() @ w13[e].float().t()
+        want["gate_up"][sel] = F.silu(gu[:, :inter]) * gu[:, inter:]
+        want["rows"][sel] = (inter_rows[sel].float() @ w2[e].float().t()) * flat_w[sel, None]
+    want["down"] = want["rows"].view(-1, top_k, w2.shape[1]).sum(1)
+    return want
+
+
 def run_direct(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts=DIRECT_TOKENS) -> list[dict]:
     from moec.ops.triton import fused_moe as moe_module
     from moec.ops.triton import grouped_gemm
@@ -699,80 +726,70 @@ def run_gemm(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts:
 
     gen = torch.Generator().manual_seed(6)
     rows = []
-    for shape, (hidden_size, inter, experts, top_k) in shapes.items():
-        w13, w2 = expert_weights(hidden_size, inter, experts, gen, dev)
-        for tokens in token_counts.get(shape, ()):
-            assign = tokens * top_k
-            x, weights, ids = routed_tokens(tokens, hidden_size, experts, top_k, gen, dev)
-            order = ids.flatten().argsort(stable=True)
-            x_sorted = x[order // top_k]
-            offs = torch.bincount(ids.flatten(), minlength=experts).cumsum(0).to(torch.int32)
-            h_sorted = torch.randn(assign, inter, generator=gen).to(dev, DTYPE)
-            even = -(-assign // experts)
-            x_even = torch.randn(experts, even, hidden_size, generator=gen).to(dev, DTYPE)
-            h_even = torch.randn(experts, even, inter, generator=gen).to(dev, DTYPE)
-            flops_up, flops_down = 2.0 * assign * hidden_size * 2 * inter, 2.0 * assign * inter * hidden_size
-            aligned = {}
-            calls, outs, flops = {}, {}, {}
-            for cfg in configs:
-                bm = cfg["BLOCK_M"]
-                if bm not in aligned:
-                    aligned[bm] = moe_align_block_size(ids, experts, bm)
-                for key, fn in with_one_per_sm(f"gate_up {config_name(cfg)}", lambda c=cfg: gate_up_grouped(
-                        x, w13, *aligned[c["BLOCK_M"]], top_k, c), cfg).items():
-                    graph, out = capture_graph(fn, dev)
-                    calls[key], outs[key], flops[key] = graph.replay, out, flops_up
-            # one input for every down launch, alive as long as the graphs that read it
-            inter_rows = torch.randn(assign, inter, generator=gen).to(dev, DTYPE)
-            one_per_row = weights.reshape(-1, 1)  # K = 1: each assignment's row stored, not added
-            for i, d in enumerate(down_settings):
-                cfg = {**configs[0], "PERSISTENT": False, **d}  # configs[0]'s BLOCK_M unless d gives one
-                name = config_name(cfg)  # "P" only where d asks for a persistent launch
-                if cfg["BLOCK_M"] not in aligned:
-                    aligned[cfg["BLOCK_M"]] = moe_align_block_size(ids, experts, cfg["BLOCK_M"])
-                routing = aligned[cfg["BLOCK_M"]]
-                variants = with_one_per_sm(f"down {name}", lambda c=cfg, r=routing: down_grouped(
-                    inter_rows, w2, weights, *r, c), cfg)
-                if i == 0:  # the atomic adds left out: what the epilogue costs
-                    variants[f"down {name} rows-stored"] = lambda c=cfg, r=routing: down_grouped(
-                        inter_rows, w2, one_per_row, *r, c)
-                for key, fn in variants.items():
-                    graph, out = capture_graph(fn, dev)
-                    calls[key], outs[key], flops[key] = graph.replay, out, flops_down
-            peers = {
-                "gate_up grouped_mm (CUTLASS)": (lambda: torch._grouped_mm(x_sorted, w13.transpose(1, 2), offs=offs), flops_up),
-                "gate_up bmm (even rows)": (lambda: torch.bmm(x_even, w13.transpose(1, 2)), flops_up),
-                "down grouped_mm (CUTLASS)": (lambda: torch._grouped_mm(h_sorted, w2.transpose(1, 2), offs=offs), flops_down),
-                "down bmm (even rows)": (lambda: torch.bmm(h_even, w2.transpose(1, 2)), flops_down),
-            }
-            for key, (fn, f) in peers.items():
+    for shape, (hidden_size, inter, experts, top_k), tokens, w13, w2, x, weights, ids in routed_cases(
+            dev, shapes, token_counts, 6):
+        assign = tokens * top_k
+        order = ids.flatten().argsort(stable=True)
+        x_sorted = x[order // top_k]
+        offs = torch.bincount(ids.flatten(), minlength=experts).cumsum(0).to(torch.int32)
+        h_sorted = torch.randn(assign, inter, generator=gen).to(dev, DTYPE)
+        even = -(-assign // experts)
+        x_even = torch.randn(experts, even, hidden_size, generator=gen).to(dev, DTYPE)
+        h_even = torch.randn(experts, even, inter, generator=gen).to(dev, DTYPE)
+        flops_up, flops_down = 2.0 * assign * hidden_size * 2 * inter, 2.0 * assign * inter * hidden_size
+        aligned = {}
+        calls, outs, flops = {}, {}, {}
+        for cfg in configs:
+            bm = cfg["BLOCK_M"]
+            if bm not in aligned:
+                aligned[bm] = moe_align_block_size(ids, experts, bm)
+            for key, fn in with_one_per_sm(f"gate_up {config_name(cfg)}", lambda c=cfg: gate_up_grouped(
+                    x, w13, *aligned[c["BLOCK_M"]], top_k, c), cfg).items():
                 graph, out = capture_graph(fn, dev)
-                calls[key], outs[key], flops[key] = graph.replay, out, f
-            times = time_interleaved(calls, dev, flush=flush, rounds=rounds)
-            # checked against fp32, after the replays wrote the outputs: gate/up per assignment,
-            # down as each token's K rows weighted and summed
-            flat, flat_w = ids.flatten(), weights.flatten()
-            want = {"gate_up": torch.empty(assign, inter, device=dev),
-                    "rows": torch.empty(assign, hidden_size, device=dev)}
-            for e in flat.unique().tolist():
-                sel = (flat == e).nonzero().squeeze(1)
-                gu = x[sel // top_k].float() @ w13[e].float().t()
-                want["gate_up"][sel] = F.silu(gu[:, :inter]) * gu[:, inter:]
-                want["rows"][sel] = (inter_rows[sel].float() @ w2[e].float().t()) * flat_w[sel, None]
-            want["down"] = want["rows"].view(tokens, top_k, hidden_size).sum(1)
-            errors = {}
-            for k, o in outs.items():
-                if not k.startswith(("gate_up M", "down M")):
-                    continue
-                ref = want["rows" if k.endswith("rows-stored") else k.split()[0]]
-                errors[k] = ((o.float() - ref).abs().max() / ref.abs().max()).item()
-            row = {"shape": shape, "tokens": tokens, "assignments": assign, "rows_per_expert": even,
-                   "padded_rows": {bm: int(a[2].item()) for bm, a in aligned.items()}, "kernels": {}}
-            for key, t in times.items():
-                row["kernels"][key] = {"us": t["median_ms"] * 1e3, "tflop_s": flops[key] / (t["median_ms"] * 1e-3) / 1e12,
-                                       "rel_error": errors.get(key), "ok": errors.get(key, 0.0) <= 2e-2}
-            rows.append(row)
-            print(f"  gemm {shape} T={tokens} done", flush=True)
+                calls[key], outs[key], flops[key] = graph.replay, out, flops_up
+        # one input for every down launch, alive as long as the graphs that read it
+        inter_rows = torch.randn(assign, inter, generator=gen).to(dev, DTYPE)
+        one_per_row = weights.reshape(-1, 1)  # K = 1: each assignment's row stored, not added
+        for i, d in enumerate(down_settings):
+            cfg = {**configs[0], "PERSISTENT": False, **d}  # configs[0]'s BLOCK_M unless d gives one
+            name = config_name(cfg)  # "P" only where d asks for a persistent launch
+            if cfg["BLOCK_M"] not in aligned:
+                aligned[cfg["BLOCK_M"]] = moe_align_block_size(ids, experts, cfg["BLOCK_M"])
+            routing = aligned[cfg["BLOCK_M"]]
+            variants = with_one_per_sm(f"down {name}", lambda c=cfg, r=routing: down_grouped(
+                inter_rows, w2, weights, *r, c), cfg)
+            if i == 0:  # the atomic adds left out: what the epilogue costs
+                variants[f"down {name} rows-stored"] = lambda c=cfg, r=routing: down_grouped(
+                    inter_rows, w2, one_per_row, *r, c)
+            for key, fn in variants.items():
+                graph, out = capture_graph(fn, dev)
+                calls[key], outs[key], flops[key] = graph.replay, out, flops_down
+        peers = {
+            "gate_up grouped_mm (CUTLASS)": (lambda: torch._grouped_mm(x_sorted, w13.transpose(1, 2), offs=offs), flops_up),
+            "gate_up bmm (even rows)": (lambda: torch.bmm(x_even, w13.transpose(1, 2)), flops_up),
+            "down grouped_mm (CUTLASS)": (lambda: torch._grouped_mm(h_sorted, w2.transpose(1, 2), offs=offs), flops_down),
+            "down bmm (even rows)": (lambda: torch.bmm(h_even, w2.transpose(1, 2)), flops_down),
+        }
+        for key, (fn, f) in peers.items():
+            graph, out = capture_graph(fn, dev)
+            calls[key], outs[key], flops[key] = graph.replay, out, f
+        times = time_interleaved(calls, dev, flush=flush, rounds=rounds)
+        # checked against fp32, after the replays wrote the outputs: gate/up per assignment,
+        # down as each token's K rows weighted and summed
+        want = expert_references(x, weights, ids, w13, w2, inter_rows)
+        errors = {}
+        for k, o in outs.items():
+            if not k.startswith(("gate_up M", "down M")):
+                continue
+            ref = want["rows" if k.endswith("rows-stored") else k.split()[0]]
+            errors[k] = ((o.float() - ref).abs().max() / ref.abs().max()).item()
+        row = {"shape": shape, "tokens": tokens, "assignments": assign, "rows_per_expert": even,
+               "padded_rows": {bm: int(a[2].item()) for bm, a in aligned.items()}, "kernels": {}}
+        for key, t in times.items():
+            row["kernels"][key] = {"us": t["median_ms"] * 1e3, "tflop_s": flops[key] / (t["median_ms"] * 1e-3) / 1e12,
+                                   "rel_error": errors.get(key), "ok": errors.get(key, 0.0) <= 2e-2}
+        rows.append(row)
+        print(f"  gemm {shape} T={tokens} done", flush=True)
     return rows
 
 
@@ -797,89 +814,80 @@ def run_tma(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts: 
 
     gen = torch.Generator().manual_seed(7)
     rows = []
-    for shape, (hidden_size, inter, experts, top_k) in shapes.items():
-        w13, w2 = expert_weights(hidden_size, inter, experts, gen, dev)
-        for tokens in token_counts.get(shape, ()):
-            assign = tokens * top_k
-            x, weights, ids = routed_tokens(tokens, hidden_size, experts, top_k, gen, dev)
-            a, block_expert, slot = gather_blocks(x, ids, experts, _TMA["BLOCK_M"])
-            scale = slot_weights(weights, slot, a.shape[0])
-            inter_rows = torch.randn(assign, inter, generator=gen).to(dev, DTYPE)  # the down's input, by assignment
-            h_blocks = torch.zeros(a.shape[0], inter, device=dev, dtype=DTYPE)
-            h_blocks[slot] = inter_rows
-            token_of = torch.arange(assign, device=dev) // top_k
-            order = ids.flatten().argsort(stable=True)
-            x_sorted, h_sorted = x[order // top_k], inter_rows[order]
-            offs = torch.bincount(ids.flatten(), minlength=experts).cumsum(0).to(torch.int32)
-            even = -(-assign // experts)
-            x_even = torch.randn(experts, even, hidden_size, generator=gen).to(dev, DTYPE)
-            h_even = torch.randn(experts, even, inter, generator=gen).to(dev, DTYPE)
-            flops = {"gate_up": 2.0 * assign * hidden_size * 2 * inter, "down": 2.0 * assign * inter * hidden_size}
-            calls, outs, failed = {}, {}, {}  # outs: key -> (what it computes, how its rows are kept, tensor)
-            for cfg in [c for c in GEMM_CONFIGS if c.get("PERSISTENT")]:
-                routing = moe_align_block_size(ids, experts, cfg["BLOCK_M"])
-                graph, out = capture_graph(lambda c=cfg, r=routing: gate_up_grouped(x, w13, *r, top_k, c), dev)
-                key = f"gate_up moec {config_name(cfg)}"
-                calls[key], outs[key] = graph.replay, ("gate_up", "assignment", out)
-            down_cfg = {**GEMM_CONFIGS[0], "PERSISTENT": False, **GEMM_DOWN[0]}
-            routing = moe_align_block_size(ids, experts, down_cfg["BLOCK_M"])
-            graph, out = capture_graph(lambda: down_grouped(inter_rows, w2, weights, *routing, down_cfg), dev)
-            key = f"down moec {config_name(down_cfg)}"
-            calls[key], outs[key] = graph.replay, ("down", "token", out)
-            prototypes = [("gate_up", c, lambda c: tma_gate_up(a, w13, block_expert, c)) for c in TMA_CONFIGS]
-            prototypes += [("down", c, lambda c: tma_down(h_blocks, w2, block_expert, scale, c)) for c in TMA_DOWN_CONFIGS]
-            for op, cfg, fn in prototypes:
-                key = tma_name(op, cfg)
-                try:
-                    fn(cfg)  # compiled outside the capture
-                    graph, out = capture_graph(lambda c=cfg, f=fn: f(c), dev)
-                except Exception as e:  # noqa: BLE001 - a config Triton cannot build: its error is the result
-                    failed[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-                    continue
-                calls[key], outs[key] = graph.replay, (op, "slot", out)
-            gather = torch.empty_like(a)
-            peers = {
-                "gather into blocks (the prototypes' A, not in their time)": (
-                    lambda: gather.index_copy_(0, slot, x[token_of]), None),
-                "gate_up grouped_mm (CUTLASS)": (
-                    lambda: torch._grouped_mm(x_sorted, w13.transpose(1, 2), offs=offs), "gate_up"),
-                "gate_up bmm (even rows)": (lambda: torch.bmm(x_even, w13.transpose(1, 2)), "gate_up"),
-                "down grouped_mm (CUTLASS)": (
-                    lambda: torch._grouped_mm(h_sorted, w2.transpose(1, 2), offs=offs), "down"),
-                "down bmm (even rows)": (lambda: torch.bmm(h_even, w2.transpose(1, 2)), "down"),
-            }
-            for key, (fn, _) in peers.items():
-                graph, _ = capture_graph(fn, dev)
-                calls[key] = graph.replay
-            times = time_interleaved(calls, dev, flush=flush, rounds=rounds)
-            flat, flat_w = ids.flatten(), weights.flatten()
-            want = {"gate_up": torch.empty(assign, inter, device=dev), "rows": torch.empty(assign, hidden_size, device=dev)}
-            for e in flat.unique().tolist():
-                sel = (flat == e).nonzero().squeeze(1)
-                gu = x[sel // top_k].float() @ w13[e].float().t()
-                want["gate_up"][sel] = F.silu(gu[:, :inter]) * gu[:, inter:]
-                want["rows"][sel] = (inter_rows[sel].float() @ w2[e].float().t()) * flat_w[sel, None]
-            want_token = want["rows"].view(tokens, top_k, hidden_size).sum(1)
-            row = {"shape": shape, "tokens": tokens, "assignments": assign, "rows_per_expert": even,
-                   "padded_rows": {_TMA["BLOCK_M"]: a.shape[0]}, "kernels": {}}
-            for key, t in times.items():
-                op = outs[key][0] if key in outs else peers[key][1]
-                entry = {"us": t["median_ms"] * 1e3}
-                if op is None:  # the gather: bytes read and written
-                    entry["gb_s"] = 2 * assign * hidden_size * x.element_size() / (t["median_ms"] * 1e-3) / 1e9
-                else:
-                    entry["tflop_s"] = flops[op] / (t["median_ms"] * 1e-3) / 1e12
-                if key in outs:
-                    op, kept, o = outs[key]
-                    got = o[slot] if kept == "slot" else o
-                    ref = want_token if kept == "token" else want["gate_up" if op == "gate_up" else "rows"]
-                    entry["rel_error"] = ((got.float() - ref).abs().max() / ref.abs().max()).item()
-                    entry["ok"] = entry["rel_error"] <= 2e-2
-                row["kernels"][key] = entry
-            for key, err in failed.items():
-                row["kernels"][key] = {"error": err, "ok": False}
-            rows.append(row)
-            print(f"  tma {shape} T={tokens} done", flush=True)
+    for shape, (hidden_size, inter, experts, top_k), tokens, w13, w2, x, weights, ids in routed_cases(
+            dev, shapes, token_counts, 7):
+        assign = tokens * top_k
+        a, block_expert, slot = gather_blocks(x, ids, experts, _TMA["BLOCK_M"])
+        scale = slot_weights(weights, slot, a.shape[0])
+        inter_rows = torch.randn(assign, inter, generator=gen).to(dev, DTYPE)  # the down's input, by assignment
+        h_blocks = torch.zeros(a.shape[0], inter, device=dev, dtype=DTYPE)
+        h_blocks[slot] = inter_rows
+        token_of = torch.arange(assign, device=dev) // top_k
+        order = ids.flatten().argsort(stable=True)
+        x_sorted, h_sorted = x[order // top_k], inter_rows[order]
+        offs = torch.bincount(ids.flatten(), minlength=experts).cumsum(0).to(torch.int32)
+        even = -(-assign // experts)
+        x_even = torch.randn(experts, even, hidden_size, generator=gen).to(dev, DTYPE)
+        h_even = torch.randn(experts, even, inter, generator=gen).to(dev, DTYPE)
+        flops = {"gate_up": 2.0 * assign * hidden_size * 2 * inter, "down": 2.0 * assign * inter * hidden_size}
+        calls, outs, failed = {}, {}, {}  # outs: key -> (what it computes, how its rows are kept, tensor)
+        for cfg in [c for c in GEMM_CONFIGS if c.get("PERSISTENT")]:
+            routing = moe_align_block_size(ids, experts, cfg["BLOCK_M"])
+            graph, out = capture_graph(lambda c=cfg, r=routing: gate_up_grouped(x, w13, *r, top_k, c), dev)
+            key = f"gate_up moec {config_name(cfg)}"
+            calls[key], outs[key] = graph.replay, ("gate_up", "assignment", out)
+        down_cfg = {**GEMM_CONFIGS[0], "PERSISTENT": False, **GEMM_DOWN[0]}
+        routing = moe_align_block_size(ids, experts, down_cfg["BLOCK_M"])
+        graph, out = capture_graph(lambda: down_grouped(inter_rows, w2, weights, *routing, down_cfg), dev)
+        key = f"down moec {config_name(down_cfg)}"
+        calls[key], outs[key] = graph.replay, ("down", "token", out)
+        prototypes = [("gate_up", c, lambda c: tma_gate_up(a, w13, block_expert, c)) for c in TMA_CONFIGS]
+        prototypes += [("down", c, lambda c: tma_down(h_blocks, w2, block_expert, scale, c)) for c in TMA_DOWN_CONFIGS]
+        for op, cfg, fn in prototypes:
+            key = tma_name(op, cfg)
+            try:
+                fn(cfg)  # compiled outside the capture
+                graph, out = capture_graph(lambda c=cfg, f=fn: f(c), dev)
+            except Exception as e:  # noqa: BLE001 - a config Triton cannot build: its error is the result
+                failed[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                continue
+            calls[key], outs[key] = graph.replay, (op, "slot", out)
+        gather = torch.empty_like(a)
+        peers = {
+            "gather into blocks (the prototypes' A, not in their time)": (
+                lambda: gather.index_copy_(0, slot, x[token_of]), None),
+            "gate_up grouped_mm (CUTLASS)": (
+                lambda: torch._grouped_mm(x_sorted, w13.transpose(1, 2), offs=offs), "gate_up"),
+            "gate_up bmm (even rows)": (lambda: torch.bmm(x_even, w13.transpose(1, 2)), "gate_up"),
+            "down grouped_mm (CUTLASS)": (
+                lambda: torch._grouped_mm(h_sorted, w2.transpose(1, 2), offs=offs), "down"),
+            "down bmm (even rows)": (lambda: torch.bmm(h_even, w2.transpose(1, 2)), "down"),
+        }
+        for key, (fn, _) in peers.items():
+            graph, _ = capture_graph(fn, dev)
+            calls[key] = graph.replay
+        times = time_interleaved(calls, dev, flush=flush, rounds=rounds)
+        want = expert_references(x, weights, ids, w13, w2, inter_rows)
+        row = {"shape": shape, "tokens": tokens, "assignments": assign, "rows_per_expert": even,
+               "padded_rows": {_TMA["BLOCK_M"]: a.shape[0]}, "kernels": {}}
+        for key, t in times.items():
+            op = outs[key][0] if key in outs else peers[key][1]
+            entry = {"us": t["median_ms"] * 1e3}
+            if op is None:  # the gather: bytes read and written
+                entry["gb_s"] = 2 * assign * hidden_size * x.element_size() / (t["median_ms"] * 1e-3) / 1e9
+            else:
+                entry["tflop_s"] = flops[op] / (t["median_ms"] * 1e-3) / 1e12
+            if key in outs:
+                op, kept, o = outs[key]
+                got = o[slot] if kept == "slot" else o
+                ref = want["down"] if kept == "token" else want["gate_up" if op == "gate_up" else "rows"]
+                entry["rel_error"] = ((got.float() - ref).abs().max() / ref.abs().max()).item()
+                entry["ok"] = entry["rel_error"] <= 2e-2
+            row["kernels"][key] = entry
+        for key, err in failed.items():
+            row["kernels"][key] = {"error": err, "ok": False}
+        rows.append(row)
+        print(f"  tma {shape} T={tokens} done", flush=True)
     return rows
 
 
