@@ -145,6 +145,37 @@ def test_logprobs_are_the_models_as_transformers_gives_them(engine, hf_model, sa
                 assert lp.top[0][0] == lp.token
 
 
+def test_prompt_logprobs_are_the_models_as_transformers_gives_them(tiny_artifact, engine, hf_model):
+    """vLLM's prompt_logprobs (OpenAI's echo + logprobs): every prompt token after the first, its
+    log-probability given the ones before and the most likely there, as transformers computes them;
+    the same with the prompts fed in chunks of 5 tokens and after preemptions (each token scored
+    once); the generated tokens unchanged."""
+    plain = engine.generate(PROMPTS, max_tokens=6, ignore_eos=True)
+
+    def check(results):
+        for prompt, result, other in zip(PROMPTS, results, plain):
+            assert result.token_ids == other.token_ids and other.prompt_logprobs is None
+            ids = engine.encode(prompt)
+            want = torch.log_softmax(hf_logits(hf_model, ids), dim=-1)
+            assert len(result.prompt_logprobs) == len(ids) and result.prompt_logprobs[0] is None
+            for i, lp in enumerate(result.prompt_logprobs[1:], start=1):
+                assert lp.token == ids[i] and abs(lp.logprob - want[i - 1, ids[i]].item()) <= 1e-4
+                top = want[i - 1].topk(3)
+                assert [t for t, _ in lp.top] == top.indices.tolist()
+                assert max(abs(got - w) for (_, got), w in zip(lp.top, top.values.tolist())) <= 1e-4
+
+    check(engine.generate(PROMPTS, max_tokens=6, ignore_eos=True, prompt_logprobs=3))
+    budget = engine.scheduler.max_tokens_per_step
+    engine.scheduler.max_tokens_per_step = 5
+    try:
+        check(engine.generate(PROMPTS, max_tokens=6, ignore_eos=True, prompt_logprobs=3))
+    finally:
+        engine.scheduler.max_tokens_per_step = budget
+    small = Engine.load(tiny_artifact, num_blocks=3)
+    check(small.generate(PROMPTS, max_tokens=6, ignore_eos=True, prompt_logprobs=3))
+    assert small.scheduler.num_preemptions > 0 and small.allocator.num_used == 0
+
+
 def test_logprobs_for_one_sequence_of_a_batch(engine):
     """Rows that ask and rows that do not share a step; 0 gives the token's own and no others."""
     from moec.runtime.sampler import SamplingParams

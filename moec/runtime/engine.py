@@ -50,6 +50,7 @@ class Completion:
     time_to_first_token_s: float
     logits: list[torch.Tensor] | None = None
     logprobs: list[TokenLogprob] | None = None  # one per token, where asked for
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token (None for the first), where asked
 
 
 @dataclass
@@ -323,7 +324,12 @@ class Engine:
                                start + take == seq.num_tokens))
             else:
                 chunks.append((seq.blocks.blocks, [0], start, True))  # the token comes from the device
-        if self.decode_graphs is not None and self.decode_graphs.fits(chunks):
+        scored = [] if ahead_of is not None else [
+            (row, seq, seq.prompt_positions_to_score(seq.num_cached, take)) for row, (seq, take) in enumerate(plan)]
+        scored = [s for s in scored if len(s[2])]
+        if scored:  # prompt chunks whose prompt_logprobs are asked: their logits at every position too
+            logits = self._step_scoring_prompts(chunks, scored)
+        elif self.decode_graphs is not None and self.decode_graphs.fits(chunks):
             logits = self.decode_graphs.run(chunks, None if ahead_of is None else ahead_of.device_ids)
         elif self.micro_batches is not None and len(chunks) > 1:
             logits = self.micro_batches.run(chunks, self.kv_cache)
@@ -354,6 +360,35 @@ class Engine:
         decoding = ahead_of is not None or all(take == 1 and seq.output_ids for seq, take in plan)
         return _Launched(sampled, decoding, device_ids, *self._host_ids.send(device_ids),
                          logits if self.record_logits else None, logprobs)
+
+    def _step_scoring_prompts(self, chunks: list[tuple], scored: list[tuple]) -> torch.Tensor:
+        """Run the step with logits at the scored prompt positions as well as at each chunk's
+        sampled last token (the compiled step takes any logits_indices), record each scored prompt
+        token's log-probability and top ones in its sequence, and return the sampled rows' logits."""
+        inputs = build_step_inputs(chunks, device=self.device, block_size=self.spec.kv_block_size)
+        positions = {row: (seq, where) for row, seq, where in scored}
+        indices, sample_rows, targets, owners, offset = [], [], [], [], 0
+        for row, (_, token_ids, start, wants_logits) in enumerate(chunks):
+            seq, where = positions.get(row, (None, range(0)))
+            for p in where:  # position p's logits score prompt token p + 1
+                indices.append(offset + p - start)
+                targets.append(seq.prompt_ids[p + 1])
+                owners.append(seq)
+            if wants_logits:
+                sample_rows.append(len(indices))
+                indices.append(offset + len(token_ids) - 1)
+            offset += len(token_ids)
+        logits = self.step_fn(inputs["input_ids"], inputs["positions"], inputs["seq_ids"], inputs["block_tables"],
+                              self.kv_cache, torch.tensor(indices, dtype=torch.int64, device=self.device))
+        sampled = set(sample_rows)
+        score_rows = torch.tensor([i for i in range(len(indices)) if i not in sampled], device=logits.device)
+        most = max(seq.params.prompt_logprobs for seq in owners)
+        chosen, top, top_ids = token_logprobs(logits[score_rows], torch.tensor(targets, device=logits.device), most)
+        chosen, top, top_ids = chosen.tolist(), top.tolist(), top_ids.tolist()
+        for j, seq in enumerate(owners):
+            n = seq.params.prompt_logprobs
+            seq.prompt_logprobs.append(TokenLogprob(targets[j], chosen[j], list(zip(top_ids[j][:n], top[j][:n]))))
+        return logits[torch.tensor(sample_rows, dtype=torch.int64, device=logits.device)]
 
     def _launch_ahead(self, launched: _Launched) -> _Launched | None:
         """Launch the step after `launched` before its tokens reach the host, so the device runs
@@ -426,9 +461,11 @@ class Engine:
                  presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                  logit_bias: dict[int, float] | None = None, repetition_penalty: float = 1.0, min_p: float = 0.0,
                  min_tokens: int = 0, stop_token_ids: list[int] | None = None,
-                 on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
+                 on_text: Callable[[int, str], None] | None = None,
+                 prompt_logprobs: int | None = None) -> list[Completion]:
         """Complete every prompt; all of them run together as one batch. `logprobs`: each token's
-        log-probability and the `logprobs` most likely, in `Completion.logprobs`. `on_text(i,
+        log-probability and the `logprobs` most likely, in `Completion.logprobs`; `prompt_logprobs`
+        the same for every prompt token after the first, in `Completion.prompt_logprobs`. `on_text(i,
         piece)`: each piece of prompt i's text as it is decoded (the pieces join to its
         `Completion.text`; one process, not expert-parallel)."""
         if isinstance(prompts, str):
@@ -451,7 +488,7 @@ class Engine:
                                     ignore_eos=ignore_eos, logprobs=logprobs, presence_penalty=presence_penalty,
                                     frequency_penalty=frequency_penalty, logit_bias=dict(logit_bias or {}),
                                     repetition_penalty=repetition_penalty, min_p=min_p, min_tokens=min_tokens,
-                                    stop_token_ids=list(stop_token_ids or []))
+                                    stop_token_ids=list(stop_token_ids or []), prompt_logprobs=prompt_logprobs)
             seqs.append(self.new_sequence(prompt, params))
             if i % self.world == self.rank:  # expert-parallel: each rank decodes its share
                 mine.append(seqs[-1])
@@ -482,6 +519,7 @@ class Engine:
                 finish_reason=seq.finish_reason, time_to_first_token_s=(seq.first_token_at or start) - start,
                 logits=[t.cpu() for t in seq.logits] if seq.logits and self.world > 1 else seq.logits,
                 logprobs=None if logprobs is None else list(seq.output_logprobs),
+                prompt_logprobs=None if prompt_logprobs is None else list(seq.prompt_logprobs or [None]),
             )
             for seq in seqs
         ]

@@ -46,6 +46,9 @@ class SamplingParams:
     min_p: float = 0.0  # vLLM's: keep tokens at least min_p times as likely as the most likely
     min_tokens: int = 0  # vLLM's: no EOS, stop_token_ids or stop strings before this many generated tokens
     stop_token_ids: list[int] = field(default_factory=list)  # vLLM's: generating one ends the output
+    # vLLM's: None: off; n: each prompt token's log-probability given the ones before it and the n
+    # most likely there (what OpenAI's echo + logprobs report, and evaluation harnesses score by)
+    prompt_logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -72,8 +75,10 @@ class SamplingParams:
             raise RequestError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         if any(not s for s in self.stop):
             raise RequestError("stop strings must not be empty")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise RequestError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(self, name)
+            if n is not None and not 0 <= n <= MAX_LOGPROBS:
+                raise RequestError(f"{name} must be in [0, {MAX_LOGPROBS}], got {n}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not abs(getattr(self, name)) <= MAX_PENALTY:
                 raise RequestError(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {getattr(self, name)}")

@@ -32,6 +32,9 @@ class Sequence:
     num_preemptions: int = 0
     logits: list[torch.Tensor] | None = None
     output_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, if asked
+    # one per prompt token scored so far, if asked (params.prompt_logprobs): None for the first,
+    # which nothing precedes
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     _prompt_tensor: torch.Tensor | None = field(default=None, repr=False)
 
     def prompt_tensor(self, device: torch.device) -> torch.Tensor:
@@ -39,6 +42,16 @@ class Sequence:
         if self._prompt_tensor is None or self._prompt_tensor.device != device:
             self._prompt_tensor = torch.tensor(self.prompt_ids, dtype=torch.int64, device=device)
         return self._prompt_tensor
+
+    def prompt_positions_to_score(self, start: int, take: int) -> range:
+        """Positions of the chunk [start, start + take) whose logits score a prompt token not yet
+        scored (position p scores token p + 1); empty unless prompt_logprobs is asked. A chunk
+        run again after a preemption scores nothing twice."""
+        if self.params.prompt_logprobs is None:
+            return range(0)
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = [None]
+        return range(max(start, len(self.prompt_logprobs) - 1), min(start + take, len(self.prompt_ids) - 1))
 
     @property
     def tokens(self) -> list[int]:
