@@ -126,6 +126,40 @@ def test_served_model_name_tokenize_and_detokenize(client, model_name, server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
 
 
+def test_echo_with_logprobs_scores_the_prompt(client, model_name, tiny_artifact, server):
+    """OpenAI's echo + logprobs (how evaluation harnesses score a text): the prompt's tokens (the
+    first with no log-probability) as the engine's prompt_logprobs, then the generated ones, their
+    offsets into the echoed text; streamed, the echo chunk carries the prompt's part."""
+    from moec.runtime import Engine
+
+    prompt = "The mixture of experts"
+    engine = Engine.load(tiny_artifact)
+    want = engine.generate(prompt, max_tokens=2, logprobs=2, prompt_logprobs=2)[0]
+    ids = engine.encode(prompt)
+    r = client.completions.create(model=model_name, prompt=prompt, max_tokens=2, temperature=0, logprobs=2,
+                                  echo=True)
+    lp, text = r.choices[0].logprobs, r.choices[0].text
+    assert text.startswith(prompt) and len(lp.tokens) == len(ids) + 2 == r.usage.prompt_tokens + 2
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx([w.logprob for w in want.prompt_logprobs[1:] + want.logprobs],
+                                                  abs=1e-5)
+    assert all(1 <= len(top) <= 2 for top in lp.top_logprobs[1:])
+    # each token's text stands at its offset (the BOS, which the echoed text does not show, at 0)
+    assert all(text[at:at + len(tok)] == tok for tok, at in zip(lp.tokens[1:], lp.text_offset[1:]))
+    assert lp.text_offset[len(ids)] == len(prompt)
+
+    chunks = list(client.completions.create(model=model_name, prompt=prompt, max_tokens=2, temperature=0,
+                                            logprobs=2, echo=True, stream=True))
+    first = chunks[0].choices[0]
+    assert first.text == prompt and first.logprobs.tokens == lp.tokens[:len(ids)]
+    assert first.logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:len(ids)], abs=1e-5)
+    streamed = [c.choices[0] for c in chunks if c.choices]
+    assert "".join(c.text for c in streamed) == text
+    rest = [x for c in streamed[1:] if c.logprobs for x in c.logprobs.token_logprobs]
+    assert rest == pytest.approx(lp.token_logprobs[len(ids):], abs=1e-5)
+    assert [at for c in streamed[1:] if c.logprobs for at in c.logprobs.text_offset] == lp.text_offset[len(ids):]
+
+
 def test_completion_and_usage(client, model_name):
     r = client.completions.create(model=model_name, prompt="The mixture of experts", max_tokens=12, temperature=0)
     assert r.object == "text_completion" and len(r.choices) == 1

@@ -60,8 +60,9 @@ class FakeTokenizer:
                 i += 1
         return SimpleNamespace(ids=ids)
 
-    def decode(self, ids: list[int]) -> str:
-        return "".join({1: "<s>", 2: "</s>"}.get(t, chr(t - 3)) for t in ids)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        specials = {} if skip_special_tokens else {1: "<s>", 2: "</s>"}
+        return "".join(specials.get(t, "") if t in (1, 2) else chr(t - 3) for t in ids)
 
 
 class FakeStream:
@@ -399,7 +400,6 @@ def test_tokenize_gives_the_ids_a_request_runs_on(client, loop):
     (b'[1, 2]', None),
     (b'{"prompt": "x", "logprobs": 21}', "logprobs"),
     (b'{"prompt": "x", "logprobs": -1}', "logprobs"),
-    (b'{"prompt": "x", "logprobs": 2, "echo": true}', "echo"),
     (b'{"prompt": "x", "presence_penalty": 2.5}', "presence_penalty"),
     (b'{"prompt": "x", "frequency_penalty": "1"}', "frequency_penalty"),
     (b'{"prompt": "x", "logit_bias": {"hello": 1}}', "logit_bias"),
@@ -692,3 +692,15 @@ def test_vllm_sampling_extensions_reach_the_sampling(client, loop):
     assert (params.repetition_penalty, params.min_p, params.min_tokens, params.stop_token_ids) == (1.3, 0.05, 2, [5, 9])
     err = assert_error(client.post("/v1/completions", json={"prompt": "x", "max_tokens": 4, "min_tokens": 5}), 400)
     assert "min_tokens must be in [0, max_tokens = 4]" in err["message"]
+
+
+def test_echo_with_logprobs_asks_for_the_prompts(client, loop):
+    """echo + logprobs N asks the engine for the prompt's log-probabilities with N top ones (the
+    real server's output: tests/test_server.py); logprobs alone, or chat, do not."""
+    for body, want in (({"echo": True, "logprobs": 2}, 2), ({"logprobs": 2}, None), ({"echo": True}, None)):
+        r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1, **body})
+        assert r.status_code == 200, r.text
+        assert loop.streams[-1].params.prompt_logprobs == want, body
+    client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "a"}], "max_tokens": 1,
+                                               "logprobs": True, "top_logprobs": 2})
+    assert loop.streams[-1].params.prompt_logprobs is None

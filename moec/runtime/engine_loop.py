@@ -151,6 +151,7 @@ class EngineLoop:
         if not stream._sent_first:
             stream._sent_first = True
             event.queue_time_s = (seq.first_scheduled or event.time) - seq.arrived
+            event.prompt_logprobs = seq.prompt_logprobs  # complete: the prompt ran before any token
         stream._deliver(event)
 
     def _abort(self, stream: RequestStream) -> None:

@@ -3,8 +3,8 @@
 Requests are validated strictly (wrong types are errors, not coerced: `"max_tokens": "5"` or
 `"temperature": NaN` is a 400 that names the parameter) and unknown fields are ignored, as vLLM
 does, so clients that send fields moec does not know keep working. Fields that would change the
-output in a way moec cannot honour (tools, non-text response formats, image content, the
-prompt's logprobs) are refused with a 400 rather than silently ignored.
+output in a way moec cannot honour (tools, non-text response formats, image content) are
+refused with a 400 rather than silently ignored.
 logprobs are the model's own (before temperature, top-k, top-p, penalties and logit_bias), as vLLM
 reports them by default.
 
@@ -90,6 +90,10 @@ class _SamplingFields(_Request):
         """(parameter, message) for a field set to something moec cannot do, else None."""
         return None
 
+    def prompt_logprob_count(self) -> int | None:
+        """How many most likely tokens to report beside each prompt token's own log-probability (None: off)."""
+        return None
+
 
 class CompletionRequest(_SamplingFields):
     prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
@@ -121,9 +125,11 @@ class CompletionRequest(_SamplingFields):
     def logprob_count(self) -> int | None:
         return self.logprobs
 
+    def prompt_logprob_count(self) -> int | None:
+        """With echo, logprobs covers the prompt's tokens too."""
+        return self.logprobs if self.echo else None
+
     def unsupported(self) -> tuple[str, str] | None:
-        if self.logprobs is not None and self.echo:
-            return "echo", "echo with logprobs (the prompt's own log-probabilities) is not supported by this server"
         if self.suffix:
             return "suffix", "suffix is not supported by this server"
         if self.best_of is not None and self.best_of != self.n:
@@ -277,8 +283,8 @@ class ChatLogprobs(_Response):
 
 class CompletionLogprobs(_Response):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None: the echoed prompt's first token, which nothing precedes
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]  # where each token's text starts in the choice's text
 
     @classmethod
@@ -287,14 +293,35 @@ class CompletionLogprobs(_Response):
         starts = [offset]
         for piece in tokens[:-1]:
             starts.append(starts[-1] + len(piece))
-        tops = []
-        for e in entries:  # keyed by text: of two ids that decode alike, the more likely is kept
-            top: dict[str, float] = {}
-            for t, lp in e.top:
-                top.setdefault(text(t), _logprob(lp))
-            tops.append(top)
-        return cls(tokens=tokens, token_logprobs=[_logprob(e.logprob) for e in entries], top_logprobs=tops,
-                   text_offset=starts[: len(tokens)])
+        return cls(tokens=tokens, token_logprobs=[_logprob(e.logprob) for e in entries],
+                   top_logprobs=[_top_by_text(e, text) for e in entries], text_offset=starts[: len(tokens)])
+
+    @classmethod
+    def echoed(cls, prompt_ids: list[int], prompt_entries: list[Any], entries: list[Any], text: TokenText,
+               echo_length: int, silent: frozenset[int] = frozenset()) -> CompletionLogprobs:
+        """OpenAI's echo with logprobs: the prompt's tokens (the first with none), then the generated
+        ones from `echo_length` on. A token in `silent` (a BOS the echoed text does not show)
+        takes no width in the offsets."""
+        tokens, starts, at = [], [], 0
+        for token in prompt_ids:
+            tokens.append(text(token))
+            starts.append(at)
+            at += 0 if token in silent else len(tokens[-1])
+        rest = cls.of(entries, text, echo_length)
+        return cls(tokens=tokens + rest.tokens,
+                   token_logprobs=[None if e is None else _logprob(e.logprob) for e in prompt_entries]
+                   + rest.token_logprobs,
+                   top_logprobs=[None if e is None else _top_by_text(e, text) for e in prompt_entries]
+                   + rest.top_logprobs,
+                   text_offset=starts + rest.text_offset)
+
+
+def _top_by_text(entry: Any, text: TokenText) -> dict[str, float]:
+    """The most likely tokens keyed by text: of two ids that decode alike, the more likely is kept."""
+    top: dict[str, float] = {}
+    for t, lp in entry.top:
+        top.setdefault(text(t), _logprob(lp))
+    return top
 
 
 class CompletionChoice(_Response):

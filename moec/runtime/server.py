@@ -407,6 +407,7 @@ def _sampling(req: Any, prompt_len: int, state: _State, chat: bool, index: int) 
         min_p=req.min_p or 0.0,
         min_tokens=req.min_tokens or 0,
         stop_token_ids=list(req.stop_token_ids or []),
+        prompt_logprobs=req.prompt_logprob_count(),
     )
     params.validate()
     return params
@@ -474,6 +475,22 @@ def _token_text(state: _State) -> proto.TokenText:
     if tokenizer is None:  # token ids in, token ids out: name tokens by id
         return str
     return functools.lru_cache(maxsize=4096)(lambda token: tokenizer.decode([token], skip_special_tokens=False))
+
+
+def _prompt_entries(entries: list[Any] | None, prompt_ids: list[int]) -> list[Any]:
+    """The prompt's `TokenLogprob`s, one per prompt token (None where the engine gave none: the first)."""
+    entries = list(entries or [])
+    return entries + [None] * (len(prompt_ids) - len(entries))
+
+
+def _silent(state: _State, echoed: str) -> frozenset[int]:
+    """Token ids whose text the echoed prompt does not show: the BOS the engine puts first."""
+    engine = state.loop.engine
+    bos = getattr(engine, "bos_id", None)
+    tokenizer = getattr(engine, "tokenizer", None)
+    if bos is None or tokenizer is None or echoed.startswith(tokenizer.decode([bos], skip_special_tokens=False)):
+        return frozenset()
+    return frozenset({bos})
 
 
 def _code_of(message: str) -> str | None:
@@ -604,11 +621,14 @@ async def _complete(request: Request, run: _Run, req: Any, state: _State, chat: 
     k = len(run.streams)
     texts: list[list[str]] = [[] for _ in range(k)]
     logprobs: list[list[Any]] = [[] for _ in range(k)]
+    prompt_logprobs: list[list[Any] | None] = [None] * k
 
     async def collect() -> None:
         async for i, ev in run.events():
             texts[i].append(ev.text)
             logprobs[i] += ev.logprobs or []
+            if ev.prompt_logprobs is not None:
+                prompt_logprobs[i] = ev.prompt_logprobs
 
     collector = asyncio.create_task(collect())
     watcher = asyncio.create_task(_wait_disconnect(request))
@@ -644,12 +664,20 @@ async def _complete(request: Request, run: _Run, req: Any, state: _State, chat: 
         )
     else:
         echo = [prepared.prompt_texts[i // n] if req.echo else "" for i in range(k)]
+
+        def choice_logprobs(i: int) -> proto.CompletionLogprobs | None:
+            if not asked:
+                return None
+            if not req.echo:
+                return proto.CompletionLogprobs.of(logprobs[i], text_of, len(echo[i]))
+            ids = prepared.prompt_ids[i // n]
+            return proto.CompletionLogprobs.echoed(ids, _prompt_entries(prompt_logprobs[i], ids), logprobs[i],
+                                                   text_of, len(echo[i]), _silent(state, echo[i]))
+
         body = proto.CompletionResponse(
             id=response_id, created=proto.now(), model=state.model_name, usage=usage,
-            choices=[proto.CompletionChoice(
-                index=i, text=echo[i] + "".join(texts[i]), finish_reason=finals[i],
-                logprobs=proto.CompletionLogprobs.of(logprobs[i], text_of, len(echo[i])) if asked else None)
-                for i in range(k)],
+            choices=[proto.CompletionChoice(index=i, text=echo[i] + "".join(texts[i]), finish_reason=finals[i],
+                                            logprobs=choice_logprobs(i)) for i in range(k)],
         )
     return JSONResponse(body.model_dump())
 
@@ -667,7 +695,7 @@ async def _sse(run: _Run, req: Any, state: _State, chat: bool, response_id: str,
     sent = [0] * k  # characters of each choice's text sent so far: where the next token's starts
 
     def chunk(index: int, text: str | None, finish: str | None, role: bool = False,
-              logprobs: list[Any] | None = None) -> bytes:
+              logprobs: list[Any] | None = None, echoed: proto.CompletionLogprobs | None = None) -> bytes:
         if chat:
             delta = proto.DeltaMessage(role="assistant" if role else None, content=text)
             lp = proto.ChatLogprobs.of(logprobs, text_of) if asked and logprobs else None
@@ -675,7 +703,7 @@ async def _sse(run: _Run, req: Any, state: _State, chat: bool, response_id: str,
                                           choices=[proto.ChatChunkChoice(index=index, delta=delta, logprobs=lp,
                                                                          finish_reason=finish)])
         else:
-            lp = proto.CompletionLogprobs.of(logprobs, text_of, sent[index]) if asked and logprobs else None
+            lp = echoed or (proto.CompletionLogprobs.of(logprobs, text_of, sent[index]) if asked and logprobs else None)
             sent[index] += len(text or "")
             c = proto.CompletionStreamResponse(id=response_id, created=created, model=state.model_name,
                                                choices=[proto.CompletionChoice(index=index, text=text or "",
@@ -685,13 +713,20 @@ async def _sse(run: _Run, req: Any, state: _State, chat: bool, response_id: str,
             d.pop("usage", None)
         return _frame(d)
 
+    # with logprobs, an echo chunk carries the prompt's, known once the prompt has run: it waits for
+    # its choice's first event
+    echo_waits = not chat and req.echo and asked
     try:
         for i in range(k):
             if chat:
                 yield chunk(i, "", None, role=True)
-            elif req.echo and prepared.prompt_texts[i // n]:
+            elif req.echo and prepared.prompt_texts[i // n] and not echo_waits:
                 yield chunk(i, prepared.prompt_texts[i // n], None)
         async for i, ev in run.events():
+            if echo_waits and ev.prompt_logprobs is not None:
+                text, ids = prepared.prompt_texts[i // n], prepared.prompt_ids[i // n]
+                yield chunk(i, text, None, echoed=proto.CompletionLogprobs.echoed(
+                    ids, _prompt_entries(ev.prompt_logprobs, ids), [], text_of, 0, _silent(state, text)))
             if ev.text or ev.finish_reason is not None or (asked and ev.logprobs):
                 yield chunk(i, ev.text if (ev.text or not chat) else None, ev.finish_reason, logprobs=ev.logprobs)
         if include_usage:

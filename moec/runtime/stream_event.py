@@ -19,3 +19,5 @@ class StreamEvent:
     queue_time_s: float | None = None
     time: float = 0.0
     logprobs: list[Any] | None = None  # `TokenLogprob`s of `token_ids`, where the request asked
+    # the prompt's `TokenLogprob`s (None for its first token), on a request's first event, where asked
+    prompt_logprobs: list[Any] | None = None
