@@ -159,6 +159,17 @@ def test_echo_with_logprobs_scores_the_prompt(client, model_name, tiny_artifact,
     assert rest == pytest.approx(lp.token_logprobs[len(ids):], abs=1e-5)
     assert [at for c in streamed[1:] if c.logprobs for at in c.logprobs.text_offset] == lp.text_offset[len(ids):]
 
+    # max_tokens 0: the prompt scored, nothing generated (OpenAI's and vLLM's scoring form)
+    r = client.completions.create(model=model_name, prompt=prompt, max_tokens=0, logprobs=1, echo=True)
+    assert r.choices[0].text == prompt and r.usage.completion_tokens == 0 and r.choices[0].finish_reason == "length"
+    assert r.choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs[:len(ids)], abs=1e-5)
+    chunks = list(client.completions.create(model=model_name, prompt=prompt, max_tokens=0, logprobs=1, echo=True,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == prompt and chunks[-1].choices[0].finish_reason == "length"
+    r = httpx.post(f"{server.base}/v1/completions", json={"model": model_name, "prompt": prompt, "max_tokens": 0},
+                   headers={"Authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
 
 def test_completion_and_usage(client, model_name):
     r = client.completions.create(model=model_name, prompt="The mixture of experts", max_tokens=12, temperature=0)

@@ -94,10 +94,14 @@ class _SamplingFields(_Request):
         """How many most likely tokens to report beside each prompt token's own log-probability (None: off)."""
         return None
 
+    def scores_only(self) -> bool:
+        return False
+
 
 class CompletionRequest(_SamplingFields):
     prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
-    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None  # None = 16 (OpenAI's default), cut to fit
+    # None = 16 (OpenAI's default), cut to fit; 0 with echo scores the prompt and generates nothing
+    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
     echo: StrictBool = False
     suffix: StrictStr | None = None
     logprobs: LogprobCount | None = None  # each token's and this many most likely
@@ -129,7 +133,15 @@ class CompletionRequest(_SamplingFields):
         """With echo, logprobs covers the prompt's tokens too."""
         return self.logprobs if self.echo else None
 
+    def scores_only(self) -> bool:
+        """max_tokens 0 with echo: the prompt (and its logprobs), nothing generated (as OpenAI's and
+        vLLM's legacy completions)."""
+        return self.max_tokens == 0
+
     def unsupported(self) -> tuple[str, str] | None:
+        if self.max_tokens == 0 and not self.echo:
+            return "max_tokens", ("max_tokens 0 generates nothing: with echo (and logprobs) it scores the prompt; "
+                                  "otherwise ask for at least 1 token")
         if self.suffix:
             return "suffix", "suffix is not supported by this server"
         if self.best_of is not None and self.best_of != self.n:

@@ -379,7 +379,8 @@ def _sampling(req: Any, prompt_len: int, state: _State, chat: bool, index: int) 
                        f"(max_seq_len), leaving no room to generate; shorten the prompt", param=param,
                        code="context_length_exceeded")
     room = None if limit is None else limit - prompt_len
-    explicit = req.token_limit() if chat else req.max_tokens
+    # scoring only: the one token the prompt's last step samples anyway, which the response leaves out
+    explicit = req.token_limit() if chat else (1 if req.scores_only() else req.max_tokens)
     if explicit is not None:
         max_tokens = explicit
         if room is not None and explicit > room:
@@ -650,9 +651,13 @@ async def _complete(request: Request, run: _Run, req: Any, state: _State, chat: 
                        "--request-timeout", "timeout_error", code="request_timeout",
                        headers={"x-should-retry": "false"})
     n = req.n
-    completion_tokens = sum(t.completion_tokens for t in run.trackers)
+    if req.scores_only():  # the token sampled after the prompt is not the client's
+        texts, logprobs = [[] for _ in range(k)], [[] for _ in range(k)]
+    completion_tokens = 0 if req.scores_only() else sum(t.completion_tokens for t in run.trackers)
     usage = proto.Usage.of(prompt_tokens, completion_tokens)
     finals = [f.finish_reason for f in run.final]
+    if req.scores_only():
+        finals = ["length"] * k
     asked = req.logprob_count() is not None
     text_of = _token_text(state)
     if chat:
@@ -727,10 +732,15 @@ async def _sse(run: _Run, req: Any, state: _State, chat: bool, response_id: str,
                 text, ids = prepared.prompt_texts[i // n], prepared.prompt_ids[i // n]
                 yield chunk(i, text, None, echoed=proto.CompletionLogprobs.echoed(
                     ids, _prompt_entries(ev.prompt_logprobs, ids), [], text_of, 0, _silent(state, text)))
+            if req.scores_only():  # the token sampled after the prompt is not the client's
+                if ev.finish_reason is not None:
+                    yield chunk(i, "", "length")
+                continue
             if ev.text or ev.finish_reason is not None or (asked and ev.logprobs):
                 yield chunk(i, ev.text if (ev.text or not chat) else None, ev.finish_reason, logprobs=ev.logprobs)
         if include_usage:
-            usage = proto.Usage.of(prompt_tokens, sum(t.completion_tokens for t in run.trackers))
+            usage = proto.Usage.of(prompt_tokens, 0 if req.scores_only() else sum(t.completion_tokens
+                                                                                  for t in run.trackers))
             cls = proto.ChatCompletionChunk if chat else proto.CompletionStreamResponse
             yield _frame(cls(id=response_id, created=created, model=state.model_name, choices=[],
                              usage=usage).model_dump())
