@@ -721,6 +721,7 @@ async def _sse(run: _Run, req: Any, state: _State, chat: bool, response_id: str,
     # with logprobs, an echo chunk carries the prompt's, known once the prompt has run: it waits for
     # its choice's first event
     echo_waits = not chat and req.echo and asked
+    echo_sent = [False] * k
     try:
         for i in range(k):
             if chat:
@@ -728,13 +729,15 @@ async def _sse(run: _Run, req: Any, state: _State, chat: bool, response_id: str,
             elif req.echo and prepared.prompt_texts[i // n] and not echo_waits:
                 yield chunk(i, prepared.prompt_texts[i // n], None)
         async for i, ev in run.events():
-            if echo_waits and ev.prompt_logprobs is not None:
+            if echo_waits and not echo_sent[i]:  # its first event (without logprobs only if it ended before any token)
+                echo_sent[i] = True
                 text, ids = prepared.prompt_texts[i // n], prepared.prompt_ids[i // n]
                 yield chunk(i, text, None, echoed=proto.CompletionLogprobs.echoed(
-                    ids, _prompt_entries(ev.prompt_logprobs, ids), [], text_of, 0, _silent(state, text)))
+                    ids, _prompt_entries(ev.prompt_logprobs, ids), [], text_of, 0, _silent(state, text))
+                    if ev.prompt_logprobs is not None else None)
             if req.scores_only():  # the token sampled after the prompt is not the client's
                 if ev.finish_reason is not None:
-                    yield chunk(i, "", "length")
+                    yield chunk(i, "", "abort" if ev.finish_reason == "abort" else "length")
                 continue
             if ev.text or ev.finish_reason is not None or (asked and ev.logprobs):
                 yield chunk(i, ev.text if (ev.text or not chat) else None, ev.finish_reason, logprobs=ev.logprobs)
