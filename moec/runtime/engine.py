@@ -71,6 +71,20 @@ class GenerationStats:
         return self.generated_tokens / self.elapsed_s if self.elapsed_s else 0.0
 
 
+class _DevicePrompts:
+    """The sampled rows' prompt ids on the device, as the sampler reads them (repetition_penalty's
+    rows only): each sequence copies its prompt once (`Sequence.prompt_tensor`), not each step,
+    and a step whose rows read none builds nothing."""
+
+    __slots__ = ("seqs", "device")
+
+    def __init__(self, seqs: list[Sequence], device: torch.device):
+        self.seqs, self.device = seqs, device
+
+    def __getitem__(self, row: int) -> torch.Tensor:
+        return self.seqs[row].prompt_tensor(self.device)
+
+
 @dataclass
 class _Launched:
     """A step queued on the device: the sequences it samples for, and their new token ids, on
@@ -315,18 +329,17 @@ class Engine:
         sequences feeds that id as its next token (the host does not know it yet)."""
         self._claim_external_ops()
         now = time.perf_counter()
-        chunks = []
+        chunks, scored = [], []  # scored: (row, seq, positions) of prompt chunks whose prompt_logprobs are asked
         for seq, take in plan:
             seq.first_scheduled = seq.first_scheduled or now
             start = seq.num_cached
             if ahead_of is None:
                 chunks.append((seq.blocks.blocks, seq.token_slice(start, start + take), start,
                                start + take == seq.num_tokens))
+                if seq.params.prompt_logprobs is not None and (where := seq.prompt_positions_to_score(start, take)):
+                    scored.append((len(chunks) - 1, seq, where))
             else:
                 chunks.append((seq.blocks.blocks, [0], start, True))  # the token comes from the device
-        scored = [] if ahead_of is not None else [
-            (row, seq, seq.prompt_positions_to_score(seq.num_cached, take)) for row, (seq, take) in enumerate(plan)]
-        scored = [s for s in scored if len(s[2])]
         if scored:  # prompt chunks whose prompt_logprobs are asked: their logits at every position too
             logits = self._step_scoring_prompts(chunks, scored)
         elif self.decode_graphs is not None and self.decode_graphs.fits(chunks):
@@ -347,10 +360,8 @@ class Engine:
             return None
         if self.record_logits:  # a step launched ahead would overwrite the graph's logits buffer
             logits = logits.clone()
-        prompts = [s.prompt_tensor(logits.device) if s.params.repetition_penalty != 1 else s.prompt_ids
-                   for s in sampled]  # a penalised prompt stays on the device, not copied each step
         device_ids = self.sampler.sample(logits, [s.params for s in sampled], [s.generator for s in sampled],
-                                         [s.output_ids for s in sampled], prompts)
+                                         [s.output_ids for s in sampled], _DevicePrompts(sampled, logits.device))
         logprobs = None
         asked = [i for i, seq in enumerate(sampled) if seq.params.logprobs is not None]
         if asked:  # queued before a step launched ahead can overwrite a graph's logits buffer

@@ -16,6 +16,7 @@ shares its batch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -121,12 +122,12 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
 
 
 def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], outputs: list[list[int]] | None,
-                  prompts: list[list[int] | torch.Tensor] | None = None, eos_id: int | None = None) -> torch.Tensor:
+                  prompts: Sequence[list[int] | torch.Tensor] | None = None, eos_id: int | None = None) -> torch.Tensor:
     """The rows' logits after their penalties, logit_bias and min_tokens (a copy where any row has
     them; the order is the module docstring's). `outputs`: each row's generated tokens; `prompts`:
-    its prompt's (for repetition_penalty), a list or an int64 tensor: the engine keeps each
-    penalised prompt on the device, so a step does not turn a long prompt into a tensor again
-    (for 32 rows of 4096-token prompts that took 30-45 ms a step on a 2-core host). Batched over
+    its prompt's (for repetition_penalty; read only at those rows), a list or an int64 tensor: the
+    engine keeps each penalised prompt on the device, so a step does not turn a long prompt into a
+    tensor again (for 32 rows of 4096-token prompts that took 30-45 ms a step on a 2-core host). Batched over
     the rows: a step
     copies the rows' tokens and values to the device once and counts them in one scatter, not a
     copy and a pass per row."""
@@ -189,7 +190,7 @@ class Sampler:
 
     def sample(
         self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-        outputs: list[list[int]] | None = None, prompts: list[list[int] | torch.Tensor] | None = None,
+        outputs: list[list[int]] | None = None, prompts: Sequence[list[int] | torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """logits f32[N, V] → token ids i64[N]. `outputs`: each row's tokens generated so far, and
         `prompts` its prompt's (for its penalties and min_tokens; needed where a row has them)."""
