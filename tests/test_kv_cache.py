@@ -99,6 +99,11 @@ def test_mixed_batch_step_inputs():
     no_prefill_logits = build_step_inputs([(chunks[0][0], chunks[0][1], 0, False), chunks[1]])
     assert no_prefill_logits["logits_indices"].tolist() == [5]
     assert build_step_inputs(chunks, all_logits=True)["logits_indices"].tolist() == [0, 1, 2, 3, 4, 5]
+    # prompt scoring: positions 1..3 of the prefill before its last token; the sampled rows named
+    scored = build_step_inputs(chunks, score={0: range(1, 4)})
+    assert scored["logits_indices"].tolist() == [1, 2, 3, 4, 5] and scored["sample_rows"].tolist() == [3, 4]
+    middle = build_step_inputs([(chunks[0][0], chunks[0][1], 0, False), chunks[1]], score={0: [0, 4]})
+    assert middle["logits_indices"].tolist() == [0, 4, 5] and middle["sample_rows"].tolist() == [2]
 
     # The kernel's slot arithmetic puts each token where the tables say.
     kv = allocate_kv_cache(1, 8, 4, 1, 1, torch.float32, "cpu")

@@ -376,30 +376,22 @@ class Engine:
         """Run the step with logits at the scored prompt positions as well as at each chunk's
         sampled last token (the compiled step takes any logits_indices), record each scored prompt
         token's log-probability and top ones in its sequence, and return the sampled rows' logits."""
-        inputs = build_step_inputs(chunks, device=self.device, block_size=self.spec.kv_block_size)
-        positions = {row: (seq, where) for row, seq, where in scored}
-        indices, sample_rows, targets, owners, offset = [], [], [], [], 0
-        for row, (_, token_ids, start, wants_logits) in enumerate(chunks):
-            seq, where = positions.get(row, (None, range(0)))
-            for p in where:  # position p's logits score prompt token p + 1
-                indices.append(offset + p - start)
-                targets.append(seq.prompt_ids[p + 1])
-                owners.append(seq)
-            if wants_logits:
-                sample_rows.append(len(indices))
-                indices.append(offset + len(token_ids) - 1)
-            offset += len(token_ids)
+        inputs = build_step_inputs(chunks, device=self.device, block_size=self.spec.kv_block_size,
+                                   score={row: where for row, _, where in scored})
         logits = self.step_fn(inputs["input_ids"], inputs["positions"], inputs["seq_ids"], inputs["block_tables"],
-                              self.kv_cache, torch.tensor(indices, dtype=torch.int64, device=self.device))
-        sampled = set(sample_rows)
-        score_rows = torch.tensor([i for i in range(len(indices)) if i not in sampled], device=logits.device)
+                              self.kv_cache, inputs["logits_indices"])
+        # the scored rows, in the order build_step_inputs put them: by chunk, then by position
+        owners = [seq for _, seq, where in scored for _ in where]
+        targets = [seq.prompt_ids[p + 1] for _, seq, where in scored for p in where]  # position p scores token p + 1
+        score_rows = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+        score_rows[inputs["sample_rows"]] = False
         most = max(seq.params.prompt_logprobs for seq in owners)
         chosen, top, top_ids = token_logprobs(logits[score_rows], torch.tensor(targets, device=logits.device), most)
         chosen, top, top_ids = chosen.tolist(), top.tolist(), top_ids.tolist()
         for j, seq in enumerate(owners):
             n = seq.params.prompt_logprobs
             seq.prompt_logprobs.append(TokenLogprob(targets[j], chosen[j], list(zip(top_ids[j][:n], top[j][:n]))))
-        return logits[torch.tensor(sample_rows, dtype=torch.int64, device=logits.device)]
+        return logits[inputs["sample_rows"]]
 
     def _launch_ahead(self, launched: _Launched) -> _Launched | None:
         """Launch the step after `launched` before its tokens reach the host, so the device runs

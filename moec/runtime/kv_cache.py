@@ -118,14 +118,17 @@ class StepChunk(NamedTuple):
 
 def build_step_inputs(
     chunks: Sequence[StepChunk | tuple], device: torch.device | str = "cpu", all_logits: bool = False,
-    block_size: int | None = None,
+    block_size: int | None = None, score: dict[int, Sequence[int]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The step's int64 inputs: input_ids, positions, seq_ids [T]; block_tables [B, W]; logits_indices [N].
 
     Chunk b becomes row b of block_tables; W is the longest block list, shorter rows padded with 0.
     logits_indices: the last token of each chunk that wants logits, in chunk order, or every token
-    when `all_logits`. Given `block_size`, checks each chunk's blocks cover its positions (a short
-    table would silently write K/V into padding block 0, another sequence's memory).
+    when `all_logits`. `score` {chunk b: positions}: logits at those positions of chunk b too, just
+    before its last token's; then "sample_rows" [chunks that want logits] gives the rows of
+    logits_indices that are those last tokens. Given `block_size`, checks each chunk's blocks cover
+    its positions (a short table would silently write K/V into padding block 0, another sequence's
+    memory).
     """
     if not chunks:
         raise ValueError("a step needs at least one chunk")
@@ -133,6 +136,7 @@ def build_step_inputs(
     positions: list[int] = []
     seq_ids: list[int] = []
     logits_indices: list[int] = []
+    sample_rows: list[int] = []
     width = max(1, max(len(c[0]) for c in chunks))
     table: list[list[int]] = []
     for row, (blocks, token_ids, start, wants_logits) in enumerate(chunks):
@@ -145,10 +149,13 @@ def build_step_inputs(
             raise ValueError(
                 f"chunk {row}: {len(blocks)} blocks of {block_size} cannot hold positions up to {start + n - 1}"
             )
+        if score and row in score:  # position p of the chunk is token len(input_ids) + p - start of the step
+            logits_indices.extend(len(input_ids) + p - start for p in score[row])
         input_ids.extend(token_ids)
         positions.extend(range(start, start + n))
         seq_ids.extend([row] * n)
         if wants_logits and not all_logits:
+            sample_rows.append(len(logits_indices))
             logits_indices.append(len(input_ids) - 1)
         table.append(list(blocks) + [0] * (width - len(blocks)))
     if all_logits:
@@ -163,4 +170,5 @@ def build_step_inputs(
         "seq_ids": i64(seq_ids),
         "block_tables": i64(table),
         "logits_indices": i64(logits_indices),
+        **({"sample_rows": i64(sample_rows)} if score else {}),
     }

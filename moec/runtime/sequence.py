@@ -45,10 +45,8 @@ class Sequence:
 
     def prompt_positions_to_score(self, start: int, take: int) -> range:
         """Positions of the chunk [start, start + take) whose logits score a prompt token not yet
-        scored (position p scores token p + 1); empty unless prompt_logprobs is asked. A chunk
-        run again after a preemption scores nothing twice."""
-        if self.params.prompt_logprobs is None:
-            return range(0)
+        scored (position p scores token p + 1), for a sequence whose prompt_logprobs are asked. A
+        chunk run again after a preemption scores nothing twice."""
         if self.prompt_logprobs is None:
             self.prompt_logprobs = [None]
         return range(max(start, len(self.prompt_logprobs) - 1), min(start + take, len(self.prompt_ids) - 1))

@@ -651,13 +651,11 @@ async def _complete(request: Request, run: _Run, req: Any, state: _State, chat: 
                        "--request-timeout", "timeout_error", code="request_timeout",
                        headers={"x-should-retry": "false"})
     n = req.n
-    if req.scores_only():  # the token sampled after the prompt is not the client's
-        texts, logprobs = [[] for _ in range(k)], [[] for _ in range(k)]
-    completion_tokens = 0 if req.scores_only() else sum(t.completion_tokens for t in run.trackers)
-    usage = proto.Usage.of(prompt_tokens, completion_tokens)
+    completion_tokens = sum(t.completion_tokens for t in run.trackers)
     finals = [f.finish_reason for f in run.final]
-    if req.scores_only():
-        finals = ["length"] * k
+    if req.scores_only():  # the token sampled after the prompt is not the client's
+        texts, logprobs, completion_tokens, finals = [[] for _ in range(k)], [[] for _ in range(k)], 0, ["length"] * k
+    usage = proto.Usage.of(prompt_tokens, completion_tokens)
     asked = req.logprob_count() is not None
     text_of = _token_text(state)
     if chat:
