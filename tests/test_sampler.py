@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from moec.errors import RequestError
-from moec.runtime.sampler import Sampler, SamplingParams, _filtered_sorted_probs, adjust_logits, make_generator
+from moec.runtime.sampler import (Sampler, SamplingParams, _filtered_sorted_probs, adjust_logits, make_generator,
+                                  token_logprobs)
 
 V = 50
 
@@ -210,3 +211,18 @@ def test_negative_penalties_favour_repeats():
     logits = torch.zeros(1, V)
     params = [SamplingParams(temperature=0, frequency_penalty=-1.0)]
     assert Sampler().sample(logits, params, [None], [[17, 3, 17]]).tolist() == [17]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_logprobs_are_the_log_softmax(dtype):
+    """Logit less log-sum-exp gives log_softmax's values, for the chosen ids and the top n."""
+    logits = (torch.randn(5, 300, generator=torch.Generator().manual_seed(3)) * 4).to(dtype)
+    ids = torch.tensor([0, 17, 299, 5, 5])
+    want = torch.log_softmax(logits.float(), dim=-1)
+    chosen, top, top_ids = token_logprobs(logits, ids, 4)
+    assert chosen.dtype == top.dtype == torch.float32
+    torch.testing.assert_close(chosen, want.gather(1, ids[:, None]).squeeze(1))
+    torch.testing.assert_close(top, want.topk(4, dim=-1).values)
+    torch.testing.assert_close(want.gather(1, top_ids), top)
+    empty = token_logprobs(logits, ids, 0)
+    assert empty[1].shape == empty[2].shape == (5, 0)

@@ -110,10 +110,12 @@ class TokenLogprob:
 
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits f32[N, V], the sampled ids i64[N] → (their log-probabilities f32[N], the `n` largest
-    f32[N, n] and their ids i64[N, n]), on the logits' device: the host reads them with the ids."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    top, top_ids = logp.topk(n, dim=-1) if n else (logp[:, :0], ids[:, None][:, :0])
-    return logp.gather(1, ids[:, None]).squeeze(1), top, top_ids
+    f32[N, n] and their ids i64[N, n]), on the logits' device: the host reads them with the ids.
+    Each is its logit less the row's log-sum-exp, so no [N, V] log-softmax is kept beside the
+    logits (a scored 8192-token prompt at a 151k vocabulary would hold 5 GB more)."""
+    lse = torch.logsumexp(logits.float(), dim=-1, keepdim=True)
+    top, top_ids = logits.topk(n, dim=-1) if n else (logits[:, :0], ids[:, None][:, :0])
+    return (logits.gather(1, ids[:, None]).float() - lse).squeeze(1), top.float() - lse, top_ids
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
