@@ -793,6 +793,68 @@ def run_gemm(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts:
     return rows
 
 
+def tma_prototype(index: int) -> tuple[str, dict]:
+    """The `index`th prototype run_tma times: TMA_CONFIGS' gate/ups, then TMA_DOWN_CONFIGS' downs."""
+    both = [("gate_up", c) for c in TMA_CONFIGS] + [("down", c) for c in TMA_DOWN_CONFIGS]
+    return both[index]
+
+
+def probe_one_tma(index: int, shapes: dict = DIRECT_SHAPES, token_counts: dict = TMA_TOKENS) -> int:
+    """Run prototype `index` once a shape (at its fewest tokens), synchronised, against fp32;
+    print its largest error. A child process's body: a fault (Triton 3.6's warp-specialised code
+    can raise an illegal instruction) ends only the child."""
+    from tma_grouped_gemm import gather_blocks, slot_weights, tma_down, tma_gate_up
+
+    op, cfg = tma_prototype(index)
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(11)
+    few = {shape: counts[:1] for shape, counts in token_counts.items()}
+    worst = 0.0
+    for _, (_, inter, experts, top_k), _, w13, w2, x, weights, ids in routed_cases(dev, shapes, few, 11):
+        a, block_expert, slot = gather_blocks(x, ids, experts, cfg["BLOCK_M"])
+        inter_rows = torch.randn(ids.numel(), inter, generator=gen).to(dev, DTYPE)
+        want = expert_references(x, weights, ids, w13, w2, inter_rows)
+        if op == "gate_up":
+            got, ref = tma_gate_up(a, w13, block_expert, cfg)[slot], want["gate_up"]
+        else:
+            h_blocks = torch.zeros(a.shape[0], inter, device=dev, dtype=DTYPE)
+            h_blocks[slot] = inter_rows
+            got = tma_down(h_blocks, w2, block_expert, slot_weights(weights, slot, a.shape[0]), cfg)[slot]
+            ref = want["rows"]
+        torch.cuda.synchronize()
+        worst = max(worst, ((got.float() - ref).abs().max() / ref.abs().max()).item())
+    print(f"probe {index}: rel_error {worst:.2e}", flush=True)
+    return 0 if worst <= 2e-2 else 1
+
+
+def probe_tma(shapes: dict, token_counts: dict, parallel: int = 4) -> dict[int, str]:
+    """Each prototype run once in a child process of its own (`--probe-tma`), `parallel` at a
+    time: {index: why} for those whose child failed, so the timing skips them instead of dying."""
+    import subprocess
+
+    count = len(TMA_CONFIGS) + len(TMA_DOWN_CONFIGS)
+    shapes_arg = ",".join(shapes)
+    failed, running = {}, []
+
+    def reap(index, proc):
+        out, _ = proc.communicate()
+        if proc.returncode:
+            lines = [line for line in out.splitlines() if line.strip() and "DEBUG" not in line]
+            last = [line for line in lines if "Error" in line][-1:] or lines[-1:] or [""]
+            failed[index] = f"child exit {proc.returncode} on its own: {last[0][:300]}"
+            print(f"  tma probe {index} ({tma_prototype(index)[0]}) failed: {failed[index]}", flush=True)
+
+    for index in range(count):
+        if len(running) == parallel:
+            reap(*running.pop(0))
+        running.append((index, subprocess.Popen(
+            [sys.executable, __file__, "--probe-tma", str(index), "--probe-shapes", shapes_arg],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+    for index, proc in running:
+        reap(index, proc)
+    return failed
+
+
 def run_tma(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts: dict = TMA_TOKENS,
             rounds: int = 20) -> list[dict]:
     """The prototype TMA grouped GEMMs (`tma_grouped_gemm.py`) under TMA_CONFIGS (gate/up) and
@@ -812,6 +874,7 @@ def run_tma(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts: 
         return (f"{op} TMA{' WS' if cfg.get('WS') else ''} {launch} M{cfg['BLOCK_M']}N{cfg['BLOCK_N']}"
                 f"K{cfg['BLOCK_K']} w{cfg['num_warps']}s{cfg['num_stages']}")
 
+    crashed = probe_tma(shapes, token_counts)  # a fault would end this process: each config runs alone first
     gen = torch.Generator().manual_seed(7)
     rows = []
     for shape, (hidden_size, inter, experts, top_k), tokens, w13, w2, x, weights, ids in routed_cases(
@@ -843,8 +906,11 @@ def run_tma(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts: 
         calls[key], outs[key] = graph.replay, ("down", "token", out)
         prototypes = [("gate_up", c, lambda c: tma_gate_up(a, w13, block_expert, c)) for c in TMA_CONFIGS]
         prototypes += [("down", c, lambda c: tma_down(h_blocks, w2, block_expert, scale, c)) for c in TMA_DOWN_CONFIGS]
-        for op, cfg, fn in prototypes:
+        for i, (op, cfg, fn) in enumerate(prototypes):
             key = tma_name(op, cfg)
+            if i in crashed:
+                failed[key] = crashed[i]
+                continue
             try:
                 fn(cfg)  # compiled outside the capture
                 graph, out = capture_graph(lambda c=cfg, f=fn: f(c), dev)
@@ -997,7 +1063,11 @@ def main() -> int:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"which of {','.join(PARTS)} to run")
     parser.add_argument("--commit", help="git commit of the tree (else git rev-parse HEAD, which a copied tree "
                                          "may not match)")
+    parser.add_argument("--probe-tma", type=int, help=argparse.SUPPRESS)  # probe_tma's child
+    parser.add_argument("--probe-shapes", default=",".join(DIRECT_SHAPES), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.probe_tma is not None:
+        return probe_one_tma(args.probe_tma, {k: DIRECT_SHAPES[k] for k in args.probe_shapes.split(",")})
     unknown = set(args.parts.split(",")) - set(PARTS)
     if unknown:
         parser.error(f"--parts: unknown {', '.join(sorted(unknown))}; choose from {','.join(PARTS)}")
