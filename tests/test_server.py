@@ -171,6 +171,45 @@ def test_echo_with_logprobs_scores_the_prompt(client, model_name, tiny_artifact,
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
 
 
+def test_vllm_prompt_logprobs(client, model_name, tiny_artifact, server):
+    """vLLM's prompt_logprobs: per prompt token (None for the first) its id's log-probability and
+    rank and the n most likely, keyed by id; on a completion choice beside echo's own count, and
+    at the top of a chat response; refused when streamed, as vLLM does."""
+    from moec.runtime import Engine
+
+    prompt = "The mixture of experts"
+    engine = Engine.load(tiny_artifact)
+    want = engine.generate(prompt, max_tokens=1, prompt_logprobs=3)[0].prompt_logprobs
+    r = client.completions.create(model=model_name, prompt=prompt, max_tokens=1, logprobs=1, echo=True,
+                                  extra_body={"prompt_logprobs": 3})
+    choice = r.model_dump()["choices"][0]
+    got = choice["prompt_logprobs"]
+    assert len(got) == len(want) == r.usage.prompt_tokens and got[0] is None
+    for position, w in zip(got[1:], want[1:]):
+        ids = [w.token] + [t for t, _ in w.top if t != w.token]
+        assert list(position) == [str(t) for t in ids] and len(ids) in (3, 4)
+        assert position[str(w.token)]["logprob"] == pytest.approx(w.logprob, abs=1e-5)
+        assert position[str(w.token)]["rank"] == w.rank >= 1
+        tops = [position[str(t)] for t, _ in w.top]
+        assert [t["logprob"] for t in tops] == pytest.approx([lp for _, lp in w.top], abs=1e-5)
+        assert all(t["rank"] == i for i, t in enumerate(tops, start=1) if t is not position[str(w.token)])
+        assert position[str(w.token)]["decoded_token"] == engine.tokenizer.decode([w.token])
+    assert all(len(top) == 1 for top in choice["logprobs"]["top_logprobs"][1:])  # echo's own count, 1
+
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    chat = {"model": model_name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1,
+            "prompt_logprobs": 2}
+    r = httpx.post(f"{server.base}/v1/chat/completions", json=chat, headers=auth)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["prompt_logprobs"]) == body["usage"]["prompt_tokens"] and body["prompt_logprobs"][0] is None
+    assert all(2 <= len(p) <= 3 for p in body["prompt_logprobs"][1:])
+    plain = client.completions.create(model=model_name, prompt=prompt, max_tokens=1).model_dump()
+    assert plain["choices"][0]["prompt_logprobs"] is None
+    r = httpx.post(f"{server.base}/v1/chat/completions", json={**chat, "stream": True}, headers=auth)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs"
+
+
 def test_completion_and_usage(client, model_name):
     r = client.completions.create(model=model_name, prompt="The mixture of experts", max_tokens=12, temperature=0)
     assert r.object == "text_completion" and len(r.choices) == 1

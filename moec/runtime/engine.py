@@ -386,11 +386,14 @@ class Engine:
         score_rows = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
         score_rows[inputs["sample_rows"]] = False
         most = max(seq.params.prompt_logprobs for seq in owners)
-        chosen, top, top_ids = token_logprobs(logits[score_rows], torch.tensor(targets, device=logits.device), most)
-        chosen, top, top_ids = chosen.tolist(), top.tolist(), top_ids.tolist()
+        scored_logits, target_ids = logits[score_rows], torch.tensor(targets, device=logits.device)
+        chosen, top, top_ids = token_logprobs(scored_logits, target_ids, most)
+        ranks = (scored_logits > scored_logits.gather(1, target_ids[:, None])).sum(-1) + 1
+        chosen, top, top_ids, ranks = chosen.tolist(), top.tolist(), top_ids.tolist(), ranks.tolist()
         for j, seq in enumerate(owners):
             n = seq.params.prompt_logprobs
-            seq.prompt_logprobs.append(TokenLogprob(targets[j], chosen[j], list(zip(top_ids[j][:n], top[j][:n]))))
+            seq.prompt_logprobs.append(TokenLogprob(targets[j], chosen[j], list(zip(top_ids[j][:n], top[j][:n])),
+                                                    ranks[j]))
         return logits[inputs["sample_rows"]]
 
     def _launch_ahead(self, launched: _Launched) -> _Launched | None:

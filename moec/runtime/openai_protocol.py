@@ -9,7 +9,9 @@ logprobs are the model's own (before temperature, top-k, top-p, penalties and lo
 reports them by default.
 
 Extensions beyond OpenAI's API, as in vLLM: `top_k` (0 or -1 = off), `ignore_eos`,
-`repetition_penalty`, `min_p`, `min_tokens` and `stop_token_ids` (see `moec.runtime.sampler`).
+`repetition_penalty`, `min_p`, `min_tokens` and `stop_token_ids` (see `moec.runtime.sampler`),
+and `prompt_logprobs` (each prompt token's log-probability, its rank and the most likely there,
+in vLLM's shape: a choice's, or a chat response's, `prompt_logprobs`).
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class _SamplingFields(_Request):
     min_p: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None  # extension
     min_tokens: Annotated[StrictInt, Field(ge=0)] | None = None  # extension
     stop_token_ids: Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    prompt_logprobs: LogprobCount | None = None  # extension (vLLM): most likely tokens beside each prompt token's
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -88,11 +91,14 @@ class _SamplingFields(_Request):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(parameter, message) for a field set to something moec cannot do, else None."""
+        if self.prompt_logprobs is not None and self.stream:
+            return "prompt_logprobs", "prompt_logprobs are not available with stream: true (as in vLLM); drop one"
         return None
 
     def prompt_logprob_count(self) -> int | None:
-        """How many most likely tokens to report beside each prompt token's own log-probability (None: off)."""
-        return None
+        """How many most likely tokens the engine reports beside each prompt token's own
+        log-probability (None: off)."""
+        return self.prompt_logprobs
 
     def scores_only(self) -> bool:
         return False
@@ -130,8 +136,9 @@ class CompletionRequest(_SamplingFields):
         return self.logprobs
 
     def prompt_logprob_count(self) -> int | None:
-        """With echo, logprobs covers the prompt's tokens too."""
-        return self.logprobs if self.echo else None
+        """With echo, logprobs covers the prompt's tokens too (the engine scores the prompt once for both)."""
+        counts = [c for c in (self.logprobs if self.echo else None, self.prompt_logprobs) if c is not None]
+        return max(counts) if counts else None
 
     def scores_only(self) -> bool:
         """max_tokens 0 with echo: the prompt (and its logprobs), nothing generated (as OpenAI's and
@@ -336,6 +343,31 @@ def _top_by_text(entry: Any, text: TokenText) -> dict[str, float]:
     return top
 
 
+class PromptLogprob(_Response):
+    """vLLM's Logprob: a prompt token's, or one of the most likely there."""
+    logprob: float
+    rank: int | None  # 1 + how many tokens are likelier
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]  # a prompt position's tokens by id; None: the first
+
+
+def prompt_logprobs_of(entries: list[Any], count: int, text: TokenText) -> PromptLogprobs:
+    """vLLM's `prompt_logprobs` from the engine's `TokenLogprob`s (None for the first token): each
+    position's token and the `count` most likely there, keyed by token id."""
+    out: PromptLogprobs = []
+    for e in entries:
+        if e is None:
+            out.append(None)
+            continue
+        position = {str(e.token): PromptLogprob(logprob=_logprob(e.logprob), rank=e.rank, decoded_token=text(e.token))}
+        for rank, (token, lp) in enumerate(e.top[:count], start=1):
+            position.setdefault(str(token), PromptLogprob(logprob=_logprob(lp), rank=rank, decoded_token=text(token)))
+        out.append(position)
+    return out
+
+
 class CompletionChoice(_Response):
     index: int
     text: str
@@ -343,12 +375,16 @@ class CompletionChoice(_Response):
     finish_reason: str | None  # "stop" | "length" | "abort" (timed out or cancelled; as vLLM)
 
 
+class CompletionResponseChoice(CompletionChoice):
+    prompt_logprobs: PromptLogprobs | None = None  # extension (vLLM), where asked
+
+
 class CompletionResponse(_Response):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
-    choices: list[CompletionChoice]
+    choices: list[CompletionResponseChoice]
     usage: Usage
 
 
@@ -380,6 +416,7 @@ class ChatCompletionResponse(_Response):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None  # extension (vLLM), where asked: the first choice's
 
 
 class DeltaMessage(_Response):

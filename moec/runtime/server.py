@@ -47,6 +47,7 @@ which stops the engine thread, and the process exits 0.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import hmac
 import json
@@ -478,9 +479,11 @@ def _token_text(state: _State) -> proto.TokenText:
     return functools.lru_cache(maxsize=4096)(lambda token: tokenizer.decode([token], skip_special_tokens=False))
 
 
-def _prompt_entries(entries: list[Any] | None, prompt_ids: list[int]) -> list[Any]:
-    """The prompt's `TokenLogprob`s, one per prompt token (None where the engine gave none: the first)."""
-    entries = list(entries or [])
+def _prompt_entries(entries: list[Any] | None, prompt_ids: list[int], count: int) -> list[Any]:
+    """The prompt's `TokenLogprob`s, one per prompt token (None where the engine gave none: the
+    first), each with its `count` most likely (the engine keeps as many as the larger of echo's
+    logprobs and prompt_logprobs asks)."""
+    entries = [None if e is None else dataclasses.replace(e, top=e.top[:count]) for e in entries or []]
     return entries + [None] * (len(prompt_ids) - len(entries))
 
 
@@ -658,12 +661,21 @@ async def _complete(request: Request, run: _Run, req: Any, state: _State, chat: 
     usage = proto.Usage.of(prompt_tokens, completion_tokens)
     asked = req.logprob_count() is not None
     text_of = _token_text(state)
+
+    def vllm_prompt_logprobs(i: int) -> proto.PromptLogprobs | None:
+        if req.prompt_logprobs is None:
+            return None
+        ids = prepared.prompt_ids[i // n]
+        return proto.prompt_logprobs_of(_prompt_entries(prompt_logprobs[i], ids, req.prompt_logprobs),
+                                        req.prompt_logprobs, text_of)
+
     if chat:
         body = proto.ChatCompletionResponse(
             id=response_id, created=proto.now(), model=state.model_name, usage=usage,
             choices=[proto.ChatChoice(index=i, message=proto.AssistantMessage(content="".join(texts[i])),
                                       logprobs=proto.ChatLogprobs.of(logprobs[i], text_of) if asked else None,
                                       finish_reason=finals[i]) for i in range(k)],
+            prompt_logprobs=vllm_prompt_logprobs(0),
         )
     else:
         echo = [prepared.prompt_texts[i // n] if req.echo else "" for i in range(k)]
@@ -674,13 +686,14 @@ async def _complete(request: Request, run: _Run, req: Any, state: _State, chat: 
             if not req.echo:
                 return proto.CompletionLogprobs.of(logprobs[i], text_of, len(echo[i]))
             ids = prepared.prompt_ids[i // n]
-            return proto.CompletionLogprobs.echoed(ids, _prompt_entries(prompt_logprobs[i], ids), logprobs[i],
-                                                   text_of, len(echo[i]), _silent(state, echo[i]))
+            return proto.CompletionLogprobs.echoed(ids, _prompt_entries(prompt_logprobs[i], ids, req.logprobs),
+                                                   logprobs[i], text_of, len(echo[i]), _silent(state, echo[i]))
 
         body = proto.CompletionResponse(
             id=response_id, created=proto.now(), model=state.model_name, usage=usage,
-            choices=[proto.CompletionChoice(index=i, text=echo[i] + "".join(texts[i]), finish_reason=finals[i],
-                                            logprobs=choice_logprobs(i)) for i in range(k)],
+            choices=[proto.CompletionResponseChoice(index=i, text=echo[i] + "".join(texts[i]), finish_reason=finals[i],
+                                                    logprobs=choice_logprobs(i),
+                                                    prompt_logprobs=vllm_prompt_logprobs(i)) for i in range(k)],
         )
     return JSONResponse(body.model_dump())
 
@@ -731,7 +744,7 @@ async def _sse(run: _Run, req: Any, state: _State, chat: bool, response_id: str,
                 echo_sent[i] = True
                 text, ids = prepared.prompt_texts[i // n], prepared.prompt_ids[i // n]
                 yield chunk(i, text, None, echoed=proto.CompletionLogprobs.echoed(
-                    ids, _prompt_entries(ev.prompt_logprobs, ids), [], text_of, 0, _silent(state, text))
+                    ids, _prompt_entries(ev.prompt_logprobs, ids, req.logprobs), [], text_of, 0, _silent(state, text))
                     if ev.prompt_logprobs is not None else None)
             if req.scores_only():  # the token sampled after the prompt is not the client's
                 if ev.finish_reason is not None:
