@@ -57,7 +57,9 @@ in a CUDA graph and its replays timed (median of CUDA events, L2 flushed before 
              rows spread evenly; each Triton output checked against fp32
   tma        prototype gate/up and down GEMMs on TMA descriptors (tma_grouped_gemm.py), without
              and with Triton's warp specialisation, against moec's, CUTLASS and cuBLAS bmm at the ridge and
-             above (Mixtral at 1024 and 4096 tokens, Qwen3 at 4096 and 16384), each checked against fp32
+             above (Mixtral at 1024 and 4096 tokens, Qwen3 at 4096 and 16384), each checked against fp32,
+             each config first alone in a child process; then the layer's routed experts whole on the
+             fastest correct pair against moec's fused_moe and grouped_mm path, over the roofline
   middle     the same at 64 and 256 rows per expert (Mixtral at 256 tokens, Qwen3 at 1024 and
              4096): 64- and 128-row tiles one program per tile and persistent, each persistent
              4-warp tile also at one program an SM ("1/SM") against resident_programs' grid, each
@@ -799,30 +801,30 @@ def tma_prototype(index: int) -> tuple[str, dict]:
     return both[index]
 
 
-def probe_one_tma(index: int, shapes: dict = DIRECT_SHAPES, token_counts: dict = TMA_TOKENS) -> int:
+def probe_one_tma(index: int, shapes: dict = DIRECT_SHAPES, token_counts: dict = TMA_TOKENS,
+                  dev: torch.device = torch.device("cuda")) -> int:
     """Run prototype `index` once a shape (at its fewest tokens), synchronised, against fp32;
     print its largest error. A child process's body: a fault (Triton 3.6's warp-specialised code
     can raise an illegal instruction) ends only the child."""
-    from tma_grouped_gemm import gather_blocks, slot_weights, tma_down, tma_gate_up
+    from tma_grouped_gemm import assignment_rows, gather_routed_rows, route, tma_down, tma_gate_up
 
     op, cfg = tma_prototype(index)
-    dev = torch.device("cuda")
     gen = torch.Generator().manual_seed(11)
     few = {shape: counts[:1] for shape, counts in token_counts.items()}
     worst = 0.0
-    for _, (_, inter, experts, top_k), _, w13, w2, x, weights, ids in routed_cases(dev, shapes, few, 11):
-        a, block_expert, slot = gather_blocks(x, ids, experts, cfg["BLOCK_M"])
+    for _, (_, inter, experts, top_k), tokens, w13, w2, x, weights, ids in routed_cases(dev, shapes, few, 11):
+        routing = route(ids, experts, cfg["BLOCK_M"])
         inter_rows = torch.randn(ids.numel(), inter, generator=gen).to(dev, DTYPE)
         want = expert_references(x, weights, ids, w13, w2, inter_rows)
+        where = assignment_rows(routing, ids.numel())
         if op == "gate_up":
-            got, ref = tma_gate_up(a, w13, block_expert, cfg)[slot], want["gate_up"]
+            a = gather_routed_rows(x, routing, top_k, cfg["BLOCK_M"])
+            got, ref = tma_gate_up(a, w13, routing, ids.numel(), cfg)[where], want["gate_up"]
         else:
-            h_blocks = torch.zeros(a.shape[0], inter, device=dev, dtype=DTYPE)
-            h_blocks[slot] = inter_rows
-            got = tma_down(h_blocks, w2, block_expert, slot_weights(weights, slot, a.shape[0]), cfg)[slot]
-            ref = want["rows"]
-        torch.cuda.synchronize()
-        worst = max(worst, ((got.float() - ref).abs().max() / ref.abs().max()).item())
+            h = torch.zeros(routing[1].shape[0] * cfg["BLOCK_M"], inter, device=dev, dtype=DTYPE)
+            h[where] = inter_rows
+            got, ref = tma_down(h, w2, routing, weights, cfg), want["rows"]
+        worst = max(worst, ((got.float() - ref).abs().max() / ref.abs().max()).item())  # .item() synchronises
     print(f"probe {index}: rel_error {worst:.2e}", flush=True)
     return 0 if worst <= 2e-2 else 1
 
@@ -857,17 +859,19 @@ def probe_tma(shapes: dict, token_counts: dict, parallel: int = 4) -> dict[int, 
 
 def run_tma(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts: dict = TMA_TOKENS,
             rounds: int = 20) -> list[dict]:
-    """The prototype TMA grouped GEMMs (`tma_grouped_gemm.py`) under TMA_CONFIGS (gate/up) and
-    TMA_DOWN_CONFIGS (down, its weighted rows stored in their slots) against moec's gate/up
+    """The prototype TMA MoE (`tma_grouped_gemm.py`): its GEMMs under TMA_CONFIGS (gate/up) and
+    TMA_DOWN_CONFIGS (down, weighted rows stored in assignment order) against moec's gate/up
     (GEMM_CONFIGS' persistent tiles) and down (GEMM_DOWN's default, atomic adds into token order),
     CUTLASS's grouped GEMM on the same routed rows and cuBLAS bmm on them spread evenly, in TFLOP/s
-    of the routed work, each Triton output checked against fp32. The prototypes' rows, gathered
-    into blocks, are made before the timing; the gather's own time is reported beside them. A
-    config that fails to compile or run is an entry with its error."""
+    of the routed work, each Triton output checked against fp32; the prototypes' A, gathered
+    into blocks, made before the timing, the gather's own time beside them. Then the layer's
+    routed experts whole (align, gather, the fastest correct gate/up and down, the combine)
+    against moec's fused_moe at its default config and its grouped_mm path, over the roofline.
+    A config that fails to compile or run, alone in a child first, is an entry with its error."""
     from moec.ops.triton.align import moe_align_block_size
     from moec.ops.triton.configs import config_name
     from moec.ops.triton.grouped_gemm import down_grouped, gate_up_grouped
-    from tma_grouped_gemm import gather_blocks, slot_weights, tma_down, tma_gate_up
+    from tma_grouped_gemm import assignment_rows, gather_routed_rows, route, tma_down, tma_gate_up
 
     def tma_name(op: str, cfg: dict) -> str:
         launch = "persistent" if cfg.get("PERSISTENT") else "a tile a program"
@@ -880,12 +884,12 @@ def run_tma(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts: 
     for shape, (hidden_size, inter, experts, top_k), tokens, w13, w2, x, weights, ids in routed_cases(
             dev, shapes, token_counts, 7):
         assign = tokens * top_k
-        a, block_expert, slot = gather_blocks(x, ids, experts, _TMA["BLOCK_M"])
-        scale = slot_weights(weights, slot, a.shape[0])
+        routing = route(ids, experts, _TMA["BLOCK_M"])
+        a = gather_routed_rows(x, routing, top_k, _TMA["BLOCK_M"])
+        where = assignment_rows(routing, assign)
         inter_rows = torch.randn(assign, inter, generator=gen).to(dev, DTYPE)  # the down's input, by assignment
         h_blocks = torch.zeros(a.shape[0], inter, device=dev, dtype=DTYPE)
-        h_blocks[slot] = inter_rows
-        token_of = torch.arange(assign, device=dev) // top_k
+        h_blocks[where] = inter_rows
         order = ids.flatten().argsort(stable=True)
         x_sorted, h_sorted = x[order // top_k], inter_rows[order]
         offs = torch.bincount(ids.flatten(), minlength=experts).cumsum(0).to(torch.int32)
@@ -895,19 +899,21 @@ def run_tma(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts: 
         flops = {"gate_up": 2.0 * assign * hidden_size * 2 * inter, "down": 2.0 * assign * inter * hidden_size}
         calls, outs, failed = {}, {}, {}  # outs: key -> (what it computes, how its rows are kept, tensor)
         for cfg in [c for c in GEMM_CONFIGS if c.get("PERSISTENT")]:
-            routing = moe_align_block_size(ids, experts, cfg["BLOCK_M"])
-            graph, out = capture_graph(lambda c=cfg, r=routing: gate_up_grouped(x, w13, *r, top_k, c), dev)
+            moec_routing = moe_align_block_size(ids, experts, cfg["BLOCK_M"])
+            graph, out = capture_graph(lambda c=cfg, r=moec_routing: gate_up_grouped(x, w13, *r, top_k, c), dev)
             key = f"gate_up moec {config_name(cfg)}"
             calls[key], outs[key] = graph.replay, ("gate_up", "assignment", out)
         down_cfg = {**GEMM_CONFIGS[0], "PERSISTENT": False, **GEMM_DOWN[0]}
-        routing = moe_align_block_size(ids, experts, down_cfg["BLOCK_M"])
-        graph, out = capture_graph(lambda: down_grouped(inter_rows, w2, weights, *routing, down_cfg), dev)
+        moec_routing = moe_align_block_size(ids, experts, down_cfg["BLOCK_M"])
+        graph, out = capture_graph(lambda: down_grouped(inter_rows, w2, weights, *moec_routing, down_cfg), dev)
         key = f"down moec {config_name(down_cfg)}"
         calls[key], outs[key] = graph.replay, ("down", "token", out)
-        prototypes = [("gate_up", c, lambda c: tma_gate_up(a, w13, block_expert, c)) for c in TMA_CONFIGS]
-        prototypes += [("down", c, lambda c: tma_down(h_blocks, w2, block_expert, scale, c)) for c in TMA_DOWN_CONFIGS]
+        prototypes = [("gate_up", c, lambda c: tma_gate_up(a, w13, routing, assign, c)) for c in TMA_CONFIGS]
+        prototypes += [("down", c, lambda c: tma_down(h_blocks, w2, routing, weights, c)) for c in TMA_DOWN_CONFIGS]
+        configs = {}
         for i, (op, cfg, fn) in enumerate(prototypes):
             key = tma_name(op, cfg)
+            configs[key] = cfg
             if i in crashed:
                 failed[key] = crashed[i]
                 continue
@@ -917,11 +923,10 @@ def run_tma(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts: 
             except Exception as e:  # noqa: BLE001 - a config Triton cannot build: its error is the result
                 failed[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
                 continue
-            calls[key], outs[key] = graph.replay, (op, "slot", out)
-        gather = torch.empty_like(a)
+            calls[key], outs[key] = graph.replay, (op, "row" if op == "gate_up" else "assignment", out)
         peers = {
             "gather into blocks (the prototypes' A, not in their time)": (
-                lambda: gather.index_copy_(0, slot, x[token_of]), None),
+                lambda: gather_routed_rows(x, routing, top_k, _TMA["BLOCK_M"]), None),
             "gate_up grouped_mm (CUTLASS)": (
                 lambda: torch._grouped_mm(x_sorted, w13.transpose(1, 2), offs=offs), "gate_up"),
             "gate_up bmm (even rows)": (lambda: torch.bmm(x_even, w13.transpose(1, 2)), "gate_up"),
@@ -935,7 +940,7 @@ def run_tma(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts: 
         times = time_interleaved(calls, dev, flush=flush, rounds=rounds)
         want = expert_references(x, weights, ids, w13, w2, inter_rows)
         row = {"shape": shape, "tokens": tokens, "assignments": assign, "rows_per_expert": even,
-               "padded_rows": {_TMA["BLOCK_M"]: a.shape[0]}, "kernels": {}}
+               "padded_rows": {_TMA["BLOCK_M"]: int(routing[2])}, "kernels": {}}
         for key, t in times.items():
             op = outs[key][0] if key in outs else peers[key][1]
             entry = {"us": t["median_ms"] * 1e3}
@@ -945,16 +950,58 @@ def run_tma(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts: 
                 entry["tflop_s"] = flops[op] / (t["median_ms"] * 1e-3) / 1e12
             if key in outs:
                 op, kept, o = outs[key]
-                got = o[slot] if kept == "slot" else o
+                got = o[where] if kept == "row" else o
                 ref = want["down"] if kept == "token" else want["gate_up" if op == "gate_up" else "rows"]
                 entry["rel_error"] = ((got.float() - ref).abs().max() / ref.abs().max()).item()
                 entry["ok"] = entry["rel_error"] <= 2e-2
             row["kernels"][key] = entry
         for key, err in failed.items():
             row["kernels"][key] = {"error": err, "ok": False}
+        layer_rows = torch.empty(assign, hidden_size, device=dev)  # fp32: the gate/up's rows through the down
+        for e in ids.unique().tolist():
+            sel = (ids.flatten() == e).nonzero().squeeze(1)
+            layer_rows[sel] = (want["gate_up"][sel] @ w2[e].float().t()) * weights.flatten()[sel, None]
+        row["layer"] = tma_layer(dev, flush, rounds, x, w13, w2, weights, ids, layer_rows.view(tokens, top_k, -1).sum(1),
+                                 ceil, row["kernels"], configs)
         rows.append(row)
         print(f"  tma {shape} T={tokens} done", flush=True)
     return rows
+
+
+def tma_layer(dev, flush, rounds, x, w13, w2, weights, ids, want, ceil, kernels, configs) -> dict:
+    """The routed experts whole, each path captured in a CUDA graph from the routing on: the TMA
+    prototype with the fastest correct gate/up and down just timed, moec's fused_moe at its
+    default config, and its grouped_mm path; us, x the roofline (routed FLOPs over the matmul
+    rate, or the experts' bytes over copy bandwidth), error against fp32."""
+    from moec.ops.fused_moe import fused_moe_grouped_mm
+    from moec.ops.triton.fused_moe import fused_moe
+    from tma_grouped_gemm import tma_moe_experts
+
+    def best(op):
+        ok = {k: e["us"] for k, e in kernels.items() if k.startswith(f"{op} TMA") and e.get("ok")}
+        return configs[min(ok, key=ok.get)] if ok else None
+
+    gate_up_cfg, down_cfg = best("gate_up"), best("down")
+    paths = {"moec fused_moe (default config)": lambda: fused_moe(x, w13, w2, weights, ids),
+             "moec grouped_mm path": lambda: fused_moe_grouped_mm(x, w13, w2, weights, ids, "silu")}
+    if gate_up_cfg and down_cfg:
+        paths["TMA prototype (fastest gate_up + down)"] = lambda: tma_moe_experts(x, w13, w2, weights, ids,
+                                                                                  gate_up_cfg, down_cfg)
+    calls, outs = {}, {}
+    for key, fn in paths.items():
+        graph, outs[key] = capture_graph(fn, dev)
+        calls[key] = graph.replay
+    times = time_interleaved(calls, dev, flush=flush, rounds=rounds)
+    assign, hidden_size, inter = ids.numel(), x.shape[1], w2.shape[2]
+    hit = ids.unique().numel()
+    bound_s = max(6.0 * assign * hidden_size * inter / (ceil["matmul_tflop_s"] * 1e12),
+                  3 * hit * hidden_size * inter * w13.element_size() / (ceil["copy_gb_s"] * 1e9))
+    layer = {"bound_us": bound_s * 1e6, "gate_up": gate_up_cfg, "down": down_cfg, "paths": {}}
+    for key, t in times.items():
+        err = ((outs[key].float() - want).abs().max() / want.abs().max()).item()
+        layer["paths"][key] = {"us": t["median_ms"] * 1e3, "over_roofline": t["median_ms"] * 1e-3 / bound_s,
+                               "rel_error": err, "ok": err <= 2e-2}
+    return layer
 
 
 def plot(result: dict, path: Path) -> None:
@@ -1039,6 +1086,10 @@ def print_tables(result: dict) -> None:
                 print(f"    {n:42s} {c['us']:9.1f} us {c['tflop_s']:6.0f} TFLOP/s{'' if c.get('ok', True) else ' WRONG'}")
             else:
                 print(f"    {n:42s} {c['us']:9.1f} us {c['gb_s']:6.0f} GB/s")
+        if "layer" in r:
+            print(f"    layer, roofline {r['layer']['bound_us']:.1f} us: " + "  ".join(
+                f"{n} {c['us']:.1f} ({c['over_roofline']:.2f}x){'' if c['ok'] else ' WRONG'}"
+                for n, c in r["layer"]["paths"].items()))
     print("DIRECT GEMMs at few tokens alone (us; GB/s of the hit experts; over copy bandwidth)")
     for r in result.get("gemv", []):
         print(f"  {r['shape']} T={r['tokens']} ({r['experts_hit']} experts hit)")

@@ -341,42 +341,52 @@ TMA_CHECK = """
 import sys
 import torch, torch.nn.functional as F
 sys.path.insert(0, "benchmarks")
-from tma_grouped_gemm import gather_blocks, slot_weights, tma_down, tma_gate_up
+from tma_grouped_gemm import assignment_rows, gather_routed_rows, route, tma_down, tma_gate_up, tma_moe_experts
 g = torch.Generator().manual_seed(0)
 T, H, I, E, K, BM, BN = 7, 32, 48, 3, 2, 16, 16
 x, w13, w2 = torch.randn(T, H, generator=g), torch.randn(E, 2 * I, H, generator=g), torch.randn(E, H, I, generator=g)
 ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
 ids[:, 0] = 0  # expert 0 gets 7 rows (a block and padding), another gets few
 weights = torch.rand(T, K, generator=g)
-a, block_expert, slot = gather_blocks(x, ids, E, BM)
-scale = slot_weights(weights, slot, a.shape[0])
+routing = route(ids, E, BM)
+a = gather_routed_rows(x, routing, K, BM)
+where = assignment_rows(routing, T * K)
+live = int(routing[2])
+padding = torch.ones(live, dtype=torch.bool)
+padding[where] = False
 flat, flat_w = ids.flatten(), weights.flatten()
 want = torch.stack([F.silu(x[i // K] @ w13[flat[i], :I].T) * (x[i // K] @ w13[flat[i], I:].T) for i in range(T * K)])
 want_down = torch.stack([flat_w[i] * (want[i] @ w2[flat[i]].T) for i in range(T * K)])
-padding = torch.ones(a.shape[0], dtype=torch.bool)
-padding[slot] = False
+print("gather", (a[where] - x[torch.arange(T * K) // K]).abs().max().item(), a[:live][padding].abs().max().item())
 for persistent in (False, True):
     for ws in (False, True):
         cfg = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2, PERSISTENT=persistent, WS=ws)
-        h = tma_gate_up(a, w13, block_expert, cfg, num_programs=3)
-        out = tma_down(h, w2, block_expert, scale, cfg, num_programs=3)
-        print(persistent, ws, (h[slot] - want).abs().max().item(), h[padding].abs().max().item(),
-              ((out[slot] - want_down).abs().max() / want_down.abs().max()).item(), out[padding].abs().max().item())
+        h = tma_gate_up(a, w13, routing, T * K, cfg, num_programs=3)
+        out = tma_down(h, w2, routing, weights, cfg, num_programs=3)
+        print(persistent, ws, (h[where] - want).abs().max().item(), h[:live][padding].abs().max().item(),
+              ((out - want_down).abs().max() / want_down.abs().max()).item())
+cfg = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2)
+layer = tma_moe_experts(x, w13, w2, weights, ids, cfg, {**cfg, "PERSISTENT": True})
+want_layer = want_down.view(T, K, H).sum(1)
+print("layer", ((layer - want_layer).abs().max() / want_layer.abs().max()).item())
 """
 
 
 def test_tma_grouped_gemm_prototypes_under_interpreter(tmp_path):
-    """benchmarks/tma_grouped_gemm.py (the TMA GEMMs `step_kernels.py --parts tma` times on the
-    GPU) against the per-assignment reference under TRITON_INTERPRET, one tile a program and
-    persistent (3 programs over 8 tiles), with and without warp specialisation: the gate/up's
-    rows, then the down's weighted rows from them, every routed row right, every padding row zero."""
+    """benchmarks/tma_grouped_gemm.py (the TMA MoE `step_kernels.py --parts tma` times on the
+    GPU) against the per-assignment reference under TRITON_INTERPRET, on moec's align: the gather
+    into blocks (padding rows zero); the GEMMs one tile a program and persistent (3 programs over
+    the live tiles), with and without warp specialisation: the gate/up's rows, then the down's
+    weighted rows from them in assignment order; and the whole layer, each token's rows summed."""
     from conftest import ROOT
 
     proc = subprocess.run([sys.executable, "-c", TMA_CHECK], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [line.split() for line in proc.stdout.splitlines()]
-    assert [(p, w) for p, w, *_ in lines] == [("False", "False"), ("False", "True"), ("True", "False"), ("True", "True")]
-    for *_, err, pad, down_err, down_pad in lines:
-        assert float(err) < 1e-4 and float(pad) == 0.0
-        assert float(down_err) < 1e-5 and float(down_pad) == 0.0
+    assert lines[0][0] == "gather" and float(lines[0][1]) == 0.0 and float(lines[0][2]) == 0.0
+    assert [(p, w) for p, w, *_ in lines[1:5]] == [("False", "False"), ("False", "True"), ("True", "False"),
+                                                   ("True", "True")]
+    for *_, err, pad, down_err in lines[1:5]:
+        assert float(err) < 1e-4 and float(pad) == 0.0 and float(down_err) < 1e-5
+    assert lines[5][0] == "layer" and float(lines[5][1]) < 1e-5
