@@ -353,16 +353,16 @@ class PromptLogprob(_Response):
 PromptLogprobs = list[dict[str, PromptLogprob] | None]  # a prompt position's tokens by id; None: the first
 
 
-def prompt_logprobs_of(entries: list[Any], count: int, text: TokenText) -> PromptLogprobs:
+def prompt_logprobs_of(entries: list[Any], text: TokenText) -> PromptLogprobs:
     """vLLM's `prompt_logprobs` from the engine's `TokenLogprob`s (None for the first token): each
-    position's token and the `count` most likely there, keyed by token id."""
+    position's token and the most likely there, keyed by token id."""
     out: PromptLogprobs = []
     for e in entries:
         if e is None:
             out.append(None)
             continue
         position = {str(e.token): PromptLogprob(logprob=_logprob(e.logprob), rank=e.rank, decoded_token=text(e.token))}
-        for rank, (token, lp) in enumerate(e.top[:count], start=1):
+        for rank, (token, lp) in enumerate(e.top, start=1):
             position.setdefault(str(token), PromptLogprob(logprob=_logprob(lp), rank=rank, decoded_token=text(token)))
         out.append(position)
     return out

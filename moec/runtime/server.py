@@ -666,8 +666,7 @@ async def _complete(request: Request, run: _Run, req: Any, state: _State, chat: 
         if req.prompt_logprobs is None:
             return None
         ids = prepared.prompt_ids[i // n]
-        return proto.prompt_logprobs_of(_prompt_entries(prompt_logprobs[i], ids, req.prompt_logprobs),
-                                        req.prompt_logprobs, text_of)
+        return proto.prompt_logprobs_of(_prompt_entries(prompt_logprobs[i], ids, req.prompt_logprobs), text_of)
 
     if chat:
         body = proto.ChatCompletionResponse(
