@@ -803,28 +803,33 @@ def tma_prototype(index: int) -> tuple[str, dict]:
 
 def probe_one_tma(index: int, shapes: dict = DIRECT_SHAPES, token_counts: dict = TMA_TOKENS,
                   dev: torch.device = torch.device("cuda")) -> int:
-    """Run prototype `index` once a shape (at its fewest tokens), synchronised, against fp32;
-    print its largest error. A child process's body: a fault (Triton 3.6's warp-specialised code
-    can raise an illegal instruction) ends only the child."""
+    """Run prototype `index` once at every shape and token count run_tma times, synchronised,
+    against fp32 (inputs drawn on the device: quick); print its largest error. A child process's
+    body: a fault (Triton 3.6's warp-specialised code can raise an illegal instruction) ends only
+    the child."""
     from tma_grouped_gemm import assignment_rows, gather_routed_rows, route, tma_down, tma_gate_up
 
     op, cfg = tma_prototype(index)
-    gen = torch.Generator().manual_seed(11)
-    few = {shape: counts[:1] for shape, counts in token_counts.items()}
     worst = 0.0
-    for _, (_, inter, experts, top_k), tokens, w13, w2, x, weights, ids in routed_cases(dev, shapes, few, 11):
-        routing = route(ids, experts, cfg["BLOCK_M"])
-        inter_rows = torch.randn(ids.numel(), inter, generator=gen).to(dev, DTYPE)
-        want = expert_references(x, weights, ids, w13, w2, inter_rows)
-        where = assignment_rows(routing, ids.numel())
-        if op == "gate_up":
-            a = gather_routed_rows(x, routing, top_k, cfg["BLOCK_M"])
-            got, ref = tma_gate_up(a, w13, routing, ids.numel(), cfg)[where], want["gate_up"]
-        else:
-            h = torch.zeros(routing[1].shape[0] * cfg["BLOCK_M"], inter, device=dev, dtype=DTYPE)
-            h[where] = inter_rows
-            got, ref = tma_down(h, w2, routing, weights, cfg), want["rows"]
-        worst = max(worst, ((got.float() - ref).abs().max() / ref.abs().max()).item())  # .item() synchronises
+    for shape, (hidden_size, inter, experts, top_k) in shapes.items():
+        w13 = torch.randn(experts, 2 * inter, hidden_size, device=dev).mul_(hidden_size ** -0.5).to(DTYPE)
+        w2 = torch.randn(experts, hidden_size, inter, device=dev).mul_(inter ** -0.5).to(DTYPE)
+        for tokens in token_counts.get(shape, ()):
+            x = torch.randn(tokens, hidden_size, device=dev).to(DTYPE)
+            probs, ids = torch.randn(tokens, experts, device=dev).softmax(-1).topk(top_k, dim=-1)
+            weights = probs / probs.sum(-1, keepdim=True)
+            routing = route(ids, experts, cfg["BLOCK_M"])
+            inter_rows = torch.randn(ids.numel(), inter, device=dev).to(DTYPE)
+            want = expert_references(x, weights, ids, w13, w2, inter_rows)
+            where = assignment_rows(routing, ids.numel())
+            if op == "gate_up":
+                a = gather_routed_rows(x, routing, top_k, cfg["BLOCK_M"])
+                got, ref = tma_gate_up(a, w13, routing, ids.numel(), cfg)[where], want["gate_up"]
+            else:
+                h = torch.zeros(routing[1].shape[0] * cfg["BLOCK_M"], inter, device=dev, dtype=DTYPE)
+                h[where] = inter_rows
+                got, ref = tma_down(h, w2, routing, weights, cfg), want["rows"]
+            worst = max(worst, ((got.float() - ref).abs().max() / ref.abs().max()).item())  # .item() synchronises
     print(f"probe {index}: rel_error {worst:.2e}", flush=True)
     return 0 if worst <= 2e-2 else 1
 
