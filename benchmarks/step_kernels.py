@@ -549,23 +549,26 @@ def run_align(dev, ceil: dict, flush) -> list[dict]:
 
 
 def expert_weights(hidden_size: int, inter: int, experts: int, gen: torch.Generator, dev) -> tuple:
-    """Random w13 [E, 2I, H] and w2 [E, H, I], scaled so activations stay O(1)."""
-    w13 = (torch.randn(experts, 2 * inter, hidden_size, generator=gen) * hidden_size ** -0.5).to(dev, DTYPE)
-    w2 = (torch.randn(experts, hidden_size, inter, generator=gen) * inter ** -0.5).to(dev, DTYPE)
+    """Random w13 [E, 2I, H] and w2 [E, H, I], scaled so activations stay O(1), drawn where `gen` is."""
+    w13 = (torch.randn(experts, 2 * inter, hidden_size, generator=gen, device=gen.device)
+           * hidden_size ** -0.5).to(dev, DTYPE)
+    w2 = (torch.randn(experts, hidden_size, inter, generator=gen, device=gen.device) * inter ** -0.5).to(dev, DTYPE)
     return w13, w2
 
 
 def routed_tokens(tokens: int, hidden_size: int, experts: int, top_k: int, gen: torch.Generator, dev) -> tuple:
-    """Random hidden states and a random top-k routing of them: (x, topk_weights f32, topk_ids)."""
-    x = torch.randn(tokens, hidden_size, generator=gen).to(dev, DTYPE)
-    probs, ids = torch.randn(tokens, experts, generator=gen).softmax(-1).topk(top_k, dim=-1)
+    """Random hidden states and a random top-k routing of them: (x, topk_weights f32, topk_ids),
+    drawn where `gen` is."""
+    x = torch.randn(tokens, hidden_size, generator=gen, device=gen.device).to(dev, DTYPE)
+    probs, ids = torch.randn(tokens, experts, generator=gen, device=gen.device).softmax(-1).topk(top_k, dim=-1)
     return x, (probs / probs.sum(-1, keepdim=True)).to(dev), ids.to(dev)
 
 
-def routed_cases(dev, shapes: dict, token_counts: dict, seed: int):
+def routed_cases(dev, shapes: dict, token_counts: dict, seed: int, draw_on: str | torch.device = "cpu"):
     """(shape, (hidden, inter, experts, top_k), tokens, w13, w2, x, weights, ids) for each shape's
-    token counts: one set of expert weights a shape, a fresh routing a token count."""
-    gen = torch.Generator().manual_seed(seed)
+    token counts: one set of expert weights a shape, a fresh routing a token count, drawn on
+    `draw_on` (the CPU by default: the same numbers on any GPU)."""
+    gen = torch.Generator(device=draw_on).manual_seed(seed)
     for shape, dims in shapes.items():
         hidden_size, inter, experts, top_k = dims
         w13, w2 = expert_weights(hidden_size, inter, experts, gen, dev)
@@ -811,25 +814,20 @@ def probe_one_tma(index: int, shapes: dict = DIRECT_SHAPES, token_counts: dict =
 
     op, cfg = tma_prototype(index)
     worst = 0.0
-    for shape, (hidden_size, inter, experts, top_k) in shapes.items():
-        w13 = torch.randn(experts, 2 * inter, hidden_size, device=dev).mul_(hidden_size ** -0.5).to(DTYPE)
-        w2 = torch.randn(experts, hidden_size, inter, device=dev).mul_(inter ** -0.5).to(DTYPE)
-        for tokens in token_counts.get(shape, ()):
-            x = torch.randn(tokens, hidden_size, device=dev).to(DTYPE)
-            probs, ids = torch.randn(tokens, experts, device=dev).softmax(-1).topk(top_k, dim=-1)
-            weights = probs / probs.sum(-1, keepdim=True)
-            routing = route(ids, experts, cfg["BLOCK_M"])
-            inter_rows = torch.randn(ids.numel(), inter, device=dev).to(DTYPE)
-            want = expert_references(x, weights, ids, w13, w2, inter_rows)
-            where = assignment_rows(routing, ids.numel())
-            if op == "gate_up":
-                a = gather_routed_rows(x, routing, top_k, cfg["BLOCK_M"])
-                got, ref = tma_gate_up(a, w13, routing, ids.numel(), cfg)[where], want["gate_up"]
-            else:
-                h = torch.zeros(routing[1].shape[0] * cfg["BLOCK_M"], inter, device=dev, dtype=DTYPE)
-                h[where] = inter_rows
-                got, ref = tma_down(h, w2, routing, weights, cfg), want["rows"]
-            worst = max(worst, ((got.float() - ref).abs().max() / ref.abs().max()).item())  # .item() synchronises
+    for _, (_, inter, experts, top_k), _, w13, w2, x, weights, ids in routed_cases(dev, shapes, token_counts, 11,
+                                                                                   draw_on=dev):
+        routing = route(ids, experts, cfg["BLOCK_M"])
+        inter_rows = torch.randn(ids.numel(), inter, device=dev).to(DTYPE)
+        want = expert_references(x, weights, ids, w13, w2, inter_rows)
+        where = assignment_rows(routing, ids.numel())
+        if op == "gate_up":
+            a = gather_routed_rows(x, routing, top_k, cfg["BLOCK_M"])
+            got, ref = tma_gate_up(a, w13, routing, ids.numel(), cfg)[where], want["gate_up"]
+        else:
+            h = torch.zeros(routing[1].shape[0] * cfg["BLOCK_M"], inter, device=dev, dtype=DTYPE)
+            h[where] = inter_rows
+            got, ref = tma_down(h, w2, routing, weights, cfg), want["rows"]
+        worst = max(worst, ((got.float() - ref).abs().max() / ref.abs().max()).item())  # .item() synchronises
     print(f"probe {index}: rel_error {worst:.2e}", flush=True)
     return 0 if worst <= 2e-2 else 1
 
@@ -962,12 +960,10 @@ def run_tma(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts: 
             row["kernels"][key] = entry
         for key, err in failed.items():
             row["kernels"][key] = {"error": err, "ok": False}
-        layer_rows = torch.empty(assign, hidden_size, device=dev)  # fp32: the gate/up's rows through the down
-        for e in ids.unique().tolist():
-            sel = (ids.flatten() == e).nonzero().squeeze(1)
-            layer_rows[sel] = (want["gate_up"][sel] @ w2[e].float().t()) * weights.flatten()[sel, None]
-        row["layer"] = tma_layer(dev, flush, rounds, x, w13, w2, weights, ids, layer_rows.view(tokens, top_k, -1).sum(1),
-                                 ceil, row["kernels"], configs)
+        # the layer's fp32 reference: the down of the gate/up's own rows
+        want_layer = expert_references(x, weights, ids, w13, w2, want["gate_up"])["down"]
+        row["layer"] = tma_layer(dev, flush, rounds, x, w13, w2, weights, ids, want_layer, ceil, row["kernels"],
+                                 configs)
         rows.append(row)
         print(f"  tma {shape} T={tokens} done", flush=True)
     return rows
