@@ -60,6 +60,10 @@ in a CUDA graph and its replays timed (median of CUDA events, L2 flushed before 
              above (Mixtral at 1024 and 4096 tokens, Qwen3 at 4096 and 16384), each checked against fp32,
              each config first alone in a child process; then the layer's routed experts whole on the
              fastest correct pair against moec's fused_moe and grouped_mm path, over the roofline
+  tma_aoti   that layer as one triton_op in a module exported with T dynamic, compiled by
+             AOTInductor and loaded (without and with warp specialisation, each in a child
+             process): whether an artifact could ship the TMA kernels; its output at 1, 37 and
+             4096 tokens against the same kernels launched from Python
   middle     the same at 64 and 256 rows per expert (Mixtral at 256 tokens, Qwen3 at 1024 and
              4096): 64- and 128-row tiles one program per tile and persistent, each persistent
              4-warp tile also at one program an SM ("1/SM") against resident_programs' grid, each
@@ -73,6 +77,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -122,7 +127,7 @@ KV_WRITE_TOKENS = (1, 8, 32, 128, 4096)
 DENSE_SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "lm_head": (32000, 4096)}  # [N, K] weights
 DENSE_TOKENS = (1, 4, 16)
 PARTS = ("router", "router_wide", "align", "decode", "splits", "kv_write", "dense", "prefill", "direct", "gemm", "middle",
-         "gemv", "tma")
+         "gemv", "tma", "tma_aoti")
 DIRECT_SHAPES = {"mixtral": (4096, 14336, 8, 2), "qwen3": (2048, 768, 128, 8)}  # hidden, inter, experts, top-k
 DIRECT_TOKENS = (1, 2, 4, 8, 16, 32, 64)
 # the tuner's pick at one token on Qwen3's shape (moe_layer-h100-2026-12-06T0936), beside the
@@ -969,6 +974,64 @@ def run_tma(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts: 
     return rows
 
 
+# (TMA_CONFIGS index, TMA_DOWN_CONFIGS index) run_tma_aoti compiles: without warp specialisation,
+# then with it (one tile a program: Triton 3.6 specialises the K loop there)
+TMA_AOTI_PAIRS = ((0, 0), (2, 1))
+TMA_AOTI_SHAPE, TMA_AOTI_TOKENS = "qwen3", (1, 37, 4096)
+
+
+def aoti_one_tma(pair: int, workdir: Path, dev: torch.device = torch.device("cuda")) -> dict:
+    """Pair `pair` of TMA_AOTI_PAIRS as `tma_grouped_gemm.TmaExperts`, exported with the token
+    count dynamic and compiled by AOTInductor into a `.pt2`, then loaded and run at
+    TMA_AOTI_TOKENS against the same kernels launched from Python: whether moec could ship these
+    kernels (device-side tensor descriptors and their global scratch) in an artifact. A child
+    process's body (`--tma-aoti`), as the probe's."""
+    from tma_grouped_gemm import TmaExperts, export_experts, tma_moe_experts
+
+    gate_up_cfg, down_cfg = TMA_CONFIGS[TMA_AOTI_PAIRS[pair][0]], TMA_DOWN_CONFIGS[TMA_AOTI_PAIRS[pair][1]]
+    hidden_size, inter, experts, top_k = DIRECT_SHAPES[TMA_AOTI_SHAPE]
+    gen = torch.Generator(device=dev).manual_seed(13)
+    w13, w2 = expert_weights(hidden_size, inter, experts, gen, dev)
+    module = TmaExperts(w13, w2, gate_up_cfg, down_cfg)
+    result = {"shape": TMA_AOTI_SHAPE, "gate_up": gate_up_cfg, "down": down_cfg, "tokens": {}}
+    start = time.perf_counter()
+    ep = export_experts(module, *routed_tokens(16, hidden_size, experts, top_k, gen, dev))
+    result["export_s"] = time.perf_counter() - start
+    package = str(workdir / f"tma_aoti_{pair}.pt2")
+    start = time.perf_counter()
+    torch._inductor.aoti_compile_and_package(ep, package_path=package)
+    result["compile_s"] = time.perf_counter() - start
+    loaded = torch._inductor.aoti_load_package(package)
+    for tokens in TMA_AOTI_TOKENS:
+        x, weights, ids = routed_tokens(tokens, hidden_size, experts, top_k, gen, dev)
+        got, want = loaded(x, weights, ids), tma_moe_experts(x, w13, w2, weights, ids, gate_up_cfg, down_cfg)
+        err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+        result["tokens"][tokens] = {"rel_error_vs_python_launch": err, "ok": err <= 1e-3}
+    return result
+
+
+def run_tma_aoti(dev, ceil: dict, flush, workdir: Path | None = None) -> list[dict]:
+    """Each of TMA_AOTI_PAIRS through AOTInductor (`aoti_one_tma`) in a child process of its own,
+    one after the other (a fault or a failed compile is that pair's error entry)."""
+    import subprocess
+    import tempfile
+
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="tma_aoti_"))
+    rows = []
+    for pair in range(len(TMA_AOTI_PAIRS)):
+        report = workdir / f"tma_aoti_{pair}.json"
+        proc = subprocess.run([sys.executable, __file__, "--tma-aoti", str(pair), "--out", str(workdir)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if proc.returncode == 0 and report.exists():
+            rows.append(json.loads(report.read_text()))
+        else:
+            lines = [line for line in proc.stdout.splitlines() if line.strip() and "DEBUG" not in line]
+            last = [line for line in lines if "Error" in line][-1:] or lines[-1:] or [""]
+            rows.append({"pair": list(TMA_AOTI_PAIRS[pair]), "error": f"child exit {proc.returncode}: {last[0][:500]}"})
+        print(f"  tma_aoti pair {pair}: {'error' if 'error' in rows[-1] else 'compiled'}", flush=True)
+    return rows
+
+
 def tma_layer(dev, flush, rounds, x, w13, w2, weights, ids, want, ceil, kernels, configs) -> dict:
     """The routed experts whole, each path captured in a CUDA graph from the routing on: the TMA
     prototype with the fastest correct gate/up and down just timed, moec's fused_moe at its
@@ -1102,6 +1165,13 @@ def print_tables(result: dict) -> None:
         cells = "  ".join(f"{n} {c['us']:.1f}{'' if c['same_as_built_in'] else ' DIFFERS'}" if "us" in c
                           else f"{n} failed" for n, c in r["variants"].items())
         print(f"  {r['shape']:8s} T={r['tokens']:5d} M{r['block_m']}{' order' if r['order'] else ''}  {cells}")
+    for r in result.get("tma_aoti", []):
+        if "error" in r:
+            print(f"tma_aoti pair {r['pair']}: {r['error']}")
+        else:
+            cells = "  ".join(f"T={t} {'ok' if c['ok'] else 'WRONG'} {c['rel_error_vs_python_launch']:.1e}"
+                              for t, c in r["tokens"].items())
+            print(f"tma_aoti {'WS' if r['gate_up'].get('WS') else 'no WS'}: compiled in {r['compile_s']:.0f} s  {cells}")
     print("router (us)")
     for r in [*result.get("router", []), *result.get("router_wide", [])]:
         cells = "  ".join(f"{n} {c['us']:.1f}" if "us" in c else f"{n} failed" for n, c in r["variants"].items())
@@ -1117,9 +1187,13 @@ def main() -> int:
                                          "may not match)")
     parser.add_argument("--probe-tma", type=int, help=argparse.SUPPRESS)  # probe_tma's child
     parser.add_argument("--probe-shapes", default=",".join(DIRECT_SHAPES), help=argparse.SUPPRESS)
+    parser.add_argument("--tma-aoti", type=int, help=argparse.SUPPRESS)  # run_tma_aoti's child
     args = parser.parse_args()
     if args.probe_tma is not None:
         return probe_one_tma(args.probe_tma, {k: DIRECT_SHAPES[k] for k in args.probe_shapes.split(",")})
+    if args.tma_aoti is not None:
+        write_json(Path(args.out) / f"tma_aoti_{args.tma_aoti}.json", aoti_one_tma(args.tma_aoti, Path(args.out)))
+        return 0
     unknown = set(args.parts.split(",")) - set(PARTS)
     if unknown:
         parser.error(f"--parts: unknown {', '.join(sorted(unknown))}; choose from {','.join(PARTS)}")
@@ -1141,6 +1215,7 @@ def main() -> int:
              "gemm": lambda: run_gemm(dev, ceil, flush),
              "gemv": lambda: run_gemv(dev, ceil, flush),
              "tma": lambda: run_tma(dev, ceil, flush),
+             "tma_aoti": lambda: run_tma_aoti(dev, ceil, flush),  # its .pt2s (the weights in them) not under --out
              "middle": lambda: run_gemm(dev, ceil, flush, token_counts=MIDDLE_TOKENS, configs=MIDDLE_CONFIGS,
                                         down_settings=MIDDLE_DOWN, one_per_sm=True),
              "prefill": lambda: run_prefill(dev, ceil, flush, start + args.budget_s)}

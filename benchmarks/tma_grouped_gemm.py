@@ -31,9 +31,12 @@ fp32. Requires H and I to be multiples of 8 (16-byte TMA strides in bf16) and of
 
 from __future__ import annotations
 
+import json
+
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
 from moec.ops.triton.align import moe_align_block_size
 
@@ -125,7 +128,7 @@ def gather_routed_rows(x: torch.Tensor, routing: tuple, top_k: int, block_m: int
     padding rows zero, rows past num_post unwritten (no kernel reads them)."""
     sorted_ids, expert_ids, num_post = routing
     out = torch.empty(expert_ids.shape[0] * block_m, x.shape[1], device=x.device, dtype=x.dtype)
-    _gather_kernel[(sorted_ids.shape[0], triton.cdiv(x.shape[1], GATHER_COLS))](
+    wrap_triton(_gather_kernel)[(sorted_ids.shape[0], triton.cdiv(x.shape[1], GATHER_COLS))](
         x, sorted_ids, num_post, out, x.shape[1], x.shape[0] * top_k, top_k, x.stride(0), out.stride(0),
         BLOCK=GATHER_COLS, num_warps=4)
     return out
@@ -149,7 +152,7 @@ def _launch(a: torch.Tensor, w: torch.Tensor, routing: tuple, weights: torch.Ten
     # device-side descriptors are written to global scratch, which Triton asks the allocator for
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=a.device))
     gated = weights is None
-    _tma_grouped_kernel[grid](a, w, out, expert_ids, sorted_ids, num_post, num_post if gated else weights,
+    wrap_triton(_tma_grouped_kernel)[grid](a, w, out, expert_ids, sorted_ids, num_post, num_post if gated else weights,
                               rows // bm, num_assign, w.shape[0], n, k, out.stride(0), BLOCK_M=bm, BLOCK_N=bn,
                               BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"], GATED=gated,
                               PERSISTENT=bool(cfg.get("PERSISTENT")), WS=bool(cfg.get("WS")),
@@ -189,6 +192,38 @@ def tma_moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
     h = tma_gate_up(a, w13, routing, num_tokens * top_k, gate_up_cfg)
     rows = tma_down(h, w2, routing, topk_weights, down_cfg)
     return rows.view(num_tokens, top_k, -1).float().sum(1).to(x.dtype)
+
+
+@triton_op("moec_bench::tma_moe_experts", mutates_args=())
+def tma_moe_experts_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                       topk_ids: torch.Tensor, configs: str) -> torch.Tensor:
+    """`tma_moe_experts` as one op (`configs`: the JSON [gate_up_cfg, down_cfg]), the way moec's
+    `fused_moe` is one: export keeps it a node, AOTInductor traces its launches (`wrap_triton`)
+    and compiles the kernels into the `.pt2`, their descriptors' global scratch its own to give."""
+    gate_up_cfg, down_cfg = json.loads(configs)
+    return tma_moe_experts(x, w13, w2, topk_weights, topk_ids, gate_up_cfg, down_cfg)
+
+
+class TmaExperts(torch.nn.Module):
+    """The routed experts on the prototype's kernels, the weights held: what `step_kernels.py
+    --parts tma_aoti` exports with the token count dynamic and compiles with AOTInductor."""
+
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, gate_up_cfg: dict, down_cfg: dict):
+        super().__init__()
+        self.register_buffer("w13", w13)
+        self.register_buffer("w2", w2)
+        self.configs = json.dumps([gate_up_cfg, down_cfg])
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        return torch.ops.moec_bench.tma_moe_experts(x, self.w13, self.w2, topk_weights, topk_ids, self.configs)
+
+
+def export_experts(module: TmaExperts, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                   max_tokens: int = 16384) -> torch.export.ExportedProgram:
+    """`module` exported with the token count symbolic (1 to max_tokens)."""
+    tokens = torch.export.Dim("tokens", min=1, max=max_tokens)
+    return torch.export.export(module, (x, topk_weights, topk_ids),
+                               dynamic_shapes=({0: tokens}, {0: tokens}, {0: tokens}), strict=False)
 
 
 def assignment_rows(routing: tuple, num_assign: int) -> torch.Tensor:

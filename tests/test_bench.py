@@ -342,6 +342,7 @@ import sys
 import torch, torch.nn.functional as F
 sys.path.insert(0, "benchmarks")
 from tma_grouped_gemm import assignment_rows, gather_routed_rows, route, tma_down, tma_gate_up, tma_moe_experts
+from tma_grouped_gemm import TmaExperts
 g = torch.Generator().manual_seed(0)
 T, H, I, E, K, BM, BN = 7, 32, 48, 3, 2, 16, 16
 x, w13, w2 = torch.randn(T, H, generator=g), torch.randn(E, 2 * I, H, generator=g), torch.randn(E, H, I, generator=g)
@@ -369,6 +370,8 @@ cfg = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stage
 layer = tma_moe_experts(x, w13, w2, weights, ids, cfg, {**cfg, "PERSISTENT": True})
 want_layer = want_down.view(T, K, H).sum(1)
 print("layer", ((layer - want_layer).abs().max() / want_layer.abs().max()).item())
+op = TmaExperts(w13, w2, cfg, {**cfg, "PERSISTENT": True})(x, weights, ids)  # the op tma_aoti compiles
+print("op", (op - layer).abs().max().item())
 """
 
 
@@ -390,6 +393,20 @@ def test_tma_grouped_gemm_prototypes_under_interpreter(tmp_path):
     for *_, err, pad, down_err in lines[1:5]:
         assert float(err) < 1e-4 and float(pad) == 0.0 and float(down_err) < 1e-5
     assert lines[5][0] == "layer" and float(lines[5][1]) < 1e-5
+    assert lines[6][0] == "op" and float(lines[6][1]) == 0.0
+
+
+def test_step_kernels_tma_aoti_child_failure_is_its_entry(tmp_path):
+    """`--parts tma_aoti` compiles each pair in a child process: a child that fails (here: no
+    CUDA on this machine) is that pair's entry, its error named, and the part goes on."""
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import step_kernels as sk
+
+    rows = sk.run_tma_aoti(None, {}, None, workdir=tmp_path)
+    assert [r["pair"] for r in rows] == [list(p) for p in sk.TMA_AOTI_PAIRS]
+    assert all(r["error"].startswith("child exit 1:") and "Error" in r["error"] for r in rows)
 
 
 TMA_PART_DRY_RUN = """
