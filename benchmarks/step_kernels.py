@@ -837,7 +837,7 @@ def probe_one_tma(index: int, shapes: dict = DIRECT_SHAPES, token_counts: dict =
     return 0 if worst <= 2e-2 else 1
 
 
-def probe_tma(shapes: dict, token_counts: dict, parallel: int = 4) -> dict[int, str]:
+def probe_tma(shapes: dict, token_counts: dict, parallel: int = 4, only: set[int] | None = None) -> dict[int, str]:
     """Each prototype run once in a child process of its own (`--probe-tma`), `parallel` at a
     time: {index: why} for those whose child failed, so the timing skips them instead of dying."""
     import subprocess
@@ -854,7 +854,7 @@ def probe_tma(shapes: dict, token_counts: dict, parallel: int = 4) -> dict[int, 
             failed[index] = f"child exit {proc.returncode} on its own: {last[0][:300]}"
             print(f"  tma probe {index} ({tma_prototype(index)[0]}) failed: {failed[index]}", flush=True)
 
-    for index in range(count):
+    for index in (i for i in range(count) if only is None or i in only):
         if len(running) == parallel:
             reap(*running.pop(0))
         running.append((index, subprocess.Popen(
@@ -866,7 +866,7 @@ def probe_tma(shapes: dict, token_counts: dict, parallel: int = 4) -> dict[int, 
 
 
 def run_tma(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts: dict = TMA_TOKENS,
-            rounds: int = 20) -> list[dict]:
+            rounds: int = 20, only: set[int] | None = None) -> list[dict]:
     """The prototype TMA MoE (`tma_grouped_gemm.py`): its GEMMs under TMA_CONFIGS (gate/up) and
     TMA_DOWN_CONFIGS (down, weighted rows stored in assignment order) against moec's gate/up
     (GEMM_CONFIGS' persistent tiles) and down (GEMM_DOWN's default, atomic adds into token order),
@@ -875,7 +875,8 @@ def run_tma(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts: 
     into blocks, made before the timing, the gather's own time beside them. Then the layer's
     routed experts whole (align, gather, the fastest correct gate/up and down, the combine)
     against moec's fused_moe at its default config and its grouped_mm path, over the roofline.
-    A config that fails to compile or run, alone in a child first, is an entry with its error."""
+    A config that fails to compile or run, alone in a child first, is an entry with its error.
+    `only`: the prototypes' indexes (`tma_prototype`) to run, else all."""
     from moec.ops.triton.align import moe_align_block_size
     from moec.ops.triton.configs import config_name
     from moec.ops.triton.grouped_gemm import down_grouped, gate_up_grouped
@@ -886,7 +887,7 @@ def run_tma(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts: 
         return (f"{op} TMA{' WS' if cfg.get('WS') else ''} {launch} M{cfg['BLOCK_M']}N{cfg['BLOCK_N']}"
                 f"K{cfg['BLOCK_K']} w{cfg['num_warps']}s{cfg['num_stages']}")
 
-    crashed = probe_tma(shapes, token_counts)  # a fault would end this process: each config runs alone first
+    crashed = probe_tma(shapes, token_counts, only=only)  # a fault would end this process: each config runs alone first
     gen = torch.Generator().manual_seed(7)
     rows = []
     for shape, (hidden_size, inter, experts, top_k), tokens, w13, w2, x, weights, ids in routed_cases(
@@ -920,6 +921,8 @@ def run_tma(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts: 
         prototypes += [("down", c, lambda c: tma_down(h_blocks, w2, routing, weights, c)) for c in TMA_DOWN_CONFIGS]
         configs = {}
         for i, (op, cfg, fn) in enumerate(prototypes):
+            if only is not None and i not in only:
+                continue
             key = tma_name(op, cfg)
             configs[key] = cfg
             if i in crashed:
@@ -975,8 +978,9 @@ def run_tma(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts: 
 
 
 # (TMA_CONFIGS index, TMA_DOWN_CONFIGS index) run_tma_aoti compiles: without warp specialisation,
-# then with it (one tile a program: Triton 3.6 specialises the K loop there)
-TMA_AOTI_PAIRS = ((0, 0), (2, 1))
+# then the gate/up with it (one tile a program: Triton 3.6 specialises the K loop there); the down
+# without (every warp-specialised down gave wrong rows or an illegal address on the H100, 2026-12-07)
+TMA_AOTI_PAIRS = ((0, 0), (2, 0))
 TMA_AOTI_SHAPE, TMA_AOTI_TOKENS = "qwen3", (1, 37, 4096)
 
 
@@ -1028,7 +1032,7 @@ def run_tma_aoti(dev, ceil: dict, flush, workdir: Path | None = None) -> list[di
             lines = [line for line in proc.stdout.splitlines() if line.strip() and "DEBUG" not in line]
             last = [line for line in lines if "Error" in line][-1:] or lines[-1:] or [""]
             rows.append({"pair": list(TMA_AOTI_PAIRS[pair]), "error": f"child exit {proc.returncode}: {last[0][:500]}"})
-        print(f"  tma_aoti pair {pair}: {'error' if 'error' in rows[-1] else 'compiled'}", flush=True)
+        print(f"  tma_aoti pair {pair}: {rows[-1].get('error', 'compiled')}", flush=True)
     return rows
 
 
@@ -1188,6 +1192,8 @@ def main() -> int:
     parser.add_argument("--probe-tma", type=int, help=argparse.SUPPRESS)  # probe_tma's child
     parser.add_argument("--probe-shapes", default=",".join(DIRECT_SHAPES), help=argparse.SUPPRESS)
     parser.add_argument("--tma-aoti", type=int, help=argparse.SUPPRESS)  # run_tma_aoti's child
+    parser.add_argument("--tma-only", help="tma: the prototypes to run, comma-separated indexes into TMA_CONFIGS "
+                                           "then TMA_DOWN_CONFIGS (default all)")
     args = parser.parse_args()
     if args.probe_tma is not None:
         return probe_one_tma(args.probe_tma, {k: DIRECT_SHAPES[k] for k in args.probe_shapes.split(",")})
@@ -1201,6 +1207,7 @@ def main() -> int:
         print("step_kernels: needs a CUDA GPU (it times Triton kernels); run it through the device tool",
               file=sys.stderr)
         return 2
+    tma_only = {int(i) for i in args.tma_only.split(",")} if args.tma_only else None
     start = time.perf_counter()
     dev = torch.device("cuda")
     out = Path(args.out)
@@ -1214,7 +1221,7 @@ def main() -> int:
              "dense": lambda: run_dense(dev, ceil, flush), "direct": lambda: run_direct(dev, ceil, flush),
              "gemm": lambda: run_gemm(dev, ceil, flush),
              "gemv": lambda: run_gemv(dev, ceil, flush),
-             "tma": lambda: run_tma(dev, ceil, flush),
+             "tma": lambda: run_tma(dev, ceil, flush, only=tma_only),
              "tma_aoti": lambda: run_tma_aoti(dev, ceil, flush),  # its .pt2s (the weights in them) not under --out
              "middle": lambda: run_gemm(dev, ceil, flush, token_counts=MIDDLE_TOKENS, configs=MIDDLE_CONFIGS,
                                         down_settings=MIDDLE_DOWN, one_per_sm=True),

@@ -418,7 +418,7 @@ sk.DTYPE = torch.float32
 sk.capture_graph = lambda fn, dev, warmup=3: (types.SimpleNamespace(replay=fn), fn())
 sk.time_interleaved = lambda calls, dev, flush=None, rounds=30: {
     k: {"median_ms": (f(), 0.1 + 0.01 * i)[1]} for i, (k, f) in enumerate(calls.items())}
-sk.probe_tma = lambda shapes, counts: {3: "child exit -4 on its own: an illegal instruction"}
+sk.probe_tma = lambda shapes, counts, only=None: {3: "child exit -4 on its own: an illegal instruction"}
 sk.GEMM_CONFIGS = [dict(c, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16) for c in sk.GEMM_CONFIGS[:2]]
 small = {**sk._TMA, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
 sk._TMA.update(BLOCK_M=16)
