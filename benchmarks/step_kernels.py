@@ -553,6 +553,19 @@ def run_align(dev, ceil: dict, flush) -> list[dict]:
     return rows
 
 
+def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest absolute error over the reference's largest magnitude, in fp32."""
+    want = want.float()
+    return ((got.float() - want).abs().max() / want.abs().max()).item()
+
+
+def child_error(output: str) -> str:
+    """The line of a failed child process's output that says why: its last naming an Error, else
+    its last (Triton's DEBUG lines left out)."""
+    lines = [line for line in output.splitlines() if line.strip() and "DEBUG" not in line]
+    return ([line for line in lines if "Error" in line][-1:] or lines[-1:] or [""])[0]
+
+
 def expert_weights(hidden_size: int, inter: int, experts: int, gen: torch.Generator, dev) -> tuple:
     """Random w13 [E, 2I, H] and w2 [E, H, I], scaled so activations stay O(1), drawn where `gen` is."""
     w13 = (torch.randn(experts, 2 * inter, hidden_size, generator=gen, device=gen.device)
@@ -640,7 +653,7 @@ def run_direct(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_count
             graphs = {}
             for name, call in calls.items():
                 t, (out, graph) = time_graph(call, dev, flush=flush)
-                err = ((out.float() - want).abs().max() / want.abs().max()).item()
+                err = rel_error(out, want)
                 row["paths"][name] = {"us": t["median_ms"] * 1e3, "over_bound": t["median_ms"] * 1e3 / bound_us,
                                       "rel_error": err, "ok": err <= 2e-2}
                 graphs[name] = graph
@@ -683,12 +696,12 @@ def run_gemv(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts:
                     try:
                         if kind == "gate_up":
                             fn = lambda c=cfg: gate_up_grouped(x, w13, None, None, None, top_k, c, direct_ids=ids)  # noqa: E731
-                            err = ((fn().float() - want_up).abs().max() / want_up.abs().max()).item()
+                            err = rel_error(fn(), want_up)
                         else:
                             out = torch.zeros(tokens, hidden_size, device=dev, dtype=DTYPE)
                             fn = lambda c=cfg, o=out: down_grouped(h, w2, weights, None, None, None, c, out=o,  # noqa: E731
                                                                    direct_ids=ids)
-                            err = ((fn().float() - want_down).abs().max() / want_down.abs().max()).item()
+                            err = rel_error(fn(), want_down)
                         graph, _ = capture_graph(fn, dev)
                     except Exception as exc:  # a tile that does not compile: recorded, not fatal
                         meta[name] = {"error": f"{type(exc).__name__}: {exc}"[:300], "ok": False}
@@ -792,7 +805,7 @@ def run_gemm(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts:
             if not k.startswith(("gate_up M", "down M")):
                 continue
             ref = want["rows" if k.endswith("rows-stored") else k.split()[0]]
-            errors[k] = ((o.float() - ref).abs().max() / ref.abs().max()).item()
+            errors[k] = rel_error(o, ref)
         row = {"shape": shape, "tokens": tokens, "assignments": assign, "rows_per_expert": even,
                "padded_rows": {bm: int(a[2].item()) for bm, a in aligned.items()}, "kernels": {}}
         for key, t in times.items():
@@ -832,7 +845,7 @@ def probe_one_tma(index: int, shapes: dict = DIRECT_SHAPES, token_counts: dict =
             h = torch.zeros(routing[1].shape[0] * cfg["BLOCK_M"], inter, device=dev, dtype=DTYPE)
             h[where] = inter_rows
             got, ref = tma_down(h, w2, routing, weights, cfg), want["rows"]
-        worst = max(worst, ((got.float() - ref).abs().max() / ref.abs().max()).item())  # .item() synchronises
+        worst = max(worst, rel_error(got, ref))  # .item() synchronises
     print(f"probe {index}: rel_error {worst:.2e}", flush=True)
     return 0 if worst <= 2e-2 else 1
 
@@ -849,9 +862,7 @@ def probe_tma(shapes: dict, token_counts: dict, parallel: int = 4, only: set[int
     def reap(index, proc):
         out, _ = proc.communicate()
         if proc.returncode:
-            lines = [line for line in out.splitlines() if line.strip() and "DEBUG" not in line]
-            last = [line for line in lines if "Error" in line][-1:] or lines[-1:] or [""]
-            failed[index] = f"child exit {proc.returncode} on its own: {last[0][:300]}"
+            failed[index] = f"child exit {proc.returncode} on its own: {child_error(out)[:300]}"
             print(f"  tma probe {index} ({tma_prototype(index)[0]}) failed: {failed[index]}", flush=True)
 
     for index in (i for i in range(count) if only is None or i in only):
@@ -963,7 +974,7 @@ def run_tma(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts: 
                 op, kept, o = outs[key]
                 got = o[where] if kept == "row" else o
                 ref = want["down"] if kept == "token" else want["gate_up" if op == "gate_up" else "rows"]
-                entry["rel_error"] = ((got.float() - ref).abs().max() / ref.abs().max()).item()
+                entry["rel_error"] = rel_error(got, ref)
                 entry["ok"] = entry["rel_error"] <= 2e-2
             row["kernels"][key] = entry
         for key, err in failed.items():
@@ -1009,7 +1020,7 @@ def aoti_one_tma(pair: int, workdir: Path, dev: torch.device = torch.device("cud
     for tokens in TMA_AOTI_TOKENS:
         x, weights, ids = routed_tokens(tokens, hidden_size, experts, top_k, gen, dev)
         got, want = loaded(x, weights, ids), tma_moe_experts(x, w13, w2, weights, ids, gate_up_cfg, down_cfg)
-        err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+        err = rel_error(got, want)
         result["tokens"][tokens] = {"rel_error_vs_python_launch": err, "ok": err <= 1e-3}
     return result
 
@@ -1029,9 +1040,8 @@ def run_tma_aoti(dev, ceil: dict, flush, workdir: Path | None = None) -> list[di
         if proc.returncode == 0 and report.exists():
             rows.append(json.loads(report.read_text()))
         else:
-            lines = [line for line in proc.stdout.splitlines() if line.strip() and "DEBUG" not in line]
-            last = [line for line in lines if "Error" in line][-1:] or lines[-1:] or [""]
-            rows.append({"pair": list(TMA_AOTI_PAIRS[pair]), "error": f"child exit {proc.returncode}: {last[0][:500]}"})
+            rows.append({"pair": list(TMA_AOTI_PAIRS[pair]),
+                         "error": f"child exit {proc.returncode}: {child_error(proc.stdout)[:500]}"})
         print(f"  tma_aoti pair {pair}: {rows[-1].get('error', 'compiled')}", flush=True)
     return rows
 
@@ -1066,7 +1076,7 @@ def tma_layer(dev, flush, rounds, x, w13, w2, weights, ids, want, ceil, kernels,
                   3 * hit * hidden_size * inter * w13.element_size() / (ceil["copy_gb_s"] * 1e9))
     layer = {"bound_us": bound_s * 1e6, "gate_up": gate_up_cfg, "down": down_cfg, "paths": {}}
     for key, t in times.items():
-        err = ((outs[key].float() - want).abs().max() / want.abs().max()).item()
+        err = rel_error(outs[key], want)
         layer["paths"][key] = {"us": t["median_ms"] * 1e3, "over_roofline": t["median_ms"] * 1e-3 / bound_s,
                                "rel_error": err, "ok": err <= 2e-2}
     return layer
