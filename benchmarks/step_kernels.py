@@ -1213,11 +1213,20 @@ def main() -> int:
     unknown = set(args.parts.split(",")) - set(PARTS)
     if unknown:
         parser.error(f"--parts: unknown {', '.join(sorted(unknown))}; choose from {','.join(PARTS)}")
+    tma_only = None
+    if args.tma_only:
+        count = len(TMA_CONFIGS) + len(TMA_DOWN_CONFIGS)
+        try:
+            tma_only = {int(i) for i in args.tma_only.split(",")}
+        except ValueError:
+            tma_only = {-1}
+        if not tma_only <= set(range(count)):
+            parser.error(f"--tma-only {args.tma_only}: want comma-separated indexes from 0 to {count - 1} "
+                         f"(TMA_CONFIGS, then TMA_DOWN_CONFIGS)")
     if not torch.cuda.is_available():
         print("step_kernels: needs a CUDA GPU (it times Triton kernels); run it through the device tool",
               file=sys.stderr)
         return 2
-    tma_only = {int(i) for i in args.tma_only.split(",")} if args.tma_only else None
     start = time.perf_counter()
     dev = torch.device("cuda")
     out = Path(args.out)

@@ -453,3 +453,17 @@ def test_step_kernels_tma_part_on_cpu():
     assert layer["gate_up"]["BLOCK_M"] == 16 and not layer["gate_up"].get("PERSISTENT")
     assert layer["down"]["WS"] and len(layer["paths"]) == 3
     assert all(p["ok"] and p["over_roofline"] > 0 for p in layer["paths"].values())
+
+
+@pytest.mark.parametrize("only", ["1,x", "13"])
+def test_step_kernels_rejects_tma_only_it_cannot_run(only):
+    """`--tma-only` names prototypes by index: anything else is a one-line usage error (exit 2),
+    on any machine, before anything runs."""
+    from conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "benchmarks/step_kernels.py", "--parts", "tma", "--tma-only", only],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"step_kernels.py: error: --tma-only {only}: want comma-separated indexes from 0 to 12 "
+        "(TMA_CONFIGS, then TMA_DOWN_CONFIGS)")
