@@ -824,30 +824,36 @@ def tma_prototype(index: int) -> tuple[str, dict]:
 
 def probe_one_tma(index: int, shapes: dict = DIRECT_SHAPES, token_counts: dict = TMA_TOKENS,
                   dev: torch.device = torch.device("cuda")) -> int:
-    """Run prototype `index` once at every shape and token count run_tma times, synchronised,
-    against fp32 (inputs drawn on the device: quick); print its largest error. A child process's
-    body: a fault (Triton 3.6's warp-specialised code can raise an illegal instruction) ends only
-    the child."""
+    """Run prototype `index` at every shape and token count run_tma times, synchronised, against
+    fp32 (inputs drawn on the device: quick), first eagerly, then replayed from a CUDA graph as
+    run_tma times it; print its largest errors. A child process's body: a fault (Triton 3.6's
+    warp-specialised code can raise an illegal instruction; the second H100 run's timing replays
+    an illegal memory access) ends only the child."""
     from tma_grouped_gemm import assignment_rows, gather_routed_rows, route, tma_down, tma_gate_up
 
     op, cfg = tma_prototype(index)
-    worst = 0.0
-    for _, (_, inter, experts, top_k), _, w13, w2, x, weights, ids in routed_cases(dev, shapes, token_counts, 11,
-                                                                                   draw_on=dev):
+    worst = worst_graph = 0.0
+    for shape, (_, inter, experts, top_k), tokens, w13, w2, x, weights, ids in routed_cases(
+            dev, shapes, token_counts, 11, draw_on=dev):
         routing = route(ids, experts, cfg["BLOCK_M"])
         inter_rows = torch.randn(ids.numel(), inter, device=dev).to(DTYPE)
         want = expert_references(x, weights, ids, w13, w2, inter_rows)
         where = assignment_rows(routing, ids.numel())
         if op == "gate_up":
             a = gather_routed_rows(x, routing, top_k, cfg["BLOCK_M"])
-            got, ref = tma_gate_up(a, w13, routing, ids.numel(), cfg)[where], want["gate_up"]
+            fn, ref = (lambda: tma_gate_up(a, w13, routing, ids.numel(), cfg)[where]), want["gate_up"]
         else:
             h = torch.zeros(routing[1].shape[0] * cfg["BLOCK_M"], inter, device=dev, dtype=DTYPE)
             h[where] = inter_rows
-            got, ref = tma_down(h, w2, routing, weights, cfg), want["rows"]
-        worst = max(worst, rel_error(got, ref))  # .item() synchronises
-    print(f"probe {index}: rel_error {worst:.2e}", flush=True)
-    return 0 if worst <= 2e-2 else 1
+            fn, ref = (lambda: tma_down(h, w2, routing, weights, cfg)), want["rows"]
+        worst = max(worst, rel_error(fn(), ref))  # .item() synchronises
+        print(f"probe {index}: {shape} T={tokens} eager ok, now from a CUDA graph", flush=True)
+        graph, got = capture_graph(fn, dev)  # as run_tma times it: a fault in its replays ends only this child
+        for _ in range(3):
+            graph.replay()
+        worst_graph = max(worst_graph, rel_error(got, ref))
+    print(f"probe {index}: rel_error {worst:.2e} eager, {worst_graph:.2e} replayed from a CUDA graph", flush=True)
+    return 0 if max(worst, worst_graph) <= 2e-2 else 1
 
 
 def probe_tma(shapes: dict, token_counts: dict, parallel: int = 4, only: set[int] | None = None) -> dict[int, str]:
@@ -862,7 +868,9 @@ def probe_tma(shapes: dict, token_counts: dict, parallel: int = 4, only: set[int
     def reap(index, proc):
         out, _ = proc.communicate()
         if proc.returncode:
-            failed[index] = f"child exit {proc.returncode} on its own: {child_error(out)[:300]}"
+            reached = [line for line in out.splitlines() if line.startswith(f"probe {index}:")][-1:]
+            failed[index] = (f"child exit {proc.returncode} on its own: {child_error(out)[:300]}"
+                             + (f" (its last step: {reached[0][:120]})" if reached else ""))
             print(f"  tma probe {index} ({tma_prototype(index)[0]}) failed: {failed[index]}", flush=True)
 
     for index in (i for i in range(count) if only is None or i in only):
