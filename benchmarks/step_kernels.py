@@ -219,6 +219,12 @@ TMA_DOWN_CONFIGS = [
     {**_TMA, "num_warps": 4, "num_stages": 4, "WS": True}, {**_TMA, "num_warps": 4, "num_stages": 4, "PERSISTENT": True, "WS": True},
     {**_TMA, "BLOCK_N": 256, "num_warps": 4, "num_stages": 3, "WS": True},
     {**_TMA, "BLOCK_N": 256, "num_warps": 4, "num_stages": 3, "PERSISTENT": True, "WS": True},
+    # the same four kinds storing their tile's rows unweighted (the combine weights and sums them):
+    # the epilogue the gate/ups have, which ran right with warp specialisation where the scatter did not
+    *({**c, "ROW_STORE": True} for c in (
+        {**_TMA, "num_warps": 8, "num_stages": 4}, {**_TMA, "num_warps": 4, "num_stages": 4, "WS": True},
+        {**_TMA, "num_warps": 4, "num_stages": 4, "PERSISTENT": True, "WS": True},
+        {**_TMA, "BLOCK_N": 256, "num_warps": 4, "num_stages": 3, "WS": True})),
 ]
 
 
@@ -595,17 +601,18 @@ def routed_cases(dev, shapes: dict, token_counts: dict, seed: int, draw_on: str 
 
 
 def expert_references(x, weights, ids, w13, w2, inter_rows) -> dict:
-    """fp32 references per assignment: "gate_up" (SiLU(x·gate) * x·up), "rows" (inter_rows · w2^T
-    times the routing weight) and "down" (each token's K rows summed)."""
+    """fp32 references per assignment: "gate_up" (SiLU(x·gate) * x·up), "unweighted" (inter_rows ·
+    w2^T), "rows" (that times the routing weight) and "down" (each token's K rows summed)."""
     top_k, inter = ids.shape[1], w13.shape[1] // 2
     flat, flat_w = ids.flatten(), weights.flatten()
     want = {"gate_up": torch.empty(flat.numel(), inter, device=x.device),
-            "rows": torch.empty(flat.numel(), w2.shape[1], device=x.device)}
+            "unweighted": torch.empty(flat.numel(), w2.shape[1], device=x.device)}
     for e in flat.unique().tolist():
         sel = (flat == e).nonzero().squeeze(1)
         gu = x[sel // top_k].float() @ w13[e].float().t()
         want["gate_up"][sel] = F.silu(gu[:, :inter]) * gu[:, inter:]
-        want["rows"][sel] = (inter_rows[sel].float() @ w2[e].float().t()) * flat_w[sel, None]
+        want["unweighted"][sel] = inter_rows[sel].float() @ w2[e].float().t()
+    want["rows"] = want["unweighted"] * flat_w[:, None].float()
     want["down"] = want["rows"].view(-1, top_k, w2.shape[1]).sum(1)
     return want
 
@@ -845,7 +852,10 @@ def probe_one_tma(index: int, shapes: dict = DIRECT_SHAPES, token_counts: dict =
         else:
             h = torch.zeros(routing[1].shape[0] * cfg["BLOCK_M"], inter, device=dev, dtype=DTYPE)
             h[where] = inter_rows
-            fn, ref = (lambda: tma_down(h, w2, routing, weights, cfg)), want["rows"]
+            if cfg.get("ROW_STORE"):
+                fn, ref = (lambda: tma_down(h, w2, routing, weights, cfg)[where]), want["unweighted"]
+            else:
+                fn, ref = (lambda: tma_down(h, w2, routing, weights, cfg)), want["rows"]
         worst = max(worst, rel_error(fn(), ref))  # .item() synchronises
         print(f"probe {index}: {shape} T={tokens} eager ok, now from a CUDA graph", flush=True)
         graph, got = capture_graph(fn, dev)  # as run_tma times it: a fault in its replays ends only this child
@@ -904,7 +914,7 @@ def run_tma(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts: 
     def tma_name(op: str, cfg: dict) -> str:
         launch = "persistent" if cfg.get("PERSISTENT") else "a tile a program"
         return (f"{op} TMA{' WS' if cfg.get('WS') else ''} {launch} M{cfg['BLOCK_M']}N{cfg['BLOCK_N']}"
-                f"K{cfg['BLOCK_K']} w{cfg['num_warps']}s{cfg['num_stages']}")
+                f"K{cfg['BLOCK_K']} w{cfg['num_warps']}s{cfg['num_stages']}{' rows' if cfg.get('ROW_STORE') else ''}")
 
     crashed = probe_tma(shapes, token_counts, only=only)  # a fault would end this process: each config runs alone first
     gen = torch.Generator().manual_seed(7)
@@ -953,7 +963,8 @@ def run_tma(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts: 
             except Exception as e:  # noqa: BLE001 - a config Triton cannot build: its error is the result
                 failed[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
                 continue
-            calls[key], outs[key] = graph.replay, (op, "row" if op == "gate_up" else "assignment", out)
+            kept = "row" if op == "gate_up" else "unweighted row" if cfg.get("ROW_STORE") else "assignment"
+            calls[key], outs[key] = graph.replay, (op, kept, out)
         peers = {
             "gather into blocks (the prototypes' A, not in their time)": (
                 lambda: gather_routed_rows(x, routing, top_k, _TMA["BLOCK_M"]), None),
@@ -980,8 +991,9 @@ def run_tma(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts: 
                 entry["tflop_s"] = flops[op] / (t["median_ms"] * 1e-3) / 1e12
             if key in outs:
                 op, kept, o = outs[key]
-                got = o[where] if kept == "row" else o
-                ref = want["down"] if kept == "token" else want["gate_up" if op == "gate_up" else "rows"]
+                got = o[where] if kept.endswith("row") else o
+                ref = (want["down"] if kept == "token" else want["unweighted"] if kept == "unweighted row"
+                       else want["gate_up" if op == "gate_up" else "rows"])
                 entry["rel_error"] = rel_error(got, ref)
                 entry["ok"] = entry["rel_error"] <= 2e-2
             row["kernels"][key] = entry
@@ -998,8 +1010,9 @@ def run_tma(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts: 
 
 # (TMA_CONFIGS index, TMA_DOWN_CONFIGS index) run_tma_aoti compiles: without warp specialisation,
 # then the gate/up with it (one tile a program: Triton 3.6 specialises the K loop there); the down
-# without (every warp-specialised down gave wrong rows or an illegal address on the H100, 2026-12-07)
-TMA_AOTI_PAIRS = ((0, 0), (2, 0))
+# without (every warp-specialised down gave wrong rows or an illegal address on the H100, 2026-12-07),
+# then both with it, the down storing its tile's rows (TMA_DOWN_CONFIGS[6]) and moec's combine after
+TMA_AOTI_PAIRS = ((0, 0), (2, 0), (2, 6))
 TMA_AOTI_SHAPE, TMA_AOTI_TOKENS = "qwen3", (1, 37, 4096)
 
 

@@ -23,7 +23,10 @@ The gate/up's output is act(gate) * up for every live row ([blocks * BLOCK_M, I]
 down's A as it is. The down multiplies each row by its assignment's routing weight and stores it
 in the assignment's row of [T*K, H] (padding rows store nothing), and `tma_moe_experts` sums each
 token's K rows. (An atomic add into token order in the epilogue, as moec's down does, makes the
-pass fail.) Tiles past num_post do nothing, so every launch is sized from shapes alone and the
+pass fail.) On the H100 (2026-12-07) every warp-specialised down with that scatter-store epilogue
+ran wrong or faulted while the gate/ups, which store their tile's rows, ran right; so a ROW_STORE
+down stores a · w in its tile's rows as the gate/up does, and moec's combine (`combine_rows`)
+weights each token's K rows and sums them, found through the positions the gather wrote. Tiles past num_post do nothing, so every launch is sized from shapes alone and the
 whole layer can be captured in a CUDA graph. `step_kernels.py --parts tma` times the GEMMs against
 moec's, CUTLASS's and cuBLAS bmm, and the layer against moec's fused_moe, each checked against
 fp32. Requires H and I to be multiples of 8 (16-byte TMA strides in bf16) and of BLOCK_N.
@@ -39,6 +42,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from moec.ops.triton.align import moe_align_block_size
+from moec.ops.triton.moe_permute import combine_rows
 
 GATHER_COLS = 1024  # columns a gather program copies
 
@@ -55,10 +59,11 @@ def _tile_coords(tile, num_blocks, num_pid_n, GROUP_M: tl.constexpr):
 @triton.jit
 def _tile(a_desc, w_desc, out_ptr, expert_ids_ptr, sorted_ptr, weights_ptr, num_assign, pid_m, pid_n, N, K,
           stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr,
-          WS_K: tl.constexpr):
+          ROW_STORE: tl.constexpr, WS_K: tl.constexpr):
     """One [BLOCK_M, BLOCK_N] output tile. GATED: SiLU(a · gate) * (a · up), the gate rows of the
-    block's expert at expert * 2N, its up rows N further, stored in the tile's rows; else
-    (a · w) times each row's routing weight, stored in its assignment's row (padding: nowhere)."""
+    block's expert at expert * 2N, its up rows N further, stored in the tile's rows; else a · w,
+    ROW_STORE: stored in the tile's rows as it is (the combine weights and gathers them), else
+    times each row's routing weight, stored in its assignment's row (padding: nowhere)."""
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     w_row = tl.load(expert_ids_ptr + pid_m) * (2 * N if GATED else N) + pid_n * BLOCK_N
@@ -74,6 +79,9 @@ def _tile(a_desc, w_desc, out_ptr, expert_ids_ptr, sorted_ptr, weights_ptr, num_
     else:
         for kb in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WS_K):
             acc = tl.dot(a_desc.load([pid_m * BLOCK_M, kb * BLOCK_K]), w_desc.load([w_row, kb * BLOCK_K]).T, acc)
+        if ROW_STORE:
+            tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty))
+            return
         assignment = tl.load(sorted_ptr + rows)
         live = assignment < num_assign
         out = acc * tl.load(weights_ptr + assignment, mask=live, other=0.0)[:, None]
@@ -85,7 +93,7 @@ def _tile(a_desc, w_desc, out_ptr, expert_ids_ptr, sorted_ptr, weights_ptr, num_
 def _tma_grouped_kernel(a_ptr, w_ptr, out_ptr, expert_ids_ptr, sorted_ptr, num_post_ptr, weights_ptr, max_blocks,
                         num_assign, num_experts, N, K, stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, GATED: tl.constexpr,
-                        PERSISTENT: tl.constexpr, WS: tl.constexpr):
+                        ROW_STORE: tl.constexpr, PERSISTENT: tl.constexpr, WS: tl.constexpr):
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[max_blocks * BLOCK_M, K], strides=[K, 1],
                                        block_shape=[BLOCK_M, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[num_experts * (2 * N if GATED else N), K], strides=[K, 1],
@@ -96,18 +104,19 @@ def _tma_grouped_kernel(a_ptr, w_ptr, out_ptr, expert_ids_ptr, sorted_ptr, num_p
         for tile in tl.range(tl.program_id(0), num_blocks * num_pid_n, tl.num_programs(0), warp_specialize=WS):
             pid_m, pid_n = _tile_coords(tile, num_blocks, num_pid_n, GROUP_M)
             _tile(a_desc, w_desc, out_ptr, expert_ids_ptr, sorted_ptr, weights_ptr, num_assign, pid_m, pid_n, N,
-                  K, stride_om, BLOCK_M, BLOCK_N, BLOCK_K, GATED, False)
+                  K, stride_om, BLOCK_M, BLOCK_N, BLOCK_K, GATED, ROW_STORE, False)
     else:  # one tile a program over the most blocks there can be, the K loop specialised
         pid_m, pid_n = _tile_coords(tl.program_id(0), max_blocks, num_pid_n, GROUP_M)
         if pid_m < num_blocks:
             _tile(a_desc, w_desc, out_ptr, expert_ids_ptr, sorted_ptr, weights_ptr, num_assign, pid_m, pid_n, N,
-                  K, stride_om, BLOCK_M, BLOCK_N, BLOCK_K, GATED, WS)
+                  K, stride_om, BLOCK_M, BLOCK_N, BLOCK_K, GATED, ROW_STORE, WS)
 
 
 @triton.jit
-def _gather_kernel(x_ptr, sorted_ptr, num_post_ptr, out_ptr, H, num_assign, top_k, stride_x, stride_out,
-                   BLOCK: tl.constexpr):
-    """out[r] = x[sorted[r] // top_k], zero for padding, for the live rows r < num_post."""
+def _gather_kernel(x_ptr, sorted_ptr, num_post_ptr, out_ptr, position_ptr, H, num_assign, top_k, stride_x,
+                   stride_out, BLOCK: tl.constexpr, POSITION: tl.constexpr):
+    """out[r] = x[sorted[r] // top_k], zero for padding, for the live rows r < num_post; POSITION:
+    also position[sorted[r]] = r for the live assignments (where the combine finds each one)."""
     row = tl.program_id(0)
     if row < tl.load(num_post_ptr):
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -116,6 +125,8 @@ def _gather_kernel(x_ptr, sorted_ptr, num_post_ptr, out_ptr, H, num_assign, top_
         src = tl.where(live, assignment // top_k, 0).to(tl.int64)
         vals = tl.load(x_ptr + src * stride_x + cols, mask=cols < tl.where(live, H, 0), other=0.0)  # padding: 0
         tl.store(out_ptr + row.to(tl.int64) * stride_out + cols, vals, mask=cols < H)
+        if POSITION:
+            tl.store(position_ptr + assignment, row, mask=live & (tl.program_id(1) == 0))
 
 
 def route(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple:
@@ -123,14 +134,17 @@ def route(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple:
     return moe_align_block_size(topk_ids, num_experts, block_m)
 
 
-def gather_routed_rows(x: torch.Tensor, routing: tuple, top_k: int, block_m: int) -> torch.Tensor:
+def gather_routed_rows(x: torch.Tensor, routing: tuple, top_k: int, block_m: int,
+                       position: torch.Tensor | None = None) -> torch.Tensor:
     """The routed rows of `x` [T, H] in expert-major blocks (`route`'s): [blocks * block_m, H],
-    padding rows zero, rows past num_post unwritten (no kernel reads them)."""
+    padding rows zero, rows past num_post unwritten (no kernel reads them). `position` (int32
+    [T*K]), if given, gets each assignment's row, in the same pass."""
     sorted_ids, expert_ids, num_post = routing
     out = torch.empty(expert_ids.shape[0] * block_m, x.shape[1], device=x.device, dtype=x.dtype)
     wrap_triton(_gather_kernel)[(sorted_ids.shape[0], triton.cdiv(x.shape[1], GATHER_COLS))](
-        x, sorted_ids, num_post, out, x.shape[1], x.shape[0] * top_k, top_k, x.stride(0), out.stride(0),
-        BLOCK=GATHER_COLS, num_warps=4)
+        x, sorted_ids, num_post, out, sorted_ids if position is None else position, x.shape[1],
+        x.shape[0] * top_k, top_k, x.stride(0), out.stride(0), BLOCK=GATHER_COLS, POSITION=position is not None,
+        num_warps=4)
     return out
 
 
@@ -155,7 +169,7 @@ def _launch(a: torch.Tensor, w: torch.Tensor, routing: tuple, weights: torch.Ten
     wrap_triton(_tma_grouped_kernel)[grid](a, w, out, expert_ids, sorted_ids, num_post, num_post if gated else weights,
                               rows // bm, num_assign, w.shape[0], n, k, out.stride(0), BLOCK_M=bm, BLOCK_N=bn,
                               BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"], GATED=gated,
-                              PERSISTENT=bool(cfg.get("PERSISTENT")), WS=bool(cfg.get("WS")),
+                              ROW_STORE=bool(cfg.get("ROW_STORE")), PERSISTENT=bool(cfg.get("PERSISTENT")), WS=bool(cfg.get("WS")),
                               num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
@@ -172,25 +186,32 @@ def tma_gate_up(a: torch.Tensor, w13: torch.Tensor, routing: tuple, num_assign: 
 def tma_down(h: torch.Tensor, w2: torch.Tensor, routing: tuple, topk_weights: torch.Tensor, cfg: dict,
              num_programs: int | None = None) -> torch.Tensor:
     """(h · w2[e]^T) * the routing weight, per assignment (w2 [E, H, I]; `h` from tma_gate_up):
-    [T*K, H] in assignment order, each row weighted."""
+    [T*K, H] in assignment order, each row weighted; with cfg's ROW_STORE, h · w2[e]^T as it is
+    in h's rows ([rows of h, H], the live rows written: no epilogue but a plain store, as the
+    gate/up's, which Triton 3.6's warp-specialised downs got wrong with the scatter)."""
     weights = topk_weights.flatten().float().contiguous()
-    out = torch.empty(weights.shape[0], w2.shape[1], device=h.device, dtype=h.dtype)
+    rows = h.shape[0] if cfg.get("ROW_STORE") else weights.shape[0]
+    out = torch.empty(rows, w2.shape[1], device=h.device, dtype=h.dtype)
     return _launch(h, w2, routing, weights, out, w2.shape[1], weights.shape[0], cfg, num_programs)
 
 
 def tma_moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                     topk_ids: torch.Tensor, gate_up_cfg: dict, down_cfg: dict) -> torch.Tensor:
     """The routed experts of an MoE layer on these kernels: align, gather, gate/up, down, and
-    each token's K weighted rows summed (in fp32): [T, H]. One BLOCK_M for both GEMMs (the
-    gate/up's rows are the down's)."""
+    each token's K weighted rows summed (in fp32): [T, H]; a ROW_STORE down's rows weighted and
+    gathered by moec's combine (`moe_permute.combine_rows`, through the positions the gather
+    wrote). One BLOCK_M for both GEMMs (the gate/up's rows are the down's)."""
     bm = gate_up_cfg["BLOCK_M"]
     if down_cfg["BLOCK_M"] != bm:
         raise ValueError(f"tma_moe_experts: one BLOCK_M for both GEMMs, got {bm} and {down_cfg['BLOCK_M']}")
     num_tokens, top_k = topk_ids.shape
     routing = route(topk_ids, w13.shape[0], bm)
-    a = gather_routed_rows(x, routing, top_k, bm)
+    position = torch.empty(num_tokens * top_k, dtype=torch.int32, device=x.device) if down_cfg.get("ROW_STORE") else None
+    a = gather_routed_rows(x, routing, top_k, bm, position)
     h = tma_gate_up(a, w13, routing, num_tokens * top_k, gate_up_cfg)
     rows = tma_down(h, w2, routing, topk_weights, down_cfg)
+    if position is not None:
+        return combine_rows(rows, position, topk_weights.float())
     return rows.view(num_tokens, top_k, -1).float().sum(1).to(x.dtype)
 
 

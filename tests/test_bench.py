@@ -364,12 +364,19 @@ for persistent in (False, True):
         cfg = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2, PERSISTENT=persistent, WS=ws)
         h = tma_gate_up(a, w13, routing, T * K, cfg, num_programs=3)
         out = tma_down(h, w2, routing, weights, cfg, num_programs=3)
+        rows = tma_down(h, w2, routing, weights, {**cfg, "ROW_STORE": True}, num_programs=3)[where]
         print(persistent, ws, (h[where] - want).abs().max().item(), h[:live][padding].abs().max().item(),
-              ((out - want_down).abs().max() / want_down.abs().max()).item())
+              ((out - want_down).abs().max() / want_down.abs().max()).item(),
+              ((rows * flat_w[:, None] - want_down).abs().max() / want_down.abs().max()).item())
 cfg = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2)
 layer = tma_moe_experts(x, w13, w2, weights, ids, cfg, {**cfg, "PERSISTENT": True})
 want_layer = want_down.view(T, K, H).sum(1)
 print("layer", ((layer - want_layer).abs().max() / want_layer.abs().max()).item())
+position = torch.full((T * K,), -1, dtype=torch.int32)
+gather_routed_rows(x, routing, K, BM, position)
+print("position", (position.long() - where).abs().max().item())
+combined = tma_moe_experts(x, w13, w2, weights, ids, cfg, {**cfg, "ROW_STORE": True})
+print("combined", ((combined - want_layer).abs().max() / want_layer.abs().max()).item())
 op = TmaExperts(w13, w2, cfg, {**cfg, "PERSISTENT": True})(x, weights, ids)  # the op tma_aoti compiles
 print("op", (op - layer).abs().max().item())
 """
@@ -380,7 +387,9 @@ def test_tma_grouped_gemm_prototypes_under_interpreter(tmp_path):
     GPU) against the per-assignment reference under TRITON_INTERPRET, on moec's align: the gather
     into blocks (padding rows zero); the GEMMs one tile a program and persistent (3 programs over
     the live tiles), with and without warp specialisation: the gate/up's rows, then the down's
-    weighted rows from them in assignment order; and the whole layer, each token's rows summed."""
+    weighted rows from them in assignment order, or unweighted in the gate/up's rows (ROW_STORE); the
+    gather's positions; and the whole layer, each token's rows summed or combined by moec's
+    combine_rows."""
     from conftest import ROOT
 
     proc = subprocess.run([sys.executable, "-c", TMA_CHECK], cwd=ROOT, capture_output=True, text=True,
@@ -390,10 +399,12 @@ def test_tma_grouped_gemm_prototypes_under_interpreter(tmp_path):
     assert lines[0][0] == "gather" and float(lines[0][1]) == 0.0 and float(lines[0][2]) == 0.0
     assert [(p, w) for p, w, *_ in lines[1:5]] == [("False", "False"), ("False", "True"), ("True", "False"),
                                                    ("True", "True")]
-    for *_, err, pad, down_err in lines[1:5]:
-        assert float(err) < 1e-4 and float(pad) == 0.0 and float(down_err) < 1e-5
+    for *_, err, pad, down_err, row_store_err in lines[1:5]:
+        assert float(err) < 1e-4 and float(pad) == 0.0 and float(down_err) < 1e-5 and float(row_store_err) < 1e-5
     assert lines[5][0] == "layer" and float(lines[5][1]) < 1e-5
-    assert lines[6][0] == "op" and float(lines[6][1]) == 0.0
+    assert lines[6][0] == "position" and float(lines[6][1]) == 0.0
+    assert lines[7][0] == "combined" and float(lines[7][1]) < 1e-5
+    assert lines[8][0] == "op" and float(lines[8][1]) == 0.0
 
 
 def test_step_kernels_tma_aoti_child_failure_is_its_entry(tmp_path):
@@ -425,7 +436,8 @@ sk._TMA.update(BLOCK_M=16)
 sk.TMA_CONFIGS = [{**small, "num_warps": 4, "num_stages": 2},
                   {**small, "num_warps": 4, "num_stages": 2, "PERSISTENT": True, "WS": True}]
 sk.TMA_DOWN_CONFIGS = [{**small, "num_warps": 4, "num_stages": 2, "WS": True},
-                       {**small, "num_warps": 4, "num_stages": 2, "PERSISTENT": True}]
+                       {**small, "num_warps": 4, "num_stages": 2, "PERSISTENT": True},
+                       {**small, "num_warps": 4, "num_stages": 2, "ROW_STORE": True}]
 rows = sk.run_tma(torch.device("cpu"), {"matmul_tflop_s": 1.0, "copy_gb_s": 1.0}, None,
                   shapes={"tiny": (32, 48, 4, 2)}, token_counts={"tiny": (9,)}, rounds=1)
 print(json.dumps(rows))
@@ -446,7 +458,8 @@ def test_step_kernels_tma_part_on_cpu():
     kernels = row["kernels"]
     assert "illegal instruction" in kernels["down TMA persistent M16N16K16 w4s2"]["error"]
     timed = {k: e for k, e in kernels.items() if "error" not in e and "gb_s" not in e}
-    assert sum("TMA" in k for k in timed) == 3 and sum("moec" in k for k in timed) >= 2
+    assert sum("TMA" in k for k in timed) == 4 and sum("moec" in k for k in timed) >= 2
+    assert kernels["down TMA a tile a program M16N16K16 w4s2 rows"]["ok"]  # checked unweighted, by row
     assert sum("grouped_mm" in k or "bmm" in k for k in timed) == 4
     assert all(e["ok"] for k, e in timed.items() if "rel_error" in e)
     layer = row["layer"]
@@ -455,7 +468,7 @@ def test_step_kernels_tma_part_on_cpu():
     assert all(p["ok"] and p["over_roofline"] > 0 for p in layer["paths"].values())
 
 
-@pytest.mark.parametrize("only", ["1,x", "13"])
+@pytest.mark.parametrize("only", ["1,x", "17"])
 def test_step_kernels_rejects_tma_only_it_cannot_run(only):
     """`--tma-only` names prototypes by index: anything else is a one-line usage error (exit 2),
     on any machine, before anything runs."""
@@ -465,5 +478,5 @@ def test_step_kernels_rejects_tma_only_it_cannot_run(only):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"step_kernels.py: error: --tma-only {only}: want comma-separated indexes from 0 to 12 "
+        f"step_kernels.py: error: --tma-only {only}: want comma-separated indexes from 0 to 16 "
         "(TMA_CONFIGS, then TMA_DOWN_CONFIGS)")
