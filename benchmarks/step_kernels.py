@@ -1029,7 +1029,8 @@ def aoti_one_tma(pair: int, workdir: Path, dev: torch.device = torch.device("cud
     gen = torch.Generator(device=dev).manual_seed(13)
     w13, w2 = expert_weights(hidden_size, inter, experts, gen, dev)
     module = TmaExperts(w13, w2, gate_up_cfg, down_cfg)
-    result = {"shape": TMA_AOTI_SHAPE, "gate_up": gate_up_cfg, "down": down_cfg, "tokens": {}}
+    result = {"pair": list(TMA_AOTI_PAIRS[pair]), "shape": TMA_AOTI_SHAPE, "gate_up": gate_up_cfg, "down": down_cfg,
+              "tokens": {}}
     start = time.perf_counter()
     ep = export_experts(module, *routed_tokens(16, hidden_size, experts, top_k, gen, dev))
     result["export_s"] = time.perf_counter() - start
@@ -1206,7 +1207,7 @@ def print_tables(result: dict) -> None:
         else:
             cells = "  ".join(f"T={t} {'ok' if c['ok'] else 'WRONG'} {c['rel_error_vs_python_launch']:.1e}"
                               for t, c in r["tokens"].items())
-            print(f"tma_aoti {'WS' if r['gate_up'].get('WS') else 'no WS'}: compiled in {r['compile_s']:.0f} s  {cells}")
+            print(f"tma_aoti pair {r['pair']}: compiled in {r['compile_s']:.0f} s  {cells}")
     print("router (us)")
     for r in [*result.get("router", []), *result.get("router_wide", [])]:
         cells = "  ".join(f"{n} {c['us']:.1f}" if "us" in c else f"{n} failed" for n, c in r["variants"].items())

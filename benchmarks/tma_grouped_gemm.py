@@ -26,7 +26,13 @@ token's K rows. (An atomic add into token order in the epilogue, as moec's down 
 pass fail.) On the H100 (2026-12-07) every warp-specialised down with that scatter-store epilogue
 ran wrong or faulted while the gate/ups, which store their tile's rows, ran right; so a ROW_STORE
 down stores a · w in its tile's rows as the gate/up does, and moec's combine (`combine_rows`)
-weights each token's K rows and sums them, found through the positions the gather wrote. Tiles past num_post do nothing, so every launch is sized from shapes alone and the
+weights each token's K rows and sums them, found through the positions the gather wrote. Row-order
+outputs leave through a TMA store: compiled for sm_90 on the CPU machine, Triton 3.6 (the GPU
+machine's) splits a pointer store's rows between the two consumers with the second's rows at the
+tile's row + 64 plus a range from 64, i.e. 64 too far (its rows past the tile, the scatter down's
+assignments read from the next block: wrong rows, and past the last block illegal addresses);
+Triton 3.9 gets it right, and a TMA store's coordinate is offset once in both
+(`tests/test_bench.py`). Tiles past num_post do nothing, so every launch is sized from shapes alone and the
 whole layer can be captured in a CUDA graph. `step_kernels.py --parts tma` times the GEMMs against
 moec's, CUTLASS's and cuBLAS bmm, and the layer against moec's fused_moe, each checked against
 fp32. Requires H and I to be multiples of 8 (16-byte TMA strides in bf16) and of BLOCK_N.
@@ -57,15 +63,13 @@ def _tile_coords(tile, num_blocks, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _tile(a_desc, w_desc, out_ptr, expert_ids_ptr, sorted_ptr, weights_ptr, num_assign, pid_m, pid_n, N, K,
+def _tile(a_desc, w_desc, o_desc, out_ptr, expert_ids_ptr, sorted_ptr, weights_ptr, num_assign, pid_m, pid_n, N, K,
           stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr,
           ROW_STORE: tl.constexpr, WS_K: tl.constexpr):
     """One [BLOCK_M, BLOCK_N] output tile. GATED: SiLU(a · gate) * (a · up), the gate rows of the
     block's expert at expert * 2N, its up rows N further, stored in the tile's rows; else a · w,
     ROW_STORE: stored in the tile's rows as it is (the combine weights and gathers them), else
     times each row's routing weight, stored in its assignment's row (padding: nowhere)."""
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     w_row = tl.load(expert_ids_ptr + pid_m) * (2 * N if GATED else N) + pid_n * BLOCK_N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if GATED:
@@ -75,18 +79,20 @@ def _tile(a_desc, w_desc, out_ptr, expert_ids_ptr, sorted_ptr, weights_ptr, num_
             acc = tl.dot(a, w_desc.load([w_row, kb * BLOCK_K]).T, acc)
             acc_up = tl.dot(a, w_desc.load([w_row + N, kb * BLOCK_K]).T, acc_up)
         out = acc / (1.0 + tl.exp(-acc)) * acc_up  # SiLU(gate) * up
-        tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :], out.to(out_ptr.dtype.element_ty))
+        o_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], out.to(out_ptr.dtype.element_ty))
     else:
         for kb in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WS_K):
             acc = tl.dot(a_desc.load([pid_m * BLOCK_M, kb * BLOCK_K]), w_desc.load([w_row, kb * BLOCK_K]).T, acc)
         if ROW_STORE:
-            tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty))
-            return
-        assignment = tl.load(sorted_ptr + rows)
-        live = assignment < num_assign
-        out = acc * tl.load(weights_ptr + assignment, mask=live, other=0.0)[:, None]
-        tl.store(out_ptr + assignment[:, None].to(tl.int64) * stride_om + cols[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=live[:, None])
+            o_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(out_ptr.dtype.element_ty))
+        else:
+            rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            assignment = tl.load(sorted_ptr + rows)
+            live = assignment < num_assign
+            out = acc * tl.load(weights_ptr + assignment, mask=live, other=0.0)[:, None]
+            tl.store(out_ptr + assignment[:, None].to(tl.int64) * stride_om + cols[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=live[:, None])
 
 
 @triton.jit
@@ -98,17 +104,20 @@ def _tma_grouped_kernel(a_ptr, w_ptr, out_ptr, expert_ids_ptr, sorted_ptr, num_p
                                        block_shape=[BLOCK_M, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[num_experts * (2 * N if GATED else N), K], strides=[K, 1],
                                        block_shape=[BLOCK_N, BLOCK_K])
+    # row-order outputs (the gate/up's, a ROW_STORE down's) go out through TMA too
+    o_desc = tl.make_tensor_descriptor(out_ptr, shape=[max_blocks * BLOCK_M, N], strides=[stride_om, 1],
+                                       block_shape=[BLOCK_M, BLOCK_N])
     num_blocks = tl.load(num_post_ptr) // BLOCK_M  # the live ones: past them, padding the align never wrote
     num_pid_n = N // BLOCK_N
     if PERSISTENT:  # warp specialisation of the tile loop: producer and consumers across tiles
         for tile in tl.range(tl.program_id(0), num_blocks * num_pid_n, tl.num_programs(0), warp_specialize=WS):
             pid_m, pid_n = _tile_coords(tile, num_blocks, num_pid_n, GROUP_M)
-            _tile(a_desc, w_desc, out_ptr, expert_ids_ptr, sorted_ptr, weights_ptr, num_assign, pid_m, pid_n, N,
+            _tile(a_desc, w_desc, o_desc, out_ptr, expert_ids_ptr, sorted_ptr, weights_ptr, num_assign, pid_m, pid_n, N,
                   K, stride_om, BLOCK_M, BLOCK_N, BLOCK_K, GATED, ROW_STORE, False)
     else:  # one tile a program over the most blocks there can be, the K loop specialised
         pid_m, pid_n = _tile_coords(tl.program_id(0), max_blocks, num_pid_n, GROUP_M)
         if pid_m < num_blocks:
-            _tile(a_desc, w_desc, out_ptr, expert_ids_ptr, sorted_ptr, weights_ptr, num_assign, pid_m, pid_n, N,
+            _tile(a_desc, w_desc, o_desc, out_ptr, expert_ids_ptr, sorted_ptr, weights_ptr, num_assign, pid_m, pid_n, N,
                   K, stride_om, BLOCK_M, BLOCK_N, BLOCK_K, GATED, ROW_STORE, WS)
 
 

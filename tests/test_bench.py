@@ -407,6 +407,51 @@ def test_tma_grouped_gemm_prototypes_under_interpreter(tmp_path):
     assert lines[8][0] == "op" and float(lines[8][1]) == 0.0
 
 
+def test_tma_prototypes_warp_specialise_for_h100_with_tma_stores(monkeypatch):
+    """Each warp-specialised prototype that writes rows in block order (every gate/up, the
+    ROW_STORE downs) compiles for sm_90 with the installed Triton into a producer and two 64-row
+    consumer warpgroups (12 warps), within the H100's shared memory, and each consumer stores its
+    half of the tile through TMA, the second at the tile's row + 64: with pointer stores, Triton
+    3.6 (the GPU machine's) offsets the second consumer's rows by 64 twice (base + 64, plus a
+    range from 64), the wrong rows and the illegal addresses of the 2026-12-07 H100 run."""
+    import re
+
+    from conftest import ROOT
+    from test_triton_kernels import H100_SMEM, compile_for_sm90
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import step_kernels as sk
+    import tma_grouped_gemm
+
+    checked = 0
+    for index in range(len(sk.TMA_CONFIGS) + len(sk.TMA_DOWN_CONFIGS)):
+        op, cfg = sk.tma_prototype(index)
+        if not cfg.get("WS") or (op == "down" and not cfg.get("ROW_STORE")):
+            continue
+        gated = op == "gate_up"
+        consts = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+        consts |= {"GATED": gated, "ROW_STORE": bool(cfg.get("ROW_STORE")), "PERSISTENT": bool(cfg.get("PERSISTENT")),
+                   "WS": True}
+        ptrs = {"a_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "expert_ids_ptr": "*i32", "sorted_ptr": "*i32",
+                "num_post_ptr": "*i32", "weights_ptr": "*i32" if gated else "*fp32"}
+        compiled = compile_for_sm90(tma_grouped_gemm._tma_grouped_kernel, ptrs, consts, cfg["num_warps"],
+                                    cfg["num_stages"])
+        ir = compiled.asm["ttgir"]
+        assert "ttg.warp_specialize" in ir and compiled.metadata.num_warps == 12, (index, compiled.metadata.num_warps)
+        assert compiled.metadata.shared <= H100_SMEM, (index, compiled.metadata.shared)
+        consumers = re.split(r"\n\s*partition\d\(", ir)[1:]
+        assert len(consumers) == 2, index
+        for half, body in enumerate(consumers):
+            body = body.split("ttg.warp_return")[0]
+            assert "tt.store " not in body, (index, half)
+            (coords,) = re.findall(r"async_tma_copy_local_to_global %\w+\[(%\w+), %\w+\]", body)
+            if half == 1:  # row + 64, once: the value is an add of 64 to the tile's first row
+                (addend,) = re.findall(rf"{re.escape(coords)} = arith.addi %\w+, (%c64_i32\w*)", body)
+                assert re.search(rf"{re.escape(addend)} = arith.constant .*\b64 : i32", body), (index, addend)
+        checked += 1
+    assert checked == 9
+
+
 def test_step_kernels_tma_aoti_child_failure_is_its_entry(tmp_path):
     """`--parts tma_aoti` compiles each pair in a child process: a child that fails (here: no
     CUDA on this machine) is that pair's entry, its error named, and the part goes on."""
