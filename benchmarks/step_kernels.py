@@ -219,13 +219,18 @@ TMA_DOWN_CONFIGS = [
     {**_TMA, "num_warps": 4, "num_stages": 4, "WS": True}, {**_TMA, "num_warps": 4, "num_stages": 4, "PERSISTENT": True, "WS": True},
     {**_TMA, "BLOCK_N": 256, "num_warps": 4, "num_stages": 3, "WS": True},
     {**_TMA, "BLOCK_N": 256, "num_warps": 4, "num_stages": 3, "PERSISTENT": True, "WS": True},
-    # the same four kinds storing their tile's rows unweighted (the combine weights and sums them):
-    # the epilogue the gate/ups have, which ran right with warp specialisation where the scatter did not
-    *({**c, "ROW_STORE": True} for c in (
-        {**_TMA, "num_warps": 8, "num_stages": 4}, {**_TMA, "num_warps": 4, "num_stages": 4, "WS": True},
-        {**_TMA, "num_warps": 4, "num_stages": 4, "PERSISTENT": True, "WS": True},
-        {**_TMA, "BLOCK_N": 256, "num_warps": 4, "num_stages": 3, "WS": True})),
 ]
+# the first four again, storing their tile's rows unweighted through TMA (the combine weights and
+# sums them): the gate/up's epilogue, where the scatter's rows hit Triton 3.6's split bug
+TMA_DOWN_CONFIGS += [{**c, "ROW_STORE": True} for c in TMA_DOWN_CONFIGS[:4]]
+
+
+def tma_check(op: str, cfg: dict) -> tuple[bool, str]:
+    """How a prototype's output is checked: (whether its rows are by block row, to be picked by
+    `assignment_rows`, else by assignment) and the key of its `expert_references` value."""
+    if op == "gate_up":
+        return True, "gate_up"
+    return (True, "unweighted") if cfg.get("ROW_STORE") else (False, "rows")
 
 
 def prefill_candidates() -> dict[str, dict]:
@@ -846,16 +851,15 @@ def probe_one_tma(index: int, shapes: dict = DIRECT_SHAPES, token_counts: dict =
         inter_rows = torch.randn(ids.numel(), inter, device=dev).to(DTYPE)
         want = expert_references(x, weights, ids, w13, w2, inter_rows)
         where = assignment_rows(routing, ids.numel())
+        by_row, ref_key = tma_check(op, cfg)
         if op == "gate_up":
             a = gather_routed_rows(x, routing, top_k, cfg["BLOCK_M"])
-            fn, ref = (lambda: tma_gate_up(a, w13, routing, ids.numel(), cfg)[where]), want["gate_up"]
+            run = lambda: tma_gate_up(a, w13, routing, ids.numel(), cfg)  # noqa: E731
         else:
             h = torch.zeros(routing[1].shape[0] * cfg["BLOCK_M"], inter, device=dev, dtype=DTYPE)
             h[where] = inter_rows
-            if cfg.get("ROW_STORE"):
-                fn, ref = (lambda: tma_down(h, w2, routing, weights, cfg)[where]), want["unweighted"]
-            else:
-                fn, ref = (lambda: tma_down(h, w2, routing, weights, cfg)), want["rows"]
+            run = lambda: tma_down(h, w2, routing, weights, cfg)  # noqa: E731
+        fn, ref = (lambda: run()[where]) if by_row else run, want[ref_key]
         worst = max(worst, rel_error(fn(), ref))  # .item() synchronises
         print(f"probe {index}: {shape} T={tokens} eager ok, now from a CUDA graph", flush=True)
         graph, got = capture_graph(fn, dev)  # as run_tma times it: a fault in its replays ends only this child
@@ -935,17 +939,17 @@ def run_tma(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts: 
         x_even = torch.randn(experts, even, hidden_size, generator=gen).to(dev, DTYPE)
         h_even = torch.randn(experts, even, inter, generator=gen).to(dev, DTYPE)
         flops = {"gate_up": 2.0 * assign * hidden_size * 2 * inter, "down": 2.0 * assign * inter * hidden_size}
-        calls, outs, failed = {}, {}, {}  # outs: key -> (what it computes, how its rows are kept, tensor)
+        calls, outs, failed = {}, {}, {}  # outs: key -> (what it computes, how it is checked (tma_check), tensor)
         for cfg in [c for c in GEMM_CONFIGS if c.get("PERSISTENT")]:
             moec_routing = moe_align_block_size(ids, experts, cfg["BLOCK_M"])
             graph, out = capture_graph(lambda c=cfg, r=moec_routing: gate_up_grouped(x, w13, *r, top_k, c), dev)
             key = f"gate_up moec {config_name(cfg)}"
-            calls[key], outs[key] = graph.replay, ("gate_up", "assignment", out)
+            calls[key], outs[key] = graph.replay, ("gate_up", (False, "gate_up"), out)
         down_cfg = {**GEMM_CONFIGS[0], "PERSISTENT": False, **GEMM_DOWN[0]}
         moec_routing = moe_align_block_size(ids, experts, down_cfg["BLOCK_M"])
         graph, out = capture_graph(lambda: down_grouped(inter_rows, w2, weights, *moec_routing, down_cfg), dev)
         key = f"down moec {config_name(down_cfg)}"
-        calls[key], outs[key] = graph.replay, ("down", "token", out)
+        calls[key], outs[key] = graph.replay, ("down", (False, "down"), out)
         prototypes = [("gate_up", c, lambda c: tma_gate_up(a, w13, routing, assign, c)) for c in TMA_CONFIGS]
         prototypes += [("down", c, lambda c: tma_down(h_blocks, w2, routing, weights, c)) for c in TMA_DOWN_CONFIGS]
         configs = {}
@@ -963,8 +967,7 @@ def run_tma(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts: 
             except Exception as e:  # noqa: BLE001 - a config Triton cannot build: its error is the result
                 failed[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
                 continue
-            kept = "row" if op == "gate_up" else "unweighted row" if cfg.get("ROW_STORE") else "assignment"
-            calls[key], outs[key] = graph.replay, (op, kept, out)
+            calls[key], outs[key] = graph.replay, (op, tma_check(op, cfg), out)
         peers = {
             "gather into blocks (the prototypes' A, not in their time)": (
                 lambda: gather_routed_rows(x, routing, top_k, _TMA["BLOCK_M"]), None),
@@ -990,11 +993,8 @@ def run_tma(dev, ceil: dict, flush, shapes: dict = DIRECT_SHAPES, token_counts: 
             else:
                 entry["tflop_s"] = flops[op] / (t["median_ms"] * 1e-3) / 1e12
             if key in outs:
-                op, kept, o = outs[key]
-                got = o[where] if kept.endswith("row") else o
-                ref = (want["down"] if kept == "token" else want["unweighted"] if kept == "unweighted row"
-                       else want["gate_up" if op == "gate_up" else "rows"])
-                entry["rel_error"] = rel_error(got, ref)
+                _, (by_row, ref_key), o = outs[key]
+                entry["rel_error"] = rel_error(o[where] if by_row else o, want[ref_key])
                 entry["ok"] = entry["rel_error"] <= 2e-2
             row["kernels"][key] = entry
         for key, err in failed.items():
